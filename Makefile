@@ -1,0 +1,53 @@
+# ftc — developer entry points. Every install step lives here or in scripts/.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
+export UV_LINK_MODE ?= hardlink
+
+.PHONY: install lint crds test test-unit test-ml test-cluster bench demo cluster-build cluster-up cluster-down kind-e2e clean
+
+# `make install` builds .venv from pyproject.toml pinned by constraints.txt; a stamp keeps it fast when nothing changed.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(UV) || $(BIN)/python -m pip install -q uv==0.13.9
+	$(UV) pip install --python $(BIN)/python -c constraints.txt -e '.[operator,trainer,evaluator,dev]'
+	@touch $@
+
+# Re-resolve the pinned set (run after editing pyproject.toml).
+lock:
+	$(UV) pip compile pyproject.toml --all-extras --python-version 3.11 -o constraints.txt
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check api operator trainer_image evaluator_image tests scripts
+	$(BIN)/mypy api/ftc_api operator/ftc_operator trainer_image/ftc_trainer evaluator_image/ftc_evaluator
+	$(BIN)/lint-imports
+
+crds: install
+	$(BIN)/python -m ftc_api.crd --write crds/ftc.example.com_finetunecomparisons.yaml helm/ftc/crds/ftc.example.com_finetunecomparisons.yaml
+
+test: install cluster-build
+	$(BIN)/pytest -m "unit or ml or cluster" tests
+
+test-unit: install
+	$(BIN)/pytest -m unit tests
+
+test-ml: install
+	$(BIN)/pytest -m ml tests
+
+test-cluster: install cluster-build
+	$(BIN)/pytest -m cluster tests
+
+cluster-build:
+	bash scripts/build-control-plane.sh
+
+bench: install cluster-build
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV)

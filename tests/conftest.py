@@ -1,0 +1,1 @@
+"""Shared pytest configuration: fixtures live in tests/fixtures/ and tests/cluster/ and are loaded as plugins."""
