@@ -1,0 +1,69 @@
+"""Deterministic names that fit Kubernetes limits, and the run's S3 layout."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+MAX_NAME = 63  # DNS-1123 label: Job, ConfigMap and label-value limit
+
+
+def fit(name: str, limit: int = MAX_NAME) -> str:
+    """`name` when it fits `limit`, else its head and an 8-hex hash of the whole (deterministic, unique)."""
+    name = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-") or "x"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = name[: limit - len(digest) - 1].rstrip("-")
+    return f"{head}-{digest}"
+
+
+def step_name(comparison: str, step: str, model: str | None = None) -> str:
+    """Name of a step's Job and ConfigMap: COMPARISON-STEP[-MODEL], fitted to 63 characters."""
+    return fit("-".join(p for p in (comparison, step, model) if p))
+
+
+def run_id(name: str, uid: str) -> str:
+    """NAME-UID8: a run's folder, unique even when a comparison is deleted and re-created."""
+    return f"{name}-{uid.replace('-', '')[:8]}"
+
+
+def run_prefix(prefix: str, namespace: str, name: str, uid: str) -> str:
+    """The run's key prefix: PREFIX/NAMESPACE/NAME-UID8 (no leading or trailing slash)."""
+    return "/".join(p.strip("/") for p in (prefix, namespace, run_id(name, uid)) if p.strip("/"))
+
+
+# Keys under a run prefix (DESIGN.md: the S3 layout).
+DATA_SPLITS = ("train", "eval", "test")
+
+
+def data_key(split: str) -> str:
+    return f"data/{split}.jsonl"
+
+
+DATA_MANIFEST = "data/manifest.json"
+
+
+def model_dir(model: str) -> str:
+    return f"models/{model}"
+
+
+def adapter_dir(model: str, best: bool = False) -> str:
+    return f"models/{model}/adapter-best" if best else f"models/{model}/adapter"
+
+
+def checkpoints_dir(model: str) -> str:
+    return f"models/{model}/checkpoints"
+
+
+def metrics_key(model: str) -> str:
+    return f"models/{model}/metrics.json"
+
+
+def predictions_key(model: str) -> str:
+    return f"eval/{model}/predictions.jsonl"
+
+
+SCORES_KEY = "eval/scores.json"
+REPORT_KEY = "report/index.html"
+JUDGE_CACHE_DIR = "eval/judge-cache"

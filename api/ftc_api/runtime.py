@@ -1,0 +1,64 @@
+"""What every step image does at its edges: read the input document, write the result summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from .steps import DEFAULT_INPUT_PATH, INPUT_PATH_ENV, MAX_SUMMARY_BYTES, TERMINATION_LOG, TERMINATION_LOG_ENV
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def input_path(explicit: str | None = None) -> Path:
+    """The step input's path: an explicit argument, else $FTC_STEP_INPUT, else /etc/ftc/input.json."""
+    return Path(explicit or os.environ.get(INPUT_PATH_ENV) or DEFAULT_INPUT_PATH)
+
+
+def read_input(model: type[M], path: str | Path) -> M:
+    """Parse and validate a step input document."""
+    return model.model_validate_json(Path(path).read_text())
+
+
+def termination_log_path() -> Path:
+    return Path(os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG)
+
+
+def compact_summary(result: BaseModel, limit: int = MAX_SUMMARY_BYTES) -> str:
+    """The result as JSON of at most `limit` bytes: long lists are trimmed, then long strings cut."""
+    doc = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+    text = json.dumps(doc, separators=(",", ":"))
+    if len(text.encode()) <= limit:
+        return text
+    for key in ("examples", "pairwise", "models"):
+        if key in doc and len(json.dumps(doc, separators=(",", ":")).encode()) > limit:
+            value = doc[key]
+            if isinstance(value, dict):
+                doc[key] = {k: v[:1] if isinstance(v, list) else v for k, v in value.items()}
+            elif isinstance(value, list) and key != "models":
+                doc[key] = value[:3]
+    text = json.dumps(doc, separators=(",", ":"))
+    if len(text.encode()) <= limit:
+        return text
+    if isinstance(doc.get("error"), str):
+        doc["error"] = doc["error"][:1000]
+    doc.pop("examples", None)
+    doc["truncated"] = True
+    return json.dumps(doc, separators=(",", ":"))[:limit]
+
+
+def write_summary(result: BaseModel) -> str:
+    """Write the result summary to the termination log (best effort) and return the text."""
+    text = compact_summary(result)
+    path = termination_log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError:
+        pass
+    print(text, flush=True)
+    return text

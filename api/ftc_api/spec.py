@@ -1,0 +1,701 @@
+"""The `FineTuneComparison` spec: what a user asks for.
+
+Every field carries a description (it becomes `kubectl explain` text through the generated CRD).
+Rules the API server can enforce are written twice on purpose: as CEL in `x-kubernetes-validations`
+(so `kubectl apply` refuses a bad spec) and as pydantic validators (so the operator and the images
+refuse it too, with the same message).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import ApiModel, Quantity
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_MODELS = 8
+DEFAULT_GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
+DEFAULT_GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/ftc-project/ftc-trainer:0.1.0"
+DEFAULT_EVALUATOR_IMAGE = "ghcr.io/ftc-project/ftc-evaluator:0.1.0"
+DEFAULT_JUDGE_BASE_URL = "https://api.openai.com/v1"
+
+
+class Method(str, Enum):
+    """Fine-tuning method."""
+
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class DatasetFormat(str, Enum):
+    """Row format of the dataset."""
+
+    ALPACA = "alpaca"
+    CHAT = "chat"
+    SHAREGPT = "sharegpt"
+
+
+class Scheduler(str, Enum):
+    """Learning-rate schedule (the names of transformers' `SchedulerType`)."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+
+
+class ComputeDtype(str, Enum):
+    """Dtype used for matrix multiplications of a 4-bit model."""
+
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class QuantType(str, Enum):
+    """4-bit storage type of a QLoRA base model."""
+
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+class CheckpointChoice(str, Enum):
+    """Which adapter the evaluation uses."""
+
+    BEST = "best"
+    FINAL = "final"
+
+
+class Metric(str, Enum):
+    """An evaluation metric: a RAGAS metric, or `judge` for the LLM-as-judge score (1-10)."""
+
+    JUDGE = "judge"
+    ANSWER_CORRECTNESS = "answer_correctness"
+    FACTUAL_CORRECTNESS = "factual_correctness"
+    SEMANTIC_SIMILARITY = "semantic_similarity"
+    BLEU = "bleu"
+    ROUGE = "rouge"
+    CHRF = "chrf"
+    STRING_SIMILARITY = "string_similarity"
+    EXACT_MATCH = "exact_match"
+
+
+LLM_METRICS = frozenset({Metric.JUDGE, Metric.ANSWER_CORRECTNESS, Metric.FACTUAL_CORRECTNESS})
+EMBEDDING_METRICS = frozenset({Metric.SEMANTIC_SIMILARITY, Metric.ANSWER_CORRECTNESS})
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the comparison's namespace."""
+
+    name: str = Field(description="name of the Secret.", min_length=1, max_length=253)
+    key: str = Field(description="key inside the Secret.", min_length=1, max_length=253)
+
+
+class SecretRef(ApiModel):
+    """A Secret in the comparison's namespace."""
+
+    name: str = Field(description="name of the Secret.", min_length=1, max_length=253)
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration (same fields as in a Pod spec)."""
+
+    key: str | None = Field(default=None, description="key: the taint key the toleration applies to.")
+    operator: str | None = Field(
+        default=None, description="operator: `Exists` or `Equal` (default Equal).", pattern="^(Exists|Equal)$"
+    )
+    value: str | None = Field(default=None, description="value: the taint value to match.")
+    effect: str | None = Field(
+        default=None,
+        description="effect: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
+        pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$",
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="tolerationSeconds: how long a NoExecute taint is tolerated."
+    )
+
+
+class Resources(ApiModel):
+    """Compute resources of a step's container, as in a Pod spec (GPUs come from `gpuCount`)."""
+
+    requests: dict[str, Quantity] | None = Field(
+        default=None, description="requests: minimum resources, for example cpu: 8, memory: 64Gi."
+    )
+    limits: dict[str, Quantity] | None = Field(
+        default=None, description="limits: maximum resources, for example memory: 96Gi."
+    )
+
+
+class Placement(ApiModel):
+    """Where and how a step's pods are scheduled. Unset fields inherit, in order: per-model
+    placement, the comparison's placement, the chart's defaults."""
+
+    gpu_count: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="gpuCount: GPUs per train/evaluate pod (`nvidia.com/gpu`). Default 1.",
+    )
+    gpu_product: str | None = Field(
+        default=None,
+        description=f"gpuProduct: value of the GPU product node label to require. Default {DEFAULT_GPU_PRODUCT}.",
+    )
+    gpu_product_label: str | None = Field(
+        default=None,
+        description=f"gpuProductLabel: node label carrying the GPU product. Default {DEFAULT_GPU_PRODUCT_LABEL}.",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="gpuMemoryGiB: memory of one GPU, for the pre-flight fit check. Default 80.",
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="nodeSelector: extra node labels the pods require."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, description="tolerations: taints the pods tolerate. Default tolerates `nvidia.com/gpu`."
+    )
+    queue_name: str | None = Field(
+        default=None, description="queueName: Kueue LocalQueue; sets the `kueue.x-k8s.io/queue-name` label."
+    )
+    priority_class_name: str | None = Field(
+        default=None, description="priorityClassName: PriorityClass of the pods."
+    )
+    resources: Resources | None = Field(
+        default=None, description="resources: CPU and memory requests and limits."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        description="serviceAccountName: ServiceAccount the step pods run as. Default from the chart.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, gt=0, description="activeDeadlineSeconds: a step Job is failed after running this long."
+    )
+
+
+class ModelTrainingOverrides(ApiModel):
+    """Per-model deviations from the shared training settings. Each one is listed in
+    `status.fairness.deviations`, because it makes the bake-off less fair."""
+
+    per_device_batch_size: int | None = Field(
+        default=None, ge=1, le=1024, description="perDeviceBatchSize: replaces training.perDeviceBatchSize."
+    )
+    gradient_accumulation_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="gradientAccumulationSteps: replaces training.gradientAccumulationSteps.",
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, lt=1, description="learningRate: replaces training.learningRate."
+    )
+    max_seq_length: int | None = Field(
+        default=None, ge=16, le=131072, description="maxSeqLength: replaces training.maxSeqLength."
+    )
+
+
+class ModelSpec(ApiModel):
+    """One contestant of the bake-off."""
+
+    name: str = Field(
+        description="name: a DNS label, unique in the comparison; used in Job names and S3 keys.",
+        min_length=1,
+        max_length=40,
+        pattern=DNS_LABEL,
+    )
+    base_model: str = Field(
+        description="baseModel: a Hugging Face model id, an `s3://` prefix holding the model, or a local path.",
+        min_length=1,
+        max_length=1024,
+    )
+    method: Method = Field(
+        default=Method.QLORA, description="method: `lora` (bf16 base) or `qlora` (4-bit NF4 base)."
+    )
+    lora_target_modules: list[str] | None = Field(
+        default=None,
+        max_length=64,
+        description="loraTargetModules: replaces training.lora.targetModules for this model "
+        "(names of modules or of fused expert parameters such as gate_up_proj).",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        max_length=16384,
+        description="chatTemplate: a Jinja chat template; default is the tokenizer's own, else ftc's documented one.",
+    )
+    training: ModelTrainingOverrides | None = Field(
+        default=None, description="training: per-model deviations from spec.training (recorded as unfair)."
+    )
+    placement: Placement | None = Field(
+        default=None, description="placement: per-model scheduling overrides."
+    )
+
+
+class FieldMapping(ApiModel):
+    """Names of the columns that hold each part of a row, when they differ from the format's defaults."""
+
+    instruction: str = Field(
+        default="instruction", description="instruction: alpaca column with the instruction."
+    )
+    input: str = Field(default="input", description="input: alpaca column with the optional input/context.")
+    output: str = Field(default="output", description="output: alpaca column with the reference answer.")
+    system: str = Field(default="system", description="system: optional column with a system prompt.")
+    messages: str = Field(
+        default="messages", description="messages: chat column with a list of {role, content}."
+    )
+    conversations: str = Field(
+        default="conversations", description="conversations: sharegpt column with a list of {from, value}."
+    )
+
+
+class SplitSpec(ApiModel):
+    """How the usable rows are split into train, eval and held-out test sets."""
+
+    eval_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="evalFraction: share of rows for eval loss. Default 0.1 when no count is set.",
+    )
+    test_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="testFraction: share of rows held out for the evaluation. Default 0.1.",
+    )
+    eval_count: int | None = Field(
+        default=None, ge=1, description="evalCount: exact number of eval rows (instead of a fraction)."
+    )
+    test_count: int | None = Field(
+        default=None, ge=1, description="testCount: exact number of test rows (instead of a fraction)."
+    )
+
+    @model_validator(mode="after")
+    def _one_of_fraction_or_count(self) -> SplitSpec:
+        if self.eval_fraction is not None and self.eval_count is not None:
+            raise ValueError("split: set evalFraction or evalCount, not both")
+        if self.test_fraction is not None and self.test_count is not None:
+            raise ValueError("split: set testFraction or testCount, not both")
+        if (self.eval_fraction or 0) + (self.test_fraction or 0) >= 1:
+            raise ValueError("split: evalFraction + testFraction must be below 1")
+        return self
+
+    def resolved(self, rows: int) -> tuple[int, int]:
+        """(eval rows, test rows) for `rows` usable rows; fractions round down but keep at least one row."""
+
+        def count(fraction: float | None, exact: int | None, default: float) -> int:
+            if exact is not None:
+                return exact
+            share = default if fraction is None else fraction
+            return max(1, int(rows * share)) if share > 0 else 0
+
+        return count(self.eval_fraction, self.eval_count, 0.1), count(
+            self.test_fraction, self.test_count, 0.1
+        )
+
+
+_SPLIT_RULE = {
+    "rule": "(has(self.evalFraction) ? self.evalFraction : 0.0) + (has(self.testFraction) ? self.testFraction : 0.0) < 1.0",
+    "message": "split: evalFraction + testFraction must be below 1",
+}
+_SPLIT_EXCLUSIVE = [
+    {
+        "rule": "!(has(self.evalFraction) && has(self.evalCount))",
+        "message": "split: set evalFraction or evalCount, not both",
+    },
+    {
+        "rule": "!(has(self.testFraction) && has(self.testCount))",
+        "message": "split: set testFraction or testCount, not both",
+    },
+]
+SplitSpec.model_config["json_schema_extra"] = {"x-kubernetes-validations": [_SPLIT_RULE, *_SPLIT_EXCLUSIVE]}
+
+
+class DatasetSpec(ApiModel):
+    """The instruction dataset, prepared once and shared by every model."""
+
+    source: str = Field(
+        description="source: an `s3://bucket/key` object or prefix, a Hugging Face dataset id, or a local path "
+        "(JSONL, JSON or Parquet).",
+        min_length=1,
+        max_length=2048,
+    )
+    format: DatasetFormat = Field(
+        default=DatasetFormat.ALPACA, description="format: `alpaca`, `chat` or `sharegpt`."
+    )
+    fields: FieldMapping = Field(
+        default_factory=FieldMapping, description="fields: column names, when not the defaults."
+    )
+    hf_split: str = Field(
+        default="train", description="hfSplit: split to read from a Hugging Face dataset id."
+    )
+    split: SplitSpec = Field(
+        default_factory=SplitSpec, description="split: sizes of the eval and held-out test sets."
+    )
+    seed: int = Field(
+        default=42, ge=0, description="seed: seed of the deterministic shuffle before splitting."
+    )
+    max_rows: int | None = Field(
+        default=None, ge=1, description="maxRows: use at most this many usable rows."
+    )
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings shared by every model."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="r: rank of the LoRA update matrices.")
+    alpha: int = Field(
+        default=32, ge=1, le=4096, description="alpha: LoRA scaling numerator (scale = alpha / r)."
+    )
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout: dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="targetModules: modules to adapt; empty means every linear projection of attention and MLP, "
+        "including mixture-of-experts expert weights.",
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """4-bit quantisation of the base model under `qlora` (bitsandbytes)."""
+
+    quant_type: QuantType = Field(
+        default=QuantType.NF4, description="quantType: `nf4` (QLoRA paper) or `fp4`."
+    )
+    double_quant: bool = Field(
+        default=True, description="doubleQuant: also quantise the quantisation constants."
+    )
+    compute_dtype: ComputeDtype = Field(
+        default=ComputeDtype.BFLOAT16, description="computeDtype: dtype of the matrix multiplications."
+    )
+
+
+class OverfittingSpec(ApiModel):
+    """How the overfitting verdict is reached from the loss history."""
+
+    patience: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="patience: consecutive evaluations of rising eval loss past its minimum.",
+    )
+    gap_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        description="gapThreshold: eval loss minus train loss above which a model is overfitting.",
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Hyperparameters shared by every model (the fairness hash covers all of them)."""
+
+    epochs: float = Field(default=2, gt=0, le=100, description="epochs: passes over the train split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="maxSteps: stop after this many optimizer steps."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="learningRate: peak learning rate.")
+    lr_scheduler: Scheduler = Field(
+        default=Scheduler.COSINE, description="lrScheduler: learning-rate schedule."
+    )
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, lt=1, description="warmupRatio: share of steps spent warming up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, lt=1, description="weightDecay: AdamW weight decay.")
+    per_device_batch_size: int = Field(
+        default=4, ge=1, le=1024, description="perDeviceBatchSize: sequences per device per step."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=4, ge=1, le=1024, description="gradientAccumulationSteps: micro-batches per optimizer step."
+    )
+    max_seq_length: int = Field(
+        default=1024, ge=16, le=131072, description="maxSeqLength: tokens per sequence (longer rows are cut)."
+    )
+    packing: bool = Field(default=False, description="packing: pack several rows into one sequence.")
+    gradient_checkpointing: bool = Field(
+        default=True, description="gradientCheckpointing: trade compute for memory."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="lora: adapter settings.")
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec, description="quantization: 4-bit settings used by `qlora` models."
+    )
+    router_aux_loss_coef: float | None = Field(
+        default=None,
+        ge=0,
+        description="routerAuxLossCoef: add the mixture-of-experts load-balancing loss with this weight.",
+    )
+    eval_steps: int = Field(
+        default=50, ge=1, description="evalSteps: compute eval loss every N optimizer steps."
+    )
+    save_steps: int = Field(
+        default=100, ge=1, description="saveSteps: checkpoint to S3 every N optimizer steps."
+    )
+    logging_steps: int = Field(default=10, ge=1, description="loggingSteps: record train loss every N steps.")
+    seed: int = Field(default=42, ge=0, description="seed: seed of initialisation, dropout and data order.")
+    overfitting: OverfittingSpec = Field(
+        default_factory=OverfittingSpec, description="overfitting: thresholds of the overfitting verdict."
+    )
+
+
+class JudgeSpec(ApiModel):
+    """An LLM judge reached through an OpenAI-compatible API (GPT-4 by default; vLLM, Ollama, Azure by URL)."""
+
+    base_url: str = Field(
+        default=DEFAULT_JUDGE_BASE_URL,
+        pattern=r"^https?://",
+        max_length=2048,
+        description="baseUrl: the API's base URL.",
+    )
+    model: str = Field(
+        default="gpt-4", min_length=1, max_length=256, description="model: the judge model name."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="apiKeySecretRef: Secret key holding the API key (never copied by the operator).",
+    )
+    temperature: float = Field(
+        default=0.0, ge=0, le=2, description="temperature: sampling temperature of the judge."
+    )
+    max_tokens: int = Field(
+        default=512, ge=16, le=8192, description="maxTokens: longest judgment, in tokens."
+    )
+    concurrency: int = Field(default=4, ge=1, le=256, description="concurrency: requests in flight at once.")
+    timeout_seconds: float = Field(default=60, gt=0, le=3600, description="timeoutSeconds: per request.")
+    max_retries: int = Field(
+        default=4,
+        ge=0,
+        le=20,
+        description="maxRetries: retries on 429, 5xx, timeouts and unparseable replies.",
+    )
+    input_cost_per_1k_tokens: float = Field(
+        default=0.0,
+        ge=0,
+        description="inputCostPer1kTokens: price of 1000 prompt tokens, for the cost estimate.",
+    )
+    output_cost_per_1k_tokens: float = Field(
+        default=0.0,
+        ge=0,
+        description="outputCostPer1kTokens: price of 1000 completion tokens, for the cost estimate.",
+    )
+
+
+class EmbeddingsSpec(ApiModel):
+    """The embedding model for embedding-based metrics."""
+
+    provider: str = Field(
+        default="local",
+        pattern="^(local|openai)$",
+        description="provider: `local` (sentence-transformers) or `openai` (embeddings endpoint).",
+    )
+    model: str = Field(
+        default="all-MiniLM-L6-v2",
+        min_length=1,
+        description="model: a local path or sentence-transformers name, or the endpoint's model name.",
+    )
+    base_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="baseUrl: embeddings endpoint (provider openai)."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="apiKeySecretRef: Secret key with the endpoint's key."
+    )
+
+
+class GenerationSpec(ApiModel):
+    """How every model answers the held-out prompts (the same for all)."""
+
+    max_new_tokens: int = Field(
+        default=256, ge=1, le=32768, description="maxNewTokens: longest answer, in tokens."
+    )
+    do_sample: bool = Field(default=False, description="doSample: sample instead of greedy decoding.")
+    temperature: float = Field(
+        default=1.0, gt=0, le=5, description="temperature: sampling temperature (with doSample)."
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="topP: nucleus sampling mass (with doSample).")
+    seed: int = Field(default=42, ge=0, description="seed: sampling seed.")
+    batch_size: int = Field(
+        default=0, ge=0, le=4096, description="batchSize: prompts per batch; 0 adapts to memory."
+    )
+
+
+class EvaluationSpec(ApiModel):
+    """How the fine-tuned models are compared on the held-out test split."""
+
+    metrics: list[Metric] = Field(
+        default_factory=lambda: [
+            Metric.JUDGE,
+            Metric.ANSWER_CORRECTNESS,
+            Metric.FACTUAL_CORRECTNESS,
+            Metric.SEMANTIC_SIMILARITY,
+            Metric.BLEU,
+            Metric.ROUGE,
+            Metric.CHRF,
+            Metric.STRING_SIMILARITY,
+        ],
+        min_length=1,
+        max_length=16,
+        description="metrics: RAGAS metric names and `judge`.",
+    )
+    primary_metric: Metric = Field(
+        default=Metric.JUDGE, description="primaryMetric: the metric that decides the winner."
+    )
+    checkpoint: CheckpointChoice = Field(
+        default=CheckpointChoice.BEST,
+        description="checkpoint: evaluate the `best` (lowest eval loss) or `final` adapter.",
+    )
+    judge: JudgeSpec = Field(
+        default_factory=JudgeSpec, description="judge: the main LLM judge (also used by LLM RAGAS metrics)."
+    )
+    extra_judges: list[JudgeSpec] = Field(
+        default_factory=list,
+        max_length=4,
+        description="extraJudges: more judges; their agreement with the main one is reported.",
+    )
+    max_judge_calls: int | None = Field(
+        default=None, ge=1, description="maxJudgeCalls: stop judging after this many calls (a budget)."
+    )
+    embeddings: EmbeddingsSpec = Field(
+        default_factory=EmbeddingsSpec, description="embeddings: model for embedding metrics."
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="generation: decoding settings."
+    )
+    test_sample_size: int | None = Field(
+        default=None, ge=2, description="testSampleSize: evaluate a seeded sample of this many test rows."
+    )
+    bootstrap_resamples: int = Field(
+        default=2000, ge=100, le=100000, description="bootstrapResamples: resamples for intervals."
+    )
+    significance_level: float = Field(
+        default=0.05, gt=0, lt=0.5, description="significanceLevel: alpha of the paired tests."
+    )
+    seed: int = Field(
+        default=42, ge=0, description="seed: seed of sampling, bootstrap and permutation tests."
+    )
+
+    @model_validator(mode="after")
+    def _primary_is_measured(self) -> EvaluationSpec:
+        if self.primary_metric not in self.metrics:
+            raise ValueError(
+                f"evaluation.primaryMetric: {self.primary_metric.value!r} is not in evaluation.metrics"
+            )
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("evaluation.metrics: each metric may appear once")
+        return self
+
+
+EvaluationSpec.model_config["json_schema_extra"] = {
+    "x-kubernetes-validations": [
+        {
+            "rule": "self.metrics.exists(m, m == self.primaryMetric)",
+            "message": "evaluation.primaryMetric must be one of evaluation.metrics",
+        },
+        {
+            "rule": "self.metrics.all(m, self.metrics.exists_one(n, n == m))",
+            "message": "evaluation.metrics: each metric may appear once",
+        },
+    ]
+}
+
+
+class StorageSpec(ApiModel):
+    """S3 (or S3-compatible) storage for data, adapters, scores and the report."""
+
+    bucket: str = Field(
+        description="bucket: the S3 bucket.",
+        min_length=3,
+        max_length=63,
+        pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
+    )
+    prefix: str = Field(
+        default="ftc",
+        max_length=512,
+        description="prefix: key prefix; runs go under PREFIX/NAMESPACE/NAME-UID8/.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        max_length=2048,
+        description="endpointUrl: for S3-compatible servers (MinIO, Ceph...).",
+    )
+    region: str | None = Field(default=None, max_length=64, description="region: the bucket's region.")
+    credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="credentialsSecretRef: Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+        "omit to use the pods' own identity (IRSA, workload identity).",
+    )
+
+
+class Images(ApiModel):
+    """Container images of the steps."""
+
+    trainer: str | None = Field(default=None, description="trainer: image of the prepare and train steps.")
+    evaluator: str | None = Field(default=None, description="evaluator: image of the evaluate step.")
+    pull_policy: str | None = Field(
+        default=None, pattern="^(Always|IfNotPresent|Never)$", description="pullPolicy: image pull policy."
+    )
+
+
+Name = Annotated[str, Field(pattern=DNS_LABEL)]
+
+
+class FineTuneComparisonSpec(ApiModel):
+    """A fair fine-tuning bake-off: one dataset, the same hyperparameters, every model evaluated alike."""
+
+    models: list[ModelSpec] = Field(
+        min_length=1,
+        max_length=MAX_MODELS,
+        description=f"models: the contestants (1 to {MAX_MODELS}, unique names).",
+    )
+    dataset: DatasetSpec = Field(description="dataset: the instruction data, prepared once.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="training: shared hyperparameters."
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="evaluation: metrics, judge and statistics."
+    )
+    storage: StorageSpec = Field(description="storage: where artefacts go.")
+    placement: Placement | None = Field(
+        default=None, description="placement: scheduling defaults of every step pod."
+    )
+    images: Images | None = Field(default=None, description="images: override the chart's step images.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        seen: set[str] = set()
+        for model in models:
+            if model.name in seen:
+                raise ValueError(f"models: the name {model.name!r} is used twice; model names must be unique")
+            seen.add(model.name)
+        return models
+
+
+FineTuneComparisonSpec.model_config["json_schema_extra"] = {
+    "x-kubernetes-validations": [
+        {
+            "rule": "self.models.all(m, self.models.exists_one(n, n.name == m.name))",
+            "message": "models: model names must be unique",
+        }
+    ]
+}
+
+
+def validation_errors(spec: dict[str, object]) -> list[str]:
+    """Every problem with a spec as `field.path: message` lines (empty when the spec is valid)."""
+    from pydantic import ValidationError
+
+    try:
+        FineTuneComparisonSpec.model_validate(spec)
+    except ValidationError as err:
+        return [_format_error(e) for e in err.errors()]
+    return []
+
+
+def _format_error(error: object) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) if isinstance(error, dict) else ""  # type: ignore[index]
+    msg = error["msg"] if isinstance(error, dict) else str(error)  # type: ignore[index]
+    msg = re.sub(r"^Value error, ", "", str(msg))
+    return f"spec.{loc}: {msg}" if loc else f"spec: {msg}"
