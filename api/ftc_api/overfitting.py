@@ -8,9 +8,7 @@ from .spec import OverfittingSpec
 from .steps import LossPoint, OverfittingVerdict
 
 
-def overfitting_verdict(
-    history: Sequence[LossPoint], spec: OverfittingSpec | None = None
-) -> OverfittingVerdict:
+def overfitting_verdict(history: Sequence[LossPoint], spec: OverfittingSpec | None = None) -> OverfittingVerdict:
     """`overfitting` when eval loss rose for `patience` consecutive evaluations past its minimum while
     train loss kept falling, or when the final eval-train gap exceeds `gapThreshold`; else `ok`.
     `unknown` when there are fewer than two evaluations."""
@@ -18,9 +16,7 @@ def overfitting_verdict(
     evals = [(p.step, p.eval_loss) for p in history if p.eval_loss is not None]
     trains = [(p.step, p.train_loss) for p in history if p.train_loss is not None]
     if len(evals) < 2:
-        return OverfittingVerdict(
-            verdict="unknown", reason=f"only {len(evals)} evaluation(s); need at least 2"
-        )
+        return OverfittingVerdict(verdict="unknown", reason=f"only {len(evals)} evaluation(s); need at least 2")
     min_index = min(range(len(evals)), key=lambda i: (evals[i][1], i))
     min_step, min_loss = evals[min_index]
     after = evals[min_index + 1 :]

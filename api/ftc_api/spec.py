@@ -9,7 +9,7 @@ refuse it too, with the same message).
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
@@ -25,14 +25,14 @@ DEFAULT_EVALUATOR_IMAGE = "ghcr.io/ftc-project/ftc-evaluator:0.1.0"
 DEFAULT_JUDGE_BASE_URL = "https://api.openai.com/v1"
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     """Fine-tuning method."""
 
     LORA = "lora"
     QLORA = "qlora"
 
 
-class DatasetFormat(str, Enum):
+class DatasetFormat(StrEnum):
     """Row format of the dataset."""
 
     ALPACA = "alpaca"
@@ -40,7 +40,7 @@ class DatasetFormat(str, Enum):
     SHAREGPT = "sharegpt"
 
 
-class Scheduler(str, Enum):
+class Scheduler(StrEnum):
     """Learning-rate schedule (the names of transformers' `SchedulerType`)."""
 
     LINEAR = "linear"
@@ -49,7 +49,7 @@ class Scheduler(str, Enum):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
-class ComputeDtype(str, Enum):
+class ComputeDtype(StrEnum):
     """Dtype used for matrix multiplications of a 4-bit model."""
 
     BFLOAT16 = "bfloat16"
@@ -57,21 +57,21 @@ class ComputeDtype(str, Enum):
     FLOAT32 = "float32"
 
 
-class QuantType(str, Enum):
+class QuantType(StrEnum):
     """4-bit storage type of a QLoRA base model."""
 
     NF4 = "nf4"
     FP4 = "fp4"
 
 
-class CheckpointChoice(str, Enum):
+class CheckpointChoice(StrEnum):
     """Which adapter the evaluation uses."""
 
     BEST = "best"
     FINAL = "final"
 
 
-class Metric(str, Enum):
+class Metric(StrEnum):
     """An evaluation metric: a RAGAS metric, or `judge` for the LLM-as-judge score (1-10)."""
 
     JUDGE = "judge"
@@ -126,9 +126,7 @@ class Resources(ApiModel):
     requests: dict[str, Quantity] | None = Field(
         default=None, description="requests: minimum resources, for example cpu: 8, memory: 64Gi."
     )
-    limits: dict[str, Quantity] | None = Field(
-        default=None, description="limits: maximum resources, for example memory: 96Gi."
-    )
+    limits: dict[str, Quantity] | None = Field(default=None, description="limits: maximum resources, for example memory: 96Gi.")
 
 
 class Placement(ApiModel):
@@ -154,21 +152,15 @@ class Placement(ApiModel):
         gt=0,
         description="gpuMemoryGiB: memory of one GPU, for the pre-flight fit check. Default 80.",
     )
-    node_selector: dict[str, str] | None = Field(
-        default=None, description="nodeSelector: extra node labels the pods require."
-    )
+    node_selector: dict[str, str] | None = Field(default=None, description="nodeSelector: extra node labels the pods require.")
     tolerations: list[Toleration] | None = Field(
         default=None, description="tolerations: taints the pods tolerate. Default tolerates `nvidia.com/gpu`."
     )
     queue_name: str | None = Field(
         default=None, description="queueName: Kueue LocalQueue; sets the `kueue.x-k8s.io/queue-name` label."
     )
-    priority_class_name: str | None = Field(
-        default=None, description="priorityClassName: PriorityClass of the pods."
-    )
-    resources: Resources | None = Field(
-        default=None, description="resources: CPU and memory requests and limits."
-    )
+    priority_class_name: str | None = Field(default=None, description="priorityClassName: PriorityClass of the pods.")
+    resources: Resources | None = Field(default=None, description="resources: CPU and memory requests and limits.")
     service_account_name: str | None = Field(
         default=None,
         description="serviceAccountName: ServiceAccount the step pods run as. Default from the chart.",
@@ -191,9 +183,7 @@ class ModelTrainingOverrides(ApiModel):
         le=1024,
         description="gradientAccumulationSteps: replaces training.gradientAccumulationSteps.",
     )
-    learning_rate: float | None = Field(
-        default=None, gt=0, lt=1, description="learningRate: replaces training.learningRate."
-    )
+    learning_rate: float | None = Field(default=None, gt=0, lt=1, description="learningRate: replaces training.learningRate.")
     max_seq_length: int | None = Field(
         default=None, ge=16, le=131072, description="maxSeqLength: replaces training.maxSeqLength."
     )
@@ -213,9 +203,7 @@ class ModelSpec(ApiModel):
         min_length=1,
         max_length=1024,
     )
-    method: Method = Field(
-        default=Method.QLORA, description="method: `lora` (bf16 base) or `qlora` (4-bit NF4 base)."
-    )
+    method: Method = Field(default=Method.QLORA, description="method: `lora` (bf16 base) or `qlora` (4-bit NF4 base).")
     lora_target_modules: list[str] | None = Field(
         default=None,
         max_length=64,
@@ -230,23 +218,17 @@ class ModelSpec(ApiModel):
     training: ModelTrainingOverrides | None = Field(
         default=None, description="training: per-model deviations from spec.training (recorded as unfair)."
     )
-    placement: Placement | None = Field(
-        default=None, description="placement: per-model scheduling overrides."
-    )
+    placement: Placement | None = Field(default=None, description="placement: per-model scheduling overrides.")
 
 
 class FieldMapping(ApiModel):
     """Names of the columns that hold each part of a row, when they differ from the format's defaults."""
 
-    instruction: str = Field(
-        default="instruction", description="instruction: alpaca column with the instruction."
-    )
+    instruction: str = Field(default="instruction", description="instruction: alpaca column with the instruction.")
     input: str = Field(default="input", description="input: alpaca column with the optional input/context.")
     output: str = Field(default="output", description="output: alpaca column with the reference answer.")
     system: str = Field(default="system", description="system: optional column with a system prompt.")
-    messages: str = Field(
-        default="messages", description="messages: chat column with a list of {role, content}."
-    )
+    messages: str = Field(default="messages", description="messages: chat column with a list of {role, content}.")
     conversations: str = Field(
         default="conversations", description="conversations: sharegpt column with a list of {from, value}."
     )
@@ -293,9 +275,7 @@ class SplitSpec(ApiModel):
             share = default if fraction is None else fraction
             return max(1, int(rows * share)) if share > 0 else 0
 
-        return count(self.eval_fraction, self.eval_count, 0.1), count(
-            self.test_fraction, self.test_count, 0.1
-        )
+        return count(self.eval_fraction, self.eval_count, 0.1), count(self.test_fraction, self.test_count, 0.1)
 
 
 _SPLIT_RULE = {
@@ -324,33 +304,19 @@ class DatasetSpec(ApiModel):
         min_length=1,
         max_length=2048,
     )
-    format: DatasetFormat = Field(
-        default=DatasetFormat.ALPACA, description="format: `alpaca`, `chat` or `sharegpt`."
-    )
-    fields: FieldMapping = Field(
-        default_factory=FieldMapping, description="fields: column names, when not the defaults."
-    )
-    hf_split: str = Field(
-        default="train", description="hfSplit: split to read from a Hugging Face dataset id."
-    )
-    split: SplitSpec = Field(
-        default_factory=SplitSpec, description="split: sizes of the eval and held-out test sets."
-    )
-    seed: int = Field(
-        default=42, ge=0, description="seed: seed of the deterministic shuffle before splitting."
-    )
-    max_rows: int | None = Field(
-        default=None, ge=1, description="maxRows: use at most this many usable rows."
-    )
+    format: DatasetFormat = Field(default=DatasetFormat.ALPACA, description="format: `alpaca`, `chat` or `sharegpt`.")
+    fields: FieldMapping = Field(default_factory=FieldMapping, description="fields: column names, when not the defaults.")
+    hf_split: str = Field(default="train", description="hfSplit: split to read from a Hugging Face dataset id.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="split: sizes of the eval and held-out test sets.")
+    seed: int = Field(default=42, ge=0, description="seed: seed of the deterministic shuffle before splitting.")
+    max_rows: int | None = Field(default=None, ge=1, description="maxRows: use at most this many usable rows.")
 
 
 class LoraSpec(ApiModel):
     """LoRA adapter settings shared by every model."""
 
     r: int = Field(default=16, ge=1, le=1024, description="r: rank of the LoRA update matrices.")
-    alpha: int = Field(
-        default=32, ge=1, le=4096, description="alpha: LoRA scaling numerator (scale = alpha / r)."
-    )
+    alpha: int = Field(default=32, ge=1, le=4096, description="alpha: LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout: dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=list,
@@ -363,12 +329,8 @@ class LoraSpec(ApiModel):
 class QuantizationSpec(ApiModel):
     """4-bit quantisation of the base model under `qlora` (bitsandbytes)."""
 
-    quant_type: QuantType = Field(
-        default=QuantType.NF4, description="quantType: `nf4` (QLoRA paper) or `fp4`."
-    )
-    double_quant: bool = Field(
-        default=True, description="doubleQuant: also quantise the quantisation constants."
-    )
+    quant_type: QuantType = Field(default=QuantType.NF4, description="quantType: `nf4` (QLoRA paper) or `fp4`.")
+    double_quant: bool = Field(default=True, description="doubleQuant: also quantise the quantisation constants.")
     compute_dtype: ComputeDtype = Field(
         default=ComputeDtype.BFLOAT16, description="computeDtype: dtype of the matrix multiplications."
     )
@@ -394,20 +356,12 @@ class TrainingSpec(ApiModel):
     """Hyperparameters shared by every model (the fairness hash covers all of them)."""
 
     epochs: float = Field(default=2, gt=0, le=100, description="epochs: passes over the train split.")
-    max_steps: int | None = Field(
-        default=None, ge=1, description="maxSteps: stop after this many optimizer steps."
-    )
+    max_steps: int | None = Field(default=None, ge=1, description="maxSteps: stop after this many optimizer steps.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="learningRate: peak learning rate.")
-    lr_scheduler: Scheduler = Field(
-        default=Scheduler.COSINE, description="lrScheduler: learning-rate schedule."
-    )
-    warmup_ratio: float = Field(
-        default=0.03, ge=0, lt=1, description="warmupRatio: share of steps spent warming up."
-    )
+    lr_scheduler: Scheduler = Field(default=Scheduler.COSINE, description="lrScheduler: learning-rate schedule.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="warmupRatio: share of steps spent warming up.")
     weight_decay: float = Field(default=0.0, ge=0, lt=1, description="weightDecay: AdamW weight decay.")
-    per_device_batch_size: int = Field(
-        default=4, ge=1, le=1024, description="perDeviceBatchSize: sequences per device per step."
-    )
+    per_device_batch_size: int = Field(default=4, ge=1, le=1024, description="perDeviceBatchSize: sequences per device per step.")
     gradient_accumulation_steps: int = Field(
         default=4, ge=1, le=1024, description="gradientAccumulationSteps: micro-batches per optimizer step."
     )
@@ -415,9 +369,7 @@ class TrainingSpec(ApiModel):
         default=1024, ge=16, le=131072, description="maxSeqLength: tokens per sequence (longer rows are cut)."
     )
     packing: bool = Field(default=False, description="packing: pack several rows into one sequence.")
-    gradient_checkpointing: bool = Field(
-        default=True, description="gradientCheckpointing: trade compute for memory."
-    )
+    gradient_checkpointing: bool = Field(default=True, description="gradientCheckpointing: trade compute for memory.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="lora: adapter settings.")
     quantization: QuantizationSpec = Field(
         default_factory=QuantizationSpec, description="quantization: 4-bit settings used by `qlora` models."
@@ -427,12 +379,8 @@ class TrainingSpec(ApiModel):
         ge=0,
         description="routerAuxLossCoef: add the mixture-of-experts load-balancing loss with this weight.",
     )
-    eval_steps: int = Field(
-        default=50, ge=1, description="evalSteps: compute eval loss every N optimizer steps."
-    )
-    save_steps: int = Field(
-        default=100, ge=1, description="saveSteps: checkpoint to S3 every N optimizer steps."
-    )
+    eval_steps: int = Field(default=50, ge=1, description="evalSteps: compute eval loss every N optimizer steps.")
+    save_steps: int = Field(default=100, ge=1, description="saveSteps: checkpoint to S3 every N optimizer steps.")
     logging_steps: int = Field(default=10, ge=1, description="loggingSteps: record train loss every N steps.")
     seed: int = Field(default=42, ge=0, description="seed: seed of initialisation, dropout and data order.")
     overfitting: OverfittingSpec = Field(
@@ -449,19 +397,13 @@ class JudgeSpec(ApiModel):
         max_length=2048,
         description="baseUrl: the API's base URL.",
     )
-    model: str = Field(
-        default="gpt-4", min_length=1, max_length=256, description="model: the judge model name."
-    )
+    model: str = Field(default="gpt-4", min_length=1, max_length=256, description="model: the judge model name.")
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="apiKeySecretRef: Secret key holding the API key (never copied by the operator).",
     )
-    temperature: float = Field(
-        default=0.0, ge=0, le=2, description="temperature: sampling temperature of the judge."
-    )
-    max_tokens: int = Field(
-        default=512, ge=16, le=8192, description="maxTokens: longest judgment, in tokens."
-    )
+    temperature: float = Field(default=0.0, ge=0, le=2, description="temperature: sampling temperature of the judge.")
+    max_tokens: int = Field(default=512, ge=16, le=8192, description="maxTokens: longest judgment, in tokens.")
     concurrency: int = Field(default=4, ge=1, le=256, description="concurrency: requests in flight at once.")
     timeout_seconds: float = Field(default=60, gt=0, le=3600, description="timeoutSeconds: per request.")
     max_retries: int = Field(
@@ -506,18 +448,12 @@ class EmbeddingsSpec(ApiModel):
 class GenerationSpec(ApiModel):
     """How every model answers the held-out prompts (the same for all)."""
 
-    max_new_tokens: int = Field(
-        default=256, ge=1, le=32768, description="maxNewTokens: longest answer, in tokens."
-    )
+    max_new_tokens: int = Field(default=256, ge=1, le=32768, description="maxNewTokens: longest answer, in tokens.")
     do_sample: bool = Field(default=False, description="doSample: sample instead of greedy decoding.")
-    temperature: float = Field(
-        default=1.0, gt=0, le=5, description="temperature: sampling temperature (with doSample)."
-    )
+    temperature: float = Field(default=1.0, gt=0, le=5, description="temperature: sampling temperature (with doSample).")
     top_p: float = Field(default=1.0, gt=0, le=1, description="topP: nucleus sampling mass (with doSample).")
     seed: int = Field(default=42, ge=0, description="seed: sampling seed.")
-    batch_size: int = Field(
-        default=0, ge=0, le=4096, description="batchSize: prompts per batch; 0 adapts to memory."
-    )
+    batch_size: int = Field(default=0, ge=0, le=4096, description="batchSize: prompts per batch; 0 adapts to memory.")
 
 
 class EvaluationSpec(ApiModel):
@@ -538,16 +474,12 @@ class EvaluationSpec(ApiModel):
         max_length=16,
         description="metrics: RAGAS metric names and `judge`.",
     )
-    primary_metric: Metric = Field(
-        default=Metric.JUDGE, description="primaryMetric: the metric that decides the winner."
-    )
+    primary_metric: Metric = Field(default=Metric.JUDGE, description="primaryMetric: the metric that decides the winner.")
     checkpoint: CheckpointChoice = Field(
         default=CheckpointChoice.BEST,
         description="checkpoint: evaluate the `best` (lowest eval loss) or `final` adapter.",
     )
-    judge: JudgeSpec = Field(
-        default_factory=JudgeSpec, description="judge: the main LLM judge (also used by LLM RAGAS metrics)."
-    )
+    judge: JudgeSpec = Field(default_factory=JudgeSpec, description="judge: the main LLM judge (also used by LLM RAGAS metrics).")
     extra_judges: list[JudgeSpec] = Field(
         default_factory=list,
         max_length=4,
@@ -556,31 +488,19 @@ class EvaluationSpec(ApiModel):
     max_judge_calls: int | None = Field(
         default=None, ge=1, description="maxJudgeCalls: stop judging after this many calls (a budget)."
     )
-    embeddings: EmbeddingsSpec = Field(
-        default_factory=EmbeddingsSpec, description="embeddings: model for embedding metrics."
-    )
-    generation: GenerationSpec = Field(
-        default_factory=GenerationSpec, description="generation: decoding settings."
-    )
+    embeddings: EmbeddingsSpec = Field(default_factory=EmbeddingsSpec, description="embeddings: model for embedding metrics.")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="generation: decoding settings.")
     test_sample_size: int | None = Field(
         default=None, ge=2, description="testSampleSize: evaluate a seeded sample of this many test rows."
     )
-    bootstrap_resamples: int = Field(
-        default=2000, ge=100, le=100000, description="bootstrapResamples: resamples for intervals."
-    )
-    significance_level: float = Field(
-        default=0.05, gt=0, lt=0.5, description="significanceLevel: alpha of the paired tests."
-    )
-    seed: int = Field(
-        default=42, ge=0, description="seed: seed of sampling, bootstrap and permutation tests."
-    )
+    bootstrap_resamples: int = Field(default=2000, ge=100, le=100000, description="bootstrapResamples: resamples for intervals.")
+    significance_level: float = Field(default=0.05, gt=0, lt=0.5, description="significanceLevel: alpha of the paired tests.")
+    seed: int = Field(default=42, ge=0, description="seed: seed of sampling, bootstrap and permutation tests.")
 
     @model_validator(mode="after")
     def _primary_is_measured(self) -> EvaluationSpec:
         if self.primary_metric not in self.metrics:
-            raise ValueError(
-                f"evaluation.primaryMetric: {self.primary_metric.value!r} is not in evaluation.metrics"
-            )
+            raise ValueError(f"evaluation.primaryMetric: {self.primary_metric.value!r} is not in evaluation.metrics")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError("evaluation.metrics: each metric may appear once")
         return self
@@ -650,16 +570,10 @@ class FineTuneComparisonSpec(ApiModel):
         description=f"models: the contestants (1 to {MAX_MODELS}, unique names).",
     )
     dataset: DatasetSpec = Field(description="dataset: the instruction data, prepared once.")
-    training: TrainingSpec = Field(
-        default_factory=TrainingSpec, description="training: shared hyperparameters."
-    )
-    evaluation: EvaluationSpec = Field(
-        default_factory=EvaluationSpec, description="evaluation: metrics, judge and statistics."
-    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="training: shared hyperparameters.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="evaluation: metrics, judge and statistics.")
     storage: StorageSpec = Field(description="storage: where artefacts go.")
-    placement: Placement | None = Field(
-        default=None, description="placement: scheduling defaults of every step pod."
-    )
+    placement: Placement | None = Field(default=None, description="placement: scheduling defaults of every step pod.")
     images: Images | None = Field(default=None, description="images: override the chart's step images.")
 
     @field_validator("models")

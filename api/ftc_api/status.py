@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import Field
 
@@ -10,7 +10,7 @@ from .base import ApiModel
 from .steps import MemoryEstimate, MetricScore, OverfittingVerdict, PairwiseTest
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """Phase of a comparison, shown by `kubectl get ftc`."""
 
     PENDING = "Pending"
@@ -21,7 +21,7 @@ class Phase(str, Enum):
     FAILED = "Failed"
 
 
-class ModelPhase(str, Enum):
+class ModelPhase(StrEnum):
     """Phase of one model in the comparison."""
 
     PENDING = "Pending"
@@ -30,7 +30,7 @@ class ModelPhase(str, Enum):
     FAILED = "Failed"
 
 
-class ConditionType(str, Enum):
+class ConditionType(StrEnum):
     """Condition types of a comparison."""
 
     READY = "Ready"  # the spec is valid and its prerequisites exist
@@ -40,7 +40,7 @@ class ConditionType(str, Enum):
     SUCCEEDED = "Succeeded"
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Machine-readable reasons of conditions and Events."""
 
     SPEC_VALID = "SpecValid"
@@ -58,16 +58,12 @@ class Reason(str, Enum):
 class Condition(ApiModel):
     """A standard Kubernetes condition."""
 
-    type: str = Field(
-        description="type: the aspect this condition reports (Ready, Prepared, Trained, Evaluated, Succeeded)."
-    )
+    type: str = Field(description="type: the aspect this condition reports (Ready, Prepared, Trained, Evaluated, Succeeded).")
     status: str = Field(description="status: True, False or Unknown.", pattern="^(True|False|Unknown)$")
     reason: str = Field(description="reason: a CamelCase machine-readable reason.")
     message: str = Field(default="", description="message: a human-readable explanation.")
     last_transition_time: str = Field(description="lastTransitionTime: when status last changed (RFC 3339).")
-    observed_generation: int | None = Field(
-        default=None, description="observedGeneration: the spec generation this reflects."
-    )
+    observed_generation: int | None = Field(default=None, description="observedGeneration: the spec generation this reflects.")
 
 
 class Progress(ApiModel):
@@ -78,9 +74,7 @@ class Progress(ApiModel):
     epoch: float = Field(default=0, description="epoch: fractional epoch reached.")
     train_loss: float | None = Field(default=None, description="trainLoss: latest train loss.")
     eval_loss: float | None = Field(default=None, description="evalLoss: latest eval loss.")
-    updated_at: str | None = Field(
-        default=None, description="updatedAt: when the pod reported this (RFC 3339)."
-    )
+    updated_at: str | None = Field(default=None, description="updatedAt: when the pod reported this (RFC 3339).")
 
 
 class TokenCounts(ApiModel):
@@ -95,32 +89,22 @@ class ModelStatus(ApiModel):
     """What happened to one model."""
 
     name: str = Field(description="name: the model's name from spec.models.")
-    phase: ModelPhase = Field(
-        default=ModelPhase.PENDING, description="phase: Pending, Training, Trained or Failed."
-    )
+    phase: ModelPhase = Field(default=ModelPhase.PENDING, description="phase: Pending, Training, Trained or Failed.")
     method: str | None = Field(default=None, description="method: lora or qlora.")
     job_name: str | None = Field(default=None, description="jobName: the model's train Job.")
     message: str | None = Field(default=None, description="message: why the model failed, if it did.")
     progress: Progress | None = Field(default=None, description="progress: live progress while training.")
-    memory_estimate: MemoryEstimate | None = Field(
-        default=None, description="memoryEstimate: pre-flight GPU memory estimate."
-    )
+    memory_estimate: MemoryEstimate | None = Field(default=None, description="memoryEstimate: pre-flight GPU memory estimate.")
     token_counts: TokenCounts | None = Field(
         default=None, description="tokenCounts: tokens per split under this model's tokenizer."
     )
     train_seconds: float | None = Field(default=None, description="trainSeconds: wall time of training.")
-    tokens_per_second: float | None = Field(
-        default=None, description="tokensPerSecond: trained tokens per second."
-    )
-    trainable_parameters: int | None = Field(
-        default=None, description="trainableParameters: LoRA parameters trained."
-    )
+    tokens_per_second: float | None = Field(default=None, description="tokensPerSecond: trained tokens per second.")
+    trainable_parameters: int | None = Field(default=None, description="trainableParameters: LoRA parameters trained.")
     adapted_modules: list[str] | None = Field(
         default=None, description="adaptedModules: module kinds that received LoRA weights."
     )
-    final_train_loss: float | None = Field(
-        default=None, description="finalTrainLoss: last logged train loss."
-    )
+    final_train_loss: float | None = Field(default=None, description="finalTrainLoss: last logged train loss.")
     best_eval_loss: float | None = Field(default=None, description="bestEvalLoss: lowest eval loss.")
     best_step: int | None = Field(default=None, description="bestStep: step of the lowest eval loss.")
     final_eval_loss: float | None = Field(default=None, description="finalEvalLoss: eval loss at the end.")
@@ -128,21 +112,15 @@ class ModelStatus(ApiModel):
         default=None, description="overfitting: the overfitting verdict and its numbers."
     )
     adapter_uri: str | None = Field(default=None, description="adapterUri: S3 URI of the final adapter.")
-    best_adapter_uri: str | None = Field(
-        default=None, description="bestAdapterUri: S3 URI of the lowest-eval-loss adapter."
-    )
-    scores: list[MetricScore] | None = Field(
-        default=None, description="scores: evaluation scores with confidence intervals."
-    )
+    best_adapter_uri: str | None = Field(default=None, description="bestAdapterUri: S3 URI of the lowest-eval-loss adapter.")
+    scores: list[MetricScore] | None = Field(default=None, description="scores: evaluation scores with confidence intervals.")
 
 
 class Deviation(ApiModel):
     """One way in which a model was not treated like the others."""
 
     model: str = Field(description="model: the model concerned.")
-    field: str = Field(
-        description="field: the setting that differs (for example training.perDeviceBatchSize)."
-    )
+    field: str = Field(description="field: the setting that differs (for example training.perDeviceBatchSize).")
     value: str = Field(description="value: the model's value.")
     shared: str | None = Field(default=None, description="shared: the value the other models use.")
     forced: bool = Field(
@@ -155,12 +133,8 @@ class Fairness(ApiModel):
     """The fairness record: what was held equal, and every exception."""
 
     hash: str = Field(description="hash: sha256 over everything that must be equal across models.")
-    dataset_sha256: str | None = Field(
-        default=None, description="datasetSha256: sha256 of the data manifest."
-    )
-    deviations: list[Deviation] = Field(
-        default_factory=list, description="deviations: every per-model difference."
-    )
+    dataset_sha256: str | None = Field(default=None, description="datasetSha256: sha256 of the data manifest.")
+    deviations: list[Deviation] = Field(default_factory=list, description="deviations: every per-model difference.")
 
 
 class Verdict(ApiModel):
@@ -168,9 +142,7 @@ class Verdict(ApiModel):
 
     primary_metric: str = Field(description="primaryMetric: the deciding metric.")
     winner: str = Field(description="winner: the winning model, or `tie` when no lead is significant.")
-    p_value: float | None = Field(
-        default=None, description="pValue: adjusted p-value of the winner's closest comparison."
-    )
+    p_value: float | None = Field(default=None, description="pValue: adjusted p-value of the winner's closest comparison.")
     pairwise: list[PairwiseTest] = Field(default_factory=list, description="pairwise: every pairwise test.")
 
 
@@ -181,26 +153,16 @@ class FineTuneComparisonStatus(ApiModel):
         default=Phase.PENDING,
         description="phase: Pending, Preparing, Training, Evaluating, Succeeded or Failed.",
     )
-    observed_generation: int | None = Field(
-        default=None, description="observedGeneration: the spec generation last acted upon."
-    )
+    observed_generation: int | None = Field(default=None, description="observedGeneration: the spec generation last acted upon.")
     conditions: list[Condition] = Field(default_factory=list, description="conditions: standard conditions.")
-    models_done: str | None = Field(
-        default=None, description="modelsDone: trained models over total, for `kubectl get`."
-    )
-    run_prefix: str | None = Field(
-        default=None, description="runPrefix: S3 URI under which this run's artefacts live."
-    )
-    data_manifest_uri: str | None = Field(
-        default=None, description="dataManifestUri: S3 URI of the prepared data's manifest."
-    )
+    models_done: str | None = Field(default=None, description="modelsDone: trained models over total, for `kubectl get`.")
+    run_prefix: str | None = Field(default=None, description="runPrefix: S3 URI under which this run's artefacts live.")
+    data_manifest_uri: str | None = Field(default=None, description="dataManifestUri: S3 URI of the prepared data's manifest.")
     data_counts: dict[str, int] | None = Field(
         default=None, description="dataCounts: rows per split and dropped rows per reason."
     )
     models: list[ModelStatus] = Field(default_factory=list, description="models: per-model status.")
-    fairness: Fairness | None = Field(
-        default=None, description="fairness: what was held equal and every deviation."
-    )
+    fairness: Fairness | None = Field(default=None, description="fairness: what was held equal and every deviation.")
     verdict: Verdict | None = Field(default=None, description="verdict: the statistical verdict.")
     winner: str | None = Field(default=None, description="winner: the winning model, or `tie`.")
     report_uri: str | None = Field(default=None, description="reportUri: S3 URI of the HTML report.")

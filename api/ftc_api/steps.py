@@ -9,7 +9,7 @@ Credentials never appear here: pods get them from Secrets through `secretKeyRef`
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
@@ -34,7 +34,7 @@ JUDGE_API_KEY_ENV = "FTC_JUDGE_API_KEY"
 EMBEDDINGS_API_KEY_ENV = "FTC_EMBEDDINGS_API_KEY"
 
 
-class StepKind(str, Enum):
+class StepKind(StrEnum):
     """The three steps of a comparison."""
 
     PREPARE = "prepare"
@@ -65,13 +65,9 @@ class ModelRef(ApiModel):
     name: str = Field(description="name: the model's name.")
     base_model: str = Field(description="baseModel: hub id, s3:// prefix or local path.")
     method: Method = Field(description="method: lora or qlora.")
-    lora_target_modules: list[str] | None = Field(
-        default=None, description="loraTargetModules: per-model override."
-    )
+    lora_target_modules: list[str] | None = Field(default=None, description="loraTargetModules: per-model override.")
     chat_template: str | None = Field(default=None, description="chatTemplate: per-model chat template.")
-    per_device_batch_size: int | None = Field(
-        default=None, description="perDeviceBatchSize: effective batch size."
-    )
+    per_device_batch_size: int | None = Field(default=None, description="perDeviceBatchSize: effective batch size.")
     max_seq_length: int | None = Field(default=None, description="maxSeqLength: effective sequence length.")
     gpu_memory_gib: float = Field(default=80.0, description="gpuMemoryGiB: memory of the GPU it will run on.")
     gpu_count: int = Field(default=1, description="gpuCount: GPUs it will run on.")
@@ -86,12 +82,8 @@ class PrepareInput(ApiModel):
     step: Literal["prepare"] = Field(default="prepare", description="step: always prepare.")
     dataset: DatasetSpec = Field(description="dataset: what to read and how to split it.")
     location: Location = Field(description="location: where to write data/.")
-    models: list[ModelRef] = Field(
-        default_factory=list, description="models: for token counts and the memory check."
-    )
-    training: TrainingSpec = Field(
-        default_factory=TrainingSpec, description="training: for the memory check."
-    )
+    models: list[ModelRef] = Field(default_factory=list, description="models: for token counts and the memory check.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="training: for the memory check.")
 
 
 class MemoryEstimate(ApiModel):
@@ -121,13 +113,9 @@ class PrepareResult(ApiModel):
     step: Literal["prepare"] = Field(default="prepare", description="step: always prepare.")
     ok: bool = Field(description="ok: whether the step succeeded.")
     error: str | None = Field(default=None, description="error: what went wrong.")
-    counts: dict[str, int] = Field(
-        default_factory=dict, description="counts: rows read, usable, and per split."
-    )
+    counts: dict[str, int] = Field(default_factory=dict, description="counts: rows read, usable, and per split.")
     dropped: dict[str, int] = Field(default_factory=dict, description="dropped: rows dropped per reason.")
-    examples: dict[str, list[str]] = Field(
-        default_factory=dict, description="examples: a few dropped rows per reason."
-    )
+    examples: dict[str, list[str]] = Field(default_factory=dict, description="examples: a few dropped rows per reason.")
     manifest_uri: str | None = Field(default=None, description="manifestUri: data/manifest.json.")
     dataset_sha256: str | None = Field(default=None, description="datasetSha256: sha256 of the manifest.")
     models: list[PreparedModel] = Field(default_factory=list, description="models: per-model checks.")
@@ -142,9 +130,7 @@ class TrainInput(ApiModel):
     step: Literal["train"] = Field(default="train", description="step: always train.")
     model: ModelRef = Field(description="model: the model to fine-tune.")
     training: TrainingSpec = Field(description="training: the effective hyperparameters for this model.")
-    location: Location = Field(
-        description="location: the run's S3 location (data/ is read, models/NAME/ written)."
-    )
+    location: Location = Field(description="location: the run's S3 location (data/ is read, models/NAME/ written).")
 
 
 class LossPoint(ApiModel):
@@ -159,18 +145,12 @@ class LossPoint(ApiModel):
 class OverfittingVerdict(ApiModel):
     """Whether a model overfit, and the numbers that decided it."""
 
-    verdict: Literal["ok", "overfitting", "unknown"] = Field(
-        description="verdict: ok, overfitting or unknown."
-    )
+    verdict: Literal["ok", "overfitting", "unknown"] = Field(description="verdict: ok, overfitting or unknown.")
     reason: str = Field(description="reason: the rule that fired, with its numbers.")
     min_eval_loss: float | None = Field(default=None, description="minEvalLoss: lowest eval loss.")
     min_eval_step: int | None = Field(default=None, description="minEvalStep: step of the lowest eval loss.")
-    rises_after_min: int = Field(
-        default=0, description="risesAfterMin: consecutive rising evaluations after the minimum."
-    )
-    final_gap: float | None = Field(
-        default=None, description="finalGap: last eval loss minus last train loss."
-    )
+    rises_after_min: int = Field(default=0, description="risesAfterMin: consecutive rising evaluations after the minimum.")
+    final_gap: float | None = Field(default=None, description="finalGap: last eval loss minus last train loss.")
 
 
 class TrainResult(ApiModel):
@@ -181,36 +161,22 @@ class TrainResult(ApiModel):
     error: str | None = Field(default=None, description="error: what went wrong.")
     model: str = Field(description="model: the model's name.")
     train_seconds: float | None = Field(default=None, description="trainSeconds: wall time of training.")
-    tokens_per_second: float | None = Field(
-        default=None, description="tokensPerSecond: trained tokens per second."
-    )
+    tokens_per_second: float | None = Field(default=None, description="tokensPerSecond: trained tokens per second.")
     trained_tokens: int | None = Field(default=None, description="trainedTokens: tokens seen in training.")
-    trainable_parameters: int | None = Field(
-        default=None, description="trainableParameters: LoRA parameters."
-    )
-    adapted_modules: list[str] = Field(
-        default_factory=list, description="adaptedModules: kinds of module adapted."
-    )
-    peak_memory_gib: float | None = Field(
-        default=None, description="peakMemoryGiB: peak accelerator (or RSS) memory."
-    )
+    trainable_parameters: int | None = Field(default=None, description="trainableParameters: LoRA parameters.")
+    adapted_modules: list[str] = Field(default_factory=list, description="adaptedModules: kinds of module adapted.")
+    peak_memory_gib: float | None = Field(default=None, description="peakMemoryGiB: peak accelerator (or RSS) memory.")
     final_train_loss: float | None = Field(default=None, description="finalTrainLoss: last train loss.")
     best_eval_loss: float | None = Field(default=None, description="bestEvalLoss: lowest eval loss.")
     best_step: int | None = Field(default=None, description="bestStep: step of the lowest eval loss.")
     final_eval_loss: float | None = Field(default=None, description="finalEvalLoss: last eval loss.")
     total_steps: int | None = Field(default=None, description="totalSteps: optimizer steps run.")
-    resumed_from_step: int | None = Field(
-        default=None, description="resumedFromStep: checkpoint step resumed from."
-    )
+    resumed_from_step: int | None = Field(default=None, description="resumedFromStep: checkpoint step resumed from.")
     overfitting: OverfittingVerdict | None = Field(default=None, description="overfitting: the verdict.")
     adapter_uri: str | None = Field(default=None, description="adapterUri: final adapter.")
-    best_adapter_uri: str | None = Field(
-        default=None, description="bestAdapterUri: lowest-eval-loss adapter."
-    )
+    best_adapter_uri: str | None = Field(default=None, description="bestAdapterUri: lowest-eval-loss adapter.")
     metrics_uri: str | None = Field(default=None, description="metricsUri: models/NAME/metrics.json.")
-    forced: dict[str, str] = Field(
-        default_factory=dict, description="forced: settings ftc had to change, and to what."
-    )
+    forced: dict[str, str] = Field(default_factory=dict, description="forced: settings ftc had to change, and to what.")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -222,9 +188,7 @@ class EvaluatedModel(ApiModel):
     model: ModelRef = Field(description="model: the model.")
     adapter_uri: str = Field(description="adapterUri: adapter to evaluate (best or final per the spec).")
     final_adapter_uri: str | None = Field(default=None, description="finalAdapterUri: the final adapter.")
-    metrics_uri: str | None = Field(
-        default=None, description="metricsUri: models/NAME/metrics.json for the loss curves."
-    )
+    metrics_uri: str | None = Field(default=None, description="metricsUri: models/NAME/metrics.json for the loss curves.")
     train: TrainResult | None = Field(default=None, description="train: the train step's summary.")
 
 
@@ -233,16 +197,10 @@ class EvaluateInput(ApiModel):
 
     step: Literal["evaluate"] = Field(default="evaluate", description="step: always evaluate.")
     models: list[EvaluatedModel] = Field(min_length=1, description="models: the trained models.")
-    failed_models: dict[str, str] = Field(
-        default_factory=dict, description="failedModels: models that failed, and why."
-    )
+    failed_models: dict[str, str] = Field(default_factory=dict, description="failedModels: models that failed, and why.")
     evaluation: EvaluationSpec = Field(description="evaluation: metrics, judge and statistics.")
-    checkpoint: CheckpointChoice = Field(
-        default=CheckpointChoice.BEST, description="checkpoint: which adapter is used."
-    )
-    overfitting: OverfittingSpec = Field(
-        default_factory=OverfittingSpec, description="overfitting: thresholds."
-    )
+    checkpoint: CheckpointChoice = Field(default=CheckpointChoice.BEST, description="checkpoint: which adapter is used.")
+    overfitting: OverfittingSpec = Field(default_factory=OverfittingSpec, description="overfitting: thresholds.")
     location: Location = Field(description="location: the run's S3 location.")
     title: str = Field(default="ftc comparison", description="title: the report's title.")
 
@@ -255,9 +213,7 @@ class MetricScore(ApiModel):
     ci_low: float | None = Field(default=None, description="ciLow: lower bound of the 95% interval.")
     ci_high: float | None = Field(default=None, description="ciHigh: upper bound of the 95% interval.")
     n: int = Field(default=0, description="n: items scored.")
-    missing: int = Field(
-        default=0, description="missing: items with no score (for example unparseable judgments)."
-    )
+    missing: int = Field(default=0, description="missing: items with no score (for example unparseable judgments).")
 
 
 class PairwiseTest(ApiModel):
@@ -267,14 +223,10 @@ class PairwiseTest(ApiModel):
     b: str = Field(description="b: second model.")
     mean_diff: float = Field(description="meanDiff: mean of a minus b.")
     ci_low: float | None = Field(default=None, description="ciLow: lower bound of the difference's interval.")
-    ci_high: float | None = Field(
-        default=None, description="ciHigh: upper bound of the difference's interval."
-    )
+    ci_high: float | None = Field(default=None, description="ciHigh: upper bound of the difference's interval.")
     p_value: float = Field(description="pValue: permutation-test p-value.")
     p_adjusted: float = Field(description="pAdjusted: Holm-adjusted p-value.")
-    wilcoxon_p: float | None = Field(
-        default=None, description="wilcoxonP: Wilcoxon signed-rank p-value, as a check."
-    )
+    wilcoxon_p: float | None = Field(default=None, description="wilcoxonP: Wilcoxon signed-rank p-value, as a check.")
     n: int = Field(description="n: paired items.")
 
 
@@ -296,17 +248,13 @@ class EvaluateResult(ApiModel):
     primary_metric: str | None = Field(default=None, description="primaryMetric: the deciding metric.")
     winner: str | None = Field(default=None, description="winner: a model name or `tie`.")
     p_value: float | None = Field(default=None, description="pValue: adjusted p-value behind the verdict.")
-    pairwise: list[PairwiseTest] = Field(
-        default_factory=list, description="pairwise: pairwise tests on the primary metric."
-    )
+    pairwise: list[PairwiseTest] = Field(default_factory=list, description="pairwise: pairwise tests on the primary metric.")
     judge_calls: int = Field(default=0, description="judgeCalls: judge requests made (cache hits excluded).")
     judge_missing: int = Field(default=0, description="judgeMissing: judgments that could not be obtained.")
     judge_budget_exhausted: bool = Field(
         default=False, description="judgeBudgetExhausted: whether maxJudgeCalls stopped judging."
     )
-    judge_cost: float | None = Field(
-        default=None, description="judgeCost: estimated cost of the judge calls."
-    )
+    judge_cost: float | None = Field(default=None, description="judgeCost: estimated cost of the judge calls.")
     scores_uri: str | None = Field(default=None, description="scoresUri: eval/scores.json.")
     report_uri: str | None = Field(default=None, description="reportUri: report/index.html.")
 
