@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/lint-imports
 
 crds: install
-	$(BIN)/python -m ftc_api.crd --write crds/ftc.example.com_finetunecomparisons.yaml helm/ftc/crds/ftc.example.com_finetunecomparisons.yaml
+	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
 test: install cluster-build
 	$(BIN)/pytest -m "unit or ml or cluster" tests

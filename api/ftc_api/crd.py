@@ -1,0 +1,221 @@
+"""Generate the FineTuneComparison CRD from the pydantic models (`make crds`).
+
+The pydantic JSON schema is turned into a Kubernetes structural schema: `$ref`s inlined, `title`s
+dropped, `Optional[X]` unwrapped to X, int-or-string quantities marked, CEL rules kept, and every
+property given a description (a field's own description wins over its class docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .base import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, SINGULAR
+from .spec import FineTuneComparisonSpec
+from .status import FineTuneComparisonStatus
+
+CRD_FILENAME = f"{API_GROUP}_{PLURAL}.yaml"
+
+# Once a comparison has left Pending its spec is frozen: a changed spec would make the bake-off unfair.
+IMMUTABLE_RULE = {
+    "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec == oldSelf.spec",
+    "message": "spec is immutable once the comparison has started; create a new FineTuneComparison instead",
+}
+
+_DROP = {"title", "discriminator"}
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    """Inline `$ref`s and normalise one schema node, recursively."""
+    if isinstance(node, list):
+        return [_resolve(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
+        own_description = node.pop("description", None)
+        target.update({k: v for k, v in node.items() if k not in _DROP})
+        if own_description:
+            target["description"] = own_description
+        node = target
+    if "anyOf" in node:
+        variants = [v for v in node["anyOf"] if v.get("type") != "null"]
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        if rest.pop("x-kubernetes-int-or-string", None) or _is_int_or_string(variants):
+            node = {**rest, "x-kubernetes-int-or-string": True}
+        elif len(variants) == 1:
+            inner = _resolve(variants[0], defs)
+            description = rest.pop("description", None) or inner.get("description")
+            node = {**inner, **rest}
+            if description:
+                node["description"] = description
+        else:
+            raise ValueError(f"cannot express a union in a structural schema: {node}")
+    if "allOf" in node and len(node["allOf"]) == 1:
+        inner = _resolve(node.pop("allOf")[0], defs)
+        node = {**inner, **node}
+    if node.get("x-kubernetes-int-or-string"):
+        node.pop("anyOf", None)
+        node.pop("type", None)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if "default" in node and node["default"] is None:
+        node.pop("default")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "properties":
+            out[key] = {name: _resolve(prop, defs) for name, prop in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = _resolve(value, defs)
+        elif key == "default" and isinstance(value, dict | list):
+            continue  # object defaults come from the nested scalar defaults
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "additionalProperties" in out and out["additionalProperties"] is False:
+        out.pop("additionalProperties")  # structural schemas prune unknown fields instead
+    return out
+
+
+def _is_int_or_string(variants: list[dict[str, Any]]) -> bool:
+    return sorted(v.get("type", "") for v in variants) == ["integer", "string"]
+
+
+def structural_schema(model: type) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a pydantic model, by alias."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")  # type: ignore[attr-defined]
+    defs = raw.pop("$defs", {})
+    schema = _resolve(raw, defs)
+    if "description" not in schema and model.__doc__:
+        schema["description"] = " ".join(model.__doc__.split())
+    return schema
+
+
+def _fill_class_descriptions(schema: dict[str, Any]) -> None:
+    """Pydantic puts a class's docstring on its schema; ensure every nested node keeps one."""
+    for prop in schema.get("properties", {}).values():
+        _fill_class_descriptions(prop)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            _fill_class_descriptions(schema[key])
+
+
+def build_crd() -> dict[str, Any]:
+    """The complete CustomResourceDefinition document."""
+    spec_schema = structural_schema(FineTuneComparisonSpec)
+    status_schema = structural_schema(FineTuneComparisonStatus)
+    root = {
+        "type": "object",
+        "description": "FineTuneComparison runs a fair LoRA/QLoRA fine-tuning bake-off between models: the dataset is "
+        "prepared once, every model is fine-tuned under the same hyperparameters, all are evaluated on held-out data "
+        "(RAGAS metrics and an LLM judge), and the verdict lands in status.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this object."},
+            "kind": {"type": "string", "description": "Kind is the REST resource this object represents."},
+            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+        "x-kubernetes-validations": [IMMUTABLE_RULE],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{API_GROUP}",
+            "labels": {"app.kubernetes.io/name": "ftc", "app.kubernetes.io/part-of": "ftc"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": ["ftc"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Phase",
+                            "type": "string",
+                            "jsonPath": ".status.phase",
+                            "description": "Phase of the comparison.",
+                        },
+                        {
+                            "name": "Models",
+                            "type": "string",
+                            "jsonPath": ".status.modelsDone",
+                            "description": "Trained models over total.",
+                        },
+                        {
+                            "name": "Winner",
+                            "type": "string",
+                            "jsonPath": ".status.winner",
+                            "description": "Winning model, or tie.",
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+def render_crd() -> str:
+    """The CRD as YAML text, byte-stable for the drift test."""
+    header = "# Generated by `make crds` from api/ftc_api (pydantic models). Do not edit.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+
+
+def missing_descriptions(schema: dict[str, Any], path: str = "") -> list[str]:
+    """Paths of schema properties that have no description (the CRD must document every field)."""
+    missing = []
+    for name, prop in schema.get("properties", {}).items():
+        here = f"{path}.{name}" if path else name
+        if not prop.get("description"):
+            missing.append(here)
+        missing += missing_descriptions(prop, here)
+        for key in ("items", "additionalProperties"):
+            sub = prop.get(key)
+            if isinstance(sub, dict) and sub.get("type") == "object":
+                missing += missing_descriptions(sub, f"{here}[]")
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate the FineTuneComparison CRD from the API models.")
+    parser.add_argument("--write", nargs="*", default=[], help="files to write (default: print to stdout)")
+    parser.add_argument("--check", nargs="*", default=[], help="files that must equal the generated CRD")
+    args = parser.parse_args(argv)
+    text = render_crd()
+    stale = [p for p in args.check if not Path(p).exists() or Path(p).read_text() != text]
+    for path in args.write:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    if not args.write and not args.check:
+        sys.stdout.write(text)
+    if stale:
+        print(f"out of date (run `make crds`): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""The step documents survive a JSON round trip; summaries fit a termination message; the overfitting verdict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftc_api.overfitting import overfitting_verdict
+from ftc_api.runtime import compact_summary, read_input
+from ftc_api.spec import DatasetSpec, EvaluationSpec, Method, OverfittingSpec, TrainingSpec
+from ftc_api.steps import (
+    MAX_SUMMARY_BYTES,
+    EvaluatedModel,
+    EvaluateInput,
+    Location,
+    LossPoint,
+    ModelRef,
+    PrepareInput,
+    PrepareResult,
+    TrainInput,
+    TrainResult,
+)
+
+pytestmark = pytest.mark.unit
+LOC = Location(bucket="ftc", prefix="ftc/ns/demo-0f3a9c2e", endpoint_url="http://127.0.0.1:9000")
+MODEL = ModelRef(name="llama2", base_model="s3://ftc/assets/tiny-llama", method=Method.QLORA)
+
+DOCS = {
+    "prepare": PrepareInput(dataset=DatasetSpec(source="s3://ftc/data.jsonl"), location=LOC, models=[MODEL]),
+    "train": TrainInput(model=MODEL, training=TrainingSpec(max_steps=5), location=LOC),
+    "evaluate": EvaluateInput(
+        models=[EvaluatedModel(model=MODEL, adapter_uri=LOC.uri("models/llama2/adapter-best"))],
+        evaluation=EvaluationSpec(),
+        location=LOC,
+    ),
+}
+
+
+@pytest.mark.parametrize("doc", DOCS.values(), ids=DOCS.keys())
+def test_step_documents_round_trip(doc, tmp_path) -> None:
+    path = tmp_path / "input.json"
+    path.write_text(doc.to_json())
+    assert read_input(type(doc), path) == doc
+    assert "baseModel" in path.read_text() or "dataset" in path.read_text()
+
+
+def test_location_uris() -> None:
+    assert LOC.uri("data/train.jsonl") == "s3://ftc/ftc/ns/demo-0f3a9c2e/data/train.jsonl"
+    assert LOC.key("/models/x/") == "ftc/ns/demo-0f3a9c2e/models/x"
+
+
+def test_a_huge_summary_is_cut_to_fit() -> None:
+    result = PrepareResult(ok=False, error="x" * 10_000, examples={"duplicate": ["row " * 200] * 50})
+    text = compact_summary(result)
+    assert len(text.encode()) <= MAX_SUMMARY_BYTES
+    assert json.loads(text)["ok"] is False
+
+
+def test_a_small_summary_is_kept_whole() -> None:
+    result = TrainResult(ok=True, model="llama2", best_eval_loss=1.25)
+    assert json.loads(compact_summary(result)) == result.to_wire()
+
+
+def history(evals: list[float], trains: list[float]) -> list[LossPoint]:
+    return [LossPoint(step=(i + 1) * 10, train_loss=t, eval_loss=e) for i, (e, t) in enumerate(zip(evals, trains, strict=True))]
+
+
+@pytest.mark.parametrize(
+    ("evals", "trains", "verdict"),
+    [
+        ([2.0, 1.5, 1.3, 1.2], [2.1, 1.6, 1.3, 1.1], "ok"),
+        ([2.0, 1.5, 1.6, 1.8], [2.1, 1.4, 1.0, 0.6], "overfitting"),
+        ([2.0, 1.5, 1.6, 1.5], [2.1, 1.4, 1.0, 0.9], "ok"),
+        ([2.0, 1.5, 1.6, 1.7], [2.1, 1.4, 1.6, 1.8], "ok"),
+        ([3.0, 2.9, 2.9, 2.9], [2.0, 1.5, 1.0, 0.5], "overfitting"),
+        ([2.0], [2.1], "unknown"),
+    ],
+    ids=["falling", "rising-after-min", "one-rise-below-patience", "both-rising", "gap", "too-few"],
+)
+def test_overfitting_verdict(evals, trains, verdict) -> None:
+    result = overfitting_verdict(history(evals, trains), OverfittingSpec(patience=2, gap_threshold=1.0))
+    assert result.verdict == verdict, result.reason
+    if verdict == "overfitting":
+        assert result.min_eval_loss is not None and result.reason
