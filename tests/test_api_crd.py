@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ftc_api.crd import CRD_FILENAME, build_crd, missing_descriptions, render_crd
 
 pytestmark = pytest.mark.unit

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from ftc_api.names import fit, run_prefix, step_name
 
 pytestmark = pytest.mark.unit

@@ -6,8 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-
-from ftc_api.spec import FineTuneComparisonSpec, Metric, Method, validation_errors
+from ftc_api.spec import FineTuneComparisonSpec, Method, Metric, validation_errors
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from ftc_api.overfitting import overfitting_verdict
 from ftc_api.runtime import compact_summary, read_input
 from ftc_api.spec import DatasetSpec, EvaluationSpec, Method, OverfittingSpec, TrainingSpec

@@ -18,6 +18,11 @@ SHORT_NAMES = ["ftc"]
 Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 
 
+def cel_rules(*rules: tuple[str, str]) -> dict[str, Any]:
+    """`json_schema_extra` holding CEL validation rules (rule, message) for the generated CRD."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
 class ApiModel(BaseModel):
     """Base of every API model: camelCase aliases, snake_case attributes, extra fields forbidden."""
 

@@ -23,7 +23,8 @@ CRD_FILENAME = f"{API_GROUP}_{PLURAL}.yaml"
 
 # Once a comparison has left Pending its spec is frozen: a changed spec would make the bake-off unfair.
 IMMUTABLE_RULE = {
-    "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec == oldSelf.spec",
+    "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending'"
+    " || self.spec == oldSelf.spec",
     "message": "spec is immutable once the comparison has started; create a new FineTuneComparison instead",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from .spec import OverfittingSpec
 from .steps import LossPoint, OverfittingVerdict
@@ -34,29 +35,36 @@ def overfitting_verdict(history: Sequence[LossPoint], spec: OverfittingSpec | No
     final_gap = None
     if train_last is not None and evals[-1][1] is not None:
         final_gap = round(float(evals[-1][1]) - float(train_last), 6)
-    common = dict(min_eval_loss=min_loss, min_eval_step=min_step, rises_after_min=rises, final_gap=final_gap)
-    if rises >= spec.patience and train_falling:
+
+    def verdict(kind: Literal["ok", "overfitting"], reason: str) -> OverfittingVerdict:
         return OverfittingVerdict(
-            verdict="overfitting",
-            reason=f"eval loss rose {rises} evaluations in a row after its minimum {min_loss:.4f} at step {min_step} "
+            verdict=kind,
+            reason=reason,
+            min_eval_loss=min_loss,
+            min_eval_step=min_step,
+            rises_after_min=rises,
+            final_gap=final_gap,
+        )
+
+    if rises >= spec.patience and train_falling:
+        return verdict(
+            "overfitting",
+            f"eval loss rose {rises} evaluations in a row after its minimum {min_loss:.4f} at step {min_step} "
             f"while train loss fell from {train_at_min:.4f} to {train_last:.4f}",
-            **common,
         )
     if final_gap is not None and final_gap > spec.gap_threshold:
-        return OverfittingVerdict(
-            verdict="overfitting",
-            reason=f"final eval loss exceeds train loss by {final_gap:.4f} (> {spec.gap_threshold})",
-            **common,
+        return verdict(
+            "overfitting",
+            f"final eval loss exceeds train loss by {final_gap:.4f} (> {spec.gap_threshold})",
         )
-    return OverfittingVerdict(
-        verdict="ok",
-        reason=f"eval loss rose {rises} time(s) after its minimum (patience {spec.patience}); "
+    return verdict(
+        "ok",
+        f"eval loss rose {rises} time(s) after its minimum (patience {spec.patience}); "
         f"final gap {final_gap if final_gap is not None else 'n/a'} (threshold {spec.gap_threshold})",
-        **common,
     )
 
 
-def _last_at_or_before(points: list[tuple[int, float | None]], step: int) -> float | None:
+def _last_at_or_before(points: Sequence[tuple[int, float | None]], step: int) -> float | None:
     value = None
     for s, loss in points:
         if s <= step:

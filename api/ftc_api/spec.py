@@ -13,8 +13,9 @@ from enum import StrEnum
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
-from .base import ApiModel, Quantity
+from .base import ApiModel, Quantity, cel_rules
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_MODELS = 8
@@ -278,21 +279,14 @@ class SplitSpec(ApiModel):
         return count(self.eval_fraction, self.eval_count, 0.1), count(self.test_fraction, self.test_count, 0.1)
 
 
-_SPLIT_RULE = {
-    "rule": "(has(self.evalFraction) ? self.evalFraction : 0.0) + (has(self.testFraction) ? self.testFraction : 0.0) < 1.0",
-    "message": "split: evalFraction + testFraction must be below 1",
-}
-_SPLIT_EXCLUSIVE = [
-    {
-        "rule": "!(has(self.evalFraction) && has(self.evalCount))",
-        "message": "split: set evalFraction or evalCount, not both",
-    },
-    {
-        "rule": "!(has(self.testFraction) && has(self.testCount))",
-        "message": "split: set testFraction or testCount, not both",
-    },
-]
-SplitSpec.model_config["json_schema_extra"] = {"x-kubernetes-validations": [_SPLIT_RULE, *_SPLIT_EXCLUSIVE]}
+SplitSpec.model_config["json_schema_extra"] = cel_rules(
+    (
+        "(has(self.evalFraction) ? self.evalFraction : 0.0) + (has(self.testFraction) ? self.testFraction : 0.0) < 1.0",
+        "split: evalFraction + testFraction must be below 1",
+    ),
+    ("!(has(self.evalFraction) && has(self.evalCount))", "split: set evalFraction or evalCount, not both"),
+    ("!(has(self.testFraction) && has(self.testCount))", "split: set testFraction or testCount, not both"),
+)
 
 
 class DatasetSpec(ApiModel):
@@ -506,18 +500,10 @@ class EvaluationSpec(ApiModel):
         return self
 
 
-EvaluationSpec.model_config["json_schema_extra"] = {
-    "x-kubernetes-validations": [
-        {
-            "rule": "self.metrics.exists(m, m == self.primaryMetric)",
-            "message": "evaluation.primaryMetric must be one of evaluation.metrics",
-        },
-        {
-            "rule": "self.metrics.all(m, self.metrics.exists_one(n, n == m))",
-            "message": "evaluation.metrics: each metric may appear once",
-        },
-    ]
-}
+EvaluationSpec.model_config["json_schema_extra"] = cel_rules(
+    ("self.metrics.exists(m, m == self.primaryMetric)", "evaluation.primaryMetric must be one of evaluation.metrics"),
+    ("self.metrics.all(m, self.metrics.exists_one(n, n == m))", "evaluation.metrics: each metric may appear once"),
+)
 
 
 class StorageSpec(ApiModel):
@@ -587,14 +573,9 @@ class FineTuneComparisonSpec(ApiModel):
         return models
 
 
-FineTuneComparisonSpec.model_config["json_schema_extra"] = {
-    "x-kubernetes-validations": [
-        {
-            "rule": "self.models.all(m, self.models.exists_one(n, n.name == m.name))",
-            "message": "models: model names must be unique",
-        }
-    ]
-}
+FineTuneComparisonSpec.model_config["json_schema_extra"] = cel_rules(
+    ("self.models.all(m, self.models.exists_one(n, n.name == m.name))", "models: model names must be unique"),
+)
 
 
 def validation_errors(spec: dict[str, object]) -> list[str]:
@@ -608,8 +589,7 @@ def validation_errors(spec: dict[str, object]) -> list[str]:
     return []
 
 
-def _format_error(error: object) -> str:
-    loc = ".".join(str(p) for p in error["loc"]) if isinstance(error, dict) else ""  # type: ignore[index]
-    msg = error["msg"] if isinstance(error, dict) else str(error)  # type: ignore[index]
-    msg = re.sub(r"^Value error, ", "", str(msg))
+def _format_error(error: ErrorDetails) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    msg = re.sub(r"^Value error, ", "", error["msg"])
     return f"spec.{loc}: {msg}" if loc else f"spec: {msg}"
