@@ -7,10 +7,22 @@ UV := $(BIN)/uv
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: install lint crds test test-unit test-ml test-cluster bench demo cluster-build cluster-up cluster-down kind-e2e clean
+.PHONY: help install system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build cluster-up cluster-down kind-e2e clean
+
+help:
+	@echo "make demo    - a local control plane, S3 server and tiny models; ends in 'kubectl get ftc' with a winner"
+	@echo "make test    - every test (unit, ml, cluster); builds or reuses the control plane"
+	@echo "make install - .venv from pyproject.toml + constraints.txt, and Chromium for the report test"
+	@echo "make lint    - ruff, mypy, import-linter"
+	@echo "make crds    - regenerate crds/ and the chart's CRD from the API models"
+	@echo "make bench   - speed and memory benchmarks, JSON into bench/"
 
 # `make install` builds .venv from pyproject.toml pinned by constraints.txt; a stamp keeps it fast when nothing changed.
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-deps
+
+# Debian packages the tests need (Chromium renders the HTML report); skipped when present.
+system-deps:
+	@bash scripts/install-chromium.sh
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +39,9 @@ lint: install
 	$(BIN)/ruff format --check api operator trainer_image evaluator_image tests scripts
 	$(BIN)/mypy api/ftc_api operator/ftc_operator trainer_image/ftc_trainer evaluator_image/ftc_evaluator
 	$(BIN)/lint-imports
+
+crds-check: install
+	$(BIN)/python -m ftc_api.crd --check crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
 crds: install
 	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
@@ -47,7 +62,12 @@ cluster-build:
 	bash scripts/build-control-plane.sh
 
 bench: install cluster-build
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.train_bench
+	$(BIN)/python -m bench.eval_bench
+	$(BIN)/python -m bench.operator_bench
+
+demo: install cluster-build
+	bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV)
