@@ -1,0 +1,404 @@
+"""ftc's artefact storage: S3 (or an S3-compatible server) and plain local paths, behind one small API.
+
+Every location is a string: `s3://BUCKET/KEY` for S3, anything else (or `file://...`) for the local
+filesystem. Credentials come from boto3's standard sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+env vars, IRSA, ...); the endpoint and region from `Storage(endpoint_url=..., region=...)` or
+`Storage.for_location(location)` (any object with `endpoint_url` and `region` attributes, such as
+`ftc_api.steps.Location`).
+
+Complete-or-absent uploads: write the objects, then `PREFIX/manifest.json` LAST, listing each object's
+sha256 and size. Readers trust only what a manifest lists (`read_manifest`, `download_verified`,
+`read_verified`).
+
+    store = Storage.for_location(location)              # or Storage(endpoint_url=None, region=None)
+    store.upload_file(path, uri)                        # one file
+    store.download_file(uri, path) -> Path
+    store.write_bytes(uri, data) / store.read_bytes(uri) -> bytes
+    store.write_text(uri, text) / store.read_text(uri) -> str
+    store.exists(uri) -> bool
+    store.list(prefix) -> list[str]                     # relative names of every object under prefix/
+    store.upload_dir(local_dir, prefix) -> list[Entry]  # every file, no manifest
+    store.download_prefix(prefix, local_dir) -> list[str]   # every object, unverified
+    store.write_manifest(prefix, files, extra=None) -> Manifest  # files: Entry list or {name: local path}
+    store.upload_tree(local_dir, prefix, extra=None) -> Manifest # upload_dir + write_manifest
+    store.read_manifest(prefix) -> Manifest | None      # None when absent
+    store.download_verified(prefix, local_dir) -> Manifest       # raises StorageError on a mismatch
+    store.read_verified(prefix, name) -> bytes          # one listed object, sha256 checked
+    store.delete_prefix(prefix)
+
+Module helpers: `is_s3(uri)`, `parse_s3_uri(uri) -> (bucket, key)`, `join(uri, *parts)`,
+`sha256_file(path)`, `sha256_bytes(data)`. Errors are `StorageError` (a `RuntimeError`) whose message
+names the URI and what went wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+_CHUNK = 1 << 20
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Entry",
+    "Manifest",
+    "Storage",
+    "StorageError",
+    "is_s3",
+    "join",
+    "parse_s3_uri",
+    "sha256_bytes",
+    "sha256_file",
+]
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One object listed in a manifest: its name relative to the manifest's prefix, sha256 and size."""
+
+    name: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size}
+
+
+@dataclass
+class Manifest:
+    """A manifest: the objects of a complete upload, plus free-form `extra` fields (counts, config...)."""
+
+    uri: str
+    files: dict[str, Entry]
+    extra: dict[str, Any] = field(default_factory=dict)
+    created: str | None = None
+    sha256: str | None = None  # sha256 of the manifest document itself
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"version": MANIFEST_VERSION, "created": self.created}
+        doc.update(self.extra)
+        doc["files"] = {name: e.to_json() for name, e in sorted(self.files.items())}
+        return doc
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def is_s3(uri: str | os.PathLike[str]) -> bool:
+    """True for `s3://` URIs."""
+    return str(uri).startswith("s3://")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/key` -> ("bucket", "some/key"); the key may be empty."""
+    if not is_s3(uri):
+        raise StorageError(f"{uri!r} is not an s3:// URI")
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} names no bucket")
+    return bucket, key
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path with single slashes."""
+    out = str(uri).rstrip("/")
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _local(uri: str | os.PathLike[str]) -> Path:
+    text = str(uri)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+def _files_under(local_dir: Path) -> list[str]:
+    return sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+class Storage:
+    """S3 and local-path storage. One boto3 client, created on first S3 use."""
+
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None) -> None:
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        self._client: Any = None
+
+    @classmethod
+    def for_location(cls, location: Any) -> Storage:
+        """A Storage for an object with `endpoint_url` and `region` (for example ftc_api.steps.Location)."""
+        return cls(getattr(location, "endpoint_url", None), getattr(location, "region", None))
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120),
+            )
+        return self._client
+
+    # ------------------------------------------------------------------ single objects
+
+    def upload_file(self, path: str | os.PathLike[str], uri: str) -> None:
+        """Copy a local file to `uri`."""
+        if is_s3(uri):
+            bucket, key = parse_s3_uri(uri)
+            try:
+                self.client.upload_file(str(path), bucket, key)
+            except Exception as err:  # botocore raises many types; name the URI
+                raise StorageError(f"cannot upload {path} to {uri}: {err}") from err
+        else:
+            target = _local(uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(path).resolve() != target.resolve():
+                shutil.copyfile(path, target)
+
+    def download_file(self, uri: str, path: str | os.PathLike[str]) -> Path:
+        """Copy the object at `uri` to a local file (parents created); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if is_s3(uri):
+            bucket, key = parse_s3_uri(uri)
+            tmp = path.with_name(path.name + ".part")
+            try:
+                self.client.download_file(bucket, key, str(tmp))
+            except Exception as err:
+                tmp.unlink(missing_ok=True)
+                raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
+            tmp.replace(path)
+        else:
+            source = _local(uri)
+            if not source.is_file():
+                raise StorageError(f"cannot read {uri}: no such file")
+            if source.resolve() != path.resolve():
+                shutil.copyfile(source, path)
+        return path
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if is_s3(uri):
+            bucket, key = parse_s3_uri(uri)
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            except Exception as err:
+                raise StorageError(f"cannot write {uri}: {_explain(err)}") from err
+        else:
+            target = _local(uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+
+    def read_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = parse_s3_uri(uri)
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except Exception as err:
+                raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
+        source = _local(uri)
+        if not source.is_file():
+            raise StorageError(f"cannot read {uri}: no such file")
+        return source.read_bytes()
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode())
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode()
+
+    def exists(self, uri: str) -> bool:
+        """Whether an object (or local file) exists at `uri`."""
+        if not is_s3(uri):
+            return _local(uri).is_file()
+        bucket, key = parse_s3_uri(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as err:
+            if _status(err) in (404, 403) or "Not Found" in str(err):
+                return False
+            raise StorageError(f"cannot check {uri}: {_explain(err)}") from err
+
+    # ------------------------------------------------------------------ prefixes
+
+    def list(self, prefix: str) -> list[str]:
+        """Names (relative to `prefix`/) of every object below `prefix`, sorted."""
+        if not is_s3(prefix):
+            root = _local(prefix)
+            return _files_under(root) if root.is_dir() else []
+        bucket, key = parse_s3_uri(prefix)
+        key = key.rstrip("/") + "/" if key.strip("/") else ""
+        names: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                names.extend(obj["Key"][len(key) :] for obj in page.get("Contents", []))
+        except Exception as err:
+            raise StorageError(f"cannot list {prefix}: {_explain(err)}") from err
+        return sorted(n for n in names if n)
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> list[Entry]:
+        """Upload every file below `local_dir` to `prefix`/NAME; returns their entries (no manifest)."""
+        local_dir = Path(local_dir)
+        entries = []
+        for name in _files_under(local_dir):
+            if name == MANIFEST_NAME:
+                continue
+            path = local_dir / name
+            entries.append(Entry(name, sha256_file(path), path.stat().st_size))
+            self.upload_file(path, join(prefix, name))
+        return entries
+
+    def download_prefix(self, prefix: str, local_dir: str | os.PathLike[str]) -> list[str]:
+        """Download every object below `prefix` into `local_dir` (unverified); returns the names."""
+        names = self.list(prefix)
+        for name in names:
+            self.download_file(join(prefix, name), Path(local_dir) / name)
+        return names
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object below `prefix` (the manifest first, so a partial delete reads as absent)."""
+        names = self.list(prefix)
+        names.sort(key=lambda n: n != MANIFEST_NAME)
+        if not is_s3(prefix):
+            for name in names:
+                (_local(prefix) / name).unlink(missing_ok=True)
+            return
+        bucket, key = parse_s3_uri(join(prefix, ""))
+        for name in names:
+            self.client.delete_object(Bucket=bucket, Key=join(key, name) if key else name)
+
+    # ------------------------------------------------------------------ manifests
+
+    def write_manifest(
+        self,
+        prefix: str,
+        files: Iterable[Entry] | Mapping[str, str | os.PathLike[str]],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """Write `prefix`/manifest.json listing `files` (entries, or {name: local path} hashed here).
+        Call it LAST, after every listed object is written."""
+        if isinstance(files, Mapping):
+            entries = [Entry(name, sha256_file(path), Path(path).stat().st_size) for name, path in files.items()]
+        else:
+            entries = list(files)
+        manifest = Manifest(
+            uri=join(prefix, MANIFEST_NAME),
+            files={e.name: e for e in entries},
+            extra=dict(extra or {}),
+            created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        data = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
+        manifest.sha256 = sha256_bytes(data)
+        self.write_bytes(manifest.uri, data)
+        return manifest
+
+    def upload_tree(self, local_dir: str | os.PathLike[str], prefix: str, extra: Mapping[str, Any] | None = None) -> Manifest:
+        """Upload every file below `local_dir`, then the manifest: a complete-or-absent upload."""
+        return self.write_manifest(prefix, self.upload_dir(local_dir, prefix), extra)
+
+    def read_manifest(self, prefix: str) -> Manifest | None:
+        """The manifest at `prefix`/manifest.json, or None when there is none."""
+        uri = join(prefix, MANIFEST_NAME)
+        if not self.exists(uri):
+            return None
+        data = self.read_bytes(uri)
+        try:
+            doc = json.loads(data)
+            files = {
+                name: Entry(name, str(meta["sha256"]), int(meta.get("size", -1))) for name, meta in doc.pop("files").items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StorageError(f"{uri} is not a valid manifest: {err}") from err
+        doc.pop("version", None)
+        created = doc.pop("created", None)
+        return Manifest(uri=uri, files=files, extra=doc, created=created, sha256=sha256_bytes(data))
+
+    def download_verified(self, prefix: str, local_dir: str | os.PathLike[str]) -> Manifest:
+        """Download exactly the objects the manifest at `prefix` lists into `local_dir`, checking each
+        sha256. Raises StorageError when the manifest is missing or an object differs from it."""
+        manifest = self.read_manifest(prefix)
+        if manifest is None:
+            raise StorageError(f"no {MANIFEST_NAME} under {prefix}: the upload is incomplete or absent")
+        local_dir = Path(local_dir)
+        for name, entry in sorted(manifest.files.items()):
+            path = self.download_file(join(prefix, name), local_dir / name)
+            digest = sha256_file(path)
+            if digest != entry.sha256:
+                path.unlink(missing_ok=True)
+                raise StorageError(f"{join(prefix, name)}: sha256 {digest} differs from the manifest's {entry.sha256}")
+        return manifest
+
+    def read_verified(self, prefix: str, name: str, manifest: Manifest | None = None) -> bytes:
+        """The bytes of `prefix`/`name`, which the manifest must list with the same sha256."""
+        manifest = manifest or self.read_manifest(prefix)
+        if manifest is None:
+            raise StorageError(f"no {MANIFEST_NAME} under {prefix}: the upload is incomplete or absent")
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise StorageError(f"{manifest.uri} does not list {name!r}")
+        data = self.read_bytes(join(prefix, name))
+        if sha256_bytes(data) != entry.sha256:
+            raise StorageError(f"{join(prefix, name)}: sha256 differs from the manifest's {entry.sha256}")
+        return data
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code is None:
+            code = response.get("Error", {}).get("Code")
+        try:
+            return int(code)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _explain(err: BaseException) -> str:
+    status = _status(err)
+    if status == 404 or "NoSuchKey" in str(err) or "Not Found" in str(err):
+        return "no such object"
+    if status == 403:
+        return "access denied"
+    if "NoSuchBucket" in str(err):
+        return "no such bucket"
+    return f"{type(err).__name__}: {err}"
+
