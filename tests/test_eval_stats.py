@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from ftc_evaluator import stats
 
 pytestmark = pytest.mark.unit
