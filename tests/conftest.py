@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.cluster.fixtures", "tests.fixtures.openai_server", "tests.fixtures.s3", "tests.fixtures.tiny"]
+pytest_plugins: list[str] = ["tests.cluster.fixtures", "tests.fixtures.s3", "tests.fixtures.tiny", "tests.fixtures.openai_server"]
 
 LEVELS = ("unit", "ml", "cluster")
 
