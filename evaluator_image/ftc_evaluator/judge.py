@@ -1,0 +1,369 @@
+"""LLM-as-judge: reference-guided single-answer grading (MT-Bench style) on 1-10 through any
+OpenAI-compatible endpoint.
+
+Fairness: every answer is judged on its own (no pairwise prompt, so no position bias), the prompt holds
+only the question, the reference and the answer (the judge never learns which model wrote it), and the
+requests of all models are interleaved in a seeded order so rate limits or a call budget hit every
+model alike.
+
+Robustness: bounded concurrency, a per-request timeout, retries with exponential backoff on 429, 5xx,
+timeouts, connection errors and unparseable replies; what still fails is a *missing* judgment (None),
+never a made-up score. Parsed judgments are cached by sha256(judge model, prompt) so a restarted pod
+does not pay twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+# MT-Bench's reference-guided single-answer grading prompt (Zheng et al. 2023, "single-math-v1"),
+# generalised from math to any task.
+PROMPT_TEMPLATE = (
+    "[Instruction]\n"
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
+    "the user question displayed below. Your evaluation should consider correctness and helpfulness. You will be "
+    "given a reference answer and the assistant's answer. Begin your evaluation by comparing the assistant's "
+    "answer with the reference answer. Identify and correct any mistakes. Be as objective as possible. After "
+    "providing your explanation, you must rate the response on a scale of 1 to 10 by strictly following this "
+    'format: "[[rating]]", for example: "Rating: [[5]]".\n\n'
+    "[Question]\n{question}\n\n"
+    "[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n\n"
+    "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
+)
+
+RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+MIN_RATING, MAX_RATING = 1.0, 10.0
+
+
+def build_prompt(question: str, reference: str, answer: str) -> str:
+    """The judge's user message for one answer. It names no model."""
+    return PROMPT_TEMPLATE.format(question=question.strip(), reference=reference.strip(), answer=answer.strip())
+
+
+def parse_rating(text: str | None) -> float | None:
+    """The rating in `[[N]]` form, or None when it is absent, out of 1-10, or ambiguous (several differing)."""
+    if not text:
+        return None
+    found = {float(m) for m in RATING.findall(text)}
+    if len(found) != 1:
+        return None
+    (rating,) = found
+    if not MIN_RATING <= rating <= MAX_RATING:
+        return None
+    return rating
+
+
+def cache_key(model: str, prompt: str) -> str:
+    """sha256 of the judge model and the full prompt (system + user message)."""
+    return hashlib.sha256(json.dumps([model, SYSTEM_PROMPT, prompt], ensure_ascii=False).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+class JudgmentCache(Protocol):
+    """Where parsed judgments are kept between runs."""
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, value: dict[str, Any]) -> None: ...
+
+
+class MemoryCache:
+    """A dict-backed cache (tests, and a run without storage)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, Any]] = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.data[key] = value
+
+
+class StorageCache:
+    """Judgments as JSON objects under `prefix`/KEY.json (eval/judge-cache/ of the run), via ftc_storage.
+    The prefix is listed once, so a cold cache costs one request instead of one per item."""
+
+    def __init__(self, store: Any, prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix.rstrip("/")
+        self._known: set[str] | None = None
+
+    def _names(self) -> set[str]:
+        if self._known is None:
+            try:
+                self._known = set(self.store.list(self.prefix))
+            except Exception as err:  # a listing failure only costs money, never correctness
+                log.warning("judge cache: cannot list %s: %s", self.prefix, err)
+                self._known = set()
+        return self._known
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if f"{key}.json" not in self._names():
+            return None
+        try:
+            value = json.loads(self.store.read_bytes(f"{self.prefix}/{key}.json"))
+        except Exception as err:
+            log.warning("judge cache: cannot read %s: %s", key, err)
+            return None
+        return value if isinstance(value, dict) and parse_rating(value.get("text")) is not None else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        try:
+            self.store.write_bytes(f"{self.prefix}/{key}.json", json.dumps(value, ensure_ascii=False).encode())
+            self._names().add(f"{key}.json")
+        except Exception as err:
+            log.warning("judge cache: cannot write %s: %s", key, err)
+
+
+# ---------------------------------------------------------------------------------------------- judging
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """One answer to grade. `model` and `index` are bookkeeping; they never reach the judge."""
+
+    model: str
+    index: int
+    question: str
+    reference: str
+    answer: str
+
+
+@dataclass
+class Judgment:
+    """The judge's verdict on one answer: a rating, or None with the reason it is missing."""
+
+    rating: float | None
+    rationale: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    cached: bool = False
+
+
+@dataclass
+class JudgeUsage:
+    """Calls, tokens and estimated cost of one judge."""
+
+    model: str
+    base_url: str
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    missing: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    cost: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Budget:
+    """A shared limit on judge API calls (`maxJudgeCalls`); None means unlimited."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.exhausted = False
+
+    def take(self) -> bool:
+        if self.limit is not None and self.used >= self.limit:
+            self.exhausted = True
+            return False
+        self.used += 1
+        return True
+
+
+class BudgetExhausted(Exception):
+    """maxJudgeCalls was reached: the remaining answers stay unjudged."""
+
+
+class _Retryable(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class JudgeConfig:
+    """The settings of one judge (the fields of ftc_api.spec.JudgeSpec that matter here)."""
+
+    base_url: str
+    model: str
+    api_key: str = "none"
+    temperature: float = 0.0
+    max_tokens: int = 512
+    concurrency: int = 4
+    timeout_seconds: float = 60.0
+    max_retries: int = 4
+    input_cost_per_1k_tokens: float = 0.0
+    output_cost_per_1k_tokens: float = 0.0
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+
+    @classmethod
+    def from_spec(cls, spec: Any, api_key: str | None, **overrides: Any) -> JudgeConfig:
+        fields = (
+            "base_url",
+            "model",
+            "temperature",
+            "max_tokens",
+            "concurrency",
+            "timeout_seconds",
+            "max_retries",
+            "input_cost_per_1k_tokens",
+            "output_cost_per_1k_tokens",
+        )
+        values = {name: getattr(spec, name) for name in fields}
+        return cls(api_key=api_key or "none", **{**values, **overrides})
+
+
+class Judge:
+    """Grades answers with one judge model. Use `await judge.grade(items)`."""
+
+    def __init__(
+        self,
+        config: JudgeConfig,
+        *,
+        cache: JudgmentCache | None = None,
+        budget: Budget | None = None,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+        client: Any = None,
+    ) -> None:
+        self.config = config
+        self.cache = cache if cache is not None else MemoryCache()
+        self.budget = budget or Budget(None)
+        self.usage = JudgeUsage(model=config.model, base_url=config.base_url)
+        self._sleep = sleep
+        self._client = client
+
+    def client(self) -> Any:
+        if self._client is None:
+            from openai import AsyncOpenAI
+
+            # Retries are ours (they also cover unparseable replies and count against the budget).
+            self._client = AsyncOpenAI(
+                base_url=self.config.base_url,
+                api_key=self.config.api_key,
+                timeout=self.config.timeout_seconds,
+                max_retries=0,
+            )
+        return self._client
+
+    async def grade(self, items: Sequence[JudgeItem], *, seed: int = 42) -> list[Judgment]:
+        """Judgments for `items`, in their order. Requests go out in a seeded shuffled order."""
+        order = list(range(len(items)))
+        random.Random(seed).shuffle(order)
+        results: list[Judgment | None] = [None] * len(items)
+        semaphore = asyncio.Semaphore(self.config.concurrency)
+
+        async def one(position: int) -> None:
+            async with semaphore:
+                results[position] = await self._grade_one(items[position])
+
+        await asyncio.gather(*(one(p) for p in order))
+        self.usage.cost = round(
+            self.usage.prompt_tokens / 1000 * self.config.input_cost_per_1k_tokens
+            + self.usage.completion_tokens / 1000 * self.config.output_cost_per_1k_tokens,
+            6,
+        )
+        judgments = [r if r is not None else Judgment(None, error="not judged") for r in results]
+        self.usage.missing = sum(j.rating is None for j in judgments)
+        return judgments
+
+    async def _grade_one(self, item: JudgeItem) -> Judgment:
+        prompt = build_prompt(item.question, item.reference, item.answer)
+        key = cache_key(self.config.model, prompt)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.usage.cache_hits += 1
+            return Judgment(parse_rating(hit["text"]), hit["text"], cached=True)
+        attempts = 0
+        last_error = "no attempt"
+        while attempts <= self.config.max_retries:
+            if attempts:
+                self.usage.retries += 1
+                await self._sleep(self._backoff(attempts))
+            if not self.budget.take():
+                return self._missing("budget exhausted (maxJudgeCalls)", attempts)
+            attempts += 1
+            try:
+                text = await self._call(prompt)
+            except _Retryable as err:
+                last_error = str(err)
+                self.usage.errors[err.kind] = self.usage.errors.get(err.kind, 0) + 1
+                continue
+            except Exception as err:  # 400/401/404...: retrying will not help
+                kind = type(err).__name__
+                self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
+                return self._missing(f"{kind}: {_short(err)}", attempts)
+            rating = parse_rating(text)
+            if rating is None:
+                last_error = f"unparseable reply: {_short(text)}"
+                self.usage.errors["unparseable"] = self.usage.errors.get("unparseable", 0) + 1
+                continue
+            self.cache.put(key, {"model": self.config.model, "text": text, "rating": rating, "created": time.time()})
+            return Judgment(rating, text, attempts=attempts)
+        return self._missing(f"gave up after {attempts} attempts: {last_error}", attempts)
+
+    def _missing(self, reason: str, attempts: int) -> Judgment:
+        return Judgment(None, error=reason, attempts=attempts)
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
+        return delay * (0.5 + random.random() / 2)  # jitter spreads out simultaneous retries
+
+    async def _call(self, prompt: str) -> str:
+        import openai
+
+        self.usage.calls += 1
+        try:
+            response = await self.client().chat.completions.create(
+                model=self.config.model,
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+                timeout=self.config.timeout_seconds,
+            )
+        except openai.RateLimitError as err:
+            raise _Retryable("429", f"rate limited: {_short(err)}") from err
+        except openai.InternalServerError as err:
+            raise _Retryable(f"{err.status_code}", f"server error {err.status_code}: {_short(err)}") from err
+        except openai.APITimeoutError as err:
+            raise _Retryable("timeout", f"timed out after {self.config.timeout_seconds}s") from err
+        except openai.APIConnectionError as err:
+            raise _Retryable("connection", f"connection error: {_short(err)}") from err
+        except openai.APIStatusError as err:
+            if err.status_code in (408, 409) or err.status_code >= 500:
+                raise _Retryable(f"{err.status_code}", f"status {err.status_code}: {_short(err)}") from err
+            raise
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.usage.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+            self.usage.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+        choices = getattr(response, "choices", None) or []
+        if not choices:
+            raise _Retryable("empty", "reply has no choices")
+        return choices[0].message.content or ""
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

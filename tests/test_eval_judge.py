@@ -1,0 +1,154 @@
+"""The LLM judge against a real HTTP server on loopback: honest grading, retries, missing judgments, budget, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from ftc_evaluator.judge import (
+    Budget,
+    Judge,
+    JudgeConfig,
+    JudgeItem,
+    MemoryCache,
+    StorageCache,
+    build_prompt,
+    parse_rating,
+)
+
+pytestmark = pytest.mark.unit
+
+REFERENCE = "The capital of France is Paris."
+GOOD = "The capital of France is Paris."
+CLOSE = "France has Paris as its capital."
+BAD = "Bananas are yellow."
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        pytest.param("Looks right. Rating: [[8]]", 8.0, id="plain"),
+        pytest.param("Rating: [[7.5]]", 7.5, id="decimal"),
+        pytest.param("[[10]] and again [[10]]", 10.0, id="repeated-same"),
+        pytest.param("first [[3]] then [[9]]", None, id="ambiguous"),
+        pytest.param("Rating: 8", None, id="no-brackets"),
+        pytest.param("Rating: [8]", None, id="single-brackets"),
+        pytest.param("Rating: [[11]]", None, id="above-10"),
+        pytest.param("Rating: [[0]]", None, id="below-1"),
+        pytest.param("", None, id="empty"),
+        pytest.param(None, None, id="none"),
+    ],
+)
+def test_parse_rating_is_strict(text, expected):
+    assert parse_rating(text) == expected
+
+
+def judge_for(server, **overrides) -> Judge:
+    config = JudgeConfig(base_url=server.base_url, model="fake-judge", api_key="k", backoff_base=0.01, **overrides)
+    return Judge(config, cache=overrides.pop("cache", None) if "cache" in overrides else MemoryCache())
+
+
+def items(*answers: str, model: str = "m") -> list[JudgeItem]:
+    return [JudgeItem(model, i, "What is the capital of France?", REFERENCE, a) for i, a in enumerate(answers)]
+
+
+def test_honest_judge_ranks_better_answers_higher(openai_server):
+    judge = judge_for(openai_server)
+    good, close, bad = asyncio.run(judge.grade(items(GOOD, CLOSE, BAD)))
+    assert good.rating == 10.0
+    assert bad.rating < close.rating < good.rating
+    assert "[[" in good.rationale
+    assert judge.usage.calls == 3 and judge.usage.prompt_tokens > 0 and judge.usage.missing == 0
+
+
+def test_prompt_names_no_model_and_each_answer_is_judged_alone(openai_server):
+    judge = judge_for(openai_server)
+    batch = items(GOOD, model="secret-model-a") + items(BAD, model="secret-model-b")
+    asyncio.run(judge.grade(batch))
+    bodies = [json.dumps(r["body"], ensure_ascii=False) for r in openai_server.judge_requests()]
+    assert len(bodies) == 2
+    assert not any("secret-model" in b for b in bodies)
+    # one answer per prompt: no position to gain from
+    assert all(b.count("[The Start of Assistant's Answer]") == 1 for b in bodies)
+    assert sum(BAD in b for b in bodies) == 1
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "429", "timeout", "garbage"])
+def test_transient_failures_are_retried(openai_server, fault):
+    openai_server.hang_seconds = 2.0
+    openai_server.fail_next(fault, fault)
+    judge = judge_for(openai_server, timeout_seconds=0.5, max_retries=3)
+    (judgment,) = asyncio.run(judge.grade(items(GOOD)))
+    assert judgment.rating == 10.0
+    assert judgment.attempts == 3
+    assert judge.usage.retries == 2
+
+
+def test_an_answer_that_never_gets_a_parseable_reply_is_missing_not_scored(openai_server):
+    openai_server.garbage_when.add("Bananas")
+    judge = judge_for(openai_server, max_retries=2)
+    good, bad = asyncio.run(judge.grade(items(GOOD, BAD)))
+    assert good.rating == 10.0
+    assert bad.rating is None
+    assert "unparseable" in bad.error and bad.attempts == 3
+    assert judge.usage.missing == 1
+    assert judge.usage.errors["unparseable"] == 3
+
+
+def test_a_server_that_always_fails_gives_missing_judgments_and_no_crash(openai_server):
+    openai_server.always = "500"
+    judge = judge_for(openai_server, max_retries=1)
+    judgments = asyncio.run(judge.grade(items(GOOD, CLOSE)))
+    assert [j.rating for j in judgments] == [None, None]
+    assert all("gave up after 2 attempts" in j.error for j in judgments)
+
+
+def test_client_errors_are_not_retried(openai_server):
+    openai_server.fail_next("401")
+    judge = judge_for(openai_server, max_retries=3)
+    (judgment,) = asyncio.run(judge.grade(items(GOOD)))
+    assert judgment.rating is None and judgment.attempts == 1
+    assert "AuthenticationError" in judgment.error
+
+
+def test_budget_stops_judging_and_says_so(openai_server):
+    budget = Budget(3)
+    config = JudgeConfig(base_url=openai_server.base_url, model="fake-judge", backoff_base=0.01)
+    judge = Judge(config, budget=budget)
+    judgments = asyncio.run(judge.grade(items(*[GOOD] * 8)))
+    assert sum(j.rating is not None for j in judgments) == 3
+    assert all("budget" in j.error for j in judgments if j.rating is None)
+    assert budget.exhausted and len(openai_server.judge_requests()) == 3
+
+
+def test_cache_in_storage_spares_a_restarted_run_the_calls(openai_server, tmp_path):
+    from ftc_storage import Storage
+
+    def run() -> tuple[Judge, list]:
+        cache = StorageCache(Storage(), str(tmp_path / "eval" / "judge-cache"))
+        config = JudgeConfig(base_url=openai_server.base_url, model="fake-judge", backoff_base=0.01)
+        judge = Judge(config, cache=cache)
+        return judge, asyncio.run(judge.grade(items(GOOD, CLOSE, BAD)))
+
+    first, first_judgments = run()
+    second, second_judgments = run()
+    assert first.usage.calls == 3 and second.usage.calls == 0 and second.usage.cache_hits == 3
+    assert [j.rating for j in first_judgments] == [j.rating for j in second_judgments]
+    assert len(list((tmp_path / "eval" / "judge-cache").iterdir())) == 3
+
+
+def test_cache_key_depends_on_judge_model_and_prompt():
+    from ftc_evaluator.judge import cache_key
+
+    prompt = build_prompt("q", "r", "a")
+    assert cache_key("gpt-4", prompt) == cache_key("gpt-4", prompt)
+    assert cache_key("gpt-4", prompt) != cache_key("gpt-4o", prompt)
+    assert cache_key("gpt-4", prompt) != cache_key("gpt-4", build_prompt("q", "r", "b"))
+
+
+def test_cost_is_estimated_from_usage(openai_server):
+    judge = judge_for(openai_server, input_cost_per_1k_tokens=1.0, output_cost_per_1k_tokens=2.0)
+    asyncio.run(judge.grade(items(GOOD)))
+    usage = judge.usage
+    assert usage.cost == pytest.approx(usage.prompt_tokens / 1000 + 2 * usage.completion_tokens / 1000)
