@@ -1,0 +1,98 @@
+"""The fairness record: a hash of everything held equal across models, and every deviation.
+
+Pure. The hash covers the prepared data (dataset and split hashes from prepare's summary), the
+dataset's split/seed settings, the shared training settings (seeds, epochs, LR schedule, batch and
+sequence settings, LoRA and quantisation settings) and the evaluation settings. Anything a model does
+differently is a :class:`Deviation`: asked for (per-model overrides, a different method, its own LoRA
+target modules or chat template) or forced by the trainer (``TrainResult.forced``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+from ftc_api.spec import FineTuneComparisonSpec
+from ftc_api.status import Deviation, Fairness
+
+
+def _canonical(doc: object) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def held_equal(spec: FineTuneComparisonSpec, dataset_sha256: str | None) -> dict[str, object]:
+    """The document whose sha256 is the fairness hash (camelCase, defaults included)."""
+    dataset = spec.dataset.to_wire()
+    return {
+        "datasetSha256": dataset_sha256,
+        "dataset": dataset,
+        "training": spec.training.to_wire(),
+        "evaluation": spec.evaluation.to_wire(),
+    }
+
+
+def fairness_hash(spec: FineTuneComparisonSpec, dataset_sha256: str | None) -> str:
+    """sha256 over :func:`held_equal` in canonical JSON."""
+    return hashlib.sha256(_canonical(held_equal(spec, dataset_sha256)).encode()).hexdigest()
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def deviations(spec: FineTuneComparisonSpec, forced: Mapping[str, Mapping[str, str]] | None = None) -> list[Deviation]:
+    """Every per-model deviation, in spec order: asked-for ones, then the forced ones of each model."""
+    forced = forced or {}
+    out: list[Deviation] = []
+    methods = Counter(m.method.value for m in spec.models)
+    majority = None
+    if len(methods) > 1:
+        top = methods.most_common()
+        majority = top[0][0] if top[0][1] > top[1][1] else None
+    shared_training = spec.training.to_wire()
+    for model in spec.models:
+        if len(methods) > 1 and model.method.value != majority:
+            out.append(Deviation(model=model.name, field="method", value=model.method.value, shared=majority))
+        if model.training is not None:
+            for key, value in model.training.to_wire().items():
+                if value != shared_training.get(key):
+                    out.append(
+                        Deviation(
+                            model=model.name, field=f"training.{key}", value=_fmt(value), shared=_fmt(shared_training.get(key))
+                        )
+                    )
+        if model.lora_target_modules is not None and model.lora_target_modules != spec.training.lora.target_modules:
+            out.append(
+                Deviation(
+                    model=model.name,
+                    field="training.lora.targetModules",
+                    value=_fmt(model.lora_target_modules),
+                    shared=_fmt(spec.training.lora.target_modules) or "all-linear",
+                )
+            )
+        if model.chat_template is not None:
+            out.append(Deviation(model=model.name, field="chatTemplate", value="custom", shared="tokenizer default"))
+        for key, value in sorted((forced.get(model.name) or {}).items()):
+            out.append(Deviation(model=model.name, field=key, value=str(value), forced=True))
+    return out
+
+
+def fairness_record(
+    spec: FineTuneComparisonSpec,
+    dataset_sha256: str | None,
+    forced: Mapping[str, Mapping[str, str]] | None = None,
+) -> Fairness:
+    """The complete record for status.fairness."""
+    return Fairness(
+        hash=fairness_hash(spec, dataset_sha256),
+        dataset_sha256=dataset_sha256,
+        deviations=deviations(spec, forced),
+    )
+
+
+def forced_by_model(results: Iterable[tuple[str, Mapping[str, str]]]) -> dict[str, dict[str, str]]:
+    return {name: dict(f) for name, f in results if f}

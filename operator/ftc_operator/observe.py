@@ -1,0 +1,166 @@
+"""What the operator sees of a comparison's Jobs and pods, distilled from API objects.
+
+Pure: functions take the JSON dicts the API server returns (``metadata``/``spec``/``status``, camelCase)
+and return small frozen records the planner reasons about. No Kubernetes client here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ftc_api.status import Progress
+from ftc_api.steps import PROGRESS_ANNOTATION
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_COMPARISON = "ftc.dev/comparison"
+LABEL_MODEL = "ftc.dev/model"
+LABEL_STEP = "ftc.dev/step"
+ANNOTATION_COMPARISON = "ftc.dev/comparison-name"  # the full (unfitted) comparison name, on Jobs and pods
+MANAGED_BY = "ftc-operator"
+APP = "ftc"
+
+
+class JobState(StrEnum):
+    """Where a step Job stands."""
+
+    ACTIVE = "Active"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A container that cannot start (for example CreateContainerConfigError: a missing Secret)."""
+
+    pod: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    """One step Job of the comparison and what its pods said."""
+
+    name: str
+    step: str
+    model: str | None
+    state: JobState
+    result: str | None = None  # the termination message of the pod that decided the Job (JSON, usually)
+    reason: str | None = None  # the Job's Failed condition reason (BackoffLimitExceeded, DeadlineExceeded...)
+    message: str | None = None  # the Job's Failed condition message
+    failed_pods: int = 0
+    progress: Progress | None = None
+    waiting: tuple[Waiting, ...] = field(default_factory=tuple)
+
+
+def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c.get("type", ""): c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
+def _created(obj: dict[str, Any]) -> str:
+    return (obj.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def parse_progress(text: str | None) -> Progress | None:
+    """The `ftc.dev/progress` annotation as Progress; None when absent or unreadable (never raises)."""
+    if not text:
+        return None
+    try:
+        return Progress.model_validate(json.loads(text))
+    except (ValueError, TypeError):
+        return None
+
+
+def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
+    """Distil a Job and its pods: state, the deciding termination message, live progress, stuck containers."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    conds = _conditions(job)
+    pods = sorted(pods, key=_created)
+    succeeded_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    running = [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") in ("Pending", "Running")
+        and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    waiting = []
+    for p in running:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            w = (cs.get("state") or {}).get("waiting") or {}
+            if w.get("reason") in ("CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff"):
+                waiting.append(Waiting(pod=p["metadata"]["name"], reason=w["reason"], message=w.get("message", "")))
+    common = dict(
+        name=meta.get("name", ""),
+        step=labels.get(LABEL_STEP) or labels.get(LABEL_COMPONENT, ""),
+        model=labels.get(LABEL_MODEL) or None,
+        failed_pods=max(len(failed_pods), int((job.get("status") or {}).get("failed") or 0)),
+    )
+    if conds.get("Complete", {}).get("status") == "True":
+        term = _terminated(succeeded_pods[-1]) if succeeded_pods else None
+        return ObservedJob(state=JobState.SUCCEEDED, result=(term or {}).get("message"), **common)
+    failed = conds.get("Failed", {})
+    if failed.get("status") == "True" or conds.get("FailureTarget", {}).get("status") == "True":
+        cond = failed if failed.get("status") == "True" else conds["FailureTarget"]
+        term = _terminated(failed_pods[-1]) if failed_pods else None
+        return ObservedJob(
+            state=JobState.FAILED,
+            result=(term or {}).get("message"),
+            reason=cond.get("reason"),
+            message=cond.get("message"),
+            **common,
+        )
+    progress = None
+    for p in reversed(running):
+        progress = parse_progress(((p.get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION))
+        if progress:
+            break
+    last_failure = _terminated(failed_pods[-1]) if failed_pods else None
+    return ObservedJob(
+        state=JobState.ACTIVE,
+        progress=progress,
+        waiting=tuple(waiting),
+        result=(last_failure or {}).get("message"),
+        **common,
+    )
+
+
+def pods_by_job(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Group pods by the name of the Job that owns them."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        owner = next((o["name"] for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"), None)
+        owner = (
+            owner or (meta.get("labels") or {}).get("batch.kubernetes.io/job-name") or (meta.get("labels") or {}).get("job-name")
+        )
+        if owner:
+            out.setdefault(owner, []).append(pod)
+    return out
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether `obj` has an ownerReference to the object with `uid`."""
+    return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def observe(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], owner_uid: str) -> list[ObservedJob]:
+    """Every Job owned by `owner_uid`, observed with its pods, sorted by name."""
+    grouped = pods_by_job(pods)
+    mine = [j for j in jobs if owned_by(j, owner_uid)]
+    return sorted((observe_job(j, grouped.get(j["metadata"]["name"], [])) for j in mine), key=lambda o: o.name)

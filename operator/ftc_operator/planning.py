@@ -1,0 +1,544 @@
+"""Decide what a comparison needs next. Pure: spec + status + observed Jobs + now -> a Plan.
+
+The planner recomputes the whole status from what it observes (Jobs and their pods' termination
+messages and progress annotations) and from what the previous status already recorded (so a result is
+never lost when a finished Job or pod is gone), and lists the step Jobs to create. Creating is
+idempotent (deterministic names), so running the planner twice, or after a restart, never duplicates a
+Job. It imports neither kopf nor kubernetes, and never reads the clock: `now` is an argument.
+
+Order: prepare (CPU) -> one train Job per model, in parallel -> evaluate once every train Job finished
+and at least two models (or the only one) trained -> Succeeded; a failed model is left out of the
+evaluation and listed in ``EvaluateInput.failed_models``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ftc_api import names
+from ftc_api.spec import CheckpointChoice, FineTuneComparisonSpec, ModelSpec, validation_errors
+from ftc_api.status import (
+    Condition,
+    ConditionType,
+    FineTuneComparisonStatus,
+    ModelPhase,
+    ModelStatus,
+    Phase,
+    Reason,
+    TokenCounts,
+    Verdict,
+)
+from ftc_api.steps import (
+    EvaluatedModel,
+    EvaluateInput,
+    EvaluateResult,
+    Location,
+    ModelRef,
+    PrepareInput,
+    PrepareResult,
+    StepKind,
+    TrainInput,
+    TrainResult,
+)
+from pydantic import BaseModel, ValidationError
+
+from .config import OperatorConfig
+from .fairness import fairness_record
+from .observe import JobState, ObservedJob
+from .rendering import Owner, effective_placement
+
+TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+CONDITION_ORDER = [c.value for c in ConditionType]
+MAX_MESSAGE = 1000
+
+
+@dataclass(frozen=True)
+class CreateStep:
+    """Create a step's ConfigMap (the input document) and Job."""
+
+    step: str
+    model: str | None
+    name: str
+    input_json: str
+
+
+@dataclass(frozen=True)
+class EventNote:
+    """A Kubernetes Event to record on the comparison."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do: Jobs to create, the status to write, Events to record."""
+
+    status: FineTuneComparisonStatus
+    creates: tuple[CreateStep, ...] = ()
+    events: tuple[EventNote, ...] = ()
+
+    def status_doc(self) -> dict[str, Any]:
+        return self.status.to_wire()
+
+
+def rfc3339(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _short(text: str | None, limit: int = MAX_MESSAGE) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= limit else "..." + text[-(limit - 3) :]
+
+
+def parse_result(kind: type[BaseModel], text: str | None) -> tuple[Any | None, str | None]:
+    """(result, None) when `text` is a valid result document; (None, why) otherwise."""
+    if not text or not text.strip():
+        return None, "no result summary in the termination message"
+    try:
+        return kind.model_validate(json.loads(text)), None
+    except (ValueError, ValidationError):
+        return None, _short(text, 500)
+
+
+def location(spec: FineTuneComparisonSpec, owner: Owner) -> Location:
+    s = spec.storage
+    return Location(
+        bucket=s.bucket,
+        prefix=names.run_prefix(s.prefix, owner.namespace, owner.name, owner.uid),
+        endpoint_url=s.endpoint_url,
+        region=s.region,
+    )
+
+
+def effective_training(spec: FineTuneComparisonSpec, model: ModelSpec):
+    """Shared training settings with this model's overrides applied."""
+    if model.training is None:
+        return spec.training
+    overrides = {k: v for k, v in model.training.model_dump().items() if v is not None}
+    return spec.training.model_copy(update=overrides)
+
+
+def model_ref(spec: FineTuneComparisonSpec, model: ModelSpec, config: OperatorConfig) -> ModelRef:
+    training = effective_training(spec, model)
+    place = effective_placement(config, spec, model)
+    return ModelRef(
+        name=model.name,
+        base_model=model.base_model,
+        method=model.method,
+        lora_target_modules=model.lora_target_modules,
+        chat_template=model.chat_template,
+        per_device_batch_size=training.per_device_batch_size,
+        max_seq_length=training.max_seq_length,
+        gpu_memory_gib=place.gpu_memory_gib or 80.0,
+        gpu_count=place.gpu_count if place.gpu_count is not None else 1,
+    )
+
+
+class _Builder:
+    """Accumulates the new status, conditions and events of one planning pass."""
+
+    def __init__(self, old: FineTuneComparisonStatus, owner: Owner, now: dt.datetime):
+        self.old = old
+        self.owner = owner
+        self.now = rfc3339(now)
+        self.status = FineTuneComparisonStatus(observed_generation=owner.generation)
+        self.conditions: dict[str, Condition] = {}
+        self.creates: list[CreateStep] = []
+
+    def condition(self, type_: ConditionType, status: str, reason: Reason, message: str = "") -> None:
+        previous = next((c for c in self.old.conditions if c.type == type_.value), None)
+        changed = previous is None or previous.status != status
+        self.conditions[type_.value] = Condition(
+            type=type_.value,
+            status=status,
+            reason=reason.value,
+            message=_short(message),
+            last_transition_time=self.now if changed else previous.last_transition_time,
+            observed_generation=self.owner.generation,
+        )
+
+    def create(self, step: StepKind, model: str | None, doc: BaseModel) -> None:
+        self.creates.append(
+            CreateStep(
+                step=step.value, model=model, name=names.step_name(self.owner.name, step.value, model), input_json=doc.to_json()
+            )
+        )
+
+    def finish(self, phase: Phase) -> Plan:
+        self.status.phase = phase
+        self.status.conditions = [self.conditions[t] for t in CONDITION_ORDER if t in self.conditions]
+        return Plan(status=self.status, creates=tuple(self.creates), events=tuple(_events(self.old, self.status, self.creates)))
+
+
+def _events(old: FineTuneComparisonStatus, new: FineTuneComparisonStatus, creates: Sequence[CreateStep]) -> list[EventNote]:
+    out = []
+    before = {c.type: c for c in old.conditions}
+    for cond in new.conditions:
+        prev = before.get(cond.type)
+        if prev is None or (prev.status, prev.reason) != (cond.status, cond.reason):
+            kind = "Warning" if cond.status == "False" else "Normal"
+            out.append(EventNote(kind, cond.reason, f"{cond.type}={cond.status}: {cond.message}".strip(": ")))
+    if new.phase != old.phase:
+        kind = "Warning" if new.phase == Phase.FAILED else "Normal"
+        out.append(EventNote(kind, f"Phase{new.phase.value}", f"phase {old.phase.value} -> {new.phase.value}"))
+    for c in creates:
+        out.append(EventNote("Normal", Reason.JOB_CREATED.value, f"created {c.step} Job {c.name}"))
+    return out
+
+
+def plan(
+    spec: dict[str, Any] | FineTuneComparisonSpec,
+    status: FineTuneComparisonStatus | dict[str, Any] | None,
+    observed: Sequence[ObservedJob],
+    now: dt.datetime,
+    *,
+    owner: Owner,
+    config: OperatorConfig,
+) -> Plan:
+    """The next actions and the status for a comparison (pure; see the module docstring)."""
+    old = _old_status(status)
+    if old.phase in TERMINAL and old.observed_generation == owner.generation and not _invalid_spec(old):
+        return Plan(status=old)
+    b = _Builder(old, owner, now)
+    if isinstance(spec, FineTuneComparisonSpec):
+        parsed = spec
+    else:
+        errors = validation_errors(spec)
+        if errors:
+            b.condition(ConditionType.READY, "False", Reason.INVALID_SPEC, "; ".join(errors[:8]))
+            b.condition(ConditionType.SUCCEEDED, "False", Reason.INVALID_SPEC, "the spec is invalid; fix it to start")
+            return b.finish(Phase.FAILED)
+        parsed = FineTuneComparisonSpec.model_validate(spec)
+    return _plan_valid(parsed, observed, b, config)
+
+
+def _old_status(status: FineTuneComparisonStatus | dict[str, Any] | None) -> FineTuneComparisonStatus:
+    if status is None:
+        return FineTuneComparisonStatus()
+    if isinstance(status, FineTuneComparisonStatus):
+        return status
+    try:
+        return FineTuneComparisonStatus.model_validate(status)
+    except ValidationError:
+        return FineTuneComparisonStatus()
+
+
+def _invalid_spec(old: FineTuneComparisonStatus) -> bool:
+    return any(c.type == ConditionType.READY and c.reason == Reason.INVALID_SPEC for c in old.conditions)
+
+
+def _missing_secret(observed: Sequence[ObservedJob]) -> str | None:
+    for job in observed:
+        if job.state != JobState.ACTIVE:
+            continue
+        for w in job.waiting:
+            if w.reason == "CreateContainerConfigError" and "secret" in w.message.lower():
+                return f"pod {w.pod}: {w.message}"
+    return None
+
+
+def _job_failure(job: ObservedJob, result: Any | None, why: str | None) -> str:
+    parts = [f"{job.step} Job {job.name} failed"]
+    if job.reason:
+        parts[0] += f" ({job.reason})"
+    detail = getattr(result, "error", None) or why or job.message
+    if detail:
+        parts.append(str(detail))
+    return ": ".join(parts)
+
+
+def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b: _Builder, config: OperatorConfig) -> Plan:
+    owner, old, st = b.owner, b.old, b.status
+    loc = location(spec, owner)
+    st.run_prefix = loc.uri()
+    jobs = {(o.step, o.model): o for o in observed}
+    missing = _missing_secret(observed)
+    if missing:
+        b.condition(ConditionType.READY, "False", Reason.SECRET_NOT_FOUND, missing)
+    else:
+        b.condition(ConditionType.READY, "True", Reason.SPEC_VALID, "the spec is valid")
+    old_models = {m.name: m for m in old.models}
+    st.models = [ModelStatus(name=m.name, method=m.method.value) for m in spec.models]
+    by_name = {m.name: m for m in st.models}
+    st.fairness = fairness_record(spec, old.fairness.dataset_sha256 if old.fairness else None)
+    st.models_done = f"0/{len(spec.models)}"
+
+    # ---- prepare
+    prep_job = jobs.get((StepKind.PREPARE.value, None))
+    old_prepared = any(c.type == ConditionType.PREPARED and c.status == "True" for c in old.conditions)
+    prepare: PrepareResult | None = None
+    if prep_job is None and not old_prepared:
+        b.create(
+            StepKind.PREPARE,
+            None,
+            PrepareInput(
+                dataset=spec.dataset,
+                location=loc,
+                models=[model_ref(spec, m, config) for m in spec.models],
+                training=spec.training,
+            ),
+        )
+        b.condition(ConditionType.PREPARED, "Unknown", Reason.JOB_CREATED, "prepare Job created")
+        return b.finish(Phase.PREPARING)
+    if prep_job is not None and prep_job.state == JobState.ACTIVE:
+        msg = "preparing the dataset"
+        if prep_job.failed_pods:
+            msg += f" (retry after {prep_job.failed_pods} failed pod(s))"
+        b.condition(ConditionType.PREPARED, "Unknown", Reason.JOB_RUNNING, msg)
+        return b.finish(Phase.PREPARING)
+    if prep_job is not None:
+        prepare, why = parse_result(PrepareResult, prep_job.result)
+        ok = prep_job.state == JobState.SUCCEEDED and prepare is not None and prepare.ok
+        if not ok and not (old_prepared and prepare is None and prep_job.state == JobState.SUCCEEDED):
+            b.condition(ConditionType.PREPARED, "False", Reason.JOB_FAILED, _job_failure(prep_job, prepare, why))
+            b.condition(ConditionType.SUCCEEDED, "False", Reason.JOB_FAILED, "the dataset could not be prepared")
+            for m in st.models:
+                m.phase = ModelPhase.FAILED
+                m.message = "not trained: prepare failed"
+            return b.finish(Phase.FAILED)
+    if prepare is not None and prepare.ok:
+        st.data_manifest_uri = prepare.manifest_uri
+        st.data_counts = {**prepare.counts, **{f"dropped.{k}": v for k, v in prepare.dropped.items()}} or None
+        st.fairness = fairness_record(spec, prepare.dataset_sha256)
+        for pm in prepare.models:
+            if pm.name in by_name:
+                ms = by_name[pm.name]
+                ms.memory_estimate = pm.memory
+                if pm.token_counts:
+                    ms.token_counts = TokenCounts(**{k: v for k, v in pm.token_counts.items() if k in ("train", "eval", "test")})
+    else:  # the prepare Job or its pod is gone: keep what the status recorded
+        st.data_manifest_uri, st.data_counts = old.data_manifest_uri, old.data_counts
+        for ms in st.models:
+            if ms.name in old_models:
+                ms.memory_estimate = old_models[ms.name].memory_estimate
+                ms.token_counts = old_models[ms.name].token_counts
+    counts = st.data_counts or {}
+    b.condition(
+        ConditionType.PREPARED,
+        "True",
+        Reason.JOB_SUCCEEDED,
+        "dataset prepared"
+        + (f": {', '.join(f'{k} {counts[k]}' for k in ('train', 'eval', 'test') if k in counts)}" if counts else ""),
+    )
+
+    # ---- train, one Job per model
+    results: dict[str, TrainResult] = {}
+    failed: dict[str, str] = {}
+    running = 0
+    for model in spec.models:
+        ms = by_name[model.name]
+        job = jobs.get((StepKind.TRAIN.value, model.name))
+        ms.job_name = names.step_name(owner.name, StepKind.TRAIN.value, model.name)
+        prior = old_models.get(model.name)
+        if job is None:
+            if ms.memory_estimate is not None and not ms.memory_estimate.fits:
+                est = ms.memory_estimate
+                ms.phase, ms.job_name = ModelPhase.FAILED, None
+                ms.message = (
+                    f"{Reason.DOES_NOT_FIT.value}: needs about {est.total_gib:.1f} GiB of GPU memory, "
+                    f"{est.available_gib:.1f} GiB available"
+                )
+                failed[model.name] = ms.message
+            elif prior is not None and prior.phase in (ModelPhase.TRAINED, ModelPhase.FAILED):
+                _keep(ms, prior)
+                if prior.phase == ModelPhase.TRAINED:
+                    results[model.name] = _result_from_status(prior, loc)
+                else:
+                    failed[model.name] = prior.message or "failed"
+            else:
+                training = effective_training(spec, model)
+                b.create(
+                    StepKind.TRAIN, model.name, TrainInput(model=model_ref(spec, model, config), training=training, location=loc)
+                )
+                ms.phase = ModelPhase.TRAINING
+                running += 1
+            continue
+        if job.state == JobState.ACTIVE:
+            ms.phase = ModelPhase.TRAINING
+            ms.progress = job.progress
+            if job.failed_pods:
+                ms.message = f"retrying after {job.failed_pods} failed pod(s)"
+            running += 1
+            continue
+        result, why = parse_result(TrainResult, job.result)
+        if job.state == JobState.SUCCEEDED and result is not None and result.ok:
+            _fill_trained(ms, result)
+            results[model.name] = result
+        elif job.state == JobState.SUCCEEDED and result is None and prior is not None and prior.phase == ModelPhase.TRAINED:
+            _keep(ms, prior)
+            results[model.name] = _result_from_status(prior, loc)
+        else:
+            ms.phase = ModelPhase.FAILED
+            ms.message = _job_failure(job, result, why)
+            failed[model.name] = ms.message
+            if result is not None:
+                _fill_losses(ms, result)
+    n = len(spec.models)
+    st.models_done = f"{len(results)}/{n}"
+    forced = {name: r.forced for name, r in results.items() if r.forced}
+    if forced:
+        st.fairness = fairness_record(spec, st.fairness.dataset_sha256 if st.fairness else None, forced)
+    if running:
+        b.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, f"{len(results)}/{n} trained, {running} training")
+        return b.finish(Phase.TRAINING)
+    needed = min(2, n)
+    failed_text = "; ".join(f"{k}: {v}" for k, v in failed.items())
+    if len(results) < needed:
+        msg = f"{len(results)}/{n} models trained, need at least {needed}" + (f"; failed: {failed_text}" if failed_text else "")
+        b.condition(ConditionType.TRAINED, "False", Reason.TOO_FEW_MODELS, msg)
+        b.condition(ConditionType.SUCCEEDED, "False", Reason.TOO_FEW_MODELS, msg)
+        return b.finish(Phase.FAILED)
+    b.condition(
+        ConditionType.TRAINED,
+        "True",
+        Reason.JOB_SUCCEEDED,
+        f"{len(results)}/{n} models trained" + (f"; left out: {failed_text}" if failed_text else ""),
+    )
+
+    # ---- evaluate
+    ev_job = jobs.get((StepKind.EVALUATE.value, None))
+    if ev_job is None:
+        b.create(StepKind.EVALUATE, None, _evaluate_input(spec, owner, config, loc, results, failed))
+        b.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_CREATED, "evaluate Job created")
+        return b.finish(Phase.EVALUATING)
+    if ev_job.state == JobState.ACTIVE:
+        msg = "evaluating " + ", ".join(results)
+        if ev_job.failed_pods:
+            msg += f" (retry after {ev_job.failed_pods} failed pod(s))"
+        b.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_RUNNING, msg)
+        return b.finish(Phase.EVALUATING)
+    evaluation, why = parse_result(EvaluateResult, ev_job.result)
+    if ev_job.state != JobState.SUCCEEDED or evaluation is None or not evaluation.ok:
+        msg = _job_failure(ev_job, evaluation, why)
+        b.condition(ConditionType.EVALUATED, "False", Reason.JOB_FAILED, msg)
+        b.condition(ConditionType.SUCCEEDED, "False", Reason.JOB_FAILED, "the evaluation failed")
+        return b.finish(Phase.FAILED)
+    for em in evaluation.models:
+        if em.model in by_name:
+            by_name[em.model].scores = em.scores
+    st.winner = evaluation.winner
+    st.report_uri = evaluation.report_uri
+    st.scores_uri = evaluation.scores_uri
+    if evaluation.primary_metric and evaluation.winner:
+        st.verdict = Verdict(
+            primary_metric=evaluation.primary_metric,
+            winner=evaluation.winner,
+            p_value=evaluation.p_value,
+            pairwise=evaluation.pairwise,
+        )
+    b.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, f"{len(evaluation.models)} models evaluated")
+    verdict = (
+        f"winner {evaluation.winner}" if evaluation.winner and evaluation.winner != "tie" else "tie: no significant difference"
+    )
+    if evaluation.primary_metric:
+        verdict += f" on {evaluation.primary_metric}"
+    if evaluation.p_value is not None:
+        verdict += f" (adjusted p={evaluation.p_value:.3g})"
+    b.condition(ConditionType.SUCCEEDED, "True", Reason.COMPLETED, verdict)
+    return b.finish(Phase.SUCCEEDED)
+
+
+def _fill_losses(ms: ModelStatus, r: TrainResult) -> None:
+    ms.final_train_loss = r.final_train_loss
+    ms.best_eval_loss = r.best_eval_loss
+    ms.best_step = r.best_step
+    ms.final_eval_loss = r.final_eval_loss
+    ms.overfitting = r.overfitting
+
+
+def _fill_trained(ms: ModelStatus, r: TrainResult) -> None:
+    ms.phase = ModelPhase.TRAINED
+    ms.progress = None
+    ms.train_seconds = r.train_seconds
+    ms.tokens_per_second = r.tokens_per_second
+    ms.trainable_parameters = r.trainable_parameters
+    ms.adapted_modules = r.adapted_modules or None
+    ms.adapter_uri = r.adapter_uri
+    ms.best_adapter_uri = r.best_adapter_uri
+    _fill_losses(ms, r)
+
+
+_KEPT = (
+    "phase",
+    "message",
+    "train_seconds",
+    "tokens_per_second",
+    "trainable_parameters",
+    "adapted_modules",
+    "final_train_loss",
+    "best_eval_loss",
+    "best_step",
+    "final_eval_loss",
+    "overfitting",
+    "adapter_uri",
+    "best_adapter_uri",
+)
+
+
+def _keep(ms: ModelStatus, prior: ModelStatus) -> None:
+    for f in _KEPT:
+        setattr(ms, f, getattr(prior, f))
+
+
+def _result_from_status(ms: ModelStatus, loc: Location) -> TrainResult:
+    """A TrainResult rebuilt from what the status recorded (when the train pod is gone)."""
+    return TrainResult(
+        ok=True,
+        model=ms.name,
+        train_seconds=ms.train_seconds,
+        tokens_per_second=ms.tokens_per_second,
+        trainable_parameters=ms.trainable_parameters,
+        adapted_modules=ms.adapted_modules or [],
+        final_train_loss=ms.final_train_loss,
+        best_eval_loss=ms.best_eval_loss,
+        best_step=ms.best_step,
+        final_eval_loss=ms.final_eval_loss,
+        overfitting=ms.overfitting,
+        adapter_uri=ms.adapter_uri or loc.uri(names.adapter_dir(ms.name)),
+        best_adapter_uri=ms.best_adapter_uri,
+        metrics_uri=loc.uri(names.metrics_key(ms.name)),
+    )
+
+
+def _evaluate_input(
+    spec: FineTuneComparisonSpec,
+    owner: Owner,
+    config: OperatorConfig,
+    loc: Location,
+    results: dict[str, TrainResult],
+    failed: dict[str, str],
+) -> EvaluateInput:
+    models = []
+    for model in spec.models:
+        r = results.get(model.name)
+        if r is None:
+            continue
+        final = r.adapter_uri or loc.uri(names.adapter_dir(model.name))
+        chosen = r.best_adapter_uri if spec.evaluation.checkpoint == CheckpointChoice.BEST and r.best_adapter_uri else final
+        models.append(
+            EvaluatedModel(
+                model=model_ref(spec, model, config),
+                adapter_uri=chosen,
+                final_adapter_uri=final,
+                metrics_uri=r.metrics_uri or loc.uri(names.metrics_key(model.name)),
+                train=r,
+            )
+        )
+    return EvaluateInput(
+        models=models,
+        failed_models=dict(failed),
+        evaluation=spec.evaluation,
+        checkpoint=spec.evaluation.checkpoint,
+        overfitting=spec.training.overfitting,
+        location=loc,
+        title=f"{owner.namespace}/{owner.name}",
+    )
+
+
+__all__ = ["CreateStep", "EventNote", "Plan", "plan"]

@@ -1,0 +1,282 @@
+"""Render a step's ConfigMap and Job from the API models. Pure: dicts in, dicts out, no I/O.
+
+The step input goes into an owned ConfigMap (key ``input.json``) mounted at /etc/ftc; credentials reach
+the pod only as ``secretKeyRef`` env vars (the operator never reads a Secret). Placement is resolved
+field by field: per-model placement, then the comparison's, then the chart's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ftc_api import names
+from ftc_api.base import API_GROUP, API_VERSION, KIND
+from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement
+from ftc_api.steps import (
+    DEFAULT_INPUT_PATH,
+    EMBEDDINGS_API_KEY_ENV,
+    INPUT_PATH_ENV,
+    JUDGE_API_KEY_ENV,
+    TERMINATION_LOG,
+    StepKind,
+)
+
+from .config import OperatorConfig
+from .observe import (
+    ANNOTATION_COMPARISON,
+    APP,
+    LABEL_COMPARISON,
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_MODEL,
+    LABEL_NAME,
+    LABEL_STEP,
+    MANAGED_BY,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+INPUT_KEY = "input.json"
+INPUT_DIR = DEFAULT_INPUT_PATH.rsplit("/", 1)[0]
+CONTAINER = "step"
+BAD_INPUT_EXIT_CODE = 2
+ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The comparison that owns the rendered objects."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": False,
+        }
+
+
+def selector_labels(comparison: str) -> dict[str, str]:
+    """Labels that select every object of one comparison."""
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPARISON: names.fit(comparison)}
+
+
+def labels(comparison: str, step: str, model: str | None = None) -> dict[str, str]:
+    """The labels of a step's Job, pods and ConfigMap (values fitted to 63 characters)."""
+    out = {
+        LABEL_NAME: APP,
+        LABEL_INSTANCE: names.fit(comparison),
+        LABEL_COMPONENT: step,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_COMPARISON: names.fit(comparison),
+        LABEL_STEP: step,
+    }
+    if model:
+        out[LABEL_MODEL] = model
+    return out
+
+
+_PLACEMENT_FIELDS = tuple(Placement.model_fields)
+
+
+def effective_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, model: ModelSpec | None = None) -> Placement:
+    """Each placement field from the first layer that sets it: model, comparison, chart."""
+    layers = [p for p in ((model.placement if model else None), spec.placement, config.placement) if p is not None]
+    values = {}
+    for f in _PLACEMENT_FIELDS:
+        values[f] = next((getattr(p, f) for p in layers if getattr(p, f) is not None), None)
+    return Placement(**values)
+
+
+def step_name(owner: Owner, step: str, model: str | None = None) -> str:
+    return names.step_name(owner.name, step, model)
+
+
+def render_configmap(owner: Owner, step: str, model: str | None, input_json: str) -> dict[str, Any]:
+    """The owned ConfigMap holding the step input document."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": step_name(owner, step, model),
+            "namespace": owner.namespace,
+            "labels": labels(owner.name, step, model),
+            "annotations": {ANNOTATION_COMPARISON: owner.name},
+            "ownerReferences": [owner.reference()],
+        },
+        "data": {INPUT_KEY: input_json},
+    }
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def step_env(owner: Owner, spec: FineTuneComparisonSpec, config: OperatorConfig, step: str) -> list[dict[str, Any]]:
+    """Env of a step container: input path, pod identity, S3 settings and secretKeyRef credentials."""
+    env: list[dict[str, Any]] = [
+        {"name": INPUT_PATH_ENV, "value": f"{INPUT_DIR}/{INPUT_KEY}"},
+        {"name": "FTC_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "FTC_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "FTC_COMPARISON", "value": owner.name},
+        {"name": "FTC_STEP", "value": step},
+    ]
+    storage = spec.storage
+    if storage.endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint_url})
+    if storage.region:
+        env.append({"name": "AWS_REGION", "value": storage.region})
+        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+    if storage.credentials_secret_ref is not None:
+        secret = storage.credentials_secret_ref.name
+        env.append(_secret_env(ACCESS_KEY_ID, secret, ACCESS_KEY_ID))
+        env.append(_secret_env(SECRET_ACCESS_KEY, secret, SECRET_ACCESS_KEY))
+    if step == StepKind.EVALUATE:
+        judge = spec.evaluation.judge.api_key_secret_ref
+        if judge is not None:
+            env.append(_secret_env(JUDGE_API_KEY_ENV, judge.name, judge.key))
+        for i, extra in enumerate(spec.evaluation.extra_judges):
+            if extra.api_key_secret_ref is not None:
+                ref = extra.api_key_secret_ref
+                env.append(_secret_env(f"{JUDGE_API_KEY_ENV}_{i + 1}", ref.name, ref.key))
+        emb = spec.evaluation.embeddings.api_key_secret_ref
+        if emb is not None:
+            env.append(_secret_env(EMBEDDINGS_API_KEY_ENV, emb.name, emb.key))
+    for key, value in sorted(config.extra_env.items()):
+        env.append({"name": key, "value": value})
+    return env
+
+
+def _resources(placement: Placement, gpu: bool, base: dict[str, Any] | None) -> dict[str, Any]:
+    res = placement.resources.to_wire() if placement.resources else dict(base or {})
+    res = {k: dict(v) for k, v in res.items() if v}
+    if gpu and (placement.gpu_count or 0) > 0:
+        res.setdefault("limits", {})[GPU_RESOURCE] = placement.gpu_count
+        if GPU_RESOURCE in res.get("requests", {}):
+            res["requests"][GPU_RESOURCE] = placement.gpu_count
+    return {k: {n: str(q) for n, q in v.items()} for k, v in res.items()}
+
+
+def pod_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str, model: ModelSpec | None) -> dict[str, Any]:
+    """nodeSelector, tolerations, resources, priorityClassName and the Kueue label of a step's pod.
+
+    GPU steps (train, evaluate) use the effective placement; prepare runs on the CPU: no GPU limit, no GPU
+    product selector, the chart's prepare nodeSelector/tolerations/resources (comparison resources win)."""
+    gpu = step != StepKind.PREPARE
+    placement = effective_placement(config, spec, model if step == StepKind.TRAIN else None)
+    step_cfg = config.step(step)
+    selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    if gpu:
+        if placement.gpu_product and placement.gpu_product_label:
+            selector[placement.gpu_product_label] = placement.gpu_product
+        selector.update(placement.node_selector or {})
+        tolerations = [t.to_wire() for t in placement.tolerations or []]
+        resources = _resources(placement, True, step_cfg.resources.to_wire() if step_cfg.resources else None)
+    else:
+        selector.update(step_cfg.node_selector or {})
+        tolerations = [t.to_wire() for t in step_cfg.tolerations or []]
+        cpu_placement = Placement(resources=(spec.placement.resources if spec.placement else None))
+        resources = _resources(cpu_placement, False, step_cfg.resources.to_wire() if step_cfg.resources else None)
+    return {
+        "nodeSelector": selector,
+        "tolerations": tolerations,
+        "resources": resources,
+        "priorityClassName": placement.priority_class_name,
+        "queueName": placement.queue_name,
+        "serviceAccountName": placement.service_account_name or config.step_service_account,
+        "activeDeadlineSeconds": placement.active_deadline_seconds or step_cfg.active_deadline_seconds,
+    }
+
+
+def image_for(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str) -> tuple[str, str]:
+    images = spec.images
+    if step == StepKind.EVALUATE:
+        image = (images.evaluator if images else None) or config.evaluator_image
+    else:
+        image = (images.trainer if images else None) or config.trainer_image
+    return image, (images.pull_policy if images and images.pull_policy else config.image_pull_policy)
+
+
+def render_job(
+    owner: Owner,
+    spec: FineTuneComparisonSpec,
+    config: OperatorConfig,
+    step: str,
+    model: ModelSpec | None = None,
+) -> dict[str, Any]:
+    """The step's Job: one container running the step image on the mounted input document."""
+    model_name = model.name if model else None
+    name = step_name(owner, step, model_name)
+    lbl = labels(owner.name, step, model_name)
+    place = pod_placement(config, spec, step, model)
+    if place["queueName"]:
+        lbl = {**lbl, KUEUE_QUEUE_LABEL: place["queueName"]}
+    step_cfg = config.step(step)
+    image, pull = image_for(config, spec, step)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull,
+        "args": list(step_cfg.args),
+        "env": step_env(owner, spec, config, step),
+        "volumeMounts": [{"name": "input", "mountPath": INPUT_DIR, "readOnly": True}],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if step_cfg.command:
+        container["command"] = list(step_cfg.command)
+    if place["resources"]:
+        container["resources"] = place["resources"]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": place["serviceAccountName"],
+        "containers": [container],
+        "volumes": [{"name": "input", "configMap": {"name": name}}],
+    }
+    if place["nodeSelector"]:
+        pod_spec["nodeSelector"] = place["nodeSelector"]
+    if place["tolerations"]:
+        pod_spec["tolerations"] = place["tolerations"]
+    if place["priorityClassName"]:
+        pod_spec["priorityClassName"] = place["priorityClassName"]
+    job_spec: dict[str, Any] = {
+        "backoffLimit": step_cfg.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [BAD_INPUT_EXIT_CODE]},
+                },
+            ]
+        },
+        "template": {
+            "metadata": {"labels": lbl, "annotations": {ANNOTATION_COMPARISON: owner.name}},
+            "spec": pod_spec,
+        },
+    }
+    if place["activeDeadlineSeconds"]:
+        job_spec["activeDeadlineSeconds"] = place["activeDeadlineSeconds"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": lbl,
+            "annotations": {ANNOTATION_COMPARISON: owner.name},
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": job_spec,
+    }

@@ -1,0 +1,382 @@
+"""The planner: every phase transition, failed models, restarts and idempotence, as tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from ftc_api.status import FineTuneComparisonStatus, ModelPhase, Phase, Progress
+from ftc_api.steps import (
+    EvaluatedModelResult,
+    EvaluateInput,
+    EvaluateResult,
+    MemoryEstimate,
+    MetricScore,
+    PreparedModel,
+    PrepareInput,
+    PrepareResult,
+    TrainInput,
+    TrainResult,
+)
+from ftc_operator.config import OperatorConfig
+from ftc_operator.observe import JobState, ObservedJob, Waiting
+from ftc_operator.planning import plan
+from ftc_operator.rendering import Owner
+
+pytestmark = pytest.mark.unit
+
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+LATER = NOW + dt.timedelta(minutes=5)
+OWNER = Owner(name="bake", namespace="ns", uid="0123456789abcdef", generation=1)
+CONFIG = OperatorConfig()
+
+
+def spec(*models: str, **extra) -> dict:
+    doc = {
+        "models": [{"name": m, "baseModel": f"s3://ftc/assets/{m}"} for m in (models or ("llama", "mixtral"))],
+        "dataset": {"source": "s3://ftc/assets/data/train.jsonl"},
+        "storage": {"bucket": "ftc", "credentialsSecretRef": {"name": "ftc-s3"}},
+    }
+    doc.update(extra)
+    return doc
+
+
+def prepared(models=("llama", "mixtral"), fits=True) -> str:
+    return PrepareResult(
+        ok=True,
+        counts={"train": 80, "eval": 10, "test": 10},
+        dropped={"empty": 2},
+        manifest_uri="s3://ftc/ftc/ns/bake-01234567/data/manifest.json",
+        dataset_sha256="d" * 64,
+        models=[
+            PreparedModel(
+                name=m,
+                token_counts={"train": 1000, "eval": 100, "test": 100},
+                memory=MemoryEstimate(
+                    weights_gib=1, lora_gib=1, activations_gib=1, total_gib=3 if fits else 300, available_gib=80, fits=fits
+                ),
+            )
+            for m in models
+        ],
+    ).to_json()
+
+
+def trained(model: str, ok: bool = True, **kw) -> str:
+    return TrainResult(
+        ok=ok,
+        model=model,
+        error=None if ok else "CUDA out of memory",
+        final_train_loss=1.0,
+        best_eval_loss=1.2,
+        final_eval_loss=1.3,
+        adapter_uri=f"s3://ftc/x/models/{model}/adapter",
+        best_adapter_uri=f"s3://ftc/x/models/{model}/adapter-best",
+        **kw,
+    ).to_json()
+
+
+def evaluated(models=("llama", "mixtral"), winner="mixtral") -> str:
+    return EvaluateResult(
+        ok=True,
+        models=[
+            EvaluatedModelResult(
+                model=m, checkpoint="best", scores=[MetricScore(metric="judge", mean=7, ci_low=6, ci_high=8, n=10)]
+            )
+            for m in models
+        ],
+        primary_metric="judge",
+        winner=winner,
+        p_value=0.01,
+        report_uri="s3://ftc/x/report/index.html",
+        scores_uri="s3://ftc/x/eval/scores.json",
+    ).to_json()
+
+
+def job(
+    step: str, model: str | None = None, state: JobState = JobState.SUCCEEDED, result: str | None = None, **kw
+) -> ObservedJob:
+    name = "-".join(p for p in ("bake", step, model) if p)
+    return ObservedJob(name=name, step=step, model=model, state=state, result=result, **kw)
+
+
+def run(observed, status=None, spec_doc=None, now=NOW):
+    return plan(spec_doc or spec(), status, observed, now, owner=OWNER, config=CONFIG)
+
+
+def conditions(p) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in p.status.conditions}
+
+
+PREP_OK = job("prepare", result=prepared())
+TRAIN_OK = [job("train", "llama", result=trained("llama")), job("train", "mixtral", result=trained("mixtral"))]
+
+
+# --------------------------------------------------------------------------------------------- transitions
+
+TRANSITIONS = [
+    pytest.param([], Phase.PREPARING, ["prepare"], id="new-creates-prepare"),
+    pytest.param([job("prepare", state=JobState.ACTIVE)], Phase.PREPARING, [], id="prepare-running"),
+    pytest.param([PREP_OK], Phase.TRAINING, ["train/llama", "train/mixtral"], id="prepared-creates-all-train-jobs"),
+    pytest.param(
+        [PREP_OK, job("train", "llama", JobState.ACTIVE), job("train", "mixtral", JobState.ACTIVE)],
+        Phase.TRAINING,
+        [],
+        id="training",
+    ),
+    pytest.param(
+        [PREP_OK, TRAIN_OK[0], job("train", "mixtral", JobState.ACTIVE)], Phase.TRAINING, [], id="one-trained-one-running"
+    ),
+    pytest.param([PREP_OK, *TRAIN_OK], Phase.EVALUATING, ["evaluate"], id="all-trained-creates-evaluate"),
+    pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.ACTIVE)], Phase.EVALUATING, [], id="evaluating"),
+    pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())], Phase.SUCCEEDED, [], id="evaluated-succeeds"),
+    pytest.param(
+        [
+            job(
+                "prepare",
+                state=JobState.FAILED,
+                reason="BackoffLimitExceeded",
+                result='{"step":"prepare","ok":false,"error":"no rows"}',
+            )
+        ],
+        Phase.FAILED,
+        [],
+        id="prepare-failed",
+    ),
+    pytest.param(
+        [PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.FAILED, reason="DeadlineExceeded")],
+        Phase.FAILED,
+        [],
+        id="evaluate-failed",
+    ),
+    pytest.param(
+        [PREP_OK, *TRAIN_OK, job("evaluate", result='{"step":"evaluate","ok":false,"error":"judge unreachable"}')],
+        Phase.FAILED,
+        [],
+        id="evaluate-exit0-but-not-ok",
+    ),
+]
+
+
+@pytest.mark.parametrize(("observed", "phase", "creates"), TRANSITIONS)
+def test_phase_transitions(observed, phase, creates):
+    p = run(observed)
+    assert p.status.phase == phase
+    assert [f"{c.step}/{c.model}" if c.model else c.step for c in p.creates] == creates
+
+
+def test_new_comparison_prepare_input_is_the_rendered_document():
+    p = run([])
+    doc = PrepareInput.model_validate_json(p.creates[0].input_json)
+    assert doc.location.bucket == "ftc"
+    assert doc.location.prefix == "ftc/ns/bake-01234567"
+    assert [m.name for m in doc.models] == ["llama", "mixtral"]
+    assert conditions(p)["Ready"] == ("True", "SpecValid")
+    assert conditions(p)["Prepared"] == ("Unknown", "JobCreated")
+
+
+def test_train_inputs_carry_effective_per_model_overrides():
+    doc = spec()
+    doc["models"][1]["training"] = {"perDeviceBatchSize": 1, "learningRate": 0.0001}
+    p = run([PREP_OK], spec_doc=doc)
+    inputs = {c.model: TrainInput.model_validate_json(c.input_json) for c in p.creates}
+    assert inputs["llama"].training.per_device_batch_size == 4
+    assert inputs["mixtral"].training.per_device_batch_size == 1
+    assert inputs["mixtral"].model.per_device_batch_size == 1
+    assert inputs["mixtral"].training.learning_rate == 0.0001
+
+
+def test_succeeded_status_has_scores_winner_report_and_losses():
+    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
+    st = p.status
+    assert st.winner == "mixtral"
+    assert st.report_uri.endswith("report/index.html")
+    assert st.verdict.primary_metric == "judge"
+    assert st.models_done == "2/2"
+    for m in st.models:
+        assert m.phase == ModelPhase.TRAINED
+        assert m.scores[0].ci_low == 6
+        assert m.final_train_loss == 1.0
+        assert m.token_counts.train == 1000
+    assert conditions(p)["Succeeded"] == ("True", "Completed")
+    assert st.data_counts == {"train": 80, "eval": 10, "test": 10, "dropped.empty": 2}
+
+
+# --------------------------------------------------------------------------------------------- failed models
+
+
+def test_failed_model_is_left_out_when_two_remain():
+    s = spec("a", "b", "c")
+    observed = [
+        job("prepare", result=prepared(("a", "b", "c"))),
+        job("train", "a", result=trained("a")),
+        job("train", "b", JobState.FAILED, reason="BackoffLimitExceeded", result=trained("b", ok=False)),
+        job("train", "c", result=trained("c")),
+    ]
+    p = run(observed, spec_doc=s)
+    assert p.status.phase == Phase.EVALUATING
+    ev = EvaluateInput.model_validate_json(p.creates[0].input_json)
+    assert [m.model.name for m in ev.models] == ["a", "c"]
+    assert "CUDA out of memory" in ev.failed_models["b"]
+    assert "BackoffLimitExceeded" in ev.failed_models["b"]
+    assert ev.models[0].adapter_uri.endswith("adapter-best")
+    assert p.status.models_done == "2/3"
+    assert conditions(p)["Trained"] == ("True", "JobSucceeded")
+    assert "left out: b" in next(c.message for c in p.status.conditions if c.type == "Trained")
+
+
+@pytest.mark.parametrize(
+    "observed",
+    [
+        pytest.param(
+            [PREP_OK, TRAIN_OK[0], job("train", "mixtral", JobState.FAILED, reason="BackoffLimitExceeded")],
+            id="one-of-two-failed",
+        ),
+        pytest.param([PREP_OK, TRAIN_OK[0], job("train", "mixtral", result=trained("mixtral", ok=False))], id="exit0-but-not-ok"),
+        pytest.param([job("prepare", result=prepared(fits=False))], id="neither-fits-gpu"),
+    ],
+)
+def test_fewer_than_two_trained_fails_with_a_clear_condition(observed):
+    p = run(observed)
+    assert p.status.phase == Phase.FAILED
+    assert conditions(p)["Trained"] == ("False", "TooFewModelsTrained")
+    assert conditions(p)["Succeeded"] == ("False", "TooFewModelsTrained")
+    assert not p.creates
+    assert "need at least 2" in next(c.message for c in p.status.conditions if c.type == "Trained")
+
+
+def test_model_that_does_not_fit_gets_no_job():
+    observed = [job("prepare", result=prepared(fits=False))]
+    p = run(observed)
+    assert all(m.message.startswith("DoesNotFitGPU") for m in p.status.models)
+
+
+def test_single_model_comparison_evaluates_one():
+    p = run([job("prepare", result=prepared(("solo",))), job("train", "solo", result=trained("solo"))], spec_doc=spec("solo"))
+    assert p.status.phase == Phase.EVALUATING
+
+
+def test_unparseable_termination_message_names_the_log_tail():
+    observed = [
+        PREP_OK,
+        TRAIN_OK[0],
+        job("train", "mixtral", JobState.FAILED, reason="PodFailurePolicy", result="Traceback: boom"),
+    ]
+    p = run(observed)
+    mixtral = p.status.models[1]
+    assert mixtral.phase == ModelPhase.FAILED
+    assert "PodFailurePolicy" in mixtral.message and "boom" in mixtral.message
+
+
+# --------------------------------------------------------------------------------------------- progress, secrets
+
+
+def test_live_progress_copied_while_training_then_dropped():
+    prog = Progress(step=5, total_steps=10, train_loss=2.0)
+    p = run([PREP_OK, job("train", "llama", JobState.ACTIVE, progress=prog), job("train", "mixtral", JobState.ACTIVE)])
+    assert p.status.models[0].progress == prog
+    p2 = run([PREP_OK, *TRAIN_OK], status=p.status)
+    assert p2.status.models[0].progress is None
+
+
+def test_missing_secret_is_reported_on_ready():
+    stuck = Waiting(pod="bake-prepare-x", reason="CreateContainerConfigError", message='secret "ftc-s3" not found')
+    p = run([job("prepare", state=JobState.ACTIVE, waiting=(stuck,))])
+    assert conditions(p)["Ready"] == ("False", "SecretNotFound")
+    assert "ftc-s3" in p.status.conditions[0].message
+    assert any(e.reason == "SecretNotFound" and e.type == "Warning" for e in p.events)
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        pytest.param(spec(storage={}), "spec.storage.bucket", id="no-bucket"),
+        pytest.param({**spec(), "models": [{"name": "Bad_Name", "baseModel": "x"}]}, "spec.models.0.name", id="bad-model-name"),
+        pytest.param(spec("a", "a"), "spec.models", id="duplicate-models"),
+    ],
+)
+def test_invalid_spec_fails_with_ready_false_naming_the_field(doc, field):
+    p = run([], spec_doc=doc)
+    assert p.status.phase == Phase.FAILED
+    ready = p.status.conditions[0]
+    assert (ready.type, ready.status, ready.reason) == ("Ready", "False", "InvalidSpec")
+    assert field in ready.message
+    assert not p.creates
+
+
+# --------------------------------------------------------------------------------------------- restart, idempotence
+
+
+def _drive(observed, status=None):
+    """Plan, then plan again on the written status, as a restarted operator would."""
+    first = run(observed, status)
+    return first, run(observed, first.status, now=LATER)
+
+
+@pytest.mark.parametrize(
+    "observed",
+    [
+        pytest.param([job("prepare", state=JobState.ACTIVE)], id="prepare-running"),
+        pytest.param([PREP_OK, TRAIN_OK[0], job("train", "mixtral", JobState.ACTIVE)], id="training"),
+        pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.ACTIVE)], id="evaluating"),
+        pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())], id="succeeded"),
+    ],
+)
+def test_restart_with_existing_jobs_creates_nothing_and_is_idempotent(observed):
+    first, second = _drive(observed)
+    assert not first.creates and not second.creates
+    assert second.status == first.status  # same status: no patch, times kept
+    assert not second.events
+
+
+def test_creating_plan_repeated_before_jobs_appear_creates_same_names():
+    first, second = _drive([PREP_OK])
+    assert [c.name for c in first.creates] == [c.name for c in second.creates]
+    assert [c.input_json for c in first.creates] == [c.input_json for c in second.creates]
+
+
+def test_results_survive_when_finished_jobs_are_gone():
+    done = run([PREP_OK, *TRAIN_OK])
+    evaluating = run([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.ACTIVE)], done.status)
+    later = run([job("evaluate", state=JobState.ACTIVE)], evaluating.status, now=LATER)
+    assert not later.creates
+    assert later.status.phase == Phase.EVALUATING
+    assert [m.phase for m in later.status.models] == [ModelPhase.TRAINED, ModelPhase.TRAINED]
+    assert later.status.models[0].adapter_uri == evaluating.status.models[0].adapter_uri
+
+
+def test_evaluate_input_is_rebuilt_identically_from_status_after_pods_are_gone():
+    with_pods = run([PREP_OK, *TRAIN_OK])
+    without = run([], with_pods.status)
+    assert [c.step for c in without.creates] == ["evaluate"]
+    a = EvaluateInput.model_validate_json(with_pods.creates[0].input_json)
+    b = EvaluateInput.model_validate_json(without.creates[0].input_json)
+    assert [m.adapter_uri for m in a.models] == [m.adapter_uri for m in b.models]
+
+
+def test_terminal_status_is_sticky():
+    done = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
+    again = run([], done.status, now=LATER)
+    assert again.status == done.status and not again.creates and not again.events
+
+
+def test_condition_times_change_only_on_transition():
+    a = run([job("prepare", state=JobState.ACTIVE)])
+    b = run([PREP_OK], a.status, now=LATER)
+    times = {c.type: c.last_transition_time for c in b.status.conditions}
+    assert times["Ready"] == "2026-01-02T03:04:05Z"
+    assert times["Prepared"] == "2026-01-02T03:09:05Z"
+
+
+def test_events_on_transitions():
+    a = run([job("prepare", state=JobState.ACTIVE)])
+    b = run([PREP_OK], a.status, now=LATER)
+    reasons = [e.reason for e in b.events]
+    assert "JobSucceeded" in reasons and "PhaseTraining" in reasons
+    assert reasons.count("JobCreated") == 2
+
+
+def test_status_round_trips_through_the_wire():
+    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
+    wire = json.loads(json.dumps(p.status_doc()))
+    assert FineTuneComparisonStatus.model_validate(wire) == p.status
