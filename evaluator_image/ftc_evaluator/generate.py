@@ -1,0 +1,360 @@
+"""Answer the held-out test set with base + adapter: batched, left-padded, the model's chat template,
+greedy by default (or the spec's seeded sampling). Batch size adapts to memory: `batchSize: 0` starts
+at `AUTO_BATCH` and halves on out-of-memory.
+
+Rows of `data/test.jsonl` are conversations (`messages`: a list of {role, content}); the last assistant
+message is the reference and everything before it is the prompt. Alpaca rows
+(`instruction`/`input`/`output`) and ShareGPT rows (`conversations`) are accepted too.
+
+torch / transformers / peft are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+AUTO_BATCH = 64
+# Used when neither the model spec nor the tokenizer has a chat template (the same one the trainer documents).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# Modules bitsandbytes must leave in full precision: the output head and Mixtral's router.
+SKIP_4BIT = ["lm_head", "block_sparse_moe.gate"]
+
+
+# ---------------------------------------------------------------------------------------------- test rows
+
+
+@dataclass(frozen=True)
+class TestRow:
+    """One held-out item: the prompt messages, the user's question and the reference answer."""
+
+    index: int
+    messages: list[dict[str, str]]
+    question: str
+    reference: str
+
+
+def row_from_json(index: int, doc: Any) -> TestRow | None:
+    """A TestRow from one JSONL document, or None when it has no reference answer."""
+    if not isinstance(doc, dict):
+        return None
+    messages: list[dict[str, str]] | None = None
+    if isinstance(doc.get("messages"), list):
+        messages = [{"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in doc["messages"]]
+    elif isinstance(doc.get("conversations"), list):
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        messages = [
+            {"role": roles.get(str(m.get("from")), str(m.get("from"))), "content": str(m.get("value") or "")}
+            for m in doc["conversations"]
+        ]
+    elif "instruction" in doc and "output" in doc:
+        user = str(doc["instruction"]) + (f"\n\n{doc['input']}" if doc.get("input") else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(doc["output"])}]
+        if doc.get("system"):
+            messages.insert(0, {"role": "system", "content": str(doc["system"])})
+    if not messages:
+        return None
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or not messages[last]["content"].strip():
+        return None
+    prompt = messages[:last]
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    if not users:
+        return None
+    return TestRow(index, prompt, users[-1], messages[last]["content"])
+
+
+def read_test_rows(lines: Iterable[str]) -> tuple[list[TestRow], int]:
+    """Rows of a test JSONL file, and how many lines were skipped (unparseable or without a reference)."""
+    rows: list[TestRow] = []
+    skipped = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = row_from_json(len(rows) + skipped, json.loads(line))
+        except ValueError:
+            row = None
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+    return rows, skipped
+
+
+def sample_rows(rows: Sequence[TestRow], size: int | None, seed: int) -> list[TestRow]:
+    """A seeded sample of `size` rows in their original order (all rows when size is None or larger)."""
+    if size is None or size >= len(rows):
+        return list(rows)
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), size))
+    return [rows[i] for i in chosen]
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Prediction:
+    """One model's answer to one held-out item."""
+
+    index: int
+    prompt: str
+    reference: str
+    answer: str
+    tokens: int
+    latency: float
+    batch_size: int
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+@dataclass
+class GenerationStats:
+    """How generation went for one model."""
+
+    seconds: float = 0.0
+    answers: int = 0
+    new_tokens: int = 0
+    batch_size: int = 0
+    oom_halvings: int = 0
+
+    @property
+    def answers_per_second(self) -> float:
+        return self.answers / self.seconds if self.seconds else 0.0
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether an exception is an accelerator (or host) out-of-memory error."""
+    name = type(err).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
+
+def generate_adaptive(
+    prompts: Sequence[str],
+    generate_batch: Callable[[list[str]], list[tuple[str, int]]],
+    batch_size: int = 0,
+    *,
+    on_oom: Callable[[], None] | None = None,
+) -> tuple[list[tuple[str, int, float, int]], GenerationStats]:
+    """Run `generate_batch` over `prompts` in batches, longest prompts first (an out-of-memory error
+    shows up in the first batch, and similar lengths waste less padding). On out-of-memory the batch
+    size halves and the batch is retried; at batch size 1 the error is raised.
+
+    Returns, in the prompts' order, (answer, new tokens, latency of its batch, batch size) and stats."""
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    size = batch_size if batch_size > 0 else AUTO_BATCH
+    results: list[tuple[str, int, float, int] | None] = [None] * len(prompts)
+    stats = GenerationStats()
+    start = time.perf_counter()
+    position = 0
+    while position < len(order):
+        chunk = order[position : position + size]
+        began = time.perf_counter()
+        try:
+            outputs = generate_batch([prompts[i] for i in chunk])
+        except Exception as err:
+            if not is_oom(err) or size == 1:
+                raise
+            size = max(1, size // 2)
+            stats.oom_halvings += 1
+            log.warning("out of memory with %d prompts per batch; retrying with %d", len(chunk), size)
+            if on_oom is not None:
+                on_oom()
+            continue
+        latency = time.perf_counter() - began
+        for i, (answer, tokens) in zip(chunk, outputs, strict=True):
+            results[i] = (answer, tokens, latency, len(chunk))
+            stats.new_tokens += tokens
+        position += len(chunk)
+    stats.seconds = time.perf_counter() - start
+    stats.answers = len(prompts)
+    stats.batch_size = size
+    return [r for r in results if r is not None], stats
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to answer: base + adapter, its tokenizer (left padding) and where it runs."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    method: str
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    base_path: str | Path,
+    adapter_path: str | Path | None,
+    *,
+    method: str = "lora",
+    quantization: Any = None,
+    chat_template: str | None = None,
+    device: str | None = None,
+    merge: bool = True,
+) -> LoadedModel:
+    """Load the base model (4-bit NF4 with bitsandbytes for `qlora`) and apply the LoRA adapter.
+
+    The tokenizer comes from the adapter folder when the trainer saved one there, else from the base.
+    `lora` adapters are merged into the weights (same outputs, faster); `qlora` ones stay separate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or pick_device()
+    tokenizer_source = (
+        adapter_path if adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+    kwargs: dict[str, Any] = {"device_map": {"": device}}
+    on_gpu = device.startswith("cuda")
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = getattr(quantization, "compute_dtype", "bfloat16")
+        compute_dtype = getattr(torch, str(getattr(compute, "value", compute))) if on_gpu else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=str(getattr(getattr(quantization, "quant_type", "nf4"), "value", "nf4")),
+            bnb_4bit_use_double_quant=bool(getattr(quantization, "double_quant", True)),
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=SKIP_4BIT,
+        )
+        kwargs["dtype"] = compute_dtype
+    else:
+        kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    if method == "qlora" and not on_gpu:
+        _avoid_packed_cpu_kernel(model)
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+        if merge and method != "qlora":
+            model = model.merge_and_unload()
+    model.eval()
+    return LoadedModel(model, tokenizer, device, method)
+
+
+def _avoid_packed_cpu_kernel(model: Any) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel in eval mode, which fails
+    for layers whose input width is not a multiple of the quantisation block (seen with a 96-wide tiny
+    Mixtral). Such layers keep the generic 4-bit path."""
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        block = getattr(state, "blocksize", 64) or 64
+        if getattr(module, "in_features", 0) % block:
+            module.support_avx512bf16_for_cpu = False
+
+
+def make_batch_generator(loaded: LoadedModel, generation: Any) -> Callable[[list[str]], list[tuple[str, int]]]:
+    """A function that answers a batch of rendered prompts: [(answer text, new tokens)]."""
+    import torch
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    eos_ids = _eos_ids(model, tokenizer)
+    sample = bool(getattr(generation, "do_sample", False))
+    options: dict[str, Any] = {
+        "max_new_tokens": int(getattr(generation, "max_new_tokens", 256)),
+        "do_sample": sample,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": eos_ids,
+    }
+    if sample:
+        options.update(temperature=float(generation.temperature), top_p=float(generation.top_p))
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+
+    def generate_batch(prompts: list[str]) -> list[tuple[str, int]]:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        encoded.pop("token_type_ids", None)
+        with torch.inference_mode():
+            output = model.generate(**encoded, **options)
+        new = output[:, encoded["input_ids"].shape[1] :]
+        results = []
+        for row in new.tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+            results.append((tokenizer.decode(row[:cut], skip_special_tokens=True).strip(), cut))
+        return results
+
+    return generate_batch
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def answer_rows(loaded: LoadedModel, rows: Sequence[TestRow], generation: Any) -> tuple[list[Prediction], GenerationStats]:
+    """Answer every row with `loaded`; batch size from `generation.batch_size` (0 = adaptive)."""
+    import torch
+
+    if getattr(generation, "do_sample", False):
+        torch.manual_seed(int(generation.seed))
+    prompts = [loaded.render(row.messages) for row in rows]
+
+    def free() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    outputs, stats = generate_adaptive(
+        prompts, make_batch_generator(loaded, generation), int(getattr(generation, "batch_size", 0)), on_oom=free
+    )
+    predictions = [
+        Prediction(row.index, row.question, row.reference, answer, tokens, round(latency, 4), batch, row.messages)
+        for row, (answer, tokens, latency, batch) in zip(rows, outputs, strict=True)
+    ]
+    return predictions, stats
+
+
+def unload(loaded: LoadedModel | None) -> None:
+    """Free a model's memory before the next one loads."""
+    import gc
+
+    import torch
+
+    if loaded is not None:
+        loaded.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
