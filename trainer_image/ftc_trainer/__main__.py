@@ -1,0 +1,95 @@
+"""`ftc-trainer prepare|train [--input PATH]`: run one step, write its summary to the termination log.
+
+Exit code 0 when the step succeeded, 1 when it failed (bad input included); the summary's `error`
+says why. Heavy imports (torch, transformers) happen inside the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ftc.trainer")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftc-trainer", description="ftc's prepare and train steps.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("prepare", "read, clean, split and upload the dataset; check every model's memory"),
+        ("train", "fine-tune one model with LoRA/QLoRA and upload its adapters and metrics"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--input", default=None, help="step input document (default $FTC_STEP_INPUT or /etc/ftc/input.json)")
+        cmd.add_argument("--workdir", default=None, help="local scratch directory (default $FTC_WORK_DIR or a temp dir)")
+    return parser
+
+
+def _failure(command: str, error: str, raw: dict[str, Any] | None = None) -> Any:
+    from ftc_api.steps import PrepareResult, TrainResult
+
+    if command == "prepare":
+        return PrepareResult(ok=False, error=error)
+    name = ((raw or {}).get("model") or {}).get("name") or "unknown"
+    return TrainResult(ok=False, error=error, model=str(name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("FTC_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pydantic import ValidationError
+
+    from ftc_api.runtime import input_path, write_summary
+    from ftc_api.steps import PrepareInput, TrainInput
+
+    from .errors import StepError
+
+    path = input_path(args.input)
+    scratch = args.workdir or os.environ.get("FTC_WORK_DIR")
+    workdir = Path(scratch) if scratch else None
+    raw: dict[str, Any] | None = None
+    try:
+        raw = json.loads(Path(path).read_text())
+        model = PrepareInput if args.command == "prepare" else TrainInput
+        inp = model.model_validate(raw)
+    except FileNotFoundError:
+        write_summary(_failure(args.command, f"input document {path} not found"))
+        return 1
+    except ValueError as err:  # invalid JSON or ValidationError
+        detail = _validation_message(err) if isinstance(err, ValidationError) else str(err)
+        write_summary(_failure(args.command, f"invalid {args.command} input {path}: {detail}", raw))
+        return 1
+    try:
+        if args.command == "prepare":
+            from .prepare import run_prepare
+
+            result = run_prepare(inp, workdir)  # type: ignore[arg-type]
+        else:
+            from .train import run_train
+
+            result = run_train(inp, workdir)  # type: ignore[arg-type]
+    except StepError as err:
+        log.error("%s failed: %s", args.command, err)
+        result = _failure(args.command, str(err), raw)
+    except Exception as err:  # an unexpected failure still gets a summary
+        log.exception("%s failed", args.command)
+        result = _failure(args.command, f"{type(err).__name__}: {err}", raw)
+    write_summary(result)
+    return 0 if result.ok else 1
+
+
+def _validation_message(err: Any) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Reading, normalising and splitting the instruction dataset. Pure functions except `read_source`.
+
+Every usable row becomes one conversation: `{"id": ..., "messages": [{"role": system|user|assistant,
+"content": ...}, ...]}`, ending with an assistant turn. `id` is the first 16 hex of the sha256 of the
+canonical messages, so the same row has the same id in every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftc_api.spec import DatasetFormat, FieldMapping, SplitSpec
+
+from .errors import StepError
+
+DATA_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".parquet")
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+}
+MAX_EXAMPLES = 3
+EXAMPLE_CHARS = 160
+
+# Drop reasons, as counted in PrepareResult.dropped.
+EMPTY = "empty"
+DUPLICATE = "duplicate"
+UNPARSEABLE = "unparseable"
+NO_ASSISTANT = "no_assistant_turn"
+
+
+class Unparseable:
+    """A source line that is not valid JSON."""
+
+    def __init__(self, text: str, error: str) -> None:
+        self.text = text
+        self.error = error
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class DropRow(Exception):
+    """Why one row is not usable (one of the drop reasons)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def data_files(root: Path) -> list[Path]:
+    """Data files below a local directory, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS)
+
+
+def read_file(path: Path) -> Iterator[Any]:
+    """Rows of one JSONL, JSON or Parquet file; JSONL lines that do not parse come back as `Unparseable`."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:
+            raise StepError(f"cannot read {path.name} as Parquet: {err}") from err
+        yield from table.to_pylist()
+        return
+    if suffix not in (".jsonl", ".ndjson", ".json"):
+        raise StepError(f"unknown dataset file format {path.name!r}: expected .jsonl, .json or .parquet")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if suffix == ".json":
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None  # a .json file holding JSON lines
+        if doc is not None:
+            if isinstance(doc, dict):
+                lists = [v for k, v in doc.items() if isinstance(v, list) and k in ("data", "rows", "train", "examples")]
+                if not lists:
+                    raise StepError(f"{path.name}: a JSON object without a `data`, `rows` or `train` list of rows")
+                doc = lists[0]
+            if not isinstance(doc, list):
+                raise StepError(f"{path.name}: expected a JSON list of rows")
+            yield from doc
+            return
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError as err:
+            yield Unparseable(line, str(err))
+
+
+def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train") -> list[Any]:
+    """All rows of the dataset at `source`: an s3:// object or prefix, a local file or directory, or a
+    Hugging Face dataset id. Raises StepError naming the source when it cannot be read."""
+    from ftc_storage import StorageError, is_s3, join
+
+    if is_s3(source):
+        try:
+            if store.exists(source):
+                names = [""]
+            else:
+                names = [n for n in store.list(source) if Path(n).suffix.lower() in DATA_EXTENSIONS]
+        except StorageError as err:
+            raise StepError(f"cannot read dataset {source}: {err}") from err
+        if not names:
+            raise StepError(f"no dataset at {source}: no such object and no .jsonl/.json/.parquet objects under it")
+        rows: list[Any] = []
+        for i, name in enumerate(names):
+            uri = join(source, name) if name else source
+            local = workdir / "source" / f"{i:04d}-{Path(uri).name}"
+            try:
+                store.download_file(uri, local)
+            except StorageError as err:
+                raise StepError(f"cannot read dataset object {uri}: {err}") from err
+            rows.extend(read_file(local))
+        return rows
+    path = Path(source[len("file://") :] if source.startswith("file://") else source)
+    if path.is_file():
+        return list(read_file(path))
+    if path.is_dir():
+        files = data_files(path)
+        if not files:
+            raise StepError(f"no .jsonl/.json/.parquet files under {source}")
+        return [row for f in files for row in read_file(f)]
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise StepError(f"dataset {source!r} not found: no such file or directory")
+    return _read_hub(source, hf_split)
+
+
+def _read_hub(dataset_id: str, split: str) -> list[Any]:
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(dataset_id, split=split))
+    except Exception as err:
+        raise StepError(
+            f"dataset {dataset_id!r} is not an s3:// URI or a local path, and loading it as a Hugging Face "
+            f"dataset (split {split!r}) failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------- normalising
+
+
+def _text(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise DropRow(UNPARSEABLE, f"{name} is a {type(value).__name__}, not a string")
+
+
+def _turns(value: Any, column: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DropRow(UNPARSEABLE, f"{column} is not a list")
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict):
+            raise DropRow(UNPARSEABLE, f"{column} holds a {type(turn).__name__}, not an object")
+        role = ROLES.get(str(turn.get(role_key, "")).lower())
+        if role is None:
+            raise DropRow(UNPARSEABLE, f"{column}: unknown role {turn.get(role_key)!r}")
+        turns.append({"role": role, "content": _text(turn.get(content_key), f"{column}.{content_key}")})
+    return turns
+
+
+def normalise(row: Any, fmt: DatasetFormat, fields: FieldMapping | None = None) -> list[dict[str, str]]:
+    """One row as a conversation ending in an assistant turn; raises DropRow with the reason otherwise."""
+    fields = fields or FieldMapping()
+    if isinstance(row, Unparseable):
+        raise DropRow(UNPARSEABLE, f"invalid JSON: {row.error}")
+    if not isinstance(row, dict):
+        raise DropRow(UNPARSEABLE, f"a {type(row).__name__}, not an object")
+    system = _text(row.get(fields.system), fields.system).strip()
+    if fmt == DatasetFormat.ALPACA:
+        instruction = _text(row.get(fields.instruction), fields.instruction).strip()
+        extra = _text(row.get(fields.input), fields.input).strip()
+        output = _text(row.get(fields.output), fields.output).strip()
+        if not (instruction or extra or output):
+            raise DropRow(EMPTY)
+        user = "\n\n".join(p for p in (instruction, extra) if p)
+        if not user:
+            raise DropRow(EMPTY, "no instruction")
+        if not output:
+            raise DropRow(NO_ASSISTANT, f"no {fields.output}")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    else:
+        if fmt == DatasetFormat.CHAT:
+            column, role_key, content_key = fields.messages, "role", "content"
+        else:
+            column, role_key, content_key = fields.conversations, "from", "value"
+        if column not in row and any(isinstance(v, str) and v.strip() for v in row.values()):
+            raise DropRow(UNPARSEABLE, f"no {column!r} column")
+        messages = [
+            {"role": t["role"], "content": t["content"].strip()} for t in _turns(row.get(column), column, role_key, content_key)
+        ]
+        if not any(m["content"] for m in messages):
+            raise DropRow(EMPTY)
+        messages = [m for m in messages if m["content"]]
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()
+        if not any(m["role"] == "user" for m in messages):
+            raise DropRow(NO_ASSISTANT if not messages else UNPARSEABLE, "no assistant turn after a user turn")
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def row_id(messages: list[dict[str, str]]) -> str:
+    return hashlib.sha256(canonical(messages).encode()).hexdigest()[:16]
+
+
+def canonical(messages: list[dict[str, str]]) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class Cleaned:
+    """Usable conversations in source order, with counts and examples of what was dropped."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def drop(self, reason: str, index: int, row: Any, detail: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            shown = row.text if isinstance(row, Unparseable) else json.dumps(row, ensure_ascii=False, default=str)
+            if len(shown) > EXAMPLE_CHARS:
+                shown = shown[: EXAMPLE_CHARS - 3] + "..."
+            examples.append(f"row {index + 1}: {shown}" + (f" ({detail})" if detail and detail != reason else ""))
+
+
+def clean(rows: Iterable[Any], fmt: DatasetFormat, fields: FieldMapping | None = None) -> Cleaned:
+    """Normalise every row; drop empty, duplicate, unparseable and answerless rows and count each reason."""
+    out = Cleaned()
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        out.read += 1
+        try:
+            messages = normalise(row, fmt, fields)
+        except DropRow as drop:
+            out.drop(drop.reason, index, row, str(drop))
+            continue
+        key = canonical(messages)
+        if key in seen:
+            out.drop(DUPLICATE, index, row, "")
+            continue
+        seen.add(key)
+        out.rows.append({"id": row_id(messages), "messages": messages})
+    return out
+
+
+def no_rows_message(cleaned: Cleaned) -> str:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(cleaned.dropped.items())) or "the source is empty"
+    return f"no usable rows: read {cleaned.read} rows, dropped {reasons}"
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+
+
+def split_rows(
+    rows: list[dict[str, Any]], split: SplitSpec, seed: int, max_rows: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Shuffle with `seed`, keep at most `max_rows`, then cut test, eval and train (in that order)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    if max_rows is not None:
+        order = order[:max_rows]
+    n = len(order)
+    n_eval, n_test = split.resolved(n)
+    if n - n_eval - n_test < 1:
+        raise StepError(
+            f"{n} usable rows are too few for the split: eval {n_eval} + test {n_test} rows leave no training rows; "
+            "add rows or lower dataset.split"
+        )
+    picked = [rows[i] for i in order]
+    return {
+        "test": picked[:n_test],
+        "eval": picked[n_test : n_test + n_eval],
+        "train": picked[n_test + n_eval :],
+    }
+
+
+def to_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    """Byte-stable JSONL: sorted keys, no ASCII escaping, one row per line."""
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows).encode()
+
+
+def read_jsonl(path: Path, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a prepared split; each must be a conversation with an assistant turn."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            messages = row["messages"]
+            roles = [m["role"] for m in messages]
+            [m["content"] for m in messages]
+        except (ValueError, KeyError, TypeError) as err:
+            raise StepError(f"data/{split}.jsonl line {number}: not a prepared conversation ({err})") from err
+        if "assistant" not in roles:
+            raise StepError(f"data/{split}.jsonl line {number}: a row with no assistant turn")
+        rows.append(row)
+    return rows

@@ -1,0 +1,120 @@
+"""Pre-flight estimate of one model's peak GPU memory in training, from its config alone.
+
+The model is built on the meta device (accelerate's `init_empty_weights`: no memory, no weights), and
+its layers are counted:
+
+- weights at their stored precision: `lora` keeps every weight in bf16 (2 bytes); `qlora` stores every
+  linear layer of the decoder blocks, mixture-of-experts experts included, in 4 bits (0.5 byte plus the
+  quantisation constants: 0.0159 byte with double quant, 0.0625 without), while routers, embeddings,
+  norms and the LM head stay unquantised and are upcast to fp32 by k-bit preparation (4 bytes);
+- LoRA: r x (in + out) parameters per adapted layer, each with an fp32 weight, gradient and two AdamW
+  moments (16 bytes);
+- activations of one micro-batch (bf16): with gradient checkpointing, each block's input
+  (L x b x s x h x 2) plus one block recomputed, b x s x (10 h + 3 I k) x 2 with k the experts active
+  per token; without it, every block's; plus the logits with their fp32 copy and gradient
+  (b x s x V x 10);
+- overhead: 10% for allocator fragmentation plus 1 GiB for the CUDA context and workspaces.
+
+The total is compared with gpuMemoryGiB x gpuCount (weights are sharded over the GPUs of one pod).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftc_api.spec import Method
+from ftc_api.steps import MemoryEstimate
+
+GIB = 1024**3
+OVERHEAD_GIB = 1.0
+FRAGMENTATION = 1.10
+
+
+def quant_bytes_per_param(double_quant: bool) -> float:
+    """Bytes per 4-bit parameter including bitsandbytes' blockwise constants (blocksize 64)."""
+    constant_bits = (8 / 64 + 32 / (64 * 256)) if double_quant else 32 / 64
+    return 0.5 + constant_bits / 8
+
+
+def count_parameters(config: Any, targets: list[str] | None, r: int) -> dict[str, int]:
+    """Parameters of a model built on the meta device: quantisable (linear in decoder blocks), other, LoRA."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .models import ROUTER_NAMES
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    linear = 0
+    lora = 0
+    largest = 0
+    default_targets = set()
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ROUTER_NAMES:
+                continue
+            default_targets.add(leaf)
+            layers.append((leaf, module.in_features, module.out_features))
+            linear += module.weight.numel()
+            largest = max(largest, module.weight.numel())
+    chosen = set(targets) if targets else default_targets
+    for leaf, fan_in, fan_out in layers:
+        if leaf in chosen:
+            lora += r * (fan_in + fan_out)
+    return {"total": total, "linear": linear, "other": total - linear, "lora": lora, "largest": largest}
+
+
+def estimate(
+    config: Any,
+    method: Method,
+    *,
+    r: int,
+    targets: list[str] | None,
+    batch_size: int,
+    seq_length: int,
+    gradient_checkpointing: bool,
+    double_quant: bool,
+    gpu_memory_gib: float,
+    gpu_count: int = 1,
+) -> MemoryEstimate:
+    """Peak GPU memory of LoRA/QLoRA training of the model `config` describes (see the module docstring)."""
+    counts = count_parameters(config, targets, r)
+    text = getattr(config, "text_config", None) or config
+    hidden = int(text.hidden_size)
+    layers = int(text.num_hidden_layers)
+    inter = int(getattr(text, "intermediate_size", 4 * hidden))
+    vocab = int(text.vocab_size)
+    active = int(getattr(text, "num_experts_per_tok", 1) or 1) if getattr(text, "num_local_experts", None) else 1
+    if method == Method.QLORA:
+        weights = counts["linear"] * quant_bytes_per_param(double_quant) + counts["other"] * 4
+        weights += counts["largest"] * 2  # one dequantised weight in flight
+    else:
+        weights = counts["total"] * 2
+    lora = counts["lora"] * 16
+    b, s = batch_size, seq_length
+    block = b * s * (10 * hidden + 3 * inter * active) * 2
+    activations = (layers * b * s * hidden * 2 + block) if gradient_checkpointing else layers * block
+    activations += b * s * vocab * 10
+    total = (weights + lora + activations) * FRAGMENTATION / GIB + OVERHEAD_GIB
+    available = gpu_memory_gib * max(gpu_count, 1)
+    return MemoryEstimate(
+        weights_gib=round(weights / GIB, 3),
+        lora_gib=round(lora / GIB, 3),
+        activations_gib=round(activations / GIB, 3),
+        total_gib=round(total, 3),
+        available_gib=round(available, 3),
+        fits=total <= available,
+        parameters=counts["total"],
+    )
+
+
+def describe(name: str, method: Method, est: MemoryEstimate) -> str:
+    return (
+        f"model {name} ({method.value}) needs an estimated {est.total_gib:.1f} GiB of GPU memory "
+        f"(weights {est.weights_gib:.1f} + LoRA and optimizer {est.lora_gib:.2f} + activations {est.activations_gib:.1f} "
+        f"+ overhead) but its placement provides {est.available_gib:.1f} GiB"
+    )

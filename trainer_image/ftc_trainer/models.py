@@ -1,0 +1,194 @@
+"""Finding, loading and adapting base models. Heavy imports stay inside the functions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ftc_api.spec import Method, TrainingSpec
+
+from .errors import StepError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+# Leaf names of linear layers that are never adapted nor quantised: mixture-of-experts routers, the LM head.
+ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
+NOT_QUANTISED = ("lm_head", *sorted(ROUTER_NAMES))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTC_CACHE_DIR") or Path.home() / ".cache" / "ftc" / "models")
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~", "file://")) or source.count("/") > 1
+
+
+def fetch_model(source: str, store: Any, weights: bool = True) -> str:
+    """A local directory (or config file) for `source`: an s3:// prefix is downloaded into the cache
+    (verified against its manifest when it has one); a local path is used as is; anything else is
+    returned unchanged as a Hugging Face hub id. `weights=False` fetches config and tokenizer only."""
+    from ftc_storage import StorageError, is_s3, join
+
+    if not is_s3(source):
+        path = Path(source[len("file://") :] if source.startswith("file://") else source).expanduser()
+        if path.exists():
+            return str(path)
+        if looks_like_path(source):
+            raise StepError(f"base model {source!r} not found: no such file or directory")
+        return source
+    target = cache_dir() / hashlib.sha256(source.encode()).hexdigest()[:16]
+    marker = target / (".ftc-complete" if weights else ".ftc-config")
+    if marker.exists() or (target / ".ftc-complete").exists():
+        return str(target)
+    try:
+        manifest = store.read_manifest(source)
+        if manifest is not None and weights:
+            store.download_verified(source, target)
+        else:
+            names = list(manifest.files) if manifest is not None else store.list(source)
+            if not weights:
+                names = [n for n in names if not n.endswith(WEIGHT_SUFFIXES)]
+            for name in names:
+                store.download_file(join(source, name), target / name)
+    except StorageError as err:
+        raise StepError(f"cannot read base model {source}: {err}") from err
+    if not (target / "config.json").exists():
+        raise StepError(f"base model {source} not found: no config.json under that prefix")
+    marker.touch()
+    return str(target)
+
+
+def load_config(local: str, source: str | None = None) -> Any:
+    """The model's transformers config (from a directory, a config .json file, or a hub id)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(local)
+    except Exception as err:
+        raise StepError(f"cannot read the config of base model {source or local!r}: {type(err).__name__}: {err}") from err
+
+
+def load_tokenizer(local: str, override: str | None = None, source: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    from .templates import apply_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    except Exception as err:
+        raise StepError(f"cannot load the tokenizer of base model {source or local!r}: {type(err).__name__}: {err}") from err
+    apply_template(tokenizer, override)
+    return tokenizer
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_model(local: str, method: Method, training: TrainingSpec, source: str | None = None) -> tuple[Any, dict[str, str]]:
+    """The base model ready for LoRA: bf16 on a GPU (fp32 on the CPU) for `lora`; 4-bit NF4 (double quant,
+    bf16 compute; routers and lm_head kept in full precision) prepared for k-bit training for `qlora`.
+    Returns the model and the settings ftc had to change."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    forced: dict[str, str] = {}
+    cuda = has_cuda()
+    kwargs: dict[str, Any] = {}
+    config = load_config(local, source)
+    if training.router_aux_loss_coef is not None:
+        if hasattr(config, "router_aux_loss_coef"):
+            kwargs.update(output_router_logits=True, router_aux_loss_coef=training.router_aux_loss_coef)
+        else:
+            forced["routerAuxLossCoef"] = "ignored: not a mixture-of-experts model"
+    if method == Method.QLORA:
+        quant = training.quantization
+        compute = getattr(torch, quant.compute_dtype.value)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type.value,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=list(NOT_QUANTISED),
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = "auto" if cuda else {"": "cpu"}
+    else:
+        kwargs["dtype"] = torch.bfloat16 if cuda else torch.float32
+        if cuda:
+            kwargs["device_map"] = "auto"
+        else:
+            forced["dtype"] = "float32 (no GPU: bf16 is used on GPUs)"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+    except Exception as err:
+        raise StepError(f"cannot load base model {source or local!r}: {type(err).__name__}: {err}") from err
+    if method == Method.QLORA:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False
+    return model, forced
+
+
+def linear_leaf_names(model: Any) -> list[str]:
+    """Leaf names of every linear layer inside the decoder blocks (attention, MLP and experts), routers excluded."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in ROUTER_NAMES and leaf != "lm_head":
+                names.add(leaf)
+    return sorted(names)
+
+
+def resolve_targets(model: Any, requested: list[str] | None) -> list[str]:
+    """The LoRA target modules: `requested`, else every linear projection of attention, MLP and experts."""
+    available = linear_leaf_names(model)
+    if not requested:
+        if not available:
+            raise StepError("the base model has no linear layers inside its decoder blocks to adapt")
+        return available
+    all_leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in requested if t not in all_leaves]
+    if len(missing) == len(requested):
+        raise StepError(
+            f"loraTargetModules {requested} match no module of the base model; its linear layers are {available}"
+        )
+    return list(requested)
+
+
+def lora_config(training: TrainingSpec, targets: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=training.lora.r,
+        lora_alpha=training.lora.alpha,
+        lora_dropout=training.lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def adapted_modules(model: Any) -> list[str]:
+    """Kinds (leaf names) of the modules that carry LoRA weights."""
+    kinds = set()
+    for name, _ in model.named_parameters():
+        if ".lora_A." in name:
+            kinds.add(name.split(".lora_A.")[0].rsplit(".", 1)[-1])
+    return sorted(kinds)
+
+
+def trainable_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

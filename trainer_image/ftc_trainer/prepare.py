@@ -1,0 +1,118 @@
+"""The prepare step: read, normalise, split and upload the dataset once; check every model before training.
+
+Writes `data/{train,eval,test}.jsonl` then, last, `data/manifest.json` (counts, drops, sha256 of each
+split). The same inputs give byte-identical splits. Per model: the pre-flight memory estimate
+(`memory.py`) and token counts per split under its own tokenizer. A model that cannot fit its GPU
+fails the step with the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ftc_api import names
+from ftc_api.steps import ModelRef, PreparedModel, PrepareInput, PrepareResult
+
+from . import data
+from .errors import StepError
+
+log = logging.getLogger("ftc.prepare")
+
+
+def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult:
+    """Run the prepare step; raises StepError on bad input (the caller reports it)."""
+    from ftc_storage import Storage, StorageError
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-prepare-"))
+    store = Storage.for_location(inp.location)
+    spec = inp.dataset
+    raw = data.read_source(spec.source, store, workdir, spec.hf_split)
+    cleaned = data.clean(raw, spec.format, spec.fields)
+    if not cleaned.rows:
+        raise StepError(data.no_rows_message(cleaned))
+    splits = data.split_rows(cleaned.rows, spec.split, spec.seed, spec.max_rows)
+    counts = {"read": cleaned.read, "usable": len(cleaned.rows)} | {k: len(v) for k, v in splits.items()}
+    result = PrepareResult(ok=True, counts=counts, dropped=dict(cleaned.dropped), examples=dict(cleaned.examples))
+
+    # Check the models before uploading anything: a model that cannot fit fails the step.
+    failures = []
+    for ref in inp.models:
+        prepared = check_model(ref, inp, store, splits)
+        result.models.append(prepared)
+        if prepared.memory is not None and not prepared.memory.fits:
+            from .memory import describe
+
+            failures.append(describe(ref.name, ref.method, prepared.memory))
+    if failures:
+        result.ok = False
+        result.error = "; ".join(failures) + ". Use qlora, more or larger GPUs (placement), or a smaller batch or sequence."
+        return result
+
+    out = workdir / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in names.DATA_SPLITS:
+        path = out / f"{split}.jsonl"
+        path.write_bytes(data.to_jsonl(splits[split]))
+        files[f"{split}.jsonl"] = path
+    prefix = inp.location.uri("data")
+    try:
+        for name, path in files.items():
+            store.upload_file(path, f"{prefix}/{name}")
+        manifest = store.write_manifest(
+            prefix,
+            files,
+            extra={
+                "counts": counts,
+                "dropped": cleaned.dropped,
+                "source": spec.source,
+                "format": spec.format.value,
+                "seed": spec.seed,
+                "rowSchema": "conversation: {id, messages: [{role, content}]}",
+            },
+        )
+    except StorageError as err:
+        raise StepError(f"cannot write the prepared data: {err}") from err
+    result.manifest_uri = manifest.uri
+    result.dataset_sha256 = manifest.sha256
+    return result
+
+
+def check_model(ref: ModelRef, inp: PrepareInput, store: Any, splits: dict[str, list[dict[str, Any]]]) -> PreparedModel:
+    """Memory estimate and token counts of one model; problems reading it are recorded, not raised."""
+    from .memory import estimate
+    from .models import fetch_model, load_config, load_tokenizer
+
+    prepared = PreparedModel(name=ref.name)
+    try:
+        local = fetch_model(ref.base_model, store, weights=False)
+        config = load_config(local, ref.base_model)
+    except StepError as err:
+        prepared.error = str(err)
+        return prepared
+    training = inp.training
+    prepared.memory = estimate(
+        config,
+        ref.method,
+        r=training.lora.r,
+        targets=ref.lora_target_modules or training.lora.target_modules or None,
+        batch_size=ref.per_device_batch_size or training.per_device_batch_size,
+        seq_length=ref.max_seq_length or training.max_seq_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        double_quant=training.quantization.double_quant,
+        gpu_memory_gib=ref.gpu_memory_gib,
+        gpu_count=ref.gpu_count,
+    )
+    if Path(local).is_file():  # a bare config: no tokenizer to count with
+        return prepared
+    try:
+        from .templates import count_tokens
+
+        tokenizer = load_tokenizer(local, ref.chat_template, ref.base_model)
+        prepared.token_counts = {split: count_tokens(tokenizer, rows) for split, rows in splits.items()}
+    except StepError as err:
+        log.warning("token counts of %s skipped: %s", ref.name, err)
+    return prepared

@@ -1,0 +1,97 @@
+"""Chat templates and tokenisation with labels on the response tokens only.
+
+A conversation is rendered with the model's chat template (the per-model `chatTemplate`, else the
+tokenizer's own, else `DEFAULT_CHAT_TEMPLATE`). Assistant turns are located by rendering each prefix
+with `add_generation_prompt=True`: the text an assistant turn adds after its generation prompt
+(its content and end-of-turn marker) is the response. Only tokens that start inside a response are
+trained on; every prompt, system and template token is labelled -100.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import StepError
+
+IGNORE_INDEX = -100
+
+# The documented default: Alpaca-style headers, eos closing each answer.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}### System:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
+    "{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def apply_template(tokenizer: Any, override: str | None = None) -> str:
+    """Set the tokenizer's chat template (override > own > default) and a pad token; returns which was used."""
+    if override:
+        tokenizer.chat_template = override
+        used = "override"
+    elif getattr(tokenizer, "chat_template", None):
+        used = "tokenizer"
+    else:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        used = "default"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.bos_token is None and used == "default":
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE.replace("{{ bos_token }}", "")
+    return used
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def response_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant responses."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:i], generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise StepError(
+                "the chat template does not render conversations prefix by prefix, so the response tokens cannot be "
+                "located; set the model's chatTemplate"
+            )
+        if len(upto) > len(prompt):
+            spans.append((len(prompt), len(upto)))
+    return text, spans
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
+    """input_ids, attention_mask and labels (-100 outside responses), cut to `max_length` tokens."""
+    text, spans = response_spans(tokenizer, messages)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        inside = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+    else:  # slow tokenizers have no offsets: tokenise the pieces one by one
+        ids, inside, cursor = [], [], 0
+        for a, b in [*spans, (len(text), len(text))]:
+            for piece, flag in ((text[cursor:a], False), (text[a:b], True)):
+                if piece:
+                    piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                    ids += piece_ids
+                    inside += [flag] * len(piece_ids)
+            cursor = b
+    ids, inside = ids[:max_length], inside[:max_length]
+    labels = [t if flag else IGNORE_INDEX for t, flag in zip(ids, inside, strict=True)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def count_tokens(tokenizer: Any, conversations: list[dict[str, Any]]) -> int:
+    """Tokens of the rendered conversations (uncut)."""
+    total = 0
+    for row in conversations:
+        total += len(tokenizer(render(tokenizer, row["messages"]), add_special_tokens=False)["input_ids"])
+    return total
