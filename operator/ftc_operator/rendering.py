@@ -19,6 +19,7 @@ from ftc_api.steps import (
     INPUT_PATH_ENV,
     JUDGE_API_KEY_ENV,
     TERMINATION_LOG,
+    TERMINATION_LOG_ENV,
     StepKind,
 )
 
@@ -130,6 +131,7 @@ def step_env(owner: Owner, spec: FineTuneComparisonSpec, config: OperatorConfig,
         {"name": "FTC_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "FTC_COMPARISON", "value": owner.name},
         {"name": "FTC_STEP", "value": step},
+        {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
     ]
     storage = spec.storage
     if storage.endpoint_url:

@@ -1,0 +1,167 @@
+"""kopf handlers: watch comparisons, their Jobs and pods, and feed a per-comparison work queue.
+
+Only ``@kopf.on.event`` handlers are used: they need no finalizer and no progress annotations, so
+deleting a comparison never waits for the operator, and kopf never patches the objects. Every event
+(on the comparison, one of its Jobs, or one of its pods, e.g. a new progress annotation) enqueues the
+comparison; a periodic resync enqueues every unfinished one. The queue runs at most one reconcile per
+comparison at a time, coalesces bursts, and retries failures with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+import kopf
+from ftc_api.base import API_GROUP, API_VERSION, PLURAL
+from ftc_api.status import Phase
+
+from . import metrics
+from .config import OperatorConfig
+from .kube import Conflict, Kube, new_api_client
+from .observe import ANNOTATION_COMPARISON, LABEL_MANAGED_BY, MANAGED_BY
+from .reconcile import Reconciler
+
+log = logging.getLogger("ftc.operator")
+Key = tuple[str, str]
+
+
+class WorkQueue:
+    """A deduplicating queue: a key is processed by one worker at a time; events during processing re-queue it."""
+
+    def __init__(self, process: Callable[[Any], Awaitable[None]], workers: int, max_backoff: float = 60.0):
+        self.process = process
+        self.workers = workers
+        self.max_backoff = max_backoff
+        self.queue: asyncio.Queue[Hashable] = asyncio.Queue()
+        self.pending: set[Hashable] = set()
+        self.running: set[Hashable] = set()
+        self.dirty: set[Hashable] = set()
+        self.failures: dict[Hashable, int] = {}
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._worker(), name=f"ftc-worker-{i}") for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def add(self, key: Hashable, delay: float = 0.0) -> None:
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.add, key)
+            return
+        if key in self.running:
+            self.dirty.add(key)
+        elif key not in self.pending:
+            self.pending.add(key)
+            self.queue.put_nowait(key)
+        metrics.QUEUE_DEPTH.set(len(self.pending))
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            self.pending.discard(key)
+            self.running.add(key)
+            retry = 0.0
+            try:
+                await self.process(key)
+                self.failures.pop(key, None)
+            except Conflict:
+                retry = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # retried with backoff; the error is counted and logged
+                n = self.failures[key] = self.failures.get(key, 0) + 1
+                retry = min(self.max_backoff, 0.5 * 2**n)
+                metrics.RECONCILE_ERRORS.labels(kind=type(e).__name__).inc()
+                log.warning("reconcile %s failed (%s: %s); retrying in %.1fs", key, type(e).__name__, e, retry)
+            finally:
+                self.running.discard(key)
+                metrics.QUEUE_DEPTH.set(len(self.pending))
+            if key in self.dirty:
+                self.dirty.discard(key)
+                self.add(key)
+            elif retry:
+                self.add(key, retry)
+
+
+def _comparison_of(body: Any) -> str | None:
+    meta = body.get("metadata") or {}
+    name = (meta.get("annotations") or {}).get(ANNOTATION_COMPARISON)
+    if name:
+        return name
+    return next((o["name"] for o in meta.get("ownerReferences") or [] if o.get("kind") == "FineTuneComparison"), None)
+
+
+async def _resync(memo: kopf.Memo) -> None:
+    config: OperatorConfig = memo.config
+    while True:
+        try:
+            items = await asyncio.to_thread(memo.kube.list_comparisons, memo.namespaces or None)
+            counts = dict.fromkeys((p.value for p in Phase), 0)
+            for obj in items:
+                status = obj.get("status") or {}
+                phase = status.get("phase") or Phase.PENDING.value
+                counts[phase] = counts.get(phase, 0) + 1
+                finished = phase in (Phase.SUCCEEDED.value, Phase.FAILED.value)
+                if not finished or status.get("observedGeneration") != obj["metadata"].get("generation"):
+                    memo.queue.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+            for phase, n in counts.items():
+                metrics.COMPARISONS.labels(phase=phase).set(n)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            metrics.RECONCILE_ERRORS.labels(kind="Resync" + type(e).__name__).inc()
+            log.warning("resync failed: %s: %s", type(e).__name__, e)
+        await asyncio.sleep(config.resync_seconds)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config: OperatorConfig = memo.config
+    settings.posting.level = logging.WARNING  # kopf's own Events only for problems; ours are explicit
+    settings.scanning.disabled = True  # no CRD watching: no cluster-wide RBAC on CRDs needed
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    memo.kube = Kube(new_api_client())
+    reconciler = Reconciler(memo.kube, config)
+
+    async def process(key: Key) -> None:
+        await asyncio.to_thread(reconciler.reconcile, *key)
+
+    memo.queue = WorkQueue(process, config.workers)
+    memo.queue.start()
+    memo.resync = asyncio.create_task(_resync(memo), name="ftc-resync")
+    metrics.serve(config.metrics_port)
+    log.info("ftc operator started: %d workers, resync every %.0fs", config.workers, config.resync_seconds)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    await memo.queue.stop()
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+async def comparison_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return
+    memo.queue.add((body.metadata.namespace, body.metadata.name))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+async def job_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    name = _comparison_of(body)
+    if name:
+        memo.queue.add((body.metadata.namespace, name))
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY})
+async def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    name = _comparison_of(body)
+    if name:
+        memo.queue.add((body.metadata.namespace, name))

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the operator (served on /metrics by prometheus-client)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+COMPARISONS = Gauge("ftc_comparisons", "FineTuneComparisons by phase, as of the last resync.", ["phase"])
+RECONCILE_SECONDS = Histogram(
+    "ftc_reconcile_duration_seconds",
+    "Time to reconcile one comparison (read, plan, create, write status).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+JOBS_CREATED = Counter("ftc_jobs_created_total", "Step Jobs created (409 AlreadyExists not counted).", ["step"])
+STATUS_WRITES = Counter("ftc_status_writes_total", "Status updates written (only when the status changed).")
+RECONCILE_ERRORS = Counter("ftc_reconcile_errors_total", "Reconciles that raised (retried with backoff).", ["kind"])
+QUEUE_DEPTH = Gauge("ftc_queue_depth", "Comparisons waiting to be reconciled.")
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve /metrics on `port` in a daemon thread (0 disables it)."""
+    if port:
+        start_http_server(port, addr=addr)

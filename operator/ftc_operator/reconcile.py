@@ -1,0 +1,87 @@
+"""One reconcile pass: read the comparison and what it owns, plan, create what is missing, write status.
+
+Synchronous (it runs in a worker thread); all state comes from the API server, none from memory,
+so a restarted operator picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+
+from ftc_api.spec import FineTuneComparisonSpec
+from ftc_api.status import FineTuneComparisonStatus
+from pydantic import ValidationError
+
+from . import metrics
+from .config import OperatorConfig
+from .kube import Kube
+from .observe import observe
+from .planning import TERMINAL, plan
+from .rendering import Owner, render_configmap, render_job, selector_labels
+
+log = logging.getLogger("ftc.operator")
+
+
+def _selector(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def _old_status(obj: dict) -> FineTuneComparisonStatus | None:
+    try:
+        return FineTuneComparisonStatus.model_validate(obj.get("status") or {})
+    except ValidationError:
+        return None
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, config: OperatorConfig, clock: Callable[[], dt.datetime] | None = None):
+        self.kube = kube
+        self.config = config
+        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        """Bring one comparison one step forward (raises kube.Conflict when the object changed meanwhile)."""
+        started = time.perf_counter()
+        try:
+            self._reconcile(namespace, name)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    def _reconcile(self, namespace: str, name: str) -> None:
+        obj = self.kube.get_comparison(namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return  # deleted: ownerReferences let the garbage collector remove Jobs and ConfigMaps
+        meta = obj["metadata"]
+        owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=meta.get("generation", 1))
+        old = _old_status(obj)
+        now = self.clock()
+        if old is not None and old.phase in TERMINAL and old.observed_generation == owner.generation:
+            observed = []  # the planner keeps a terminal status as is: no need to list anything
+        else:
+            sel = _selector(owner.name)
+            observed = observe(self.kube.list_jobs(namespace, sel), self.kube.list_pods(namespace, sel), owner.uid)
+        p = plan(obj.get("spec") or {}, old, observed, now, owner=owner, config=self.config)
+        not_created: set[str] = set()
+        if p.creates:
+            spec = FineTuneComparisonSpec.model_validate(obj["spec"])
+            models = {m.name: m for m in spec.models}
+            for c in p.creates:
+                self.kube.create(render_configmap(owner, c.step, c.model, c.input_json))
+                job = render_job(owner, spec, self.config, c.step, models.get(c.model) if c.model else None)
+                if self.kube.create(job):
+                    metrics.JOBS_CREATED.labels(step=c.step).inc()
+                    log.info("%s/%s: created %s Job %s", namespace, name, c.step, c.name)
+                else:
+                    not_created.add(c.name)
+        if old is None or p.status != old or obj.get("status") is None:
+            self.kube.replace_status(obj, p.status_doc())
+            metrics.STATUS_WRITES.inc()
+            if old is None or p.status.phase != old.phase:
+                log.info("%s/%s: phase %s", namespace, name, p.status.phase.value)
+            for e in p.events:
+                if e.reason == "JobCreated" and any(e.message.endswith(f" {n}") for n in not_created):
+                    continue
+                self.kube.event(obj, e.type, e.reason, e.message, now)

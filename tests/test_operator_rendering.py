@@ -1,0 +1,266 @@
+"""The renderer: placement precedence, names, secretKeyRef-only credentials, labels, failure policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ftc_api.spec import FineTuneComparisonSpec, Placement
+from ftc_operator.config import OperatorConfig, load_config
+from ftc_operator.observe import JobState, observe, observe_job
+from ftc_operator.rendering import Owner, effective_placement, render_configmap, render_job
+
+pytestmark = pytest.mark.unit
+
+OWNER = Owner(name="bake", namespace="ns", uid="uid-1")
+CONFIG = OperatorConfig()
+
+
+def make_spec(**extra) -> FineTuneComparisonSpec:
+    doc = {
+        "models": [{"name": "llama", "baseModel": "meta-llama/Llama-2-7b-hf"}, {"name": "mixtral", "baseModel": "x"}],
+        "dataset": {"source": "s3://b/data.jsonl"},
+        "storage": {"bucket": "ftc", "endpointUrl": "http://127.0.0.1:9000", "credentialsSecretRef": {"name": "s3-creds"}},
+        "evaluation": {"judge": {"apiKeySecretRef": {"name": "openai", "key": "api-key"}}},
+    }
+    for key, value in extra.items():
+        doc[key] = value
+    return FineTuneComparisonSpec.model_validate(doc)
+
+
+def pod(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+def container(job: dict) -> dict:
+    return pod(job)["containers"][0]
+
+
+def env(job: dict) -> dict:
+    return {e["name"]: e for e in container(job)["env"]}
+
+
+# --------------------------------------------------------------------------------------------- placement
+
+
+PRECEDENCE = [
+    pytest.param({}, None, "NVIDIA-A100-SXM4-80GB", 1, None, id="chart-defaults"),
+    pytest.param(
+        {"placement": {"gpuProduct": "NVIDIA-H100-80GB-HBM3", "gpuCount": 2}},
+        None,
+        "NVIDIA-H100-80GB-HBM3",
+        2,
+        None,
+        id="comparison",
+    ),
+    pytest.param(
+        {"placement": {"gpuProduct": "H100", "gpuCount": 2, "queueName": "team-a"}},
+        {"gpuCount": 4, "priorityClassName": "high"},
+        "H100",
+        4,
+        "team-a",
+        id="model-over-comparison",
+    ),
+]
+
+
+@pytest.mark.parametrize(("comparison", "model", "product", "gpus", "queue"), PRECEDENCE)
+def test_placement_precedence_model_then_comparison_then_chart(comparison, model, product, gpus, queue):
+    spec = make_spec(**comparison)
+    if model:
+        spec.models[0].placement = Placement.model_validate(model)
+    job = render_job(OWNER, spec, CONFIG, "train", spec.models[0])
+    assert pod(job)["nodeSelector"]["nvidia.com/gpu.product"] == product
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    assert job["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == queue
+    assert pod(job)["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if model and "priorityClassName" in model:
+        assert pod(job)["priorityClassName"] == "high"
+    # the other model is not affected by the first one's override
+    other = render_job(OWNER, spec, CONFIG, "train", spec.models[1])
+    assert container(other)["resources"]["limits"]["nvidia.com/gpu"] == str(comparison.get("placement", {}).get("gpuCount", 1))
+
+
+def test_chart_defaults_come_from_the_config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("placement:\n  gpuProduct: L4\n  gpuCount: 1\n  gpuProductLabel: cloud.google.com/gke-accelerator\n")
+    config = load_config(path)
+    job = render_job(OWNER, make_spec(), config, "evaluate")
+    assert pod(job)["nodeSelector"] == {"cloud.google.com/gke-accelerator": "L4"}
+    assert "tolerations" not in pod(job)  # the file replaced the default placement
+
+
+def test_prepare_runs_on_cpu():
+    spec = make_spec(placement={"gpuCount": 4, "nodeSelector": {"pool": "gpu"}})
+    job = render_job(OWNER, spec, CONFIG, "prepare")
+    assert "nvidia.com/gpu" not in json.dumps(container(job).get("resources", {}))
+    assert "nodeSelector" not in pod(job)
+    assert "tolerations" not in pod(job)
+
+
+def test_effective_placement_fieldwise():
+    spec = make_spec(placement={"queueName": "q"})
+    spec.models[0].placement = Placement.model_validate({"gpuMemoryGib": 40})
+    p = effective_placement(CONFIG, spec, spec.models[0])
+    assert (p.queue_name, p.gpu_memory_gib, p.gpu_count) == ("q", 40, 1)
+
+
+# --------------------------------------------------------------------------------------------- names and labels
+
+
+@pytest.mark.parametrize("name", ["bake", "a" * 63, "x" * 200, "very-long-comparison-name-" * 9])
+@pytest.mark.parametrize("step", ["prepare", "train", "evaluate"])
+def test_names_and_label_values_fit_63(name, step):
+    owner = Owner(name=name, namespace="ns", uid="u")
+    spec = make_spec(models=[{"name": "m" * 40, "baseModel": "x"}, {"name": "n" * 40, "baseModel": "x"}])
+    model = spec.models[0] if step == "train" else None
+    job = render_job(owner, spec, CONFIG, step, model)
+    cm = render_configmap(owner, step, model.name if model else None, "{}")
+    assert len(job["metadata"]["name"]) <= 63
+    assert job["metadata"]["name"] == cm["metadata"]["name"] == pod(job)["volumes"][0]["configMap"]["name"]
+    for value in job["metadata"]["labels"].values():
+        assert len(value) <= 63
+    assert job["metadata"]["annotations"]["ftc.dev/comparison-name"] == name
+
+
+def test_names_of_two_models_differ_even_when_truncated():
+    owner = Owner(name="c" * 60, namespace="ns", uid="u")
+    spec = make_spec(models=[{"name": "model-a", "baseModel": "x"}, {"name": "model-b", "baseModel": "x"}])
+    a, b = (render_job(owner, spec, CONFIG, "train", m)["metadata"]["name"] for m in spec.models)
+    assert a != b
+
+
+def test_labels_and_owner_reference():
+    spec = make_spec()
+    job = render_job(OWNER, spec, CONFIG, "train", spec.models[1])
+    assert job["metadata"]["labels"] == {
+        "app.kubernetes.io/name": "ftc",
+        "app.kubernetes.io/instance": "bake",
+        "app.kubernetes.io/component": "train",
+        "app.kubernetes.io/managed-by": "ftc-operator",
+        "ftc.dev/comparison": "bake",
+        "ftc.dev/step": "train",
+        "ftc.dev/model": "mixtral",
+    }
+    assert job["spec"]["template"]["metadata"]["labels"] == job["metadata"]["labels"]
+    ref = job["metadata"]["ownerReferences"][0]
+    assert (ref["kind"], ref["uid"], ref["controller"]) == ("FineTuneComparison", "uid-1", True)
+
+
+# --------------------------------------------------------------------------------------------- secrets, env, policy
+
+
+@pytest.mark.parametrize("step", ["prepare", "train", "evaluate"])
+def test_credentials_only_through_secret_key_refs(step):
+    spec = make_spec()
+    job = render_job(OWNER, spec, CONFIG, step, spec.models[0] if step == "train" else None)
+    e = env(job)
+    assert e["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert e["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert e["AWS_ENDPOINT_URL"]["value"] == "http://127.0.0.1:9000"
+    assert e["FTC_STEP_INPUT"]["value"] == "/etc/ftc/input.json"
+    assert e["FTC_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert e["FTC_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    if step == "evaluate":
+        assert e["FTC_JUDGE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "openai", "key": "api-key"}
+    else:
+        assert "FTC_JUDGE_API_KEY" not in e
+    for var in container(job)["env"]:
+        if "KEY" in var["name"]:
+            assert "value" not in var, var
+    assert "envFrom" not in container(job)
+    assert not any("secret" in v for v in pod(job)["volumes"])
+
+
+def test_no_credentials_secret_means_pod_identity():
+    spec = make_spec(storage={"bucket": "ftc"})
+    assert "AWS_ACCESS_KEY_ID" not in env(render_job(OWNER, spec, CONFIG, "prepare"))
+
+
+def test_job_policy_and_container():
+    spec = make_spec(placement={"activeDeadlineSeconds": 600})
+    job = render_job(OWNER, spec, CONFIG, "train", spec.models[0])
+    assert job["spec"]["backoffLimit"] == CONFIG.train.backoff_limit
+    assert job["spec"]["activeDeadlineSeconds"] == 600
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    c = container(job)
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["volumeMounts"] == [{"name": "input", "mountPath": "/etc/ftc", "readOnly": True}]
+    assert pod(job)["restartPolicy"] == "Never"
+    assert pod(job)["serviceAccountName"] == "ftc-step"
+    assert c["image"] == CONFIG.trainer_image and c["args"] == ["train"]
+    assert container(render_job(OWNER, spec, CONFIG, "evaluate"))["image"] == CONFIG.evaluator_image
+
+
+def test_configmap_holds_input_json_and_is_owned():
+    cm = render_configmap(OWNER, "prepare", None, '{"step":"prepare"}')
+    assert cm["data"] == {"input.json": '{"step":"prepare"}'}
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+# --------------------------------------------------------------------------------------------- observation
+
+
+def _pod(name, phase, job="bake-train-llama", message=None, annotations=None, waiting=None, created="2026-01-01T00:00:00Z"):
+    state = {"terminated": {"exitCode": 0, "message": message}} if message is not None else {}
+    if waiting:
+        state = {"waiting": waiting}
+    return {
+        "metadata": {
+            "name": name,
+            "creationTimestamp": created,
+            "annotations": annotations or {},
+            "ownerReferences": [{"kind": "Job", "name": job}],
+        },
+        "status": {"phase": phase, "containerStatuses": [{"name": "step", "state": state}]},
+    }
+
+
+def _job(conds=(), failed=0):
+    return {
+        "metadata": {
+            "name": "bake-train-llama",
+            "labels": {"ftc.dev/step": "train", "ftc.dev/model": "llama"},
+            "ownerReferences": [{"uid": "uid-1"}],
+        },
+        "status": {
+            "conditions": [{"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conds],
+            "failed": failed,
+        },
+    }
+
+
+def test_observe_succeeded_job_reads_termination_message():
+    o = observe_job(_job([("Complete", "Completed", "")]), [_pod("p1", "Succeeded", message='{"ok":true}')])
+    assert (o.state, o.result, o.model, o.step) == (JobState.SUCCEEDED, '{"ok":true}', "llama", "train")
+
+
+def test_observe_failed_job_reason_and_last_failed_pod():
+    pods = [
+        _pod("p1", "Failed", message="first", created="2026-01-01T00:00:00Z"),
+        _pod("p2", "Failed", message="second", created="2026-01-01T00:01:00Z"),
+    ]
+    o = observe_job(_job([("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")], failed=2), pods)
+    assert (o.state, o.reason, o.result, o.failed_pods) == (JobState.FAILED, "BackoffLimitExceeded", "second", 2)
+
+
+def test_observe_active_job_progress_and_waiting():
+    prog = json.dumps({"step": 3, "totalSteps": 9, "trainLoss": 2.5})
+    pods = [
+        _pod("p1", "Running", annotations={"ftc.dev/progress": prog}),
+        _pod("p2", "Pending", waiting={"reason": "CreateContainerConfigError", "message": 'secret "s" not found'}),
+    ]
+    o = observe_job(_job(), pods)
+    assert o.state == JobState.ACTIVE
+    assert o.progress.step == 3 and o.progress.train_loss == 2.5
+    assert o.waiting[0].reason == "CreateContainerConfigError"
+
+
+def test_observe_ignores_garbage_progress_and_foreign_jobs():
+    o = observe_job(_job(), [_pod("p1", "Running", annotations={"ftc.dev/progress": "{not json"})])
+    assert o.progress is None
+    foreign = _job()
+    foreign["metadata"]["ownerReferences"] = [{"uid": "other"}]
+    assert observe([foreign], [], "uid-1") == []
