@@ -21,6 +21,7 @@ from .spec import (
     EvaluationSpec,
     Method,
     OverfittingSpec,
+    QuantizationSpec,
     TrainingSpec,
 )
 
@@ -203,6 +204,11 @@ class EvaluateInput(ApiModel):
     overfitting: OverfittingSpec = Field(default_factory=OverfittingSpec, description="overfitting: thresholds.")
     location: Location = Field(description="location: the run's S3 location.")
     title: str = Field(default="ftc comparison", description="title: the report's title.")
+    quantization: QuantizationSpec | None = Field(
+        default=None,
+        description="quantization: 4-bit settings `qlora` models were trained with (training.quantization); "
+        "default NF4, double quant, bfloat16.",
+    )
 
 
 class MetricScore(ApiModel):
