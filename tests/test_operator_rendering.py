@@ -264,3 +264,18 @@ def test_observe_ignores_garbage_progress_and_foreign_jobs():
     foreign = _job()
     foreign["metadata"]["ownerReferences"] = [{"uid": "other"}]
     assert observe([foreign], [], "uid-1") == []
+
+
+# --------------------------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("path", ["examples/llama2-vs-mixtral.yaml", "examples/tiny.yaml"])
+def test_examples_are_valid_specs(path):
+    from pathlib import Path
+
+    import yaml
+    from ftc_api.spec import validation_errors
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+    assert doc["apiVersion"] == "ftc.dev/v1alpha1" and doc["kind"] == "FineTuneComparison"
+    assert validation_errors(doc["spec"]) == []
