@@ -23,13 +23,22 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 AUTO_BATCH = 64
-# Used when neither the model spec nor the tokenizer has a chat template (the same one the trainer documents).
+# Used when neither the model spec nor the tokenizer has a chat template: the trainer's documented default
+# (ftc_trainer.templates.DEFAULT_CHAT_TEMPLATE; the trainer also saves the template it used with the adapter).
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}### System:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
+    "{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
-# Modules bitsandbytes must leave in full precision: the output head and Mixtral's router.
-SKIP_4BIT = ["lm_head", "block_sparse_moe.gate"]
+# Modules bitsandbytes leaves in full precision: exactly the trainer's (ftc_trainer.models.NOT_QUANTISED),
+# so the adapter sees the same base it was trained on. transformers matches these as substrings of
+# module names.
+SKIP_4BIT = ["lm_head", "gate", "router", "shared_expert_gate"]
 
 
 # ---------------------------------------------------------------------------------------------- test rows
@@ -235,7 +244,8 @@ def load_model(
     if chat_template:
         tokenizer.chat_template = chat_template
     elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        default = DEFAULT_CHAT_TEMPLATE
+        tokenizer.chat_template = default if tokenizer.bos_token else default.replace("{{ bos_token }}", "")
 
     kwargs: dict[str, Any] = {"device_map": {"": device}}
     on_gpu = device.startswith("cuda")

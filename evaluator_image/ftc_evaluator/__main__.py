@@ -1,0 +1,55 @@
+"""`ftc-evaluator [--input PATH]`: the evaluate step's entry point.
+
+Reads the EvaluateInput document (--input, else $FTC_STEP_INPUT, else /etc/ftc/input.json), answers the
+held-out test set with every model, scores the answers (RAGAS metrics and the LLM judge), decides the
+winner, writes eval/scores.json and report/index.html, and writes the EvaluateResult summary to the
+termination message. Exit code 0 on success, 1 when the step failed (the summary says why), 2 on a bad
+input document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftc-evaluator", description=__doc__.split("\n\n")[1])
+    parser.add_argument(
+        "--input", help="path of the EvaluateInput JSON document (default: $FTC_STEP_INPUT or /etc/ftc/input.json)"
+    )
+    parser.add_argument("--workdir", help="keep downloads and the rendered report here (default: a temporary folder)")
+    parser.add_argument("--log-level", default=os.environ.get("FTC_LOG_LEVEL", "INFO"), help="logging level (default INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from ftc_api.runtime import input_path, read_input, write_summary
+    from ftc_api.steps import EvaluateInput, EvaluateResult
+    from pydantic import ValidationError
+
+    path = input_path(args.input)
+    try:
+        inp = read_input(EvaluateInput, path)
+    except (OSError, ValidationError, ValueError) as err:
+        write_summary(EvaluateResult(ok=False, error=f"bad input document {path}: {err}"))
+        return 2
+
+    from .run import evaluate, fit_summary
+
+    kwargs = {"workdir": args.workdir} if args.workdir else {}
+    result = evaluate(inp, **kwargs)
+    write_summary(fit_summary(result))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

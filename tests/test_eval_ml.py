@@ -1,0 +1,159 @@
+"""The evaluate step for real on the CPU: the trainer prepares the tiny dataset and trains tiny models into
+S3 (moto on loopback); the evaluator answers the held-out set, scores with RAGAS metrics and the honest
+loopback judge, and names the winner — or `tie` for two identical models."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from ftc_api.spec import (
+    EvaluationSpec,
+    GenerationSpec,
+    JudgeSpec,
+    LoraSpec,
+    Method,
+    Metric,
+    SplitSpec,
+    TrainingSpec,
+)
+from ftc_api.steps import EvaluatedModel, EvaluateInput, Location, ModelRef, PrepareInput, TrainInput
+
+pytestmark = pytest.mark.ml
+
+TEST_ROWS = 40
+
+
+def training(steps: int) -> TrainingSpec:
+    return TrainingSpec(
+        max_steps=steps,
+        per_device_batch_size=16,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        eval_steps=max(1, steps // 3),
+        save_steps=10_000,
+        logging_steps=max(1, steps // 6),
+        gradient_checkpointing=False,
+        max_seq_length=96,
+        lora=LoraSpec(r=16, alpha=32, dropout=0.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_s3, tmp_path_factory):
+    """data/ prepared once; `strong` trained for many steps, `weak` for two, both LoRA on tiny-llama."""
+    from ftc_api.spec import DatasetSpec
+    from ftc_trainer.prepare import run_prepare
+    from ftc_trainer.train import run_train
+
+    location = Location(bucket=tiny_s3.bucket, prefix="eval-ml/default/bakeoff-0123abcd", endpoint_url=tiny_s3.endpoint_url)
+    refs = {name: ModelRef(name=name, base_model=tiny_s3.llama, method=Method.LORA) for name in ("strong", "weak")}
+    prepared = run_prepare(
+        PrepareInput(
+            dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec(eval_count=24, test_count=TEST_ROWS)),
+            location=location,
+            models=list(refs.values()),
+            training=training(2),
+        ),
+        workdir=tmp_path_factory.mktemp("prepare"),
+    )
+    assert prepared.ok, prepared.error
+    results = {}
+    for name, steps in (("strong", 120), ("weak", 2)):
+        started = time.monotonic()
+        results[name] = run_train(
+            TrainInput(model=refs[name], training=training(steps), location=location),
+            workdir=tmp_path_factory.mktemp(f"train-{name}"),
+        )
+        assert results[name].ok, results[name].error
+        print(f"trained {name}: {steps} steps in {time.monotonic() - started:.1f}s")
+    return location, refs, results
+
+
+def evaluated(ref: ModelRef, result, name: str | None = None) -> EvaluatedModel:
+    model = ref.model_copy(update={"name": name}) if name else ref
+    return EvaluatedModel(
+        model=model,
+        adapter_uri=result.best_adapter_uri,
+        final_adapter_uri=result.adapter_uri,
+        metrics_uri=result.metrics_uri,
+        train=result,
+    )
+
+
+def spec(server, metrics: list[Metric]) -> EvaluationSpec:
+    return EvaluationSpec(
+        metrics=metrics,
+        primary_metric=Metric.JUDGE,
+        judge=JudgeSpec(base_url=server.base_url, model="fake-judge", concurrency=8),
+        generation=GenerationSpec(max_new_tokens=20),
+        bootstrap_resamples=1000,
+    )
+
+
+def test_the_better_trained_model_wins_with_a_significant_p_value(trained, openai_server, tmp_path, monkeypatch):
+    from ftc_evaluator.run import evaluate
+    from ftc_storage import Storage
+
+    location, refs, results = trained
+    monkeypatch.setenv("FTC_JUDGE_API_KEY", "test-key")
+    inp = EvaluateInput(
+        models=[evaluated(refs["weak"], results["weak"]), evaluated(refs["strong"], results["strong"])],
+        evaluation=spec(openai_server, [Metric.JUDGE, Metric.ROUGE, Metric.CHRF, Metric.STRING_SIMILARITY, Metric.EXACT_MATCH]),
+        location=location,
+        title="strong vs weak",
+    )
+    started = time.monotonic()
+    result = evaluate(inp, workdir=tmp_path)
+    print(f"evaluated in {time.monotonic() - started:.1f}s")
+    assert result.ok, result.error
+    assert result.winner == "strong"
+    assert result.p_value is not None and result.p_value < 0.01
+    by_model = {m.model: {s.metric: s for s in m.scores} for m in result.models}
+    strong, weak = by_model["strong"]["judge"], by_model["weak"]["judge"]
+    assert strong.mean > weak.mean
+    assert strong.ci_low > weak.ci_high  # not even the intervals overlap
+    assert strong.n == weak.n == TEST_ROWS and strong.missing == weak.missing == 0
+    assert by_model["strong"]["rouge"].mean > by_model["weak"]["rouge"].mean
+    assert result.judge_calls == 2 * TEST_ROWS and result.judge_missing == 0
+
+    store = Storage.for_location(location)
+    scores = json.loads(store.read_text(result.scores_uri))
+    assert scores["winner"] == "strong" and set(scores["pairwise"]) >= {"judge", "rouge"}
+    predictions = store.read_text(location.uri("eval", "strong", "predictions.jsonl")).splitlines()
+    assert len(predictions) == TEST_ROWS
+    row = json.loads(predictions[0])
+    assert {"prompt", "reference", "answer", "tokens", "latency"} <= set(row)
+    html = store.read_text(result.report_uri)
+    assert "<svg" in html and 'id="scores"' in html and "strong" in html
+    # the judge saw no model names
+    assert not any('"strong"' in json.dumps(r["body"]) for r in openai_server.judge_requests())
+
+
+def test_two_identical_models_tie_and_a_rerun_reuses_predictions_and_judgments(trained, openai_server, tmp_path):
+    from ftc_evaluator.run import evaluate
+    from ftc_storage import Storage
+
+    location, refs, results = trained
+    inp = EvaluateInput(
+        models=[
+            evaluated(refs["strong"], results["strong"], name="twin-a"),
+            evaluated(refs["strong"], results["strong"], name="twin-b"),
+        ],
+        evaluation=spec(openai_server, [Metric.JUDGE, Metric.BLEU]),
+        location=location,
+    )
+    result = evaluate(inp, workdir=tmp_path / "first")
+    assert result.ok, result.error
+    assert result.winner == "tie"
+    assert result.p_value == pytest.approx(1.0)
+    calls = len(openai_server.judge_requests())
+
+    again = evaluate(inp, workdir=tmp_path / "second")  # a restarted pod: nothing is paid or generated twice
+    assert again.winner == "tie" and again.judge_calls == 0
+    assert len(openai_server.judge_requests()) == calls
+    scores = json.loads(Storage.for_location(location).read_text(again.scores_uri))
+    assert all(m["generation"].get("reused") for m in scores["models"])
