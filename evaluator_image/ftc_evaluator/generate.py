@@ -175,9 +175,9 @@ def generate_adaptive(
         try:
             outputs = generate_batch([prompts[i] for i in chunk])
         except Exception as err:
-            if not is_oom(err) or size == 1:
+            if not is_oom(err) or len(chunk) == 1:
                 raise
-            size = max(1, size // 2)
+            size = max(1, len(chunk) // 2)
             stats.oom_halvings += 1
             log.warning("out of memory with %d prompts per batch; retrying with %d", len(chunk), size)
             if on_oom is not None:
