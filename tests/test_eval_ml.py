@@ -18,7 +18,7 @@ from ftc_api.spec import (
     SplitSpec,
     TrainingSpec,
 )
-from ftc_api.steps import EvaluatedModel, EvaluateInput, Location, ModelRef, PrepareInput, TrainInput
+from ftc_api.steps import EvaluatedModel, EvaluateInput, EvaluateResult, Location, ModelRef, PrepareInput, TrainInput
 
 pytestmark = pytest.mark.ml
 
@@ -157,3 +157,121 @@ def test_two_identical_models_tie_and_a_rerun_reuses_predictions_and_judgments(t
     assert len(openai_server.judge_requests()) == calls
     scores = json.loads(Storage.for_location(location).read_text(again.scores_uri))
     assert all(m["generation"].get("reused") for m in scores["models"])
+
+
+def test_judge_failures_end_in_retries_and_missing_counts_never_in_made_up_scores(trained, openai_server, tmp_path):
+    from ftc_evaluator.run import evaluate
+    from ftc_storage import Storage
+
+    location, refs, results = trained
+    openai_server.hang_seconds = 3.0
+    openai_server.fail_next("500", "503", "429", "timeout", "garbage")  # transient: retried, then judged
+    openai_server.garbage_when.add(" plus ")  # never parseable: every addition question stays unjudged
+    evaluation = spec(openai_server, [Metric.JUDGE, Metric.ROUGE])
+    evaluation.judge = JudgeSpec(
+        base_url=openai_server.base_url, model="strict-judge", concurrency=4, max_retries=2, timeout_seconds=1
+    )
+    evaluation.extra_judges = [JudgeSpec(base_url=openai_server.base_url, model="second-judge", max_retries=0)]
+    inp = EvaluateInput(
+        models=[evaluated(refs["weak"], results["weak"]), evaluated(refs["strong"], results["strong"])],
+        evaluation=evaluation,
+        location=location,
+    )
+    result = evaluate(inp, workdir=tmp_path)
+    assert result.ok, result.error
+
+    store = Storage.for_location(location)
+    test_rows = [json.loads(line) for line in store.read_text(location.uri("data", "test.jsonl")).splitlines()]
+    additions = sum(" plus " in row["messages"][-2]["content"] for row in test_rows)
+    assert additions > 0
+    judged = {m.model: next(s for s in m.scores if s.metric == "judge") for m in result.models}
+    for score in judged.values():
+        assert (score.n, score.missing) == (TEST_ROWS - additions, additions)
+    assert result.judge_missing == 2 * additions
+    assert result.winner == "strong"
+
+    scores = json.loads(store.read_text(result.scores_uri))
+    main, second = scores["judges"]
+    assert main["model"] == "strict-judge" and main["missing"] == 2 * additions
+    assert main["errors"]["unparseable"] >= 2 * 2 * additions  # addition prompts: unparseable, attempt after attempt
+    assert {"500", "503", "429", "timeout"} <= set(main["errors"])
+    assert main["retries"] >= 2 * 2 * additions
+    agreement = scores["judgeAgreement"][0]
+    assert agreement["judge"] == "second-judge" and agreement["spearman"] == pytest.approx(1.0) and agreement["kappa"] == 1.0
+    assert scores["models"][0]["judgeMissingReasons"] == {"gave up after 3 attempts": additions}
+    report = store.read_text(result.report_uri)
+    assert f"{additions} missing" in report
+
+
+def test_judge_budget_stops_judging_and_says_so(trained, openai_server, tmp_path):
+    from ftc_evaluator.run import evaluate
+
+    location, refs, results = trained
+    evaluation = spec(openai_server, [Metric.JUDGE])
+    evaluation.judge = JudgeSpec(base_url=openai_server.base_url, model="budget-judge")
+    evaluation.max_judge_calls = 30
+    inp = EvaluateInput(
+        models=[evaluated(refs["weak"], results["weak"]), evaluated(refs["strong"], results["strong"])],
+        evaluation=evaluation,
+        location=location,
+    )
+    result = evaluate(inp, workdir=tmp_path)
+    assert result.ok, result.error
+    assert result.judge_budget_exhausted and result.judge_calls == 30
+    assert result.judge_missing == 2 * TEST_ROWS - 30
+    missing = {m.model: m.scores[0].missing for m in result.models}
+    assert missing["weak"] == missing["strong"]  # models interleaved item by item: the budget hits both alike
+    assert "maxJudgeCalls" in (tmp_path / "index.html").read_text()
+
+
+def test_cli_with_ragas_metrics_writes_a_small_summary(trained, openai_server, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    location, refs, results = trained
+    evaluation = spec(
+        openai_server,
+        [
+            Metric.JUDGE,
+            Metric.ANSWER_CORRECTNESS,
+            Metric.FACTUAL_CORRECTNESS,
+            Metric.SEMANTIC_SIMILARITY,
+            Metric.BLEU,
+            Metric.ROUGE,
+            Metric.CHRF,
+            Metric.STRING_SIMILARITY,
+            Metric.EXACT_MATCH,
+        ],
+    )
+    evaluation.test_sample_size = 16
+    inp = EvaluateInput(
+        models=[evaluated(refs["weak"], results["weak"]), evaluated(refs["strong"], results["strong"])],
+        evaluation=evaluation,
+        location=location,
+        checkpoint="final",
+    )
+    document = tmp_path / "input.json"
+    document.write_text(inp.to_json())
+    log = tmp_path / "termination-log"
+    env = dict(os.environ, FTC_TERMINATION_LOG=str(log), FTC_JUDGE_API_KEY="k", HF_HUB_OFFLINE="1", RAGAS_DO_NOT_TRACK="true")
+    done = subprocess.run(
+        [sys.executable, "-m", "ftc_evaluator", "--input", str(document), "--workdir", str(tmp_path / "work")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = log.read_text()
+    assert len(text.encode()) <= 4096
+    result = EvaluateResult.model_validate_json(text)
+    assert result.ok and result.winner in ("strong", "tie")
+    strong = {s.metric: s for s in next(m for m in result.models if m.model == "strong").scores}
+    weak = {s.metric: s for s in next(m for m in result.models if m.model == "weak").scores}
+    assert all(m.checkpoint == "final" for m in result.models)
+    for metric in ("answer_correctness", "factual_correctness", "semantic_similarity", "rouge"):
+        assert strong[metric].n == 16 and strong[metric].missing == 0, metric
+        assert strong[metric].mean >= weak[metric].mean, metric
+    json_requests = [r for r in openai_server.chat_requests() if "response_format" in r["body"]]
+    assert json_requests  # ragas' LLM metrics went to the judge endpoint over HTTP

@@ -3,8 +3,8 @@ OpenAI-compatible endpoint.
 
 Fairness: every answer is judged on its own (no pairwise prompt, so no position bias), the prompt holds
 only the question, the reference and the answer (the judge never learns which model wrote it), and the
-requests of all models are interleaved in a seeded order so rate limits or a call budget hit every
-model alike.
+requests of all models are interleaved item by item in a seeded order (`interleave`) so rate limits or
+a call budget hit every model alike.
 
 Robustness: bounded concurrency, a per-request timeout, retries with exponential backoff on 429, 5xx,
 timeouts, connection errors and unparseable replies; what still fails is a *missing* judgment (None),
@@ -132,6 +132,22 @@ class StorageCache:
 
 
 # ---------------------------------------------------------------------------------------------- judging
+
+
+def interleave(by_model: dict[str, list[JudgeItem]], seed: int) -> list[JudgeItem]:
+    """All models' items in a fair order: test items in a seeded random order and, for each, every
+    model's answer in a seeded random order. A budget or rate limit that cuts the run short leaves
+    every model with (almost) the same items judged, and no model is always judged first."""
+    rng = random.Random(seed)
+    count = max((len(v) for v in by_model.values()), default=0)
+    rows = list(range(count))
+    rng.shuffle(rows)
+    ordered: list[JudgeItem] = []
+    for row in rows:
+        models = [m for m in by_model if row < len(by_model[m])]
+        rng.shuffle(models)
+        ordered.extend(by_model[m][row] for m in models)
+    return ordered
 
 
 @dataclass(frozen=True)
@@ -267,10 +283,12 @@ class Judge:
             )
         return self._client
 
-    async def grade(self, items: Sequence[JudgeItem], *, seed: int = 42) -> list[Judgment]:
-        """Judgments for `items`, in their order. Requests go out in a seeded shuffled order."""
+    async def grade(self, items: Sequence[JudgeItem], *, seed: int | None = None) -> list[Judgment]:
+        """Judgments for `items`, in their order. Requests go out in the items' order, or in a seeded
+        shuffled order when `seed` is given (see `interleave` for a fair order across models)."""
         order = list(range(len(items)))
-        random.Random(seed).shuffle(order)
+        if seed is not None:
+            random.Random(seed).shuffle(order)
         results: list[Judgment | None] = [None] * len(items)
         semaphore = asyncio.Semaphore(self.config.concurrency)
 

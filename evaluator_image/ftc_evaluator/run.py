@@ -295,7 +295,7 @@ class Evaluation:
         return self.env.get(JUDGE_API_KEY_ENV) if index == 0 else self.env.get(f"{JUDGE_API_KEY_ENV}_{index}")
 
     async def score(self, ok: list[ModelRun], rows: list[TestRow]) -> dict[str, Any]:
-        from .judge import Budget, Judge, JudgeConfig, JudgeItem, StorageCache
+        from .judge import Budget, Judge, JudgeConfig, JudgeItem, StorageCache, interleave
         from .metrics import Item, build_metrics, make_embeddings, make_llm, score_items
 
         metric_names = [m.value for m in self.spec.metrics]
@@ -327,13 +327,18 @@ class Evaluation:
             for index, spec in enumerate([judge_spec, *self.spec.extra_judges]):
                 judges.append(Judge(JudgeConfig.from_spec(spec, self.judge_key(index) or main_key), cache=cache, budget=budget))
             # Interleave the models item by item, so a budget that runs out leaves every model alike.
-            judge_items = [
-                JudgeItem(run.name, i, row.question, row.reference, run.predictions[i].answer)
-                for i, row in enumerate(rows)
-                for run in ok
-            ]
+            judge_items = interleave(
+                {
+                    run.name: [
+                        JudgeItem(run.name, i, row.question, row.reference, run.predictions[i].answer)
+                        for i, row in enumerate(rows)
+                    ]
+                    for run in ok
+                },
+                self.spec.seed,
+            )
             for judge in judges:  # judges run one after the other: the main judge is served first
-                tasks.append(judge.grade(judge_items, seed=self.spec.seed))
+                tasks.append(judge.grade(judge_items))
         results = []
         for task in tasks:
             results.append(await task)
