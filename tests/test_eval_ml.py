@@ -44,13 +44,16 @@ def training(steps: int) -> TrainingSpec:
 
 @pytest.fixture(scope="module")
 def trained(tiny_s3, tmp_path_factory):
-    """data/ prepared once; `strong` trained for many steps, `weak` for two, both LoRA on tiny-llama."""
+    """data/ prepared once; `strong` trained for 120 steps (LoRA), `weak` for two (QLoRA), on tiny-llama."""
     from ftc_api.spec import DatasetSpec
     from ftc_trainer.prepare import run_prepare
     from ftc_trainer.train import run_train
 
     location = Location(bucket=tiny_s3.bucket, prefix="eval-ml/default/bakeoff-0123abcd", endpoint_url=tiny_s3.endpoint_url)
-    refs = {name: ModelRef(name=name, base_model=tiny_s3.llama, method=Method.LORA) for name in ("strong", "weak")}
+    refs = {
+        "strong": ModelRef(name="strong", base_model=tiny_s3.llama, method=Method.LORA),
+        "weak": ModelRef(name="weak", base_model=tiny_s3.llama, method=Method.QLORA),  # evaluated on a 4-bit NF4 base
+    }
     prepared = run_prepare(
         PrepareInput(
             dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec(eval_count=24, test_count=TEST_ROWS)),
