@@ -454,7 +454,7 @@ class EvaluationSpec(ApiModel):
     """How the fine-tuned models are compared on the held-out test split."""
 
     metrics: list[Metric] = Field(
-        default_factory=lambda: [
+        default=[
             Metric.JUDGE,
             Metric.ANSWER_CORRECTNESS,
             Metric.FACTUAL_CORRECTNESS,
@@ -501,8 +501,14 @@ class EvaluationSpec(ApiModel):
 
 
 EvaluationSpec.model_config["json_schema_extra"] = cel_rules(
-    ("self.metrics.exists(m, m == self.primaryMetric)", "evaluation.primaryMetric must be one of evaluation.metrics"),
-    ("self.metrics.all(m, self.metrics.exists_one(n, n == m))", "evaluation.metrics: each metric may appear once"),
+    (
+        "!has(self.metrics) || !has(self.primaryMetric) || self.metrics.exists(m, m == self.primaryMetric)",
+        "evaluation.primaryMetric must be one of evaluation.metrics",
+    ),
+    (
+        "!has(self.metrics) || self.metrics.all(m, self.metrics.exists_one(n, n == m))",
+        "evaluation.metrics: each metric may appear once",
+    ),
 )
 
 

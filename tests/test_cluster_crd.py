@@ -1,0 +1,126 @@
+"""The generated CRD on a real API server: bad specs are refused at apply, the spec freezes once started,
+and `kubectl explain` documents the API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ftc_api.crd import CRD_FILENAME
+from tests.cluster.fixtures import Cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+CRD = Path(__file__).resolve().parents[1] / "crds" / CRD_FILENAME
+
+
+@pytest.fixture
+def crd(control_plane: Cluster) -> Cluster:
+    control_plane.kubectl("apply", "-f", str(CRD))
+    jsonpath = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+    wait_for(
+        lambda: control_plane.kubectl("get", "crd/finetunecomparisons.ftc.dev", "-o", jsonpath) == "True",
+        60,
+        "the CRD to be established",
+    )
+    return control_plane
+
+
+def comparison(name: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "models": [{"name": "a", "baseModel": "/m/a"}, {"name": "b", "baseModel": "/m/b"}],
+        "dataset": {"source": "s3://ftc/data.jsonl"},
+        "storage": {"bucket": "ftc"},
+    }
+    body.update(spec)
+    return {"apiVersion": "ftc.dev/v1alpha1", "kind": "FineTuneComparison", "metadata": {"name": name}, "spec": body}
+
+
+def apply(cluster: Cluster, namespace: str, doc: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    kubectl = str(Path(cluster.bin_dir) / "kubectl")
+    return subprocess.run(
+        [kubectl, "--kubeconfig", str(cluster.kubeconfig), "-n", namespace, "apply", "-f", "-"],
+        input=yaml.safe_dump(doc),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+REFUSED = [
+    (
+        "duplicate-names",
+        {"models": [{"name": "a", "baseModel": "x"}, {"name": "a", "baseModel": "z"}]},
+        "model names must be unique",
+    ),
+    ("fractions", {"dataset": {"source": "x", "split": {"evalFraction": 0.6, "testFraction": 0.5}}}, "below 1"),
+    ("fraction-and-count", {"dataset": {"source": "x", "split": {"testFraction": 0.1, "testCount": 5}}}, "not both"),
+    ("bad-method", {"models": [{"name": "a", "baseModel": "x", "method": "full"}]}, "spec.models[0].method"),
+    ("bad-name", {"models": [{"name": "Big_Model", "baseModel": "x"}]}, "spec.models[0].name"),
+    ("primary-unmeasured", {"evaluation": {"metrics": ["bleu"], "primaryMetric": "judge"}}, "primaryMetric must be one of"),
+    ("no-storage", {"storage": None}, "spec.storage"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_bad_specs_are_refused_at_apply(crd: Cluster, namespace: str, spec: dict[str, Any], message: str) -> None:
+    doc = comparison("bad", **spec)
+    doc["spec"] = {k: v for k, v in doc["spec"].items() if v is not None}
+    result = apply(crd, namespace, doc)
+    assert result.returncode != 0, result.stdout
+    assert message in result.stderr, result.stderr
+
+
+def test_good_spec_gets_defaults_from_the_schema(crd: Cluster, namespace: str) -> None:
+    result = apply(crd, namespace, comparison("good"))
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(crd.kubectl("-n", namespace, "get", "ftc", "good", "-o", "json"))
+    assert stored["spec"]["training"]["epochs"] == 2
+    assert stored["spec"]["models"][0]["method"] == "qlora"
+    assert stored["spec"]["training"]["lora"]["r"] == 16
+    assert stored["spec"]["evaluation"]["judge"]["model"] == "gpt-4"
+
+
+def test_spec_is_frozen_once_started(crd: Cluster, namespace: str) -> None:
+    assert apply(crd, namespace, comparison("frozen")).returncode == 0
+    # While Pending the spec may still change.
+    changed = comparison("frozen", training={"epochs": 3})
+    assert apply(crd, namespace, changed).returncode == 0
+    crd.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "ftc",
+        "frozen",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"phase": "Training"}}),
+    )
+    wait_for(
+        lambda: "Training" in crd.kubectl("-n", namespace, "get", "ftc", "frozen", "-o", "jsonpath={.status.phase}"),
+        30,
+        "status phase Training",
+    )
+    result = apply(crd, namespace, comparison("frozen", training={"epochs": 4}))
+    assert result.returncode != 0
+    assert "spec is immutable once the comparison has started" in result.stderr
+
+
+def test_kubectl_explain_documents_the_api(crd: Cluster) -> None:
+    def explained() -> str:
+        return crd.kubectl("explain", "ftc.spec.training.lora", check=False)
+
+    wait_for(lambda: "rank of the LoRA update matrices" in explained(), 60, "kubectl explain to know the CRD")
+    status = crd.kubectl("explain", "ftc.status.models")
+    assert "overfitting" in status and "tokensPerSecond" in status
+
+
+def test_printer_columns(crd: Cluster, namespace: str) -> None:
+    assert apply(crd, namespace, comparison("columns")).returncode == 0
+    header = crd.kubectl("-n", namespace, "get", "ftc").splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "MODELS", "WINNER", "AGE"]
