@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from ftc_api.crd import CRD_FILENAME
+
 from tests.cluster.fixtures import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
