@@ -263,6 +263,10 @@ class EvaluateResult(ApiModel):
     judge_cost: float | None = Field(default=None, description="judgeCost: estimated cost of the judge calls.")
     scores_uri: str | None = Field(default=None, description="scoresUri: eval/scores.json.")
     report_uri: str | None = Field(default=None, description="reportUri: report/index.html.")
+    failed_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="failedModels: models left out of the comparison (failed training or evaluation), and why.",
+    )
 
 
 StepResult = PrepareResult | TrainResult | EvaluateResult
