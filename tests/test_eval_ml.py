@@ -278,3 +278,27 @@ def test_cli_with_ragas_metrics_writes_a_small_summary(trained, openai_server, t
         assert strong[metric].mean >= weak[metric].mean, metric
     json_requests = [r for r in openai_server.chat_requests() if "response_format" in r["body"]]
     assert json_requests  # ragas' LLM metrics went to the judge endpoint over HTTP
+
+
+def test_failed_models_are_reported_and_the_others_still_compared(trained, openai_server, tmp_path):
+    from ftc_evaluator.run import evaluate
+
+    location, refs, results = trained
+    ghost = EvaluatedModel(
+        model=ModelRef(name="ghost", base_model=refs["strong"].base_model, method=Method.LORA),
+        adapter_uri=location.uri("models", "ghost", "adapter-best"),
+    )
+    inp = EvaluateInput(
+        models=[evaluated(refs["weak"], results["weak"]), ghost, evaluated(refs["strong"], results["strong"])],
+        failed_models={"crashed": "train step failed: CUDA out of memory"},
+        evaluation=spec(openai_server, [Metric.JUDGE]),
+        location=location,
+    )
+    result = evaluate(inp, workdir=tmp_path)
+    assert result.ok, result.error
+    assert [m.model for m in result.models] == ["weak", "strong"]
+    assert result.winner == "strong"
+    assert set(result.failed_models) == {"crashed", "ghost"}
+    assert "no manifest" in result.failed_models["ghost"] or "nothing under" in result.failed_models["ghost"]
+    report = (tmp_path / "index.html").read_text()
+    assert "CUDA out of memory" in report and "ghost" in report

@@ -264,7 +264,7 @@ def load_model(
         kwargs["dtype"] = compute_dtype
     else:
         kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     if method == "qlora" and not on_gpu:
         _avoid_packed_cpu_kernel(model)
     if adapter_path is not None:

@@ -145,7 +145,8 @@ def fit_summary(result: EvaluateResult, limit: int = MAX_SUMMARY_BYTES) -> Evalu
     trimmed = trimmed.model_copy(update={"pairwise": [p for p in trimmed.pairwise if result.winner in (p.a, p.b)][:3]})
     if size(trimmed) <= limit:
         return trimmed
-    return trimmed.model_copy(update={"pairwise": []})
+    trimmed = trimmed.model_copy(update={"pairwise": [], "failed_models": {k: v[:80] for k, v in trimmed.failed_models.items()}})
+    return trimmed
 
 
 # ---------------------------------------------------------------------------------------------- state of one run
@@ -166,6 +167,13 @@ class ModelRun:
     @property
     def name(self) -> str:
         return self.spec.model.name
+
+    @property
+    def chosen(self) -> AdapterChoice:
+        """The adapter evaluated (set once generation started)."""
+        if self.adapter is None:
+            raise RuntimeError(f"{self.name}: no adapter chosen yet")
+        return self.adapter
 
 
 class Evaluation:
@@ -287,7 +295,7 @@ class Evaluation:
         local = self.workdir / "predictions" / name
         local.mkdir(parents=True, exist_ok=True)
         (local / "predictions.jsonl").write_text("".join(p.to_json() + "\n" for p in predictions))
-        self.store.upload_tree(local, prefix, extra={"key": key, "adapterUri": run.adapter.uri, "generation": run.generation})
+        self.store.upload_tree(local, prefix, extra={"key": key, "adapterUri": run.chosen.uri, "generation": run.generation})
 
     # ------------------------------------------------------------------ scoring
 
@@ -304,7 +312,6 @@ class Evaluation:
         out: dict[str, Any] = {"metric_errors": {}, "judges": [], "agreement": [], "budget_exhausted": False, "judgments": {}}
         judge_spec = self.spec.judge
         main_key = self.judge_key(0)
-        tasks = []
         if ragas_names:
             llm = embeddings = None
             if any(n in ("answer_correctness", "factual_correctness") for n in ragas_names):
@@ -319,8 +326,14 @@ class Evaluation:
                 embeddings = make_embeddings(self.spec.embeddings, self.env.get(EMBEDDINGS_API_KEY_ENV))
             metrics = build_metrics(ragas_names, llm=llm, embeddings=embeddings)
             items = [Item(p.prompt, p.reference, p.answer) for run in ok for p in run.predictions]
-            tasks.append(score_items(items, metrics, concurrency=judge_spec.concurrency))
+            scored = await score_items(items, metrics, concurrency=judge_spec.concurrency)
+            n = len(rows)
+            for name, per_item in scored.values.items():
+                for k, run in enumerate(ok):
+                    values[run.name][name] = per_item[k * n : (k + 1) * n]
+            out["metric_errors"] = {name: dict(counter) for name, counter in scored.errors.items()}
         judges: list[Judge] = []
+        results: list[list[Any]] = []
         if JUDGE in metric_names:
             budget = Budget(self.spec.max_judge_calls)
             cache = StorageCache(self.store, self.uri(names.JUDGE_CACHE_DIR))
@@ -338,17 +351,7 @@ class Evaluation:
                 self.spec.seed,
             )
             for judge in judges:  # judges run one after the other: the main judge is served first
-                tasks.append(judge.grade(judge_items))
-        results = []
-        for task in tasks:
-            results.append(await task)
-        if ragas_names:
-            scored = results.pop(0)
-            n = len(rows)
-            for name, per_item in scored.values.items():
-                for k, run in enumerate(ok):
-                    values[run.name][name] = per_item[k * n : (k + 1) * n]
-            out["metric_errors"] = {name: dict(counter) for name, counter in scored.errors.items()}
+                results.append(await judge.grade(judge_items))
         if judges:
             ratings_by_judge = []
             for judge, judgments in zip(judges, results, strict=True):
@@ -410,7 +413,7 @@ class Evaluation:
         models = []
         for run in ok:
             scores = [metric_score(m, values[run.name].get(m, []), resamples=resamples, seed=seed) for m in metric_names]
-            models.append(EvaluatedModelResult(model=run.name, checkpoint=run.adapter.checkpoint, scores=scores))
+            models.append(EvaluatedModelResult(model=run.name, checkpoint=run.chosen.checkpoint, scores=scores))
         decision = stats.verdict(
             {r.name: values[r.name][primary] for r in ok}, alpha=spec.significance_level, resamples=resamples, seed=seed
         )
@@ -433,6 +436,7 @@ class Evaluation:
             judge_cost=round(sum(j["cost"] for j in judge_usage), 6) if judge_usage else None,
             scores_uri=self.uri(names.SCORES_KEY),
             report_uri=self.uri(names.REPORT_KEY),
+            failed_models={name: why[:300] for name, why in failed.items()},
         )
         if failed:
             self.notes.append("failed models: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
@@ -451,7 +455,9 @@ class Evaluation:
             "models": [
                 {
                     **m.to_wire(),
-                    "adapterUri": run.adapter.uri,
+                    "adapterUri": run.chosen.uri,
+                    "train": _train_facts(run),
+                    "overfitting": self._overfitting(run),
                     "generation": run.generation,
                     "judgeMissingReasons": _missing_reasons(scored["judgments"].get(run.name, [])),
                 }
@@ -480,8 +486,8 @@ class Evaluation:
             models.append(
                 ReportModel(
                     name=run.name,
-                    checkpoint=run.adapter.checkpoint,
-                    adapter_uri=run.adapter.uri,
+                    checkpoint=run.chosen.checkpoint,
+                    adapter_uri=run.chosen.uri,
                     scores=scores,
                     train=_train_facts(run),
                     overfitting=self._overfitting(run),
