@@ -152,3 +152,18 @@ def test_cost_is_estimated_from_usage(openai_server):
     asyncio.run(judge.grade(items(GOOD)))
     usage = judge.usage
     assert usage.cost == pytest.approx(usage.prompt_tokens / 1000 + 2 * usage.completion_tokens / 1000)
+
+
+def test_retry_after_is_honoured(openai_server):
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    openai_server.retry_after = "7"
+    openai_server.fail_next("429", "429")
+    config = JudgeConfig(base_url=openai_server.base_url, model="fake-judge", backoff_base=0.01, backoff_max=5)
+    judge = Judge(config, sleep=sleep)
+    (judgment,) = asyncio.run(judge.grade(items(GOOD)))
+    assert judgment.rating == 10.0
+    assert slept == [5, 5]  # the server's 7 s, capped by backoff_max, instead of the 0.01 s backoff

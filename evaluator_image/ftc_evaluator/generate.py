@@ -247,8 +247,10 @@ def load_model(
         default = DEFAULT_CHAT_TEMPLATE
         tokenizer.chat_template = default if tokenizer.bos_token else default.replace("{{ bos_token }}", "")
 
-    kwargs: dict[str, Any] = {"device_map": {"": device}}
     on_gpu = device.startswith("cuda")
+    # One GPU: everything on it. Several (a bf16 Mixtral-8x7B needs ~90 GB): spread the layers over them.
+    spread = on_gpu and torch.cuda.device_count() > 1
+    kwargs: dict[str, Any] = {"device_map": "auto" if spread else {"": device}}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 

@@ -212,9 +212,10 @@ class BudgetExhausted(Exception):
 
 
 class _Retryable(Exception):
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -315,10 +316,12 @@ class Judge:
             return Judgment(parse_rating(hit["text"]), hit["text"], cached=True)
         attempts = 0
         last_error = "no attempt"
+        wait: float | None = None
         while attempts <= self.config.max_retries:
             if attempts:
                 self.usage.retries += 1
-                await self._sleep(self._backoff(attempts))
+                await self._sleep(min(self.config.backoff_max, max(self._backoff(attempts), wait or 0.0)))
+                wait = None
             if not self.budget.take():
                 return self._missing("budget exhausted (maxJudgeCalls)", attempts)
             attempts += 1
@@ -326,6 +329,7 @@ class Judge:
                 text = await self._call(prompt)
             except _Retryable as err:
                 last_error = str(err)
+                wait = err.retry_after
                 self.usage.errors[err.kind] = self.usage.errors.get(err.kind, 0) + 1
                 continue
             except Exception as err:  # 400/401/404...: retrying will not help
@@ -361,7 +365,7 @@ class Judge:
                 timeout=self.config.timeout_seconds,
             )
         except openai.RateLimitError as err:
-            raise _Retryable("429", f"rate limited: {_short(err)}") from err
+            raise _Retryable("429", f"rate limited: {_short(err)}", _retry_after(err)) from err
         except openai.InternalServerError as err:
             raise _Retryable(f"{err.status_code}", f"server error {err.status_code}: {_short(err)}") from err
         except openai.APITimeoutError as err:
@@ -380,6 +384,15 @@ class Judge:
         if not choices:
             raise _Retryable("empty", "reply has no choices")
         return choices[0].message.content or ""
+
+
+def _retry_after(err: Any) -> float | None:
+    """Seconds the server asked us to wait (Retry-After), if it said."""
+    try:
+        value = err.response.headers.get("retry-after")
+        return max(0.0, float(value)) if value is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _short(value: object, limit: int = 200) -> str:
