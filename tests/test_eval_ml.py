@@ -5,6 +5,7 @@ loopback judge, and names the winner — or `tie` for two identical models."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -180,7 +181,7 @@ def test_judge_failures_end_in_retries_and_missing_counts_never_in_made_up_score
         evaluation=evaluation,
         location=location,
     )
-    result = evaluate(inp, workdir=tmp_path)
+    result = evaluate(inp, workdir=tmp_path, env=dict(os.environ, FTC_JUDGE_BACKOFF_SECONDS="0.05"))
     assert result.ok, result.error
 
     store = Storage.for_location(location)
@@ -228,7 +229,6 @@ def test_judge_budget_stops_judging_and_says_so(trained, openai_server, tmp_path
 
 
 def test_cli_with_ragas_metrics_writes_a_small_summary(trained, openai_server, tmp_path):
-    import os
     import subprocess
     import sys
 

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SIZE = 8  # held-out prompts shown in the report
 JUDGE = Metric.JUDGE.value
+BACKOFF_ENV = "FTC_JUDGE_BACKOFF_SECONDS"  # first retry's delay (doubling, with jitter); default 1 s
 
 
 # ---------------------------------------------------------------------------------------------- pure decisions
@@ -336,9 +337,11 @@ class Evaluation:
         results: list[list[Any]] = []
         if JUDGE in metric_names:
             budget = Budget(self.spec.max_judge_calls)
+            backoff = float(self.env.get(BACKOFF_ENV) or 1.0)
             cache = StorageCache(self.store, self.uri(names.JUDGE_CACHE_DIR))
             for index, spec in enumerate([judge_spec, *self.spec.extra_judges]):
-                judges.append(Judge(JudgeConfig.from_spec(spec, self.judge_key(index) or main_key), cache=cache, budget=budget))
+                config = JudgeConfig.from_spec(spec, self.judge_key(index) or main_key, backoff_base=backoff)
+                judges.append(Judge(config, cache=cache, budget=budget))
             # Interleave the models item by item, so a budget that runs out leaves every model alike.
             judge_items = interleave(
                 {
