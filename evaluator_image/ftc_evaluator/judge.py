@@ -95,13 +95,19 @@ class MemoryCache:
         self.data[key] = value
 
 
-class StorageCache:
-    """Judgments as JSON objects under `prefix`/KEY.json (eval/judge-cache/ of the run), via ftc_storage.
-    The prefix is listed once, so a cold cache costs one request instead of one per item."""
+def _is_judgment(value: dict[str, Any]) -> bool:
+    return parse_rating(value.get("text")) is not None
 
-    def __init__(self, store: Any, prefix: str) -> None:
+
+class StorageCache:
+    """JSON objects under `prefix`/KEY.json (judgments: eval/judge-cache/ of the run), via ftc_storage.
+    The prefix is listed once, so a cold cache costs one request instead of one per item. `accept`
+    decides whether a stored value is usable (default: a judgment with a parseable rating)."""
+
+    def __init__(self, store: Any, prefix: str, accept: Callable[[dict[str, Any]], bool] = _is_judgment) -> None:
         self.store = store
         self.prefix = prefix.rstrip("/")
+        self.accept = accept
         self._known: set[str] | None = None
 
     def _names(self) -> set[str]:
@@ -121,7 +127,7 @@ class StorageCache:
         except Exception as err:
             log.warning("judge cache: cannot read %s: %s", key, err)
             return None
-        return value if isinstance(value, dict) and parse_rating(value.get("text")) is not None else None
+        return value if isinstance(value, dict) and self.accept(value) else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         try:

@@ -17,6 +17,8 @@ leaves that item missing (None) and counts the error.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 from collections import Counter
@@ -145,16 +147,46 @@ async def _score_one(name: str, metric: Any, item: Item) -> float:
     return value
 
 
-async def score_items(items: Sequence[Item], metrics: dict[str, Any], *, concurrency: int = 4) -> MetricScores:
-    """Every metric on every item; LLM metrics run `concurrency` requests at a time."""
+def cache_key(metric: str, scorer: str, item: Item) -> str:
+    """sha256 of the metric, the models behind it (LLM and embeddings) and the item."""
+    doc = [metric, scorer, item.question, item.reference, item.answer]
+    return hashlib.sha256(json.dumps(doc, ensure_ascii=False).encode()).hexdigest()
+
+
+def is_cached_score(value: dict[str, Any]) -> bool:
+    return isinstance(value.get("value"), int | float)
+
+
+async def score_items(
+    items: Sequence[Item],
+    metrics: dict[str, Any],
+    *,
+    concurrency: int = 4,
+    cache: Any = None,
+    scorer: str = "",
+) -> MetricScores:
+    """Every metric on every item; LLM metrics run `concurrency` requests at a time. With a `cache`
+    (get/put of JSON objects), LLM metric scores are looked up first and stored after, keyed by
+    `cache_key(metric, scorer, item)`: a restarted evaluation does not pay for them twice."""
     out = MetricScores()
     semaphore = asyncio.Semaphore(concurrency)
+
+    async def llm_score(name: str, metric: Any, item: Item) -> float:
+        key = cache_key(name, scorer, item) if cache is not None else ""
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                return float(hit["value"])
+        async with semaphore:
+            value = await _score_one(name, metric, item)
+        if cache is not None and item.answer.strip():
+            cache.put(key, {"metric": name, "scorer": scorer, "value": value})
+        return value
 
     async def one(name: str, metric: Any, index: int) -> None:
         try:
             if name in LLM:
-                async with semaphore:
-                    value = await _score_one(name, metric, items[index])
+                value = await llm_score(name, metric, items[index])
             else:
                 value = await _score_one(name, metric, items[index])
         except Exception as err:

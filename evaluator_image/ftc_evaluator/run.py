@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SIZE = 8  # held-out prompts shown in the report
 JUDGE = Metric.JUDGE.value
+METRIC_CACHE_DIR = "eval/metric-cache"  # LLM-metric scores (RAGAS), like eval/judge-cache/ for judgments
 BACKOFF_ENV = "FTC_JUDGE_BACKOFF_SECONDS"  # first retry's delay (doubling, with jitter); default 1 s
 
 
@@ -305,7 +306,7 @@ class Evaluation:
 
     async def score(self, ok: list[ModelRun], rows: list[TestRow]) -> dict[str, Any]:
         from .judge import Budget, Judge, JudgeConfig, JudgeItem, StorageCache, interleave
-        from .metrics import Item, build_metrics, make_embeddings, make_llm, score_items
+        from .metrics import Item, build_metrics, is_cached_score, make_embeddings, make_llm, score_items
 
         metric_names = [m.value for m in self.spec.metrics]
         ragas_names = [m for m in metric_names if m != JUDGE]
@@ -327,7 +328,10 @@ class Evaluation:
                 embeddings = make_embeddings(self.spec.embeddings, self.env.get(EMBEDDINGS_API_KEY_ENV))
             metrics = build_metrics(ragas_names, llm=llm, embeddings=embeddings)
             items = [Item(p.prompt, p.reference, p.answer) for run in ok for p in run.predictions]
-            scored = await score_items(items, metrics, concurrency=judge_spec.concurrency)
+            emb = self.spec.embeddings
+            scorer = f"{judge_spec.base_url}|{judge_spec.model}|{emb.provider}|{emb.base_url or ''}|{emb.model}"
+            metric_cache = StorageCache(self.store, self.uri(METRIC_CACHE_DIR), accept=is_cached_score)
+            scored = await score_items(items, metrics, concurrency=judge_spec.concurrency, cache=metric_cache, scorer=scorer)
             n = len(rows)
             for name, per_item in scored.values.items():
                 for k, run in enumerate(ok):
