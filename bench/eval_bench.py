@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -69,39 +70,43 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     root = Path(args.assets or tempfile.mkdtemp(prefix="ftc-eval-bench-"))
-    assets = tiny.build_all(root)
-    rows, _ = read_test_rows(assets.chat.read_text().splitlines())
-    rows = (rows * (args.prompts // max(1, len(rows)) + 1))[: args.prompts]
-    batched_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=0)
-    single_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=1)
+    try:
+        assets = tiny.build_all(root)
+        rows, _ = read_test_rows(assets.chat.read_text().splitlines())
+        rows = (rows * (args.prompts // max(1, len(rows)) + 1))[: args.prompts]
+        batched_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=0)
+        single_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=1)
 
-    results = []
-    for kind in tiny.MODEL_KINDS:
-        adapter = build_adapter(assets.model(kind), root / "adapters" / kind)
-        for method in ("lora", "qlora"):
-            loaded = load_model(assets.model(kind), adapter, method=method, quantization=QuantizationSpec())
-            measure(loaded, rows[:4], single_spec)  # warm-up: first-call costs are not generation speed
-            single = measure(loaded, rows, single_spec)
-            batched = measure(loaded, rows, batched_spec)
-            unload(loaded)
-            same = sum(a == b for a, b in zip(single.pop("answers_text"), batched.pop("answers_text"), strict=True))
-            speedup = batched["answers_per_second"] / single["answers_per_second"] if single["answers_per_second"] else None
-            entry = {
-                "model": kind,
-                "method": method,
-                "prompts": len(rows),
-                "single": single,
-                "batched": batched,
-                "speedup": round(speedup, 2) if speedup else None,
-                "identical_answers": same,
-            }
-            results.append(entry)
-            print(
-                f"{kind:13s} {method:5s} one-at-a-time {single['answers_per_second']:7.2f} answers/s | "
-                f"batched (batch {batched['batch_size']}) {batched['answers_per_second']:7.2f} answers/s | "
-                f"x{entry['speedup']} | identical answers {same}/{len(rows)}",
-                flush=True,
-            )
+        results = []
+        for kind in tiny.MODEL_KINDS:
+            adapter = build_adapter(assets.model(kind), root / "adapters" / kind)
+            for method in ("lora", "qlora"):
+                loaded = load_model(assets.model(kind), adapter, method=method, quantization=QuantizationSpec())
+                measure(loaded, rows[:4], single_spec)  # warm-up: first-call costs are not generation speed
+                single = measure(loaded, rows, single_spec)
+                batched = measure(loaded, rows, batched_spec)
+                unload(loaded)
+                same = sum(a == b for a, b in zip(single.pop("answers_text"), batched.pop("answers_text"), strict=True))
+                speedup = batched["answers_per_second"] / single["answers_per_second"] if single["answers_per_second"] else None
+                entry = {
+                    "model": kind,
+                    "method": method,
+                    "prompts": len(rows),
+                    "single": single,
+                    "batched": batched,
+                    "speedup": round(speedup, 2) if speedup else None,
+                    "identical_answers": same,
+                }
+                results.append(entry)
+                print(
+                    f"{kind:13s} {method:5s} one-at-a-time {single['answers_per_second']:7.2f} answers/s | "
+                    f"batched (batch {batched['batch_size']}) {batched['answers_per_second']:7.2f} answers/s | "
+                    f"x{entry['speedup']} | identical answers {same}/{len(rows)}",
+                    flush=True,
+                )
+    finally:
+        if not args.assets:
+            shutil.rmtree(root, ignore_errors=True)
     speedups = [r["speedup"] for r in results if r["speedup"]]
     doc = {
         "benchmark": "evaluator generation: batched vs one prompt at a time",
