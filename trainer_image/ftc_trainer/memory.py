@@ -114,7 +114,7 @@ def estimate(
 
 def describe(name: str, method: Method, est: MemoryEstimate) -> str:
     return (
-        f"model {name} ({method.value}) needs an estimated {est.total_gib:.1f} GiB of GPU memory "
+        f"model {name} ({method.value}) needs an estimated {est.total_gib:.2f} GiB of GPU memory "
         f"(weights {est.weights_gib:.1f} + LoRA and optimizer {est.lora_gib:.2f} + activations {est.activations_gib:.1f} "
-        f"+ overhead) but its placement provides {est.available_gib:.1f} GiB"
+        f"+ overhead) but its placement provides {est.available_gib:.2f} GiB"
     )

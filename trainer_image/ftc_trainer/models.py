@@ -38,12 +38,14 @@ def fetch_model(source: str, store: Any, weights: bool = True) -> str:
         if looks_like_path(source):
             raise StepError(f"base model {source!r} not found: no such file or directory")
         return source
-    target = cache_dir() / hashlib.sha256(source.encode()).hexdigest()[:16]
-    marker = target / (".ftc-complete" if weights else ".ftc-config")
-    if marker.exists() or (target / ".ftc-complete").exists():
-        return str(target)
     try:
         manifest = store.read_manifest(source)
+        # The cache key covers the manifest, so a re-uploaded model is fetched again.
+        key = source + (manifest.sha256 or "" if manifest is not None else "")
+        target = cache_dir() / hashlib.sha256(key.encode()).hexdigest()[:16]
+        marker = target / (".ftc-complete" if weights else ".ftc-config")
+        if marker.exists() or (target / ".ftc-complete").exists():
+            return str(target)
         if manifest is not None and weights:
             store.download_verified(source, target)
         else:

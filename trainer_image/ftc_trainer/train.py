@@ -1,0 +1,378 @@
+"""The train step: fine-tune one model with LoRA or QLoRA on the prepared data, resumable from S3.
+
+Flow: verified download of data/ -> base model (s3:// prefix, local path or hub id) -> tokenisation with
+labels on the responses only -> LoRA on every linear projection (experts included) -> transformers
+Trainer with eval every `evalSteps` and at each epoch end -> checkpoints to
+models/MODEL/checkpoints/step-N/ (manifest last) every `saveSteps` -> final and best adapters,
+metrics.json and models/MODEL/manifest.json (last).
+
+Resume: on start the newest checkpoint with a valid manifest is downloaded and handed to
+`Trainer.train(resume_from_checkpoint=...)`, which restores adapter, optimizer, scheduler, RNG states
+and the data position; the loss history lives in the checkpoint's trainer_state.json, and the best
+adapter so far in its `ftc-best-adapter/`, so the history continues with no step repeated or missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ftc_api import names
+from ftc_api.overfitting import overfitting_verdict
+from ftc_api.spec import TrainingSpec
+from ftc_api.steps import LossPoint, TrainInput, TrainResult
+
+from . import data
+from .errors import StepError
+
+log = logging.getLogger("ftc.train")
+
+BEST_DIR = "ftc-best-adapter"
+STATE_FILE = "ftc-state.json"
+CONFIG_FILE = "ftc-train-config.json"
+_STEP_MANIFEST = re.compile(r"^step-(\d+)/manifest\.json$")
+
+
+def effective_training(inp: TrainInput) -> TrainingSpec:
+    """spec.training with the model's own batch size and sequence length, when set."""
+    update: dict[str, Any] = {}
+    if inp.model.per_device_batch_size:
+        update["per_device_batch_size"] = inp.model.per_device_batch_size
+    if inp.model.max_seq_length:
+        update["max_seq_length"] = inp.model.max_seq_length
+    return inp.training.model_copy(update=update)
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> list[LossPoint]:
+    """LossPoints from the Trainer's log history: train and eval losses of the same step share a point;
+    a step logged twice (which resume must never cause) shows up twice."""
+    points: list[LossPoint] = []
+    by_step: dict[int, LossPoint] = {}
+    for entry in log_history:
+        step = int(entry.get("step", 0))
+        for key, attr in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
+            if key not in entry:
+                continue
+            point = by_step.get(step)
+            if point is None or getattr(point, attr) is not None:
+                point = LossPoint(step=step, epoch=round(float(entry.get("epoch", 0.0)), 4))
+                by_step[step] = point
+                points.append(point)
+            setattr(point, attr, round(float(entry[key]), 6))
+    return points
+
+
+def newest_checkpoint_steps(object_names: list[str]) -> list[int]:
+    """Steps of the checkpoints whose manifest exists, newest first."""
+    steps = {int(m.group(1)) for n in object_names if (m := _STEP_MANIFEST.match(n))}
+    return sorted(steps, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+class EvalEveryEpochAndAtEnd(TrainerCallback):
+    """Evaluate at each epoch end and at the last step (besides every evalSteps), never twice per step;
+    log the train loss at the last step."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last_eval_step = -1
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last_eval_step = state.global_step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+            control.should_evaluate = self.enabled
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.enabled and self.last_eval_step != state.global_step:
+            control.should_evaluate = True
+
+
+class BestAdapter(TrainerCallback):
+    """Keep the adapter with the lowest eval loss in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.loss = math.inf
+        self.step: int | None = None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None, **kw: Any) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and model is not None and loss < self.loss:
+            self.loss, self.step = float(loss), state.global_step
+            model.save_pretrained(self.directory)
+
+    def restore(self, checkpoint: Path) -> None:
+        state_file = checkpoint / STATE_FILE
+        if state_file.exists() and (checkpoint / BEST_DIR).is_dir():
+            state = json.loads(state_file.read_text())
+            self.loss, self.step = float(state["bestEvalLoss"]), state["bestStep"]
+            shutil.rmtree(self.directory, ignore_errors=True)
+            shutil.copytree(checkpoint / BEST_DIR, self.directory)
+
+
+class CheckpointUploader(TrainerCallback):
+    """After each local checkpoint: add the best adapter and ftc's state, upload to
+    checkpoints/step-N/ with the manifest last."""
+
+    def __init__(self, store: Any, prefix: str, best: BestAdapter) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.best = best
+        self.uploaded: list[int] = []
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        if not local.is_dir() or step in self.uploaded:
+            return
+        if self.best.directory.is_dir():
+            shutil.rmtree(local / BEST_DIR, ignore_errors=True)
+            shutil.copytree(self.best.directory, local / BEST_DIR)
+            (local / STATE_FILE).write_text(json.dumps({"bestEvalLoss": self.best.loss, "bestStep": self.best.step}))
+        started = time.monotonic()
+        self.store.upload_tree(local, f"{self.prefix}/step-{step}", extra={"step": step})
+        self.uploaded.append(step)
+        log.info("checkpoint step-%d uploaded in %.1fs", step, time.monotonic() - started)
+
+
+class RunClock(TrainerCallback):
+    """Wall time and tokens of this run (a resumed run counts only its own part)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.seconds = 0.0
+        self.tokens_at_start = 0
+        self.tokens_at_end = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.monotonic()
+        self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seconds = time.monotonic() - self.started
+        self.tokens_at_end = int(state.num_input_tokens_seen or 0)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, list[int]]], int]:
+    """Tokenised rows with response-only labels; rows whose response lies past max_length are skipped."""
+    from .templates import IGNORE_INDEX, encode
+
+    out, skipped = [], 0
+    for row in rows:
+        item = encode(tokenizer, row["messages"], max_length)
+        if all(label == IGNORE_INDEX for label in item["labels"]):
+            skipped += 1
+            continue
+        out.append(item)
+    return out, skipped
+
+
+def find_checkpoint(store: Any, prefix: str, output_dir: Path) -> tuple[Path | None, int | None]:
+    """Download the newest complete checkpoint; None when there is none."""
+    from ftc_storage import StorageError
+
+    for step in newest_checkpoint_steps(store.list(prefix)):
+        local = output_dir / f"checkpoint-{step}"
+        try:
+            store.download_verified(f"{prefix}/step-{step}", local)
+            return local, step
+        except StorageError as err:
+            log.warning("checkpoint step-%d is unusable (%s); trying an older one", step, err)
+            shutil.rmtree(local, ignore_errors=True)
+    return None, None
+
+
+def peak_memory_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)  # KiB on Linux
+
+
+def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
+    """Run the train step; raises StepError on bad input (the caller reports it)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from ftc_storage import Storage, StorageError
+
+    from .models import (
+        adapted_modules,
+        fetch_model,
+        has_cuda,
+        load_model,
+        load_tokenizer,
+        lora_config,
+        resolve_targets,
+        trainable_parameters,
+    )
+    from .progress import ProgressReporter, pod_patcher
+
+    ref, loc = inp.model, inp.location
+    training = effective_training(inp)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-train-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = Storage.for_location(loc)
+    model_prefix = loc.uri(names.model_dir(ref.name))
+
+    data_uri = loc.uri("data")
+    try:
+        store.download_verified(data_uri, workdir / "data")
+    except StorageError as err:
+        raise StepError(f"cannot read the prepared data at {data_uri}: {err}") from err
+    train_rows = data.read_jsonl(workdir / "data" / "train.jsonl", "train")
+    eval_rows = data.read_jsonl(workdir / "data" / "eval.jsonl", "eval")
+    if not train_rows:
+        raise StepError("data/train.jsonl holds no rows")
+
+    local = fetch_model(ref.base_model, store)
+    tokenizer = load_tokenizer(local, ref.chat_template, ref.base_model)
+    train_set, skipped = encode_rows(tokenizer, train_rows, training.max_seq_length)
+    eval_set, _ = encode_rows(tokenizer, eval_rows, training.max_seq_length)
+    if not train_set:
+        raise StepError(f"every train row's response starts past maxSeqLength {training.max_seq_length}")
+    if skipped:
+        log.warning("%d train rows skipped: their response starts past maxSeqLength %d", skipped, training.max_seq_length)
+
+    set_seed(training.seed)
+    model, forced = load_model(local, ref.method, training, ref.base_model)
+    targets = resolve_targets(model, ref.lora_target_modules or training.lora.target_modules or None)
+    model = get_peft_model(model, lora_config(training, targets))
+    cuda = has_cuda()
+
+    output_dir = workdir / "trainer"
+    best = BestAdapter(workdir / "best-adapter")
+    checkpoint, resumed_step = find_checkpoint(store, f"{model_prefix}/checkpoints", output_dir)
+    if checkpoint is not None:
+        best.restore(checkpoint)
+        log.info("resuming from checkpoint step-%d", resumed_step)
+
+    has_eval = bool(eval_set)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=training.per_device_batch_size,
+        per_device_eval_batch_size=training.per_device_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler.value,
+        warmup_ratio=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=training.eval_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=training.logging_steps,
+        seed=training.seed,
+        data_seed=training.seed,
+        bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        use_cpu=not cuda,
+        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    clock = RunClock()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set or None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8),
+        callbacks=[
+            EvalEveryEpochAndAtEnd(has_eval),
+            best,
+            CheckpointUploader(store, f"{model_prefix}/checkpoints", best),
+            ProgressReporter(pod_patcher()),
+            clock,
+        ],
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    history = loss_history(trainer.state.log_history)
+    final_dir, best_dir = workdir / "adapter", workdir / "adapter-best"
+    model.save_pretrained(final_dir)
+    if best.directory.is_dir():
+        shutil.copytree(best.directory, best_dir, dirs_exist_ok=True)
+    else:
+        shutil.copytree(final_dir, best_dir, dirs_exist_ok=True)
+    config_doc = inp.to_wire() | {"targetModules": targets, "forced": forced}
+    for directory in (final_dir, best_dir):
+        tokenizer.save_pretrained(directory)
+        (directory / CONFIG_FILE).write_text(json.dumps(config_doc, indent=1, sort_keys=True))
+
+    trains = [p for p in history if p.train_loss is not None]
+    evals = [p for p in history if p.eval_loss is not None]
+    best_point = min(evals, key=lambda p: p.eval_loss) if evals else None  # type: ignore[arg-type, return-value]
+    tokens_run = clock.tokens_at_end - clock.tokens_at_start
+    result = TrainResult(
+        ok=True,
+        model=ref.name,
+        train_seconds=round(clock.seconds, 3),
+        tokens_per_second=round(tokens_run / clock.seconds, 2) if clock.seconds > 0 else None,
+        trained_tokens=clock.tokens_at_end,
+        trainable_parameters=trainable_parameters(model),
+        adapted_modules=adapted_modules(model),
+        peak_memory_gib=peak_memory_gib(),
+        final_train_loss=trains[-1].train_loss if trains else None,
+        best_eval_loss=best_point.eval_loss if best_point else None,
+        best_step=best_point.step if best_point else None,
+        final_eval_loss=evals[-1].eval_loss if evals else None,
+        total_steps=trainer.state.global_step,
+        resumed_from_step=resumed_step,
+        overfitting=overfitting_verdict(history, training.overfitting),
+        adapter_uri=loc.uri(names.adapter_dir(ref.name)),
+        best_adapter_uri=loc.uri(names.adapter_dir(ref.name, best=True)),
+        metrics_uri=loc.uri(names.metrics_key(ref.name)),
+        forced=forced,
+    )
+    upload_results(store, model_prefix, final_dir, best_dir, history, result)
+    return result
+
+
+def upload_results(store: Any, prefix: str, final_dir: Path, best_dir: Path, history: list[LossPoint], result: TrainResult) -> None:
+    """adapter/ and adapter-best/ (each with its manifest), metrics.json, then models/MODEL/manifest.json last."""
+    from ftc_storage import Entry, StorageError, sha256_bytes
+
+    try:
+        final = store.upload_tree(final_dir, f"{prefix}/adapter")
+        best = store.upload_tree(best_dir, f"{prefix}/adapter-best")
+        metrics = json.dumps([p.to_wire() for p in history], indent=1).encode()
+        store.write_bytes(f"{prefix}/metrics.json", metrics)
+        entries = [Entry("metrics.json", sha256_bytes(metrics), len(metrics))]
+        for sub, manifest in (("adapter", final), ("adapter-best", best)):
+            entries += [Entry(f"{sub}/{e.name}", e.sha256, e.size) for e in manifest.files.values()]
+        summary = result.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"overfitting"})
+        store.write_manifest(prefix, entries, extra={"result": summary})
+    except StorageError as err:
+        raise StepError(f"cannot upload the trained adapter: {err}") from err
+
