@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import resource
 import shutil
@@ -151,6 +152,16 @@ class CheckpointUploader(TrainerCallback):
         self.store.upload_tree(local, f"{self.prefix}/step-{step}", extra={"step": step})
         self.uploaded.append(step)
         log.info("checkpoint step-%d uploaded in %.1fs", step, time.monotonic() - started)
+
+
+class StepDelay(TrainerCallback):
+    """Testing aid: sleep FTC_TEST_STEP_DELAY seconds after each step (lets a test kill a run mid-way)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        time.sleep(self.seconds)
 
 
 class RunClock(TrainerCallback):
@@ -302,19 +313,22 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         dataloader_num_workers=0,
     )
     clock = RunClock()
+    callbacks: list[TrainerCallback] = [
+        EvalEveryEpochAndAtEnd(has_eval),
+        best,
+        CheckpointUploader(store, f"{model_prefix}/checkpoints", best),
+        ProgressReporter(pod_patcher()),
+        clock,
+    ]
+    if os.environ.get("FTC_TEST_STEP_DELAY"):
+        callbacks.append(StepDelay(float(os.environ["FTC_TEST_STEP_DELAY"])))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set or None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8),
-        callbacks=[
-            EvalEveryEpochAndAtEnd(has_eval),
-            best,
-            CheckpointUploader(store, f"{model_prefix}/checkpoints", best),
-            ProgressReporter(pod_patcher()),
-            clock,
-        ],
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
