@@ -30,7 +30,11 @@ class S3Server:
     secret_access_key: str = "ftc-test-secret-key"
     region: str = "us-east-1"
     secret_name: str = SECRET_NAME
+    cluster_endpoint_url: str = ""  # the endpoint as pods reach it (same as endpoint_url on loopback)
     proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cluster_endpoint_url = self.cluster_endpoint_url or self.endpoint_url
 
     def client(self):
         """A boto3 S3 client for this server."""

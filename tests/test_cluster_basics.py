@@ -1,0 +1,231 @@
+"""The real control plane behaves like a cluster: scheduling, GPUs, Jobs, garbage collection, deletion.
+
+Each test gets a fresh namespace; waits poll with a timeout, never sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.cluster.fixtures import Cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+
+A100 = "NVIDIA-A100-SXM4-80GB"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+IMAGE = "busybox:1.36"
+
+
+def shell(script: str, name: str = "main", **extra) -> dict:
+    """A container running ``sh -c script`` (locally under the node agent, in busybox on kind)."""
+    return {"name": name, "image": IMAGE, "command": ["sh", "-c", script], **extra}
+
+
+def pod_spec(*containers: dict, gpus: int = 0, gpu_node: bool = False, tolerate: bool = True, **extra) -> dict:
+    spec: dict = {"restartPolicy": "Never", "terminationGracePeriodSeconds": 5, "containers": list(containers), **extra}
+    if gpu_node:
+        spec["nodeSelector"] = {"nvidia.com/gpu.product": A100}
+    if tolerate and gpu_node:
+        spec["tolerations"] = [GPU_TOLERATION]
+    if gpus:
+        spec["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    return spec
+
+
+def job(name: str, spec: dict, backoff_limit: int = 0, owner: dict | None = None) -> dict:
+    meta: dict = {"name": name}
+    if owner:
+        meta["ownerReferences"] = [owner]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {"backoffLimit": backoff_limit, "template": {"spec": spec}},
+    }
+
+
+def job_condition(batch: client.BatchV1Api, namespace: str, name: str, type_: str):
+    """The Job's condition of ``type_`` when it is True, else None."""
+    status = batch.read_namespaced_job_status(name, namespace).status
+    return next((c for c in status.conditions or [] if c.type == type_ and c.status == "True"), None)
+
+
+def job_pods(core: client.CoreV1Api, namespace: str, name: str) -> list:
+    return core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+
+
+def scheduled_condition(core: client.CoreV1Api, namespace: str, name: str):
+    pod = core.read_namespaced_pod(name, namespace)
+    return next((c for c in pod.status.conditions or [] if c.type == "PodScheduled"), None)
+
+
+@pytest.fixture
+def api(control_plane: Cluster):
+    return control_plane.api_client()
+
+
+@pytest.fixture
+def core(api) -> client.CoreV1Api:
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture
+def batch(api) -> client.BatchV1Api:
+    return client.BatchV1Api(api)
+
+
+def test_gpu_job_lands_on_gpu_node_completes_and_reports_its_termination_message(
+    control_plane: Cluster, namespace: str, core, batch
+):
+    result = {"model": "tiny-llama", "train_loss": 1.25}
+    script = f"echo training; echo '{json.dumps(result)}' > /dev/termination-log"
+    batch.create_namespaced_job(namespace, job("train", pod_spec(shell(script), gpus=1, gpu_node=True)))
+
+    wait_for(lambda: job_condition(batch, namespace, "train", "Complete"), 60, "Job train Complete")
+
+    [pod] = job_pods(core, namespace, "train")
+    assert pod.spec.node_name == control_plane.gpu_node
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (terminated.exit_code, terminated.reason) == (0, "Completed")
+    assert json.loads(terminated.message) == result
+    assert "training" in control_plane.pod_log(namespace, pod.metadata.name, "main")
+
+
+def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending_unschedulable(namespace: str, core):
+    core.create_namespaced_pod(
+        namespace, {"metadata": {"name": "greedy"}, "spec": pod_spec(shell("true"), gpus=9, gpu_node=True)}
+    )
+
+    cond = wait_for(
+        lambda: (c := scheduled_condition(core, namespace, "greedy")) and c.reason == "Unschedulable" and c,
+        30,
+        "PodScheduled=False/Unschedulable",
+    )
+    assert cond.status == "False"
+    assert "Insufficient nvidia.com/gpu" in cond.message
+    pod = core.read_namespaced_pod("greedy", namespace)
+    assert (pod.status.phase, pod.spec.node_name) == ("Pending", None)
+
+
+def test_pods_without_the_gpu_toleration_never_land_on_the_gpu_node(control_plane: Cluster, namespace: str, core):
+    for i in range(3):
+        core.create_namespaced_pod(namespace, {"metadata": {"name": f"plain-{i}"}, "spec": pod_spec(shell("true"))})
+    pinned = pod_spec(shell("true"), gpu_node=True, tolerate=False)
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "pinned"}, "spec": pinned})
+
+    for i in range(3):
+        node = wait_for(lambda i=i: core.read_namespaced_pod(f"plain-{i}", namespace).spec.node_name, 30, f"plain-{i} bound")
+        assert node == control_plane.cpu_node
+    cond = wait_for(
+        lambda: (c := scheduled_condition(core, namespace, "pinned")) and c.reason == "Unschedulable" and c,
+        30,
+        "pinned pod Unschedulable",
+    )
+    assert "1 node(s) had untolerated taint" in cond.message
+    assert core.read_namespaced_pod("pinned", namespace).spec.node_name is None
+
+
+def test_deleting_the_owner_garbage_collects_the_jobs_it_owns(namespace: str, core, batch):
+    owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "comparison"}, "data": {"k": "v"}})
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "comparison", "uid": owner.metadata.uid}
+    for name in ("train-a", "train-b"):
+        batch.create_namespaced_job(namespace, job(name, pod_spec(shell("sleep 300")), owner=ref))
+    wait_for(lambda: len(core.list_namespaced_pod(namespace).items) == 2, 30, "two Job pods")
+
+    core.delete_namespaced_config_map("comparison", namespace)
+
+    wait_for(lambda: not batch.list_namespaced_job(namespace).items, 60, "owned Jobs garbage-collected")
+    wait_for(lambda: not core.list_namespaced_pod(namespace).items, 60, "their pods deleted")
+
+
+def test_job_whose_container_fails_is_marked_failed_after_its_backoff_limit(
+    control_plane: Cluster, namespace: str, core, batch
+):
+    container = shell("echo 'loading shard'; echo 'CUDA out of memory' >&2; exit 3",
+                      terminationMessagePolicy="FallbackToLogsOnError")
+    batch.create_namespaced_job(namespace, job("doomed", pod_spec(container), backoff_limit=1))
+
+    cond = wait_for(lambda: job_condition(batch, namespace, "doomed", "Failed"), 90, "Job doomed Failed")
+
+    assert cond.reason == "BackoffLimitExceeded"
+    assert batch.read_namespaced_job_status("doomed", namespace).status.failed == 2
+    pods = job_pods(core, namespace, "doomed")
+    assert len(pods) == 2 and all(p.status.phase == "Failed" for p in pods)
+    terminated = pods[0].status.container_statuses[0].state.terminated
+    assert terminated.exit_code == 3 and terminated.reason == "Error"
+    assert "CUDA out of memory" in terminated.message  # the log tail, as FallbackToLogsOnError gives it
+
+
+def test_deleting_a_running_pod_stops_its_process(control_plane: Cluster, namespace: str, core):
+    # ($$ would be an escaped "$" in Kubernetes' $(VAR) expansion; read our pid from /proc instead)
+    script = "read -r pid _ < /proc/self/stat; echo pid=$pid; trap 'echo got SIGTERM; exit 0' TERM; while true; do sleep 0.1; done"
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "worker"}, "spec": pod_spec(shell(script))})
+    wait_for(lambda: core.read_namespaced_pod("worker", namespace).status.phase == "Running", 30, "worker Running")
+    match = wait_for(lambda: re.search(r"pid=(\d+)", control_plane.pod_log(namespace, "worker", "main")), 10, "pid")
+
+    core.delete_namespaced_pod("worker", namespace)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("worker", namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for(gone, 30, "pod worker removed")
+    if control_plane.backend == "local":
+        assert "got SIGTERM" in control_plane.pod_log(namespace, "worker", "main")
+        pid = int(match.group(1))
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_on_failure_restarts_the_container_in_place(namespace: str, core):
+    script = "n=$(cat /scratch/count 2>/dev/null || echo 0); echo $((n+1)) > /scratch/count; [ $n -ge 1 ]"
+    container = shell(script, volumeMounts=[{"name": "scratch", "mountPath": "/scratch"}])
+    spec = pod_spec(container, restartPolicy="OnFailure", volumes=[{"name": "scratch", "emptyDir": {}}])
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "flaky"}, "spec": spec})
+
+    wait_for(lambda: core.read_namespaced_pod("flaky", namespace).status.phase == "Succeeded", 30, "flaky Succeeded")
+
+    status = core.read_namespaced_pod("flaky", namespace).status.container_statuses[0]
+    assert status.restart_count == 1
+    assert status.last_state.terminated.exit_code == 1
+
+
+def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(
+    control_plane: Cluster, namespace: str, core, s3_server
+):
+    if control_plane.backend != "local":
+        pytest.skip("checks the node agent's local process environment")
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "spec"}, "data": {"spec.json": '{"epochs": 2}'}})
+    script = (
+        "cat /etc/ftc/spec.json; echo; echo key=$AWS_ACCESS_KEY_ID pod=$POD_NAME node=$NODE; "
+        f"{control_plane.bin_dir / 'kubectl'} get configmaps 2>&1; true"
+    )
+    container = shell(
+        script,
+        env=[
+            {"name": "AWS_ACCESS_KEY_ID",
+             "valueFrom": {"secretKeyRef": {"name": "ftc-s3", "key": "AWS_ACCESS_KEY_ID"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ],
+        volumeMounts=[{"name": "spec", "mountPath": "/etc/ftc", "readOnly": True}],
+    )
+    spec = pod_spec(container, volumes=[{"name": "spec", "configMap": {"name": "spec"}}])
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "env"}, "spec": spec})
+
+    wait_for(lambda: core.read_namespaced_pod("env", namespace).status.phase == "Succeeded", 30, "env Succeeded")
+
+    out = control_plane.pod_log(namespace, "env", "main")
+    assert '{"epochs": 2}' in out
+    assert f"key={s3_server.access_key_id} pod=env node={control_plane.cpu_node}" in out
+    # in-pod code authenticates as the pod's ServiceAccount, so RBAC applies
+    assert f'"system:serviceaccount:{namespace}:default" cannot list resource "configmaps"' in out
