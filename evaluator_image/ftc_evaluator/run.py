@@ -196,6 +196,7 @@ class Evaluation:
         self.spec = inp.evaluation
         self.store = store or Storage.for_location(inp.location)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-eval-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ if env is None else env)
         self.now = now or datetime.now(UTC)
         self.notes: list[str] = []
@@ -257,13 +258,18 @@ class Evaluation:
     # ------------------------------------------------------------------ generation
 
     def answer(self, run: ModelRun, rows: list[TestRow]) -> None:
+        """Answer the rows with one model, or reuse its predictions when adapter (by its manifest),
+        decoding settings and items are those of a previous attempt."""
+        from ftc_storage import is_s3
+
         from .generate import answer_rows, load_model, unload
 
         name = run.name
         run.adapter = choose_adapter(run.spec, checkpoint_choice(self.inp))
         if run.adapter.note:
             self.notes.append(f"{name}: {run.adapter.note}")
-        adapter_dir, adapter_sha = self.fetch_tree(run.adapter.uri, self.workdir / "adapters" / name)
+        adapter_manifest = self.store.read_manifest(run.adapter.uri) if is_s3(run.adapter.uri) else None
+        adapter_sha = adapter_manifest.sha256 if adapter_manifest is not None else None
         key = generation_key(run.adapter, adapter_sha, self.spec.generation, rows)
         prefix = self.uri("eval", name)
         manifest = self.store.read_manifest(prefix)
@@ -274,6 +280,7 @@ class Evaluation:
             run.reused = True
             log.info("%s: reusing %d predictions from %s", name, len(run.predictions), prefix)
             return
+        adapter_dir, _ = self.fetch_tree(run.adapter.uri, self.workdir / "adapters" / name)
         loaded = None
         try:
             loaded = load_model(
