@@ -61,6 +61,23 @@ test-cluster: install cluster-build
 cluster-build:
 	bash scripts/build-control-plane.sh
 
+# Local control plane + node agent + moto S3 in the background; state, kubeconfig and logs in .cluster/.
+cluster-up: install cluster-build
+	$(BIN)/python -m tests.cluster up
+
+cluster-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m tests.cluster down; else echo "no cluster running"; fi
+
+# The cluster tests against a kind cluster; a clean skip (exit 0) where Docker or kind is missing.
+kind-e2e:
+	@if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then \
+	  echo "kind-e2e skipped: no Docker engine"; exit 0; \
+	elif ! command -v kind >/dev/null 2>&1; then \
+	  echo "kind-e2e skipped: kind not on PATH"; exit 0; \
+	else \
+	  $(MAKE) install cluster-build && FTC_CLUSTER_BACKEND=kind $(BIN)/pytest -m cluster tests; \
+	fi
+
 bench: install cluster-build
 	$(BIN)/python -m bench.train_bench
 	$(BIN)/python -m bench.eval_bench

@@ -17,6 +17,7 @@ from their pid file (``python -m tests.cluster down``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -56,9 +57,7 @@ class BuildError(RuntimeError):
 
 def build_binaries(timeout: float = 3600) -> Path:
     """Run the build script (seconds when cached) and return the directory of the binaries."""
-    proc = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise BuildError(f"{BUILD_SCRIPT} failed with exit code {proc.returncode}:\n{tail}")
@@ -77,9 +76,7 @@ def free_port() -> int:
 def _pem_key(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def _pem_cert(cert) -> bytes:
@@ -113,9 +110,7 @@ def _issue(cn, orgs=(), *, issuer=None, ca=False, dns=(), ips=(), server=False, 
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
+        builder = builder.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
     usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
     if usages:
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
@@ -158,9 +153,7 @@ class Pki:
         _, sa_key = _issue("service-accounts")
         pki.path("sa.key").write_bytes(_pem_key(sa_key))
         pki.path("sa.pub").write_bytes(
-            sa_key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
+            sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
         for p in directory.iterdir():
             p.chmod(0o600)
@@ -219,10 +212,8 @@ def stop_pids(pids: dict[str, int], timeout: float = 15) -> None:
                 del alive[name]
         time.sleep(0.05)
     for pid in alive.values():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     for pid in alive.values():
         _pid_running(pid)
 
@@ -316,9 +307,7 @@ class ControlPlane:
         for name, pid in self.pids.items():
             proc = next((p for p in self._procs if p.pid == pid), None)
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with code {proc.returncode}; last log lines:\n{self.log_tail(name)}"
-                )
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; last log lines:\n{self.log_tail(name)}")
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.log_dir / f"{name}.log"
@@ -332,10 +321,8 @@ class ControlPlane:
         """Stop every process started for this control plane (components last-started first)."""
         stop_pids(dict(reversed(list(self.pids.items()))), timeout)
         for proc in self._procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
         self.pids.clear()
         self.save_state()
 
@@ -374,58 +361,101 @@ def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90) -> Contr
     server = f"https://127.0.0.1:{ports['apiserver']}"
     ca = pki.path("ca.crt").read_bytes()
     kubeconfig = write_kubeconfig(
-        root / "kubeconfig", server, ca, cert_pem=pki.path("admin.crt").read_bytes(),
+        root / "kubeconfig",
+        server,
+        ca,
+        cert_pem=pki.path("admin.crt").read_bytes(),
         key_pem=pki.path("admin.key").read_bytes(),
     )
     cp = ControlPlane(root=root, bin_dir=bin_dir, server=server, kubeconfig=kubeconfig, pki=pki, ports=ports)
     for component in ("controller-manager", "scheduler"):
         write_kubeconfig(
-            root / f"{component}.kubeconfig", server, ca, user=component,
-            cert_pem=pki.path(f"{component}.crt").read_bytes(), key_pem=pki.path(f"{component}.key").read_bytes(),
+            root / f"{component}.kubeconfig",
+            server,
+            ca,
+            user=component,
+            cert_pem=pki.path(f"{component}.crt").read_bytes(),
+            key_pem=pki.path(f"{component}.key").read_bytes(),
         )
     b = lambda name: str(bin_dir / name)  # noqa: E731
     p = lambda name: str(pki.path(name))  # noqa: E731
     try:
         etcd_url = f"http://127.0.0.1:{ports['etcd']}"
         peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
-        cp.spawn("etcd", [
-            b("etcd"), "--name=default", f"--data-dir={root / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=default={peer_url}", "--unsafe-no-fsync=true", "--log-level=warn",
-        ])
-        cp.spawn("kube-apiserver", [
-            b("kube-apiserver"), f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
-            f"--cert-dir={root / 'apiserver-certs'}",
-            f"--tls-cert-file={p('apiserver.crt')}", f"--tls-private-key-file={p('apiserver.key')}",
-            f"--client-ca-file={p('ca.crt')}",
-            f"--service-account-issuer={ISSUER}", f"--service-account-key-file={p('sa.pub')}",
-            f"--service-account-signing-key-file={p('sa.key')}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--endpoint-reconciler-type=none",
-            "--authorization-mode=Node,RBAC", "--allow-privileged=true", "--profiling=false",
-        ])
+        cp.spawn(
+            "etcd",
+            [
+                b("etcd"),
+                "--name=default",
+                f"--data-dir={root / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+        )
+        cp.spawn(
+            "kube-apiserver",
+            [
+                b("kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={ports['apiserver']}",
+                f"--cert-dir={root / 'apiserver-certs'}",
+                f"--tls-cert-file={p('apiserver.crt')}",
+                f"--tls-private-key-file={p('apiserver.key')}",
+                f"--client-ca-file={p('ca.crt')}",
+                f"--service-account-issuer={ISSUER}",
+                f"--service-account-key-file={p('sa.pub')}",
+                f"--service-account-signing-key-file={p('sa.key')}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--endpoint-reconciler-type=none",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+        )
         cp.wait_healthy("kube-apiserver", f"{server}/readyz", timeout)
         common = [
-            "--leader-elect=false", "--bind-address=127.0.0.1", "--profiling=false",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--profiling=false",
             "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
         ]
-        cp.spawn("kube-controller-manager", [
-            b("kube-controller-manager"), f"--kubeconfig={root / 'controller-manager.kubeconfig'}",
-            f"--secure-port={ports['controller-manager']}", f"--cert-dir={root / 'kcm-certs'}",
-            "--controllers=*", "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={p('sa.key')}", f"--root-ca-file={p('ca.crt')}",
-            f"--cluster-signing-cert-file={p('ca.crt')}", f"--cluster-signing-key-file={p('ca.key')}",
-            *common,
-        ])
-        cp.spawn("kube-scheduler", [
-            b("kube-scheduler"), f"--kubeconfig={root / 'scheduler.kubeconfig'}",
-            f"--secure-port={ports['scheduler']}", f"--cert-dir={root / 'scheduler-certs'}", *common,
-        ])
-        cp.wait_healthy("kube-controller-manager", f"https://127.0.0.1:{ports['controller-manager']}/healthz",
-                        timeout, verify=False)
-        cp.wait_healthy("kube-scheduler", f"https://127.0.0.1:{ports['scheduler']}/readyz", timeout,
-                        verify=False)
+        cp.spawn(
+            "kube-controller-manager",
+            [
+                b("kube-controller-manager"),
+                f"--kubeconfig={root / 'controller-manager.kubeconfig'}",
+                f"--secure-port={ports['controller-manager']}",
+                f"--cert-dir={root / 'kcm-certs'}",
+                "--controllers=*",
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={p('sa.key')}",
+                f"--root-ca-file={p('ca.crt')}",
+                f"--cluster-signing-cert-file={p('ca.crt')}",
+                f"--cluster-signing-key-file={p('ca.key')}",
+                *common,
+            ],
+        )
+        cp.spawn(
+            "kube-scheduler",
+            [
+                b("kube-scheduler"),
+                f"--kubeconfig={root / 'scheduler.kubeconfig'}",
+                f"--secure-port={ports['scheduler']}",
+                f"--cert-dir={root / 'scheduler-certs'}",
+                *common,
+            ],
+        )
+        cp.wait_healthy(
+            "kube-controller-manager", f"https://127.0.0.1:{ports['controller-manager']}/healthz", timeout, verify=False
+        )
+        cp.wait_healthy("kube-scheduler", f"https://127.0.0.1:{ports['scheduler']}/readyz", timeout, verify=False)
     except BaseException:
         cp.stop()
         raise
@@ -437,5 +467,9 @@ def wait_for_service_account(api_client, namespace: str, name: str = "default", 
     from kubernetes import client
 
     core = client.CoreV1Api(api_client)
-    wait_for(lambda: core.read_namespaced_service_account(name, namespace), timeout,
-             f"service account {namespace}/{name}", interval=0.2)
+    wait_for(
+        lambda: core.read_namespaced_service_account(name, namespace),
+        timeout,
+        f"service account {namespace}/{name}",
+        interval=0.2,
+    )

@@ -203,17 +203,35 @@ def _kind_cluster(root: Path) -> Iterator[Cluster]:
     config_file.write_text(KIND_CONFIG.format(labels=json.dumps(GPU_NODE.labels)))
     image = f"kindest/node:{read_versions()['K8S_VERSION']}"
     subprocess.run(
-        ["kind", "create", "cluster", "--name", name, "--config", str(config_file), "--image", image,
-         "--kubeconfig", str(kubeconfig), "--wait", "180s"],
+        [
+            "kind",
+            "create",
+            "cluster",
+            "--name",
+            name,
+            "--config",
+            str(config_file),
+            "--image",
+            image,
+            "--kubeconfig",
+            str(kubeconfig),
+            "--wait",
+            "180s",
+        ],
         check=True,
     )
     try:
         bin_dir = build_binaries()
-        cluster = Cluster(backend="kind", kubeconfig=kubeconfig, server="", gpu_node=f"{name}-worker",
-                          cpu_node=f"{name}-worker2", bin_dir=bin_dir)
+        cluster = Cluster(
+            backend="kind",
+            kubeconfig=kubeconfig,
+            server="",
+            gpu_node=f"{name}-worker",
+            cpu_node=f"{name}-worker2",
+            bin_dir=bin_dir,
+        )
         patch = [{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": "8"}]
-        cluster.kubectl("patch", "node", cluster.gpu_node, "--subresource=status", "--type=json",
-                        "-p", json.dumps(patch))
+        cluster.kubectl("patch", "node", cluster.gpu_node, "--subresource=status", "--type=json", "-p", json.dumps(patch))
         yield cluster
         cluster.close()
     finally:
@@ -230,7 +248,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     if kind:
         gateway = subprocess.run(
             ["docker", "network", "inspect", "kind", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.strip()
         server.cluster_endpoint_url = server.endpoint_url.replace("127.0.0.1", gateway or "127.0.0.1")
     try:
@@ -255,4 +275,3 @@ def namespace(control_plane: Cluster, s3_server: S3Server, request: pytest.Fixtu
     wait_for_service_account(api, name)
     yield name
     core.delete_namespace(name)
-

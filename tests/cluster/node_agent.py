@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -82,8 +83,7 @@ class NodeSpec:
 GPU_NODE = NodeSpec(
     name="gpu-node-0",
     capacity={"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi", GPU: "8"},
-    labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "nvidia.com/gpu.present": "true",
-            "nvidia.com/gpu.count": "8"},
+    labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8"},
     taints=({"key": GPU, "value": "present", "effect": "NoSchedule"},),
 )
 CPU_NODE = NodeSpec(
@@ -270,8 +270,12 @@ class PodRunner(threading.Thread):
             raise ConfigError(f"token for service account {self.ns}/{sa}: {e.reason}") from e
         self.token = tr["status"]["token"]
         return write_kubeconfig(
-            self.dir / "kubeconfig", self.agent.server, self.agent.ca_pem, user=f"{self.ns}:{sa}",
-            token=self.token, namespace=self.ns,
+            self.dir / "kubeconfig",
+            self.agent.server,
+            self.agent.ca_pem,
+            user=f"{self.ns}:{sa}",
+            token=self.token,
+            namespace=self.ns,
         )
 
     def _get(self, kind: str, name: str, optional: bool) -> dict | None:
@@ -293,7 +297,7 @@ class PodRunner(threading.Thread):
         if data is None or ref["key"] not in data:
             if ref.get("optional"):
                 return None
-            raise ConfigError(f'couldn\'t find key {ref["key"]} in {kind} {self.ns}/{ref["name"]}')
+            raise ConfigError(f"couldn't find key {ref['key']} in {kind} {self.ns}/{ref['name']}")
         return data[ref["key"]].decode()
 
     def _field(self, path: str) -> str:
@@ -302,9 +306,13 @@ class PodRunner(threading.Thread):
         if m:
             return (meta.get(m.group(1)) or {}).get(m.group(2), "")
         values = {
-            "metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
-            "spec.nodeName": spec.get("nodeName", ""), "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-            "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",
+            "metadata.name": meta["name"],
+            "metadata.namespace": meta["namespace"],
+            "metadata.uid": meta["uid"],
+            "spec.nodeName": spec.get("nodeName", ""),
+            "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+            "status.podIP": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
         }
         if path not in values:
             raise ConfigError(f"unsupported fieldRef {path}")
@@ -376,8 +384,12 @@ class PodRunner(threading.Thread):
         pod_env = {k: rewrite_paths(v, mapping) for k, v in env.items()}
         base = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         base["PATH"] = f"{self.agent.venv_bin}{os.pathsep}{base.get('PATH', '')}"
-        base.update(HOSTNAME=self.pod_name, KUBECONFIG=str(self.kubeconfig), FTC_POD_ROOT=str(self.dir / "root"),
-                    FTC_TERMINATION_MESSAGE_PATH=str(c.term_path))
+        base.update(
+            HOSTNAME=self.pod_name,
+            KUBECONFIG=str(self.kubeconfig),
+            FTC_POD_ROOT=str(self.dir / "root"),
+            FTC_TERMINATION_MESSAGE_PATH=str(c.term_path),
+        )
         c.env = {**base, **pod_env}
         workdir = spec.get("workingDir")
         c.cwd = rewrite_paths(workdir, mapping) if workdir else str(self.dir / "root")
@@ -433,16 +445,27 @@ class PodRunner(threading.Thread):
 
     def _start(self, c: Container) -> None:
         if not c.argv:
-            c.state = {"waiting": {"reason": "ErrImagePull",
-                                   "message": f"node agent: no command and no entry point for image {c.spec.get('image')}"}}
+            c.state = {
+                "waiting": {
+                    "reason": "ErrImagePull",
+                    "message": f"node agent: no command and no entry point for image {c.spec.get('image')}",
+                }
+            }
             c.restart_at = None
             return
         started = now_iso()
         c.handled = False
         try:
             with open(c.log_path, "ab") as out:
-                c.proc = subprocess.Popen(c.argv, env=c.env, cwd=c.cwd, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+                c.proc = subprocess.Popen(
+                    c.argv,
+                    env=c.env,
+                    cwd=c.cwd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         except OSError as e:
             c.proc = None
             self._terminated(c, 128, "StartError", str(e), started)
@@ -453,9 +476,16 @@ class PodRunner(threading.Thread):
 
     def _terminated(self, c: Container, code: int, reason: str, message: str, started: str) -> None:
         c.exit_code = code
-        c.state = {"terminated": {"exitCode": code, "reason": reason, "message": message[:MAX_MESSAGE],
-                                  "startedAt": started, "finishedAt": now_iso(),
-                                  "containerID": f"ftc-node-agent://{c.proc.pid if c.proc else 0}"}}
+        c.state = {
+            "terminated": {
+                "exitCode": code,
+                "reason": reason,
+                "message": message[:MAX_MESSAGE],
+                "startedAt": started,
+                "finishedAt": now_iso(),
+                "containerID": f"ftc-node-agent://{c.proc.pid if c.proc else 0}",
+            }
+        }
 
     def _reap(self, c: Container, code: int) -> None:
         code = 128 - code if code < 0 else code  # killed by signal N -> 128+N
@@ -475,10 +505,17 @@ class PodRunner(threading.Thread):
                 if "terminated" in c.state and not c.handled:
                     c.handled = changed = True
                     if policy == "Always" or (policy == "OnFailure" and c.exit_code != 0):
-                        delay = min(2 ** c.restart_count, 30)
+                        delay = min(2**c.restart_count, 30)
                         c.restart_at = time.monotonic() + delay
-                        c.last_state, c.state = c.state, {"waiting": {"reason": "CrashLoopBackOff",
-                            "message": f"back-off {delay}s restarting failed container={c.name} pod={self.pod_name}"}}
+                        c.last_state, c.state = (
+                            c.state,
+                            {
+                                "waiting": {
+                                    "reason": "CrashLoopBackOff",
+                                    "message": f"back-off {delay}s restarting failed container={c.name} pod={self.pod_name}",
+                                }
+                            },
+                        )
                 if c.restart_at is not None and time.monotonic() >= c.restart_at:
                     c.restart_count += 1
                     c.exit_code = None
@@ -539,8 +576,17 @@ class PodRunner(threading.Thread):
         }
         statuses = [c.status(image[c.name]) for c in mains]
         if self.waiting is not None:
-            statuses = [{"name": c["name"], "image": c.get("image", ""), "ready": False, "restartCount": 0,
-                         "state": {"waiting": self.waiting}, "imageID": ""} for c in self.pod["spec"]["containers"]]
+            statuses = [
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"waiting": self.waiting},
+                    "imageID": "",
+                }
+                for c in self.pod["spec"]["containers"]
+            ]
         status["containerStatuses"] = statuses
         if any(c.init for c in self.containers):
             status["initContainerStatuses"] = [c.status(image[c.name]) for c in self.containers if c.init]
@@ -553,11 +599,25 @@ class PodRunner(threading.Thread):
                 log.warning("pod %s/%s: status patch failed: %s", self.ns, self.pod_name, e.reason)
 
 
+def wait_nodes_ready(core: client.CoreV1Api, names: list[str], timeout: float = 60) -> None:
+    """Until the nodes are Ready and free of node.kubernetes.io/* taints (pods can be scheduled)."""
+    from tests.cluster.control_plane import wait_for
+
+    def ready() -> bool:
+        for name in names:
+            node = _json(core.read_node, name)
+            conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+            taints = {t["key"] for t in node.get("spec", {}).get("taints") or []}
+            if conds.get("Ready") != "True" or any(k.startswith("node.kubernetes.io/") for k in taints):
+                return False
+        return True
+
+    wait_for(ready, timeout, f"nodes {sorted(names)} Ready and untainted", interval=0.25)
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class NodeAgent:
@@ -615,10 +675,8 @@ class NodeAgent:
         self._stop.set()
         resp = self._watch_resp
         if resp is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort to unblock the watch
                 resp.shutdown() if hasattr(resp, "shutdown") else resp.close()
-            except Exception:  # noqa: BLE001 - best effort to unblock the watch
-                pass
         with self._lock:
             runners = list(self.runners.values())
         for r in runners:
@@ -631,27 +689,24 @@ class NodeAgent:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Until every node is Ready and the not-ready taint is gone (pods can be scheduled)."""
-        from tests.cluster.control_plane import wait_for
-
-        def ready() -> bool:
-            for name in self.nodes:
-                node = _json(self.core.read_node, name)
-                conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
-                taints = {t["key"] for t in node.get("spec", {}).get("taints") or []}
-                if conds.get("Ready") != "True" or any(k.startswith("node.kubernetes.io/") for k in taints):
-                    return False
-            return True
-
-        wait_for(ready, timeout, f"nodes {sorted(self.nodes)} Ready and untainted", interval=0.25)
+        wait_nodes_ready(self.core, list(self.nodes), timeout)
 
     # -- nodes ------------------------------------------------------------------------------------------
 
     def _register(self, node: NodeSpec) -> None:
-        labels = {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64", "type": "ftc-node-agent", **node.labels}
-        body = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node.name, "labels": labels},
-                "spec": {"taints": [dict(t) for t in node.taints]}}
+        labels = {
+            "kubernetes.io/hostname": node.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "type": "ftc-node-agent",
+            **node.labels,
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": node.name, "labels": labels},
+            "spec": {"taints": [dict(t) for t in node.taints]},
+        }
         try:
             self.core.create_node(body)
         except ApiException as e:
@@ -667,25 +722,52 @@ class NodeAgent:
                 "capacity": node.capacity,
                 "allocatable": node.capacity,
                 "conditions": [
-                    {"type": t, "status": "False", "reason": f"KubeletHas{r}", "message": m,
-                     "lastHeartbeatTime": ts, "lastTransitionTime": ts}
-                    for t, r, m in (("MemoryPressure", "SufficientMemory", "kubelet has sufficient memory"),
-                                    ("DiskPressure", "NoDiskPressure", "kubelet has no disk pressure"),
-                                    ("PIDPressure", "SufficientPID", "kubelet has sufficient PID available"))
-                ] + [
-                    {"type": "NetworkUnavailable", "status": "False", "reason": "RouteCreated",
-                     "message": "ftc node agent", "lastHeartbeatTime": ts, "lastTransitionTime": ts},
-                    {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                     "message": "ftc node agent is posting ready status", "lastHeartbeatTime": ts,
-                     "lastTransitionTime": ts},
+                    {
+                        "type": t,
+                        "status": "False",
+                        "reason": f"KubeletHas{r}",
+                        "message": m,
+                        "lastHeartbeatTime": ts,
+                        "lastTransitionTime": ts,
+                    }
+                    for t, r, m in (
+                        ("MemoryPressure", "SufficientMemory", "kubelet has sufficient memory"),
+                        ("DiskPressure", "NoDiskPressure", "kubelet has no disk pressure"),
+                        ("PIDPressure", "SufficientPID", "kubelet has sufficient PID available"),
+                    )
+                ]
+                + [
+                    {
+                        "type": "NetworkUnavailable",
+                        "status": "False",
+                        "reason": "RouteCreated",
+                        "message": "ftc node agent",
+                        "lastHeartbeatTime": ts,
+                        "lastTransitionTime": ts,
+                    },
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "ftc node agent is posting ready status",
+                        "lastHeartbeatTime": ts,
+                        "lastTransitionTime": ts,
+                    },
                 ],
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                              {"type": "Hostname", "address": node.name}],
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": node.name}],
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
-                "nodeInfo": {"machineID": node.name, "systemUUID": node.name, "bootID": node.name,
-                             "kernelVersion": platform.release(), "osImage": "ftc node agent",
-                             "containerRuntimeVersion": "ftc-node-agent://0.1", "kubeletVersion": KUBELET_VERSION,
-                             "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+                "nodeInfo": {
+                    "machineID": node.name,
+                    "systemUUID": node.name,
+                    "bootID": node.name,
+                    "kernelVersion": platform.release(),
+                    "osImage": "ftc node agent",
+                    "containerRuntimeVersion": "ftc-node-agent://0.1",
+                    "kubeletVersion": KUBELET_VERSION,
+                    "kubeProxyVersion": "",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                },
             }
             try:
                 self.core.patch_node_status(node.name, {"status": status}, _content_type=STRATEGIC)
@@ -701,9 +783,12 @@ class NodeAgent:
             if e.status != 404:
                 raise
             owner = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": self.node_uid[name]}
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": name, "namespace": "kube-node-lease", "ownerReferences": [owner]},
-                    "spec": spec}
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": name, "namespace": "kube-node-lease", "ownerReferences": [owner]},
+                "spec": spec,
+            }
             self.leases.create_namespaced_lease("kube-node-lease", body)
 
     def _heartbeat_loop(self) -> None:
@@ -725,7 +810,10 @@ class NodeAgent:
                         self._on_pod("ADDED", pod)
                     rv = listing["metadata"]["resourceVersion"]
                 self._watch_resp = resp = self.core.list_pod_for_all_namespaces(
-                    watch=True, resource_version=rv, timeout_seconds=30, allow_watch_bookmarks=True,
+                    watch=True,
+                    resource_version=rv,
+                    timeout_seconds=30,
+                    allow_watch_bookmarks=True,
                     _preload_content=False,
                 )
                 try:
@@ -765,8 +853,7 @@ class NodeAgent:
                 if runner is not None:
                     runner.request_delete(meta.get("deletionGracePeriodSeconds"))
                 else:
-                    threading.Thread(target=self.delete_pod_now, args=(meta["namespace"], meta["name"], uid),
-                                     daemon=True).start()
+                    threading.Thread(target=self.delete_pod_now, args=(meta["namespace"], meta["name"], uid), daemon=True).start()
                 return
             if runner is None and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
                 runner = self.runners[uid] = PodRunner(self, pod)
@@ -788,8 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between node heartbeats")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
-    agent = NodeAgent(config.new_client_from_config(config_file=args.kubeconfig), args.root,
-                      heartbeat=args.heartbeat)
+    agent = NodeAgent(config.new_client_from_config(config_file=args.kubeconfig), args.root, heartbeat=args.heartbeat)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -72,6 +72,20 @@ class S3Server:
             if e.status != 409:
                 raise
 
+    def wait_ready(self, timeout: float = 30, log_file: Path | None = None) -> None:
+        """Wait until the server answers, then create the bucket (idempotent)."""
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.proc.returncode}; see {log_file}")
+            with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=2) as resp:
+                return resp.status == 200
+
+        wait_for(up, timeout, f"moto server at {self.endpoint_url}")
+        s3 = self.client()
+        if self.bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=self.bucket)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -82,13 +96,17 @@ class S3Server:
                 self.proc.wait()
 
 
+def moto_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+
+
 def start_s3_server(log_file: Path, host: str = "127.0.0.1", timeout: float = 30) -> S3Server:
     """Start ``python -m moto.server`` on a free port, wait for it, create the bucket."""
     port = free_port()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+            moto_command(host, port),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -96,15 +114,7 @@ def start_s3_server(log_file: Path, host: str = "127.0.0.1", timeout: float = 30
         )
     server = S3Server(endpoint_url=f"http://127.0.0.1:{port}", proc=proc)
     try:
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {proc.returncode}; see {log_file}")
-            with urllib.request.urlopen(f"{server.endpoint_url}/moto-api/", timeout=2) as resp:
-                return resp.status == 200
-
-        wait_for(up, timeout, f"moto server at {server.endpoint_url}")
-        server.client().create_bucket(Bucket=server.bucket)
+        server.wait_ready(timeout, log_file)
     except BaseException:
         server.stop()
         raise

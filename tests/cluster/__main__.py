@@ -1,0 +1,139 @@
+"""``python -m tests.cluster up|down|status``: the local cluster for ``make cluster-up`` / ``make cluster-down``.
+
+``up`` builds the binaries if needed, starts etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler, the node agent (``gpu-node-0``, ``cpu-node-0``) and moto's S3 server with bucket
+``ftc`` as background processes, creates the Secret ``ftc-s3`` in ``--namespace`` and writes, under
+``--dir`` (default ``.cluster``): ``kubeconfig``, ``env`` (``source .cluster/env``), ``state.json``
+(ports, pids), ``logs/`` (components) and ``node-agent/logs/<ns>/<pod>/<container>.log``.
+``down`` stops every process recorded in ``state.json`` (the node agent kills its pods' processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tests.cluster.control_plane import (
+    REPO,
+    build_binaries,
+    free_port,
+    start_control_plane,
+    stop_pids,
+    wait_for_service_account,
+)
+from tests.cluster.node_agent import DEFAULT_NODES, wait_nodes_ready
+from tests.cluster.s3 import S3Server, moto_command
+
+
+def _ours(pid: int, root: Path) -> bool:
+    """The pid is still one of our processes (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return str(root) in cmdline or "k8s-v" in cmdline or "moto.server" in cmdline
+
+
+def _running(root: Path) -> dict[str, int]:
+    state = root / "state.json"
+    if not state.exists():
+        return {}
+    pids = json.loads(state.read_text()).get("pids", {})
+    return {name: pid for name, pid in pids.items() if _ours(pid, root)}
+
+
+def up(root: Path, namespace: str) -> int:
+    if running := _running(root):
+        print(f"cluster already running ({', '.join(running)}); KUBECONFIG={root / 'kubeconfig'}")
+        return 0
+    t0 = time.monotonic()
+    bin_dir = build_binaries()
+    t1 = time.monotonic()
+    if root.exists():
+        shutil.rmtree(root)
+    cp = start_control_plane(root, bin_dir)
+    try:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env.pop("KUBECONFIG", None)
+        agent_cmd = [sys.executable, "-m", "tests.cluster.node_agent", "--kubeconfig", str(cp.kubeconfig)]
+        cp.spawn("node-agent", [*agent_cmd, "--root", str(root / "node-agent")], env=env)
+        s3_port = free_port()
+        cp.spawn("s3", moto_command("127.0.0.1", s3_port))
+        s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}")
+        s3.wait_ready(30, root / "logs" / "s3.log")
+
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        api = cp.api_client()
+        core = client.CoreV1Api(api)
+        wait_nodes_ready(core, [n.name for n in DEFAULT_NODES], 90)
+        if namespace != "default":
+            try:
+                core.create_namespace({"metadata": {"name": namespace}})
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+        wait_for_service_account(api, namespace)
+        s3.create_secret(api, namespace)
+        api.close()
+    except BaseException:
+        cp.stop()
+        raise
+    (root / "env").write_text(
+        f"export KUBECONFIG={cp.kubeconfig}\n"
+        f"export PATH={bin_dir}:$PATH\n"
+        f"export FTC_S3_ENDPOINT_URL={s3.endpoint_url}\n"
+        f"export FTC_S3_BUCKET={s3.bucket}\n"
+        f"export FTC_NAMESPACE={namespace}\n"
+    )
+    print(f"cluster up in {time.monotonic() - t1:.1f}s (binaries ready in {t1 - t0:.1f}s)")
+    print(f"  apiserver   {cp.server}")
+    print(f"  kubeconfig  {cp.kubeconfig}")
+    print(f"  nodes       {', '.join(n.name for n in DEFAULT_NODES)}")
+    print(f"  S3          {s3.endpoint_url} bucket={s3.bucket}, Secret {namespace}/{s3.secret_name}")
+    print(f"  pod logs    {root / 'node-agent' / 'logs'}/<namespace>/<pod>/<container>.log")
+    print(f"  use it:     source {root / 'env'} && kubectl get nodes")
+    return 0
+
+
+def down(root: Path) -> int:
+    running = _running(root)
+    if not running:
+        print("no cluster running")
+        return 0
+    t0 = time.monotonic()
+    stop_pids(dict(reversed(list(running.items()))))
+    state = root / "state.json"
+    data = json.loads(state.read_text())
+    data["pids"] = {}
+    state.write_text(json.dumps(data, indent=2))
+    print(f"cluster down in {time.monotonic() - t0:.1f}s ({', '.join(running)})")
+    return 0
+
+
+def status(root: Path) -> int:
+    running = _running(root)
+    print("running: " + (", ".join(f"{n}[{p}]" for n, p in running.items()) if running else "nothing"))
+    return 0 if running else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--dir", type=Path, default=REPO / ".cluster", help="state dir (default: .cluster)")
+    parser.add_argument("--namespace", default="default", help="namespace that gets the ftc-s3 Secret")
+    args = parser.parse_args(argv)
+    root = args.dir.resolve()
+    if args.command == "up":
+        return up(root, args.namespace)
+    return down(root) if args.command == "down" else status(root)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
