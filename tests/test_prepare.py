@@ -1,0 +1,334 @@
+"""The prepare step: formats, drops with reasons, deterministic splits, the data manifest, memory check, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ftc_api.spec import DatasetFormat, DatasetSpec, FieldMapping, LoraSpec, Method, SplitSpec, TrainingSpec
+from ftc_api.steps import MAX_SUMMARY_BYTES, Location, ModelRef, PrepareInput
+from ftc_storage import Storage
+from ftc_trainer import data
+from ftc_trainer.errors import StepError
+from tests.fixtures.tiny import MESSY_COUNTS, TinyAssets, TinyS3, build_messy_dataset
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+# ---------------------------------------------------------------------------------------------- pure: normalising
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("fmt", "row", "expected"),
+    [
+        (
+            DatasetFormat.ALPACA,
+            {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+            [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
+        ),
+        (
+            DatasetFormat.ALPACA,
+            {"instruction": "Hi", "output": "Hello", "system": "Be kind."},
+            [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+            ],
+        ),
+        (
+            DatasetFormat.CHAT,
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "?"}]},
+            [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        ),
+        (
+            DatasetFormat.SHAREGPT,
+            {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+            [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        ),
+    ],
+    ids=["alpaca-input", "alpaca-system", "chat-trailing-user-dropped", "sharegpt"],
+)
+def test_normalise(fmt: DatasetFormat, row: dict, expected: list[dict[str, str]]) -> None:
+    assert data.normalise(row, fmt) == expected
+
+
+@pytest.mark.unit
+def test_field_mapping_is_honoured() -> None:
+    fields = FieldMapping(instruction="question", output="answer", input="context")
+    row = {"question": "Capital of Peru?", "context": "", "answer": "Lima"}
+    assert data.normalise(row, DatasetFormat.ALPACA, fields)[-1] == {"role": "assistant", "content": "Lima"}
+    chat = FieldMapping(messages="dialog")
+    assert data.normalise({"dialog": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, DatasetFormat.CHAT, chat)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("fmt", "row", "reason"),
+    [
+        (DatasetFormat.ALPACA, {"instruction": " ", "output": ""}, data.EMPTY),
+        (DatasetFormat.ALPACA, {}, data.EMPTY),
+        (DatasetFormat.ALPACA, {"instruction": "Q?", "output": ""}, data.NO_ASSISTANT),
+        (DatasetFormat.ALPACA, {"instruction": 3, "output": "x"}, data.UNPARSEABLE),
+        (DatasetFormat.ALPACA, [1, 2], data.UNPARSEABLE),
+        (DatasetFormat.ALPACA, data.Unparseable("{bad", "Expecting value"), data.UNPARSEABLE),
+        (DatasetFormat.CHAT, {"messages": [{"role": "user", "content": "only a question"}]}, data.NO_ASSISTANT),
+        (DatasetFormat.CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, data.UNPARSEABLE),
+        (DatasetFormat.CHAT, {"messages": "not a list"}, data.UNPARSEABLE),
+        (DatasetFormat.CHAT, {"messages": [{"role": "user", "content": ""}]}, data.EMPTY),
+        (DatasetFormat.SHAREGPT, {"conversations": [{"from": "human", "value": "Q"}]}, data.NO_ASSISTANT),
+        (DatasetFormat.SHAREGPT, {"instruction": "alpaca row in a sharegpt set"}, data.UNPARSEABLE),
+    ],
+    ids=[
+        "alpaca-blank",
+        "alpaca-no-fields",
+        "alpaca-no-output",
+        "alpaca-number",
+        "not-an-object",
+        "invalid-json",
+        "chat-no-assistant",
+        "chat-unknown-role",
+        "chat-not-a-list",
+        "chat-blank",
+        "sharegpt-no-gpt",
+        "sharegpt-wrong-columns",
+    ],
+)
+def test_drop_reasons(fmt: DatasetFormat, row: Any, reason: str) -> None:
+    with pytest.raises(data.DropRow) as drop:
+        data.normalise(row, fmt)
+    assert drop.value.reason == reason
+
+
+@pytest.mark.unit
+def test_clean_counts_each_reason_with_examples(tmp_path: Path) -> None:
+    cleaned = data.clean(data.read_file(build_messy_dataset(tmp_path / "messy.jsonl")), DatasetFormat.ALPACA)
+    assert len(cleaned.rows) == MESSY_COUNTS["good"]
+    assert cleaned.dropped == {k: v for k, v in MESSY_COUNTS.items() if k != "good"}
+    assert cleaned.read == sum(MESSY_COUNTS.values())
+    assert all(1 <= len(v) <= data.MAX_EXAMPLES for v in cleaned.examples.values())
+    assert all(e.startswith("row ") for v in cleaned.examples.values() for e in v)
+
+
+# ---------------------------------------------------------------------------------------------- pure: splitting
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": str(i), "messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]} for i in range(n)]
+
+
+@pytest.mark.unit
+def test_split_is_deterministic_and_disjoint() -> None:
+    rows = _rows(100)
+    a = data.split_rows(rows, SplitSpec(), seed=7)
+    b = data.split_rows(list(rows), SplitSpec(), seed=7)
+    assert {k: data.to_jsonl(v) for k, v in a.items()} == {k: data.to_jsonl(v) for k, v in b.items()}
+    assert [len(a[k]) for k in ("train", "eval", "test")] == [80, 10, 10]
+    ids = [r["id"] for split in a.values() for r in split]
+    assert sorted(ids, key=int) == [str(i) for i in range(100)]
+    assert data.split_rows(rows, SplitSpec(), seed=8)["test"] != a["test"]
+
+
+@pytest.mark.unit
+def test_split_counts_and_max_rows() -> None:
+    splits = data.split_rows(_rows(50), SplitSpec(eval_count=5, test_count=3), seed=1, max_rows=20)
+    assert [len(splits[k]) for k in ("train", "eval", "test")] == [12, 5, 3]
+
+
+@pytest.mark.unit
+def test_split_too_small_says_why() -> None:
+    with pytest.raises(StepError, match="3 usable rows are too few for the split: eval 1 \\+ test 2"):
+        data.split_rows(_rows(3), SplitSpec(test_count=2), seed=1)
+
+
+# ---------------------------------------------------------------------------------------------- the step, on S3
+
+
+def _location(tiny_s3: TinyS3, run: str) -> Location:
+    return Location(bucket=tiny_s3.bucket, prefix=f"runs/{run}", endpoint_url=tiny_s3.endpoint_url)
+
+
+def _run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: dict | str) -> tuple[int, dict]:
+    from ftc_trainer.__main__ import main
+
+    path = tmp_path / "input.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("FTC_TERMINATION_LOG", str(log))
+    code = main(["prepare", "--input", str(path), "--workdir", str(tmp_path / "work")])
+    text = log.read_text()
+    assert len(text.encode()) <= MAX_SUMMARY_BYTES
+    return code, json.loads(text)
+
+
+@pytest.fixture(autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ftc-model-cache"))
+
+
+@pytest.mark.ml
+def test_prepare_messy_dataset_from_s3(tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loc = _location(tiny_s3, "prepare-messy")
+    models = [
+        ModelRef(name="llama", base_model=tiny_s3.llama, method=Method.LORA),
+        ModelRef(name="mixtral", base_model=tiny_s3.mixtral, method=Method.QLORA),
+    ]
+    doc = PrepareInput(
+        dataset=DatasetSpec(source=tiny_s3.messy, split=SplitSpec(eval_count=6, test_count=6)), location=loc, models=models
+    ).to_wire()
+    code, summary = _run_cli(tmp_path, monkeypatch, doc)
+    assert code == 0, summary
+    assert summary["counts"] == {"read": 74, "usable": 60, "train": 48, "eval": 6, "test": 6}
+    assert summary["dropped"] == {"duplicate": 5, "empty": 3, "no_assistant_turn": 2, "unparseable": 4}
+    assert set(summary["examples"]) == set(summary["dropped"])
+
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    manifest = store.read_manifest(loc.uri("data"))
+    assert manifest is not None and sorted(manifest.files) == ["eval.jsonl", "test.jsonl", "train.jsonl"]
+    assert manifest.extra["counts"] == summary["counts"] and summary["datasetSha256"] == manifest.sha256
+    test_rows = [json.loads(line) for line in store.read_verified(loc.uri("data"), "test.jsonl").decode().splitlines()]
+    assert len(test_rows) == 6 and all(r["messages"][-1]["role"] == "assistant" and r["id"] for r in test_rows)
+
+    for model in summary["models"]:
+        assert model["memory"]["fits"] and model["memory"]["parameters"] > 100_000
+        counts = model["tokenCounts"]
+        assert set(counts) == {"train", "eval", "test"} and counts["train"] > counts["test"] > 0
+
+    # The same inputs give byte-identical splits.
+    first = {n: store.read_bytes(f"{loc.uri('data')}/{n}") for n in manifest.files}
+    code, again = _run_cli(tmp_path, monkeypatch, doc)
+    assert code == 0
+    assert {n: store.read_bytes(f"{loc.uri('data')}/{n}") for n in manifest.files} == first
+    assert again["datasetSha256"] == summary["datasetSha256"]
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize(
+    ("fixture_attr", "fmt"),
+    [("chat", DatasetFormat.CHAT), ("sharegpt", DatasetFormat.SHAREGPT)],
+    ids=["chat", "sharegpt"],
+)
+def test_prepare_local_chat_formats(
+    tiny_assets: TinyAssets, tiny_s3: TinyS3, fixture_attr: str, fmt: DatasetFormat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loc = _location(tiny_s3, f"prepare-{fixture_attr}")
+    doc = PrepareInput(dataset=DatasetSpec(source=str(getattr(tiny_assets, fixture_attr)), format=fmt), location=loc).to_wire()
+    code, summary = _run_cli(tmp_path, monkeypatch, doc)
+    assert code == 0, summary
+    assert summary["counts"]["usable"] == 80 and summary.get("dropped", {}) == {}
+
+
+@pytest.mark.ml
+def test_prepare_reads_an_s3_prefix_and_parquet(tiny_assets: TinyAssets, tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    rows = [json.loads(line) for line in tiny_assets.dataset.read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows[:100]), tmp_path / "part-0.parquet")
+    (tmp_path / "part-1.json").write_text(json.dumps(rows[100:150]))
+    prefix = f"s3://{tiny_s3.bucket}/datasets/mixed"
+    store.upload_file(tmp_path / "part-0.parquet", f"{prefix}/part-0.parquet")
+    store.upload_file(tmp_path / "part-1.json", f"{prefix}/part-1.json")
+    code, summary = _run_cli(tmp_path, monkeypatch, PrepareInput(dataset=DatasetSpec(source=prefix), location=_location(tiny_s3, "prefix")).to_wire())
+    assert code == 0, summary
+    assert summary["counts"]["read"] == 150 and summary["counts"]["usable"] == 150
+
+
+# ---------------------------------------------------------------------------------------------- memory check
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize(
+    ("config", "method", "gpu_gib", "fits", "params_b", "total_range"),
+    [
+        ("llama-2-7b", Method.LORA, 80, True, 6.74, (14, 24)),
+        ("llama-2-7b", Method.QLORA, 80, True, 6.74, (6, 12)),
+        ("llama-2-7b", Method.LORA, 16, False, 6.74, (14, 24)),
+        ("mixtral-8x7b", Method.LORA, 80, False, 46.7, (90, 120)),
+        ("mixtral-8x7b", Method.QLORA, 80, True, 46.7, (25, 45)),
+    ],
+    ids=["llama-lora-a100", "llama-qlora-a100", "llama-lora-16g", "mixtral-lora-a100", "mixtral-qlora-a100"],
+)
+def test_memory_estimate_of_real_configs(
+    config: str, method: Method, gpu_gib: float, fits: bool, params_b: float, total_range: tuple[float, float]
+) -> None:
+    from transformers import AutoConfig
+
+    from ftc_trainer.memory import estimate
+
+    est = estimate(
+        AutoConfig.from_pretrained(CONFIGS / f"{config}.json"),
+        method,
+        r=16,
+        targets=None,
+        batch_size=4,
+        seq_length=1024,
+        gradient_checkpointing=True,
+        double_quant=True,
+        gpu_memory_gib=gpu_gib,
+    )
+    assert est.parameters / 1e9 == pytest.approx(params_b, rel=0.01)
+    assert total_range[0] <= est.total_gib <= total_range[1]
+    assert est.fits is fits
+    if method == Method.QLORA:  # 4-bit linear layers (experts too): ~0.52 byte per parameter, embeddings in fp32
+        assert est.weights_gib < est.parameters * 0.7 / 1024**3
+
+
+@pytest.mark.ml
+def test_model_that_cannot_fit_fails_the_step_with_numbers(tiny_s3: TinyS3, tiny_assets: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = [
+        ModelRef(name="mixtral-big", base_model=str(CONFIGS / "mixtral-8x7b.json"), method=Method.LORA),
+        ModelRef(name="llama-big", base_model=str(CONFIGS / "llama-2-7b.json"), method=Method.QLORA),
+    ]
+    doc = PrepareInput(
+        dataset=DatasetSpec(source=str(tiny_assets.dataset)),
+        location=_location(tiny_s3, "prepare-too-big"),
+        models=models,
+        training=TrainingSpec(lora=LoraSpec(r=16)),
+    ).to_wire()
+    code, summary = _run_cli(tmp_path, monkeypatch, doc)
+    assert code == 1 and summary["ok"] is False
+    assert "model mixtral-big (lora) needs an estimated" in summary["error"]
+    assert "but its placement provides 80.00 GiB" in summary["error"] and "llama-big" not in summary["error"]
+    by_name = {m["name"]: m for m in summary["models"]}
+    assert by_name["llama-big"]["memory"]["fits"] and not by_name["mixtral-big"]["memory"]["fits"]
+    assert Storage(endpoint_url=tiny_s3.endpoint_url).read_manifest(_location(tiny_s3, "prepare-too-big").uri("data")) is None
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing-path", r"dataset '/nonexistent/data.jsonl' not found"),
+        ("missing-s3", r"no dataset at s3://.*/no/such/data\.jsonl"),
+        ("unknown-file-format", r"unknown dataset file format 'rows\.csv'"),
+        ("no-assistant-turns", r"no usable rows: read 3 rows, dropped 3 no_assistant_turn"),
+        ("unknown-format", r"invalid prepare input .*dataset\.format"),
+        ("too-few-rows", r"2 usable rows are too few for the split"),
+    ],
+)
+def test_bad_input_fails_with_a_message(
+    case: str, message: str, tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = {
+        "missing-path": "/nonexistent/data.jsonl",
+        "missing-s3": f"s3://{tiny_s3.bucket}/no/such/data.jsonl",
+        "unknown-file-format": str(tmp_path / "rows.csv"),
+    }.get(case, str(tmp_path / "rows.jsonl"))
+    (tmp_path / "rows.csv").write_text("instruction,output\nq,a\n")
+    rows = [{"instruction": f"q{i}", "output": ""} for i in range(3)] if case == "no-assistant-turns" else []
+    rows = rows or [{"instruction": f"q{i}", "output": "a"} for i in range(2)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = PrepareInput(dataset=DatasetSpec(source=source), location=_location(tiny_s3, f"bad-{case}")).to_wire()
+    if case == "unknown-format":
+        doc["dataset"]["format"] = "xml"
+    code, summary = _run_cli(tmp_path, monkeypatch, doc)
+    assert code == 1 and summary["ok"] is False
+    assert summary["error"] and __import__("re").search(message, summary["error"]), summary["error"]
