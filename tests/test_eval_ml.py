@@ -302,3 +302,22 @@ def test_failed_models_are_reported_and_the_others_still_compared(trained, opena
     assert "no manifest" in result.failed_models["ghost"] or "nothing under" in result.failed_models["ghost"]
     report = (tmp_path / "index.html").read_text()
     assert "CUDA out of memory" in report and "ghost" in report
+
+
+@pytest.mark.parametrize("kind, method", [("tiny-llama", "lora"), ("tiny-mixtral", "qlora")])
+def test_sampling_is_seeded_and_batching_does_not_change_greedy_answers(tiny_assets, kind, method):
+    from ftc_api.spec import QuantizationSpec
+    from ftc_evaluator.generate import answer_rows, load_model, read_test_rows
+
+    rows, _ = read_test_rows(tiny_assets.chat.read_text().splitlines())
+    rows = rows[:12]
+    loaded = load_model(tiny_assets.model(kind), None, method=method, quantization=QuantizationSpec())
+
+    def answers(**settings) -> list[str]:
+        predictions, _ = answer_rows(loaded, rows, GenerationSpec(max_new_tokens=12, **settings))
+        return [p.answer for p in predictions]
+
+    assert answers(batch_size=1) == answers(batch_size=0)  # left padding: a batch answers like one prompt alone
+    sampled = answers(do_sample=True, temperature=1.5, seed=7, batch_size=4)
+    assert sampled == answers(do_sample=True, temperature=1.5, seed=7, batch_size=4)
+    assert sampled != answers(do_sample=True, temperature=1.5, seed=8, batch_size=4)
