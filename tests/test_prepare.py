@@ -313,6 +313,7 @@ def test_model_that_cannot_fit_fails_the_step_with_numbers(tiny_s3: TinyS3, tiny
         ("unknown-format", r"invalid prepare input .*dataset\.format"),
         ("too-few-rows", r"2 usable rows are too few for the split"),
     ],
+    ids=lambda value: value if not value.startswith(("dataset", "no ", "unknown ", "invalid", "2 ")) else "",
 )
 def test_bad_input_fails_with_a_message(
     case: str, message: str, tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
