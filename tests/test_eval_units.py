@@ -44,10 +44,10 @@ pytestmark = pytest.mark.unit
                     {"role": "assistant", "content": "4"},
                 ]
             },
-            "2+2?",
+            "[system]\nBe brief.\n\n[user]\n1+1?\n\n[assistant]\n2\n\n[user]\n2+2?",
             "4",
             ["system", "user", "assistant", "user"],
-            id="multi-turn-last-assistant-is-reference",
+            id="multi-turn-question-is-the-conversation",
         ),
         pytest.param({"instruction": "Add.", "input": "1 and 2", "output": "3"}, "Add.\n\n1 and 2", "3", ["user"], id="alpaca"),
         pytest.param(

@@ -81,7 +81,16 @@ def row_from_json(index: int, doc: Any) -> TestRow | None:
     users = [m["content"] for m in prompt if m["role"] == "user"]
     if not users:
         return None
-    return TestRow(index, prompt, users[-1], messages[last]["content"])
+    return TestRow(index, prompt, question_text(prompt), messages[last]["content"])
+
+
+def question_text(prompt: list[dict[str, str]]) -> str:
+    """What the judge and RAGAS see as the question: the user's message or, for a multi-turn prompt,
+    the whole conversation so far (a follow-up question means nothing without it)."""
+    users = [m for m in prompt if m["role"] == "user"]
+    if len(users) == 1:
+        return users[0]["content"]
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in prompt)
 
 
 def read_test_rows(lines: Iterable[str]) -> tuple[list[TestRow], int]:
