@@ -434,6 +434,7 @@ def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90) -> Contr
                 f"--secure-port={ports['controller-manager']}",
                 f"--cert-dir={root / 'kcm-certs'}",
                 "--controllers=*",
+                "--node-monitor-period=1s",
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={p('sa.key')}",
                 f"--root-ca-file={p('ca.crt')}",

@@ -193,6 +193,7 @@ class PodRunner(threading.Thread):
         self.log_dir = agent.pod_log_dir(self.ns, self.pod_name)
         self.deleted = threading.Event()  # the pod has a deletionTimestamp
         self.shutdown = threading.Event()  # the agent is stopping: kill, don't touch the API
+        self.wake = threading.Event()  # set with either of the two, to end waits early
         self.grace = 30
         self.start_time = now_iso()
         self.phase = "Pending"
@@ -206,6 +207,13 @@ class PodRunner(threading.Thread):
         if grace is not None:
             self.grace = grace
         self.deleted.set()
+        self.wake.set()
+
+    def abort(self, grace: float = 0) -> None:
+        """Kill the processes without touching the API (agent shutdown, pod already gone)."""
+        self.grace = min(self.grace, grace)
+        self.shutdown.set()
+        self.wake.set()
 
     def run(self) -> None:
         try:
@@ -214,14 +222,14 @@ class PodRunner(threading.Thread):
         except Exception:
             log.exception("pod %s/%s: runner failed", self.ns, self.pod_name)
         finally:
-            self._kill_all(0 if self.shutdown.is_set() else self.grace)
+            self._kill_all(self.grace)
         if self.shutdown.is_set():
             return
         if self.phase not in ("Succeeded", "Failed") or self.deleted.is_set():
             self._patch_status()
         # Keep the pod until it is deleted, then remove it for good (kubelet's final delete).
-        while not (self.deleted.wait(1) or self.shutdown.is_set()):
-            pass
+        while not self._stopping():
+            self.wake.wait(1)
         if not self.shutdown.is_set():
             self.agent.delete_pod_now(self.ns, self.pod_name, self.uid)
 
@@ -249,7 +257,7 @@ class PodRunner(threading.Thread):
             except ConfigError as e:
                 self.waiting = {"reason": "CreateContainerConfigError", "message": str(e)}
                 self._patch_status()
-                self.deleted.wait(2)
+                self.wake.wait(2)
         return False
 
     def _write_kubeconfig(self) -> Path:
@@ -525,7 +533,7 @@ class PodRunner(threading.Thread):
                 self._patch_status()
             if all("terminated" in c.state for c in containers):
                 return True
-            self.deleted.wait(0.1)
+            self.wake.wait(0.1)
         return False
 
     def _kill_all(self, grace: float) -> None:
@@ -680,8 +688,7 @@ class NodeAgent:
         with self._lock:
             runners = list(self.runners.values())
         for r in runners:
-            r.grace = min(r.grace, 2)
-            r.shutdown.set()
+            r.abort(grace=2)
         for r in runners:
             r.join(timeout=10)
         for t in self._threads:
@@ -846,8 +853,7 @@ class NodeAgent:
             if kind == "DELETED":
                 if runner is not None:
                     self.runners.pop(uid)
-                    runner.grace = 0
-                    runner.shutdown.set()
+                    runner.abort()
                 return
             if meta.get("deletionTimestamp"):
                 if runner is not None:
