@@ -1,0 +1,410 @@
+"""The train step for real on the tiny Llama and Mixtral: LoRA and QLoRA, response-only labels, eval history,
+expert adapters, reloadable adapters, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ftc_api.runtime import compact_summary
+from ftc_api.spec import DatasetSpec, LoraSpec, Method, SplitSpec, TrainingSpec
+from ftc_api.steps import MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, PrepareInput, TrainInput, TrainResult
+from ftc_storage import Storage
+from tests.fixtures.tiny import TinyAssets, TinyS3
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LORA_TRAINING = TrainingSpec(
+    epochs=2,
+    learning_rate=5e-3,
+    lr_scheduler="linear",
+    warmup_ratio=0.0,
+    per_device_batch_size=8,
+    gradient_accumulation_steps=1,
+    max_seq_length=64,
+    eval_steps=10,
+    save_steps=20,
+    logging_steps=5,
+    gradient_checkpointing=False,
+    lora=LoraSpec(r=8, alpha=16, dropout=0.05),
+    seed=3,
+)
+QLORA_TRAINING = LORA_TRAINING.model_copy(
+    update={"max_steps": 8, "eval_steps": 4, "logging_steps": 2, "learning_rate": 1e-2, "gradient_checkpointing": True}
+)
+KINDS = {
+    "tiny-llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "tiny-mixtral": {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ftc-model-cache"))
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tiny_s3: TinyS3, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny dataset prepared once (254 rows: 204 train, 25 eval, 25 test)."""
+    from ftc_trainer.prepare import run_prepare
+
+    loc = Location(bucket=tiny_s3.bucket, prefix="runs/train-data", endpoint_url=tiny_s3.endpoint_url)
+    inp = PrepareInput(dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec()), location=loc)
+    result = run_prepare(inp, tmp_path_factory.mktemp("prepare"))
+    assert result.ok and result.counts["train"] == 204
+    return loc.uri("data")
+
+
+def new_run(tiny_s3: TinyS3, data_prefix: str, run: str, tmp_path: Path) -> Location:
+    """A fresh run prefix holding a verified copy of the prepared data."""
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    loc = Location(bucket=tiny_s3.bucket, prefix=f"runs/{run}-{time.monotonic_ns()}", endpoint_url=tiny_s3.endpoint_url)
+    store.download_verified(data_prefix, tmp_path / "data-copy")
+    store.upload_tree(tmp_path / "data-copy", loc.uri("data"))
+    return loc
+
+
+def train_input(tiny_s3: TinyS3, loc: Location, kind: str, method: Method, training: TrainingSpec) -> TrainInput:
+    return TrainInput(model=ModelRef(name=kind, base_model=tiny_s3.model(kind), method=method), training=training, location=loc)
+
+
+def adapter_tensors(store: Storage, uri: str, dest: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    store.download_verified(uri, dest)
+    return load_file(dest / "adapter_model.safetensors")
+
+
+def expert_lora_b(tensors: dict[str, Any]) -> dict[str, float]:
+    """|lora_B| of every expert projection (lora_B starts at zero, so non-zero means it trained)."""
+    return {k: float(v.abs().sum()) for k, v in tensors.items() if ".experts." in k and "lora_B" in k}
+
+
+def losses(history: list[LossPoint]) -> tuple[list[float], dict[int, float]]:
+    trains = [p.train_loss for p in history if p.train_loss is not None]
+    evals = {p.step: p.eval_loss for p in history if p.eval_loss is not None}
+    return trains, evals  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize("template", ["tokenizer", "default"])
+def test_prompt_and_template_tokens_are_labelled_minus_100(tiny_assets: TinyAssets, template: str) -> None:
+    from transformers import AutoTokenizer
+
+    from ftc_trainer.templates import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, apply_template, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.llama)
+    if template == "default":
+        tokenizer.chat_template = None
+    assert apply_template(tokenizer) == template
+    if template == "default":
+        assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 3 plus 4?"},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "And 2 plus 2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    item = encode(tokenizer, messages, max_length=256)
+    trained = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(item["input_ids"], item["labels"], strict=True))
+    text = tokenizer.decode(trained)
+    end = "<|end|>\n" if template == "tokenizer" else "<|end|>\n\n"
+    assert text == f"7{end}4{end}"
+    assert "3 plus 4" not in text and "Answer" not in text
+    cut = encode(tokenizer, messages, max_length=5)
+    assert len(cut["input_ids"]) == 5 and set(cut["labels"]) == {IGNORE_INDEX}
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-mixtral"])
+def test_lora_trains_and_the_adapter_reloads(tiny_s3: TinyS3, data_prefix: str, kind: str, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftc_trainer.train import run_train
+
+    loc = new_run(tiny_s3, data_prefix, f"lora-{kind}", tmp_path)
+    result = run_train(train_input(tiny_s3, loc, kind, Method.LORA, LORA_TRAINING), tmp_path / "work")
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+
+    assert result.ok and result.total_steps == 52  # 204 rows / 8 = 26 steps per epoch, 2 epochs
+    assert set(result.adapted_modules) == KINDS[kind]
+    assert result.trainable_parameters and result.trainable_parameters > 10_000
+    assert result.tokens_per_second and result.trained_tokens and result.train_seconds
+    assert len(compact_summary(result).encode()) <= MAX_SUMMARY_BYTES
+
+    history = [LossPoint.model_validate(p) for p in json.loads(store.read_text(result.metrics_uri or ""))]
+    trains, evals = losses(history)
+    assert [p.step for p in history if p.train_loss is not None] == [*range(5, 51, 5), 52]
+    assert set(evals) == {10, 20, 26, 30, 40, 50, 52}  # every evalSteps, each epoch end, the end
+    assert trains[-1] < trains[0] - 0.3, trains
+    assert evals[52] < evals[10]
+    assert result.best_eval_loss == min(evals.values()) and result.final_eval_loss == evals[52]
+    assert result.overfitting is not None and result.overfitting.verdict in ("ok", "overfitting")
+
+    final = adapter_tensors(store, result.adapter_uri or "", tmp_path / "adapter")
+    assert store.read_manifest(loc.uri(f"models/{kind}")) is not None
+    assert store.read_manifest(result.best_adapter_uri or "") is not None
+    assert store.list(loc.uri(f"models/{kind}/checkpoints")) and "step-20/manifest.json" in store.list(
+        loc.uri(f"models/{kind}/checkpoints")
+    )
+    if kind == "tiny-mixtral":
+        experts = expert_lora_b(final)
+        assert len(experts) == 2 * 4 * 3  # layers x experts x (w1, w2, w3)
+        assert all(v > 0 for v in experts.values()), experts
+
+    base_path = tiny_s3.model(kind)
+    local_base = tmp_path / "base"
+    store.download_verified(base_path, local_base)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(local_base)
+    with torch.no_grad():
+        before = base(prompt).logits
+        tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
+        after = tuned(prompt).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- QLoRA
+
+
+@pytest.mark.ml
+def test_qlora_quantises_every_weight_matrix_experts_included(tiny_assets: TinyAssets) -> None:
+    import torch
+    from bitsandbytes.nn import Params4bit
+
+    from ftc_trainer.models import load_model
+
+    model, _ = load_model(str(tiny_assets.mixtral), Method.QLORA, QLORA_TRAINING)
+    checked = []
+    for name, param in model.named_parameters():
+        if param.dim() != 2 and not isinstance(param, Params4bit):
+            continue
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "block_sparse_moe.gate.weight")):
+            assert not isinstance(param, Params4bit), name  # kept in full precision on purpose
+            continue
+        if isinstance(param, Params4bit) or param.numel() > 1024:
+            assert isinstance(param, Params4bit), f"{name} is {param.dtype}, not 4-bit"
+            assert param.quant_state.quant_type == "nf4" and param.quant_state.nested  # NF4, double quant
+            checked.append(name)
+    assert sum(".experts." in n for n in checked) == 2 * 4 * 3
+    assert all(".block_sparse_moe.gate." not in n for n in checked)
+    gate = model.model.layers[0].block_sparse_moe.gate
+    assert type(gate) is torch.nn.Linear and gate.weight.dtype == torch.float32
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-mixtral"])
+def test_qlora_trains(tiny_s3: TinyS3, data_prefix: str, kind: str, tmp_path: Path) -> None:
+    from ftc_trainer.train import run_train
+
+    loc = new_run(tiny_s3, data_prefix, f"qlora-{kind}", tmp_path)
+    training = QLORA_TRAINING
+    if kind == "tiny-mixtral":
+        training = training.model_copy(update={"router_aux_loss_coef": 0.01})
+    result = run_train(train_input(tiny_s3, loc, kind, Method.QLORA, training), tmp_path / "work")
+    assert result.ok and result.total_steps == 8 and set(result.adapted_modules) == KINDS[kind]
+    assert "dtype" not in result.forced
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    trains, evals = losses([LossPoint.model_validate(p) for p in json.loads(store.read_text(result.metrics_uri or ""))])
+    assert set(evals) == {4, 8} and len(trains) == 4
+    assert trains[-1] < trains[0], trains
+    if kind == "tiny-mixtral":
+        experts = expert_lora_b(adapter_tensors(store, result.adapter_uri or "", tmp_path / "adapter"))
+        assert len(experts) == 24 and all(v > 0 for v in experts.values())
+
+
+@pytest.mark.ml
+def test_router_aux_loss_is_switched_on(tiny_assets: TinyAssets) -> None:
+    from ftc_trainer.models import load_model
+
+    training = LORA_TRAINING.model_copy(update={"router_aux_loss_coef": 0.05})
+    model, forced = load_model(str(tiny_assets.mixtral), Method.LORA, training)
+    assert model.config.output_router_logits is True and model.config.router_aux_loss_coef == 0.05
+    _, forced = load_model(str(tiny_assets.llama), Method.LORA, training)
+    assert forced["routerAuxLossCoef"].startswith("ignored")
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+@pytest.mark.unit
+def test_progress_reporter_throttles_and_uses_the_status_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from ftc_api.status import Progress
+    from ftc_trainer.progress import ProgressReporter, pod_patcher
+
+    sent: list[dict] = []
+    now = [100.0]
+    reporter = ProgressReporter(sent.append, interval=5, clock=lambda: now[0])
+    state = SimpleNamespace(global_step=3, max_steps=10, epoch=0.3)
+    reporter.on_log(None, state, None, logs={"loss": 2.5})
+    now[0] += 1
+    reporter.on_log(None, state, None, logs={"eval_loss": 2.7})
+    assert len(sent) == 1
+    now[0] += 5
+    state.global_step = 4
+    reporter.on_step_end(None, state, None)
+    reporter.on_train_end(None, state, None)
+    assert len(sent) == 3
+    doc = Progress.model_validate(sent[-1])
+    assert (doc.step, doc.total_steps, doc.train_loss, doc.eval_loss) == (4, 10, 2.5, 2.7) and doc.updated_at
+
+    failing = ProgressReporter(lambda doc: 1 / 0, interval=0)
+    failing.on_step_end(None, state, None)  # a failed patch never stops training
+    assert failing.failures == 1
+    for var in ("FTC_POD_NAME", "FTC_POD_NAMESPACE", "KUBECONFIG", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    assert pod_patcher() is None
+    monkeypatch.setenv("FTC_POD_NAME", "p")
+    monkeypatch.setenv("FTC_POD_NAMESPACE", "ns")
+    assert pod_patcher() is None  # no kubeconfig and not in a cluster: skipped silently
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _cli_env(tiny_s3: TinyS3, tmp_path: Path, name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        AWS_ACCESS_KEY_ID=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+        AWS_SECRET_ACCESS_KEY=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        AWS_DEFAULT_REGION="us-east-1",
+        FTC_TERMINATION_LOG=str(tmp_path / f"{name}.termination-log"),
+        FTC_WORK_DIR=str(tmp_path / f"{name}.work"),
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def _trainer_cli(input_path: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ftc_trainer", "train", "--input", str(input_path)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(300)
+def test_resume_after_sigkill_continues_the_history(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
+    from ftc_trainer.train import run_train
+
+    training = LORA_TRAINING.model_copy(update={"max_steps": 40, "save_steps": 10, "eval_steps": 10, "logging_steps": 2})
+    reference = run_train(
+        train_input(tiny_s3, new_run(tiny_s3, data_prefix, "resume-ref", tmp_path), "tiny-llama", Method.LORA, training),
+        tmp_path / "ref-work",
+    )
+
+    loc = new_run(tiny_s3, data_prefix, "resume", tmp_path)
+    input_path = tmp_path / "input.json"
+    input_path.write_text(train_input(tiny_s3, loc, "tiny-llama", Method.LORA, training).to_json())
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    checkpoints = loc.uri("models/tiny-llama/checkpoints")
+
+    env = _cli_env(tiny_s3, tmp_path, "first") | {"FTC_TEST_STEP_DELAY": "0.3"}
+    first = _trainer_cli(input_path, env, tmp_path / "first.log")
+    deadline = time.monotonic() + 180
+    while "step-20/manifest.json" not in store.list(checkpoints):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint step-20 within 180 s"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(30) == -signal.SIGKILL
+    assert store.read_manifest(loc.uri("models/tiny-llama/adapter")) is None  # killed before the end
+
+    second = _trainer_cli(input_path, _cli_env(tiny_s3, tmp_path, "second"), tmp_path / "second.log")
+    assert second.wait(240) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    result = TrainResult.model_validate_json((tmp_path / "second.termination-log").read_text())
+    assert result.ok and result.resumed_from_step is not None and result.resumed_from_step >= 20
+    assert result.total_steps == 40
+
+    history = [LossPoint.model_validate(p) for p in json.loads(store.read_text(result.metrics_uri or ""))]
+    train_steps = [p.step for p in history if p.train_loss is not None]
+    eval_steps = [p.step for p in history if p.eval_loss is not None]
+    assert train_steps == list(range(2, 41, 2))  # every logged step exactly once
+    assert eval_steps == [10, 20, 30, 40]
+    assert store.read_manifest(result.adapter_uri or "") is not None
+    assert result.final_eval_loss == pytest.approx(reference.final_eval_loss, rel=0.01)
+    ref_trains, _ = losses(
+        [LossPoint.model_validate(p) for p in json.loads(store.read_text(reference.metrics_uri or ""))]
+    )
+    assert [p.train_loss for p in history if p.train_loss is not None] == pytest.approx(ref_trains, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _run_train_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: dict) -> tuple[int, dict]:
+    from ftc_trainer.__main__ import main
+
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(doc))
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("FTC_TERMINATION_LOG", str(log))
+    code = main(["train", "--input", str(path), "--workdir", str(tmp_path / "work")])
+    return code, json.loads(log.read_text())
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        pytest.param("missing-base-s3", r"base model s3://.*/no-such-model not found: no config\.json", id="missing-base-s3"),
+        pytest.param("missing-base-path", r"base model '/nonexistent/model' not found", id="missing-base-path"),
+        pytest.param("no-prepared-data", r"cannot read the prepared data at s3://.*/data: no manifest\.json", id="no-data"),
+        pytest.param("no-assistant-turn", r"data/train\.jsonl line 2: a row with no assistant turn", id="no-assistant-turn"),
+        pytest.param("unknown-method", r"invalid train input .*model\.method", id="unknown-method"),
+        pytest.param("bad-targets", r"loraTargetModules \['nonexistent'\] match no module", id="bad-targets"),
+    ],
+)
+def test_bad_input_fails_with_a_message(
+    case: str, message: str, tiny_s3: TinyS3, data_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    loc = Location(bucket=tiny_s3.bucket, prefix=f"runs/bad-{case}", endpoint_url=tiny_s3.endpoint_url)
+    if case != "no-prepared-data":
+        loc = new_run(tiny_s3, data_prefix, f"bad-{case}", tmp_path)
+    if case == "no-assistant-turn":
+        rows = [
+            {"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"id": "b", "messages": [{"role": "user", "content": "only a question"}]},
+        ]
+        (tmp_path / "bad").mkdir()
+        for split in ("train", "eval", "test"):
+            (tmp_path / "bad" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        store.upload_tree(tmp_path / "bad", loc.uri("data"))
+    base = {
+        "missing-base-s3": f"s3://{tiny_s3.bucket}/assets/models/no-such-model",
+        "missing-base-path": "/nonexistent/model",
+    }.get(case, tiny_s3.llama)
+    ref = ModelRef(name="m", base_model=base, method=Method.LORA, lora_target_modules=["nonexistent"] if case == "bad-targets" else None)
+    doc = TrainInput(model=ref, training=LORA_TRAINING, location=loc).to_wire()
+    if case == "unknown-method":
+        doc["model"]["method"] = "full"
+    code, summary = _run_train_cli(tmp_path, monkeypatch, doc)
+    assert code == 1 and summary["ok"] is False and summary["model"] == "m"
+    assert re.search(message, summary["error"]), summary["error"]
