@@ -123,6 +123,21 @@ def rewrite_paths(text: str, mapping: dict[str, str]) -> str:
     return text
 
 
+def container_argv(spec: dict, env: dict[str, str], venv_bin: Path = VENV_BIN) -> list[str]:
+    """What a container runs here: ``command + args``, else the image's venv entry point + ``args``,
+    else ``args``; ``$(VAR)`` references expanded. Empty when there is nothing to run."""
+    argv = [expand_vars(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
+    name = image_basename(spec.get("image", ""))
+    if not spec.get("command") and name in VENV_ENTRY_POINTS:
+        argv = [str(venv_bin / name), *argv]
+    return argv
+
+
+def cap_message(message: str) -> str:
+    """Kubelet's cap on a termination message: 4096 bytes."""
+    return message.encode()[:MAX_MESSAGE].decode(errors="ignore")
+
+
 def tail_message(log_path: Path) -> str:
     """The last 80 lines / 2048 bytes of a log, as kubelet's FallbackToLogsOnError takes them."""
     try:
@@ -385,10 +400,7 @@ class PodRunner(threading.Thread):
             mapping[m["mountPath"]] = str(local)
         mapping[spec.get("terminationMessagePath", "/dev/termination-log")] = str(c.term_path)
         env = self._env(spec)
-        argv = [expand_vars(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
-        if not spec.get("command") and image_basename(spec.get("image", "")) in VENV_ENTRY_POINTS:
-            argv = [str(self.agent.venv_bin / image_basename(spec["image"])), *argv]
-        c.argv = [rewrite_paths(a, mapping) for a in argv]
+        c.argv = [rewrite_paths(a, mapping) for a in container_argv(spec, env, self.agent.venv_bin)]
         pod_env = {k: rewrite_paths(v, mapping) for k, v in env.items()}
         base = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         base["PATH"] = f"{self.agent.venv_bin}{os.pathsep}{base.get('PATH', '')}"
@@ -488,7 +500,7 @@ class PodRunner(threading.Thread):
             "terminated": {
                 "exitCode": code,
                 "reason": reason,
-                "message": message[:MAX_MESSAGE],
+                "message": cap_message(message),
                 "startedAt": started,
                 "finishedAt": now_iso(),
                 "containerID": f"ftc-node-agent://{c.proc.pid if c.proc else 0}",
