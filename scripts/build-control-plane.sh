@@ -36,6 +36,16 @@ if [[ "${1:-}" != "--force" ]] && all_present; then
   exit 0
 fi
 
+# One build at a time (a test session and `make cluster-build` may race); re-check after waiting.
+mkdir -p "$root"
+exec 9>"$root/.lock"
+flock 9
+if [[ "${1:-}" != "--force" ]] && all_present; then
+  echo "control plane binaries up to date ($want_stamp)"
+  echo "$bin"
+  exit 0
+fi
+
 command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
 export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 start=$SECONDS

@@ -144,11 +144,10 @@ def test_deleting_the_owner_garbage_collects_the_jobs_it_owns(namespace: str, co
     wait_for(lambda: not core.list_namespaced_pod(namespace).items, 60, "their pods deleted")
 
 
-def test_job_whose_container_fails_is_marked_failed_after_its_backoff_limit(
-    control_plane: Cluster, namespace: str, core, batch
-):
-    container = shell("echo 'loading shard'; echo 'CUDA out of memory' >&2; exit 3",
-                      terminationMessagePolicy="FallbackToLogsOnError")
+def test_job_whose_container_fails_is_marked_failed_after_its_backoff_limit(control_plane: Cluster, namespace: str, core, batch):
+    container = shell(
+        "echo 'loading shard'; echo 'CUDA out of memory' >&2; exit 3", terminationMessagePolicy="FallbackToLogsOnError"
+    )
     batch.create_namespaced_job(namespace, job("doomed", pod_spec(container), backoff_limit=1))
 
     cond = wait_for(lambda: job_condition(batch, namespace, "doomed", "Failed"), 90, "Job doomed Failed")
@@ -164,7 +163,9 @@ def test_job_whose_container_fails_is_marked_failed_after_its_backoff_limit(
 
 def test_deleting_a_running_pod_stops_its_process(control_plane: Cluster, namespace: str, core):
     # ($$ would be an escaped "$" in Kubernetes' $(VAR) expansion; read our pid from /proc instead)
-    script = "read -r pid _ < /proc/self/stat; echo pid=$pid; trap 'echo got SIGTERM; exit 0' TERM; while true; do sleep 0.1; done"
+    script = (
+        "read -r pid _ < /proc/self/stat; echo pid=$pid; trap 'echo got SIGTERM; exit 0' TERM; while true; do sleep 0.1; done"
+    )
     core.create_namespaced_pod(namespace, {"metadata": {"name": "worker"}, "spec": pod_spec(shell(script))})
     wait_for(lambda: core.read_namespaced_pod("worker", namespace).status.phase == "Running", 30, "worker Running")
     match = wait_for(lambda: re.search(r"pid=(\d+)", control_plane.pod_log(namespace, "worker", "main")), 10, "pid")
@@ -199,9 +200,7 @@ def test_on_failure_restarts_the_container_in_place(namespace: str, core):
     assert status.last_state.terminated.exit_code == 1
 
 
-def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(
-    control_plane: Cluster, namespace: str, core, s3_server
-):
+def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(control_plane: Cluster, namespace: str, core, s3_server):
     if control_plane.backend != "local":
         pytest.skip("checks the node agent's local process environment")
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "spec"}, "data": {"spec.json": '{"epochs": 2}'}})
@@ -212,8 +211,7 @@ def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(
     container = shell(
         script,
         env=[
-            {"name": "AWS_ACCESS_KEY_ID",
-             "valueFrom": {"secretKeyRef": {"name": "ftc-s3", "key": "AWS_ACCESS_KEY_ID"}}},
+            {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "ftc-s3", "key": "AWS_ACCESS_KEY_ID"}}},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         ],
