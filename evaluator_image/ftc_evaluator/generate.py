@@ -36,8 +36,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
 # Modules bitsandbytes leaves in full precision: exactly the trainer's (ftc_trainer.models.NOT_QUANTISED),
-# so the adapter sees the same base it was trained on. transformers matches these as substrings of
-# module names.
+# so the adapter sees the same base it was trained on (`gate` is Mixtral's router; Llama's `gate_proj`
+# is still quantised).
 SKIP_4BIT = ["lm_head", "gate", "router", "shared_expert_gate"]
 
 
