@@ -181,6 +181,8 @@ def _events(old: FineTuneComparisonStatus, new: FineTuneComparisonStatus, create
     before = {c.type: c for c in old.conditions}
     for cond in new.conditions:
         prev = before.get(cond.type)
+        if cond.reason == Reason.JOB_CREATED.value:
+            continue  # the creation itself is reported below, once per Job
         if prev is None or (prev.status, prev.reason) != (cond.status, cond.reason):
             kind = "Warning" if cond.status == "False" else "Normal"
             out.append(EventNote(kind, cond.reason, f"{cond.type}={cond.status}: {cond.message}".strip(": ")))
