@@ -9,7 +9,7 @@ metrics.json and models/MODEL/manifest.json (last).
 Resume: on start the newest checkpoint with a valid manifest is downloaded and handed to
 `Trainer.train(resume_from_checkpoint=...)`, which restores adapter, optimizer, scheduler, RNG states
 and the data position; the loss history lives in the checkpoint's trainer_state.json, and the best
-adapter so far in its `ftc-best-adapter/`, so the history continues with no step repeated or missing.
+adapter so far in its `ftc-best--*` files, so the history continues with no step repeated or missing.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from .errors import StepError
 
 log = logging.getLogger("ftc.train")
 
-BEST_DIR = "ftc-best-adapter"
+# The best adapter so far travels inside each checkpoint as flat files with this prefix: a sub-directory holding
+# adapter weights would be taken by Trainer for a second adapter and the main one would not be restored.
+BEST_PREFIX = "ftc-best--"
 STATE_FILE = "ftc-state.json"
 CONFIG_FILE = "ftc-train-config.json"
 _STEP_MANIFEST = re.compile(r"^step-(\d+)/manifest\.json$")
@@ -120,13 +122,26 @@ class BestAdapter(TrainerCallback):
             self.loss, self.step = float(loss), state.global_step
             model.save_pretrained(self.directory)
 
+    def store_in(self, checkpoint: Path) -> None:
+        """Copy the best adapter and its loss into a checkpoint directory."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, checkpoint / f"{BEST_PREFIX}{path.name}")
+        (checkpoint / STATE_FILE).write_text(json.dumps({"bestEvalLoss": self.loss, "bestStep": self.step}))
+
     def restore(self, checkpoint: Path) -> None:
+        """Take the best adapter and its loss back from a checkpoint directory."""
         state_file = checkpoint / STATE_FILE
-        if state_file.exists() and (checkpoint / BEST_DIR).is_dir():
-            state = json.loads(state_file.read_text())
-            self.loss, self.step = float(state["bestEvalLoss"]), state["bestStep"]
-            shutil.rmtree(self.directory, ignore_errors=True)
-            shutil.copytree(checkpoint / BEST_DIR, self.directory)
+        if not state_file.exists():
+            return
+        state = json.loads(state_file.read_text())
+        self.loss, self.step = float(state["bestEvalLoss"]), state["bestStep"]
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True)
+        for path in checkpoint.glob(f"{BEST_PREFIX}*"):
+            shutil.move(path, self.directory / path.name[len(BEST_PREFIX) :])
 
 
 class CheckpointUploader(TrainerCallback):
@@ -144,10 +159,7 @@ class CheckpointUploader(TrainerCallback):
         local = Path(args.output_dir) / f"checkpoint-{step}"
         if not local.is_dir() or step in self.uploaded:
             return
-        if self.best.directory.is_dir():
-            shutil.rmtree(local / BEST_DIR, ignore_errors=True)
-            shutil.copytree(self.best.directory, local / BEST_DIR)
-            (local / STATE_FILE).write_text(json.dumps({"bestEvalLoss": self.best.loss, "bestStep": self.best.step}))
+        self.best.store_in(local)
         started = time.monotonic()
         self.store.upload_tree(local, f"{self.prefix}/step-{step}", extra={"step": step})
         self.uploaded.append(step)
