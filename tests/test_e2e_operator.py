@@ -152,12 +152,10 @@ def test_bad_spec_is_refused_at_apply(control_plane, crd, namespace, tmp_path):
     spec["models"][1]["name"] = spec["models"][0]["name"]
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(comparison("bad", namespace, spec)))
-    out = control_plane.kubectl("apply", "-f", str(path), check=False)
-    with pytest.raises(
-        RuntimeError, match=r"(?s)split: evalFraction \+ testFraction must be below 1.*model names must be unique"
-    ):
+    with pytest.raises(RuntimeError, match=r"spec\.dataset\.split: .*evalFraction \+ testFraction must be below 1") as err:
         control_plane.kubectl("apply", "-f", str(path))
-    assert out == ""
+    assert "model names must be unique" in str(err.value)
+    assert control_plane.kubectl("get", "ftc", "-n", namespace, "-o", "name") == ""
 
 
 def test_missing_secret_is_reported(ftc, operator, namespace, s3_server, judge_secret):
