@@ -191,6 +191,7 @@ def test_job_policy_and_container():
     assert pod(job)["restartPolicy"] == "Never"
     assert pod(job)["serviceAccountName"] == "ftc-step"
     assert c["image"] == CONFIG.trainer_image and c["args"] == ["train"]
+    assert container(render_job(OWNER, spec, CONFIG, "evaluate"))["args"] == []
     assert container(render_job(OWNER, spec, CONFIG, "evaluate"))["image"] == CONFIG.evaluator_image
 
 

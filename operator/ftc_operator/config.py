@@ -76,7 +76,7 @@ class OperatorConfig(ApiModel):
         description="train: settings of the train Jobs.",
     )
     evaluate: StepConfig = Field(
-        default_factory=lambda: StepConfig(args=["evaluate"], backoff_limit=2, active_deadline_seconds=24 * 3600),
+        default_factory=lambda: StepConfig(args=[], backoff_limit=2, active_deadline_seconds=24 * 3600),
         description="evaluate: settings of the evaluate Job.",
     )
     extra_env: dict[str, str] = Field(
