@@ -1,0 +1,189 @@
+"""Benchmark of the train step: trained tokens/s of ftc's trainer against TRL's SFTTrainer with default
+settings, on the same data and the same tiny model, side by side in one run; plus TRL's packing and
+padding-free modes.
+
+    python -m bench.train_bench [--steps 40] [--out bench/train.json]
+
+For each tiny model (tiny-llama, tiny-mixtral) with LoRA (r 8, alpha 16, every linear projection incl.
+experts) on the CPU, batch 8, gradient checkpointing on (TRL's default, and ftc's), sequences up to 1024:
+- `ftc`: the real train step (`run_train`) against a local S3 server; its own tokens/s (non-padding
+  tokens over the training wall time). Eval and checkpoints are pushed past the end so only training is timed.
+- `trl_default`: `SFTTrainer(model, train_dataset=<the same conversations as "messages">, peft_config=<same LoRA>,
+  args=SFTConfig(per_device_train_batch_size=8, max_steps=N))`; everything else default (bf16 off: CPU).
+- `trl_packing`: the same with `packing=True` (best-fit decreasing); `trl_padding_free`: `padding_free=True`.
+  On the CPU there is no FlashAttention, so packed rows are not isolated from each other: these two are
+  throughput figures only, not settings ftc would train with.
+Tokens are counted the same way for all (`include_num_input_tokens_seen="non_padding"`); time is the
+wall time of `Trainer.train()`. Results and the ftc/TRL ratio go to bench/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODELS = ("tiny-llama", "tiny-mixtral")
+BATCH = 8
+
+
+def _lora() -> Any:
+    from ftc_api.spec import LoraSpec
+
+    return LoraSpec(r=8, alpha=16, dropout=0.05)
+
+
+def run_ftc(kind: str, assets: Any, steps: int, endpoint: str, bucket: str, work: Path) -> dict[str, Any]:
+    from ftc_api.spec import DatasetSpec, Method, SplitSpec, TrainingSpec
+    from ftc_api.steps import Location, ModelRef, PrepareInput, TrainInput
+    from ftc_trainer.prepare import run_prepare
+    from ftc_trainer.train import run_train
+
+    loc = Location(bucket=bucket, prefix=f"bench/{kind}-{time.monotonic_ns()}", endpoint_url=endpoint)
+    run_prepare(
+        PrepareInput(dataset=DatasetSpec(source=str(assets.dataset), split=SplitSpec(eval_fraction=0.0, test_fraction=0.0)), location=loc),
+        work / "prepare",
+    )
+    training = TrainingSpec(
+        max_steps=steps,
+        per_device_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        max_seq_length=1024,
+        eval_steps=10 * steps,
+        save_steps=10 * steps,
+        logging_steps=steps,
+        lora=_lora(),
+        gradient_checkpointing=True,
+    )
+    ref = ModelRef(name=kind, base_model=str(assets.model(kind)), method=Method.LORA)
+    result = run_train(TrainInput(model=ref, training=training, location=loc), work / "train")
+    return {
+        "tokens": result.trained_tokens,
+        "seconds": result.train_seconds,
+        "tokens_per_second": result.tokens_per_second,
+        "final_train_loss": result.final_train_loss,
+    }
+
+
+def run_trl(kind: str, assets: Any, steps: int, work: Path, **options: Any) -> dict[str, Any]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from tests.fixtures.tiny import fact_rows, to_messages
+
+    lora = _lora()
+    dataset = Dataset.from_list([{"messages": to_messages(r)} for r in fact_rows()])
+    config = SFTConfig(
+        output_dir=str(work),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=steps,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        **options,
+    )
+    from ftc_trainer.models import linear_leaf_names
+
+    trainer = SFTTrainer(
+        model=str(assets.model(kind)),
+        train_dataset=dataset,
+        args=config,
+        peft_config=LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=linear_leaf_names(_load(assets.model(kind))),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    started = time.monotonic()
+    output = trainer.train()
+    seconds = time.monotonic() - started
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 2),
+        "final_train_loss": round(float(output.training_loss), 4),
+    }
+
+
+def _load(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    parser.add_argument("--out", default="bench/train.json", help="where to write the results (default bench/train.json)")
+    parser.add_argument("--assets", default=None, help="folder for the tiny models (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+    import boto3
+    import torch
+    import transformers
+    import trl
+    from moto.server import ThreadedMotoServer
+
+    from tests.fixtures.s3 import _free_port
+    from tests.fixtures.tiny import build_all
+
+    tmp = Path(tempfile.mkdtemp(prefix="ftc-train-bench-"))
+    os.environ.setdefault("FTC_CACHE_DIR", str(tmp / "cache"))
+    assets = build_all(Path(args.assets) if args.assets else tmp / "assets")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    results: dict[str, Any] = {}
+    try:
+        for kind in MODELS:
+            row: dict[str, Any] = {}
+            row["ftc"] = run_ftc(kind, assets, args.steps, endpoint, "bench", tmp / kind / "ftc")
+            row["trl_default"] = run_trl(kind, assets, args.steps, tmp / kind / "trl")
+            row["trl_packing"] = run_trl(kind, assets, args.steps, tmp / kind / "trl-packing", packing=True)
+            row["trl_padding_free"] = run_trl(kind, assets, args.steps, tmp / kind / "trl-padding-free", padding_free=True, max_length=None)
+            row["ratio_ftc_over_trl_default"] = round(row["ftc"]["tokens_per_second"] / row["trl_default"]["tokens_per_second"], 3)
+            results[kind] = row
+            print(kind, json.dumps(row), flush=True)
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    doc = {
+        "benchmark": "train tokens/s, ftc vs TRL SFTTrainer defaults (LoRA, CPU)",
+        "steps": args.steps,
+        "batch_size": BATCH,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "notes": "packing and padding_free run without FlashAttention on the CPU: packed rows attend to each other; "
+        "throughput only",
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
