@@ -227,3 +227,34 @@ def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(control_plane
     assert f"key={s3_server.access_key_id} pod=env node={control_plane.cpu_node}" in out
     # in-pod code authenticates as the pod's ServiceAccount, so RBAC applies
     assert f'"system:serviceaccount:{namespace}:default" cannot list resource "configmaps"' in out
+
+
+def test_init_container_runs_first_and_env_comes_from_secrets_and_config_maps(
+    control_plane: Cluster, namespace: str, core, s3_server
+):
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "knobs"}, "data": {"epochs": "2"}})
+    scratch = [{"name": "scratch", "mountPath": "/work"}]
+    init = shell("echo prepared > /work/ready", name="prepare", volumeMounts=scratch)
+    main = shell(
+        "cat /work/ready; echo key=$S3_AWS_ACCESS_KEY_ID epochs=$EPOCHS",
+        volumeMounts=scratch,
+        envFrom=[{"secretRef": {"name": "ftc-s3"}, "prefix": "S3_"}],
+        env=[{"name": "EPOCHS", "valueFrom": {"configMapKeyRef": {"name": "knobs", "key": "epochs"}}}],
+    )
+    spec = pod_spec(main, initContainers=[init], volumes=[{"name": "scratch", "emptyDir": {}}])
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "staged"}, "spec": spec})
+
+    wait_for(lambda: core.read_namespaced_pod("staged", namespace).status.phase == "Succeeded", 30, "staged Succeeded")
+
+    pod = core.read_namespaced_pod("staged", namespace)
+    assert pod.status.init_container_statuses[0].state.terminated.exit_code == 0
+    out = control_plane.pod_log(namespace, "staged", "main")
+    assert "prepared" in out and f"key={s3_server.access_key_id} epochs=2" in out
+
+
+def test_pod_past_its_active_deadline_is_killed_and_failed(namespace: str, core):
+    spec = pod_spec(shell("sleep 300"), activeDeadlineSeconds=2)
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "slow"}, "spec": spec})
+
+    pod = wait_for(lambda: (p := core.read_namespaced_pod("slow", namespace)).status.phase == "Failed" and p, 30, "slow Failed")
+    assert pod.status.reason == "DeadlineExceeded"

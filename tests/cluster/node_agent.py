@@ -215,6 +215,9 @@ class PodRunner(threading.Thread):
         self.containers: list[Container] = []
         self.volumes: dict[str, Path] = {}
         self.waiting: dict | None = None  # pod-level waiting reason (config errors)
+        self.reason: dict[str, str] = {}  # pod-level reason/message (DeadlineExceeded)
+        deadline = pod["spec"].get("activeDeadlineSeconds")
+        self.deadline = time.monotonic() + deadline if deadline else None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -518,6 +521,15 @@ class PodRunner(threading.Thread):
     def _supervise(self, containers: list[Container], policy: str) -> bool:
         """Wait for the containers to finish for good; False when the pod is being deleted/stopped."""
         while not self._stopping():
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self._kill_all(self.grace)
+                self.phase = "Failed"
+                self.reason = {
+                    "reason": "DeadlineExceeded",
+                    "message": "Pod was active on the node longer than the specified deadline",
+                }
+                self._patch_status()
+                return False
             changed = False
             for c in containers:
                 if c.proc is not None and "running" in c.state and (code := c.proc.poll()) is not None:
@@ -587,6 +599,7 @@ class PodRunner(threading.Thread):
             "podIP": "127.0.0.1",
             "podIPs": [{"ip": "127.0.0.1"}],
             "startTime": self.start_time,
+            **self.reason,
             "conditions": [
                 cond("PodReadyToStartContainers", self.waiting is None and not done),
                 cond("Initialized", inits_done, "ContainersNotInitialized"),
