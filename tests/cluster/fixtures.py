@@ -195,31 +195,17 @@ def _kind_cluster(root: Path) -> Iterator[Cluster]:
     reason = kind_unavailable()
     if reason:
         pytest.skip(f"skipped: {reason}")
-    from tests.cluster.control_plane import read_versions
-
     name = os.environ.get("FTC_KIND_CLUSTER", "ftc-e2e")
     kubeconfig = root / "kubeconfig"
     config_file = root / "kind.yaml"
     config_file.write_text(KIND_CONFIG.format(labels=json.dumps(GPU_NODE.labels)))
-    image = f"kindest/node:{read_versions()['K8S_VERSION']}"
-    subprocess.run(
-        [
-            "kind",
-            "create",
-            "cluster",
-            "--name",
-            name,
-            "--config",
-            str(config_file),
-            "--image",
-            image,
-            "--kubeconfig",
-            str(kubeconfig),
-            "--wait",
-            "180s",
-        ],
-        check=True,
-    )
+    # kind's own node image by default (it must match the kind release); FTC_KIND_NODE_IMAGE overrides,
+    # e.g. kindest/node:v1.34.4 to match scripts/versions.env.
+    image = os.environ.get("FTC_KIND_NODE_IMAGE")
+    subprocess.run(["kind", "delete", "cluster", "--name", name], check=False, capture_output=True)
+    create = ["kind", "create", "cluster", "--name", name, "--config", str(config_file)]
+    create += ["--image", image] if image else []
+    subprocess.run([*create, "--kubeconfig", str(kubeconfig), "--wait", "180s"], check=True)
     try:
         bin_dir = build_binaries()
         cluster = Cluster(
