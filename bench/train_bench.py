@@ -49,7 +49,9 @@ def run_ftc(kind: str, assets: Any, steps: int, endpoint: str, bucket: str, work
 
     loc = Location(bucket=bucket, prefix=f"bench/{kind}-{time.monotonic_ns()}", endpoint_url=endpoint)
     run_prepare(
-        PrepareInput(dataset=DatasetSpec(source=str(assets.dataset), split=SplitSpec(eval_fraction=0.0, test_fraction=0.0)), location=loc),
+        PrepareInput(
+            dataset=DatasetSpec(source=str(assets.dataset), split=SplitSpec(eval_fraction=0.0, test_fraction=0.0)), location=loc
+        ),
         work / "prepare",
     )
     training = TrainingSpec(
@@ -163,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             row["ftc"] = run_ftc(kind, assets, args.steps, endpoint, "bench", tmp / kind / "ftc")
             row["trl_default"] = run_trl(kind, assets, args.steps, tmp / kind / "trl")
             row["trl_packing"] = run_trl(kind, assets, args.steps, tmp / kind / "trl-packing", packing=True)
-            row["trl_padding_free"] = run_trl(kind, assets, args.steps, tmp / kind / "trl-padding-free", padding_free=True, max_length=None)
-            row["ratio_ftc_over_trl_default"] = round(row["ftc"]["tokens_per_second"] / row["trl_default"]["tokens_per_second"], 3)
+            row["trl_padding_free"] = run_trl(
+                kind, assets, args.steps, tmp / kind / "trl-padding-free", padding_free=True, max_length=None
+            )
+            row["ratio_ftc_over_trl_default"] = round(
+                row["ftc"]["tokens_per_second"] / row["trl_default"]["tokens_per_second"], 3
+            )
             results[kind] = row
             print(kind, json.dumps(row), flush=True)
     finally:

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from ftc_api.spec import DatasetFormat, DatasetSpec, FieldMapping, LoraSpec, Method, SplitSpec, TrainingSpec
 from ftc_api.steps import MAX_SUMMARY_BYTES, Location, ModelRef, PrepareInput
 from ftc_storage import Storage
 from ftc_trainer import data
 from ftc_trainer.errors import StepError
+
 from tests.fixtures.tiny import MESSY_COUNTS, TinyAssets, TinyS3, build_messy_dataset
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -41,7 +41,13 @@ CONFIGS = Path(__file__).parent / "data" / "configs"
         ),
         (
             DatasetFormat.CHAT,
-            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "?"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                    {"role": "user", "content": "?"},
+                ]
+            },
             [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
         ),
         (
@@ -62,7 +68,9 @@ def test_field_mapping_is_honoured() -> None:
     row = {"question": "Capital of Peru?", "context": "", "answer": "Lima"}
     assert data.normalise(row, DatasetFormat.ALPACA, fields)[-1] == {"role": "assistant", "content": "Lima"}
     chat = FieldMapping(messages="dialog")
-    assert data.normalise({"dialog": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, DatasetFormat.CHAT, chat)
+    assert data.normalise(
+        {"dialog": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, DatasetFormat.CHAT, chat
+    )
 
 
 @pytest.mark.unit
@@ -117,7 +125,9 @@ def test_clean_counts_each_reason_with_examples(tmp_path: Path) -> None:
 
 
 def _rows(n: int) -> list[dict]:
-    return [{"id": str(i), "messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]} for i in range(n)]
+    return [
+        {"id": str(i), "messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]} for i in range(n)
+    ]
 
 
 @pytest.mark.unit
@@ -212,7 +222,12 @@ def test_prepare_messy_dataset_from_s3(tiny_s3: TinyS3, tmp_path: Path, monkeypa
     ids=["chat", "sharegpt"],
 )
 def test_prepare_local_chat_formats(
-    tiny_assets: TinyAssets, tiny_s3: TinyS3, fixture_attr: str, fmt: DatasetFormat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_assets: TinyAssets,
+    tiny_s3: TinyS3,
+    fixture_attr: str,
+    fmt: DatasetFormat,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loc = _location(tiny_s3, f"prepare-{fixture_attr}")
     doc = PrepareInput(dataset=DatasetSpec(source=str(getattr(tiny_assets, fixture_attr)), format=fmt), location=loc).to_wire()
@@ -222,7 +237,9 @@ def test_prepare_local_chat_formats(
 
 
 @pytest.mark.ml
-def test_prepare_reads_an_s3_prefix_and_parquet(tiny_assets: TinyAssets, tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_reads_an_s3_prefix_and_parquet(
+    tiny_assets: TinyAssets, tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -233,7 +250,9 @@ def test_prepare_reads_an_s3_prefix_and_parquet(tiny_assets: TinyAssets, tiny_s3
     prefix = f"s3://{tiny_s3.bucket}/datasets/mixed"
     store.upload_file(tmp_path / "part-0.parquet", f"{prefix}/part-0.parquet")
     store.upload_file(tmp_path / "part-1.json", f"{prefix}/part-1.json")
-    code, summary = _run_cli(tmp_path, monkeypatch, PrepareInput(dataset=DatasetSpec(source=prefix), location=_location(tiny_s3, "prefix")).to_wire())
+    code, summary = _run_cli(
+        tmp_path, monkeypatch, PrepareInput(dataset=DatasetSpec(source=prefix), location=_location(tiny_s3, "prefix")).to_wire()
+    )
     assert code == 0, summary
     assert summary["counts"]["read"] == 150 and summary["counts"]["usable"] == 150
 
@@ -256,9 +275,8 @@ def test_prepare_reads_an_s3_prefix_and_parquet(tiny_assets: TinyAssets, tiny_s3
 def test_memory_estimate_of_real_configs(
     config: str, method: Method, gpu_gib: float, fits: bool, params_b: float, total_range: tuple[float, float]
 ) -> None:
-    from transformers import AutoConfig
-
     from ftc_trainer.memory import estimate
+    from transformers import AutoConfig
 
     est = estimate(
         AutoConfig.from_pretrained(CONFIGS / f"{config}.json"),
@@ -279,7 +297,9 @@ def test_memory_estimate_of_real_configs(
 
 
 @pytest.mark.ml
-def test_model_that_cannot_fit_fails_the_step_with_numbers(tiny_s3: TinyS3, tiny_assets: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_that_cannot_fit_fails_the_step_with_numbers(
+    tiny_s3: TinyS3, tiny_assets: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     models = [
         ModelRef(name="mixtral-big", base_model=str(CONFIGS / "mixtral-8x7b.json"), method=Method.LORA),
         ModelRef(name="llama-big", base_model=str(CONFIGS / "llama-2-7b.json"), method=Method.QLORA),

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from ftc_storage import MANIFEST_NAME, Storage, StorageError, is_s3, join, parse_s3_uri, sha256_file
 
 pytestmark = pytest.mark.unit

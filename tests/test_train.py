@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from ftc_api.runtime import compact_summary
 from ftc_api.spec import DatasetSpec, LoraSpec, Method, SplitSpec, TrainingSpec
 from ftc_api.steps import MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, PrepareInput, TrainInput, TrainResult
 from ftc_storage import Storage
+
 from tests.fixtures.tiny import TinyAssets, TinyS3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +100,8 @@ def losses(history: list[LossPoint]) -> tuple[list[float], dict[int, float]]:
 @pytest.mark.ml
 @pytest.mark.parametrize("template", ["tokenizer", "default"])
 def test_prompt_and_template_tokens_are_labelled_minus_100(tiny_assets: TinyAssets, template: str) -> None:
-    from transformers import AutoTokenizer
-
     from ftc_trainer.templates import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, apply_template, encode
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets.llama)
     if template == "default":
@@ -135,10 +134,9 @@ def test_prompt_and_template_tokens_are_labelled_minus_100(tiny_assets: TinyAsse
 @pytest.mark.parametrize("kind", ["tiny-llama", "tiny-mixtral"])
 def test_lora_trains_and_the_adapter_reloads(tiny_s3: TinyS3, data_prefix: str, kind: str, tmp_path: Path) -> None:
     import torch
+    from ftc_trainer.train import run_train
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftc_trainer.train import run_train
 
     loc = new_run(tiny_s3, data_prefix, f"lora-{kind}", tmp_path)
     result = run_train(train_input(tiny_s3, loc, kind, Method.LORA, LORA_TRAINING), tmp_path / "work")
@@ -174,7 +172,9 @@ def test_lora_trains_and_the_adapter_reloads(tiny_s3: TinyS3, data_prefix: str, 
     local_base = tmp_path / "base"
     store.download_verified(base_path, local_base)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, return_tensors="pt")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, return_tensors="pt"
+    )
     base = AutoModelForCausalLM.from_pretrained(local_base)
     with torch.no_grad():
         before = base(prompt).logits
@@ -190,7 +190,6 @@ def test_lora_trains_and_the_adapter_reloads(tiny_s3: TinyS3, data_prefix: str, 
 def test_qlora_quantises_every_weight_matrix_experts_included(tiny_assets: TinyAssets) -> None:
     import torch
     from bitsandbytes.nn import Params4bit
-
     from ftc_trainer.models import load_model
 
     model, _ = load_model(str(tiny_assets.mixtral), Method.QLORA, QLORA_TRAINING)
@@ -347,9 +346,7 @@ def test_resume_after_sigkill_continues_the_history(tiny_s3: TinyS3, data_prefix
     assert eval_steps == [10, 20, 26, 30, 40]  # every evalSteps and the end of epoch 1
     assert store.read_manifest(result.adapter_uri or "") is not None
     assert result.final_eval_loss == pytest.approx(reference.final_eval_loss, rel=0.01)
-    ref_trains, _ = losses(
-        [LossPoint.model_validate(p) for p in json.loads(store.read_text(reference.metrics_uri or ""))]
-    )
+    ref_trains, _ = losses([LossPoint.model_validate(p) for p in json.loads(store.read_text(reference.metrics_uri or ""))])
     assert [p.train_loss for p in history if p.train_loss is not None] == pytest.approx(ref_trains, rel=0.01)
 
 
@@ -401,7 +398,9 @@ def test_bad_input_fails_with_a_message(
         "missing-base-s3": f"s3://{tiny_s3.bucket}/assets/models/no-such-model",
         "missing-base-path": "/nonexistent/model",
     }.get(case, tiny_s3.llama)
-    ref = ModelRef(name="m", base_model=base, method=Method.LORA, lora_target_modules=["nonexistent"] if case == "bad-targets" else None)
+    ref = ModelRef(
+        name="m", base_model=base, method=Method.LORA, lora_target_modules=["nonexistent"] if case == "bad-targets" else None
+    )
     doc = TrainInput(model=ref, training=LORA_TRAINING, location=loc).to_wire()
     if case == "unknown-method":
         doc["model"]["method"] = "full"

@@ -33,6 +33,7 @@ names the URI and what went wrong.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -273,7 +274,7 @@ class Storage:
             raise StorageError(f"cannot list {prefix}: {_explain(err)}") from err
         return sorted(n for n in names if n)
 
-    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> list[Entry]:
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> builtins.list[Entry]:
         """Upload every file below `local_dir` to `prefix`/NAME; returns their entries (no manifest)."""
         local_dir = Path(local_dir)
         entries = []
@@ -285,7 +286,7 @@ class Storage:
             self.upload_file(path, join(prefix, name))
         return entries
 
-    def download_prefix(self, prefix: str, local_dir: str | os.PathLike[str]) -> list[str]:
+    def download_prefix(self, prefix: str, local_dir: str | os.PathLike[str]) -> builtins.list[str]:
         """Download every object below `prefix` into `local_dir` (unverified); returns the names."""
         names = self.list(prefix)
         for name in names:
@@ -341,9 +342,7 @@ class Storage:
         data = self.read_bytes(uri)
         try:
             doc = json.loads(data)
-            files = {
-                name: Entry(name, str(meta["sha256"]), int(meta.get("size", -1))) for name, meta in doc.pop("files").items()
-            }
+            files = {name: Entry(name, str(meta["sha256"]), int(meta.get("size", -1))) for name, meta in doc.pop("files").items()}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise StorageError(f"{uri} is not a valid manifest: {err}") from err
         doc.pop("version", None)
@@ -401,4 +400,3 @@ def _explain(err: BaseException) -> str:
     if "NoSuchBucket" in str(err):
         return "no such bucket"
     return f"{type(err).__name__}: {err}"
-

@@ -42,10 +42,9 @@ def _failure(command: str, error: str, raw: dict[str, Any] | None = None) -> Any
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("FTC_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from pydantic import ValidationError
-
     from ftc_api.runtime import input_path, write_summary
     from ftc_api.steps import PrepareInput, TrainInput
+    from pydantic import ValidationError
 
     from .errors import StepError
 

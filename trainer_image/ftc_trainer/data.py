@@ -113,10 +113,8 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
 
     if is_s3(source):
         try:
-            if store.exists(source):
-                names = [""]
-            else:
-                names = [n for n in store.list(source) if Path(n).suffix.lower() in DATA_EXTENSIONS]
+            single = store.exists(source)
+            names = [""] if single else [n for n in store.list(source) if Path(n).suffix.lower() in DATA_EXTENSIONS]
         except StorageError as err:
             raise StepError(f"cannot read dataset {source}: {err}") from err
         if not names:

@@ -164,9 +164,7 @@ def resolve_targets(model: Any, requested: list[str] | None) -> list[str]:
     all_leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in requested if t not in all_leaves]
     if len(missing) == len(requested):
-        raise StepError(
-            f"loraTargetModules {requested} match no module of the base model; its linear layers are {available}"
-        )
+        raise StepError(f"loraTargetModules {requested} match no module of the base model; its linear layers are {available}")
     return list(requested)
 
 

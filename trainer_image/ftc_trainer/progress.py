@@ -16,10 +16,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from transformers import TrainerCallback
-
 from ftc_api.status import Progress
 from ftc_api.steps import PROGRESS_ANNOTATION
+from transformers import TrainerCallback
 
 log = logging.getLogger("ftc.progress")
 

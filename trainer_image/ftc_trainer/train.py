@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from ftc_api import names
 from ftc_api.overfitting import overfitting_verdict
 from ftc_api.spec import TrainingSpec
 from ftc_api.steps import LossPoint, TrainInput, TrainResult
+from transformers import TrainerCallback
 
 from . import data
 from .errors import StepError
@@ -237,10 +236,9 @@ def peak_memory_gib() -> float:
 def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     """Run the train step; raises StepError on bad input (the caller reports it)."""
     import torch
+    from ftc_storage import Storage, StorageError
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
-
-    from ftc_storage import Storage, StorageError
 
     from .models import (
         adapted_modules,
@@ -385,7 +383,9 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     return result
 
 
-def upload_results(store: Any, prefix: str, final_dir: Path, best_dir: Path, history: list[LossPoint], result: TrainResult) -> None:
+def upload_results(
+    store: Any, prefix: str, final_dir: Path, best_dir: Path, history: list[LossPoint], result: TrainResult
+) -> None:
     """adapter/ and adapter-best/ (each with its manifest), metrics.json, then models/MODEL/manifest.json last."""
     from ftc_storage import Entry, StorageError, sha256_bytes
 
@@ -401,4 +401,3 @@ def upload_results(store: Any, prefix: str, final_dir: Path, best_dir: Path, his
         store.write_manifest(prefix, entries, extra={"result": summary})
     except StorageError as err:
         raise StepError(f"cannot upload the trained adapter: {err}") from err
-
