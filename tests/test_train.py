@@ -407,3 +407,29 @@ def test_bad_input_fails_with_a_message(
     code, summary = _run_train_cli(tmp_path, monkeypatch, doc)
     assert code == 1 and summary["ok"] is False and summary["model"] == "m"
     assert re.search(message, summary["error"]), summary["error"]
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.unit
+def test_loss_history_merges_steps_and_shows_repeats() -> None:
+    from ftc_trainer.train import loss_history
+
+    logs = [
+        {"loss": 3.0, "step": 5, "epoch": 0.5},
+        {"eval_loss": 3.2, "step": 5, "epoch": 0.5},
+        {"loss": 2.0, "step": 10, "epoch": 1.0},
+        {"loss": 2.1, "step": 10, "epoch": 1.0},  # a repeated step stays visible
+        {"train_runtime": 1.0, "train_loss": 2.5, "step": 10},
+    ]
+    history = loss_history(logs)
+    assert [(p.step, p.train_loss, p.eval_loss) for p in history] == [(5, 3.0, 3.2), (10, 2.0, None), (10, 2.1, None)]
+
+
+@pytest.mark.unit
+def test_newest_checkpoint_needs_a_manifest() -> None:
+    from ftc_trainer.train import newest_checkpoint_steps
+
+    names = ["step-10/manifest.json", "step-10/optimizer.pt", "step-30/optimizer.pt", "step-20/manifest.json", "x/manifest.json"]
+    assert newest_checkpoint_steps(names) == [20, 10]  # step-30 has no manifest: incomplete

@@ -1,1 +1,1 @@
-"""ftc."""
+"""ftc trainer image: the prepare and train steps (`ftc-trainer prepare|train`)."""
