@@ -258,3 +258,19 @@ def test_pod_past_its_active_deadline_is_killed_and_failed(namespace: str, core)
 
     pod = wait_for(lambda: (p := core.read_namespaced_pod("slow", namespace)).status.phase == "Failed" and p, 30, "slow Failed")
     assert pod.status.reason == "DeadlineExceeded"
+
+
+def test_missing_secret_keeps_the_container_waiting_until_it_exists(namespace: str, core):
+    env = [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "judge", "key": "api-key"}}}]
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "judged"}, "spec": pod_spec(shell("true", env=env))})
+
+    def waiting_reason():
+        statuses = core.read_namespaced_pod("judged", namespace).status.container_statuses or []
+        return statuses[0].state.waiting.reason if statuses and statuses[0].state.waiting else None
+
+    wait_for(lambda: waiting_reason() == "CreateContainerConfigError", 30, "CreateContainerConfigError")
+    assert core.read_namespaced_pod("judged", namespace).status.phase == "Pending"
+
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "judge"}, "stringData": {"api-key": "k"}})
+
+    wait_for(lambda: core.read_namespaced_pod("judged", namespace).status.phase == "Succeeded", 30, "judged Succeeded")

@@ -234,16 +234,21 @@ class PodRunner(threading.Thread):
         self.wake.set()
 
     def run(self) -> None:
+        crashed = False
         try:
             if self._prepare():
                 self._run_containers()
-        except Exception:
+        except Exception as e:  # a bug or an unsupported spec: fail the pod visibly, don't hang it
             log.exception("pod %s/%s: runner failed", self.ns, self.pod_name)
+            crashed = True
+            self.reason = {"reason": "NodeAgentError", "message": f"{type(e).__name__}: {e}"[:1024]}
         finally:
             self._kill_all(self.grace)
         if self.shutdown.is_set():
             return
-        if self.phase not in ("Succeeded", "Failed") or self.deleted.is_set():
+        if crashed:
+            self.phase = "Failed"
+        if crashed or self.phase not in ("Succeeded", "Failed") or self.deleted.is_set():
             self._patch_status()
         # Keep the pod until it is deleted, then remove it for good (kubelet's final delete).
         while not self._stopping():
