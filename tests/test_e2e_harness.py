@@ -96,7 +96,14 @@ def apply_crd(kubectl, workdir: Path | None = None) -> None:
     path = Path(workdir or tempfile.mkdtemp()) / "crd.json"
     path.write_text(json.dumps(crd_manifest()))
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
+    wait_for(
+        lambda: (
+            kubectl("get", f"crd/{PLURAL}.{GROUP}", "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}")
+            == "True"
+        ),
+        60,
+        "the CRD to be established",
+    )
 
 
 def install_chart(helm: Helm, namespace: str, values: dict[str, Any], workdir: Path, release: str = RELEASE) -> None:
