@@ -147,8 +147,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-async def comparison_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+async def comparison_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
         return
     memo.queue.add((body.metadata.namespace, body.metadata.name))
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 from ftc_api.base import API_GROUP, API_VERSION, KIND, PLURAL
 from kubernetes import client, config
@@ -52,7 +52,7 @@ class Kube:
 
     def get_comparison(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+            return cast(dict[str, Any], self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -60,10 +60,12 @@ class Kube:
 
     def list_comparisons(self, namespaces: list[str] | None = None) -> list[dict[str, Any]]:
         if not namespaces:
-            return self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL).get("items", [])
+            return cast(dict[str, Any], self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)).get("items", [])
         out: list[dict[str, Any]] = []
         for ns in namespaces:
-            out += self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL).get("items", [])
+            out += cast(dict[str, Any], self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL)).get(
+                "items", []
+            )
         return out
 
     def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
@@ -81,9 +83,9 @@ class Kube:
         ns = obj["metadata"]["namespace"]
         try:
             if obj["kind"] == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj, _preload_content=False)
+                self.core.create_namespaced_config_map(ns, obj, _preload_content=False)  # type: ignore[arg-type]
             elif obj["kind"] == "Job":
-                self.batch.create_namespaced_job(ns, obj, _preload_content=False)
+                self.batch.create_namespaced_job(ns, obj, _preload_content=False)  # type: ignore[arg-type]
             else:
                 raise ValueError(f"cannot create {obj['kind']}")
         except ApiException as e:
@@ -103,8 +105,11 @@ class Kube:
             "status": status,
         }
         try:
-            return self.custom.replace_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], body
+            return cast(
+                dict[str, Any],
+                self.custom.replace_namespaced_custom_object_status(
+                    API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], body
+                ),
             )
         except ApiException as e:
             if e.status == 409:
@@ -137,6 +142,6 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)  # type: ignore[arg-type]
         except ApiException as e:
             log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason)

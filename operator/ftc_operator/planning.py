@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftc_api import names
+from ftc_api.base import ApiModel
 from ftc_api.spec import CheckpointChoice, FineTuneComparisonSpec, ModelSpec, validation_errors
 from ftc_api.status import (
     Condition,
@@ -153,17 +154,16 @@ class _Builder:
 
     def condition(self, type_: ConditionType, status: str, reason: Reason, message: str = "") -> None:
         previous = next((c for c in self.old.conditions if c.type == type_.value), None)
-        changed = previous is None or previous.status != status
         self.conditions[type_.value] = Condition(
             type=type_.value,
             status=status,
             reason=reason.value,
             message=_short(message),
-            last_transition_time=self.now if changed else previous.last_transition_time,
+            last_transition_time=previous.last_transition_time if previous and previous.status == status else self.now,
             observed_generation=self.owner.generation,
         )
 
-    def create(self, step: StepKind, model: str | None, doc: BaseModel) -> None:
+    def create(self, step: StepKind, model: str | None, doc: ApiModel) -> None:
         self.creates.append(
             CreateStep(
                 step=step.value, model=model, name=names.step_name(self.owner.name, step.value, model), input_json=doc.to_json()

@@ -116,7 +116,7 @@ def main() -> int:
         time.sleep(seconds)
         models = [m["model"]["name"] for m in doc["models"]]
         means = {m: round(5 + 4 * _unit(m), 3) for m in models}
-        winner = max(means, key=means.get) if len(models) > 1 else models[0]
+        winner = max(means, key=lambda m: means[m]) if len(models) > 1 else models[0]
         base = f"s3://{doc['location']['bucket']}/{doc['location']['prefix']}"
         write_summary(
             EvaluateResult(
