@@ -53,7 +53,6 @@ from tests.cluster.control_plane import (
     wait_for,
     wait_for_service_account,
 )
-from tests.cluster.node_agent import CPU_NODE, GPU_NODE, NodeAgent
 from tests.cluster.s3 import S3Server, start_s3_server
 
 __all__ = ["Cluster", "control_plane", "namespace", "s3_server", "wait_for"]
@@ -129,6 +128,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 
 
 def _local_cluster(root: Path) -> Iterator[Cluster]:
+    from tests.cluster.node_agent import CPU_NODE, GPU_NODE, NodeAgent  # kubernetes: imported only when used
+
     t0 = time.monotonic()
     bin_dir = build_binaries()  # raises BuildError with the build's output: tests fail, never skip
     t1 = time.monotonic()
@@ -198,6 +199,8 @@ def _kind_cluster(root: Path) -> Iterator[Cluster]:
     name = os.environ.get("FTC_KIND_CLUSTER", "ftc-e2e")
     kubeconfig = root / "kubeconfig"
     config_file = root / "kind.yaml"
+    from tests.cluster.node_agent import GPU_NODE
+
     config_file.write_text(KIND_CONFIG.format(labels=json.dumps(GPU_NODE.labels)))
     # kind's own node image by default (it must match the kind release); FTC_KIND_NODE_IMAGE overrides,
     # e.g. kindest/node:v1.34.4 to match scripts/versions.env.
