@@ -25,6 +25,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -56,12 +57,26 @@ class BuildError(RuntimeError):
 
 
 def build_binaries(timeout: float = 3600) -> Path:
-    """Run the build script (seconds when cached) and return the directory of the binaries."""
-    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
-        raise BuildError(f"{BUILD_SCRIPT} failed with exit code {proc.returncode}:\n{tail}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+    """Run the build script (milliseconds when cached) and return the directory of the binaries.
+
+    Its progress goes to the real stderr (past pytest's capture) so a cold build is visibly alive.
+    """
+    proc = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("[") or "error" in line:  # the script's progress lines
+            sys.__stderr__.write(f"build-control-plane: {line}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+    code = proc.wait()
+    if code != 0:
+        tail = "\n".join(lines[-60:])
+        raise BuildError(f"{BUILD_SCRIPT} failed with exit code {code}:\n{tail}")
+    return Path(lines[-1])
 
 
 def free_port() -> int:
