@@ -47,10 +47,53 @@ def _running(root: Path) -> dict[str, int]:
     return {name: pid for name, pid in pids.items() if _ours(pid, root)}
 
 
+def _recorded(root: Path) -> dict[str, int]:
+    state = root / "state.json"
+    return json.loads(state.read_text()).get("pids", {}) if state.exists() else {}
+
+
+def _prepare_namespace(kubeconfig: Path, s3: S3Server, namespace: str) -> None:
+    """The namespace exists, its default ServiceAccount is ready, and it holds the Secret ftc-s3."""
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        try:
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        wait_for_service_account(api, namespace)
+        s3.create_secret(api, namespace)
+    finally:
+        api.close()
+
+
+def _write_env(root: Path, kubeconfig: Path, bin_dir: Path, s3: S3Server, namespace: str) -> None:
+    (root / "env").write_text(
+        f"export KUBECONFIG={kubeconfig}\n"
+        f"export PATH={bin_dir}:$PATH\n"
+        f"export FTC_S3_ENDPOINT_URL={s3.endpoint_url}\n"
+        f"export FTC_S3_BUCKET={s3.bucket}\n"
+        f"export FTC_NAMESPACE={namespace}\n"
+    )
+
+
 def up(root: Path, namespace: str) -> int:
-    if running := _running(root):
-        print(f"cluster already running ({', '.join(running)}); KUBECONFIG={root / 'kubeconfig'}")
+    """Start the cluster, or reuse a complete running one (then only ``namespace`` is prepared)."""
+    running, recorded = _running(root), _recorded(root)
+    if running and len(running) == len(recorded):
+        state = json.loads((root / "state.json").read_text())
+        s3 = S3Server(endpoint_url=state["s3_endpoint_url"])
+        _prepare_namespace(root / "kubeconfig", s3, namespace)
+        _write_env(root, root / "kubeconfig", Path(state["bin_dir"]), s3, namespace)
+        print(f"cluster already running ({', '.join(running)}); Secret {namespace}/{s3.secret_name} ready")
+        print(f"  use it:     source {root / 'env'} && kubectl get nodes")
         return 0
+    if running:  # a partial cluster (something died): start over
+        print(f"restarting a partial cluster (running: {', '.join(running)})")
+        stop_pids(dict(reversed(list(running.items()))))
     t0 = time.monotonic()
     bin_dir = build_binaries()
     t1 = time.monotonic()
@@ -66,32 +109,19 @@ def up(root: Path, namespace: str) -> int:
         cp.spawn("s3", moto_command("127.0.0.1", s3_port))
         s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}")
         s3.wait_ready(30, root / "logs" / "s3.log")
+        state = json.loads((root / "state.json").read_text())
+        (root / "state.json").write_text(json.dumps({**state, "s3_endpoint_url": s3.endpoint_url}, indent=2))
 
         from kubernetes import client
-        from kubernetes.client.rest import ApiException
 
         api = cp.api_client()
-        core = client.CoreV1Api(api)
-        wait_nodes_ready(core, [n.name for n in DEFAULT_NODES], 90)
-        if namespace != "default":
-            try:
-                core.create_namespace({"metadata": {"name": namespace}})
-            except ApiException as e:
-                if e.status != 409:
-                    raise
-        wait_for_service_account(api, namespace)
-        s3.create_secret(api, namespace)
+        wait_nodes_ready(client.CoreV1Api(api), [n.name for n in DEFAULT_NODES], 90)
         api.close()
+        _prepare_namespace(cp.kubeconfig, s3, namespace)
     except BaseException:
         cp.stop()
         raise
-    (root / "env").write_text(
-        f"export KUBECONFIG={cp.kubeconfig}\n"
-        f"export PATH={bin_dir}:$PATH\n"
-        f"export FTC_S3_ENDPOINT_URL={s3.endpoint_url}\n"
-        f"export FTC_S3_BUCKET={s3.bucket}\n"
-        f"export FTC_NAMESPACE={namespace}\n"
-    )
+    _write_env(root, cp.kubeconfig, bin_dir, s3, namespace)
     print(f"cluster up in {time.monotonic() - t1:.1f}s (binaries ready in {t1 - t0:.1f}s)")
     print(f"  apiserver   {cp.server}")
     print(f"  kubeconfig  {cp.kubeconfig}")

@@ -329,8 +329,11 @@ class ControlPlane:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def save_state(self) -> None:
-        state = {"server": self.server, "bin_dir": str(self.bin_dir), "ports": self.ports, "pids": self.pids}
-        (self.root / "state.json").write_text(json.dumps(state, indent=2))
+        """Write state.json (keys others added, like the S3 endpoint, are kept)."""
+        path = self.root / "state.json"
+        state = json.loads(path.read_text()) if path.exists() else {}
+        state.update(server=self.server, bin_dir=str(self.bin_dir), ports=self.ports, pids=self.pids)
+        path.write_text(json.dumps(state, indent=2))
 
     def stop(self, timeout: float = 15) -> None:
         """Stop every process started for this control plane (components last-started first)."""
