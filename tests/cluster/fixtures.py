@@ -15,7 +15,8 @@ Fixtures
       ``pod_log(namespace, pod, container=None)`` the container's log text (any backend).
       ``gpu_node``, ``cpu_node`` node names; ``server`` the apiserver URL; ``backend``;
       ``bin_dir`` (kubectl, helm, ...); ``kubectl(*args)`` runs kubectl, returns stdout;
-      ``component_log_dir`` logs of etcd/apiserver/controller-manager/scheduler.
+      ``component_log_dir`` logs of etcd/apiserver/controller-manager/scheduler;
+      ``timings`` {"build_s", "up_s"} of this session's bring-up.
 ``s3_server`` (session) -> :class:`tests.cluster.s3.S3Server`
     moto's S3 server on loopback with bucket ``ftc``: ``endpoint_url``, ``cluster_endpoint_url``
     (what pods use), ``bucket``, ``access_key_id``, ``secret_access_key``, ``region``,
