@@ -65,6 +65,14 @@ def scheduled_condition(core: client.CoreV1Api, namespace: str, name: str):
     return next((c for c in pod.status.conditions or [] if c.type == "PodScheduled"), None)
 
 
+def pod_gone(core: client.CoreV1Api, namespace: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, namespace)
+    except ApiException as e:
+        return e.status == 404
+    return False
+
+
 @pytest.fixture
 def api(control_plane: Cluster):
     return control_plane.api_client()
@@ -172,14 +180,7 @@ def test_deleting_a_running_pod_stops_its_process(control_plane: Cluster, namesp
 
     core.delete_namespaced_pod("worker", namespace)
 
-    def gone() -> bool:
-        try:
-            core.read_namespaced_pod("worker", namespace)
-        except ApiException as e:
-            return e.status == 404
-        return False
-
-    wait_for(gone, 30, "pod worker removed")
+    wait_for(lambda: pod_gone(core, namespace, "worker"), 30, "pod worker removed")
     if control_plane.backend == "local":
         assert "got SIGTERM" in control_plane.pod_log(namespace, "worker", "main")
         pid = int(match.group(1))
@@ -274,3 +275,16 @@ def test_missing_secret_keeps_the_container_waiting_until_it_exists(namespace: s
     core.create_namespaced_secret(namespace, {"metadata": {"name": "judge"}, "stringData": {"api-key": "k"}})
 
     wait_for(lambda: core.read_namespaced_pod("judged", namespace).status.phase == "Succeeded", 30, "judged Succeeded")
+
+
+def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(control_plane: Cluster, namespace: str, core):
+    script = "read -r pid _ < /proc/self/stat; echo pid=$pid; trap '' TERM; while true; do sleep 0.1; done"
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "stubborn"}, "spec": pod_spec(shell(script))})
+    match = wait_for(lambda: re.search(r"pid=(\d+)", control_plane.pod_log(namespace, "stubborn", "main")), 30, "pid")
+
+    core.delete_namespaced_pod("stubborn", namespace, grace_period_seconds=1)
+
+    wait_for(lambda: pod_gone(core, namespace, "stubborn"), 30, "pod stubborn removed")
+    if control_plane.backend == "local":
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(match.group(1)), 0)
