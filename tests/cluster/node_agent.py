@@ -14,11 +14,11 @@ What a container runs:
   * otherwise ``args`` as-is; with neither, the container waits with reason ErrImagePull.
 
 Per pod, under ``<root>/pods/<namespace>_<name>_<uid8>/``:
-  * ``root/<mountPath>`` is a symlink to each mounted volume (ConfigMap, Secret, emptyDir,
+  * ``containers/<container>/<mountPath>`` is a symlink to each mounted volume (ConfigMap, Secret, emptyDir,
     projected, downwardAPI, PVC -> a shared dir, hostPath -> the path itself). Mount paths are never
     created on the host: absolute mount-path prefixes in ``command``, ``args`` and the pod's env
-    values are rewritten to the pod-local path, and ``FTC_POD_ROOT`` names the pod's root so code
-    can resolve a hard-coded path as ``$FTC_POD_ROOT/<path>``.
+    values are rewritten to the pod-local path, and ``FTC_POD_ROOT`` names the container's root so
+    code can resolve a hard-coded path as ``$FTC_POD_ROOT/<path>``.
   * ``termination/<container>``: the terminationMessagePath (rewritten the same way, and exported
     as ``FTC_TERMINATION_MESSAGE_PATH``).
   * ``kubeconfig``: the apiserver with a token for the pod's ServiceAccount (TokenRequest bound to
@@ -268,8 +268,7 @@ class PodRunner(threading.Thread):
             try:
                 if self.dir.exists():
                     shutil.rmtree(self.dir)
-                (self.dir / "root").mkdir(parents=True)
-                (self.dir / "termination").mkdir()
+                (self.dir / "termination").mkdir(parents=True)
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 self.kubeconfig = self._write_kubeconfig()
                 self.volumes = {v["name"]: self._make_volume(v) for v in spec.get("volumes", [])}
@@ -398,13 +397,16 @@ class PodRunner(threading.Thread):
         name = spec["name"]
         c = Container(spec, init, self.log_dir / f"{name}.log", self.dir / "termination" / name)
         c.term_path.touch()
+        root = self.dir / "containers" / name  # this container's view of the absolute mount paths
+        root.mkdir(parents=True, exist_ok=True)
         mapping: dict[str, str] = {}
         for m in spec.get("volumeMounts", []):
             target = self.volumes[m["name"]] / m.get("subPath", "")
-            local = self.dir / "root" / m["mountPath"].lstrip("/")
+            if m.get("subPath") and not target.exists():
+                target.mkdir(parents=True)  # as kubelet does for a missing subPath
+            local = root / m["mountPath"].lstrip("/")
             local.parent.mkdir(parents=True, exist_ok=True)
-            if not local.is_symlink():
-                local.symlink_to(target)
+            local.symlink_to(target)
             mapping[m["mountPath"]] = str(local)
         mapping[spec.get("terminationMessagePath", "/dev/termination-log")] = str(c.term_path)
         env = self._env(spec)
@@ -415,14 +417,14 @@ class PodRunner(threading.Thread):
         base.update(
             HOSTNAME=self.pod_name,
             KUBECONFIG=str(self.kubeconfig),
-            FTC_POD_ROOT=str(self.dir / "root"),
+            FTC_POD_ROOT=str(root),
             FTC_TERMINATION_MESSAGE_PATH=str(c.term_path),
         )
         c.env = {**base, **pod_env}
         workdir = spec.get("workingDir")
-        c.cwd = rewrite_paths(workdir, mapping) if workdir else str(self.dir / "root")
+        c.cwd = rewrite_paths(workdir, mapping) if workdir else str(root)
         if not Path(c.cwd).is_dir():
-            c.cwd = str(self.dir / "root")
+            c.cwd = str(root)
         return c
 
     def _env(self, spec: dict) -> dict[str, str]:
