@@ -15,7 +15,6 @@ STATE=$REPO/.cluster
 DEMO=$STATE/demo
 JUDGE_PORT=${FTC_DEMO_JUDGE_PORT:-8765}
 TIMEOUT=${FTC_DEMO_TIMEOUT:-840}
-mkdir -p "$DEMO"
 stage() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 started=$(date +%s)
 
@@ -24,6 +23,7 @@ stage "1/7 control plane (etcd, kube-apiserver, controller-manager, scheduler), 
 # shellcheck disable=SC1091
 source "$STATE/env"
 export PATH KUBECONFIG
+mkdir -p "$DEMO"  # after `up`, which starts from a clean state dir
 kubectl get nodes -o wide | sed 's/^/    /'
 
 stage "2/7 local OpenAI-compatible judge on 127.0.0.1:$JUDGE_PORT"
@@ -55,7 +55,7 @@ PYEOF
 stage "4/7 Helm chart into namespace $NS (CRD from the chart, RBAC, step ServiceAccount, operator config)"
 kubectl create secret generic ftc-judge -n "$NS" --from-literal=api-key=sk-local-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 helm upgrade --install ftc helm/ftc -n "$NS" --set replicas=0 --set config.resyncSeconds=5 \
-  --set config.extraEnv.FTC_PROGRESS_INTERVAL=2 --set config.extraEnv.HF_HUB_OFFLINE=1 \
+  --set-string config.extraEnv.FTC_PROGRESS_INTERVAL=2 --set-string config.extraEnv.HF_HUB_OFFLINE=1 \
   --set-string config.extraEnv.OMP_NUM_THREADS=1 \
   --set 'config.prepare.resources.requests.cpu=100m' --set 'config.prepare.resources.requests.memory=256Mi' >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd/finetunecomparisons.ftc.dev >/dev/null

@@ -110,3 +110,9 @@ def test_chart_crd_matches_generated_crd():
     assert (CHART / "crds" / "ftc.dev_finetunecomparisons.yaml").read_text() == (
         REPO / "crds" / "ftc.dev_finetunecomparisons.yaml"
     ).read_text()
+
+
+def test_numeric_extra_env_from_set_becomes_strings(helm):
+    docs = template(helm, "--set", "config.extraEnv.OMP_NUM_THREADS=1", "--set", "config.extraEnv.DEBUG=true")
+    config = OperatorConfig.model_validate(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"]))
+    assert config.extra_env == {"OMP_NUM_THREADS": "1", "DEBUG": "true"}

@@ -7,6 +7,7 @@ except :func:`load_config`, which reads the file it is given.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,7 @@ from ftc_api.spec import (
     Resources,
     Toleration,
 )
-from pydantic import Field
+from pydantic import Field, field_validator
 
 CONFIG_ENV = "FTC_OPERATOR_CONFIG"
 
@@ -85,6 +86,14 @@ class OperatorConfig(ApiModel):
     resync_seconds: float = Field(default=30, gt=0, description="resyncSeconds: re-check every comparison this often.")
     workers: int = Field(default=4, ge=1, le=64, description="workers: comparisons reconciled at once.")
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="metricsPort: Prometheus /metrics port (0: off).")
+
+    @field_validator("extra_env", mode="before")
+    @classmethod
+    def _env_values_as_strings(cls, value: object) -> object:
+        """Helm turns `--set x=1` into a number; env values are strings."""
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
+        return value
 
     def step(self, step: str) -> StepConfig:
         return {"prepare": self.prepare, "train": self.train, "evaluate": self.evaluate}[step]
