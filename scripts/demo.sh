@@ -89,7 +89,7 @@ echo "    following: prepare (CPU) -> train tiny-llama + tiny-mixtral in paralle
 deadline=$(( $(date +%s) + TIMEOUT )); last=""
 while :; do
   phase=$(kubectl get ftc tiny -n "$NS" -o jsonpath='{.status.phase}')
-  line=$(kubectl get ftc tiny -n "$NS" -o jsonpath='{.status.phase} models={.status.modelsDone} {range .status.models[*]}[{.name} {.phase} step {.progress.step}/{.progress.totalSteps} loss {.progress.trainLoss}] {end}')
+  line=$(kubectl get ftc tiny -n "$NS" -o jsonpath='{.status.phase} models={.status.modelsDone} {range .status.models[*]}[{.name} {.phase} {.progress.step}/{.progress.totalSteps} loss {.progress.trainLoss}{.finalTrainLoss} eval {.progress.evalLoss}{.bestEvalLoss} {.overfitting.verdict}] {end}')
   [[ $line != "$last" ]] && echo "    $(date +%T) $line" && last=$line
   [[ $phase == Succeeded || $phase == Failed ]] && break
   if (( $(date +%s) > deadline )); then echo "    timed out after ${TIMEOUT}s"; break; fi
