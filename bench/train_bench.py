@@ -15,7 +15,9 @@ experts) on the CPU, batch 8, gradient checkpointing on (TRL's default, and ftc'
   throughput figures only, not settings ftc would train with.
 Tokens are counted the same way for all (`include_num_input_tokens_seen="non_padding"`); time is the
 wall time of `Trainer.train()`. The machine is shared, so variants run interleaved `--repeats` times and
-the fastest run of each counts (every run's figure is kept in `runs_tokens_per_second`).
+the fastest run of each counts (every run's figure is kept in `runs_tokens_per_second`); CPU time
+(`time.process_time()`, all threads) is far less sensitive to other load, so the median tokens per
+CPU-second and its ratio (`cpu_ratio_ftc_over_trl_default`) are the steadier comparison.
 Results and the ftc/TRL ratio go to bench/train.json.
 """
 
@@ -27,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -48,7 +51,7 @@ def run_ftc(kind: str, assets: Any, steps: int, endpoint: str, bucket: str, work
     from ftc_api.spec import DatasetSpec, Method, SplitSpec, TrainingSpec
     from ftc_api.steps import Location, ModelRef, PrepareInput, TrainInput
     from ftc_trainer.prepare import run_prepare
-    from ftc_trainer.train import run_train
+    from ftc_trainer.train import RunClock, run_train
 
     loc = Location(bucket=bucket, prefix=f"bench/{kind}-{time.monotonic_ns()}", endpoint_url=endpoint)
     run_prepare(
@@ -70,10 +73,14 @@ def run_ftc(kind: str, assets: Any, steps: int, endpoint: str, bucket: str, work
     )
     ref = ModelRef(name=kind, base_model=str(assets.model(kind)), method=Method.LORA)
     result = run_train(TrainInput(model=ref, training=training, location=loc), work / "train")
+    clock = RunClock.last
+    assert clock is not None and result.trained_tokens
     return {
         "tokens": result.trained_tokens,
         "seconds": result.train_seconds,
         "tokens_per_second": result.tokens_per_second,
+        "cpu_seconds": round(clock.cpu_seconds, 3),
+        "tokens_per_cpu_second": round(result.trained_tokens / clock.cpu_seconds, 2),
         "final_train_loss": result.final_train_loss,
     }
 
@@ -114,14 +121,16 @@ def run_trl(kind: str, assets: Any, steps: int, work: Path, **options: Any) -> d
             task_type="CAUSAL_LM",
         ),
     )
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     output = trainer.train()
-    seconds = time.monotonic() - started
+    seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
     tokens = int(trainer.state.num_input_tokens_seen)
     return {
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "tokens_per_cpu_second": round(tokens / cpu_seconds, 2),
         "final_train_loss": round(float(output.training_loss), 4),
     }
 
@@ -175,12 +184,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs["trl_padding_free"].append(
                     run_trl(kind, assets, args.steps, work / "trl-padding-free", padding_free=True, max_length=None)
                 )
-            row: dict[str, Any] = {
-                v: max(r, key=lambda x: x["tokens_per_second"]) | {"runs_tokens_per_second": [x["tokens_per_second"] for x in r]}
-                for v, r in runs.items()
-            }
+            row: dict[str, Any] = {}
+            for variant, variant_runs in runs.items():
+                row[variant] = max(variant_runs, key=lambda x: x["tokens_per_second"]) | {
+                    "runs_tokens_per_second": [x["tokens_per_second"] for x in variant_runs],
+                    "median_tokens_per_cpu_second": statistics.median(x["tokens_per_cpu_second"] for x in variant_runs),
+                }
             row["ratio_ftc_over_trl_default"] = round(
                 row["ftc"]["tokens_per_second"] / row["trl_default"]["tokens_per_second"], 3
+            )
+            row["cpu_ratio_ftc_over_trl_default"] = round(
+                row["ftc"]["median_tokens_per_cpu_second"] / row["trl_default"]["median_tokens_per_cpu_second"], 3
             )
             results[kind] = row
             print(kind, json.dumps(row), flush=True)

@@ -178,19 +178,25 @@ class StepDelay(TrainerCallback):
 class RunClock(TrainerCallback):
     """Wall time and tokens of this run (a resumed run counts only its own part)."""
 
+    last: RunClock | None = None  # the latest finished run in this process (read by bench/train_bench.py)
+
     def __init__(self) -> None:
         self.started = 0.0
+        self.cpu_started = 0.0
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.tokens_at_start = 0
         self.tokens_at_end = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started = time.monotonic()
+        self.started, self.cpu_started = time.monotonic(), time.process_time()
         self.tokens_at_start = int(state.num_input_tokens_seen or 0)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.seconds = time.monotonic() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started
         self.tokens_at_end = int(state.num_input_tokens_seen or 0)
+        RunClock.last = self
 
 
 # ---------------------------------------------------------------------------------------------- the step
