@@ -84,7 +84,7 @@ class OperatorConfig(ApiModel):
         default_factory=dict, description="extraEnv: plain (non-secret) env vars added to every step container."
     )
     resync_seconds: float = Field(default=30, gt=0, description="resyncSeconds: re-check every comparison this often.")
-    workers: int = Field(default=4, ge=1, le=64, description="workers: comparisons reconciled at once.")
+    workers: int = Field(default=8, ge=1, le=64, description="workers: comparisons reconciled at once (I/O-bound threads).")
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="metricsPort: Prometheus /metrics port (0: off).")
 
     @field_validator("extra_env", mode="before")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -130,8 +131,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.kube = Kube(new_api_client())
     reconciler = Reconciler(memo.kube, config)
 
+    memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="ftc-reconcile")
+
     async def process(key: Key) -> None:
-        await asyncio.to_thread(reconciler.reconcile, *key)
+        await asyncio.get_running_loop().run_in_executor(memo.executor, reconciler.reconcile, *key)
 
     memo.queue = WorkQueue(process, config.workers)
     memo.queue.start()
@@ -144,6 +147,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.resync.cancel()
     await memo.queue.stop()
+    memo.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
