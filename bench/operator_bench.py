@@ -13,6 +13,10 @@ the API server takes them, and measures:
 - reconciles (count, mean duration, status writes, Jobs created) from the operator's /metrics;
 - time until every comparison is Succeeded (the node agent runs ~4 pods per comparison as processes, so
   this is bound by the machine, not the operator).
+
+By default the nodes are cordoned during the burst (uncordoned once every first Job exists), so the
+latency measures the operator and the API server, not 100 step processes starting on 2 cores;
+`--no-cordon` lets the pods run at once.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "operator.json")
     p.add_argument("--finish-timeout", type=float, default=900, help="seconds to wait for every comparison to finish")
+    p.add_argument("--workers", type=int, default=8, help="operator reconcile workers")
+    p.add_argument(
+        "--no-cordon",
+        dest="cordon",
+        action="store_false",
+        help="let step pods run during the burst (default: nodes cordoned until every first Job exists)",
+    )
     p.add_argument("--keep", action="store_true", help="leave the cluster running")
     args = p.parse_args(argv)
 
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_crd(kubectl, work)
         values = stub_values(resync=30)
+        values["config"]["workers"] = args.workers
         install_chart(Helm(bin_dir / "helm", kubeconfig), ns, values, work)
         client.CoreV1Api(api).create_namespaced_secret(ns, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "x"}})
         op_kubeconfig = service_account_kubeconfig(api, kubeconfig, ns, OPERATOR_SA, work / "operator.kubeconfig")
@@ -117,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         watcher = threading.Thread(target=watch_jobs, daemon=True)
         watcher.start()
         time.sleep(1)
+        core = client.CoreV1Api(api)
+        nodes = [n.metadata.name for n in core.list_node().items]
+        if args.cordon:  # isolate the operator: no step process competes for the CPU during the burst
+            for n in nodes:
+                core.patch_node(n, {"spec": {"unschedulable": True}})
         ftc = Comparisons(api)
         spec = tiny_spec(env["FTC_S3_ENDPOINT_URL"])
         spec["placement"] = {"gpuCount": 0}  # stubs need no GPU; the 8 fake GPUs would serialise training
@@ -134,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         burst_seconds = time.monotonic() - burst_start
         latencies = [seen[n] - sent[n] for n in sent if n in seen]
         print(f"{len(latencies)}/{args.count} first Jobs in {burst_seconds:.1f}s", flush=True)
+        if args.cordon:
+            for n in nodes:
+                core.patch_node(n, {"spec": {"unschedulable": False}})
 
         finish_deadline = time.monotonic() + args.finish_timeout
         phases: dict[str, int] = {}
@@ -159,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
             "comparisons": args.count,
             "steps": "stub (ftc_operator.stub), no GPU limits",
+            "nodes_cordoned_during_burst": args.cordon,
+            "load_average_at_end": os.getloadavg(),
             "create_seconds": round(create_seconds, 2),
             "first_job_latency_seconds": {
                 "n": len(latencies),
@@ -184,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 "jobs_created": int(metric(m, "ftc_jobs_created_total")),
                 "errors": int(metric(m, "ftc_reconcile_errors_total")),
             },
-            "operator_config": {"workers": 4, "resync_seconds": 30},
+            "operator_config": {"workers": args.workers, "resync_seconds": 30},
         }
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
