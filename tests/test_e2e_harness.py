@@ -64,7 +64,8 @@ def stub_values(seconds: float = 0, fail: tuple[str, ...] = (), progress: bool =
     return {
         "config": {
             "prepare": {"command": STUB, "args": [], "resources": small},
-            "train": {"command": STUB, "args": []},
+            # a model told to fail fails at once (the default backoffLimit 3 would retry it for ~70 s)
+            "train": {"command": STUB, "args": [], **({"backoffLimit": 0} if fail else {})},
             "evaluate": {"command": STUB, "args": []},
             "extraEnv": env,
             "resyncSeconds": resync,
