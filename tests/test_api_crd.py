@@ -69,3 +69,21 @@ def test_quantities_accept_ints_and_strings() -> None:
 def test_render_is_stable_yaml() -> None:
     assert render_crd() == render_crd()
     assert yaml.safe_load(render_crd())["kind"] == "CustomResourceDefinition"
+
+
+def test_each_field_description_starts_with_its_json_name() -> None:
+    """Kubeflow style: `kubectl explain` text opens with the field's wire name, so aliases and docs agree."""
+    wrong = []
+
+    def walk(node: dict, path: str) -> None:
+        for name, prop in node.get("properties", {}).items():
+            if not prop.get("description", "").startswith(f"{name}:"):
+                wrong.append(f"{path}.{name}")
+            walk(prop, f"{path}.{name}")
+            for key in ("items", "additionalProperties"):
+                if isinstance(prop.get(key), dict):
+                    walk(prop[key], f"{path}.{name}[]")
+
+    for top in ("spec", "status"):
+        walk(schema()["properties"][top], top)
+    assert wrong == []

@@ -93,14 +93,14 @@ EMBEDDING_METRICS = frozenset({Metric.SEMANTIC_SIMILARITY, Metric.ANSWER_CORRECT
 class SecretKeyRef(ApiModel):
     """A key of a Secret in the comparison's namespace."""
 
-    name: str = Field(description="name of the Secret.", min_length=1, max_length=253)
-    key: str = Field(description="key inside the Secret.", min_length=1, max_length=253)
+    name: str = Field(description="name: the Secret's name.", min_length=1, max_length=253)
+    key: str = Field(description="key: the key inside the Secret.", min_length=1, max_length=253)
 
 
 class SecretRef(ApiModel):
     """A Secret in the comparison's namespace."""
 
-    name: str = Field(description="name of the Secret.", min_length=1, max_length=253)
+    name: str = Field(description="name: the Secret's name.", min_length=1, max_length=253)
 
 
 class Toleration(ApiModel):
@@ -151,7 +151,7 @@ class Placement(ApiModel):
     gpu_memory_gib: float | None = Field(
         default=None,
         gt=0,
-        description="gpuMemoryGiB: memory of one GPU, for the pre-flight fit check. Default 80.",
+        description="gpuMemoryGib: memory of one GPU, for the pre-flight fit check. Default 80.",
     )
     node_selector: dict[str, str] | None = Field(default=None, description="nodeSelector: extra node labels the pods require.")
     tolerations: list[Toleration] | None = Field(
@@ -409,12 +409,12 @@ class JudgeSpec(ApiModel):
     input_cost_per_1k_tokens: float = Field(
         default=0.0,
         ge=0,
-        description="inputCostPer1kTokens: price of 1000 prompt tokens, for the cost estimate.",
+        description="inputCostPer1KTokens: price of 1000 prompt tokens, for the cost estimate.",
     )
     output_cost_per_1k_tokens: float = Field(
         default=0.0,
         ge=0,
-        description="outputCostPer1kTokens: price of 1000 completion tokens, for the cost estimate.",
+        description="outputCostPer1KTokens: price of 1000 completion tokens, for the cost estimate.",
     )
 
 

@@ -101,6 +101,9 @@ class ModelStatus(ApiModel):
     train_seconds: float | None = Field(default=None, description="trainSeconds: wall time of training.")
     tokens_per_second: float | None = Field(default=None, description="tokensPerSecond: trained tokens per second.")
     trainable_parameters: int | None = Field(default=None, description="trainableParameters: LoRA parameters trained.")
+    resumed_from_step: int | None = Field(
+        default=None, description="resumedFromStep: checkpoint step the train Job resumed from after a restart."
+    )
     adapted_modules: list[str] | None = Field(
         default=None, description="adaptedModules: module kinds that received LoRA weights."
     )

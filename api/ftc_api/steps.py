@@ -90,11 +90,11 @@ class PrepareInput(ApiModel):
 class MemoryEstimate(ApiModel):
     """Pre-flight estimate of peak GPU memory of one model's training."""
 
-    weights_gib: float = Field(description="weightsGiB: base weights at their stored precision.")
-    lora_gib: float = Field(description="loraGiB: LoRA weights, gradients and optimizer state.")
-    activations_gib: float = Field(description="activationsGiB: activations for one micro-batch.")
-    total_gib: float = Field(description="totalGiB: estimated peak.")
-    available_gib: float = Field(description="availableGiB: GPU memory the placement provides.")
+    weights_gib: float = Field(description="weightsGib: base weights at their stored precision.")
+    lora_gib: float = Field(description="loraGib: LoRA weights, gradients and optimizer state.")
+    activations_gib: float = Field(description="activationsGib: activations for one micro-batch.")
+    total_gib: float = Field(description="totalGib: estimated peak.")
+    available_gib: float = Field(description="availableGib: GPU memory the placement provides.")
     fits: bool = Field(description="fits: whether the estimate fits.")
     parameters: int = Field(default=0, description="parameters: base model parameters.")
 

@@ -460,6 +460,7 @@ def _fill_trained(ms: ModelStatus, r: TrainResult) -> None:
     ms.train_seconds = r.train_seconds
     ms.tokens_per_second = r.tokens_per_second
     ms.trainable_parameters = r.trainable_parameters
+    ms.resumed_from_step = r.resumed_from_step
     ms.adapted_modules = r.adapted_modules or None
     ms.adapter_uri = r.adapter_uri
     ms.best_adapter_uri = r.best_adapter_uri
@@ -472,6 +473,7 @@ _KEPT = (
     "train_seconds",
     "tokens_per_second",
     "trainable_parameters",
+    "resumed_from_step",
     "adapted_modules",
     "final_train_loss",
     "best_eval_loss",
@@ -496,6 +498,7 @@ def _result_from_status(ms: ModelStatus, loc: Location) -> TrainResult:
         train_seconds=ms.train_seconds,
         tokens_per_second=ms.tokens_per_second,
         trainable_parameters=ms.trainable_parameters,
+        resumed_from_step=ms.resumed_from_step,
         adapted_modules=ms.adapted_modules or [],
         final_train_loss=ms.final_train_loss,
         best_eval_loss=ms.best_eval_loss,
@@ -538,6 +541,7 @@ def _evaluate_input(
         evaluation=spec.evaluation,
         checkpoint=spec.evaluation.checkpoint,
         overfitting=spec.training.overfitting,
+        quantization=spec.training.quantization,
         location=loc,
         title=f"{owner.namespace}/{owner.name}",
     )
