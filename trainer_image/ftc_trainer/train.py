@@ -286,6 +286,8 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
 
     set_seed(training.seed)
     model, forced = load_model(local, ref.method, training, ref.base_model)
+    if training.packing:
+        forced["packing"] = "off: ftc trains padded batches (packed rows need FlashAttention to stay apart)"
     targets = resolve_targets(model, ref.lora_target_modules or training.lora.target_modules or None)
     model = get_peft_model(model, lora_config(training, targets))
     cuda = has_cuda()
