@@ -46,7 +46,7 @@ if [[ "${1:-}" != "--force" ]] && all_present; then
   exit 0
 fi
 
-command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
+export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"  command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
 export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 start=$SECONDS
 log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - start))" "$*"; }
