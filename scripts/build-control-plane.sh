@@ -46,7 +46,9 @@ if [[ "${1:-}" != "--force" ]] && all_present; then
   exit 0
 fi
 
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"  command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
+# Go lives in /usr/local/go/bin on these machines; a non-login shell may not have it on PATH.
+export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
+command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
 export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 start=$SECONDS
 log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - start))" "$*"; }

@@ -1,5 +1,6 @@
 """ftc's API: the FineTuneComparison spec and status, and the step documents. pydantic only."""
 
+from . import names, overfitting, runtime, spec, status, steps
 from .base import API_GROUP, API_VERSION, KIND, PLURAL, ApiModel
 from .spec import FineTuneComparisonSpec, validation_errors
 from .status import FineTuneComparisonStatus, Phase
@@ -13,6 +14,12 @@ from .steps import (
 )
 
 __all__ = [
+    "names",
+    "overfitting",
+    "runtime",
+    "spec",
+    "status",
+    "steps",
     "API_GROUP",
     "API_VERSION",
     "KIND",

@@ -410,6 +410,7 @@ class Evaluation:
         scored = asyncio.run(self.score(ok, rows))
         result, scores_doc = self.build(ok, rows, failed, scored)
         scores_doc["seconds"] = round(time.monotonic() - started, 2)
+        assert result.scores_uri and result.report_uri  # set by build()
         self.store.write_text(result.scores_uri, json.dumps(scores_doc, indent=1, sort_keys=False))
         html = render_report(self.report_data(ok, rows, failed, scored, result))
         self.store.write_text(result.report_uri, html)

@@ -12,7 +12,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ftc_api.steps import PrepareResult, TrainResult
 
 log = logging.getLogger("ftc.trainer")
 
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         detail = _validation_message(err) if isinstance(err, ValidationError) else str(err)
         write_summary(_failure(args.command, f"invalid {args.command} input {path}: {detail}", raw))
         return 1
+    result: PrepareResult | TrainResult
     try:
         if args.command == "prepare":
             from .prepare import run_prepare
