@@ -100,7 +100,8 @@ def losses(history: list[LossPoint]) -> tuple[list[float], dict[int, float]]:
 @pytest.mark.ml
 @pytest.mark.parametrize("template", ["tokenizer", "default"])
 def test_prompt_and_template_tokens_are_labelled_minus_100(tiny_assets: TinyAssets, template: str) -> None:
-    from ftc_trainer.templates import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, apply_template, encode
+    from ftc_api.modeling import DEFAULT_CHAT_TEMPLATE
+    from ftc_trainer.templates import IGNORE_INDEX, apply_template, encode
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets.llama)

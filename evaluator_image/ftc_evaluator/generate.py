@@ -20,25 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftc_api.modeling import NOT_QUANTISED, template_for
+
 log = logging.getLogger(__name__)
 
 AUTO_BATCH = 64
-# Used when neither the model spec nor the tokenizer has a chat template: the trainer's documented default
-# (ftc_trainer.templates.DEFAULT_CHAT_TEMPLATE; the trainer also saves the template it used with the adapter).
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}### System:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
-    "{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
-# Modules bitsandbytes leaves in full precision: exactly the trainer's (ftc_trainer.models.NOT_QUANTISED),
-# so the adapter sees the same base it was trained on (`gate` is Mixtral's router; Llama's `gate_proj`
-# is still quantised).
-SKIP_4BIT = ["lm_head", "gate", "router", "shared_expert_gate"]
+# The trainer's 4-bit exceptions, shared through ftc_api so the adapter sees the base it was trained on.
+SKIP_4BIT = list(NOT_QUANTISED)
 
 
 # ---------------------------------------------------------------------------------------------- test rows
@@ -253,8 +241,7 @@ def load_model(
     if chat_template:
         tokenizer.chat_template = chat_template
     elif not getattr(tokenizer, "chat_template", None):
-        default = DEFAULT_CHAT_TEMPLATE
-        tokenizer.chat_template = default if tokenizer.bos_token else default.replace("{{ bos_token }}", "")
+        tokenizer.chat_template = template_for(bool(tokenizer.bos_token))
 
     on_gpu = device.startswith("cuda")
     # One GPU: everything on it. Several (a bf16 Mixtral-8x7B needs ~90 GB): spread the layers over them.

@@ -7,14 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ftc_api.modeling import NOT_QUANTISED, ROUTER_NAMES
 from ftc_api.spec import Method, TrainingSpec
 
 from .errors import StepError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-# Leaf names of linear layers that are never adapted nor quantised: mixture-of-experts routers, the LM head.
-ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
-NOT_QUANTISED = ("lm_head", *sorted(ROUTER_NAMES))
 
 
 def cache_dir() -> Path:

@@ -11,21 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftc_api.modeling import template_for
+
 from .errors import StepError
 
 IGNORE_INDEX = -100
-
-# The documented default: Alpaca-style headers, eos closing each answer.
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}### System:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
-    "{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
 
 
 def apply_template(tokenizer: Any, override: str | None = None) -> str:
@@ -36,12 +26,10 @@ def apply_template(tokenizer: Any, override: str | None = None) -> str:
     elif getattr(tokenizer, "chat_template", None):
         used = "tokenizer"
     else:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.chat_template = template_for(tokenizer.bos_token is not None)
         used = "default"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if tokenizer.bos_token is None and used == "default":
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE.replace("{{ bos_token }}", "")
     return used
 
 
