@@ -15,6 +15,7 @@ from ftc_api.steps import (
     Location,
     LossPoint,
     ModelRef,
+    PreparedModel,
     PrepareInput,
     PrepareResult,
     TrainInput,
@@ -54,6 +55,15 @@ def test_a_huge_summary_is_cut_to_fit() -> None:
     text = compact_summary(result)
     assert len(text.encode()) <= MAX_SUMMARY_BYTES
     assert json.loads(text)["ok"] is False
+
+
+def test_a_summary_too_big_even_when_trimmed_is_still_valid_json() -> None:
+    models = [PreparedModel(name=f"model-{i}", error="cannot read the config: " + "y" * 900) for i in range(8)]
+    result = PrepareResult(ok=False, error="z" * 5000, models=models, counts={"read": 10})
+    text = compact_summary(result)
+    doc = json.loads(text)  # never cut in the middle of a token
+    assert len(text.encode()) <= MAX_SUMMARY_BYTES
+    assert doc["ok"] is False and doc["truncated"] is True and doc["error"].startswith("zzz")
 
 
 def test_a_small_summary_is_kept_whole() -> None:

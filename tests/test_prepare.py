@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from ftc_api.spec import DatasetFormat, DatasetSpec, FieldMapping, LoraSpec, Method, SplitSpec, TrainingSpec
-from ftc_api.steps import MAX_SUMMARY_BYTES, Location, ModelRef, PrepareInput
+from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, ModelRef, PrepareInput
 from ftc_storage import Storage
 from ftc_trainer import data
 from ftc_trainer.errors import StepError
@@ -311,7 +311,7 @@ def test_model_that_cannot_fit_fails_the_step_with_numbers(
         training=TrainingSpec(lora=LoraSpec(r=16)),
     ).to_wire()
     code, summary = _run_cli(tmp_path, monkeypatch, doc)
-    assert code == 1 and summary["ok"] is False
+    assert code == EXIT_BAD_INPUT and summary["ok"] is False
     assert "model mixtral-big (lora) needs an estimated" in summary["error"]
     assert "but its placement provides 80.00 GiB" in summary["error"] and "llama-big" not in summary["error"]
     by_name = {m["name"]: m for m in summary["models"]}
@@ -326,14 +326,20 @@ def test_model_that_cannot_fit_fails_the_step_with_numbers(
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("missing-path", r"dataset '/nonexistent/data.jsonl' not found"),
-        ("missing-s3", r"no dataset at s3://.*/no/such/data\.jsonl"),
-        ("unknown-file-format", r"unknown dataset file format 'rows\.csv'"),
-        ("no-assistant-turns", r"no usable rows: read 3 rows, dropped 3 no_assistant_turn"),
-        ("unknown-format", r"invalid prepare input .*dataset\.format"),
-        ("too-few-rows", r"2 usable rows are too few for the split"),
+        pytest.param("missing-path", r"dataset '/nonexistent/data.jsonl' not found", id="missing-path"),
+        pytest.param("missing-s3", r"no dataset at s3://.*/no/such/data\.jsonl", id="missing-s3"),
+        pytest.param("unknown-file-format", r"unknown dataset file format 'rows\.csv'", id="unknown-file-format"),
+        pytest.param("no-assistant-turns", r"no usable rows: read 3 rows, dropped 3 no_assistant_turn", id="no-assistant-turns"),
+        pytest.param("unknown-format", r"invalid prepare input .*dataset\.format", id="unknown-format"),
+        pytest.param("too-few-rows", r"2 usable rows are too few for the split", id="too-few-rows"),
+        pytest.param("missing-bucket", r"(cannot read dataset|no dataset at) s3://no-such-bucket-ftc/", id="missing-bucket"),
+        pytest.param(
+            "corrupt-s3-parquet",
+            r"cannot read s3://.*/bad-input/rows\.parquet as Parquet: .*magic bytes",
+            id="corrupt-s3-parquet",
+        ),
+        pytest.param("unreadable-model-config", r"model broken: cannot read the config", id="unreadable-model-config"),
     ],
-    ids=lambda value: value if not value.startswith(("dataset", "no ", "unknown ", "invalid", "2 ")) else "",
 )
 def test_bad_input_fails_with_a_message(
     case: str, message: str, tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -342,7 +348,11 @@ def test_bad_input_fails_with_a_message(
         "missing-path": "/nonexistent/data.jsonl",
         "missing-s3": f"s3://{tiny_s3.bucket}/no/such/data.jsonl",
         "unknown-file-format": str(tmp_path / "rows.csv"),
+        "missing-bucket": "s3://no-such-bucket-ftc/data.jsonl",
+        "corrupt-s3-parquet": f"s3://{tiny_s3.bucket}/bad-input/rows.parquet",
     }.get(case, str(tmp_path / "rows.jsonl"))
+    if case == "corrupt-s3-parquet":
+        Storage(endpoint_url=tiny_s3.endpoint_url).write_bytes(source, b"PAR1 this is not parquet")
     (tmp_path / "rows.csv").write_text("instruction,output\nq,a\n")
     rows = [{"instruction": f"q{i}", "output": ""} for i in range(3)] if case == "no-assistant-turns" else []
     rows = rows or [{"instruction": f"q{i}", "output": "a"} for i in range(2)]
@@ -350,6 +360,12 @@ def test_bad_input_fails_with_a_message(
     doc = PrepareInput(dataset=DatasetSpec(source=source), location=_location(tiny_s3, f"bad-{case}")).to_wire()
     if case == "unknown-format":
         doc["dataset"]["format"] = "xml"
+    if case == "unreadable-model-config":
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "config.json").write_text("{not json")
+        doc["models"] = [ModelRef(name="broken", base_model=str(tmp_path / "broken"), method=Method.LORA).to_wire()]
+        rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, summary = _run_cli(tmp_path, monkeypatch, doc)
-    assert code == 1 and summary["ok"] is False
+    assert code == EXIT_BAD_INPUT and summary["ok"] is False  # bad input: the Job fails at once, no retry
     assert summary["error"] and __import__("re").search(message, summary["error"]), summary["error"]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from ftc_api.runtime import compact_summary
 from ftc_api.spec import DatasetSpec, LoraSpec, Method, SplitSpec, TrainingSpec
-from ftc_api.steps import MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, PrepareInput, TrainInput, TrainResult
+from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, PrepareInput, TrainInput, TrainResult
 from ftc_storage import Storage
 
 from tests.fixtures.tiny import TinyAssets, TinyS3
@@ -147,7 +147,8 @@ def test_lora_trains_and_the_adapter_reloads(tiny_s3: TinyS3, data_prefix: str, 
     assert set(result.adapted_modules) == KINDS[kind]
     assert result.trainable_parameters and result.trainable_parameters > 10_000
     assert result.tokens_per_second and result.trained_tokens and result.train_seconds
-    assert len(compact_summary(result).encode()) <= MAX_SUMMARY_BYTES
+    summary = compact_summary(result)
+    assert len(summary.encode()) <= MAX_SUMMARY_BYTES and json.loads(summary) == result.to_wire()  # fits untrimmed
 
     history = [LossPoint.model_validate(p) for p in json.loads(store.read_text(result.metrics_uri or ""))]
     trains, evals = losses(history)
@@ -406,7 +407,7 @@ def test_bad_input_fails_with_a_message(
     if case == "unknown-method":
         doc["model"]["method"] = "full"
     code, summary = _run_train_cli(tmp_path, monkeypatch, doc)
-    assert code == 1 and summary["ok"] is False and summary["model"] == "m"
+    assert code == EXIT_BAD_INPUT and summary["ok"] is False and summary["model"] == "m"
     assert re.search(message, summary["error"]), summary["error"]
 
 

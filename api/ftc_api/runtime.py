@@ -48,7 +48,15 @@ def compact_summary(result: BaseModel, limit: int = MAX_SUMMARY_BYTES) -> str:
         doc["error"] = doc["error"][:1000]
     doc.pop("examples", None)
     doc["truncated"] = True
-    return json.dumps(doc, separators=(",", ":"))[:limit]
+    # Still too long: drop the largest optional fields until it fits; the result is always valid JSON.
+    essential = {"step", "ok", "error", "model", "truncated"}
+    while len(json.dumps(doc, separators=(",", ":")).encode()) > limit:
+        optional = [k for k in doc if k not in essential]
+        if not optional:
+            doc["error"] = str(doc.get("error", ""))[: max(0, limit // 2)]
+            break
+        doc.pop(max(optional, key=lambda k: len(json.dumps(doc[k]))))
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def write_summary(result: BaseModel) -> str:

@@ -30,6 +30,11 @@ DEFAULT_INPUT_PATH = "/etc/ftc/input.json"
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_ENV = "FTC_TERMINATION_LOG"
 MAX_SUMMARY_BYTES = 4096
+# Exit codes of every step image. The Job's podFailurePolicy fails the Job at once on EXIT_BAD_INPUT
+# (retrying cannot help); EXIT_FAILED is retried up to the step's backoffLimit (a train pod resumes).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
 PROGRESS_ANNOTATION = "ftc.dev/progress"
 JUDGE_API_KEY_ENV = "FTC_JUDGE_API_KEY"
 EMBEDDINGS_API_KEY_ENV = "FTC_EMBEDDINGS_API_KEY"

@@ -16,6 +16,7 @@ from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement
 from ftc_api.steps import (
     DEFAULT_INPUT_PATH,
     EMBEDDINGS_API_KEY_ENV,
+    EXIT_BAD_INPUT,
     INPUT_PATH_ENV,
     JUDGE_API_KEY_ENV,
     TERMINATION_LOG,
@@ -42,7 +43,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INPUT_KEY = "input.json"
 INPUT_DIR = DEFAULT_INPUT_PATH.rsplit("/", 1)[0]
 CONTAINER = "step"
-BAD_INPUT_EXIT_CODE = 2
+BAD_INPUT_EXIT_CODE = EXIT_BAD_INPUT
 ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 

@@ -1,7 +1,8 @@
 """`ftc-trainer prepare|train [--input PATH]`: run one step, write its summary to the termination log.
 
-Exit code 0 when the step succeeded, 1 when it failed (bad input included); the summary's `error`
-says why. Heavy imports (torch, transformers) happen inside the steps.
+Exit code 0 when the step succeeded; 2 for bad input (an invalid input document, a missing dataset or
+base model, a model that cannot fit its GPU: the Job fails at once); 1 for any other failure (the Job
+retries it). The summary's `error` says why. Heavy imports (torch, transformers) happen inside the steps.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("FTC_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from ftc_api.runtime import input_path, write_summary
-    from ftc_api.steps import PrepareInput, TrainInput
+    from ftc_api.steps import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, PrepareInput, TrainInput
     from pydantic import ValidationError
 
     from .errors import StepError
@@ -61,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         inp = model.model_validate(raw)
     except FileNotFoundError:
         write_summary(_failure(args.command, f"input document {path} not found"))
-        return 1
+        return EXIT_BAD_INPUT
     except ValueError as err:  # invalid JSON or ValidationError
         detail = _validation_message(err) if isinstance(err, ValidationError) else str(err)
         write_summary(_failure(args.command, f"invalid {args.command} input {path}: {detail}", raw))
-        return 1
+        return EXIT_BAD_INPUT
     result: PrepareResult | TrainResult
+    failure_code = EXIT_FAILED
     try:
         if args.command == "prepare":
             from .prepare import run_prepare
@@ -78,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             result = run_train(inp, workdir)  # type: ignore[arg-type]
     except StepError as err:
         log.error("%s failed: %s", args.command, err)
-        result = _failure(args.command, str(err), raw)
+        result = err.result if err.result is not None else _failure(args.command, str(err), raw)
+        result.ok, result.error = False, str(err)
+        failure_code = EXIT_FAILED if err.retryable else EXIT_BAD_INPUT
     except Exception as err:  # an unexpected failure still gets a summary
         log.exception("%s failed", args.command)
         result = _failure(args.command, f"{type(err).__name__}: {err}", raw)
     write_summary(result)
-    return 0 if result.ok else 1
+    return EXIT_OK if result.ok else failure_code
 
 
 def _validation_message(err: Any) -> str:

@@ -67,8 +67,10 @@ def data_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS)
 
 
-def read_file(path: Path) -> Iterator[Any]:
-    """Rows of one JSONL, JSON or Parquet file; JSONL lines that do not parse come back as `Unparseable`."""
+def read_file(path: Path, label: str | None = None) -> Iterator[Any]:
+    """Rows of one JSONL, JSON or Parquet file; JSONL lines that do not parse come back as `Unparseable`.
+    Errors name the file as `label` (the S3 URI of a downloaded object), else by its file name."""
+    name = label or path.name
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -76,11 +78,12 @@ def read_file(path: Path) -> Iterator[Any]:
         try:
             table = pq.read_table(path)
         except Exception as err:
-            raise StepError(f"cannot read {path.name} as Parquet: {err}") from err
+            detail = str(err).replace(f"'{path}'", repr(name)).replace(str(path), name)
+            raise StepError(f"cannot read {name} as Parquet: {detail}") from err
         yield from table.to_pylist()
         return
     if suffix not in (".jsonl", ".ndjson", ".json"):
-        raise StepError(f"unknown dataset file format {path.name!r}: expected .jsonl, .json or .parquet")
+        raise StepError(f"unknown dataset file format {name!r}: expected .jsonl, .json or .parquet")
     text = path.read_text(encoding="utf-8", errors="replace")
     if suffix == ".json":
         try:
@@ -91,10 +94,10 @@ def read_file(path: Path) -> Iterator[Any]:
             if isinstance(doc, dict):
                 lists = [v for k, v in doc.items() if isinstance(v, list) and k in ("data", "rows", "train", "examples")]
                 if not lists:
-                    raise StepError(f"{path.name}: a JSON object without a `data`, `rows` or `train` list of rows")
+                    raise StepError(f"{name}: a JSON object without a `data`, `rows` or `train` list of rows")
                 doc = lists[0]
             if not isinstance(doc, list):
-                raise StepError(f"{path.name}: expected a JSON list of rows")
+                raise StepError(f"{name}: expected a JSON list of rows")
             yield from doc
             return
     for line in text.splitlines():
@@ -127,7 +130,7 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
                 store.download_file(uri, local)
             except StorageError as err:
                 raise StepError(f"cannot read dataset object {uri}: {err}") from err
-            rows.extend(read_file(local))
+            rows.extend(read_file(local, label=uri))
         return rows
     path = Path(source[len("file://") :] if source.startswith("file://") else source)
     if path.is_file():

@@ -42,14 +42,17 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     for ref in inp.models:
         prepared = check_model(ref, inp, store, splits)
         result.models.append(prepared)
-        if prepared.memory is not None and not prepared.memory.fits:
+        if prepared.error:
+            failures.append(f"model {ref.name}: {prepared.error}")
+        elif prepared.memory is not None and not prepared.memory.fits:
             from .memory import describe
 
             failures.append(describe(ref.name, ref.method, prepared.memory))
     if failures:
-        result.ok = False
-        result.error = "; ".join(failures) + ". Use qlora, more or larger GPUs (placement), or a smaller batch or sequence."
-        return result
+        # Raised, not returned: a model that cannot be read or cannot fit is bad input (exit 2, no retry).
+        hint = " Use qlora, more or larger GPUs (placement), or a smaller batch or sequence."
+        fit = any(m.memory is not None and not m.memory.fits for m in result.models)
+        raise StepError("; ".join(failures) + ("." + hint if fit else "."), result=result)
 
     out = workdir / "data"
     out.mkdir(parents=True, exist_ok=True)
@@ -75,14 +78,15 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
             },
         )
     except StorageError as err:
-        raise StepError(f"cannot write the prepared data: {err}") from err
+        raise StepError(f"cannot write the prepared data: {err}", retryable=True) from err
     result.manifest_uri = manifest.uri
     result.dataset_sha256 = manifest.sha256
     return result
 
 
 def check_model(ref: ModelRef, inp: PrepareInput, store: Any, splits: dict[str, list[dict[str, Any]]]) -> PreparedModel:
-    """Memory estimate and token counts of one model; problems reading it are recorded, not raised."""
+    """Memory estimate and token counts of one model; a config that cannot be read is recorded in `error`
+    (the caller fails the step with every model's problem at once)."""
     from .memory import estimate
     from .models import fetch_model, load_config, load_tokenizer
 

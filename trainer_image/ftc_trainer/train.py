@@ -408,4 +408,4 @@ def upload_results(
         summary = result.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"overfitting"})
         store.write_manifest(prefix, entries, extra={"result": summary})
     except StorageError as err:
-        raise StepError(f"cannot upload the trained adapter: {err}") from err
+        raise StepError(f"cannot upload the trained adapter: {err}", retryable=True) from err
