@@ -13,8 +13,9 @@ experts) on the CPU, batch 8, gradient checkpointing on (TRL's default, and ftc'
 - `trl_packing`: the same with `packing=True` (best-fit decreasing); `trl_padding_free`: `padding_free=True`.
   On the CPU there is no FlashAttention, so packed rows are not isolated from each other: these two are
   throughput figures only, not settings ftc would train with.
-Tokens are counted the same way for all (`include_num_input_tokens_seen="non_padding"`); time is the
-wall time of `Trainer.train()`. The machine is shared, so variants run interleaved `--repeats` times and
+Tokens are counted the same way for all (`include_num_input_tokens_seen="non_padding"`), and time is
+measured by the same callback for all (`ftc_trainer.train.RunClock`: from `on_train_begin` to
+`on_train_end`, so model loading and dataset tokenisation are outside it for every variant). The machine is shared, so variants run interleaved `--repeats` times and
 the fastest run of each counts (every run's figure is kept in `runs_tokens_per_second`); CPU time
 (`time.process_time()`, all threads) is far less sensitive to other load, so the median tokens per
 CPU-second and its ratio (`cpu_ratio_ftc_over_trl_default`) are the steadier comparison.
@@ -121,10 +122,13 @@ def run_trl(kind: str, assets: Any, steps: int, work: Path, **options: Any) -> d
             task_type="CAUSAL_LM",
         ),
     )
-    started, cpu_started = time.monotonic(), time.process_time()
+    from ftc_trainer.train import RunClock
+
+    clock = RunClock()  # the same clock as ftc's run: from on_train_begin to on_train_end
+    trainer.add_callback(clock)
     output = trainer.train()
-    seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
-    tokens = int(trainer.state.num_input_tokens_seen)
+    seconds, cpu_seconds = clock.seconds, clock.cpu_seconds
+    tokens = clock.tokens_at_end - clock.tokens_at_start
     return {
         "tokens": tokens,
         "seconds": round(seconds, 3),
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
     parser.add_argument("--packed-steps", type=int, default=8, help="steps of the packing runs: 8 x 1024 tokens each (default 8)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the fastest counts (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per variant; the fastest counts (default 3)")
     parser.add_argument("--out", default="bench/train.json", help="where to write the results (default bench/train.json)")
     parser.add_argument("--assets", default=None, help="folder for the tiny models (default: a temporary folder)")
     args = parser.parse_args(argv)
