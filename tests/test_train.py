@@ -189,6 +189,25 @@ def test_lora_trains_and_the_adapter_reloads(tiny_s3: TinyS3, data_prefix: str, 
 
 
 @pytest.mark.ml
+def test_qlora_quantises_every_weight_matrix_of_llama(tiny_assets: TinyAssets) -> None:
+    from bitsandbytes.nn import Params4bit
+    from ftc_trainer.models import load_model
+
+    model, _ = load_model(str(tiny_assets.llama), Method.QLORA, QLORA_TRAINING)
+    checked = []
+    for name, param in model.named_parameters():
+        if param.dim() != 2 and not isinstance(param, Params4bit):
+            continue
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            assert not isinstance(param, Params4bit), name
+            continue
+        assert isinstance(param, Params4bit), f"{name} is {param.dtype}, not 4-bit"
+        assert param.quant_state.quant_type == "nf4" and param.quant_state.nested
+        checked.append(name)
+    assert len(checked) == model.config.num_hidden_layers * 7  # q, k, v, o, gate, up, down in every block
+
+
+@pytest.mark.ml
 def test_qlora_quantises_every_weight_matrix_experts_included(tiny_assets: TinyAssets) -> None:
     import torch
     from bitsandbytes.nn import Params4bit
@@ -231,6 +250,55 @@ def test_qlora_trains(tiny_s3: TinyS3, data_prefix: str, kind: str, tmp_path: Pa
     if kind == "tiny-mixtral":
         experts = expert_lora_b(adapter_tensors(store, result.adapter_uri or "", tmp_path / "adapter"))
         assert len(experts) == 24 and all(v > 0 for v in experts.values())
+
+
+# ---------------------------------------------------------------------------------------------- padding-free
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-mixtral"])
+def test_padding_free_batches_keep_rows_apart_and_give_the_padded_loss(tiny_assets: TinyAssets, kind: str) -> None:
+    import torch
+    from ftc_trainer.models import load_model, load_tokenizer
+    from ftc_trainer.train import encode_rows, make_collator
+
+    from tests.fixtures.tiny import fact_rows, to_messages
+
+    tokenizer = load_tokenizer(str(tiny_assets.model(kind)))
+    encoded, _ = encode_rows(tokenizer, [{"messages": to_messages(r)} for r in fact_rows()], 64)
+    by_length = {len(r["input_ids"]): r for r in encoded}
+    rows = [by_length[n] for n in sorted(by_length)[:6]]
+    assert len(rows) >= 3  # rows of different lengths: the padded batch has padding
+    model, _ = load_model(str(tiny_assets.model(kind)), Method.LORA, LORA_TRAINING)
+    model.config.use_cache = False  # as run_train does
+    model.eval()
+    padded = make_collator(tokenizer, packing=False)([dict(r) for r in rows])
+    flat = make_collator(tokenizer, packing=True)([dict(r) for r in rows])
+    assert flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows)) and "attention_mask" not in flat
+    leaky = dict(flat, position_ids=torch.arange(flat["input_ids"].shape[1])[None])  # one long row: no boundaries
+    with torch.no_grad():
+        padded_loss, flat_loss, leaky_loss = (float(model(**batch).loss) for batch in (padded, flat, leaky))
+    assert abs(flat_loss - padded_loss) < 1e-4 * padded_loss, (flat_loss, padded_loss)
+    assert abs(leaky_loss - padded_loss) > 1e-3, "rows attending to each other must change the loss"
+
+
+@pytest.mark.ml
+def test_packing_trains_padding_free_on_the_same_tokens(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
+    from ftc_trainer.train import run_train
+
+    training = LORA_TRAINING.model_copy(update={"max_steps": 10, "eval_steps": 5, "save_steps": 100})
+    runs = {}
+    for packing in (False, True):
+        loc = new_run(tiny_s3, data_prefix, f"packing-{packing}", tmp_path / str(packing))
+        spec = training.model_copy(update={"packing": packing})
+        runs[packing] = run_train(train_input(tiny_s3, loc, "tiny-llama", Method.LORA, spec), tmp_path / f"work-{packing}")
+    padded, packed = runs[False], runs[True]
+    assert packed.ok and "packing" not in packed.forced
+    assert packed.trained_tokens == padded.trained_tokens  # the same rows, counted without padding
+    assert packed.final_train_loss is not None and padded.final_train_loss is not None
+    assert abs(packed.final_train_loss - padded.final_train_loss) < 0.05 * padded.final_train_loss
+    assert packed.final_eval_loss is not None and padded.final_eval_loss is not None
+    assert abs(packed.final_eval_loss - padded.final_eval_loss) < 0.05 * padded.final_eval_loss
 
 
 @pytest.mark.ml

@@ -362,7 +362,12 @@ class TrainingSpec(ApiModel):
     max_seq_length: int = Field(
         default=1024, ge=16, le=131072, description="maxSeqLength: tokens per sequence (longer rows are cut)."
     )
-    packing: bool = Field(default=False, description="packing: pack several rows into one sequence.")
+    packing: bool = Field(
+        default=False,
+        description="packing: padding-free batching: each micro-batch's rows are concatenated into one sequence "
+        "with position ids restarting per row, so attention stays inside each row and no compute goes to padding. "
+        "Same loss as padded batches; faster when row lengths vary.",
+    )
     gradient_checkpointing: bool = Field(default=True, description="gradientCheckpointing: trade compute for memory.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="lora: adapter settings.")
     quantization: QuantizationSpec = Field(

@@ -58,6 +58,21 @@ def effective_training(inp: TrainInput) -> TrainingSpec:
 # ---------------------------------------------------------------------------------------------- pure helpers
 
 
+def make_collator(tokenizer: Any, packing: bool) -> Any:
+    """The batch collator. Padded (default): rows padded to the longest in the micro-batch (a multiple of 8),
+    padding labelled -100. `packing`: padding-free batching: the micro-batch's rows are concatenated into
+    one sequence with position ids restarting at 0 for each row, so no compute goes to padding while
+    attention stays inside each row (transformers derives the block-diagonal mask from the position ids;
+    FlashAttention-2 on a GPU, SDPA or eager elsewhere). The loss is the same mean over response tokens."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    from .templates import IGNORE_INDEX
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+
+
 def loss_history(log_history: list[dict[str, Any]]) -> list[LossPoint]:
     """LossPoints from the Trainer's log history: train and eval losses of the same step share a point;
     a step logged twice (which resume must never cause) shows up twice."""
@@ -244,7 +259,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     import torch
     from ftc_storage import Storage, StorageError
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
     from .models import (
         adapted_modules,
@@ -286,8 +301,9 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
 
     set_seed(training.seed)
     model, forced = load_model(local, ref.method, training, ref.base_model)
-    if training.packing:
-        forced["packing"] = "off: ftc trains padded batches (packed rows need FlashAttention to stay apart)"
+    # No KV cache in training, and it must be off for padding-free batches: transformers builds the
+    # per-row (block-diagonal) attention mask from position_ids only when no cache is passed.
+    model.config.use_cache = False
     targets = resolve_targets(model, ref.lora_target_modules or training.lora.target_modules or None)
     model = get_peft_model(model, lora_config(training, targets))
     cuda = has_cuda()
@@ -324,7 +340,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         use_cpu=not cuda,
         gradient_checkpointing=training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if training.packing else "non_padding",  # padding-free: all are real
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=True,
@@ -345,7 +361,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set or None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8),
+        data_collator=make_collator(tokenizer, training.packing),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
