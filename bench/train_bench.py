@@ -16,10 +16,11 @@ experts) on the CPU, batch 8, gradient checkpointing on (TRL's default, and ftc'
 - `trl_packing`: TRL with `packing=True` (best-fit decreasing); `trl_padding_free`: `padding_free=True`.
 Tokens are counted the same way for all (`include_num_input_tokens_seen="non_padding"`), and time is
 measured by the same callback for all (`ftc_trainer.train.RunClock`: from `on_train_begin` to
-`on_train_end`, so model loading and dataset tokenisation are outside it for every variant). The machine is shared, so variants run interleaved `--repeats` times and
-the fastest run of each counts (every run's figure is kept in `runs_tokens_per_second`); CPU time
-(`time.process_time()`, all threads) is far less sensitive to other load, so the median tokens per
-CPU-second and its ratio (`cpu_ratio_ftc_over_trl_default`) are the steadier comparison.
+`on_train_end`, so model loading and dataset tokenisation are outside it for every variant). The
+machine is shared, so variants run interleaved `--repeats` times and the fastest run of each counts
+(every run's figure is kept in `runs_tokens_per_second`); CPU time (`time.process_time()`, all
+threads) is far less sensitive to other load, so the median tokens per CPU-second and its ratio
+(`cpu_ratio_ftc_over_trl_default`) are the steadier comparison.
 Results and the ftc/TRL ratio go to bench/train.json.
 """
 
