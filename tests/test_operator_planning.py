@@ -76,7 +76,7 @@ def trained(model: str, ok: bool = True, **kw) -> str:
     ).to_json()
 
 
-def evaluated(models=("llama", "mixtral"), winner="mixtral") -> str:
+def evaluated(models=("llama", "mixtral"), winner="mixtral", **kw) -> str:
     return EvaluateResult(
         ok=True,
         models=[
@@ -90,6 +90,7 @@ def evaluated(models=("llama", "mixtral"), winner="mixtral") -> str:
         p_value=0.01,
         report_uri="s3://ftc/x/report/index.html",
         scores_uri="s3://ftc/x/eval/scores.json",
+        **kw,
     ).to_json()
 
 
@@ -200,6 +201,28 @@ def test_succeeded_status_has_scores_winner_report_and_losses():
         assert m.token_counts.train == 1000
     assert conditions(p)["Succeeded"] == ("True", "Completed")
     assert st.data_counts == {"train": 80, "eval": 10, "test": 10, "dropped.empty": 2}
+
+
+@pytest.mark.parametrize(
+    ("usage", "message"),
+    [
+        pytest.param({"judge_calls": 40}, "2 models evaluated", id="clean"),
+        pytest.param(
+            {"judge_calls": 40, "judge_missing": 3}, "2 models evaluated; 3 judgments missing (not scored)", id="missing"
+        ),
+        pytest.param(
+            {"judge_calls": 25, "judge_budget_exhausted": True, "judge_cost": 0.12},
+            "2 models evaluated; judge budget exhausted after 25 calls: the rest was not judged",
+            id="budget",
+        ),
+    ],
+)
+def test_judge_usage_reaches_status_and_the_evaluated_condition(usage, message):
+    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated(**usage))])
+    judge = p.status.judge
+    assert judge.calls == usage["judge_calls"] and judge.missing == usage.get("judge_missing", 0)
+    assert judge.budget_exhausted is usage.get("judge_budget_exhausted", False) and judge.cost == usage.get("judge_cost")
+    assert next(c.message for c in p.status.conditions if c.type == "Evaluated") == message
 
 
 # --------------------------------------------------------------------------------------------- failed models

@@ -149,6 +149,19 @@ class Verdict(ApiModel):
     pairwise: list[PairwiseTest] = Field(default_factory=list, description="pairwise: every pairwise test.")
 
 
+class JudgeUsage(ApiModel):
+    """What the LLM judge cost and what it could not judge."""
+
+    calls: int = Field(default=0, description="calls: judge requests made (cached judgments excluded).")
+    missing: int = Field(
+        default=0, description="missing: judgments that could not be obtained (counted as missing, never as a score)."
+    )
+    budget_exhausted: bool = Field(
+        default=False, description="budgetExhausted: whether evaluation.maxJudgeCalls stopped judging before the end."
+    )
+    cost: float | None = Field(default=None, description="cost: estimated cost of the judge calls, from the per-1K-token prices.")
+
+
 class FineTuneComparisonStatus(ApiModel):
     """Observed state of a comparison."""
 
@@ -167,6 +180,7 @@ class FineTuneComparisonStatus(ApiModel):
     models: list[ModelStatus] = Field(default_factory=list, description="models: per-model status.")
     fairness: Fairness | None = Field(default=None, description="fairness: what was held equal and every deviation.")
     verdict: Verdict | None = Field(default=None, description="verdict: the statistical verdict.")
+    judge: JudgeUsage | None = Field(default=None, description="judge: judge calls, missing judgments, budget and cost.")
     winner: str | None = Field(default=None, description="winner: the winning model, or `tie`.")
     report_uri: str | None = Field(default=None, description="reportUri: S3 URI of the HTML report.")
     scores_uri: str | None = Field(default=None, description="scoresUri: S3 URI of eval/scores.json.")

@@ -26,6 +26,7 @@ from ftc_api.status import (
     Condition,
     ConditionType,
     FineTuneComparisonStatus,
+    JudgeUsage,
     ModelPhase,
     ModelStatus,
     Phase,
@@ -434,7 +435,13 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
             p_value=evaluation.p_value,
             pairwise=evaluation.pairwise,
         )
-    b.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, f"{len(evaluation.models)} models evaluated")
+    st.judge = JudgeUsage(
+        calls=evaluation.judge_calls,
+        missing=evaluation.judge_missing,
+        budget_exhausted=evaluation.judge_budget_exhausted,
+        cost=evaluation.judge_cost,
+    )
+    b.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, _evaluated_message(evaluation))
     verdict = (
         f"winner {evaluation.winner}" if evaluation.winner and evaluation.winner != "tie" else "tie: no significant difference"
     )
@@ -444,6 +451,17 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
         verdict += f" (adjusted p={evaluation.p_value:.3g})"
     b.condition(ConditionType.SUCCEEDED, "True", Reason.COMPLETED, verdict)
     return b.finish(Phase.SUCCEEDED)
+
+
+def _evaluated_message(evaluation: EvaluateResult) -> str:
+    """`N models evaluated`, plus what a reader must know about the judge: missing judgments, the budget."""
+    msg = f"{len(evaluation.models)} models evaluated"
+    notes = []
+    if evaluation.judge_missing:
+        notes.append(f"{evaluation.judge_missing} judgments missing (not scored)")
+    if evaluation.judge_budget_exhausted:
+        notes.append(f"judge budget exhausted after {evaluation.judge_calls} calls: the rest was not judged")
+    return msg + ("; " + "; ".join(notes) if notes else "")
 
 
 def _fill_losses(ms: ModelStatus, r: TrainResult) -> None:
