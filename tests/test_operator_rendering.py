@@ -193,6 +193,10 @@ def test_job_policy_and_container():
     assert c["image"] == CONFIG.trainer_image and c["args"] == ["train"]
     assert container(render_job(OWNER, spec, CONFIG, "evaluate"))["args"] == []
     assert container(render_job(OWNER, spec, CONFIG, "evaluate"))["image"] == CONFIG.evaluator_image
+    # Only the train pod (progress annotation) gets a ServiceAccount token.
+    assert pod(job)["automountServiceAccountToken"] is True
+    assert pod(render_job(OWNER, spec, CONFIG, "prepare"))["automountServiceAccountToken"] is False
+    assert pod(render_job(OWNER, spec, CONFIG, "evaluate"))["automountServiceAccountToken"] is False
 
 
 def test_configmap_holds_input_json_and_is_owned():

@@ -244,6 +244,8 @@ def render_job(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": place["serviceAccountName"],
+        # Only a train pod talks to the API server (its progress annotation): the others get no token.
+        "automountServiceAccountToken": step == StepKind.TRAIN,
         "containers": [container],
         "volumes": [{"name": "input", "configMap": {"name": name}}],
     }
