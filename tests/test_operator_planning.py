@@ -310,6 +310,30 @@ def test_missing_secret_is_reported_on_ready():
     assert any(e.reason == "SecretNotFound" and e.type == "Warning" for e in p.events)
 
 
+CREATED = (NOW - dt.timedelta(seconds=300)).strftime("%Y-%m-%dT%H:%M:%SZ")
+JUST_CREATED = (NOW - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize(
+    ("observed", "ready"),
+    [
+        pytest.param(job("prepare", state=JobState.ACTIVE, created=CREATED), ("False", "NoPodsCreated"), id="no-pod-300s"),
+        pytest.param(job("prepare", state=JobState.ACTIVE, created=JUST_CREATED), ("True", "SpecValid"), id="no-pod-30s"),
+        pytest.param(
+            job("prepare", state=JobState.ACTIVE, created=CREATED, suspended=True), ("True", "SpecValid"), id="queued-by-kueue"
+        ),
+        pytest.param(job("prepare", state=JobState.ACTIVE, created=CREATED, pods=1), ("True", "SpecValid"), id="has-a-pod"),
+    ],
+)
+def test_a_job_that_creates_no_pod_is_reported_on_ready(observed, ready):
+    p = run([observed])
+    assert conditions(p)["Ready"] == ready and p.status.phase == "Preparing"
+    if ready[0] == "False":
+        message = p.status.conditions[0].message
+        assert "bake-prepare has created no pod in 300s" in message and "ServiceAccount" in message
+        assert any(e.reason == "NoPodsCreated" and e.type == "Warning" for e in p.events)
+
+
 @pytest.mark.parametrize(
     ("doc", "field"),
     [

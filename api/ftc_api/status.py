@@ -46,6 +46,7 @@ class Reason(StrEnum):
     SPEC_VALID = "SpecValid"
     INVALID_SPEC = "InvalidSpec"
     SECRET_NOT_FOUND = "SecretNotFound"
+    NO_PODS_CREATED = "NoPodsCreated"
     JOB_CREATED = "JobCreated"
     JOB_RUNNING = "JobRunning"
     JOB_SUCCEEDED = "JobSucceeded"

@@ -57,6 +57,9 @@ class ObservedJob:
     failed_pods: int = 0
     progress: Progress | None = None
     waiting: tuple[Waiting, ...] = field(default_factory=tuple)
+    created: str | None = None  # the Job's creationTimestamp (RFC 3339)
+    pods: int = 0  # pods of this Job seen, in any phase
+    suspended: bool = False  # spec.suspend (for example queued by Kueue): no pods yet on purpose
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -110,6 +113,9 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
         step=labels.get(LABEL_STEP) or labels.get(LABEL_COMPONENT, ""),
         model=labels.get(LABEL_MODEL) or None,
         failed_pods=max(len(failed_pods), int((job.get("status") or {}).get("failed") or 0)),
+        created=meta.get("creationTimestamp"),
+        pods=len(pods),
+        suspended=bool((job.get("spec") or {}).get("suspend")),
     )
     if conds.get("Complete", {}).get("status") == "True":
         term = _terminated(succeeded_pods[-1]) if succeeded_pods else None

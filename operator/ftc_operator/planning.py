@@ -54,6 +54,9 @@ from .observe import JobState, ObservedJob
 from .rendering import Owner, effective_placement
 
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+# An active, unsuspended Job with no pod after this long is reported: the Job controller cannot create its
+# pods (a missing ServiceAccount, a quota, an admission webhook), which only the Job's Events say.
+NO_POD_GRACE_SECONDS = 120
 CONDITION_ORDER = [c.value for c in ConditionType]
 MAX_MESSAGE = 1000
 
@@ -148,6 +151,7 @@ class _Builder:
     def __init__(self, old: FineTuneComparisonStatus, owner: Owner, now: dt.datetime):
         self.old = old
         self.owner = owner
+        self.clock = now
         self.now = rfc3339(now)
         self.status = FineTuneComparisonStatus(observed_generation=owner.generation)
         self.conditions: dict[str, Condition] = {}
@@ -246,6 +250,23 @@ def _missing_secret(observed: Sequence[ObservedJob]) -> str | None:
     return None
 
 
+def _no_pods(observed: Sequence[ObservedJob], now: dt.datetime) -> str | None:
+    for job in observed:
+        if job.state != JobState.ACTIVE or job.pods or job.suspended or not job.created:
+            continue
+        try:
+            created = dt.datetime.fromisoformat(job.created.replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        waited = (now - created).total_seconds()
+        if waited >= NO_POD_GRACE_SECONDS:
+            return (
+                f"Job {job.name} has created no pod in {waited:.0f}s: see `kubectl describe job {job.name}` "
+                "(a missing step ServiceAccount, a ResourceQuota or an admission webhook?)"
+            )
+    return None
+
+
 def _job_failure(job: ObservedJob, result: Any | None, why: str | None) -> str:
     parts = [f"{job.step} Job {job.name} failed"]
     if job.reason:
@@ -262,8 +283,11 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     st.run_prefix = loc.uri()
     jobs = {(o.step, o.model): o for o in observed}
     missing = _missing_secret(observed)
+    stuck = _no_pods(observed, b.clock)
     if missing:
         b.condition(ConditionType.READY, "False", Reason.SECRET_NOT_FOUND, missing)
+    elif stuck:
+        b.condition(ConditionType.READY, "False", Reason.NO_PODS_CREATED, stuck)
     else:
         b.condition(ConditionType.READY, "True", Reason.SPEC_VALID, "the spec is valid")
     old_models = {m.name: m for m in old.models}
