@@ -13,6 +13,8 @@ experts) on the CPU, batch 8, gradient checkpointing on (TRL's default, and ftc'
 - `ftc_padding_free`: the real train step with `training.packing: true`: each micro-batch's rows are
   concatenated into one sequence with position ids restarting per row (no padding; transformers 4.57 builds
   the per-row attention mask from the position ids under SDPA, so rows stay apart on the CPU too).
+- `ftc_varied`, `ftc_padding_free_varied`: the same two on `varied_dataset()`, whose rows vary about tenfold
+  in length, so that padded batches carry real padding.
 - `trl_packing`: TRL with `packing=True` (best-fit decreasing); `trl_padding_free`: `padding_free=True`.
 Tokens are counted the same way for all (`include_num_input_tokens_seen="non_padding"`), and time is
 measured by the same callback for all (`ftc_trainer.train.RunClock`: from `on_train_begin` to
@@ -41,6 +43,7 @@ from typing import Any
 
 MODELS = ("tiny-llama", "tiny-mixtral")
 VARIANTS = ("ftc", "ftc_padding_free", "trl_default", "trl_packing", "trl_padding_free")
+VARIED = ("ftc_varied", "ftc_padding_free_varied")  # ftc padded vs padding-free on rows of widely varying length
 BATCH = 8
 
 
@@ -50,7 +53,25 @@ def _lora() -> Any:
     return LoraSpec(r=8, alpha=16, dropout=0.05)
 
 
-def run_ftc(kind: str, assets: Any, steps: int, endpoint: str, bucket: str, work: Path, packing: bool = False) -> dict[str, Any]:
+def varied_dataset(path: Path) -> Path:
+    """The fixture facts with an alpaca `input` context of 0 to 11 filler sentences (row i gets i % 12), so row
+    lengths vary about tenfold, as instruction datasets' do (Alpaca's `input` is empty for most rows and long for
+    some). Padded batches then carry real padding; the uniform fixture rows carry almost none."""
+    from tests.fixtures.tiny import WORDS, fact_rows
+
+    rows = []
+    for i, row in enumerate(fact_rows()):
+        n = len(WORDS)
+        filler = " ".join(f"The {WORDS[(i + j) % n]} is near the {WORDS[(i + 2 * j) % n]}." for j in range(i % 12))
+        rows.append(row | {"input": (row["input"] + "\n" + filler).strip()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_ftc(
+    kind: str, assets: Any, steps: int, endpoint: str, bucket: str, work: Path, packing: bool = False, dataset: Path | None = None
+) -> dict[str, Any]:
     from ftc_api.spec import DatasetSpec, Method, SplitSpec, TrainingSpec
     from ftc_api.steps import Location, ModelRef, PrepareInput, TrainInput
     from ftc_trainer.prepare import run_prepare
@@ -59,7 +80,8 @@ def run_ftc(kind: str, assets: Any, steps: int, endpoint: str, bucket: str, work
     loc = Location(bucket=bucket, prefix=f"bench/{kind}-{time.monotonic_ns()}", endpoint_url=endpoint)
     run_prepare(
         PrepareInput(
-            dataset=DatasetSpec(source=str(assets.dataset), split=SplitSpec(eval_fraction=0.0, test_fraction=0.0)), location=loc
+            dataset=DatasetSpec(source=str(dataset or assets.dataset), split=SplitSpec(eval_fraction=0.0, test_fraction=0.0)),
+            location=loc,
         ),
         work / "prepare",
     )
@@ -182,13 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     try:
         for kind in MODELS:
-            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in (*VARIANTS, *VARIED)}
+            varied = varied_dataset(tmp / "varied.jsonl")
             for rep in range(args.repeats):  # interleaved, so load from other processes hits every variant alike
                 work = tmp / kind / str(rep)
                 runs["ftc"].append(run_ftc(kind, assets, args.steps, endpoint, "bench", work / "ftc"))
                 runs["ftc_padding_free"].append(
                     run_ftc(kind, assets, args.steps, endpoint, "bench", work / "ftc-padding-free", packing=True)
                 )
+                for packing, variant in zip((False, True), VARIED, strict=True):
+                    runs[variant].append(
+                        run_ftc(kind, assets, args.steps, endpoint, "bench", work / variant, packing=packing, dataset=varied)
+                    )
                 runs["trl_default"].append(run_trl(kind, assets, args.steps, work / "trl"))
                 runs["trl_packing"].append(run_trl(kind, assets, args.packed_steps, work / "trl-packing", packing=True))
                 runs["trl_padding_free"].append(
@@ -205,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             row["ratio_ftc_padding_free_over_ftc"] = round(
                 row["ftc_padding_free"]["tokens_per_second"] / row["ftc"]["tokens_per_second"], 3
+            )
+            row["ratio_ftc_padding_free_over_ftc_varied"] = round(
+                row["ftc_padding_free_varied"]["tokens_per_second"] / row["ftc_varied"]["tokens_per_second"], 3
+            )
+            row["cpu_ratio_ftc_padding_free_over_ftc_varied"] = round(
+                row["ftc_padding_free_varied"]["median_tokens_per_cpu_second"]
+                / row["ftc_varied"]["median_tokens_per_cpu_second"],
+                3,
             )
             row["cpu_ratio_ftc_over_trl_default"] = round(
                 row["ftc"]["median_tokens_per_cpu_second"] / row["trl_default"]["median_tokens_per_cpu_second"], 3
