@@ -204,6 +204,10 @@ def test_report_renders_in_headless_chromium_with_chart_and_table(tmp_path):
         "--disable-sync",
         "--disable-dev-shm-usage",
         "--hide-scrollbars",
+        # No network at all: every host name fails to resolve and every request goes to a dead proxy, so the
+        # screenshot shows only what the file itself carries.
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=http://127.0.0.1:9",
         f"--user-data-dir={tmp_path / 'profile'}",
         f"--window-size={WIDTH},{HEIGHT}",
         f"--screenshot={shot}",
