@@ -88,11 +88,11 @@ def evaluated(ref: ModelRef, result, name: str | None = None) -> EvaluatedModel:
     )
 
 
-def spec(server, metrics: list[Metric]) -> EvaluationSpec:
+def spec(server, metrics: list[Metric], judge_model: str = "fake-judge") -> EvaluationSpec:
     return EvaluationSpec(
         metrics=metrics,
         primary_metric=Metric.JUDGE,
-        judge=JudgeSpec(base_url=server.base_url, model="fake-judge", concurrency=8),
+        judge=JudgeSpec(base_url=server.base_url, model=judge_model, concurrency=8),
         generation=GenerationSpec(max_new_tokens=20),
         bootstrap_resamples=1000,
     )
@@ -147,14 +147,17 @@ def test_two_identical_models_tie_and_a_rerun_reuses_predictions_and_judgments(t
             evaluated(refs["strong"], results["strong"], name="twin-a"),
             evaluated(refs["strong"], results["strong"], name="twin-b"),
         ],
-        evaluation=spec(openai_server, [Metric.JUDGE, Metric.BLEU]),
+        # A judge model of its own: no judgment cached by another test can answer for it.
+        evaluation=spec(openai_server, [Metric.JUDGE, Metric.BLEU], judge_model="fake-judge-twins"),
         location=location,
     )
+    before = len(openai_server.judge_requests())
     result = evaluate(inp, workdir=tmp_path / "first")
     assert result.ok, result.error
     assert result.winner == "tie"
     assert result.p_value == pytest.approx(1.0)
     calls = len(openai_server.judge_requests())
+    assert result.judge_calls > 0 and calls > before  # the first run really judged
 
     again = evaluate(inp, workdir=tmp_path / "second")  # a restarted pod: nothing is paid or generated twice
     assert again.winner == "tie" and again.judge_calls == 0
