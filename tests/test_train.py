@@ -283,6 +283,39 @@ def test_padding_free_batches_keep_rows_apart_and_give_the_padded_loss(tiny_asse
 
 
 @pytest.mark.ml
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "padding-free"])
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-mixtral"])
+def test_response_loss_is_the_models_own_loss_from_a_fraction_of_the_logits(
+    tiny_assets: TinyAssets, kind: str, packing: bool
+) -> None:
+    import torch
+    from ftc_trainer.loss import predicting_positions, response_loss_sum
+    from ftc_trainer.models import load_model, load_tokenizer
+    from ftc_trainer.train import encode_rows, make_collator
+
+    from tests.fixtures.tiny import fact_rows, to_messages
+
+    tokenizer = load_tokenizer(str(tiny_assets.model(kind)))
+    rows, _ = encode_rows(tokenizer, [{"messages": to_messages(r)} for r in fact_rows()[::25]], 64)
+    training = LORA_TRAINING.model_copy(update={"router_aux_loss_coef": 0.02 if kind == "tiny-mixtral" else None})
+    model, _ = load_model(str(tiny_assets.model(kind)), Method.LORA, training)
+    model.config.use_cache = False
+    model.eval()
+    batch = make_collator(tokenizer, packing)([dict(r) for r in rows])
+    labels = batch.pop("labels")
+    positions = predicting_positions(labels)
+    with torch.no_grad():
+        own = model(**batch, labels=labels).loss  # the model's loss (MoE router loss included) from every logit
+        out = model(**batch, logits_to_keep=positions)
+        total, count = response_loss_sum(out.logits, labels, positions)
+    aux = getattr(out, "aux_loss", None)
+    mine = total / count + (training.router_aux_loss_coef or 0) * (aux if aux is not None else 0)
+    assert float(mine) == pytest.approx(float(own), rel=1e-5)
+    assert out.logits.shape[1] == len(positions) < 0.7 * batch["input_ids"].shape[1]  # prompt logits never built
+    assert int(count) == int((labels != -100).sum())
+
+
+@pytest.mark.ml
 def test_packing_trains_padding_free_on_the_same_tokens(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
     from ftc_trainer.train import run_train
 

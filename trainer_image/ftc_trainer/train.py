@@ -259,8 +259,9 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     import torch
     from ftc_storage import Storage, StorageError
     from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
+    from .loss import ResponseLossTrainer
     from .models import (
         adapted_modules,
         fetch_model,
@@ -342,6 +343,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="all" if training.packing else "non_padding",  # padding-free: all are real
         remove_unused_columns=False,
+        prediction_loss_only=True,  # eval needs the loss only: never gather logits over the eval set
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -356,7 +358,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     ]
     if os.environ.get("FTC_TEST_STEP_DELAY"):
         callbacks.append(StepDelay(float(os.environ["FTC_TEST_STEP_DELAY"])))
-    trainer = Trainer(
+    trainer = ResponseLossTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
