@@ -277,6 +277,22 @@ class Comparisons:
         return [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
 
 
+def secret_leaks(api_client, namespace: str, status: dict[str, Any], secrets: list[str], **texts: str) -> list[str]:
+    """Where any of `secrets` appears: the status, the namespace's Events, ConfigMaps and Jobs, and `texts`
+    (for example the operator log or a step's log), as `"<secret #i> in <place>"` lines."""
+    from kubernetes import client
+
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    places = {
+        "status": json.dumps(status),
+        "events": json.dumps([e.to_dict() for e in core.list_namespaced_event(namespace).items], default=str),
+        "configmaps": json.dumps([c.data for c in core.list_namespaced_config_map(namespace).items]),
+        "jobs": json.dumps([j.to_dict() for j in batch.list_namespaced_job(namespace).items], default=str),
+        **texts,
+    }
+    return [f"secret #{i} in {where}" for where, text in places.items() for i, secret in enumerate(secrets) if secret in text]
+
+
 def normalized_status(status: dict[str, Any], run_prefix_hint: str | None = None) -> dict[str, Any]:
     """The status without times and run-specific identifiers, for comparing two runs."""
     text = json.dumps(status, sort_keys=True)

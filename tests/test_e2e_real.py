@@ -22,6 +22,7 @@ from tests.test_e2e_harness import (
     apply_crd,
     chart_config,
     install_chart,
+    secret_leaks,
     service_account_kubeconfig,
     tiny_spec,
     wait_for,
@@ -30,6 +31,7 @@ from tests.test_e2e_harness import (
 pytestmark = pytest.mark.cluster
 
 SMALL = {"requests": {"cpu": "100m", "memory": "256Mi"}}
+JUDGE_KEY = "sk-canary-real-steps-3b71"  # must appear nowhere but in its Secret
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def judge_secret(control_plane, namespace):
     from kubernetes import client
 
     client.CoreV1Api(control_plane.api_client()).create_namespaced_secret(
-        namespace, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "sk-local-judge"}}
+        namespace, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": JUDGE_KEY}}
     )
 
 
@@ -111,6 +113,21 @@ def test_tiny_comparison_with_real_steps(control_plane, real_operator, namespace
     key = st["reportUri"].removeprefix(f"s3://{assets_in_s3.bucket}/")
     report = assets_in_s3.client().get_object(Bucket=assets_in_s3.bucket, Key=key)["Body"].read()
     assert b"<html" in report.lower()
+    # The real steps saw the judge key and the S3 credentials; none of them may surface anywhere.
+    scores_key = st["scoresUri"].removeprefix(f"s3://{assets_in_s3.bucket}/")
+    scores = assets_in_s3.client().get_object(Bucket=assets_in_s3.bucket, Key=scores_key)["Body"].read().decode()
+    secrets = [JUDGE_KEY, assets_in_s3.secret_access_key, assets_in_s3.access_key_id]
+    leaks = secret_leaks(
+        control_plane.api_client(),
+        namespace,
+        st,
+        secrets,
+        operator_log=real_operator.log(),
+        step_logs="\n".join(p.read_text(errors="replace") for p in sorted((control_plane.log_dir / namespace).rglob("*.log"))),
+        report=report.decode(errors="replace"),
+        scores=scores,
+    )
+    assert not leaks, leaks
 
 
 def test_train_pod_deleted_mid_run_resumes_from_checkpoint(
