@@ -7,7 +7,7 @@ UV := $(BIN)/uv
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build cluster-up cluster-down kind-e2e clean
+.PHONY: help install lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build cluster-up cluster-down kind-e2e clean
 
 help:
 	@echo "make demo    - a local control plane, S3 server and tiny models; ends in 'kubectl get ftc' with a winner"

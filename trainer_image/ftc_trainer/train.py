@@ -58,9 +58,10 @@ def effective_training(inp: TrainInput) -> TrainingSpec:
 # ---------------------------------------------------------------------------------------------- pure helpers
 
 
-def make_collator(tokenizer: Any, packing: bool) -> Any:
-    """The batch collator. Padded (default): rows padded to the longest in the micro-batch (a multiple of 8),
-    padding labelled -100. `packing`: padding-free batching: the micro-batch's rows are concatenated into
+def make_collator(tokenizer: Any, packing: bool, pad_to_multiple_of: int | None = None) -> Any:
+    """The batch collator. Padded (default): rows padded to the longest in the micro-batch (rounded up to
+    `pad_to_multiple_of`: 8 on a GPU, where tensor cores want aligned shapes; none on the CPU, where it
+    only adds work), padding labelled -100. `packing`: padding-free batching: the micro-batch's rows are concatenated into
     one sequence with position ids restarting at 0 for each row, so no compute goes to padding while
     attention stays inside each row (transformers derives the block-diagonal mask from the position ids;
     FlashAttention-2 on a GPU, SDPA or eager elsewhere). The loss is the same mean over response tokens."""
@@ -70,7 +71,7 @@ def make_collator(tokenizer: Any, packing: bool) -> Any:
 
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def loss_history(log_history: list[dict[str, Any]]) -> list[LossPoint]:
@@ -363,7 +364,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set or None,
-        data_collator=make_collator(tokenizer, training.packing),
+        data_collator=make_collator(tokenizer, training.packing, pad_to_multiple_of=8 if cuda else None),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
