@@ -485,7 +485,10 @@ class EvaluationSpec(ApiModel):
         description="extraJudges: more judges; their agreement with the main one is reported.",
     )
     max_judge_calls: int | None = Field(
-        default=None, ge=1, description="maxJudgeCalls: stop judging after this many calls (a budget)."
+        default=None,
+        ge=1,
+        description="maxJudgeCalls: stop judging after this many calls (a budget shared by every judge: the main judge "
+        "is served first, item by item across models, then extraJudges; cached judgments cost nothing).",
     )
     embeddings: EmbeddingsSpec = Field(default_factory=EmbeddingsSpec, description="embeddings: model for embedding metrics.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="generation: decoding settings.")
