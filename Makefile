@@ -68,14 +68,20 @@ cluster-up: install cluster-build
 cluster-down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m tests.cluster down; else echo "no cluster running"; fi
 
-# The cluster tests against a kind cluster; a clean skip (exit 0) where Docker or kind is missing.
+# The cluster tests against a kind cluster, with the step images built and loaded into its nodes;
+# a clean skip (exit 0) where Docker or kind is missing.
+TRAINER_IMAGE ?= ghcr.io/ftc-project/ftc-trainer:0.1.0
+EVALUATOR_IMAGE ?= ghcr.io/ftc-project/ftc-evaluator:0.1.0
 kind-e2e:
 	@if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then \
 	  echo "kind-e2e skipped: no Docker engine"; exit 0; \
 	elif ! command -v kind >/dev/null 2>&1; then \
 	  echo "kind-e2e skipped: kind not on PATH"; exit 0; \
 	else \
-	  $(MAKE) install cluster-build && FTC_CLUSTER_BACKEND=kind $(BIN)/pytest -m cluster tests; \
+	  $(MAKE) install cluster-build && \
+	  docker build -f trainer_image/Dockerfile -t $(TRAINER_IMAGE) . && \
+	  docker build -f evaluator_image/Dockerfile -t $(EVALUATOR_IMAGE) . && \
+	  FTC_CLUSTER_BACKEND=kind FTC_KIND_LOAD_IMAGES="$(TRAINER_IMAGE) $(EVALUATOR_IMAGE)" $(BIN)/pytest -m cluster tests; \
 	fi
 
 bench: install cluster-build

@@ -28,7 +28,9 @@ CRD = CHART / "crds" / "ftc.dev_finetunecomparisons.yaml"
 RELEASE = "ftc"
 OPERATOR_SA = "ftc"  # the chart's full name for release "ftc"
 GROUP, VERSION, PLURAL = "ftc.dev", "v1alpha1", "finetunecomparisons"
-STUB = [sys.executable, "-m", "ftc_operator.stub"]
+# The stub step: this venv's interpreter for the node agent's local processes; the image's `python` on kind,
+# where the step images (which carry ftc_operator) are built and loaded by `make kind-e2e`.
+STUB = ["python" if os.environ.get("FTC_CLUSTER_BACKEND") == "kind" else sys.executable, "-m", "ftc_operator.stub"]
 
 
 def free_port() -> int:

@@ -211,6 +211,9 @@ def _kind_cluster(root: Path) -> Iterator[Cluster]:
     create += ["--image", image] if image else []
     subprocess.run([*create, "--kubeconfig", str(kubeconfig), "--wait", "180s"], check=True)
     try:
+        # The step images `make kind-e2e` built (space-separated tags), loaded into the nodes: no registry needed.
+        for tag in os.environ.get("FTC_KIND_LOAD_IMAGES", "").split():
+            subprocess.run(["kind", "load", "docker-image", tag, "--name", name], check=True)
         bin_dir = build_binaries()
         cluster = Cluster(
             backend="kind",
