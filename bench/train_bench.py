@@ -2,7 +2,7 @@
 settings, on the same data and the same tiny model, side by side in one run; plus TRL's packing and
 padding-free modes.
 
-    python -m bench.train_bench [--steps 40] [--out bench/train.json]
+    python -m bench.train_bench [--steps 160] [--out bench/train.json]
 
 For each tiny model (tiny-llama, tiny-mixtral) with LoRA (r 8, alpha 16, every linear projection incl.
 experts) on the CPU, batch 8, gradient checkpointing on (TRL's default, and ftc's), sequences up to 1024:
@@ -172,7 +172,7 @@ def _load(path: Path) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    parser.add_argument("--steps", type=int, default=160, help="optimizer steps per run (default 160: runs of several seconds)")
     parser.add_argument("--packed-steps", type=int, default=8, help="steps of the packing runs: 8 x 1024 tokens each (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per variant; the fastest counts (default 3)")
     parser.add_argument("--out", default="bench/train.json", help="where to write the results (default bench/train.json)")
