@@ -188,43 +188,41 @@ def test_lora_trains_and_the_adapter_reloads(tiny_s3: TinyS3, data_prefix: str, 
 # ---------------------------------------------------------------------------------------------- QLoRA
 
 
-@pytest.mark.ml
-def test_qlora_quantises_every_weight_matrix_of_llama(tiny_assets: TinyAssets) -> None:
+def four_bit_matrices(model: Any, full_precision: tuple[str, ...]) -> list[str]:
+    """Names of the weight matrices stored 4-bit NF4 with double quantisation; fails on any other matrix
+    above 1024 elements unless its name ends with one of `full_precision`."""
     from bitsandbytes.nn import Params4bit
-    from ftc_trainer.models import load_model
 
-    model, _ = load_model(str(tiny_assets.llama), Method.QLORA, QLORA_TRAINING)
     checked = []
     for name, param in model.named_parameters():
         if param.dim() != 2 and not isinstance(param, Params4bit):
             continue
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            assert not isinstance(param, Params4bit), name
-            continue
-        assert isinstance(param, Params4bit), f"{name} is {param.dtype}, not 4-bit"
-        assert param.quant_state.quant_type == "nf4" and param.quant_state.nested
-        checked.append(name)
-    assert len(checked) == model.config.num_hidden_layers * 7  # q, k, v, o, gate, up, down in every block
-
-
-@pytest.mark.ml
-def test_qlora_quantises_every_weight_matrix_experts_included(tiny_assets: TinyAssets) -> None:
-    import torch
-    from bitsandbytes.nn import Params4bit
-    from ftc_trainer.models import load_model
-
-    model, _ = load_model(str(tiny_assets.mixtral), Method.QLORA, QLORA_TRAINING)
-    checked = []
-    for name, param in model.named_parameters():
-        if param.dim() != 2 and not isinstance(param, Params4bit):
-            continue
-        if name.endswith(("embed_tokens.weight", "lm_head.weight", "block_sparse_moe.gate.weight")):
+        if name.endswith(full_precision):
             assert not isinstance(param, Params4bit), name  # kept in full precision on purpose
             continue
         if isinstance(param, Params4bit) or param.numel() > 1024:
             assert isinstance(param, Params4bit), f"{name} is {param.dtype}, not 4-bit"
             assert param.quant_state.quant_type == "nf4" and param.quant_state.nested  # NF4, double quant
             checked.append(name)
+    return checked
+
+
+@pytest.mark.ml
+def test_qlora_quantises_every_weight_matrix_of_llama(tiny_assets: TinyAssets) -> None:
+    from ftc_trainer.models import load_model
+
+    model, _ = load_model(str(tiny_assets.llama), Method.QLORA, QLORA_TRAINING)
+    checked = four_bit_matrices(model, ("embed_tokens.weight", "lm_head.weight"))
+    assert len(checked) == model.config.num_hidden_layers * 7  # q, k, v, o, gate, up, down in every block
+
+
+@pytest.mark.ml
+def test_qlora_quantises_every_weight_matrix_experts_included(tiny_assets: TinyAssets) -> None:
+    import torch
+    from ftc_trainer.models import load_model
+
+    model, _ = load_model(str(tiny_assets.mixtral), Method.QLORA, QLORA_TRAINING)
+    checked = four_bit_matrices(model, ("embed_tokens.weight", "lm_head.weight", "block_sparse_moe.gate.weight"))
     assert sum(".experts." in n for n in checked) == 2 * 4 * 3
     assert all(".block_sparse_moe.gate." not in n for n in checked)
     gate = model.model.layers[0].block_sparse_moe.gate
