@@ -193,7 +193,7 @@ def test_no_secret_value_leaks_and_progress_is_live(ftc, api, operator, namespac
     assert not secret_leaks(api, namespace, st, secrets, operator_log=operator.log())
 
 
-@pytest.mark.parametrize("operator", [dict(seconds=3)], indirect=True, ids=["stub"])
+@pytest.mark.parametrize("operator", [dict(seconds=6)], indirect=True, ids=["stub"])
 def test_chaos_kill_operator_at_random_points(ftc, operator, namespace, s3_server, judge_secret):
     """SIGKILL the operator ≥10 times at random moments while the comparison runs; it ends like an undisturbed one."""
     spec = tiny_spec(s3_server.cluster_endpoint_url)
@@ -204,7 +204,7 @@ def test_chaos_kill_operator_at_random_points(ftc, operator, namespace, s3_serve
     kills, phases_at_kill = 0, []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.05, 1.5))
+        time.sleep(rng.uniform(0.05, 1.0))
         operator.kill()
         kills += 1
         phase = ftc.status("chaos", namespace).get("phase") or "Pending"
