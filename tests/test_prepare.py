@@ -198,7 +198,7 @@ def test_prepare_messy_dataset_from_s3(tiny_s3: TinyS3, tmp_path: Path, monkeypa
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
     manifest = store.read_manifest(loc.uri("data"))
     assert manifest is not None and sorted(manifest.files) == ["eval.jsonl", "test.jsonl", "train.jsonl"]
-    assert manifest.extra["counts"] == summary["counts"] and summary["datasetSha256"] == manifest.sha256
+    assert manifest.extra["counts"] == summary["counts"] and summary["datasetSha256"] == manifest.content_sha256
     test_rows = [json.loads(line) for line in store.read_verified(loc.uri("data"), "test.jsonl").decode().splitlines()]
     assert len(test_rows) == 6 and all(r["messages"][-1]["role"] == "assistant" and r["id"] for r in test_rows)
 
@@ -212,7 +212,7 @@ def test_prepare_messy_dataset_from_s3(tiny_s3: TinyS3, tmp_path: Path, monkeypa
     code, again = _run_cli(tmp_path, monkeypatch, doc)
     assert code == 0
     assert {n: store.read_bytes(f"{loc.uri('data')}/{n}") for n in manifest.files} == first
-    assert again["datasetSha256"] == summary["datasetSha256"]
+    assert again["datasetSha256"] == summary["datasetSha256"]  # a hash of the content, not of when it was written
 
 
 @pytest.mark.ml

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from ftc_storage import MANIFEST_NAME, Storage, StorageError, is_s3, join, parse_s3_uri, sha256_file
+from ftc_storage import MANIFEST_NAME, Entry, Manifest, Storage, StorageError, is_s3, join, parse_s3_uri, sha256_file
 
 pytestmark = pytest.mark.unit
 
@@ -51,6 +51,14 @@ def _tree(path: Path) -> Path:
     return path
 
 
+def test_content_hash_ignores_when_a_manifest_was_written() -> None:
+    files = {"a.txt": Entry("a.txt", "0" * 64, 5)}
+    monday = Manifest(uri="s3://b/p/manifest.json", files=files, extra={"counts": {"rows": 2}}, created="2026-01-05T00:00:00Z")
+    tuesday = Manifest(uri="s3://b/p/manifest.json", files=files, extra={"counts": {"rows": 2}}, created="2026-01-06T00:00:00Z")
+    other = Manifest(uri="s3://b/p/manifest.json", files=files, extra={"counts": {"rows": 3}}, created="2026-01-05T00:00:00Z")
+    assert monday.content_sha256 == tuesday.content_sha256 != other.content_sha256
+
+
 def test_upload_tree_then_verified_download(root: tuple[Storage, str], tmp_path: Path) -> None:
     store, base = root
     src = _tree(tmp_path / "src")
@@ -61,6 +69,7 @@ def test_upload_tree_then_verified_download(root: tuple[Storage, str], tmp_path:
 
     again = store.read_manifest(f"{base}/tree")
     assert again is not None and again.extra == {"counts": {"rows": 2}} and again.sha256 == manifest.sha256
+    assert again.content_sha256 == manifest.content_sha256 and again.created == manifest.created
     got = store.download_verified(f"{base}/tree", tmp_path / "dst")
     assert (tmp_path / "dst" / "sub" / "b.bin").read_bytes() == (src / "sub" / "b.bin").read_bytes()
     assert set(got.files) == set(manifest.files)

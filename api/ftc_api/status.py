@@ -137,7 +137,9 @@ class Fairness(ApiModel):
     """The fairness record: what was held equal, and every exception."""
 
     hash: str = Field(description="hash: sha256 over everything that must be equal across models.")
-    dataset_sha256: str | None = Field(default=None, description="datasetSha256: sha256 of the data manifest.")
+    dataset_sha256: str | None = Field(
+        default=None, description="datasetSha256: sha256 of the data manifest's content (files, their sha256s, counts)."
+    )
     deviations: list[Deviation] = Field(default_factory=list, description="deviations: every per-model difference.")
 
 

@@ -123,7 +123,9 @@ class PrepareResult(ApiModel):
     dropped: dict[str, int] = Field(default_factory=dict, description="dropped: rows dropped per reason.")
     examples: dict[str, list[str]] = Field(default_factory=dict, description="examples: a few dropped rows per reason.")
     manifest_uri: str | None = Field(default=None, description="manifestUri: data/manifest.json.")
-    dataset_sha256: str | None = Field(default=None, description="datasetSha256: sha256 of the manifest.")
+    dataset_sha256: str | None = Field(
+        default=None, description="datasetSha256: sha256 of the data manifest's content (files, their sha256s, counts)."
+    )
     models: list[PreparedModel] = Field(default_factory=list, description="models: per-model checks.")
 
 

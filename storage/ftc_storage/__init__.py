@@ -94,6 +94,14 @@ class Manifest:
         doc["files"] = {name: e.to_json() for name, e in sorted(self.files.items())}
         return doc
 
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of what the manifest says (files, their sha256s, `extra`), without its `created` time: the
+        same content uploaded twice has the same content hash (for example a dataset's identity)."""
+        doc = self.to_json()
+        doc.pop("created", None)
+        return sha256_bytes(json.dumps(doc, indent=1, sort_keys=True).encode())
+
 
 # ---------------------------------------------------------------------------------------------- helpers
 

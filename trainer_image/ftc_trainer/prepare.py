@@ -80,7 +80,7 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     except StorageError as err:
         raise StepError(f"cannot write the prepared data: {err}", retryable=True) from err
     result.manifest_uri = manifest.uri
-    result.dataset_sha256 = manifest.sha256
+    result.dataset_sha256 = manifest.content_sha256  # the same data gives the same hash, whenever written
     return result
 
 
