@@ -203,7 +203,7 @@ def test_on_failure_restarts_the_container_in_place(namespace: str, core):
 
 def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(control_plane: Cluster, namespace: str, core, s3_server):
     if control_plane.backend != "local":
-        pytest.skip("checks the node agent's local process environment")
+        pytest.skip("on kind there is no node agent: this checks the node agent's local process environment")
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "spec"}, "data": {"spec.json": '{"epochs": 2}'}})
     script = (
         "cat /etc/ftc/spec.json; echo; echo key=$AWS_ACCESS_KEY_ID pod=$POD_NAME node=$NODE; "

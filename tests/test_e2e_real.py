@@ -9,7 +9,6 @@ real path.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -162,7 +161,3 @@ def test_train_pod_deleted_mid_run_resumes_from_checkpoint(
     result = json.loads(done[0].status.container_statuses[0].state.terminated.message)
     assert result["resumedFromStep"] >= 4
     assert len([j for j in ftc.jobs(namespace, "resume") if "train-tiny-llama" in j.metadata.name]) == 1
-
-
-if os.environ.get("FTC_E2E_REAL") == "0":  # a switch for quick local iterations on the stubbed suite
-    pytestmark = [pytest.mark.cluster, pytest.mark.skip(reason="FTC_E2E_REAL=0")]
