@@ -43,7 +43,6 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INPUT_KEY = "input.json"
 INPUT_DIR = DEFAULT_INPUT_PATH.rsplit("/", 1)[0]
 CONTAINER = "step"
-BAD_INPUT_EXIT_CODE = EXIT_BAD_INPUT
 ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 
@@ -262,7 +261,7 @@ def render_job(
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 {
                     "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [BAD_INPUT_EXIT_CODE]},
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
                 },
             ]
         },

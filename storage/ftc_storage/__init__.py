@@ -100,10 +100,15 @@ class Manifest:
         same content uploaded twice has the same content hash (for example a dataset's identity)."""
         doc = self.to_json()
         doc.pop("created", None)
-        return sha256_bytes(json.dumps(doc, indent=1, sort_keys=True).encode())
+        return sha256_bytes(encode_manifest(doc))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def encode_manifest(doc: dict[str, Any]) -> bytes:
+    """The canonical bytes of a manifest document (what is written, and what its hashes cover)."""
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
 
 
 def is_s3(uri: str | os.PathLike[str]) -> bool:
@@ -333,7 +338,7 @@ class Storage:
             extra=dict(extra or {}),
             created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
-        data = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
+        data = encode_manifest(manifest.to_json())
         manifest.sha256 = sha256_bytes(data)
         self.write_bytes(manifest.uri, data)
         return manifest

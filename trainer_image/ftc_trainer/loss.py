@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-IGNORE_INDEX = -100
+from .templates import IGNORE_INDEX
 
 
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -51,8 +51,9 @@ class ResponseLossTrainer(Trainer):
         if self.args.average_tokens_across_devices and accumulated:
             loss = loss * self.accelerator.num_processes
         aux = getattr(outputs, "aux_loss", None)
-        coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", None)
-        if aux is not None and coef and getattr(model.config, "output_router_logits", False):
+        config = getattr(model, "config", None)
+        coef = getattr(config, "router_aux_loss_coef", None)
+        if aux is not None and coef and getattr(config, "output_router_logits", False):
             steps = self.current_gradient_accumulation_steps if accumulated and model.training else 1
             loss = loss + coef * aux.to(loss.device) / steps
         return (loss, outputs) if return_outputs else loss

@@ -37,8 +37,9 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     counts = {"read": cleaned.read, "usable": len(cleaned.rows)} | {k: len(v) for k, v in splits.items()}
     result = PrepareResult(ok=True, counts=counts, dropped=dict(cleaned.dropped), examples=dict(cleaned.examples))
 
-    # Check the models before uploading anything: a model that cannot fit fails the step.
-    failures = []
+    # Check the models before uploading anything: a model that cannot be read or cannot fit fails the step.
+    failures: list[str] = []
+    too_big = False
     for ref in inp.models:
         prepared = check_model(ref, inp, store, splits)
         result.models.append(prepared)
@@ -48,11 +49,11 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
             from .memory import describe
 
             failures.append(describe(ref.name, ref.method, prepared.memory))
+            too_big = True
     if failures:
         # Raised, not returned: a model that cannot be read or cannot fit is bad input (exit 2, no retry).
-        hint = " Use qlora, more or larger GPUs (placement), or a smaller batch or sequence."
-        fit = any(m.memory is not None and not m.memory.fits for m in result.models)
-        raise StepError("; ".join(failures) + ("." + hint if fit else "."), result=result)
+        hint = " Use qlora, more or larger GPUs (placement), or a smaller batch or sequence." if too_big else ""
+        raise StepError("; ".join(failures) + "." + hint, result=result)
 
     out = workdir / "data"
     out.mkdir(parents=True, exist_ok=True)
