@@ -20,9 +20,9 @@ help:
 # `make install` builds .venv from pyproject.toml pinned by constraints.txt; a stamp keeps it fast when nothing changed.
 install: $(VENV)/.installed system-deps
 
-# Debian packages the tests need (Chromium renders the HTML report); skipped when present.
+# Debian packages (Chromium for the report test; containerd, runc, CNI, iptables, mmdebstrap, docker.io for the local nodes and image builds); skipped when present.
 system-deps:
-	@bash scripts/install-chromium.sh
+	@bash scripts/install-system-deps.sh
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the local control plane from the Go module proxy and cache the binaries:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, helm
 # into ${FTC_CACHE:-~/.cache/ftc}/k8s-$K8S_VERSION/bin/. Versions come from scripts/versions.env.
 #
 # k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces the k8s.io/* staging modules with
@@ -22,7 +22,7 @@ root="$cache_root/k8s-$K8S_VERSION"
 bin="$root/bin"
 work="$root/build"
 stamp="$bin/.stamp"
-binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm)
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy helm)
 want_stamp="K8S_VERSION=$K8S_VERSION ETCD_VERSION=$ETCD_VERSION HELM_VERSION=$HELM_VERSION"
 
 all_present() {
@@ -93,7 +93,8 @@ rm -rf "$kw" && mkdir -p "$kw"
 } >"$kw/go.mod"
 
 k8s_cmds=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-          k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+          k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+          k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
 log "fetching module graph for ${#k8s_cmds[@]} commands"
 quiet "$kw" go get "${k8s_cmds[@]/%/@$K8S_VERSION}"
 
