@@ -187,7 +187,10 @@ def test_job_policy_and_container():
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
     c = container(job)
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    assert c["volumeMounts"] == [{"name": "input", "mountPath": "/etc/ftc", "readOnly": True}]
+    assert c["volumeMounts"] == [
+        {"name": "input", "mountPath": "/etc/ftc", "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
     assert pod(job)["restartPolicy"] == "Never"
     assert pod(job)["serviceAccountName"] == "ftc-step"
     assert c["image"] == CONFIG.trainer_image and c["args"] == ["train"]
@@ -203,6 +206,243 @@ def test_configmap_holds_input_json_and_is_owned():
     cm = render_configmap(OWNER, "prepare", None, '{"step":"prepare"}')
     assert cm["data"] == {"input.json": '{"step":"prepare"}'}
     assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+# --------------------------------------------------------------------------------------------- pod security
+
+# Volume types the `restricted` Pod Security Standard allows.
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(pod_spec: dict) -> list[str]:
+    """What in `pod_spec` the `restricted` Pod Security Standard refuses, plus ftc's own rules (a read-only
+    root filesystem and a sized emptyDir at /tmp). Empty when the pod passes. Pure."""
+    out: list[str] = []
+    psc = pod_spec.get("securityContext") or {}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod_spec.get(host):
+            out.append(f"{host} is set")
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for name, volume in volumes.items():
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            out.append(f"volume {name} is of a forbidden type {sorted(kinds - RESTRICTED_VOLUME_TYPES)}")
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser is 0")
+    for c in pod_spec.get("initContainers", []) + pod_spec.get("containers", []):
+        sc = c.get("securityContext") or {}
+        where = f"container {c['name']}"
+        if sc.get("privileged"):
+            out.append(f"{where} is privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where} does not set allowPrivilegeEscalation: false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{where} does not drop ALL capabilities")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{where} adds capabilities {caps['add']}")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            out.append(f"{where} is not runAsNonRoot")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{where} runAsUser is 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{where} seccompProfile is {seccomp}")
+        if any(port.get("hostPort") for port in c.get("ports", [])):
+            out.append(f"{where} uses a hostPort")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            out.append(f"{where} root filesystem is writable")
+        tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+        tmp_dir = (volumes.get(tmp[0]["name"]) or {}).get("emptyDir") if tmp else None
+        if tmp_dir is None or not tmp_dir.get("sizeLimit"):
+            out.append(f"{where} has no emptyDir with a sizeLimit at /tmp")
+    return out
+
+
+def _step_job(step: str, config: OperatorConfig = CONFIG) -> dict:
+    spec = make_spec()
+    return render_job(OWNER, spec, config, step, spec.models[0] if step == "train" else None)
+
+
+@pytest.mark.parametrize("step", ["prepare", "train", "evaluate"])
+def test_every_step_pod_meets_restricted(step):
+    p = pod(_step_job(step))
+    assert restricted_violations(p) == []
+    assert p["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert p["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _with(path: str, value: object):
+    """A mutation of a rendered pod spec: set the dotted `path` (containers.0.x) to `value`."""
+
+    def mutate(p: dict) -> None:
+        *parents, last = path.split(".")
+        node: object = p
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})  # type: ignore[index]
+        node[int(last) if isinstance(node, list) else last] = value  # type: ignore[index]
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "violation"),
+    [
+        pytest.param(_with("hostNetwork", True), "hostNetwork is set", id="host-network"),
+        pytest.param(
+            _with("volumes.1", {"name": "tmp", "hostPath": {"path": "/"}}), "forbidden type ['hostPath']", id="host-path"
+        ),
+        pytest.param(_with("containers.0.securityContext.privileged", True), "is privileged", id="privileged"),
+        pytest.param(
+            _with("containers.0.securityContext.allowPrivilegeEscalation", True), "allowPrivilegeEscalation", id="escalation"
+        ),
+        pytest.param(_with("containers.0.securityContext.capabilities", {}), "drop ALL", id="capabilities"),
+        pytest.param(_with("securityContext.runAsNonRoot", False), "not runAsNonRoot", id="root"),
+        pytest.param(
+            _with("securityContext.seccompProfile", {"type": "Unconfined"}), "seccompProfile is Unconfined", id="seccomp"
+        ),
+        pytest.param(_with("containers.0.securityContext.readOnlyRootFilesystem", False), "writable", id="writable-root"),
+        pytest.param(_with("volumes.1.emptyDir", {}), "no emptyDir with a sizeLimit", id="unsized-tmp"),
+    ],
+)
+def test_the_restricted_checker_catches(mutate, violation):
+    p = pod(_step_job("train"))
+    mutate(p)
+    assert any(violation in v for v in restricted_violations(p)), restricted_violations(p)
+
+
+@pytest.mark.parametrize(
+    ("step", "default", "configured"),
+    [
+        pytest.param("prepare", "20Gi", {"prepare": {"args": ["prepare"], "tmpSizeLimit": "5Gi"}}, id="prepare"),
+        pytest.param("train", "200Gi", {"train": {"args": ["train"], "tmpSizeLimit": "500Gi"}}, id="train"),
+        pytest.param("evaluate", "200Gi", {"evaluate": {"tmpSizeLimit": "300Gi"}}, id="evaluate"),
+    ],
+)
+def test_tmp_size_limit_per_step(step, default, configured):
+    def tmp(job: dict) -> dict:
+        return next(v for v in pod(job)["volumes"] if v["name"] == "tmp")
+
+    assert tmp(_step_job(step)) == {"name": "tmp", "emptyDir": {"sizeLimit": default}}
+    config = OperatorConfig.model_validate(configured)
+    assert tmp(_step_job(step, config))["emptyDir"]["sizeLimit"] == next(iter(configured.values()))["tmpSizeLimit"]
+
+
+def test_security_contexts_come_from_the_config():
+    config = OperatorConfig.model_validate(
+        {
+            "podSecurityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": None, "supplementalGroups": [44]},
+            "securityContext": {"capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}},
+        }
+    )
+    p = pod(_step_job("evaluate", config))
+    assert p["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "supplementalGroups": [44],
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert p["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}
+    assert restricted_violations(p) == []
+
+
+EXTRA = {
+    "extraVolumes": [
+        {"name": "ftc-test", "configMap": {"name": "ftc-test-steps"}},
+        {"name": "ca", "secret": {"secretName": "corp-ca"}},
+    ],
+    "extraVolumeMounts": [
+        {"name": "ftc-test", "mountPath": "/ftc-test", "readOnly": True},
+        {"name": "ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
+    ],
+}
+
+
+@pytest.mark.parametrize("step", ["prepare", "train", "evaluate"])
+def test_extra_volumes_and_mounts_reach_every_step_pod(step):
+    config = OperatorConfig.model_validate(EXTRA)
+    job = _step_job(step, config)
+    assert pod(job)["volumes"][2:] == EXTRA["extraVolumes"]
+    assert container(job)["volumeMounts"][2:] == EXTRA["extraVolumeMounts"]
+    assert [v["name"] for v in pod(job)["volumes"][:2]] == ["input", "tmp"]
+    assert restricted_violations(pod(job)) == []
+    container(job)["volumeMounts"][2]["readOnly"] = False  # the rendered Job is a copy, not the config's lists
+    assert config.extra_volume_mounts[0]["readOnly"] is True
+
+
+def test_extra_volumes_from_the_config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "extraVolumes:\n  - {name: cache, persistentVolumeClaim: {claimName: hf}}\n"
+        "extraVolumeMounts:\n  - {name: cache, mountPath: /tmp/hf}\n"
+    )
+    job = render_job(OWNER, make_spec(), load_config(path), "prepare")
+    assert pod(job)["volumes"][-1] == {"name": "cache", "persistentVolumeClaim": {"claimName": "hf"}}
+    assert container(job)["volumeMounts"][-1] == {"name": "cache", "mountPath": "/tmp/hf"}
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        pytest.param({"extraVolumes": [{"configMap": {"name": "x"}}]}, r"extraVolumes\[0\] has no `name`", id="volume-no-name"),
+        pytest.param(
+            {"extraVolumes": [{"name": "a", "emptyDir": {}}, {"name": ""}]}, r"extraVolumes\[1\] has no `name`", id="empty-name"
+        ),
+        pytest.param(
+            {"extraVolumes": [{"name": "tmp", "emptyDir": {}}]},
+            r"extraVolumes\[0\]: the name 'tmp' is the step pod",
+            id="reserved",
+        ),
+        pytest.param(
+            {"extraVolumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]}, r"'a' is used twice", id="duplicate"
+        ),
+        pytest.param({"extraVolumeMounts": [{"mountPath": "/x"}]}, r"extraVolumeMounts\[0\] has no `name`", id="mount-no-name"),
+        pytest.param(
+            {"extraVolumes": [{"name": "a", "emptyDir": {}}], "extraVolumeMounts": [{"name": "a"}]},
+            r"extraVolumeMounts\[0\] \(a\) needs an absolute `mountPath`",
+            id="mount-no-path",
+        ),
+        pytest.param(
+            {"extraVolumes": [{"name": "a", "emptyDir": {}}], "extraVolumeMounts": [{"name": "a", "mountPath": "/etc/ftc"}]},
+            r"/etc/ftc is the step pod's own mount",
+            id="mount-over-input",
+        ),
+        pytest.param(
+            {"extraVolumeMounts": [{"name": "missing", "mountPath": "/x"}]},
+            r"mounts 'missing', which is not a volume of extraVolumes \(volumes: none\)",
+            id="mount-unknown-volume",
+        ),
+        pytest.param({"extraVolumes": [["name", "a"]]}, r"extraVolumes\.0", id="not-a-mapping"),
+        pytest.param({"podSecurityContext": {"runAsUser": -1}}, r"podSecurityContext\.runAsUser", id="negative-uid"),
+        pytest.param({"securityContext": {"privileged": True}}, r"securityContext\.privileged", id="unknown-field"),
+        pytest.param({"train": {"tmpSizeLimit": None}}, r"train\.tmpSizeLimit", id="no-tmp-size"),
+    ],
+)
+def test_bad_pod_settings_get_clear_errors(doc, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        OperatorConfig.model_validate(doc)
 
 
 # --------------------------------------------------------------------------------------------- observation

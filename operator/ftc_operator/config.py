@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 from ftc_api.base import ApiModel, Quantity
@@ -21,9 +22,18 @@ from ftc_api.spec import (
     Resources,
     Toleration,
 )
-from pydantic import Field, field_validator
+from ftc_api.steps import DEFAULT_INPUT_PATH
+from pydantic import Field, field_validator, model_validator
 
 CONFIG_ENV = "FTC_OPERATOR_CONFIG"
+# The non-root user and group of the step images (distroless "nonroot"); HOME and every cache are under /tmp.
+NONROOT_UID = 65532
+TMP_DIR = "/tmp"
+INPUT_DIR = DEFAULT_INPUT_PATH.rsplit("/", 1)[0]  # the step input ConfigMap's mount
+# Volume names and mount paths the rendered step pods use themselves (extra volumes must not reuse them).
+INPUT_VOLUME = "input"
+TMP_VOLUME = "tmp"
+RESERVED_VOLUMES = (INPUT_VOLUME, TMP_VOLUME)
 
 
 def default_placement() -> Placement:
@@ -34,6 +44,72 @@ def default_placement() -> Placement:
         gpu_product_label=DEFAULT_GPU_PRODUCT_LABEL,
         gpu_memory_gib=80,
         tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+    )
+
+
+class SeccompProfile(ApiModel):
+    """A pod's seccomp profile, as in a Pod spec."""
+
+    type: str = Field(
+        default="RuntimeDefault",
+        pattern="^(RuntimeDefault|Localhost|Unconfined)$",
+        description="type: RuntimeDefault (the container runtime's profile; what `restricted` asks), Localhost or Unconfined.",
+    )
+    localhost_profile: str | None = Field(
+        default=None, description="localhostProfile: the profile's path on the node, with type Localhost only."
+    )
+
+
+class PodSecurityContext(ApiModel):
+    """The step pods' securityContext; the defaults meet the `restricted` Pod Security Standard."""
+
+    run_as_non_root: bool | None = Field(
+        default=True, description="runAsNonRoot: the kubelet refuses to start a container whose user is root."
+    )
+    run_as_user: int | None = Field(
+        default=NONROOT_UID, ge=0, description="runAsUser: the UID of every container (65532, the step images' user)."
+    )
+    run_as_group: int | None = Field(
+        default=NONROOT_UID, ge=0, description="runAsGroup: the primary GID of every container (65532)."
+    )
+    fs_group: int | None = Field(
+        default=NONROOT_UID, ge=0, description="fsGroup: the group that owns mounted volumes, so the step user can write them."
+    )
+    fs_group_change_policy: str | None = Field(
+        default=None,
+        pattern="^(OnRootMismatch|Always)$",
+        description="fsGroupChangePolicy: OnRootMismatch skips re-owning a large volume that is already right.",
+    )
+    supplemental_groups: list[int] | None = Field(
+        default=None, description="supplementalGroups: more GIDs of every container (for example to read a shared cache)."
+    )
+    seccomp_profile: SeccompProfile | None = Field(
+        default_factory=SeccompProfile, description="seccompProfile: the pod's seccomp profile (default RuntimeDefault)."
+    )
+
+
+class Capabilities(ApiModel):
+    """Linux capabilities added to or dropped from a container."""
+
+    add: list[str] | None = Field(
+        default=None, description="add: capabilities added (`restricted` allows NET_BIND_SERVICE only)."
+    )
+    drop: list[str] | None = Field(default_factory=lambda: ["ALL"], description="drop: capabilities dropped (default ALL).")
+
+
+class ContainerSecurityContext(ApiModel):
+    """The step containers' securityContext; the defaults meet the `restricted` Pod Security Standard."""
+
+    allow_privilege_escalation: bool | None = Field(
+        default=False, description="allowPrivilegeEscalation: whether a process may gain more privileges than its parent."
+    )
+    read_only_root_filesystem: bool | None = Field(
+        default=True,
+        description="readOnlyRootFilesystem: the image's filesystem is read-only; the steps write only under /tmp "
+        "(an emptyDir, see tmpSizeLimit) and their termination message.",
+    )
+    capabilities: Capabilities | None = Field(
+        default_factory=Capabilities, description="capabilities: Linux capabilities (default: drop ALL)."
     )
 
 
@@ -51,6 +127,12 @@ class StepConfig(ApiModel):
         default=None, description="nodeSelector: (prepare only) node labels of the CPU pod."
     )
     tolerations: list[Toleration] | None = Field(default=None, description="tolerations: (prepare only) of the CPU pod.")
+    tmp_size_limit: Quantity = Field(
+        default="20Gi",
+        description="tmpSizeLimit: size limit of the emptyDir mounted at /tmp, the step's only writable directory "
+        "(HOME, the Hugging Face cache HF_HOME=/tmp/hf, base models downloaded from S3, checkpoints and adapters before "
+        "upload): it must hold the largest base model plus its checkpoints. A pod that writes more is evicted.",
+    )
 
 
 class OperatorConfig(ApiModel):
@@ -69,19 +151,43 @@ class OperatorConfig(ApiModel):
             backoff_limit=2,
             active_deadline_seconds=6 * 3600,
             resources=Resources(requests={"cpu": "1", "memory": "4Gi"}, limits={"memory": "16Gi"}),
+            tmp_size_limit="20Gi",
         ),
         description="prepare: settings of the prepare (CPU) Job.",
     )
     train: StepConfig = Field(
-        default_factory=lambda: StepConfig(args=["train"], backoff_limit=3, active_deadline_seconds=3 * 24 * 3600),
+        default_factory=lambda: StepConfig(
+            args=["train"], backoff_limit=3, active_deadline_seconds=3 * 24 * 3600, tmp_size_limit="200Gi"
+        ),
         description="train: settings of the train Jobs.",
     )
     evaluate: StepConfig = Field(
-        default_factory=lambda: StepConfig(args=[], backoff_limit=2, active_deadline_seconds=24 * 3600),
+        default_factory=lambda: StepConfig(args=[], backoff_limit=2, active_deadline_seconds=24 * 3600, tmp_size_limit="200Gi"),
         description="evaluate: settings of the evaluate Job.",
     )
     extra_env: dict[str, str] = Field(
         default_factory=dict, description="extraEnv: plain (non-secret) env vars added to every step container."
+    )
+    pod_security_context: PodSecurityContext = Field(
+        default_factory=PodSecurityContext,
+        description="podSecurityContext: securityContext of every step pod (default: non-root UID/GID 65532, "
+        "seccomp RuntimeDefault; meets the `restricted` Pod Security Standard).",
+    )
+    security_context: ContainerSecurityContext = Field(
+        default_factory=ContainerSecurityContext,
+        description="securityContext: securityContext of every step container (default: no privilege escalation, "
+        "read-only root filesystem, all capabilities dropped).",
+    )
+    extra_volumes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="extraVolumes: Kubernetes volumes (as in a Pod spec) added to every step pod, for example a "
+        "ConfigMap with a CA bundle or a PersistentVolumeClaim with a model cache; mount them with extraVolumeMounts. "
+        "Under the `restricted` Pod Security Standard hostPath volumes are refused.",
+    )
+    extra_volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="extraVolumeMounts: volumeMounts (as in a container spec) added to every step container; each "
+        "names a volume of extraVolumes.",
     )
     resync_seconds: float = Field(default=30, gt=0, description="resyncSeconds: re-check every comparison this often.")
     workers: int = Field(default=8, ge=1, le=64, description="workers: comparisons reconciled at once (I/O-bound threads).")
@@ -95,6 +201,46 @@ class OperatorConfig(ApiModel):
             return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
         return value
 
+    @field_validator("extra_volumes")
+    @classmethod
+    def _volumes_have_names(cls, volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        seen: set[str] = set()
+        for i, volume in enumerate(volumes):
+            name = volume.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"extraVolumes[{i}] has no `name`")
+            if name in RESERVED_VOLUMES:
+                raise ValueError(f"extraVolumes[{i}]: the name {name!r} is the step pod's own volume; choose another name")
+            if name in seen:
+                raise ValueError(f"extraVolumes[{i}]: the name {name!r} is used twice")
+            seen.add(name)
+        return volumes
+
+    @field_validator("extra_volume_mounts")
+    @classmethod
+    def _mounts_have_names_and_paths(cls, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        reserved_paths = {TMP_DIR, INPUT_DIR}
+        for i, mount in enumerate(mounts):
+            name, path = mount.get("name"), mount.get("mountPath")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"extraVolumeMounts[{i}] has no `name`")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"extraVolumeMounts[{i}] ({name}) needs an absolute `mountPath`")
+            if path.rstrip("/") in reserved_paths:
+                raise ValueError(f"extraVolumeMounts[{i}] ({name}): {path} is the step pod's own mount; choose another path")
+        return mounts
+
+    @model_validator(mode="after")
+    def _mounts_name_extra_volumes(self) -> OperatorConfig:
+        volumes = {v["name"] for v in self.extra_volumes}
+        for i, mount in enumerate(self.extra_volume_mounts):
+            if mount["name"] not in volumes:
+                raise ValueError(
+                    f"extraVolumeMounts[{i}] mounts {mount['name']!r}, which is not a volume of extraVolumes "
+                    f"(volumes: {sorted(volumes) or 'none'})"
+                )
+        return self
+
     def step(self, step: str) -> StepConfig:
         return {"prepare": self.prepare, "train": self.train, "evaluate": self.evaluate}[step]
 
@@ -107,4 +253,17 @@ def load_config(path: str | Path | None) -> OperatorConfig:
     return OperatorConfig.model_validate(doc)
 
 
-__all__ = ["CONFIG_ENV", "OperatorConfig", "Quantity", "StepConfig", "default_placement", "load_config"]
+__all__ = [
+    "CONFIG_ENV",
+    "NONROOT_UID",
+    "TMP_DIR",
+    "Capabilities",
+    "ContainerSecurityContext",
+    "OperatorConfig",
+    "PodSecurityContext",
+    "Quantity",
+    "SeccompProfile",
+    "StepConfig",
+    "default_placement",
+    "load_config",
+]

@@ -2,11 +2,15 @@
 
 The step input goes into an owned ConfigMap (key ``input.json``) mounted at /etc/ftc; credentials reach
 the pod only as ``secretKeyRef`` env vars (the operator never reads a Secret). Placement is resolved
-field by field: per-model placement, then the comparison's, then the chart's defaults.
+field by field: per-model placement, then the comparison's, then the chart's defaults. Every step pod
+meets the `restricted` Pod Security Standard with the default configuration: non-root, seccomp
+RuntimeDefault, no privilege escalation, no capabilities, a read-only root filesystem and a sized
+emptyDir at /tmp, the only place a step writes.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +18,6 @@ from ftc_api import names
 from ftc_api.base import API_GROUP, API_VERSION, KIND
 from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement
 from ftc_api.steps import (
-    DEFAULT_INPUT_PATH,
     EMBEDDINGS_API_KEY_ENV,
     EXIT_BAD_INPUT,
     INPUT_PATH_ENV,
@@ -24,7 +27,7 @@ from ftc_api.steps import (
     StepKind,
 )
 
-from .config import OperatorConfig
+from .config import INPUT_DIR, INPUT_VOLUME, TMP_DIR, TMP_VOLUME, OperatorConfig
 from .observe import (
     ANNOTATION_COMPARISON,
     APP,
@@ -41,7 +44,6 @@ from .observe import (
 GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INPUT_KEY = "input.json"
-INPUT_DIR = DEFAULT_INPUT_PATH.rsplit("/", 1)[0]
 CONTAINER = "step"
 ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
@@ -232,9 +234,14 @@ def render_job(
         "imagePullPolicy": pull,
         "args": list(step_cfg.args),
         "env": step_env(owner, spec, config, step),
-        "volumeMounts": [{"name": "input", "mountPath": INPUT_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": INPUT_VOLUME, "mountPath": INPUT_DIR, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": TMP_DIR},
+            *copy.deepcopy(config.extra_volume_mounts),
+        ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": config.security_context.to_wire(),
     }
     if step_cfg.command:
         container["command"] = list(step_cfg.command)
@@ -245,8 +252,13 @@ def render_job(
         "serviceAccountName": place["serviceAccountName"],
         # Only a train pod talks to the API server (its progress annotation): the others get no token.
         "automountServiceAccountToken": step == StepKind.TRAIN,
+        "securityContext": config.pod_security_context.to_wire(),
         "containers": [container],
-        "volumes": [{"name": "input", "configMap": {"name": name}}],
+        "volumes": [
+            {"name": INPUT_VOLUME, "configMap": {"name": name}},
+            {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": str(step_cfg.tmp_size_limit)}},
+            *copy.deepcopy(config.extra_volumes),
+        ],
     }
     if place["nodeSelector"]:
         pod_spec["nodeSelector"] = place["nodeSelector"]
