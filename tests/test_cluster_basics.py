@@ -1,12 +1,12 @@
-"""The real control plane behaves like a cluster: scheduling, GPUs, Jobs, garbage collection, deletion.
+"""The local cluster behaves like a real one: real kubelets run containers from the project's images,
+schedule GPUs, enforce limits and the restricted Pod Security Standard, collect garbage, delete.
 
-Each test gets a fresh namespace; waits poll with a timeout, never sleep.
+Each test gets a fresh namespace (restricted); waits poll with a timeout, never sleep.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -14,21 +14,35 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.cluster.fixtures import Cluster, wait_for
+from tests.cluster.images import BASE_IMAGE
 
 pytestmark = pytest.mark.cluster
 
 A100 = "NVIDIA-A100-SXM4-80GB"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-IMAGE = "busybox:1.36"
+IMAGE = BASE_IMAGE  # Debian bookworm minbase with python3, built locally (no registry is reachable)
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def shell(script: str, name: str = "main", **extra) -> dict:
-    """A container running ``sh -c script`` (locally under the node agent, in busybox on kind)."""
-    return {"name": name, "image": IMAGE, "command": ["sh", "-c", script], **extra}
+    """A container running ``sh -c script`` in the base image, meeting the restricted standard."""
+    return {"name": name, "image": IMAGE, "command": ["sh", "-c", script], "securityContext": RESTRICTED_CONTAINER, **extra}
 
 
 def pod_spec(*containers: dict, gpus: int = 0, gpu_node: bool = False, tolerate: bool = True, **extra) -> dict:
-    spec: dict = {"restartPolicy": "Never", "terminationGracePeriodSeconds": 5, "containers": list(containers), **extra}
+    spec: dict = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 5,
+        "securityContext": RESTRICTED_POD,
+        "automountServiceAccountToken": False,
+        "containers": list(containers),
+        **extra,
+    }
     if gpu_node:
         spec["nodeSelector"] = {"nvidia.com/gpu.product": A100}
     if tolerate and gpu_node:
@@ -92,7 +106,10 @@ def test_gpu_job_lands_on_gpu_node_completes_and_reports_its_termination_message
     control_plane: Cluster, namespace: str, core, batch
 ):
     result = {"model": "tiny-llama", "train_loss": 1.25}
-    script = f"echo training; echo '{json.dumps(result)}' > /dev/termination-log"
+    script = (
+        "echo training; echo host=$(cat /proc/sys/kernel/hostname); cat /proc/self/cgroup; "
+        f"echo '{json.dumps(result)}' > /dev/termination-log"
+    )
     batch.create_namespaced_job(namespace, job("train", pod_spec(shell(script), gpus=1, gpu_node=True)))
 
     wait_for(lambda: job_condition(batch, namespace, "train", "Complete"), 60, "Job train Complete")
@@ -101,8 +118,13 @@ def test_gpu_job_lands_on_gpu_node_completes_and_reports_its_termination_message
     assert pod.spec.node_name == control_plane.gpu_node
     terminated = pod.status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.reason) == (0, "Completed")
+    assert terminated.container_id.startswith("containerd://")
     assert json.loads(terminated.message) == result
-    assert "training" in control_plane.pod_log(namespace, pod.metadata.name, "main")
+    log = control_plane.pod_log(namespace, pod.metadata.name, "main")
+    assert "training" in log
+    # A container of its own: the pod's hostname (UTS namespace) and a memory cgroup under the GPU node's kubepods.
+    assert f"host={pod.metadata.name}" in log
+    assert re.search(rf"memory:/ftc-{control_plane.gpu_node}/kubepods/\S*pod{pod.metadata.uid}/", log), log
 
 
 def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending_unschedulable(namespace: str, core):
@@ -180,12 +202,9 @@ def test_deleting_a_running_pod_stops_its_process(control_plane: Cluster, namesp
 
     core.delete_namespaced_pod("worker", namespace)
 
-    wait_for(lambda: pod_gone(core, namespace, "worker"), 30, "pod worker removed")
-    if control_plane.backend == "local":
-        assert "got SIGTERM" in control_plane.pod_log(namespace, "worker", "main")
-        pid = int(match.group(1))
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    # It exits on SIGTERM at once, long before the 5 s grace period would end in a SIGKILL.
+    wait_for(lambda: pod_gone(core, namespace, "worker"), 4, "pod worker removed within the grace period")
+    assert match
 
 
 def test_on_failure_restarts_the_container_in_place(namespace: str, core):
@@ -201,14 +220,25 @@ def test_on_failure_restarts_the_container_in_place(namespace: str, core):
     assert status.last_state.terminated.exit_code == 1
 
 
-def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(control_plane: Cluster, namespace: str, core, s3_server):
-    if control_plane.backend != "local":
-        pytest.skip("on kind there is no node agent: this checks the node agent's local process environment")
+def test_pod_sees_its_env_volumes_and_reaches_the_api_server_as_its_service_account(
+    control_plane: Cluster, namespace: str, core, s3_server
+):
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "spec"}, "data": {"spec.json": '{"epochs": 2}'}})
-    script = (
-        "cat /etc/ftc/spec.json; echo; echo key=$AWS_ACCESS_KEY_ID pod=$POD_NAME node=$NODE; "
-        f"{control_plane.bin_dir / 'kubectl'} get configmaps 2>&1; true"
+    # In-cluster access as client libraries do it: the `kubernetes` Service (kube-proxy leads it to the API
+    # server), the projected token and CA.
+    probe = (
+        "import os, ssl, urllib.request, urllib.error\n"
+        "sa = '/var/run/secrets/kubernetes.io/serviceaccount'\n"
+        "ctx = ssl.create_default_context(cafile=f'{sa}/ca.crt')\n"
+        "ns = open(f'{sa}/namespace').read()\n"
+        "host, port = os.environ['KUBERNETES_SERVICE_HOST'], os.environ['KUBERNETES_SERVICE_PORT']\n"
+        "url = f'https://{host}:{port}/api/v1/namespaces/{ns}/configmaps'\n"
+        "req = urllib.request.Request(url, headers={'Authorization': 'Bearer ' + open(f'{sa}/token').read()})\n"
+        "try:\n    urllib.request.urlopen(req, context=ctx)\n"
+        "except urllib.error.HTTPError as e:\n    print(e.code, e.read().decode())\n"
     )
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "probe"}, "data": {"probe.py": probe}})
+    script = "cat /etc/ftc/spec.json; echo; echo key=$AWS_ACCESS_KEY_ID pod=$POD_NAME node=$NODE; python3 /probe/probe.py"
     container = shell(
         script,
         env=[
@@ -216,9 +246,13 @@ def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(control_plane
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         ],
-        volumeMounts=[{"name": "spec", "mountPath": "/etc/ftc", "readOnly": True}],
+        volumeMounts=[
+            {"name": "spec", "mountPath": "/etc/ftc", "readOnly": True},
+            {"name": "probe", "mountPath": "/probe", "readOnly": True},
+        ],
     )
-    spec = pod_spec(container, volumes=[{"name": "spec", "configMap": {"name": "spec"}}])
+    volumes = [{"name": "spec", "configMap": {"name": "spec"}}, {"name": "probe", "configMap": {"name": "probe"}}]
+    spec = pod_spec(container, volumes=volumes, automountServiceAccountToken=True)
     core.create_namespaced_pod(namespace, {"metadata": {"name": "env"}, "spec": spec})
 
     wait_for(lambda: core.read_namespaced_pod("env", namespace).status.phase == "Succeeded", 30, "env Succeeded")
@@ -227,7 +261,8 @@ def test_pod_sees_its_env_volumes_and_a_service_account_kubeconfig(control_plane
     assert '{"epochs": 2}' in out
     assert f"key={s3_server.access_key_id} pod=env node={control_plane.cpu_node}" in out
     # in-pod code authenticates as the pod's ServiceAccount, so RBAC applies
-    assert f'"system:serviceaccount:{namespace}:default" cannot list resource "configmaps"' in out
+    assert "403" in out
+    assert f'\\"system:serviceaccount:{namespace}:default\\" cannot list resource \\"configmaps\\"' in out
 
 
 def test_init_container_runs_first_and_env_comes_from_secrets_and_config_maps(
@@ -285,6 +320,55 @@ def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(control_pla
     core.delete_namespaced_pod("stubborn", namespace, grace_period_seconds=1)
 
     wait_for(lambda: pod_gone(core, namespace, "stubborn"), 30, "pod stubborn removed")
-    if control_plane.backend == "local":
-        with pytest.raises(ProcessLookupError):
-            os.kill(int(match.group(1)), 0)
+    assert match
+
+
+def test_pod_over_its_memory_limit_is_oom_killed(control_plane: Cluster, namespace: str, core):
+    container = shell(
+        "python3 -c 'b = bytearray(200 * 2**20); print(len(b))'", resources={"limits": {"memory": "64Mi", "cpu": "500m"}}
+    )
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "hog"}, "spec": pod_spec(container)})
+
+    pod = wait_for(lambda: (p := core.read_namespaced_pod("hog", namespace)).status.phase == "Failed" and p, 60, "hog Failed")
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (terminated.reason, terminated.exit_code) == ("OOMKilled", 137)
+
+
+def test_a_pod_that_breaks_the_restricted_standard_is_refused(namespace: str, core):
+    root = shell("id", securityContext={"runAsUser": 0, "allowPrivilegeEscalation": True})
+    spec = pod_spec(root)
+    spec.pop("securityContext")
+
+    with pytest.raises(ApiException) as refused:
+        core.create_namespaced_pod(namespace, {"metadata": {"name": "rooted"}, "spec": spec})
+
+    assert refused.value.status == 403
+    body = refused.value.body
+    assert 'violates PodSecurity "restricted:latest"' in body
+    assert "allowPrivilegeEscalation != false" in body and "runAsUser=0" in body
+
+
+def test_nodes_are_real_kubelets_on_containerd(control_plane: Cluster):
+    out = control_plane.kubectl("get", "nodes", "-o", "json")
+    nodes = {n["metadata"]["name"]: n for n in json.loads(out)["items"]}
+    assert set(nodes) == {control_plane.gpu_node, control_plane.cpu_node}
+    for node in nodes.values():
+        info = node["status"]["nodeInfo"]
+        assert info["kubeletVersion"] == "v1.34.4"
+        assert info["containerRuntimeVersion"].startswith("containerd://")
+    gpu = nodes[control_plane.gpu_node]
+    assert gpu["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert gpu["metadata"]["labels"]["nvidia.com/gpu.product"] == A100
+    assert {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"} in gpu["spec"]["taints"]
+    assert "nvidia.com/gpu" not in nodes[control_plane.cpu_node]["status"]["allocatable"]
+    wide = control_plane.kubectl("get", "nodes", "-o", "wide")
+    assert wide.count("containerd://") == 2, wide
+
+
+def test_kubectl_exec_runs_in_the_container(control_plane: Cluster, namespace: str, core):
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "shell"}, "spec": pod_spec(shell("sleep 60"))})
+    wait_for(lambda: core.read_namespaced_pod("shell", namespace).status.phase == "Running", 30, "shell Running")
+
+    out = control_plane.kubectl("exec", "-n", namespace, "shell", "--", "sh", "-c", "id -u; cat /proc/sys/kernel/hostname")
+
+    assert out.split() == ["65532", "shell"]

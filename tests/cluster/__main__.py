@@ -1,18 +1,19 @@
 """``python -m tests.cluster up|down|status``: the local cluster for ``make cluster-up`` / ``make cluster-down``.
 
-``up`` builds the binaries if needed, starts etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, the node agent (``gpu-node-0``, ``cpu-node-0``) and moto's S3 server with bucket
-``ftc`` as background processes, creates the Secret ``ftc-s3`` in ``--namespace`` and writes, under
-``--dir`` (default ``.cluster``): ``kubeconfig``, ``env`` (``source .cluster/env``), ``state.json``
-(ports, pids), ``logs/`` (components) and ``node-agent/logs/<ns>/<pod>/<container>.log``.
-``down`` stops every process recorded in ``state.json`` (the node agent kills its pods' processes).
+``up`` builds the binaries and images if needed, starts etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, two real nodes (``gpu-node-0``, ``cpu-node-0``: containerd,
+CNI, kubelet; one kube-proxy) and moto's S3 server with bucket ``ftc`` as background processes,
+creates the Secret ``ftc-s3`` in ``--namespace`` and writes, under ``--dir`` (default ``.cluster``):
+``kubeconfig``, ``env`` (``source .cluster/env``), ``state.json`` (ports, pids), ``logs/`` (one per
+component) and ``host-changes.json`` (what ``down`` undoes).
+``down`` stops every pod (through the kubelets), every process recorded in ``state.json``, and undoes
+the host changes: mounts, network namespaces, bridges, iptables rules, cgroups, sysctls.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -20,13 +21,16 @@ from pathlib import Path
 
 from tests.cluster.control_plane import (
     REPO,
+    ControlPlane,
+    Pki,
     build_binaries,
     free_port,
     start_control_plane,
     stop_pids,
     wait_for_service_account,
 )
-from tests.cluster.node_agent import DEFAULT_NODES, wait_nodes_ready
+from tests.cluster.images import NODE_IMAGES, build_images
+from tests.cluster.node import DEFAULT_NODES, host_ip, start_nodes, stop_cluster, stop_nodes
 from tests.cluster.s3 import S3Server, moto_command
 
 
@@ -75,6 +79,7 @@ def _write_env(root: Path, kubeconfig: Path, bin_dir: Path, s3: S3Server, namesp
         f"export KUBECONFIG={kubeconfig}\n"
         f"export PATH={bin_dir}:$PATH\n"
         f"export FTC_S3_ENDPOINT_URL={s3.endpoint_url}\n"
+        f"export FTC_S3_CLUSTER_ENDPOINT_URL={s3.cluster_endpoint_url}\n"
         f"export FTC_S3_BUCKET={s3.bucket}\n"
         f"export FTC_NAMESPACE={namespace}\n"
     )
@@ -85,7 +90,7 @@ def up(root: Path, namespace: str) -> int:
     running, recorded = _running(root), _recorded(root)
     if running and len(running) == len(recorded):
         state = json.loads((root / "state.json").read_text())
-        s3 = S3Server(endpoint_url=state["s3_endpoint_url"])
+        s3 = S3Server(endpoint_url=state["s3_endpoint_url"], cluster_endpoint_url=state["s3_cluster_endpoint_url"])
         _prepare_namespace(root / "kubeconfig", s3, namespace)
         _write_env(root, root / "kubeconfig", Path(state["bin_dir"]), s3, namespace)
         print(f"cluster already running ({', '.join(running)}); Secret {namespace}/{s3.secret_name} ready")
@@ -94,56 +99,66 @@ def up(root: Path, namespace: str) -> int:
     if running:  # a partial cluster (something died): start over
         print(f"restarting a partial cluster (running: {', '.join(running)})")
         stop_pids(dict(reversed(list(running.items()))))
+    if root.exists():
+        stop_nodes(root)  # whatever a killed cluster left on the host
     t0 = time.monotonic()
     bin_dir = build_binaries()
+    build_images()
     t1 = time.monotonic()
     if root.exists():
         shutil.rmtree(root)
-    cp = start_control_plane(root, bin_dir)
+    ip = host_ip()
+    cp = start_control_plane(root, bin_dir, advertise_ip=ip)
     try:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        env.pop("KUBECONFIG", None)
-        agent_cmd = [sys.executable, "-m", "tests.cluster.node_agent", "--kubeconfig", str(cp.kubeconfig)]
-        cp.spawn("node-agent", [*agent_cmd, "--root", str(root / "node-agent")], env=env)
+        start_nodes(cp, images=NODE_IMAGES)
         s3_port = free_port()
-        cp.spawn("s3", moto_command("127.0.0.1", s3_port))
-        s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}")
+        cp.spawn("s3", moto_command("0.0.0.0", s3_port))
+        s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}", cluster_endpoint_url=f"http://{ip}:{s3_port}")
         s3.wait_ready(30, root / "logs" / "s3.log")
         state = json.loads((root / "state.json").read_text())
-        (root / "state.json").write_text(json.dumps({**state, "s3_endpoint_url": s3.endpoint_url}, indent=2))
-
-        from kubernetes import client
-
-        api = cp.api_client()
-        wait_nodes_ready(client.CoreV1Api(api), [n.name for n in DEFAULT_NODES], 90)
-        api.close()
+        state.update(s3_endpoint_url=s3.endpoint_url, s3_cluster_endpoint_url=s3.cluster_endpoint_url)
+        (root / "state.json").write_text(json.dumps(state, indent=2))
         _prepare_namespace(cp.kubeconfig, s3, namespace)
     except BaseException:
-        cp.stop()
+        stop_cluster(cp)
         raise
     _write_env(root, cp.kubeconfig, bin_dir, s3, namespace)
     print(f"cluster up in {time.monotonic() - t1:.1f}s (binaries ready in {t1 - t0:.1f}s)")
     print(f"  apiserver   {cp.server}")
     print(f"  kubeconfig  {cp.kubeconfig}")
     print(f"  nodes       {', '.join(n.name for n in DEFAULT_NODES)}")
-    print(f"  S3          {s3.endpoint_url} bucket={s3.bucket}, Secret {namespace}/{s3.secret_name}")
-    print(f"  pod logs    {root / 'node-agent' / 'logs'}/<namespace>/<pod>/<container>.log")
+    print(
+        f"  S3          {s3.endpoint_url} (pods: {s3.cluster_endpoint_url}) bucket={s3.bucket}, Secret {namespace}/{s3.secret_name}"
+    )
+    print(f"  logs        {root / 'logs'}/<component>.log; pods: kubectl logs")
     print(f"  use it:     source {root / 'env'} && kubectl get nodes")
     return 0
 
 
 def down(root: Path) -> int:
     running = _running(root)
-    if not running:
+    if not running and not (root / "host-changes.json").exists():
         print("no cluster running")
         return 0
     t0 = time.monotonic()
-    stop_pids(dict(reversed(list(running.items()))))
-    state = root / "state.json"
-    data = json.loads(state.read_text())
+    state_file = root / "state.json"
+    data = json.loads(state_file.read_text())
+    cp = ControlPlane(
+        root=root,
+        bin_dir=Path(data["bin_dir"]),
+        server=data["server"],
+        kubeconfig=root / "kubeconfig",
+        pki=Pki(root / "pki"),
+        ports=data["ports"],
+        pids=running,
+    )
+    left = stop_cluster(cp)
     data["pids"] = {}
-    state.write_text(json.dumps(data, indent=2))
+    state_file.write_text(json.dumps(data, indent=2))
     print(f"cluster down in {time.monotonic() - t0:.1f}s ({', '.join(running)})")
+    if left:
+        print(f"left on the host (could not remove): {', '.join(left)}", file=sys.stderr)
+        return 1
     return 0
 
 

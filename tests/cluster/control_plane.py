@@ -144,8 +144,22 @@ class Pki:
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    def sign(self, name: str, cn: str, orgs: tuple[str, ...] = (), **kw) -> tuple[Path, Path]:
+        """Issue ``name``.crt/.key signed by this PKI's CA (``server``/``client``/``ips``/``dns`` as in _issue)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        ca_cert = x509.load_pem_x509_certificate(self.path("ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key(self.path("ca.key").read_bytes(), None)
+        cert, key = _issue(cn, orgs, issuer=(ca_cert, ca_key), **kw)
+        crt, keyf = self.path(f"{name}.crt"), self.path(f"{name}.key")
+        crt.write_bytes(_pem_cert(cert))
+        keyf.write_bytes(_pem_key(key))
+        keyf.chmod(0o600)
+        return crt, keyf
+
     @classmethod
-    def generate(cls, directory: Path) -> Pki:
+    def generate(cls, directory: Path, host_ips: tuple[str, ...] = ()) -> Pki:
         from cryptography.hazmat.primitives import serialization
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -157,8 +171,11 @@ class Pki:
             issuer=ca,
             server=True,
             dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-            ips=("127.0.0.1", "10.0.0.1"),
+            ips=("127.0.0.1", "10.0.0.1", *host_ips),
         )
+        # The API server's client certificate towards the kubelets (logs, exec, port-forward).
+        files["apiserver-kubelet-client"] = _issue("kube-apiserver-kubelet-client", ["system:masters"], issuer=ca, client=True)
+        files["kube-proxy"] = _issue("system:kube-proxy", issuer=ca, client=True)
         files["admin"] = _issue("ftc-admin", ["system:masters"], issuer=ca, client=True)
         files["controller-manager"] = _issue("system:kube-controller-manager", issuer=ca, client=True)
         files["scheduler"] = _issue("system:kube-scheduler", issuer=ca, client=True)
@@ -367,14 +384,18 @@ class ControlPlane:
         wait_for(check, timeout, f"{name} at {url}")
 
 
-def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90) -> ControlPlane:
+def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90, advertise_ip: str | None = None) -> ControlPlane:
     """Generate certificates, start etcd + apiserver + controller-manager + scheduler, wait until healthy.
+
+    With ``advertise_ip`` (the host's non-loopback address, for real nodes) the API server listens on
+    every address and advertises that one: the ``kubernetes`` Service then leads pods to it (through
+    kube-proxy), and it reaches the kubelets at their InternalIP with its kubelet client certificate.
 
     Processes run in their own sessions, so they survive the calling process (``make cluster-up``);
     on a failed start everything already started is stopped before the error propagates.
     """
     root.mkdir(parents=True, exist_ok=True)
-    pki = Pki.generate(root / "pki")
+    pki = Pki.generate(root / "pki", (advertise_ip,) if advertise_ip else ())
     ports = {n: free_port() for n in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")}
     server = f"https://127.0.0.1:{ports['apiserver']}"
     ca = pki.path("ca.crt").read_bytes()
@@ -420,8 +441,8 @@ def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90) -> Contr
             [
                 b("kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={'0.0.0.0' if advertise_ip else '127.0.0.1'}",
+                f"--advertise-address={advertise_ip or '127.0.0.1'}",
                 f"--secure-port={ports['apiserver']}",
                 f"--cert-dir={root / 'apiserver-certs'}",
                 f"--tls-cert-file={p('apiserver.crt')}",
@@ -431,7 +452,10 @@ def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90) -> Contr
                 f"--service-account-key-file={p('sa.pub')}",
                 f"--service-account-signing-key-file={p('sa.key')}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--endpoint-reconciler-type=none",
+                f"--endpoint-reconciler-type={'lease' if advertise_ip else 'none'}",
+                f"--kubelet-client-certificate={p('apiserver-kubelet-client.crt')}",
+                f"--kubelet-client-key={p('apiserver-kubelet-client.key')}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
                 "--profiling=false",
