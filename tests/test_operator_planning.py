@@ -427,3 +427,26 @@ def test_status_round_trips_through_the_wire():
     p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
     wire = json.loads(json.dumps(p.status_doc()))
     assert FineTuneComparisonStatus.model_validate(wire) == p.status
+
+
+OOM = "OOMKilled (exit code 137, memory limit 8Gi)"
+
+
+@pytest.mark.parametrize(
+    "mixtral, expected",
+    [
+        (
+            job("train", "mixtral", JobState.ACTIVE, failed_pods=1, pod_failure=OOM),
+            f"retrying after 1 failed pod(s); the last was {OOM}",
+        ),
+        (job("train", "mixtral", JobState.ACTIVE, failed_pods=2), "retrying after 2 failed pod(s)"),
+        (
+            job("train", "mixtral", JobState.FAILED, reason="BackoffLimitExceeded", result="killed", pod_failure=OOM),
+            f"train Job bake-train-mixtral failed (BackoffLimitExceeded): its last pod was {OOM}",
+        ),
+    ],
+    ids=["retrying", "plain-exit", "failed"],
+)
+def test_the_kubelets_reason_for_a_failed_pod_reaches_the_model_status(mixtral, expected):
+    p = run([PREP_OK, TRAIN_OK[0], mixtral])
+    assert p.status.models[1].message.startswith(expected), p.status.models[1].message

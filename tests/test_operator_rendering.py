@@ -524,3 +524,29 @@ def test_examples_are_valid_specs(path):
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
     assert doc["apiVersion"] == "ftc.dev/v1alpha1" and doc["kind"] == "FineTuneComparison"
     assert validation_errors(doc["spec"]) == []
+
+
+def _failed_pod(reason: str, exit_code: int, limits: dict | None) -> dict:
+    container = {"name": "step", **({"resources": {"limits": limits}} if limits is not None else {})}
+    return {
+        "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"containers": [container]},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"state": {"terminated": {"reason": reason, "exitCode": exit_code}}}],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "reason, code, limits, expected",
+    [
+        ("OOMKilled", 137, {"memory": "64Mi"}, "OOMKilled (exit code 137, memory limit 64Mi)"),
+        ("OOMKilled", 137, None, "OOMKilled (exit code 137)"),
+        ("DeadlineExceeded", 137, {"memory": "1Gi"}, "DeadlineExceeded (exit code 137)"),
+        ("Error", 1, {"memory": "1Gi"}, None),
+    ],
+)
+def test_observed_job_says_how_the_last_failed_pod_ended(reason, code, limits, expected):
+    job = {"metadata": {"name": "j", "labels": {"ftc.dev/step": "train"}}, "status": {"failed": 1}}
+    assert observe_job(job, [_failed_pod(reason, code, limits)]).pod_failure == expected

@@ -60,6 +60,7 @@ class ObservedJob:
     created: str | None = None  # the Job's creationTimestamp (RFC 3339)
     pods: int = 0  # pods of this Job seen, in any phase
     suspended: bool = False  # spec.suspend (for example queued by Kueue): no pods yet on purpose
+    pod_failure: str | None = None  # how the last failed pod's container ended, when the kubelet says why (OOMKilled...)
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -72,6 +73,22 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
         if term:
             return term
     return None
+
+
+def pod_failure(pod: dict[str, Any]) -> str | None:
+    """Why the kubelet ended a failed pod's container, when it says more than an exit code: for example
+    "OOMKilled (exit code 137, memory limit 64Mi)". None for a plain non-zero exit (reason Error)."""
+    term = _terminated(pod)
+    if not term or term.get("reason") in (None, "", "Completed", "Error"):
+        return None
+    extra = [f"exit code {term.get('exitCode')}"]
+    if term["reason"] == "OOMKilled":
+        for c in (pod.get("spec") or {}).get("containers") or []:
+            limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+            if limit:
+                extra.append(f"memory limit {limit}")
+                break
+    return f"{term['reason']} ({', '.join(extra)})"
 
 
 def _created(obj: dict[str, Any]) -> str:
@@ -116,6 +133,7 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
         created=meta.get("creationTimestamp"),
         pods=len(pods),
         suspended=bool((job.get("spec") or {}).get("suspend")),
+        pod_failure=pod_failure(failed_pods[-1]) if failed_pods else None,
     )
     if conds.get("Complete", {}).get("status") == "True":
         term = _terminated(succeeded_pods[-1]) if succeeded_pods else None

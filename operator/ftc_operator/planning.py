@@ -267,10 +267,18 @@ def _no_pods(observed: Sequence[ObservedJob], now: dt.datetime) -> str | None:
     return None
 
 
+def _retry_note(job: ObservedJob) -> str:
+    """'retry after N failed pod(s)', and how the last one ended when the kubelet said (OOMKilled...)."""
+    note = f"retry after {job.failed_pods} failed pod(s)"
+    return note + (f"; the last was {job.pod_failure}" if job.pod_failure else "")
+
+
 def _job_failure(job: ObservedJob, result: Any | None, why: str | None) -> str:
     parts = [f"{job.step} Job {job.name} failed"]
     if job.reason:
         parts[0] += f" ({job.reason})"
+    if job.pod_failure:
+        parts.append(f"its last pod was {job.pod_failure}")
     detail = getattr(result, "error", None) or why or job.message
     if detail:
         parts.append(str(detail))
@@ -316,7 +324,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     if prep_job is not None and prep_job.state == JobState.ACTIVE:
         msg = "preparing the dataset"
         if prep_job.failed_pods:
-            msg += f" (retry after {prep_job.failed_pods} failed pod(s))"
+            msg += f" ({_retry_note(prep_job)})"
         b.condition(ConditionType.PREPARED, "Unknown", Reason.JOB_RUNNING, msg)
         return b.finish(Phase.PREPARING)
     if prep_job is not None:
@@ -390,7 +398,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
             ms.phase = ModelPhase.TRAINING
             ms.progress = job.progress
             if job.failed_pods:
-                ms.message = f"retrying after {job.failed_pods} failed pod(s)"
+                ms.message = _retry_note(job).replace("retry", "retrying", 1)
             running += 1
             continue
         result, why = parse_result(TrainResult, job.result)
@@ -437,7 +445,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     if ev_job.state == JobState.ACTIVE:
         msg = "evaluating " + ", ".join(results)
         if ev_job.failed_pods:
-            msg += f" (retry after {ev_job.failed_pods} failed pod(s))"
+            msg += f" ({_retry_note(ev_job)})"
         b.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_RUNNING, msg)
         return b.finish(Phase.EVALUATING)
     evaluation, why = parse_result(EvaluateResult, ev_job.result)
