@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # make demo: a FineTuneComparison of two tiny models (Llama and Mixtral) on the local control plane.
 #
-# Stages: (1) control plane + node agent + S3 (reused when running), (2) the local judge,
-# (3) tiny models and data built locally and uploaded to S3, (4) the Helm chart (CRD, RBAC, config),
-# (5) the operator as a local process with the chart's ServiceAccount token, (6) examples/tiny.yaml applied
-# and followed, (7) `kubectl get ftc` with the winner and a local copy of the HTML report.
+# Stages: (1) control plane + two real nodes (containerd, kubelet, the project's images) + S3 (reused when
+# running), (2) the local judge, (3) tiny models and data built locally and uploaded to S3, (4) `helm install`
+# of the chart: CRD, RBAC, config and the operator Deployment, (5) the operator Available, (6)
+# examples/tiny.yaml applied and followed, (7) `kubectl get ftc` with the winner and a local copy of the report.
 # Everything lives under .cluster/; `make cluster-down` stops the cluster, the last line says how to stop the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ TIMEOUT=${FTC_DEMO_TIMEOUT:-840}
 stage() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 started=$(date +%s)
 
-stage "1/7 control plane (etcd, kube-apiserver, controller-manager, scheduler), node agent and S3 (reused if running)"
+stage "1/7 control plane, two real nodes (containerd + kubelet, the project's images) and S3 (reused if running)"
 "$PY" -m tests.cluster up --namespace "$NS"
 # shellcheck disable=SC1091
 source "$STATE/env"
@@ -26,13 +26,14 @@ export PATH KUBECONFIG
 mkdir -p "$DEMO"  # after `up`, which starts from a clean state dir
 kubectl get nodes -o wide | sed 's/^/    /'
 
-stage "2/7 local OpenAI-compatible judge on 127.0.0.1:$JUDGE_PORT"
+HOST_IP=$("$PY" -c 'from tests.cluster.node import host_ip; print(host_ip())')
+stage "2/7 local OpenAI-compatible judge on $HOST_IP:$JUDGE_PORT (pods cannot reach the host's loopback)"
 if ! (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null; then
-  nohup "$PY" -m tests.fixtures.openai_server --port "$JUDGE_PORT" >"$DEMO/judge.log" 2>&1 &
+  nohup "$PY" -m tests.fixtures.openai_server --host 0.0.0.0 --port "$JUDGE_PORT" >"$DEMO/judge.log" 2>&1 &
   echo $! >"$DEMO/judge.pid"
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null && break; sleep 0.2; done
 fi
-echo "    judge: http://127.0.0.1:$JUDGE_PORT/v1"
+echo "    judge: http://$HOST_IP:$JUDGE_PORT/v1"
 
 stage "3/7 tiny models and dataset (built locally, nothing downloaded) -> s3://$FTC_S3_BUCKET/assets/"
 "$PY" -m tests.fixtures.tiny --out "$STATE/tiny-assets" >/dev/null
@@ -52,38 +53,23 @@ s3.upload_file(str(root / "data" / "tiny-alpaca.jsonl"), bucket, "assets/data/ti
 print(f"    uploaded {n} objects")
 PYEOF
 
-stage "4/7 Helm chart into namespace $NS (CRD from the chart, RBAC, step ServiceAccount, operator config)"
+stage "4/7 helm install ftc helm/ftc -n $NS (CRD, RBAC, step ServiceAccount, config, operator Deployment)"
 kubectl create secret generic ftc-judge -n "$NS" --from-literal=api-key=sk-local-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-helm upgrade --install ftc helm/ftc -n "$NS" --set replicas=0 --set config.resyncSeconds=5 \
+helm upgrade --install ftc helm/ftc -n "$NS" --set config.resyncSeconds=5 \
   --set-string config.extraEnv.FTC_PROGRESS_INTERVAL=2 --set-string config.extraEnv.HF_HUB_OFFLINE=1 \
   --set-string config.extraEnv.OMP_NUM_THREADS=1 \
   --set 'config.prepare.resources.requests.cpu=100m' --set 'config.prepare.resources.requests.memory=256Mi' >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd/finetunecomparisons.ftc.dev >/dev/null
 echo "    installed: $(helm list -n "$NS" -o json | "$PY" -c 'import json,sys; r=json.load(sys.stdin)[0]; print(r["name"], r["chart"], r["status"])')"
 
-stage "5/7 operator as a local process, authenticated as ServiceAccount $NS/ftc (the chart's RBAC applies)"
-if [[ -f $DEMO/operator.pid ]] && kill -0 "$(cat "$DEMO/operator.pid")" 2>/dev/null; then
-  kill "$(cat "$DEMO/operator.pid")"; sleep 1
-fi
-SERVER=$(kubectl config view --raw -o jsonpath='{.clusters[0].cluster.server}')
-kubectl config view --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$DEMO/ca.crt"
-TOKEN=$(kubectl create token ftc -n "$NS" --duration=24h)
-KUBECONFIG="$DEMO/operator.kubeconfig" kubectl config set-cluster demo --server="$SERVER" --certificate-authority="$DEMO/ca.crt" --embed-certs >/dev/null
-KUBECONFIG="$DEMO/operator.kubeconfig" kubectl config set-credentials ftc-operator --token="$TOKEN" >/dev/null
-KUBECONFIG="$DEMO/operator.kubeconfig" kubectl config set-context demo --cluster=demo --user=ftc-operator --namespace="$NS" >/dev/null
-KUBECONFIG="$DEMO/operator.kubeconfig" kubectl config use-context demo >/dev/null
-kubectl get configmap ftc-config -n "$NS" -o jsonpath='{.data.config\.yaml}' >"$DEMO/operator-config.yaml"
-KUBECONFIG="$DEMO/operator.kubeconfig" nohup "$REPO/.venv/bin/ftc-operator" --config "$DEMO/operator-config.yaml" -n "$NS" \
-  --liveness http://127.0.0.1:18080/healthz --metrics-port 19090 >"$DEMO/operator.log" 2>&1 &
-echo $! >"$DEMO/operator.pid"
-for _ in $(seq 100); do curl -sf http://127.0.0.1:18080/healthz >/dev/null 2>&1 && break; sleep 0.3; done
-curl -sf http://127.0.0.1:18080/healthz >/dev/null || { echo "operator did not become healthy:"; tail -30 "$DEMO/operator.log"; exit 1; }
-echo "    operator pid $(cat "$DEMO/operator.pid"), log $DEMO/operator.log, metrics http://127.0.0.1:19090/metrics"
+stage "5/7 the operator Deployment Available (image $(kubectl get deploy ftc-operator -n "$NS" -o jsonpath='{.spec.template.spec.containers[0].image}'))"
+kubectl rollout status deployment/ftc-operator -n "$NS" --timeout=180s | sed 's/^/    /'
+kubectl get pods -n "$NS" -l app.kubernetes.io/component=operator -o wide | sed 's/^/    /'
 
 stage "6/7 kubectl apply -f examples/tiny.yaml (S3 endpoint and judge URL pointed at the local servers)"
 kubectl delete ftc tiny -n "$NS" --ignore-not-found --wait=true >/dev/null
-sed -e "s#endpointUrl: http://127.0.0.1:5000#endpointUrl: $FTC_S3_ENDPOINT_URL#" \
-    -e "s#baseUrl: http://127.0.0.1:8765/v1#baseUrl: http://127.0.0.1:$JUDGE_PORT/v1#" examples/tiny.yaml >"$DEMO/tiny.yaml"
+sed -e "s#endpointUrl: http://127.0.0.1:5000#endpointUrl: $FTC_S3_CLUSTER_ENDPOINT_URL#" \
+    -e "s#baseUrl: http://127.0.0.1:8765/v1#baseUrl: http://$HOST_IP:$JUDGE_PORT/v1#" examples/tiny.yaml >"$DEMO/tiny.yaml"
 kubectl apply -n "$NS" -f "$DEMO/tiny.yaml"
 echo "    following: prepare (CPU) -> train tiny-llama + tiny-mixtral in parallel (fake A100) -> evaluate"
 deadline=$(( $(date +%s) + TIMEOUT )); last=""
@@ -112,5 +98,5 @@ s3.download_file(bucket, key, out)
 PYEOF
   echo "    report: $REPORT -> local copy $DEMO/report.html"
 fi
-echo "    demo took $(( $(date +%s) - started ))s; stop: kill \$(cat $DEMO/operator.pid) \$(cat $DEMO/judge.pid 2>/dev/null); make cluster-down"
+echo "    demo took $(( $(date +%s) - started ))s; stop: kill \$(cat $DEMO/judge.pid 2>/dev/null); make cluster-down"
 [[ $phase == Succeeded ]]

@@ -1,20 +1,15 @@
-"""Helpers for the operator's end-to-end tests, the demo and the benchmark (no tests in here).
+"""Helpers for the operator's end-to-end tests and the benchmark (no tests in here).
 
-They install the chart (CRD from the chart, RBAC, step ServiceAccount, the operator's ConfigMap) with
-the operator Deployment scaled to 0, then run ``ftc-operator`` as a local process authenticated with a
-token of the chart's ServiceAccount (TokenRequest), using the config file the chart rendered: RBAC and
-configuration are the chart's, exactly as in a cluster.
+They `helm install` the chart as users do (CRD, RBAC, step ServiceAccount, the operator's ConfigMap and
+Deployment running the locally built operator image on the real nodes), watch the Deployment become
+Available, and kill the operator by deleting its pod (the Deployment replaces it).
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,15 +17,15 @@ from typing import Any
 
 import yaml
 
+from tests import steps
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "ftc"
 CRD = CHART / "crds" / "ftc.dev_finetunecomparisons.yaml"
 RELEASE = "ftc"
 OPERATOR_SA = "ftc"  # the chart's full name for release "ftc"
 GROUP, VERSION, PLURAL = "ftc.dev", "v1alpha1", "finetunecomparisons"
-# The stub step: this venv's interpreter for the node agent's local processes; the image's `python` on kind,
-# where the step images (which carry ftc_operator) are built and loaded by `make kind-e2e`.
-STUB = ["python" if os.environ.get("FTC_CLUSTER_BACKEND") == "kind" else sys.executable, "-m", "ftc_operator.stub"]
+OPERATOR_SELECTOR = "app.kubernetes.io/name=ftc,app.kubernetes.io/instance=ftc"
 
 
 def free_port() -> int:
@@ -56,23 +51,26 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.2):
 
 
 def stub_values(seconds: float = 0, fail: tuple[str, ...] = (), progress: bool = False, resync: float = 5) -> dict[str, Any]:
-    """Chart values that replace the step images' commands with the stub step."""
+    """Chart values that run the stub step (tests/steps/stub.py, mounted from a ConfigMap) instead of the steps."""
     env = {"FTC_STUB_SECONDS": str(seconds)}
     if fail:
         env["FTC_STUB_FAIL"] = ",".join(fail)
     if progress:
         env["FTC_STUB_PROGRESS"] = "1"
-    small = {"requests": {"cpu": "10m", "memory": "16Mi"}}
-    return {
-        "config": {
-            "prepare": {"command": STUB, "args": [], "resources": small},
+    small = {"requests": {"cpu": "10m", "memory": "64Mi"}}
+    stub = steps.command("stub.py")
+    values = steps.chart_values()
+    values["config"].update(
+        {
+            "prepare": {"command": stub, "args": [], "resources": small},
             # a model told to fail fails at once (the default backoffLimit 3 would retry it for ~70 s)
-            "train": {"command": STUB, "args": [], **({"backoffLimit": 0} if fail else {})},
-            "evaluate": {"command": STUB, "args": []},
+            "train": {"command": stub, "args": [], **({"backoffLimit": 0} if fail else {})},
+            "evaluate": {"command": stub, "args": []},
             "extraEnv": env,
             "resyncSeconds": resync,
         }
-    }
+    )
+    return values
 
 
 class Helm:
@@ -110,108 +108,100 @@ def apply_crd(kubectl, workdir: Path | None = None) -> None:
 
 
 def install_chart(helm: Helm, namespace: str, values: dict[str, Any], workdir: Path, release: str = RELEASE) -> None:
-    """`helm install` the chart into `namespace` with the operator Deployment scaled to 0."""
+    """`helm upgrade --install` the chart into `namespace`, its operator watching that namespace only.
+
+    The test step scripts' ConfigMap is created in the namespace too (the values may mount it)."""
     values = copy.deepcopy(values)
-    values["replicas"] = 0
+    values.setdefault("watchNamespaces", [namespace])
     path = workdir / f"values-{namespace}.yaml"
     path.write_text(yaml.safe_dump(values))
     helm("upgrade", "--install", release, str(CHART), "-n", namespace, "-f", str(path))
 
 
-def ca_and_server(kubeconfig: Path) -> tuple[bytes, str]:
-    cfg = yaml.safe_load(kubeconfig.read_text())
-    cluster = cfg["clusters"][0]["cluster"]
-    return base64.b64decode(cluster["certificate-authority-data"]), cluster["server"]
-
-
-def service_account_kubeconfig(api_client, admin_kubeconfig: Path, namespace: str, sa: str, path: Path) -> Path:
-    """A kubeconfig with a TokenRequest token of ServiceAccount `namespace/sa` (RBAC applies)."""
+def create_step_scripts(api_client, namespace: str) -> None:
     from kubernetes import client
 
-    core = client.CoreV1Api(api_client)
-    wait_for(lambda: core.read_namespaced_service_account(sa, namespace), 30, f"service account {namespace}/{sa}")
-    tr = core.create_namespaced_service_account_token(sa, namespace, {"spec": {"expirationSeconds": 24 * 3600}})
-    ca, server = ca_and_server(admin_kubeconfig)
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": server, "certificate-authority-data": base64.b64encode(ca).decode()}}],
-        "users": [{"name": f"{namespace}:{sa}", "user": {"token": tr.status.token}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": f"{namespace}:{sa}", "namespace": namespace}}],
-        "current-context": "c",
-    }
-    path.write_text(yaml.safe_dump(doc))
-    path.chmod(0o600)
-    return path
+    client.CoreV1Api(api_client).create_namespaced_config_map(namespace, steps.step_scripts_configmap(namespace))
 
 
-def chart_config(api_client, namespace: str, path: Path, release: str = RELEASE) -> Path:
-    """The operator config file exactly as the chart rendered it into its ConfigMap."""
-    from kubernetes import client
+class Operator:
+    """The operator as the chart's Deployment: Available means its readiness probe passed."""
 
-    cm = client.CoreV1Api(api_client).read_namespaced_config_map(f"{release}-config", namespace)
-    path.write_text(cm.data["config.yaml"])
-    return path
+    def __init__(self, api_client, namespace: str, release: str = RELEASE):
+        from kubernetes import client
 
+        self.namespace, self.release = namespace, release
+        self.apps, self.core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+        self.deployment = f"{release}-operator"
+        self.kills = 0
+        self.logs: list[str] = []  # logs of the pods killed so far
 
-class OperatorProcess:
-    """`ftc-operator` as a local process (killable at any moment, restartable)."""
+    def pods(self) -> list[Any]:
+        sel = f"app.kubernetes.io/name=ftc,app.kubernetes.io/instance={self.release},app.kubernetes.io/component=operator"
+        return self.core.list_namespaced_pod(self.namespace, label_selector=sel).items
 
-    def __init__(self, kubeconfig: Path, config: Path, namespaces: list[str], log_path: Path):
-        self.kubeconfig, self.config, self.namespaces, self.log_path = kubeconfig, config, namespaces, log_path
-        self.proc: subprocess.Popen | None = None
-        self.health_port = self.metrics_port = 0
-        self.starts = 0
+    def ready_pod(self) -> Any | None:
+        for p in self.pods():
+            if p.metadata.deletion_timestamp is None and any(
+                c.type == "Ready" and c.status == "True" for c in p.status.conditions or []
+            ):
+                return p
+        return None
 
-    def start(self) -> OperatorProcess:
-        self.health_port, self.metrics_port = free_port(), free_port()
-        args = [str(REPO / ".venv" / "bin" / "ftc-operator"), "--config", str(self.config)]
-        args += [a for ns in self.namespaces for a in ("-n", ns)] or ["-A"]
-        args += ["--liveness", f"http://127.0.0.1:{self.health_port}/healthz", "--metrics-port", str(self.metrics_port)]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        log = self.log_path.open("a")
-        log.write(f"\n==== start #{self.starts + 1}: {' '.join(args)}\n")
-        log.flush()
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.starts += 1
-        return self
+    def wait_healthy(self, timeout: float = 120) -> Operator:
+        def available():
+            d = self.apps.read_namespaced_deployment_status(self.deployment, self.namespace)
+            ok = any(c.type == "Available" and c.status == "True" for c in d.status.conditions or [])
+            return ok and (d.status.ready_replicas or 0) >= 1 and self.ready_pod() is not None
 
-    def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def wait_healthy(self, timeout: float = 60) -> OperatorProcess:
-        def ok():
-            if self.proc and self.proc.poll() is not None:
-                raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            return self.healthy()
-
-        wait_for(ok, timeout, "operator liveness endpoint")
+            wait_for(available, timeout, f"Deployment {self.namespace}/{self.deployment} Available")
+        except TimeoutError as e:
+            pods = [(p.metadata.name, p.status.phase) for p in self.pods()]
+            raise TimeoutError(f"{e}\npods: {pods}\n{self.log()[-3000:]}") from None
         return self
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
 
     def kill(self) -> None:
-        """SIGKILL: no cleanup of any kind, as when a node dies."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        """Delete the running operator pod at once (grace period 0): the Deployment starts a new one."""
+        pod = self.ready_pod() or next(iter(self.pods()), None)
+        if pod is None:
+            return
+        self.logs.append(self._pod_log(pod.metadata.name))
+        self.core.delete_namespaced_pod(pod.metadata.name, self.namespace, grace_period_seconds=0)
+        self.kills += 1
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def scale(self, replicas: int) -> None:
+        """Scale the Deployment (0: the operator is down; nothing replaces it)."""
+        self.apps.patch_namespaced_deployment_scale(self.deployment, self.namespace, {"spec": {"replicas": replicas}})
+        if replicas == 0:
+            wait_for(lambda: not self.pods(), 60, "operator pods gone")
+
+    def _pod_log(self, name: str) -> str:
+        try:
+            return self.core.read_namespaced_pod_log(name, self.namespace, container="operator")
+        except Exception:  # noqa: BLE001 - a pod not started yet has no log
+            return ""
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """The logs of every operator pod seen: the killed ones and the current ones."""
+        return "\n".join([*self.logs, *(self._pod_log(p.metadata.name) for p in self.pods())])
+
+    def metrics(self) -> str:
+        """/metrics through the chart's Service (its ClusterIP, which kube-proxy leads to the pod)."""
+        svc = next(
+            s for s in self.core.list_namespaced_service(self.namespace).items if any(p.name == "metrics" for p in s.spec.ports)
+        )
+        port = next(p.port for p in svc.spec.ports if p.name == "metrics")
+        with urllib.request.urlopen(f"http://{svc.spec.cluster_ip}:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+def start_operator(control_plane, namespace: str, values: dict[str, Any], workdir: Path) -> Operator:
+    """Install the chart (the operator Deployment watching `namespace`) and wait until it is Available."""
+    api = control_plane.api_client()
+    create_step_scripts(api, namespace)
+    install_chart(Helm(control_plane.bin_dir / "helm", control_plane.kubeconfig), namespace, values, workdir)
+    return Operator(api, namespace).wait_healthy()
 
 
 def tiny_spec(

@@ -1,9 +1,9 @@
 """The operator end to end with the REAL trainer and evaluator on the local control plane.
 
-The chart is installed (CRD, RBAC, config), the operator runs as the chart's ServiceAccount, the step
-pods run `ftc-trainer prepare|train` and `ftc-evaluator` in the node agent on tiny Llama and Mixtral
-models from the S3 server, judged by the local OpenAI-compatible server. Slow (minutes), but the product's
-real path.
+`helm install` of the chart runs the operator Deployment; the step pods run the trainer and evaluator
+images built from their Dockerfiles (`ftc-trainer prepare|train`, `ftc-evaluator`) in containers on the
+real nodes, locked down to the restricted Pod Security Standard, on tiny Llama and Mixtral models from the
+S3 server, judged by the local OpenAI-compatible server. Slow (minutes), but the product's real path.
 """
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_e2e_harness import (
-    OPERATOR_SA,
     Comparisons,
-    Helm,
-    OperatorProcess,
     apply_crd,
-    chart_config,
-    install_chart,
     secret_leaks,
-    service_account_kubeconfig,
+    start_operator,
     tiny_spec,
     wait_for,
 )
@@ -61,7 +56,6 @@ def judge_secret(control_plane, namespace):
 
 @pytest.fixture
 def real_operator(control_plane, namespace, crd, tmp_path):
-    api = control_plane.api_client()
     values = {
         "config": {
             "resyncSeconds": 5,
@@ -69,24 +63,21 @@ def real_operator(control_plane, namespace, crd, tmp_path):
             "extraEnv": {"FTC_PROGRESS_INTERVAL": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         }
     }
-    install_chart(Helm(control_plane.bin_dir / "helm", control_plane.kubeconfig), namespace, values, tmp_path)
-    kubeconfig = service_account_kubeconfig(api, control_plane.kubeconfig, namespace, OPERATOR_SA, tmp_path / "op.kubeconfig")
-    config = chart_config(api, namespace, tmp_path / "config.yaml")
-    proc = OperatorProcess(kubeconfig, config, [namespace], tmp_path / "operator.log").start().wait_healthy()
-    yield proc
-    proc.stop()
+    return start_operator(control_plane, namespace, values, tmp_path)
 
 
-def _dump_logs(control_plane, namespace) -> str:
-    root = control_plane.log_dir / namespace if control_plane.log_dir else None
-    if not root or not root.exists():
-        return ""
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(root.rglob("*.log")))
+def step_logs(control_plane, namespace) -> str:
+    """The logs of every step pod in the namespace (through the kubelets)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(control_plane.api_client())
+    pods = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/managed-by=ftc-operator").items
+    return "\n".join(f"--- {p.metadata.name}\n{control_plane.pod_log(namespace, p.metadata.name)}" for p in pods)
 
 
 def test_tiny_comparison_with_real_steps(control_plane, real_operator, namespace, assets_in_s3, openai_server, judge_secret):
     ftc = Comparisons(control_plane.api_client())
-    ftc.create("tiny", namespace, tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.base_url))
+    ftc.create("tiny", namespace, tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url))
     progress = []
 
     def training_progress():
@@ -98,8 +89,8 @@ def test_tiny_comparison_with_real_steps(control_plane, real_operator, namespace
     try:
         st = ftc.wait_phase("tiny", namespace, ("Succeeded", "Failed"), timeout=1500)
     except TimeoutError:
-        raise AssertionError(_dump_logs(control_plane, namespace)) from None
-    assert st["phase"] == "Succeeded", json.dumps(st, indent=1) + _dump_logs(control_plane, namespace)
+        raise AssertionError(step_logs(control_plane, namespace)[-12000:]) from None
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1) + step_logs(control_plane, namespace)[-12000:]
     assert st["winner"] in ("tiny-llama", "tiny-mixtral", "tie")
     assert progress and progress[0]["totalSteps"] > 0
     for m in st["models"]:
@@ -122,7 +113,7 @@ def test_tiny_comparison_with_real_steps(control_plane, real_operator, namespace
         st,
         secrets,
         operator_log=real_operator.log(),
-        step_logs="\n".join(p.read_text(errors="replace") for p in sorted((control_plane.log_dir / namespace).rglob("*.log"))),
+        step_logs=step_logs(control_plane, namespace),
         report=report.decode(errors="replace"),
         scores=scores,
     )
@@ -137,7 +128,7 @@ def test_train_pod_deleted_mid_run_resumes_from_checkpoint(
     api = control_plane.api_client()
     core = client.CoreV1Api(api)
     ftc = Comparisons(api)
-    spec = tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.base_url)
+    spec = tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url)
     spec["training"]["saveSteps"] = 4
     ftc.create("resume", namespace, spec)
     selector = "ftc.dev/comparison=resume,ftc.dev/model=tiny-llama"
