@@ -18,6 +18,7 @@ from ftc_api.spec import DatasetSpec, LoraSpec, Method, SplitSpec, TrainingSpec
 from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, PrepareInput, TrainInput, TrainResult
 from ftc_storage import Storage
 
+from tests import steps
 from tests.fixtures.tiny import TinyAssets, TinyS3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -396,9 +397,11 @@ def _cli_env(tiny_s3: TinyS3, tmp_path: Path, name: str) -> dict[str, str]:
     return env
 
 
-def _trainer_cli(input_path: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+def _trainer_cli(
+    input_path: Path, env: dict[str, str], log: Path, entry: tuple[str, ...] = ("-m", "ftc_trainer")
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ftc_trainer", "train", "--input", str(input_path)],
+        [sys.executable, *entry, "train", "--input", str(input_path)],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -423,8 +426,10 @@ def test_resume_after_sigkill_continues_the_history(tiny_s3: TinyS3, data_prefix
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
     checkpoints = loc.uri("models/tiny-llama/checkpoints")
 
+    # The first run goes through the test-only wrapper that slows every optimizer step, so it is still running
+    # when the test kills it (the product has no such hook).
     env = _cli_env(tiny_s3, tmp_path, "first") | {"FTC_TEST_STEP_DELAY": "0.3"}
-    first = _trainer_cli(input_path, env, tmp_path / "first.log")
+    first = _trainer_cli(input_path, env, tmp_path / "first.log", entry=(str(steps.script("slow_train.py")),))
     deadline = time.monotonic() + 300
     while "step-20/manifest.json" not in store.list(checkpoints):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import resource
 import shutil
@@ -179,16 +178,6 @@ class CheckpointUploader(TrainerCallback):
         self.store.upload_tree(local, f"{self.prefix}/step-{step}", extra={"step": step})
         self.uploaded.append(step)
         log.info("checkpoint step-%d uploaded in %.1fs", step, time.monotonic() - started)
-
-
-class StepDelay(TrainerCallback):
-    """Testing aid: sleep FTC_TEST_STEP_DELAY seconds after each step (lets a test kill a run mid-way)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        time.sleep(self.seconds)
 
 
 class RunClock(TrainerCallback):
@@ -357,8 +346,6 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         ProgressReporter(pod_patcher()),
         clock,
     ]
-    if os.environ.get("FTC_TEST_STEP_DELAY"):
-        callbacks.append(StepDelay(float(os.environ["FTC_TEST_STEP_DELAY"])))
     trainer = ResponseLossTrainer(
         model=model,
         args=args,

@@ -1,10 +1,14 @@
-"""A stand-in step for tests and benchmarks: reads the step input, writes a canned, deterministic result.
+"""Test-only stand-in step for the operator's tests and benchmark: reads the step input, writes a canned,
+deterministic result. Not part of any image: tests deliver it into step pods from the ConfigMap that
+``tests.steps.step_scripts_configmap`` builds, mounted at /ftc-test, and run it with the step image's
+interpreter (its venv holds ftc_api and, in the trainer image, the kubernetes client):
 
-    python -m ftc_operator.stub            # reads $FTC_STEP_INPUT, writes the termination message
+    python /ftc-test/stub.py              # reads $FTC_STEP_INPUT, writes the termination message
 
+A single file: it imports nothing but ftc_api, the standard library and (for progress) kubernetes.
 Knobs (env): FTC_STUB_SECONDS (sleep before finishing, default 0), FTC_STUB_FAIL (comma-separated model
 names whose train step fails with exit 1), FTC_STUB_PROGRESS=1 (patch the pod's progress annotation
-while sleeping; needs the pod's KUBECONFIG). It never touches S3.
+while sleeping, with the pod's ServiceAccount token, else $KUBECONFIG). It never touches S3.
 """
 
 from __future__ import annotations
@@ -40,10 +44,17 @@ def _progress(step: int, total: int) -> None:
     try:
         from kubernetes import client, config
 
-        api = client.CoreV1Api(config.new_client_from_config())
+        try:
+            config.load_incluster_config()  # in a pod: the mounted ServiceAccount token
+        except config.ConfigException:
+            config.load_kube_config()  # a local process: $KUBECONFIG or ~/.kube/config
+        api = client.CoreV1Api()
         doc = Progress(step=step, total_steps=total, train_loss=round(3 - step * 0.1, 3)).to_json()
         api.patch_namespaced_pod(
-            os.environ["FTC_POD_NAME"], os.environ["FTC_POD_NAMESPACE"], {"metadata": {"annotations": {PROGRESS_ANNOTATION: doc}}}
+            os.environ["FTC_POD_NAME"],
+            os.environ["FTC_POD_NAMESPACE"],
+            {"metadata": {"annotations": {PROGRESS_ANNOTATION: doc}}},
+            _request_timeout=5,
         )
     except Exception as e:  # progress is best effort
         print(f"stub: progress not reported: {e}", file=sys.stderr)
