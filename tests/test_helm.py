@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ftc_api.spec import FineTuneComparisonSpec
 from ftc_operator.config import OperatorConfig
+from ftc_operator.rendering import Owner, render_job
+
+from tests import steps
+from tests.test_operator_rendering import restricted_violations
 
 pytestmark = pytest.mark.unit
 
@@ -98,13 +103,118 @@ def test_watch_namespaces_use_namespaced_roles(helm):
     assert "--namespace=a" in args and "--all-namespaces" not in args
 
 
-def test_deployment_probes_and_security(helm):
-    dep = by_kind(template(helm), "Deployment")[0]
-    c = dep["spec"]["template"]["spec"]["containers"][0]
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+def config_of(docs: list[dict]) -> OperatorConfig:
+    return OperatorConfig.model_validate(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "health", "metrics"),
+    [
+        pytest.param((), 8080, 9090, id="defaults"),
+        pytest.param(("--set", "livenessPort=8181", "--set", "metrics.port=9191"), 8181, 9191, id="ports-set"),
+    ],
+)
+def test_deployment_probes_ports_and_metrics_service(helm, args, health, metrics):
+    docs = template(helm, *args)
+    c = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert f"--liveness=http://0.0.0.0:{health}/healthz" in c["args"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"health": health, "metrics": metrics}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["image"] == "ghcr.io/ftc-project/ftc-operator:0.1.0"
+    service = by_kind(docs, "Service")[0]
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": metrics, "targetPort": "metrics"}]
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
+    assert config_of(docs).metrics_port == metrics
+
+
+def test_metrics_off_means_no_port_and_no_service(helm):
+    docs = template(helm, "--set", "metrics.port=0")
+    c = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert [p["name"] for p in c["ports"]] == ["health"]
+    assert not by_kind(docs, "Service")
+    assert config_of(docs).metrics_port == 0
+
+
+def test_operator_deployment_meets_restricted(helm):
+    pod = by_kind(template(helm), "Deployment")[0]["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    assert pod["automountServiceAccountToken"] is True  # the operator needs its token
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert next(v for v in pod["volumes"] if v["name"] == "tmp") == {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}
+
+
+def test_step_pods_rendered_from_the_charts_config_meet_restricted(helm, tmp_path):
+    values = tmp_path / "values.yaml"
+    test_steps = steps.chart_values()["config"]
+    values.write_text(
+        yaml.safe_dump({"config": {"train": {"tmpSizeLimit": "1Ti", "command": steps.command("stub.py")}, **test_steps}})
+    )
+    config = config_of(template(helm, "-f", str(values)))
+    assert (config.prepare.tmp_size_limit, config.train.tmp_size_limit, config.evaluate.tmp_size_limit) == (
+        "20Gi",
+        "1Ti",
+        "200Gi",
+    )
+    assert config.train.args == ["train"]  # the file's train settings merge with the chart's
+    assert config.train.command == ["python", "/ftc-test/stub.py"]
+    spec = FineTuneComparisonSpec.model_validate(
+        {
+            "models": [{"name": "a", "baseModel": "x"}, {"name": "b", "baseModel": "y"}],
+            "dataset": {"source": "s3://ftc/d.jsonl"},
+            "storage": {"bucket": "ftc"},
+        }
+    )
+    owner = Owner(name="c", namespace="ns", uid="u")
+    for step, model in (("prepare", None), ("train", spec.models[0]), ("evaluate", None)):
+        pod = render_job(owner, spec, config, step, model)["spec"]["template"]["spec"]
+        assert restricted_violations(pod) == [], step
+        assert pod["volumes"][-1] == {"name": "ftc-test", "configMap": {"name": "ftc-test-steps"}}
+        assert pod["containers"][0]["volumeMounts"][-1] == {"name": "ftc-test", "mountPath": "/ftc-test", "readOnly": True}
+
+
+@pytest.mark.parametrize(
+    ("step", "doc"),
+    [
+        pytest.param("prepare", {"dataset": {"source": "s3://b/d"}, "models": [{"name": "a"}]}, id="prepare"),
+        pytest.param("train", {"model": {"name": "a"}}, id="train"),
+        pytest.param("evaluate", {"models": [{"model": {"name": "a"}}, {"model": {"name": "b"}}]}, id="evaluate"),
+    ],
+)
+def test_the_stub_step_script_runs_alone_from_its_configmap(tmp_path, step, doc):
+    """The ConfigMap's scripts, written out as a pod would see them, run with nothing from tests on the path."""
+    import json
+    import re
+    import sys
+
+    from ftc_api.steps import EvaluateResult, PrepareResult, TrainResult
+
+    cm = steps.step_scripts_configmap("team-a")
+    assert (cm["metadata"]["name"], cm["metadata"]["namespace"]) == ("ftc-test-steps", "team-a")
+    assert sorted(cm["data"]) == ["slow_train.py", "stub.py"]
+    mount = tmp_path / "ftc-test"
+    mount.mkdir()
+    for name, text in cm["data"].items():
+        assert not re.search(r"^\s*(from|import) tests\b", text, re.M), name
+        (mount / name).write_text(text)
+    (tmp_path / "input.json").write_text(json.dumps({"step": step, "location": {"bucket": "b", "prefix": "p"}, **doc}))
+    env = {"FTC_STEP_INPUT": str(tmp_path / "input.json"), "FTC_TERMINATION_LOG": str(tmp_path / "log"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, str(mount / "stub.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = {"prepare": PrepareResult, "train": TrainResult, "evaluate": EvaluateResult}[step].model_validate_json(
+        (tmp_path / "log").read_text()
+    )
+    assert result.ok
+
+
+def test_chart_step_security_defaults_are_the_operators(helm):
+    config = config_of(template(helm))
+    defaults = OperatorConfig()
+    assert config.pod_security_context == defaults.pod_security_context
+    assert config.security_context == defaults.security_context
+    steps = ("prepare", "train", "evaluate")
+    assert [config.step(s).tmp_size_limit for s in steps] == [defaults.step(s).tmp_size_limit for s in steps]
 
 
 def test_no_secret_unless_asked(helm):
