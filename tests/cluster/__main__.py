@@ -29,8 +29,8 @@ from tests.cluster.control_plane import (
     stop_pids,
     wait_for_service_account,
 )
-from tests.cluster.images import NODE_IMAGES, build_images
-from tests.cluster.node import DEFAULT_NODES, host_ip, start_nodes, stop_cluster, stop_nodes
+from tests.cluster.images import build_images
+from tests.cluster.node import DEFAULT_NODES, host_ip, node_images, start_nodes, stop_cluster, stop_nodes
 from tests.cluster.s3 import S3Server, moto_command
 
 
@@ -110,7 +110,7 @@ def up(root: Path, namespace: str) -> int:
     ip = host_ip()
     cp = start_control_plane(root, bin_dir, advertise_ip=ip)
     try:
-        start_nodes(cp, images=NODE_IMAGES)
+        start_nodes(cp, images=node_images())
         s3_port = free_port()
         cp.spawn("s3", moto_command("0.0.0.0", s3_port))
         s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}", cluster_endpoint_url=f"http://{ip}:{s3_port}")
@@ -127,9 +127,8 @@ def up(root: Path, namespace: str) -> int:
     print(f"  apiserver   {cp.server}")
     print(f"  kubeconfig  {cp.kubeconfig}")
     print(f"  nodes       {', '.join(n.name for n in DEFAULT_NODES)}")
-    print(
-        f"  S3          {s3.endpoint_url} (pods: {s3.cluster_endpoint_url}) bucket={s3.bucket}, Secret {namespace}/{s3.secret_name}"
-    )
+    print(f"  S3          {s3.endpoint_url} (pods: {s3.cluster_endpoint_url}), bucket {s3.bucket}")
+    print(f"  Secret      {namespace}/{s3.secret_name}")
     print(f"  logs        {root / 'logs'}/<component>.log; pods: kubectl logs")
     print(f"  use it:     source {root / 'env'} && kubectl get nodes")
     return 0

@@ -49,6 +49,13 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops
 POD_CIDR = "10.244.0.0/16"
 
 
+def node_images() -> tuple[str, ...]:
+    """What every node holds: the base image (for plain test pods) and the three images of the product."""
+    from tests.cluster.images import BASE_IMAGE, EVALUATOR_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE
+
+    return (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE)
+
+
 def node_cache_root() -> Path:
     return Path(os.environ.get("FTC_CACHE", Path.home() / ".cache" / "ftc")) / "nodes"
 
@@ -604,15 +611,7 @@ def advertise_gpus(core, node: str, count: int) -> None:
         {"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": str(count)},
         {"op": "add", "path": "/status/allocatable/nvidia.com~1gpu", "value": str(count)},
     ]
-    core.api_client.call_api(
-        f"/api/v1/nodes/{node}/status",
-        "PATCH",
-        body=patch,
-        header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
-        auth_settings=["BearerToken"],
-        response_type="object",
-        _return_http_data_only=True,
-    )
+    core.patch_node_status(node, patch)  # a list body goes as application/json-patch+json
 
 
 def wait_nodes_ready(core, cp, names: list[str], timeout: float) -> None:
