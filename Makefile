@@ -7,7 +7,7 @@ UV := $(BIN)/uv
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build cluster-up cluster-down kind-e2e clean
+.PHONY: help install lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down kind-e2e clean
 
 help:
 	@echo "make demo    - a local control plane, S3 server and tiny models; ends in 'kubectl get ftc' with a winner"
@@ -60,6 +60,11 @@ test-cluster: install cluster-build
 
 cluster-build:
 	bash scripts/build-control-plane.sh
+
+# The operator, trainer and evaluator images from their Dockerfiles with a private dockerd and a local base
+# (no registry needed); incremental, cached under ~/.cache/ftc/docker. See README, Images.
+images: install
+	bash scripts/build-images.sh
 
 # Local control plane + node agent + moto S3 in the background; state, kubeconfig and logs in .cluster/.
 cluster-up: install cluster-build

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Import images built by scripts/build-images.sh into a containerd (namespace k8s.io, the CRI's), unpacked for
+# the overlayfs snapshotter the CRI uses, so pods run them without any registry.
+#
+# Usage: scripts/load-images.sh ADDRESS TAG...      ADDRESS: the containerd's gRPC socket path
+#
+# A tag is skipped when containerd already has it as the same image: the config digest of the image the
+# tag names in containerd equals the Docker image ID (both are the sha256 of the same config JSON) and the
+# snapshot of its top layer (its chain ID) exists in overlayfs, i.e. it is unpacked. A rebuilt image has a
+# new config digest and is imported again, replacing the tag. The tags that need it go through one
+# `docker save | ctr images import`, so layers shared between them (torch) are streamed once.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if (($# < 2)); then
+  echo "usage: $0 CONTAINERD_ADDRESS TAG..." >&2
+  exit 2
+fi
+address="$1"
+shift
+# shellcheck source=lib-docker.sh
+source "$here/lib-docker.sh"
+SNAPSHOTTER=overlayfs
+command -v ctr >/dev/null || { echo "error: ctr missing (Debian package containerd)" >&2; exit 1; }
+[[ -S "$address" ]] || { echo "error: no containerd socket at $address" >&2; exit 1; }
+c() { ctr --address "$address" -n k8s.io "$@"; }
+
+# The state of TAG in containerd: "CONFIG_DIGEST CHAIN_ID" (empty when containerd does not have it).
+containerd_state() {
+  local tag="$1" line kind digest
+  line="$(c images ls "name==$tag" 2>/dev/null | awk -v t="$tag" '$1 == t {print $2, $3}')"
+  [[ -n "$line" ]] || return 0
+  read -r kind digest <<<"$line"
+  c content get "$digest" | python3 -c '
+import hashlib, json, subprocess, sys
+doc = json.load(sys.stdin)
+get = lambda d: json.loads(subprocess.run(sys.argv[1:] + [d], check=True, capture_output=True).stdout)
+if "manifests" in doc:  # an index: the linux/amd64 manifest
+    ms = [m for m in doc["manifests"] if m.get("platform", {}).get("architecture", "amd64") == "amd64"]
+    doc = get(ms[0]["digest"])
+config = doc["config"]["digest"]
+chain = None
+for diff_id in get(config)["rootfs"]["diff_ids"]:
+    chain = diff_id if chain is None else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+print(config, chain)
+' ctr --address "$address" -n k8s.io content get
+}
+
+# Whether TAG is in containerd as Docker image ID, unpacked in overlayfs.
+is_loaded() {
+  local tag="$1" want="$2" config chain
+  read -r config chain <<<"$(containerd_state "$tag")"
+  [[ -n "${config:-}" && "$config" == "$want" ]] || return 1
+  c snapshots --snapshotter "$SNAPSHOTTER" info "$chain" >/dev/null 2>&1
+}
+
+ftc_docker_start
+todo=()
+declare -A ids=()
+for tag in "$@"; do
+  if ! ids[$tag]="$(dk image inspect -f '{{.Id}}' "$tag" 2>/dev/null)"; then
+    echo "error: $tag is not in the build's dockerd (run make images)" >&2
+    exit 1
+  fi
+  if is_loaded "$tag" "${ids[$tag]}"; then
+    log "$tag already in $address (${ids[$tag]:0:19})"
+  else
+    todo+=("$tag")
+  fi
+done
+if ((${#todo[@]} == 0)); then
+  log "nothing to import"
+  exit 0
+fi
+
+t=$SECONDS
+log "importing ${todo[*]} into $address (namespace k8s.io, $SNAPSHOTTER)"
+dk save "${todo[@]}" | c images import --snapshotter "$SNAPSHOTTER" - >/dev/null
+for tag in "${todo[@]}"; do
+  if ! is_loaded "$tag" "${ids[$tag]}"; then
+    echo "error: $tag is not in $address as ${ids[$tag]} unpacked in $SNAPSHOTTER after the import" >&2
+    exit 1
+  fi
+done
+log "imported ${#todo[@]} image(s) in $((SECONDS - t)) s"
