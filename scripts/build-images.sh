@@ -51,9 +51,9 @@ IMAGE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 out="$FTC_CACHE/images"
 mkdir -p "$out"
+ftc_docker_start
 work="$(mktemp -d "$out/work.XXXXXX")"
 cleanup() { rm -rf "$work"; ftc_docker_stop; }
-ftc_docker_start
 trap cleanup EXIT
 
 declare -A seconds=()

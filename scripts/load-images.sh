@@ -27,10 +27,9 @@ c() { ctr --address "$address" -n k8s.io "$@"; }
 
 # The state of TAG in containerd: "CONFIG_DIGEST CHAIN_ID" (empty when containerd does not have it).
 containerd_state() {
-  local tag="$1" line kind digest
-  line="$(c images ls "name==$tag" 2>/dev/null | awk -v t="$tag" '$1 == t {print $2, $3}')"
-  [[ -n "$line" ]] || return 0
-  read -r kind digest <<<"$line"
+  local tag="$1" digest
+  digest="$(c images ls "name==$tag" 2>/dev/null | awk -v t="$tag" '$1 == t {print $3}')"
+  [[ -n "$digest" ]] || return 0
   c content get "$digest" | python3 -c '
 import hashlib, json, subprocess, sys
 doc = json.load(sys.stdin)
