@@ -7,11 +7,13 @@ UV := $(BIN)/uv
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down kind-e2e clean
+.PHONY: help install lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down clean
 
 help:
-	@echo "make demo    - a local control plane, S3 server and tiny models; ends in 'kubectl get ftc' with a winner"
-	@echo "make test    - every test (unit, ml, cluster); builds or reuses the control plane"
+	@echo "make demo    - a local cluster (real nodes, the operator installed by Helm), S3 and tiny models; ends in 'kubectl get ftc' with a winner"
+	@echo "make test    - every test (unit, ml, cluster); builds or reuses the control plane and the images"
+	@echo "make images  - the operator, trainer and evaluator images from their Dockerfiles (local base)"
+	@echo "make cluster-up / cluster-down - the local cluster in the background / stop it and clean the host"
 	@echo "make install - .venv from pyproject.toml + constraints.txt, and Chromium for the report test"
 	@echo "make lint    - ruff, mypy, import-linter"
 	@echo "make crds    - regenerate crds/ and the chart's CRD from the API models"
@@ -46,7 +48,7 @@ crds-check: install
 crds: install
 	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
-test: install cluster-build
+test: install cluster-build images
 	$(BIN)/pytest -m "unit or ml or cluster" tests
 
 test-unit: install
@@ -55,7 +57,7 @@ test-unit: install
 test-ml: install
 	$(BIN)/pytest -m ml tests
 
-test-cluster: install cluster-build
+test-cluster: install cluster-build images
 	$(BIN)/pytest -m cluster tests
 
 cluster-build:
@@ -66,35 +68,21 @@ cluster-build:
 images: install
 	bash scripts/build-images.sh
 
-# Local control plane + node agent + moto S3 in the background; state, kubeconfig and logs in .cluster/.
-cluster-up: install cluster-build
+# Local control plane + two real nodes (containerd, kubelet, kube-proxy, the images) + moto S3 in the
+# background; state, kubeconfig and logs in .cluster/. `make cluster-down` stops it and cleans the host.
+cluster-up: install cluster-build images
 	$(BIN)/python -m tests.cluster up
 
 cluster-down:
+	@if [ -f .cluster/demo/judge.pid ]; then kill $$(cat .cluster/demo/judge.pid) 2>/dev/null || true; rm -f .cluster/demo/judge.pid; fi
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m tests.cluster down; else echo "no cluster running"; fi
 
-# The cluster tests against a kind cluster, with the step images built and loaded into its nodes;
-# a clean skip (exit 0) where Docker or kind is missing.
-TRAINER_IMAGE ?= ghcr.io/ftc-project/ftc-trainer:0.1.0
-EVALUATOR_IMAGE ?= ghcr.io/ftc-project/ftc-evaluator:0.1.0
-kind-e2e:
-	@if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then \
-	  echo "kind-e2e skipped: no Docker engine"; exit 0; \
-	elif ! command -v kind >/dev/null 2>&1; then \
-	  echo "kind-e2e skipped: kind not on PATH"; exit 0; \
-	else \
-	  $(MAKE) install cluster-build && \
-	  docker build -f trainer_image/Dockerfile -t $(TRAINER_IMAGE) . && \
-	  docker build -f evaluator_image/Dockerfile -t $(EVALUATOR_IMAGE) . && \
-	  FTC_CLUSTER_BACKEND=kind FTC_KIND_LOAD_IMAGES="$(TRAINER_IMAGE) $(EVALUATOR_IMAGE)" $(BIN)/pytest -m cluster tests; \
-	fi
-
-bench: install cluster-build
+bench: install cluster-build images
 	$(BIN)/python -m bench.train_bench
 	$(BIN)/python -m bench.eval_bench
 	$(BIN)/python -m bench.operator_bench
 
-demo: install cluster-build
+demo: install cluster-build images
 	bash scripts/demo.sh
 
 clean:

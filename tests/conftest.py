@@ -9,8 +9,13 @@ pytest_plugins: list[str] = ["tests.cluster.fixtures", "tests.fixtures.s3", "tes
 LEVELS = ("unit", "ml", "cluster")
 
 
+FIRST = "tests/test_cluster_lifecycle.py"  # brings up its own cluster: before the session's cluster starts
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test belongs to exactly one level, so `make test` (-m "unit or ml or cluster") runs them all."""
+    """Every test belongs to exactly one level, so `make test` (-m "unit or ml or cluster") runs them all;
+    the cluster lifecycle test runs first."""
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
     for item in items:
         levels = [m.name for m in item.iter_markers() if m.name in LEVELS]
         if len(set(levels)) != 1:

@@ -30,7 +30,7 @@ from tests.cluster.control_plane import (
     wait_for_service_account,
 )
 from tests.cluster.images import build_images
-from tests.cluster.node import DEFAULT_NODES, host_ip, node_images, start_nodes, stop_cluster, stop_nodes
+from tests.cluster.node import DEFAULT_NODES, host_ip, start_nodes, stop_cluster, stop_nodes
 from tests.cluster.s3 import S3Server, moto_command
 
 
@@ -110,7 +110,7 @@ def up(root: Path, namespace: str) -> int:
     ip = host_ip()
     cp = start_control_plane(root, bin_dir, advertise_ip=ip)
     try:
-        start_nodes(cp, images=node_images())
+        start_nodes(cp)
         s3_port = free_port()
         cp.spawn("s3", moto_command("0.0.0.0", s3_port))
         s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}", cluster_endpoint_url=f"http://{ip}:{s3_port}")

@@ -106,7 +106,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 
 def _local_cluster(root: Path) -> Iterator[Cluster]:
     from tests.cluster.images import build_images  # imported only when used
-    from tests.cluster.node import CPU_NODE, GPU_NODE, host_ip, node_images, start_nodes, stop_cluster
+    from tests.cluster.node import CPU_NODE, GPU_NODE, host_ip, start_nodes, stop_cluster
 
     t0 = time.monotonic()
     bin_dir = build_binaries()  # raises BuildError with the build's output: tests fail, never skip
@@ -114,7 +114,7 @@ def _local_cluster(root: Path) -> Iterator[Cluster]:
     t1 = time.monotonic()
     cp = start_control_plane(root / "control-plane", bin_dir, advertise_ip=host_ip())
     try:
-        start_nodes(cp, images=node_images())
+        start_nodes(cp)
         api = cp.api_client()
         wait_for_service_account(api, "default")
         api.close()

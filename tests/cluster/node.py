@@ -49,11 +49,13 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops
 POD_CIDR = "10.244.0.0/16"
 
 
-def node_images() -> tuple[str, ...]:
-    """What every node holds: the base image (for plain test pods) and the three images of the product."""
+def node_images(node: NodeSpec) -> tuple[str, ...]:
+    """What a node holds besides the pause image: the base image (plain test pods) everywhere, the trainer
+    everywhere (prepare runs on CPU nodes, train on GPU nodes), the evaluator on the GPU node, the operator
+    (which does not tolerate the GPU taint) on the CPU node. Each GPU image is ~6 GB unpacked."""
     from tests.cluster.images import BASE_IMAGE, EVALUATOR_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE
 
-    return (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE)
+    return (BASE_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE) if node.gpus else (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE)
 
 
 def node_cache_root() -> Path:
@@ -114,7 +116,25 @@ def host_ip() -> str:
 # --- rendering (pure) ----------------------------------------------------------------------------
 
 
-def containerd_config(node_dir: Path, root: Path, sandbox_image: str) -> str:
+SOCKET_ROOT = Path("/run/ftc")  # unix socket paths are limited to ~104 bytes: keep them short
+
+
+def socket_dir(cluster_root: Path, node: str) -> Path:
+    """Where a node's containerd sockets live: /run/ftc/<hash of the cluster dir>/<node>."""
+    import hashlib
+
+    return SOCKET_ROOT / hashlib.sha256(str(cluster_root).encode()).hexdigest()[:8] / node
+
+
+def kubelet_root(cluster_root: Path, node: str) -> Path:
+    """The kubelet's --root-dir: on disk (emptyDir volumes live there) under a short path, since the
+    kubelet makes unix sockets inside it (pod-resources, plugin registration)."""
+    import hashlib
+
+    return node_cache_root().parent / "run" / hashlib.sha256(str(cluster_root).encode()).hexdigest()[:8] / node
+
+
+def containerd_config(node_dir: Path, root: Path, sandbox_image: str, sockets: Path) -> str:
     """containerd 1.6 config: own root/state/socket/runc root; CRI with our CNI dir and pause image."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""version = 2
@@ -123,9 +143,9 @@ state = "{node_dir / "containerd-state"}"
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"]
 [grpc]
-  address = "{node_dir / "containerd.sock"}"
+  address = "{sockets / "containerd.sock"}"
 [ttrpc]
-  address = "{node_dir / "containerd.sock.ttrpc"}"
+  address = "{sockets / "containerd.sock.ttrpc"}"
 [plugins]
   [{cri}]
     sandbox_image = "{sandbox_image}"
@@ -172,7 +192,7 @@ def cni_config(node: NodeSpec, node_dir: Path) -> dict:
     }
 
 
-def kubelet_config(node: NodeSpec, node_dir: Path, ip: str, ports: dict[str, int], ca: Path) -> dict:
+def kubelet_config(node: NodeSpec, node_dir: Path, ip: str, ports: dict[str, int], ca: Path, sockets: Path) -> dict:
     """KubeletConfiguration: cgroupfs under the node's own cgroup root, x509 client auth (the API server's
     kubelet client certificate), no image GC of the locally imported images, low eviction thresholds."""
     return {
@@ -196,7 +216,7 @@ def kubelet_config(node: NodeSpec, node_dir: Path, ip: str, ports: dict[str, int
         "cgroupsPerQOS": True,
         "failSwapOn": False,
         "failCgroupV1": False,
-        "containerRuntimeEndpoint": f"unix://{node_dir / 'containerd.sock'}",
+        "containerRuntimeEndpoint": f"unix://{sockets / 'containerd.sock'}",
         "podLogsDir": str(node_dir / "pod-logs"),
         "makeIPTablesUtilChains": False,
         "imageGCHighThresholdPercent": 100,
@@ -379,7 +399,7 @@ class Nodes:
         return self.root / "nodes" / name
 
     def containerd_address(self, name: str) -> str:
-        return str(self.node_dir(name) / "containerd.sock")
+        return str(socket_dir(self.root, name) / "containerd.sock")
 
 
 def _ctr(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -415,7 +435,7 @@ def check_no_other_cluster(changes_file: Path) -> None:
     for p in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             cmd = p.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if cmd.startswith("containerd --config") and "/nodes/" in cmd and str(changes_file.parent) not in cmd:
+            if "containerd --config" in cmd and "/nodes/" in cmd and str(changes_file.parent) not in cmd:
                 raise RuntimeError(
                     f"another local ftc cluster is running (pid {p.parent.name}: {cmd.strip()}); "
                     "stop it with `make cluster-down` (or kill it) first"
@@ -429,7 +449,7 @@ def prepare_host(nodes: Nodes) -> None:
         ch.sysctls.setdefault(name, read_sysctl(name))
     ch.netns_before = netns_names()
     ch.bridges = [n.bridge for n in nodes.specs]
-    ch.dirs = [str(nodes.root / "nodes")]
+    ch.dirs = [str(nodes.root / "nodes"), str(kubelet_root(nodes.root, "x").parent)]
     for n in nodes.specs:
         create_cgroup_root(n.cgroup_root)
         if n.cgroup_root not in ch.cgroups:
@@ -438,14 +458,17 @@ def prepare_host(nodes: Nodes) -> None:
 
 def write_node_files(nodes: Nodes, node: NodeSpec, pki_files: dict[str, Path], sandbox_image: str) -> Path:
     d = nodes.node_dir(node.name)
-    for sub in ("cni", "pod-logs", "kubelet", "runc", "opt", "pki"):
+    for sub in ("cni", "pod-logs", "runc", "opt", "pki"):
         (d / sub).mkdir(parents=True, exist_ok=True)
+    kubelet_root(nodes.root, node.name).mkdir(parents=True, exist_ok=True)
     croot = node_cache_root() / node.name / "containerd"
     croot.mkdir(parents=True, exist_ok=True)
-    (d / "containerd.toml").write_text(containerd_config(d, croot, sandbox_image))
+    sockets = socket_dir(nodes.root, node.name)
+    sockets.mkdir(parents=True, exist_ok=True)
+    (d / "containerd.toml").write_text(containerd_config(d, croot, sandbox_image, sockets))
     (d / "cni" / "10-ftc-bridge.conflist").write_text(json.dumps(cni_config(node, d), indent=2))
     (d / "kubelet.yaml").write_text(
-        yaml.safe_dump(kubelet_config(node, d, nodes.ip, nodes.ports[node.name], pki_files["ca"]), sort_keys=False)
+        yaml.safe_dump(kubelet_config(node, d, nodes.ip, nodes.ports[node.name], pki_files["ca"], sockets), sort_keys=False)
     )
     return d
 
@@ -455,7 +478,7 @@ def kubelet_argv(bin_dir: Path, node: NodeSpec, d: Path, ip: str) -> list[str]:
         str(bin_dir / "kubelet"),
         f"--config={d / 'kubelet.yaml'}",
         f"--kubeconfig={d / 'kubelet.kubeconfig'}",
-        f"--root-dir={d / 'kubelet'}",
+        f"--root-dir={kubelet_root(d.parent.parent, node.name)}",
         f"--cert-dir={d / 'pki'}",
         f"--hostname-override={node.name}",
         f"--node-ip={ip}",
@@ -479,7 +502,7 @@ def stop_nodes(root: Path, kill: bool = True) -> list[str]:
         for p in Path("/proc").glob("[0-9]*/cmdline"):
             with contextlib.suppress(OSError):
                 cmd = p.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                if "containerd-shim" in cmd and str(root) in cmd:
+                if "containerd-shim" in cmd and (str(root) in cmd or str(socket_dir(root, "x").parent) in cmd):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(p.parent.name), signal.SIGKILL)
     for new in sorted(set(netns_names()) - set(ch.netns_before)):
@@ -500,6 +523,11 @@ def stop_nodes(root: Path, kill: bool = True) -> list[str]:
                     link.unlink()
     for name, value in ch.sysctls.items():
         write_sysctl(name, value)
+    shutil.rmtree(socket_dir(root, "x").parent, ignore_errors=True)
+    if not mounts_under([str(kubelet_root(root, "x").parent)]):
+        shutil.rmtree(kubelet_root(root, "x").parent, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        SOCKET_ROOT.rmdir()  # only when no other cluster's sockets are there
     # runc keeps state outside containerd's state dir when its Root is not set; ours is set, but be sure.
     for d in ch.dirs:
         problems += [f"mount {m}" for m in mounts_under([d])]
@@ -518,8 +546,8 @@ def which(name: str) -> str:
 # --- start and stop ------------------------------------------------------------------------------
 
 
-def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images: tuple[str, ...] = (), timeout: float = 120) -> Nodes:
-    """Start containerd, load ``images`` into it, start the kubelet for each node, and one kube-proxy.
+def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_images, timeout: float = 120) -> Nodes:
+    """Start containerd, load ``images(node)`` into it, start the kubelet for each node, and one kube-proxy.
 
     ``cp`` is the running :class:`tests.cluster.control_plane.ControlPlane` (started with an
     ``advertise_ip``); processes are spawned through it, so its ``stop()`` ends them (call
@@ -563,14 +591,14 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images: tuple[s
                     f"containerd of {node.name} exited ({proc.returncode}):\n{cp.log_tail(f'containerd-{node.name}')}"
                 )
 
-        wait_socket(d / "containerd.sock", 30, alive)
+        wait_socket(Path(nodes.containerd_address(node.name)), 30, alive)
         wait_for(
             lambda node=node: _ctr(nodes.containerd_address(node.name), "version").returncode == 0,
             30,
             f"containerd of {node.name}",
         )
         remove_stale_containers(nodes.containerd_address(node.name))
-        load_images(nodes.containerd_address(node.name), [PAUSE_IMAGE, *images])
+        load_images(nodes.containerd_address(node.name), [PAUSE_IMAGE, *images(node)])
     for node in specs:
         d = nodes.node_dir(node.name)
         cp.spawn(f"kubelet-{node.name}", kubelet_argv(cp.bin_dir, node, d, ip), env=env)
