@@ -67,18 +67,37 @@ for tag in "$@"; do
     todo+=("$tag")
   fi
 done
+# The CRI also names every image it has seen by its ID (sha256:<config digest>); such a name left from an
+# earlier build keeps that build's layers on disk. Drop the ID names that are not one of the given images.
+drop_stale_ids() {
+  local keep=" ${ids[*]} " ref
+  for ref in $(c images ls -q | grep -E '^sha256:[0-9a-f]{64}$' || true); do
+    if [[ $keep != *" $ref "* ]]; then
+      c images rm "$ref" >/dev/null && log "removed the stale image name $ref"
+    fi
+  done
+}
 if ((${#todo[@]} == 0)); then
   log "nothing to import"
+  drop_stale_ids
   exit 0
 fi
 
 t=$SECONDS
 log "importing ${todo[*]} into $address (namespace k8s.io, $SNAPSHOTTER)"
-dk save "${todo[@]}" | c images import --snapshotter "$SNAPSHOTTER" - >/dev/null
-for tag in "${todo[@]}"; do
-  if ! is_loaded "$tag" "${ids[$tag]}"; then
-    echo "error: $tag is not in $address as ${ids[$tag]} unpacked in $SNAPSHOTTER after the import" >&2
+for attempt in 1 2; do
+  dk save "${todo[@]}" | c images import --snapshotter "$SNAPSHOTTER" - >/dev/null
+  missing=()
+  for tag in "${todo[@]}"; do
+    is_loaded "$tag" "${ids[$tag]}" || missing+=("$tag")
+  done
+  ((${#missing[@]} == 0)) && break
+  if ((attempt == 2)); then
+    echo "error: ${missing[*]} not in $address as ${ids[${missing[0]}]}... unpacked in $SNAPSHOTTER after the import" >&2
     exit 1
   fi
+  log "not unpacked after the import: ${missing[*]}; importing again"
+  todo=("${missing[@]}")
 done
 log "imported ${#todo[@]} image(s) in $((SECONDS - t)) s"
+drop_stale_ids
