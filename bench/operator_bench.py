@@ -2,17 +2,17 @@
 
     python -m bench.operator_bench [--count 100] [--out bench/operator.json]
 
-Starts its own control plane, node agent (a separate process) and moto S3 (`python -m tests.cluster up`
-in a temp dir), installs the chart with the stub step (ftc_operator.stub) instead of the images, runs
-`ftc-operator` as a local process with the chart's ServiceAccount token, creates N comparisons as fast as
-the API server takes them, and measures:
+Starts its own cluster (control plane, two real nodes, moto S3: `python -m tests.cluster up` in a temp
+dir), `helm install`s the chart with the stub step (tests/steps/stub.py, mounted from a ConfigMap into the
+step images), so the operator runs as the chart's Deployment in a container, creates N comparisons as fast
+as the API server takes them, and measures:
 
 - create-to-first-Job latency: from just before each create call to the moment a watch in this process
   sees that comparison's prepare Job (p50, p99, max);
-- operator CPU seconds (utime + stime from /proc) during the burst and over the whole run;
+- operator CPU seconds (its container's cpuacct cgroup) during the burst and over the whole run;
 - reconciles (count, mean duration, status writes, Jobs created) from the operator's /metrics;
-- time until every comparison is Succeeded (the node agent runs ~4 pods per comparison as processes, so
-  this is bound by the machine, not the operator).
+- time until every comparison is Succeeded (~4 step pods per comparison run on the nodes, so this is
+  bound by the machine, not the operator).
 
 By default the nodes are cordoned during the burst (uncordoned once every first Job exists), so the
 latency measures the operator and the API server, not 100 step processes starting on 2 cores;
@@ -39,9 +39,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pod_uid: str) -> float:
+    """CPU seconds of a pod so far, from its cgroup v1 cpuacct (under a node's kubepods)."""
+    [cgroup] = Path("/sys/fs/cgroup/cpuacct").glob(f"ftc-*/kubepods/**/pod{pod_uid}")
+    return int((cgroup / "cpuacct.usage").read_text()) / 1e9
+
+
+class _Cluster:
+    """What tests.test_e2e_harness.start_operator needs of a cluster."""
+
+    def __init__(self, kubeconfig: Path, bin_dir: Path):
+        self.kubeconfig, self.bin_dir = kubeconfig, bin_dir
+
+    def api_client(self):
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,18 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubernetes import client, config, watch
 
-    from tests.test_e2e_harness import (
-        OPERATOR_SA,
-        Comparisons,
-        Helm,
-        OperatorProcess,
-        apply_crd,
-        chart_config,
-        install_chart,
-        service_account_kubeconfig,
-        stub_values,
-        tiny_spec,
-    )
+    from tests.test_e2e_harness import Comparisons, apply_crd, start_operator, stub_values, tiny_spec
 
     work = Path(tempfile.mkdtemp(prefix="ftc-bench-"))
     root = work / "cluster"
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     kubeconfig = Path(env["KUBECONFIG"])
     bin_dir = Path(env["PATH"].split(":", 1)[0])
     print(f"cluster up in {time.monotonic() - t0:.1f}s", flush=True)
-    proc = None
+    operator = None
     try:
         api = config.new_client_from_config(config_file=str(kubeconfig))
 
@@ -106,12 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         apply_crd(kubectl, work)
         values = stub_values(resync=30)
         values["config"]["workers"] = args.workers
-        install_chart(Helm(bin_dir / "helm", kubeconfig), ns, values, work)
         client.CoreV1Api(api).create_namespaced_secret(ns, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "x"}})
-        op_kubeconfig = service_account_kubeconfig(api, kubeconfig, ns, OPERATOR_SA, work / "operator.kubeconfig")
-        cfg = chart_config(api, ns, work / "config.yaml")
-        proc = OperatorProcess(op_kubeconfig, cfg, [ns], work / "operator.log").start().wait_healthy()
-        cpu_start = cpu_seconds(proc.proc.pid)
+        operator = start_operator(_Cluster(kubeconfig, bin_dir), ns, values, work)
+        operator_pod = operator.ready_pod().metadata.uid
+        cpu_start = cpu_seconds(operator_pod)
 
         seen: dict[str, float] = {}
         done = threading.Event()
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in nodes:
                 core.patch_node(n, {"spec": {"unschedulable": True}})
         ftc = Comparisons(api)
-        spec = tiny_spec(env["FTC_S3_ENDPOINT_URL"])
+        spec = tiny_spec(env["FTC_S3_CLUSTER_ENDPOINT_URL"])
         spec["placement"] = {"gpuCount": 0}  # stubs need no GPU; the 8 fake GPUs would serialise training
         sent: dict[str, float] = {}
         burst_start = time.monotonic()
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 300
         while len(seen) < args.count and time.monotonic() < deadline:
             time.sleep(0.2)
-        cpu_burst = cpu_seconds(proc.proc.pid) - cpu_start
+        cpu_burst = cpu_seconds(operator_pod) - cpu_start
         burst_seconds = time.monotonic() - burst_start
         latencies = [seen[n] - sent[n] for n in sent if n in seen]
         print(f"{len(latencies)}/{args.count} first Jobs in {burst_seconds:.1f}s", flush=True)
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(2)
         all_done = time.monotonic() - burst_start
-        cpu_total = cpu_seconds(proc.proc.pid) - cpu_start
-        m = proc.metrics()
+        cpu_total = cpu_seconds(operator_pod) - cpu_start
+        m = operator.metrics()
         done.set()
         jobs_per_comparison = len(client.BatchV1Api(api).list_namespaced_job(ns).items) / args.count
         result = {
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
             "comparisons": args.count,
-            "steps": "stub (ftc_operator.stub), no GPU limits",
+            "steps": "stub (tests/steps/stub.py), no GPU limits; the operator as the chart's Deployment on a real node",
             "nodes_cordoned_during_burst": args.cordon,
             "load_average_at_end": os.getloadavg(),
             "create_seconds": round(create_seconds, 2),
@@ -212,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     finally:
-        if proc is not None:
-            proc.stop()
         if not args.keep:
             subprocess.run([sys.executable, "-m", "tests.cluster", "down", "--dir", str(root)], cwd=REPO, check=False)
 
