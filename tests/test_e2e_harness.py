@@ -50,13 +50,17 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.2):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last}" if last else ""))
 
 
-def stub_values(seconds: float = 0, fail: tuple[str, ...] = (), progress: bool = False, resync: float = 5) -> dict[str, Any]:
+def stub_values(
+    seconds: float = 0, fail: tuple[str, ...] = (), progress: bool = False, resync: float = 5, oom: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Chart values that run the stub step (tests/steps/stub.py, mounted from a ConfigMap) instead of the steps."""
     env = {"FTC_STUB_SECONDS": str(seconds)}
     if fail:
         env["FTC_STUB_FAIL"] = ",".join(fail)
     if progress:
         env["FTC_STUB_PROGRESS"] = "1"
+    if oom:
+        env["FTC_STUB_OOM"] = ",".join(oom)
     small = {"requests": {"cpu": "10m", "memory": "64Mi"}}
     stub = steps.command("stub.py")
     values = steps.chart_values()
@@ -64,7 +68,7 @@ def stub_values(seconds: float = 0, fail: tuple[str, ...] = (), progress: bool =
         {
             "prepare": {"command": stub, "args": [], "resources": small},
             # a model told to fail fails at once (the default backoffLimit 3 would retry it for ~70 s)
-            "train": {"command": stub, "args": [], **({"backoffLimit": 0} if fail else {})},
+            "train": {"command": stub, "args": [], **({"backoffLimit": 0} if fail or oom else {})},
             "evaluate": {"command": stub, "args": []},
             "extraEnv": env,
             "resyncSeconds": resync,

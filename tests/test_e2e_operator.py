@@ -119,6 +119,18 @@ def test_failed_model_is_left_out_and_reported(ftc, operator, namespace, s3_serv
     assert st["winner"] in ("a", "c", "tie")
 
 
+@pytest.mark.parametrize("operator", [dict(oom=("b",))], indirect=True, ids=["stub"])
+def test_a_train_pod_over_its_memory_limit_is_reported_oom_killed(ftc, operator, namespace, s3_server, judge_secret):
+    spec = tiny_spec(s3_server.cluster_endpoint_url, models=("a", "b", "c"))
+    spec["models"][1]["placement"] = {"resources": {"limits": {"memory": "256Mi"}}}
+    ftc.create("hog", namespace, spec)
+    st = ftc.wait_phase("hog", namespace, ("Succeeded", "Failed"), timeout=240)
+    b = next(m for m in st["models"] if m["name"] == "b")
+    assert b["phase"] == "Failed"
+    assert "OOMKilled (exit code 137, memory limit 256Mi)" in b["message"], b["message"]
+    assert "OOMKilled" in next(c["message"] for c in st["conditions"] if c["type"] == "Trained")
+
+
 @pytest.mark.parametrize("operator", [dict(fail=("a", "b"))], indirect=True, ids=["stub"])
 def test_too_few_models_fails_with_a_clear_condition(ftc, operator, namespace, s3_server, judge_secret):
     ftc.create("two", namespace, tiny_spec(s3_server.cluster_endpoint_url, models=("a", "b")))

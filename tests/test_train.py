@@ -456,6 +456,33 @@ def test_resume_after_sigkill_continues_the_history(tiny_s3: TinyS3, data_prefix
     assert [p.train_loss for p in history if p.train_loss is not None] == pytest.approx(ref_trains, rel=0.01)
 
 
+@pytest.mark.ml
+@pytest.mark.timeout(600)
+def test_sigterm_stops_training_at_once_with_a_retryable_failure(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
+    """A deleted, preempted or evicted pod gets SIGTERM; the step runs as PID 1, which the kernel gives no
+    default action, so the trainer handles it: it stops, says why, and exits 1 (the Job retries and resumes)."""
+    training = LORA_TRAINING.model_copy(update={"max_steps": 200, "save_steps": 10, "eval_steps": 10})
+    loc = new_run(tiny_s3, data_prefix, "sigterm", tmp_path)
+    input_path = tmp_path / "input.json"
+    input_path.write_text(train_input(tiny_s3, loc, "tiny-llama", Method.LORA, training).to_json())
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    env = _cli_env(tiny_s3, tmp_path, "run") | {"FTC_TEST_STEP_DELAY": "0.3"}
+    run = _trainer_cli(input_path, env, tmp_path / "run.log", entry=(str(steps.script("slow_train.py")),))
+    deadline = time.monotonic() + 300
+    while "step-10/manifest.json" not in store.list(loc.uri("models/tiny-llama/checkpoints")):
+        assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint step-10 within 300 s"
+        time.sleep(0.1)
+
+    t0 = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+
+    assert run.wait(30) == 1, (tmp_path / "run.log").read_text()[-3000:]
+    assert time.monotonic() - t0 < 15
+    result = TrainResult.model_validate_json((tmp_path / "run.termination-log").read_text())
+    assert not result.ok and "received SIGTERM" in (result.error or "")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

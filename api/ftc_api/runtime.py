@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import TypeVar
 
@@ -12,6 +13,26 @@ from pydantic import BaseModel
 from .steps import DEFAULT_INPUT_PATH, INPUT_PATH_ENV, MAX_SUMMARY_BYTES, TERMINATION_LOG, TERMINATION_LOG_ENV
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: the pod is being deleted, preempted or evicted. A BaseException, like
+    KeyboardInterrupt, so that library code catching Exception (retry loops) cannot swallow it."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in the main thread.
+
+    A step runs as PID 1 of its container, and the kernel drops signals that PID 1 has no handler for:
+    without this, deleting a step pod waits its whole grace period and ends in SIGKILL (or, when the step
+    finishes within the grace period, reports a success whose pod is already gone). With it, the step
+    stops at once, writes a failure summary and exits with a retryable code; a retried train pod resumes
+    from its last checkpoint."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(f"received {signal.Signals(signum).name}: the pod is being stopped")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def input_path(explicit: str | None = None) -> Path:

@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from ftc_api.runtime import input_path, read_input, write_summary
+    from ftc_api.runtime import Terminated, input_path, read_input, stop_on_sigterm, write_summary
     from ftc_api.steps import EvaluateInput, EvaluateResult
     from pydantic import ValidationError
+
+    stop_on_sigterm()
 
     path = input_path(args.input)
     try:
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from .run import evaluate, fit_summary
 
     kwargs = {"workdir": args.workdir} if args.workdir else {}
-    result = evaluate(inp, **kwargs)
+    try:
+        result = evaluate(inp, **kwargs)
+    except Terminated as err:  # the pod is being stopped: a retry starts over
+        write_summary(EvaluateResult(ok=False, error=str(err)))
+        return 1
     write_summary(fit_summary(result))
     return 0 if result.ok else 1
 

@@ -7,7 +7,8 @@ interpreter (its venv holds ftc_api and, in the trainer image, the kubernetes cl
 
 A single file: it imports nothing but ftc_api, the standard library and (for progress) kubernetes.
 Knobs (env): FTC_STUB_SECONDS (sleep before finishing, default 0), FTC_STUB_FAIL (comma-separated model
-names whose train step fails with exit 1), FTC_STUB_PROGRESS=1 (patch the pod's progress annotation
+names whose train step fails with exit 1), FTC_STUB_OOM (model names whose train step allocates 4 GiB, so a
+memory limit OOM-kills it), FTC_STUB_PROGRESS=1 (patch the pod's progress annotation
 while sleeping, with the pod's ServiceAccount token, else $KUBECONFIG). It never touches S3.
 """
 
@@ -91,6 +92,9 @@ def main() -> int:
         for i in range(1, 4):
             _progress(i, 3)
             time.sleep(seconds / 3)
+        if name in os.environ.get("FTC_STUB_OOM", "").split(","):
+            hog = b"\x01" * (4 * 2**30)  # written, so resident: far over any limit a test sets
+            print(f"stub: {name} allocated {len(hog)} bytes", flush=True)
         if name in os.environ.get("FTC_STUB_FAIL", "").split(","):
             write_summary(TrainResult(ok=False, model=name, error=f"stub: {name} was told to fail"))
             return 1

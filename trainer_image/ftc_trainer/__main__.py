@@ -46,11 +46,13 @@ def _failure(command: str, error: str, raw: dict[str, Any] | None = None) -> Any
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("FTC_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ftc_api.runtime import input_path, write_summary
+    from ftc_api.runtime import Terminated, input_path, stop_on_sigterm, write_summary
     from ftc_api.steps import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, PrepareInput, TrainInput
     from pydantic import ValidationError
 
     from .errors import StepError
+
+    stop_on_sigterm()
 
     path = input_path(args.input)
     scratch = args.workdir or os.environ.get("FTC_WORK_DIR")
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         result = err.result if err.result is not None else _failure(args.command, str(err), raw)
         result.ok, result.error = False, str(err)
         failure_code = EXIT_FAILED if err.retryable else EXIT_BAD_INPUT
+    except Terminated as err:  # the pod is being stopped: retryable (a train step resumes from its checkpoint)
+        log.warning("%s stopped: %s", args.command, err)
+        result = _failure(args.command, str(err), raw)
     except Exception as err:  # an unexpected failure still gets a summary
         log.exception("%s failed", args.command)
         result = _failure(args.command, f"{type(err).__name__}: {err}", raw)
