@@ -55,7 +55,8 @@ PYEOF
 
 stage "4/7 helm install ftc helm/ftc -n $NS (CRD, RBAC, step ServiceAccount, config, operator Deployment)"
 kubectl create secret generic ftc-judge -n "$NS" --from-literal=api-key=sk-local-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-helm upgrade --install ftc helm/ftc -n "$NS" --set config.resyncSeconds=5 \
+# The local GPU node's A100s are fake: allowCpuExecution lets the GPU steps run on the CPU (GPU or nothing otherwise).
+helm upgrade --install ftc helm/ftc -n "$NS" --set config.resyncSeconds=5 --set config.allowCpuExecution=true \
   --set-string config.extraEnv.FTC_PROGRESS_INTERVAL=2 --set-string config.extraEnv.HF_HUB_OFFLINE=1 \
   --set-string config.extraEnv.OMP_NUM_THREADS=1 \
   --set 'config.prepare.resources.requests.cpu=100m' --set 'config.prepare.resources.requests.memory=256Mi' >/dev/null

@@ -54,16 +54,40 @@ def judge_secret(control_plane, namespace):
     )
 
 
-@pytest.fixture
-def real_operator(control_plane, namespace, crd, tmp_path):
-    values = {
+def real_values(allow_cpu: bool = True) -> dict:
+    """The chart's values for the real steps; the local GPU node's GPUs are fake, so GPU steps run on the CPU."""
+    return {
         "config": {
             "resyncSeconds": 5,
+            "allowCpuExecution": allow_cpu,
             "prepare": {"resources": SMALL},
             "extraEnv": {"FTC_PROGRESS_INTERVAL": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         }
     }
-    return start_operator(control_plane, namespace, values, tmp_path)
+
+
+@pytest.fixture
+def real_operator(control_plane, namespace, crd, tmp_path):
+    return start_operator(control_plane, namespace, real_values(), tmp_path)
+
+
+def test_gpu_steps_that_see_no_gpu_fail_at_once_naming_what_they_see(
+    control_plane, namespace, crd, tmp_path, assets_in_s3, openai_server, judge_secret
+):
+    start_operator(control_plane, namespace, real_values(allow_cpu=False), tmp_path)
+    ftc = Comparisons(control_plane.api_client())
+    ftc.create("nogpu", namespace, tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url))
+
+    st = ftc.wait_phase("nogpu", namespace, ("Succeeded", "Failed"), timeout=300)
+
+    assert st["phase"] == "Failed"
+    for m in st["models"]:
+        assert m["phase"] == "Failed"
+        assert "(PodFailurePolicy)" in m["message"], m["message"]  # exit code 2: no retries
+        assert "placed on 1 GPU(s) but sees 0" in m["message"] and "torch.cuda.is_available()=False" in m["message"]
+        assert "config.allowCpuExecution=true" in m["message"]
+    jobs = [j for j in ftc.jobs(namespace, "nogpu") if "train" in j.metadata.name]
+    assert len(jobs) == 2 and all((j.status.failed or 0) == 1 for j in jobs)
 
 
 def step_logs(control_plane, namespace) -> str:

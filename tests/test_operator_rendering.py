@@ -550,3 +550,15 @@ def _failed_pod(reason: str, exit_code: int, limits: dict | None) -> dict:
 def test_observed_job_says_how_the_last_failed_pod_ended(reason, code, limits, expected):
     job = {"metadata": {"name": "j", "labels": {"ftc.dev/step": "train"}}, "status": {"failed": 1}}
     assert observe_job(job, [_failed_pod(reason, code, limits)]).pod_failure == expected
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_gpu_steps_are_told_how_many_gpus_they_asked_for(allow):
+    config = OperatorConfig(allow_cpu_execution=allow)
+    spec = make_spec(placement={"gpuCount": 2})
+    for step, model in (("train", spec.models[0]), ("evaluate", None)):
+        values = {k: e.get("value") for k, e in env(render_job(OWNER, spec, config, step, model)).items()}
+        assert values["FTC_GPUS"] == "2"
+        assert values.get("FTC_ALLOW_CPU") == ("1" if allow else None)
+    prepare = env(render_job(OWNER, spec, config, "prepare"))
+    assert "FTC_GPUS" not in prepare and "FTC_ALLOW_CPU" not in prepare

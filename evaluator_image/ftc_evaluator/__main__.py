@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(EvaluateResult(ok=False, error=f"bad input document {path}: {err}"))
         return 2
 
+    import torch
+    from ftc_api.devices import gpu_problem
+
+    problem = gpu_problem(torch)
+    if problem:  # GPU or nothing: a GPU step that cannot see its GPUs fails at once, as bad input
+        write_summary(EvaluateResult(ok=False, error=problem))
+        return 2
+
     from .run import evaluate, fit_summary
 
     kwargs = {"workdir": args.workdir} if args.workdir else {}

@@ -165,6 +165,14 @@ class OperatorConfig(ApiModel):
         default_factory=lambda: StepConfig(args=[], backoff_limit=2, active_deadline_seconds=24 * 3600, tmp_size_limit="200Gi"),
         description="evaluate: settings of the evaluate Job.",
     )
+    allow_cpu_execution: bool = Field(
+        default=False,
+        description=(
+            "allowCpuExecution: let GPU steps run when their pod sees fewer GPUs than its placement asked for "
+            "(only for clusters whose GPUs are fake, like the local test cluster); by default such a step fails "
+            "at once, naming the driver, torch's CUDA build and the devices it sees."
+        ),
+    )
     extra_env: dict[str, str] = Field(
         default_factory=dict, description="extraEnv: plain (non-secret) env vars added to every step container."
     )

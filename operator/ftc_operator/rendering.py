@@ -16,6 +16,7 @@ from typing import Any
 
 from ftc_api import names
 from ftc_api.base import API_GROUP, API_VERSION, KIND
+from ftc_api.devices import ALLOW_CPU_ENV, GPUS_ENV
 from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement
 from ftc_api.steps import (
     EMBEDDINGS_API_KEY_ENV,
@@ -125,7 +126,9 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def step_env(owner: Owner, spec: FineTuneComparisonSpec, config: OperatorConfig, step: str) -> list[dict[str, Any]]:
+def step_env(
+    owner: Owner, spec: FineTuneComparisonSpec, config: OperatorConfig, step: str, gpus: int | None = None
+) -> list[dict[str, Any]]:
     """Env of a step container: input path, pod identity, S3 settings and secretKeyRef credentials."""
     env: list[dict[str, Any]] = [
         {"name": INPUT_PATH_ENV, "value": f"{INPUT_DIR}/{INPUT_KEY}"},
@@ -156,6 +159,10 @@ def step_env(owner: Owner, spec: FineTuneComparisonSpec, config: OperatorConfig,
         emb = spec.evaluation.embeddings.api_key_secret_ref
         if emb is not None:
             env.append(_secret_env(EMBEDDINGS_API_KEY_ENV, emb.name, emb.key))
+    if step != StepKind.PREPARE:  # GPU or nothing: the step checks what it sees against what was asked for
+        env.append({"name": GPUS_ENV, "value": str(gpus or 0)})
+        if config.allow_cpu_execution:
+            env.append({"name": ALLOW_CPU_ENV, "value": "1"})
     for key, value in sorted(config.extra_env.items()):
         env.append({"name": key, "value": value})
     return env
@@ -233,7 +240,7 @@ def render_job(
         "image": image,
         "imagePullPolicy": pull,
         "args": list(step_cfg.args),
-        "env": step_env(owner, spec, config, step),
+        "env": step_env(owner, spec, config, step, int(place["resources"].get("limits", {}).get(GPU_RESOURCE, 0))),
         "volumeMounts": [
             {"name": INPUT_VOLUME, "mountPath": INPUT_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": TMP_DIR},

@@ -247,6 +247,7 @@ def peak_memory_gib() -> float:
 def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     """Run the train step; raises StepError on bad input (the caller reports it)."""
     import torch
+    from ftc_api.devices import gpu_problem
     from ftc_storage import Storage, StorageError
     from peft import get_peft_model
     from transformers import TrainingArguments, set_seed
@@ -264,6 +265,9 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     )
     from .progress import ProgressReporter, pod_patcher
 
+    problem = gpu_problem(torch)
+    if problem:  # GPU or nothing: never train in fp32 on the CPU of a pod that cannot see its GPU
+        raise StepError(problem)
     ref, loc = inp.model, inp.location
     training = effective_training(inp)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-train-"))
