@@ -7,8 +7,8 @@
 # A tag is skipped when containerd already has it as the same image: the config digest of the image the
 # tag names in containerd equals the Docker image ID (both are the sha256 of the same config JSON) and the
 # snapshot of its top layer (its chain ID) exists in overlayfs, i.e. it is unpacked. A rebuilt image has a
-# new config digest and is imported again, replacing the tag. The tags that need it go through one
-# `docker save | ctr images import`, so layers shared between them (torch) are streamed once.
+# new config digest and is imported again, replacing the tag. The tags that need it go through
+# `docker save TAG | ctr images import` each (containerd stores a layer shared between them once).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -85,19 +85,20 @@ fi
 
 t=$SECONDS
 log "importing ${todo[*]} into $address (namespace k8s.io, $SNAPSHOTTER)"
-for attempt in 1 2; do
-  dk save "${todo[@]}" | c images import --snapshotter "$SNAPSHOTTER" - >/dev/null
-  missing=()
-  for tag in "${todo[@]}"; do
-    is_loaded "$tag" "${ids[$tag]}" || missing+=("$tag")
+# One image at a time: containerd 1.6 unpacking two images that share layers at once can fail with
+# "parent snapshot ... does not exist"; an import that fails anyway (a garbage collection racing it) is
+# tried again.
+for tag in "${todo[@]}"; do
+  for attempt in 1 2 3; do
+    if dk save "$tag" | c images import --snapshotter "$SNAPSHOTTER" - >/dev/null && is_loaded "$tag" "${ids[$tag]}"; then
+      break
+    fi
+    if ((attempt == 3)); then
+      echo "error: $tag could not be imported into $address as ${ids[$tag]}, unpacked in $SNAPSHOTTER" >&2
+      exit 1
+    fi
+    log "$tag not imported (attempt $attempt); trying again"
   done
-  ((${#missing[@]} == 0)) && break
-  if ((attempt == 2)); then
-    echo "error: ${missing[*]} not in $address as ${ids[${missing[0]}]}... unpacked in $SNAPSHOTTER after the import" >&2
-    exit 1
-  fi
-  log "not unpacked after the import: ${missing[*]}; importing again"
-  todo=("${missing[@]}")
 done
 log "imported ${#todo[@]} image(s) in $((SECONDS - t)) s"
 drop_stale_ids
