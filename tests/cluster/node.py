@@ -49,6 +49,15 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops
 POD_CIDR = "10.244.0.0/16"
 
 
+def progress(message: str, since: float | None = None) -> None:
+    """A progress line on the real stderr (past pytest's capture): starting nodes can take minutes."""
+    import sys
+
+    took = f" ({time.monotonic() - since:.1f}s)" if since is not None else ""
+    sys.__stderr__.write(f"cluster: {message}{took}\n")
+    sys.__stderr__.flush()
+
+
 def node_images(node: NodeSpec) -> tuple[str, ...]:
     """What a node holds besides the pause image: the base image (plain test pods) everywhere, the trainer
     everywhere (prepare runs on CPU nodes, train on GPU nodes), the evaluator on the GPU node, the operator
@@ -597,11 +606,15 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
             30,
             f"containerd of {node.name}",
         )
+        progress(f"{node.name}: containerd up at {nodes.containerd_address(node.name)}")
         remove_stale_containers(nodes.containerd_address(node.name))
+        t = time.monotonic()
         load_images(nodes.containerd_address(node.name), [PAUSE_IMAGE, *images(node)])
+        progress(f"{node.name}: images in place", t)
     for node in specs:
         d = nodes.node_dir(node.name)
         cp.spawn(f"kubelet-{node.name}", kubelet_argv(cp.bin_dir, node, d, ip), env=env)
+    t = time.monotonic()
     # kube-proxy: one for the host's network namespace, identified as the first node.
     kp_crt, kp_key = cp.pki.path("kube-proxy.crt"), cp.pki.path("kube-proxy.key")
     kp_dir = cp.root / "kube-proxy"
@@ -624,6 +637,7 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
     try:
         core = client.CoreV1Api(api)
         wait_nodes_ready(core, cp, [n.name for n in specs], timeout)
+        progress(f"nodes {', '.join(n.name for n in specs)} Ready, kube-proxy running", t)
         for node in specs:
             if node.gpus:
                 advertise_gpus(core, node.name, node.gpus)
