@@ -168,3 +168,8 @@ def test_cohen_kappa_on_a_textbook_table():
     a = [1] * 20 + [0] * 15 + [1] * 5 + [0] * 10
     b = [1] * 20 + [0] * 15 + [0] * 5 + [1] * 10
     assert stats.cohen_kappa(a, b) == pytest.approx(0.4)
+
+
+def test_verdict_without_any_scored_item_is_inconclusive_not_a_tie():
+    result = stats.verdict({"a": [None, None], "b": [None]})
+    assert result.winner == stats.INCONCLUSIVE and result.p_value is None

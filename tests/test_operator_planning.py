@@ -450,3 +450,21 @@ OOM = "OOMKilled (exit code 137, memory limit 8Gi)"
 def test_the_kubelets_reason_for_a_failed_pod_reaches_the_model_status(mixtral, expected):
     p = run([PREP_OK, TRAIN_OK[0], mixtral])
     assert p.status.models[1].message.startswith(expected), p.status.models[1].message
+
+
+@pytest.mark.parametrize(
+    "winner, phase, succeeded",
+    [
+        ("mixtral", Phase.SUCCEEDED, ("True", "Completed")),
+        ("tie", Phase.SUCCEEDED, ("True", "Completed")),
+        ("inconclusive", Phase.FAILED, ("False", "Inconclusive")),  # no scored item: never a verdict, never a tie
+    ],
+)
+def test_an_evaluation_without_scores_is_inconclusive_not_a_tie(winner, phase, succeeded):
+    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated(winner=winner, judge_missing=20))])
+    assert p.status.phase == phase
+    assert conditions(p)["Succeeded"] == succeeded
+    assert p.status.winner == winner
+    if winner == "inconclusive":
+        message = next(c.message for c in p.status.conditions if c.type == "Succeeded")
+        assert "no model has a scored item on judge" in message and "20 judgments missing" in message

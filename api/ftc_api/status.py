@@ -40,6 +40,10 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
 
 
+TIE = "tie"  # the winner when no model's lead is significant
+INCONCLUSIVE = "inconclusive"  # the winner when the primary metric has no scored item: no verdict at all
+
+
 class Reason(StrEnum):
     """Machine-readable reasons of conditions and Events."""
 
@@ -53,6 +57,7 @@ class Reason(StrEnum):
     JOB_FAILED = "JobFailed"
     DOES_NOT_FIT = "DoesNotFitGPU"
     TOO_FEW_MODELS = "TooFewModelsTrained"
+    INCONCLUSIVE = "Inconclusive"
     COMPLETED = "Completed"
 
 
@@ -147,7 +152,12 @@ class Verdict(ApiModel):
     """The comparison's conclusion on the primary metric."""
 
     primary_metric: str = Field(description="primaryMetric: the deciding metric.")
-    winner: str = Field(description="winner: the winning model, or `tie` when no lead is significant.")
+    winner: str = Field(
+        description=(
+            "winner: the winning model, `tie` when no lead is significant, or `inconclusive` when the primary "
+            "metric has no scored item (no verdict at all)."
+        )
+    )
     p_value: float | None = Field(default=None, description="pValue: adjusted p-value of the winner's closest comparison.")
     pairwise: list[PairwiseTest] = Field(default_factory=list, description="pairwise: every pairwise test.")
 
@@ -184,6 +194,6 @@ class FineTuneComparisonStatus(ApiModel):
     fairness: Fairness | None = Field(default=None, description="fairness: what was held equal and every deviation.")
     verdict: Verdict | None = Field(default=None, description="verdict: the statistical verdict.")
     judge: JudgeUsage | None = Field(default=None, description="judge: judge calls, missing judgments, budget and cost.")
-    winner: str | None = Field(default=None, description="winner: the winning model, or `tie`.")
+    winner: str | None = Field(default=None, description="winner: the winning model, `tie`, or `inconclusive`.")
     report_uri: str | None = Field(default=None, description="reportUri: S3 URI of the HTML report.")
     scores_uri: str | None = Field(default=None, description="scoresUri: S3 URI of eval/scores.json.")

@@ -259,7 +259,9 @@ class EvaluateResult(ApiModel):
     error: str | None = Field(default=None, description="error: what went wrong.")
     models: list[EvaluatedModelResult] = Field(default_factory=list, description="models: per-model scores.")
     primary_metric: str | None = Field(default=None, description="primaryMetric: the deciding metric.")
-    winner: str | None = Field(default=None, description="winner: a model name or `tie`.")
+    winner: str | None = Field(
+        default=None, description="winner: a model name, `tie`, or `inconclusive` (no scored item on the primary metric)."
+    )
     p_value: float | None = Field(default=None, description="pValue: adjusted p-value behind the verdict.")
     pairwise: list[PairwiseTest] = Field(default_factory=list, description="pairwise: pairwise tests on the primary metric.")
     judge_calls: int = Field(default=0, description="judgeCalls: judge requests made (cache hits excluded).")

@@ -563,6 +563,8 @@ class Evaluation:
 
 
 def stats_reason(result: EvaluateResult) -> str:
+    if result.winner == stats.INCONCLUSIVE:
+        return f"No model has a scored item on {result.primary_metric}: there is no verdict."
     if result.winner and result.winner != stats.TIE:
         return f"{result.winner} leads on {result.primary_metric} and the lead is significant."
     return f"No model's lead on {result.primary_metric} is significant at the chosen level."

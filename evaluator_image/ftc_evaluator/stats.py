@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
+from ftc_api.status import INCONCLUSIVE, TIE
 from scipy import stats
-
-TIE = "tie"
 
 
 @dataclass(frozen=True)
@@ -220,7 +219,7 @@ def verdict(
     means = {name: mean_ci(values, resamples=resamples, seed=seed).mean for name, values in scores.items()}
     scored = {name: m for name, m in means.items() if m is not None}
     if not scored:
-        return Verdict(TIE, None, None, "no model has a score on this metric")
+        return Verdict(INCONCLUSIVE, None, None, "no model has a score on this metric: no verdict")
     if len(scored) == 1:
         (only,) = scored
         return Verdict(only, None, only, f"{only} is the only model with scores")

@@ -23,6 +23,8 @@ from ftc_api import names
 from ftc_api.base import ApiModel
 from ftc_api.spec import CheckpointChoice, FineTuneComparisonSpec, ModelSpec, validation_errors
 from ftc_api.status import (
+    INCONCLUSIVE,
+    TIE,
     Condition,
     ConditionType,
     FineTuneComparisonStatus,
@@ -474,8 +476,12 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
         cost=evaluation.judge_cost,
     )
     b.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, _evaluated_message(evaluation))
+    if evaluation.winner == INCONCLUSIVE:  # a broken run is never a verdict (nor a tie)
+        why = f"no model has a scored item on {evaluation.primary_metric or 'the primary metric'}: no verdict"
+        b.condition(ConditionType.SUCCEEDED, "False", Reason.INCONCLUSIVE, f"{why}; {_evaluated_message(evaluation)}")
+        return b.finish(Phase.FAILED)
     verdict = (
-        f"winner {evaluation.winner}" if evaluation.winner and evaluation.winner != "tie" else "tie: no significant difference"
+        f"winner {evaluation.winner}" if evaluation.winner and evaluation.winner != TIE else "tie: no significant difference"
     )
     if evaluation.primary_metric:
         verdict += f" on {evaluation.primary_metric}"
