@@ -11,6 +11,7 @@ from ftc_evaluator.judge import (
     Judge,
     JudgeConfig,
     JudgeItem,
+    JudgeRejected,
     MemoryCache,
     StorageCache,
     build_prompt,
@@ -104,12 +105,25 @@ def test_a_server_that_always_fails_gives_missing_judgments_and_no_crash(openai_
     assert all("gave up after 2 attempts" in j.error for j in judgments)
 
 
-def test_client_errors_are_not_retried(openai_server):
-    openai_server.fail_next("401")
+def test_a_bad_request_for_one_item_is_missing_and_not_retried(openai_server):
+    openai_server.fail_next("400")
     judge = judge_for(openai_server, max_retries=3)
-    (judgment,) = asyncio.run(judge.grade(items(GOOD)))
-    assert judgment.rating is None and judgment.attempts == 1
-    assert "AuthenticationError" in judgment.error
+    first, second = asyncio.run(judge.grade(items(GOOD, GOOD)))
+    assert sorted([first.rating, second.rating], key=lambda r: r is None) == [10.0, None]
+    missing = first if first.rating is None else second
+    assert missing.attempts == 1 and "BadRequestError" in missing.error
+
+
+@pytest.mark.parametrize("status, hint", [("401", "apiKeySecretRef"), ("404", "evaluation.judge.model")])
+def test_a_rejected_key_or_model_stops_judging_naming_endpoint_and_status(openai_server, status, hint):
+    openai_server.always = status
+    judge = judge_for(openai_server, max_retries=3)
+    with pytest.raises(JudgeRejected) as rejected:
+        asyncio.run(judge.grade(items(GOOD, CLOSE, BAD)))
+    message = str(rejected.value)
+    assert f"the judge at {openai_server.base_url} rejected model 'fake-judge' with HTTP {status}" in message
+    assert hint in message
+    assert len(openai_server.judge_requests()) <= 3  # no retries: at most the calls already in flight
 
 
 def test_budget_stops_judging_and_says_so(openai_server):

@@ -331,3 +331,31 @@ def test_sampling_is_seeded_and_batching_does_not_change_greedy_answers(tiny_ass
     sampled = answers(do_sample=True, temperature=1.5, seed=7, batch_size=4)
     assert sampled == answers(do_sample=True, temperature=1.5, seed=7, batch_size=4)
     assert sampled != answers(do_sample=True, temperature=1.5, seed=8, batch_size=4)
+
+
+def test_a_judge_that_rejects_the_key_fails_the_step_as_bad_input(trained, openai_server, tmp_path, monkeypatch):
+    import signal
+
+    from ftc_evaluator.__main__ import main
+
+    location, refs, results = trained
+    inp = EvaluateInput(
+        models=[evaluated(refs["strong"], results["strong"], name="a"), evaluated(refs["strong"], results["strong"], name="b")],
+        evaluation=spec(openai_server, [Metric.JUDGE], judge_model="fake-judge-rejected"),
+        location=location,
+    )
+    path = tmp_path / "input.json"
+    path.write_text(inp.to_json())
+    openai_server.always = "401"
+    summary = tmp_path / "termination-log"
+    monkeypatch.setenv("FTC_TERMINATION_LOG", str(summary))
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(["--input", str(path), "--workdir", str(tmp_path / "work")])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # main() installs the step's own handler
+
+    assert code == 2  # bad input: the Job fails at once instead of retrying
+    result = EvaluateResult.model_validate_json(summary.read_text())
+    assert not result.ok
+    assert f"the judge at {openai_server.base_url} rejected model 'fake-judge-rejected' with HTTP 401" in (result.error or "")

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(EvaluateResult(ok=False, error=problem))
         return 2
 
+    from .judge import JudgeRejected
     from .run import evaluate, fit_summary
 
     kwargs = {"workdir": args.workdir} if args.workdir else {}
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as err:  # the pod is being stopped: a retry starts over
         write_summary(EvaluateResult(ok=False, error=str(err)))
         return 1
+    except JudgeRejected as err:  # a wrong key or model name: retrying cannot help
+        write_summary(EvaluateResult(ok=False, error=str(err)))
+        return 2
     write_summary(fit_summary(result))
     return 0 if result.ok else 1
 

@@ -217,6 +217,16 @@ class BudgetExhausted(Exception):
     """maxJudgeCalls was reached: the remaining answers stay unjudged."""
 
 
+class JudgeRejected(Exception):
+    """The judge endpoint refused the key (401/403) or the model (404): no retry and no item can help, so
+    the evaluate step fails as bad input, naming the endpoint, the model and the HTTP status."""
+
+    def __init__(self, base_url: str, model: str, status: int, detail: str) -> None:
+        hint = "evaluation.judge.apiKeySecretRef (the key)" if status in (401, 403) else "evaluation.judge.model"
+        super().__init__(f"the judge at {base_url} rejected model {model!r} with HTTP {status}: {detail}; check {hint}")
+        self.base_url, self.model, self.status = base_url, model, status
+
+
 class _Retryable(Exception):
     def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -333,6 +343,8 @@ class Judge:
             attempts += 1
             try:
                 text = await self._call(prompt)
+            except JudgeRejected:
+                raise
             except _Retryable as err:
                 last_error = str(err)
                 wait = err.retry_after
@@ -370,6 +382,8 @@ class Judge:
                 max_tokens=self.config.max_tokens,
                 timeout=self.config.timeout_seconds,
             )
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
+            raise JudgeRejected(self.config.base_url, self.config.model, err.status_code, _short(err)) from err
         except openai.RateLimitError as err:
             raise _Retryable("429", f"rate limited: {_short(err)}", _retry_after(err)) from err
         except openai.InternalServerError as err:

@@ -602,10 +602,15 @@ def _missing_reasons(judgments: Sequence[Any]) -> dict[str, int]:
 
 
 def evaluate(inp: EvaluateInput, **kwargs: Any) -> EvaluateResult:
-    """Run the evaluate step; on failure, a result with ok=False and the error (never an exception)."""
+    """Run the evaluate step; on failure, a result with ok=False and the error. The one exception it raises
+    is JudgeRejected (a key or model the judge endpoint refuses): bad input, not a failed run."""
+    from .judge import JudgeRejected
+
     evaluation = Evaluation(inp, **kwargs)
     try:
         return evaluation.run()
+    except JudgeRejected:  # bad input: the caller exits 2
+        raise
     except Exception as err:
         log.exception("evaluate failed")
         return EvaluateResult(ok=False, error=f"{type(err).__name__}: {err}")
