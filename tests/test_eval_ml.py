@@ -290,7 +290,7 @@ def test_cli_with_ragas_metrics_writes_a_small_summary(trained, openai_server, t
     assert json_requests  # ragas' LLM metrics went to the judge endpoint over HTTP
 
 
-def test_failed_models_are_reported_and_the_others_still_compared(trained, openai_server, tmp_path):
+def test_a_model_failing_in_evaluation_fails_the_step_unless_excluding_it_is_asked_for(trained, openai_server, tmp_path):
     from ftc_evaluator.run import evaluate
 
     location, refs, results = trained
@@ -304,6 +304,10 @@ def test_failed_models_are_reported_and_the_others_still_compared(trained, opena
         evaluation=spec(openai_server, [Metric.JUDGE]),
         location=location,
     )
+    refused = evaluate(inp, workdir=tmp_path / "default")  # no win by forfeit unless asked for
+    assert not refused.ok and "ghost" in (refused.error or "") and "excludeFailedModels" in (refused.error or "")
+
+    inp.evaluation.exclude_failed_models = True
     result = evaluate(inp, workdir=tmp_path)
     assert result.ok, result.error
     assert [m.model for m in result.models] == ["weak", "strong"]

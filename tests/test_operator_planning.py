@@ -429,6 +429,18 @@ def test_status_round_trips_through_the_wire():
     assert FineTuneComparisonStatus.model_validate(wire) == p.status
 
 
+def test_a_model_left_out_in_evaluation_is_named_and_a_lone_survivor_wins_by_forfeit_said_so():
+    ev = evaluated(models=("llama",), winner="llama", failed_models={"mixtral": "evaluation failed: CUDA out of memory"})
+    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=ev)])
+    assert p.status.phase == Phase.SUCCEEDED
+    mixtral = p.status.models[1]
+    assert mixtral.message == "left out of the evaluation: evaluation failed: CUDA out of memory"
+    messages = {c.type: c.message for c in p.status.conditions}
+    assert "left out after failing in evaluation: mixtral (evaluation failed: CUDA out of memory)" in messages["Evaluated"]
+    assert "mixtral failed in evaluation and was left out" in messages["Succeeded"]
+    assert "a win by forfeit" in messages["Succeeded"]
+
+
 OOM = "OOMKilled (exit code 137, memory limit 8Gi)"
 
 

@@ -497,6 +497,15 @@ class EvaluationSpec(ApiModel):
     )
     bootstrap_resamples: int = Field(default=2000, ge=100, le=100000, description="bootstrapResamples: resamples for intervals.")
     significance_level: float = Field(default=0.05, gt=0, lt=0.5, description="significanceLevel: alpha of the paired tests.")
+    exclude_failed_models: bool = Field(
+        default=False,
+        description=(
+            "excludeFailedModels: when a model fails during evaluation (its answers cannot be generated), leave it "
+            "out and compare the rest, naming it in status.models[].message, the Evaluated condition and the "
+            "report. By default such a failure fails the evaluate step (retried by the Job when the cause is "
+            "transient): no model wins by forfeit unless you ask for it."
+        ),
+    )
     seed: int = Field(default=42, ge=0, description="seed: seed of sampling, bootstrap and permutation tests.")
 
     @model_validator(mode="after")

@@ -405,6 +405,13 @@ class Evaluation:
                 run.error = f"evaluation failed: {type(err).__name__}: {str(err)[:300]}"
                 failed[run.name] = run.error
         ok = [r for r in self.runs if r.error is None]
+        in_evaluation = {r.name: r.error for r in self.runs if r.error is not None}
+        if in_evaluation and not self.spec.exclude_failed_models:
+            raise RuntimeError(
+                "a model failed in evaluation: "
+                + "; ".join(f"{k}: {v}" for k, v in in_evaluation.items())
+                + " (set evaluation.excludeFailedModels: true to compare the others without it)"
+            )
         if not ok:
             raise RuntimeError("no model could be evaluated: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         scored = asyncio.run(self.score(ok, rows))

@@ -459,6 +459,9 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     for em in evaluation.models:
         if em.model in by_name:
             by_name[em.model].scores = em.scores
+    left_out = {m: why for m, why in evaluation.failed_models.items() if m in by_name and m not in failed}
+    for name, why in left_out.items():  # trained, then failed in evaluation (evaluation.excludeFailedModels)
+        by_name[name].message = f"left out of the evaluation: {why}"
     st.winner = evaluation.winner
     st.report_uri = evaluation.report_uri
     st.scores_uri = evaluation.scores_uri
@@ -475,7 +478,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
         budget_exhausted=evaluation.judge_budget_exhausted,
         cost=evaluation.judge_cost,
     )
-    b.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, _evaluated_message(evaluation))
+    b.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, _evaluated_message(evaluation, left_out))
     if evaluation.winner == INCONCLUSIVE:  # a broken run is never a verdict (nor a tie)
         why = f"no model has a scored item on {evaluation.primary_metric or 'the primary metric'}: no verdict"
         b.condition(ConditionType.SUCCEEDED, "False", Reason.INCONCLUSIVE, f"{why}; {_evaluated_message(evaluation)}")
@@ -487,14 +490,19 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
         verdict += f" on {evaluation.primary_metric}"
     if evaluation.p_value is not None:
         verdict += f" (adjusted p={evaluation.p_value:.3g})"
+    if left_out:
+        survivors = [em.model for em in evaluation.models]
+        verdict += f"; {', '.join(sorted(left_out))} failed in evaluation and {'was' if len(left_out) == 1 else 'were'} left out"
+        if len(survivors) == 1:
+            verdict += f": {survivors[0]} was the only model evaluated (a win by forfeit, not a comparison)"
     b.condition(ConditionType.SUCCEEDED, "True", Reason.COMPLETED, verdict)
     return b.finish(Phase.SUCCEEDED)
 
 
-def _evaluated_message(evaluation: EvaluateResult) -> str:
-    """`N models evaluated`, plus what a reader must know about the judge: missing judgments, the budget."""
+def _evaluated_message(evaluation: EvaluateResult, left_out: dict[str, str] | None = None) -> str:
+    """`N models evaluated`, plus what a reader must know: models left out, missing judgments, the budget."""
     msg = f"{len(evaluation.models)} models evaluated"
-    notes = []
+    notes = [f"left out after failing in evaluation: {name} ({why})" for name, why in sorted((left_out or {}).items())]
     if evaluation.judge_missing:
         notes.append(f"{evaluation.judge_missing} judgments missing (not scored)")
     if evaluation.judge_budget_exhausted:
