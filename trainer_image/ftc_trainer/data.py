@@ -17,7 +17,7 @@ from typing import Any
 
 from ftc_api.spec import DatasetFormat, FieldMapping, SplitSpec
 
-from .errors import StepError
+from .errors import StepError, transient
 
 DATA_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".parquet")
 ROLES = {
@@ -119,7 +119,7 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
             single = store.exists(source)
             names = [""] if single else [n for n in store.list(source) if Path(n).suffix.lower() in DATA_EXTENSIONS]
         except StorageError as err:
-            raise StepError(f"cannot read dataset {source}: {err}") from err
+            raise StepError(f"cannot read dataset {source}: {err}", retryable=transient(err)) from err
         if not names:
             raise StepError(f"no dataset at {source}: no such object and no .jsonl/.json/.parquet objects under it")
         rows: list[Any] = []
@@ -129,7 +129,7 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
             try:
                 store.download_file(uri, local)
             except StorageError as err:
-                raise StepError(f"cannot read dataset object {uri}: {err}") from err
+                raise StepError(f"cannot read dataset object {uri}: {err}", retryable=transient(err)) from err
             rows.extend(read_file(local, label=uri))
         return rows
     path = Path(source[len("file://") :] if source.startswith("file://") else source)

@@ -10,7 +10,7 @@ from typing import Any
 from ftc_api.modeling import NOT_QUANTISED, ROUTER_NAMES
 from ftc_api.spec import Method, TrainingSpec
 
-from .errors import StepError
+from .errors import StepError, transient
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
@@ -53,7 +53,7 @@ def fetch_model(source: str, store: Any, weights: bool = True) -> str:
             for name in names:
                 store.download_file(join(source, name), target / name)
     except StorageError as err:
-        raise StepError(f"cannot read base model {source}: {err}") from err
+        raise StepError(f"cannot read base model {source}: {err}", retryable=transient(err)) from err
     if not (target / "config.json").exists():
         raise StepError(f"base model {source} not found: no config.json under that prefix")
     marker.touch()
@@ -67,7 +67,8 @@ def load_config(local: str, source: str | None = None) -> Any:
     try:
         return AutoConfig.from_pretrained(local)
     except Exception as err:
-        raise StepError(f"cannot read the config of base model {source or local!r}: {type(err).__name__}: {err}") from err
+        message = f"cannot read the config of base model {source or local!r}: {type(err).__name__}: {err}"
+        raise StepError(message, retryable=transient(err)) from err
 
 
 def load_tokenizer(local: str, override: str | None = None, source: str | None = None) -> Any:
@@ -78,7 +79,8 @@ def load_tokenizer(local: str, override: str | None = None, source: str | None =
     try:
         tokenizer = AutoTokenizer.from_pretrained(local)
     except Exception as err:
-        raise StepError(f"cannot load the tokenizer of base model {source or local!r}: {type(err).__name__}: {err}") from err
+        message = f"cannot load the tokenizer of base model {source or local!r}: {type(err).__name__}: {err}"
+        raise StepError(message, retryable=transient(err)) from err
     apply_template(tokenizer, override)
     return tokenizer
 
@@ -126,7 +128,8 @@ def load_model(local: str, method: Method, training: TrainingSpec, source: str |
     try:
         model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
     except Exception as err:
-        raise StepError(f"cannot load base model {source or local!r}: {type(err).__name__}: {err}") from err
+        message = f"cannot load base model {source or local!r}: {type(err).__name__}: {err}"
+        raise StepError(message, retryable=transient(err)) from err
     if method == Method.QLORA:
         from peft import prepare_model_for_kbit_training
 

@@ -32,7 +32,7 @@ from ftc_api.steps import LossPoint, TrainInput, TrainResult
 from transformers import TrainerCallback
 
 from . import data
-from .errors import StepError
+from .errors import StepError, transient
 
 log = logging.getLogger("ftc.train")
 
@@ -244,6 +244,21 @@ def peak_memory_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)  # KiB on Linux
 
 
+def out_of_memory_message(torch: Any, ref: Any, training: TrainingSpec, err: BaseException) -> str:
+    """The numbers behind a CUDA out-of-memory: what was in use, the device's size, the settings that drive it."""
+    used = ""
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        used = f"peak {peak:.1f} GiB allocated of {total:.1f} GiB on cuda:{device}; "
+    return (
+        f"out of GPU memory while training {ref.name}: {used}perDeviceBatchSize {training.per_device_batch_size}, "
+        f"maxSeqLength {training.max_seq_length}, method {ref.method}. Lower perDeviceBatchSize or maxSeqLength, "
+        f"turn on gradientCheckpointing, or use qlora ({str(err).splitlines()[0][:200]})"
+    )
+
+
 def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     """Run the train step; raises StepError on bad input (the caller reports it)."""
     import torch
@@ -279,7 +294,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     try:
         store.download_verified(data_uri, workdir / "data")
     except StorageError as err:
-        raise StepError(f"cannot read the prepared data at {data_uri}: {err}") from err
+        raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
     train_rows = data.read_jsonl(workdir / "data" / "train.jsonl", "train")
     eval_rows = data.read_jsonl(workdir / "data" / "eval.jsonl", "eval")
     if not train_rows:
@@ -358,7 +373,10 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         data_collator=make_collator(tokenizer, training.packing, pad_to_multiple_of=8 if cuda else None),
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as err:  # deterministic: the same batch runs out again on a retry
+        raise StepError(out_of_memory_message(torch, ref, training, err)) from err
 
     history = loss_history(trainer.state.log_history)
     final_dir, best_dir = workdir / "adapter", workdir / "adapter-best"
