@@ -19,7 +19,9 @@ def good() -> dict[str, Any]:
         ],
         "dataset": {"source": "s3://data/instructions.jsonl", "format": "alpaca"},
         "storage": {"bucket": "ftc-artifacts", "credentialsSecretRef": {"name": "s3"}},
-        "evaluation": {"judge": {"apiKeySecretRef": {"name": "openai", "key": "api-key"}}},
+        "evaluation": {
+            "judge": {"baseUrl": "https://api.openai.com/v1", "apiKeySecretRef": {"name": "openai", "key": "api-key"}}
+        },
     }
 
 
@@ -51,6 +53,7 @@ GOOD = {
     "quantity-int-and-str": with_("placement", {"resources": {"limits": {"cpu": 8, "memory": "64Gi"}}}),
     "tolerations": with_("placement", {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}),
     "bleu-primary": with_("evaluation.primaryMetric", "bleu"),
+    "no-llm-metric-needs-no-judge": {**good(), "evaluation": {"metrics": ["bleu", "rouge"], "primaryMetric": "bleu"}},
     "extra-judges": with_("evaluation.extraJudges", [{"baseUrl": "http://vllm:8000/v1", "model": "llama-3-70b"}]),
     "max-steps": with_("training.maxSteps", 10),
 }
@@ -76,6 +79,13 @@ BAD = [
     ("empty-models", with_("models", []), "spec.models", "at least 1"),
     ("too-many-models", with_("models", [{"name": f"m{i}", "baseModel": "x"} for i in range(9)]), "spec.models", "at most 8"),
     ("duplicate-names", with_("models.1.name", "llama2"), "spec.models", "used twice"),
+    ("no-judge-named", with_("evaluation.judge.baseUrl", ...), "spec.evaluation.judge.baseUrl", "ftc has no default judge"),
+    (
+        "extra-judge-without-url",
+        with_("evaluation.extraJudges", [{"model": "llama-3-70b"}]),
+        "spec.evaluation",
+        "an extra judge needs its endpoint",
+    ),
     ("uppercase-name", with_("models.0.name", "Llama2"), "spec.models.0.name", "pattern"),
     ("underscore-name", with_("models.0.name", "llama_2"), "spec.models.0.name", "pattern"),
     ("long-name", with_("models.0.name", "a" * 41), "spec.models.0.name", "at most 40"),

@@ -35,6 +35,7 @@ def comparison(name: str, **spec: Any) -> dict[str, Any]:
         "models": [{"name": "a", "baseModel": "/m/a"}, {"name": "b", "baseModel": "/m/b"}],
         "dataset": {"source": "s3://ftc/data.jsonl"},
         "storage": {"bucket": "ftc"},
+        "evaluation": {"judge": {"baseUrl": "https://judge.example/v1"}},
     }
     body.update(spec)
     return {"apiVersion": "ftc.dev/v1alpha1", "kind": "FineTuneComparison", "metadata": {"name": name}, "spec": body}
@@ -63,6 +64,8 @@ REFUSED = [
     ("bad-name", {"models": [{"name": "Big_Model", "baseModel": "x"}]}, "spec.models[0].name"),
     ("primary-unmeasured", {"evaluation": {"metrics": ["bleu"], "primaryMetric": "judge"}}, "primaryMetric must be one of"),
     ("no-storage", {"storage": None}, "spec.storage"),
+    ("no-judge-named", {"evaluation": {"metrics": ["judge", "bleu"]}}, "ftc has no default judge"),
+    ("no-evaluation-at-all", {"evaluation": None}, "ftc has no default judge"),
 ]
 
 

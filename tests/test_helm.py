@@ -164,6 +164,7 @@ def test_step_pods_rendered_from_the_charts_config_meet_restricted(helm, tmp_pat
             "models": [{"name": "a", "baseModel": "x"}, {"name": "b", "baseModel": "y"}],
             "dataset": {"source": "s3://ftc/d.jsonl"},
             "storage": {"bucket": "ftc"},
+            "evaluation": {"judge": {"baseUrl": "https://judge.example/v1"}},
         }
     )
     owner = Owner(name="c", namespace="ns", uid="u")

@@ -14,6 +14,7 @@ def make(models=None, **extra) -> FineTuneComparisonSpec:
         "models": models or [{"name": "llama", "baseModel": "a"}, {"name": "mixtral", "baseModel": "b"}],
         "dataset": {"source": "s3://b/d.jsonl"},
         "storage": {"bucket": "ftc"},
+        "evaluation": {"judge": {"baseUrl": "https://judge.example/v1"}},
     }
     doc.update(extra)
     return FineTuneComparisonSpec.model_validate(doc)

@@ -37,6 +37,7 @@ def spec(*models: str, **extra) -> dict:
         "models": [{"name": m, "baseModel": f"s3://ftc/assets/{m}"} for m in (models or ("llama", "mixtral"))],
         "dataset": {"source": "s3://ftc/assets/data/train.jsonl"},
         "storage": {"bucket": "ftc", "credentialsSecretRef": {"name": "ftc-s3"}},
+        "evaluation": {"judge": {"baseUrl": "https://judge.example/v1"}},
     }
     doc.update(extra)
     return doc

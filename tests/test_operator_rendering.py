@@ -21,7 +21,7 @@ def make_spec(**extra) -> FineTuneComparisonSpec:
         "models": [{"name": "llama", "baseModel": "meta-llama/Llama-2-7b-hf"}, {"name": "mixtral", "baseModel": "x"}],
         "dataset": {"source": "s3://b/data.jsonl"},
         "storage": {"bucket": "ftc", "endpointUrl": "http://127.0.0.1:9000", "credentialsSecretRef": {"name": "s3-creds"}},
-        "evaluation": {"judge": {"apiKeySecretRef": {"name": "openai", "key": "api-key"}}},
+        "evaluation": {"judge": {"baseUrl": "https://judge.example/v1", "apiKeySecretRef": {"name": "openai", "key": "api-key"}}},
     }
     for key, value in extra.items():
         doc[key] = value

@@ -23,7 +23,6 @@ DEFAULT_GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 DEFAULT_GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/ftc-project/ftc-trainer:0.1.0"
 DEFAULT_EVALUATOR_IMAGE = "ghcr.io/ftc-project/ftc-evaluator:0.1.0"
-DEFAULT_JUDGE_BASE_URL = "https://api.openai.com/v1"
 
 
 class Method(StrEnum):
@@ -388,13 +387,17 @@ class TrainingSpec(ApiModel):
 
 
 class JudgeSpec(ApiModel):
-    """An LLM judge reached through an OpenAI-compatible API (GPT-4 by default; vLLM, Ollama, Azure by URL)."""
+    """An LLM judge reached through an OpenAI-compatible API (OpenAI, Azure, vLLM, Ollama... by URL)."""
 
-    base_url: str = Field(
-        default=DEFAULT_JUDGE_BASE_URL,
+    base_url: str | None = Field(
+        default=None,
         pattern=r"^https?://",
         max_length=2048,
-        description="baseUrl: the API's base URL.",
+        description=(
+            "baseUrl: the API's base URL, for example https://api.openai.com/v1 or a vLLM server's /v1. Required "
+            "when a metric needs an LLM (judge, answer_correctness, factual_correctness): ftc has no default "
+            "judge, so answers never go to a third party you did not name."
+        ),
     )
     model: str = Field(default="gpt-4", min_length=1, max_length=256, description="model: the judge model name.")
     api_key_secret_ref: SecretKeyRef | None = Field(
@@ -514,6 +517,9 @@ class EvaluationSpec(ApiModel):
             raise ValueError(f"evaluation.primaryMetric: {self.primary_metric.value!r} is not in evaluation.metrics")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError("evaluation.metrics: each metric may appear once")
+        for i, extra in enumerate(self.extra_judges):
+            if not extra.base_url:
+                raise ValueError(f"evaluation.extraJudges[{i}].baseUrl: an extra judge needs its endpoint")
         return self
 
 
@@ -525,6 +531,10 @@ EvaluationSpec.model_config["json_schema_extra"] = cel_rules(
     (
         "!has(self.metrics) || self.metrics.all(m, self.metrics.exists_one(n, n == m))",
         "evaluation.metrics: each metric may appear once",
+    ),
+    (
+        "!has(self.extraJudges) || self.extraJudges.all(j, has(j.baseUrl))",
+        "evaluation.extraJudges[].baseUrl: an extra judge needs its endpoint",
     ),
 )
 
@@ -595,9 +605,26 @@ class FineTuneComparisonSpec(ApiModel):
             seen.add(model.name)
         return models
 
+    @model_validator(mode="after")
+    def _judge_is_named(self) -> FineTuneComparisonSpec:
+        llm = sorted(m.value for m in self.evaluation.metrics if m in LLM_METRICS)
+        if llm and not self.evaluation.judge.base_url:
+            raise ValueError(
+                f"evaluation.judge.baseUrl: the metrics {', '.join(llm)} need an LLM judge; name its OpenAI-compatible "
+                "endpoint (and evaluation.judge.apiKeySecretRef): ftc has no default judge"
+            )
+        return self
+
 
 FineTuneComparisonSpec.model_config["json_schema_extra"] = cel_rules(
     ("self.models.all(m, self.models.exists_one(n, n.name == m.name))", "models: model names must be unique"),
+    (
+        "(has(self.evaluation) && has(self.evaluation.judge) && has(self.evaluation.judge.baseUrl))"
+        " || (has(self.evaluation) && has(self.evaluation.metrics)"
+        " && !self.evaluation.metrics.exists(m, m in ['judge', 'answer_correctness', 'factual_correctness']))",
+        "evaluation.judge.baseUrl: the metrics judge, answer_correctness and factual_correctness need an LLM judge; "
+        "name its OpenAI-compatible endpoint (ftc has no default judge)",
+    ),
 )
 
 
@@ -615,4 +642,6 @@ def validation_errors(spec: dict[str, object]) -> list[str]:
 def _format_error(error: ErrorDetails) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     msg = re.sub(r"^Value error, ", "", error["msg"])
+    if not loc and re.match(r"^[a-z][A-Za-z0-9_.\[\]]*: ", msg):  # a spec-wide check that names its field first
+        return f"spec.{msg}"
     return f"spec.{loc}: {msg}" if loc else f"spec: {msg}"

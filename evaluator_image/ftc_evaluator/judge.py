@@ -265,6 +265,8 @@ class JudgeConfig:
             "output_cost_per_1k_tokens",
         )
         values = {name: getattr(spec, name) for name in fields}
+        if not values["base_url"]:
+            raise ValueError("evaluation.judge.baseUrl is not set: ftc has no default judge")
         return cls(api_key=api_key or "none", **{**values, **overrides})
 
 

@@ -324,6 +324,8 @@ class Evaluation:
         if ragas_names:
             llm = embeddings = None
             if any(n in ("answer_correctness", "factual_correctness") for n in ragas_names):
+                if not judge_spec.base_url:  # the API refuses such a spec; an input document could still lack it
+                    raise ValueError("evaluation.judge.baseUrl is not set: the LLM metrics have no judge to ask")
                 llm = make_llm(
                     judge_spec.base_url,
                     judge_spec.model,
