@@ -319,6 +319,49 @@ def test_model_that_cannot_fit_fails_the_step_with_numbers(
     assert Storage(endpoint_url=tiny_s3.endpoint_url).read_manifest(_location(tiny_s3, "prepare-too-big").uri("data")) is None
 
 
+# Older Mistral Instruct templates refuse a system turn with raise_exception().
+NO_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.ml
+def test_a_template_that_refuses_a_turn_fails_prepare_as_bad_input(
+    tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(60)
+    ]
+    data = tmp_path / "system.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    models = [
+        ModelRef(name="mistral-old", base_model=tiny_s3.llama, method=Method.LORA, chat_template=NO_SYSTEM_TEMPLATE),
+        ModelRef(name="llama", base_model=tiny_s3.llama, method=Method.LORA),
+    ]
+    doc = PrepareInput(
+        dataset=DatasetSpec(source=str(data), format=DatasetFormat.CHAT),
+        location=_location(tiny_s3, "prepare-no-system"),
+        models=models,
+    ).to_wire()
+
+    code, summary = _run_cli(tmp_path, monkeypatch, doc)
+
+    assert code == EXIT_BAD_INPUT and summary["ok"] is False  # deterministic: the Job fails at once, no retry
+    assert "model mistral-old: the chat template cannot render a conversation with the turns [system, user" in summary["error"]
+    assert "System role not supported" in summary["error"] and "chatTemplate" in summary["error"]
+    assert "model llama" not in summary["error"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

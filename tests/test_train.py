@@ -129,6 +129,34 @@ def test_prompt_and_template_tokens_are_labelled_minus_100(tiny_assets: TinyAsse
     assert len(cut["input_ids"]) == 5 and set(cut["labels"]) == {IGNORE_INDEX}
 
 
+@pytest.mark.unit
+def test_a_sentencepiece_token_straddling_the_prompt_response_boundary_is_learned() -> None:
+    """Llama-2-style templates end the prompt with "[/INST] "; SentencePiece glues that space to the answer's
+    first word ("▁Paris"), so the token starts in the prompt. It must still be trained on."""
+    from ftc_trainer.templates import IGNORE_INDEX, apply_template, encode
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "▁[INST]", "▁Capital", "▁of", "▁France?", "▁[/INST]", "▁Paris.", "▁"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST] "
+        "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{% endif %}"
+    )
+    apply_template(tokenizer, template)
+    assert tokenizer.pad_token == "</s>"  # pad_token = eos when the tokenizer has none
+
+    item = encode(tokenizer, [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}], 64)
+
+    pieces = tokenizer.convert_ids_to_tokens(item["input_ids"])
+    labelled = [p for p, label in zip(pieces, item["labels"], strict=True) if label != IGNORE_INDEX]
+    assert "▁Paris." in pieces  # the space from the prompt and the answer's first word are one token
+    assert labelled == ["▁Paris.", "</s>"]
+
+
 # ---------------------------------------------------------------------------------------------- LoRA
 
 

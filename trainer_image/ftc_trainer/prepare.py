@@ -113,11 +113,13 @@ def check_model(ref: ModelRef, inp: PrepareInput, store: Any, splits: dict[str, 
     )
     if Path(local).is_file():  # a bare config: no tokenizer to count with
         return prepared
-    try:
-        from .templates import count_tokens
+    from .templates import TemplateRenderError, count_tokens
 
+    try:
         tokenizer = load_tokenizer(local, ref.chat_template, ref.base_model)
         prepared.token_counts = {split: count_tokens(tokenizer, rows) for split, rows in splits.items()}
+    except TemplateRenderError as err:  # training would fail on the same rows: say so now
+        prepared.error = str(err)
     except StepError as err:
         log.warning("token counts of %s skipped: %s", ref.name, err)
     return prepared

@@ -3,8 +3,9 @@
 A conversation is rendered with the model's chat template (the per-model `chatTemplate`, else the
 tokenizer's own, else `DEFAULT_CHAT_TEMPLATE`). Assistant turns are located by rendering each prefix
 with `add_generation_prompt=True`: the text an assistant turn adds after its generation prompt
-(its content and end-of-turn marker) is the response. Only tokens that start inside a response are
-trained on; every prompt, system and template token is labelled -100.
+(its content and end-of-turn marker) is the response. Tokens that cover any character of a response are
+trained on — including a SentencePiece token like "▁The" whose leading space the template put at the end
+of the prompt — and every other prompt, system and template token is labelled -100.
 """
 
 from __future__ import annotations
@@ -33,8 +34,20 @@ def apply_template(tokenizer: Any, override: str | None = None) -> str:
     return used
 
 
+class TemplateRenderError(StepError):
+    """The chat template refuses a conversation (for example older Mistral Instruct templates on a `system`
+    turn): deterministic, so the step fails as bad input (exit 2) instead of being retried."""
+
+
 def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # jinja2's TemplateError, or raise_exception() called by the template
+        roles = ", ".join(m.get("role", "?") for m in messages)
+        raise TemplateRenderError(
+            f"the chat template cannot render a conversation with the turns [{roles}]: {type(err).__name__}: {err}; "
+            "set the model's chatTemplate to one that accepts them (or drop those turns from the dataset)"
+        ) from err
 
 
 def response_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -62,7 +75,9 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> d
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        inside = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+        # A token is a response token when it covers any of the response's characters (a token straddling the
+        # boundary carries the answer's first word, so the model must learn to produce it).
+        inside = [any(start < b and end > a for a, b in spans) for start, end in enc["offset_mapping"]]
     else:  # slow tokenizers have no offsets: tokenise the pieces one by one
         ids, inside, cursor = [], [], 0
         for a, b in [*spans, (len(text), len(text))]:
