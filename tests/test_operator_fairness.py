@@ -77,3 +77,26 @@ def test_forced_deviations_are_marked():
     record = fairness_record(BASE, "d" * 64, {"mixtral": {"perDeviceBatchSize": "2"}})
     assert record.dataset_sha256 == "d" * 64
     assert [(d.model, d.field, d.value, d.forced) for d in record.deviations] == [("mixtral", "perDeviceBatchSize", "2", True)]
+
+
+def test_the_record_names_the_software_and_each_model_and_the_hash_covers_the_software():
+    from ftc_api.status import Software
+
+    v1 = Software(trainer_image="reg/ftc-trainer:0.1.0", evaluator_image="reg/ftc-evaluator:0.1.0", ftc_version="0.1.0")
+    v2 = v1.model_copy(update={"trainer_image": "reg/ftc-trainer:0.2.0"})
+    record = fairness_record(BASE, "d" * 64, software=v1)
+    assert record.software == v1
+    assert [(m.name, m.base_model, m.method) for m in record.models] == [("llama", "a", "qlora"), ("mixtral", "b", "qlora")]
+    assert fairness_record(BASE, "d" * 64, software=v2).hash != record.hash  # another trainer is another experiment
+    assert fairness_record(BASE, "d" * 64, software=v1).hash == record.hash
+
+
+def test_the_operator_records_the_images_its_steps_run():
+    from ftc_api.spec import FineTuneComparisonSpec as Spec
+    from ftc_operator.config import OperatorConfig
+    from ftc_operator.planning import _software
+
+    spec = Spec.model_validate({**BASE.to_wire(), "images": {"trainer": "mine/trainer:dev"}})
+    software = _software(spec, OperatorConfig(evaluator_image="reg/ftc-evaluator:9"))
+    assert (software.trainer_image, software.evaluator_image) == ("mine/trainer:dev", "reg/ftc-evaluator:9")
+    assert software.ftc_version  # the installed distribution's version

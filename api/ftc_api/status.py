@@ -138,6 +138,22 @@ class Deviation(ApiModel):
     )
 
 
+class Software(ApiModel):
+    """The software every model ran under (the same for all of them, part of the fairness hash)."""
+
+    trainer_image: str = Field(description="trainerImage: image of prepare and train (tag or digest).")
+    evaluator_image: str = Field(description="evaluatorImage: image of evaluate (tag or digest).")
+    ftc_version: str = Field(description="ftcVersion: the operator's ftc version.")
+
+
+class ModelIdentity(ApiModel):
+    """Which base model a contestant is."""
+
+    name: str = Field(description="name: the model's name in the spec.")
+    base_model: str = Field(description="baseModel: hub id, s3:// prefix or path, as given.")
+    method: str = Field(description="method: lora or qlora.")
+
+
 class Fairness(ApiModel):
     """The fairness record: what was held equal, and every exception."""
 
@@ -146,6 +162,8 @@ class Fairness(ApiModel):
         default=None, description="datasetSha256: sha256 of the data manifest's content (files, their sha256s, counts)."
     )
     deviations: list[Deviation] = Field(default_factory=list, description="deviations: every per-model difference.")
+    software: Software | None = Field(default=None, description="software: images and ftc version every step ran with.")
+    models: list[ModelIdentity] = Field(default_factory=list, description="models: each contestant's base model.")
 
 
 class Verdict(ApiModel):

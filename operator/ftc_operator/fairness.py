@@ -15,27 +15,30 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from ftc_api.spec import FineTuneComparisonSpec
-from ftc_api.status import Deviation, Fairness
+from ftc_api.status import Deviation, Fairness, ModelIdentity, Software
 
 
 def _canonical(doc: object) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
-def held_equal(spec: FineTuneComparisonSpec, dataset_sha256: str | None) -> dict[str, object]:
+def held_equal(spec: FineTuneComparisonSpec, dataset_sha256: str | None, software: Software | None = None) -> dict[str, object]:
     """The document whose sha256 is the fairness hash (camelCase, defaults included)."""
     dataset = spec.dataset.to_wire()
-    return {
+    doc: dict[str, object] = {
         "datasetSha256": dataset_sha256,
         "dataset": dataset,
         "training": spec.training.to_wire(),
         "evaluation": spec.evaluation.to_wire(),
     }
+    if software is not None:
+        doc["software"] = software.to_wire()
+    return doc
 
 
-def fairness_hash(spec: FineTuneComparisonSpec, dataset_sha256: str | None) -> str:
+def fairness_hash(spec: FineTuneComparisonSpec, dataset_sha256: str | None, software: Software | None = None) -> str:
     """sha256 over :func:`held_equal` in canonical JSON."""
-    return hashlib.sha256(_canonical(held_equal(spec, dataset_sha256)).encode()).hexdigest()
+    return hashlib.sha256(_canonical(held_equal(spec, dataset_sha256, software)).encode()).hexdigest()
 
 
 def _fmt(value: object) -> str:
@@ -85,12 +88,15 @@ def fairness_record(
     spec: FineTuneComparisonSpec,
     dataset_sha256: str | None,
     forced: Mapping[str, Mapping[str, str]] | None = None,
+    software: Software | None = None,
 ) -> Fairness:
     """The complete record for status.fairness."""
     return Fairness(
-        hash=fairness_hash(spec, dataset_sha256),
+        hash=fairness_hash(spec, dataset_sha256, software),
         dataset_sha256=dataset_sha256,
         deviations=deviations(spec, forced),
+        software=software,
+        models=[ModelIdentity(name=m.name, base_model=m.base_model, method=m.method.value) for m in spec.models],
     )
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ftc_api
 from ftc_api import names
 from ftc_api.base import ApiModel
 from ftc_api.spec import CheckpointChoice, FineTuneComparisonSpec, ModelSpec, validation_errors
@@ -33,6 +34,7 @@ from ftc_api.status import (
     ModelStatus,
     Phase,
     Reason,
+    Software,
     TokenCounts,
     Verdict,
 )
@@ -53,7 +55,7 @@ from pydantic import BaseModel, ValidationError
 from .config import OperatorConfig
 from .fairness import fairness_record
 from .observe import JobState, ObservedJob
-from .rendering import Owner, effective_placement
+from .rendering import Owner, effective_placement, image_for
 
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 # An active, unsuspended Job with no pod after this long is reported: the Job controller cannot create its
@@ -269,6 +271,15 @@ def _no_pods(observed: Sequence[ObservedJob], now: dt.datetime) -> str | None:
     return None
 
 
+def _software(spec: FineTuneComparisonSpec, config: OperatorConfig) -> Software:
+    """The images the steps run (the comparison's own, else the chart's) and this operator's ftc version."""
+    return Software(
+        trainer_image=image_for(config, spec, StepKind.TRAIN)[0],
+        evaluator_image=image_for(config, spec, StepKind.EVALUATE)[0],
+        ftc_version=ftc_api.__version__,
+    )
+
+
 def _retry_note(job: ObservedJob) -> str:
     """'retry after N failed pod(s)', and how the last one ended when the kubelet said (OOMKilled...)."""
     note = f"retry after {job.failed_pods} failed pod(s)"
@@ -303,7 +314,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     old_models = {m.name: m for m in old.models}
     st.models = [ModelStatus(name=m.name, method=m.method.value) for m in spec.models]
     by_name = {m.name: m for m in st.models}
-    st.fairness = fairness_record(spec, old.fairness.dataset_sha256 if old.fairness else None)
+    st.fairness = fairness_record(spec, old.fairness.dataset_sha256 if old.fairness else None, software=_software(spec, config))
     st.models_done = f"0/{len(spec.models)}"
 
     # ---- prepare
@@ -342,7 +353,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     if prepare is not None and prepare.ok:
         st.data_manifest_uri = prepare.manifest_uri
         st.data_counts = {**prepare.counts, **{f"dropped.{k}": v for k, v in prepare.dropped.items()}} or None
-        st.fairness = fairness_record(spec, prepare.dataset_sha256)
+        st.fairness = fairness_record(spec, prepare.dataset_sha256, software=_software(spec, config))
         for pm in prepare.models:
             if pm.name in by_name:
                 ms = by_name[pm.name]
@@ -420,7 +431,9 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     st.models_done = f"{len(results)}/{n}"
     forced = {name: r.forced for name, r in results.items() if r.forced}
     if forced:
-        st.fairness = fairness_record(spec, st.fairness.dataset_sha256 if st.fairness else None, forced)
+        st.fairness = fairness_record(
+            spec, st.fairness.dataset_sha256 if st.fairness else None, forced, software=_software(spec, config)
+        )
     if running:
         b.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, f"{len(results)}/{n} trained, {running} training")
         return b.finish(Phase.TRAINING)
