@@ -481,3 +481,14 @@ def test_an_evaluation_without_scores_is_inconclusive_not_a_tie(winner, phase, s
     if winner == "inconclusive":
         message = next(c.message for c in p.status.conditions if c.type == "Succeeded")
         assert "no model has a scored item on judge" in message and "20 judgments missing" in message
+
+
+def test_train_and_evaluate_jobs_ask_for_the_scratch_space_of_their_base_models():
+    doc = json.loads(prepared())
+    for i, m in enumerate(doc["models"]):
+        m["memory"]["diskGib"] = 10.0 * (i + 1)
+    p = run([job("prepare", result=json.dumps(doc))])
+    assert {c.model: c.scratch_gib for c in p.creates} == {"llama": 10.0, "mixtral": 20.0}
+    p = run([job("prepare", result=json.dumps(doc)), *TRAIN_OK], status=p.status)
+    [evaluate] = [c for c in p.creates if c.step == "evaluate"]
+    assert evaluate.scratch_gib == 30.0

@@ -562,3 +562,19 @@ def test_gpu_steps_are_told_how_many_gpus_they_asked_for(allow):
         assert values.get("FTC_ALLOW_CPU") == ("1" if allow else None)
     prepare = env(render_job(OWNER, spec, config, "prepare"))
     assert "FTC_GPUS" not in prepare and "FTC_ALLOW_CPU" not in prepare
+
+
+@pytest.mark.parametrize(
+    "scratch, request_, size_limit",
+    [
+        (None, None, "200Gi"),  # nothing known: the chart's limit, no request
+        (13.5, "18Gi", "200Gi"),  # Llama-2-7B in bf16: 13.5 GiB on disk
+        (180.0, "217Gi", "217Gi"),  # Mixtral 8x7B in fp16 and more: the limit grows to the request
+    ],
+)
+def test_the_base_models_size_on_disk_becomes_an_ephemeral_storage_request(scratch, request_, size_limit):
+    spec = make_spec()
+    job = render_job(OWNER, spec, CONFIG, "train", spec.models[0], scratch)
+    assert container(job).get("resources", {}).get("requests", {}).get("ephemeral-storage") == request_
+    tmp = next(v for v in pod(job)["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"]["sizeLimit"] == size_limit

@@ -292,6 +292,8 @@ def test_memory_estimate_of_real_configs(
     assert est.parameters / 1e9 == pytest.approx(params_b, rel=0.01)
     assert total_range[0] <= est.total_gib <= total_range[1]
     assert est.fits is fits
+    # On disk the checkpoint keeps its stored dtype (float16 / bfloat16: 2 bytes), whatever the method.
+    assert est.disk_gib == pytest.approx(est.parameters * 2 / 1024**3, rel=0.001)
     if method == Method.QLORA:  # 4-bit linear layers (experts too): ~0.52 byte per parameter, embeddings in fp32
         assert est.weights_gib < est.parameters * 0.7 / 1024**3
 

@@ -102,6 +102,10 @@ class MemoryEstimate(ApiModel):
     available_gib: float = Field(description="availableGib: GPU memory the placement provides.")
     fits: bool = Field(description="fits: whether the estimate fits.")
     parameters: int = Field(default=0, description="parameters: base model parameters.")
+    disk_gib: float | None = Field(
+        default=None,
+        description="diskGib: the base model's weights on disk at their stored dtype (scratch space to download them).",
+    )
 
 
 class PreparedModel(ApiModel):

@@ -73,6 +73,7 @@ class CreateStep:
     model: str | None
     name: str
     input_json: str
+    scratch_gib: float | None = None  # the base models' size on disk: the pod's ephemeral-storage request
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,10 @@ class _Builder:
             observed_generation=self.owner.generation,
         )
 
-    def create(self, step: StepKind, model: str | None, doc: ApiModel) -> None:
+    def create(self, step: StepKind, model: str | None, doc: ApiModel, scratch_gib: float | None = None) -> None:
+        name = names.step_name(self.owner.name, step.value, model)
         self.creates.append(
-            CreateStep(
-                step=step.value, model=model, name=names.step_name(self.owner.name, step.value, model), input_json=doc.to_json()
-            )
+            CreateStep(step=step.value, model=model, name=name, input_json=doc.to_json(), scratch_gib=scratch_gib)
         )
 
     def finish(self, phase: Phase) -> Plan:
@@ -401,8 +401,12 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
                     failed[model.name] = prior.message or "failed"
             else:
                 training = effective_training(spec, model)
+                disk = ms.memory_estimate.disk_gib if ms.memory_estimate else None
                 b.create(
-                    StepKind.TRAIN, model.name, TrainInput(model=model_ref(spec, model, config), training=training, location=loc)
+                    StepKind.TRAIN,
+                    model.name,
+                    TrainInput(model=model_ref(spec, model, config), training=training, location=loc),
+                    scratch_gib=disk,
                 )
                 ms.phase = ModelPhase.TRAINING
                 running += 1
@@ -454,7 +458,9 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     # ---- evaluate
     ev_job = jobs.get((StepKind.EVALUATE.value, None))
     if ev_job is None:
-        b.create(StepKind.EVALUATE, None, _evaluate_input(spec, owner, config, loc, results, failed))
+        disks = [m.memory_estimate.disk_gib for m in st.models if m.name in results and m.memory_estimate]
+        scratch = sum(d for d in disks if d) or None  # every evaluated base model is downloaded
+        b.create(StepKind.EVALUATE, None, _evaluate_input(spec, owner, config, loc, results, failed), scratch_gib=scratch)
         b.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_CREATED, "evaluate Job created")
         return b.finish(Phase.EVALUATING)
     if ev_job.state == JobState.ACTIVE:

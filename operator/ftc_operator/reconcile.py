@@ -70,7 +70,7 @@ class Reconciler:
             models = {m.name: m for m in spec.models}
             for c in p.creates:
                 self.kube.create(render_configmap(owner, c.step, c.model, c.input_json))
-                job = render_job(owner, spec, self.config, c.step, models.get(c.model) if c.model else None)
+                job = render_job(owner, spec, self.config, c.step, models.get(c.model) if c.model else None, c.scratch_gib)
                 if self.kube.create(job):
                     metrics.JOBS_CREATED.labels(step=c.step).inc()
                     log.info("%s/%s: created %s Job %s", namespace, name, c.step, c.name)

@@ -11,6 +11,7 @@ emptyDir at /tmp, the only place a step writes.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,14 +220,42 @@ def image_for(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str) -
     return image, (images.pull_policy if images and images.pull_policy else config.image_pull_policy)
 
 
+EPHEMERAL_STORAGE = "ephemeral-storage"
+_BINARY = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "Pi": 2**20}
+_DECIMAL = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+
+
+def gib_of(quantity: str | int) -> float:
+    """A Kubernetes storage quantity in GiB ("200Gi", "500M", "1073741824")."""
+    text = str(quantity).strip()
+    for suffix, factor in _BINARY.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    for suffix, factor in _DECIMAL.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor / 2**30
+    return float(text) / 2**30
+
+
+def scratch_request(disk_gib: float) -> str:
+    """Scratch space for base models of `disk_gib` on disk: a fifth more (tokenizers, adapters, checkpoints,
+    a report) plus 1 GiB, in whole GiB."""
+    return f"{math.ceil(disk_gib * 1.2 + 1)}Gi"
+
+
 def render_job(
     owner: Owner,
     spec: FineTuneComparisonSpec,
     config: OperatorConfig,
     step: str,
     model: ModelSpec | None = None,
+    scratch_gib: float | None = None,
 ) -> dict[str, Any]:
-    """The step's Job: one container running the step image on the mounted input document."""
+    """The step's Job: one container running the step image on the mounted input document.
+
+    `scratch_gib` (the base models' size on disk, from prepare) becomes an `ephemeral-storage` request, so
+    the scheduler places the pod where the download fits, and raises the /tmp emptyDir's sizeLimit to it
+    when the chart's is smaller."""
     model_name = model.name if model else None
     name = step_name(owner, step, model_name)
     lbl = labels(owner.name, step, model_name)
@@ -252,6 +281,13 @@ def render_job(
     }
     if step_cfg.command:
         container["command"] = list(step_cfg.command)
+    tmp_limit = str(step_cfg.tmp_size_limit)
+    if scratch_gib:
+        need = scratch_request(scratch_gib)
+        requests = place["resources"].setdefault("requests", {})
+        requests.setdefault(EPHEMERAL_STORAGE, need)
+        if gib_of(tmp_limit) < gib_of(need):
+            tmp_limit = need
     if place["resources"]:
         container["resources"] = place["resources"]
     pod_spec: dict[str, Any] = {
@@ -263,7 +299,7 @@ def render_job(
         "containers": [container],
         "volumes": [
             {"name": INPUT_VOLUME, "configMap": {"name": name}},
-            {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": str(step_cfg.tmp_size_limit)}},
+            {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": tmp_limit}},
             *copy.deepcopy(config.extra_volumes),
         ],
     }

@@ -109,7 +109,15 @@ def estimate(
         available_gib=round(available, 3),
         fits=total <= available,
         parameters=counts["total"],
+        disk_gib=round(counts["total"] * stored_bytes_per_param(config) / GIB, 3),
     )
+
+
+def stored_bytes_per_param(config: Any) -> int:
+    """Bytes a weight takes in the checkpoint: from the config's dtype (fp32 when it names none)."""
+    text = getattr(config, "text_config", None) or config
+    dtype = str(getattr(config, "torch_dtype", None) or getattr(text, "torch_dtype", None) or "float32")
+    return 2 if any(d in dtype for d in ("float16", "bfloat16")) else 1 if "int8" in dtype else 4
 
 
 def describe(name: str, method: Method, est: MemoryEstimate) -> str:
