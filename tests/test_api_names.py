@@ -16,7 +16,7 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     [
         (("demo", "prepare", None), "demo-prepare"),
         (("demo", "train", "llama2"), "demo-train-llama2"),
-        (("Demo_X", "train", "m"), "demo-x-train-m"),
+        (("Demo_X", "train", "m"), "demo-x-train-m-574707f7"),  # changed characters: a hash keeps it unique
     ],
     ids=["prepare", "train", "sanitised"],
 )
@@ -36,6 +36,14 @@ def test_truncated_names_stay_distinct() -> None:
     base = "a-very-long-comparison-name-that-goes-on-and-on-and-on"
     a, b = step_name(base, "train", "llama-2-7b-chat-a"), step_name(base, "train", "llama-2-7b-chat-b")
     assert a != b and len(a) <= 63 and len(b) <= 63
+
+
+def test_names_that_clean_to_the_same_text_do_not_collide() -> None:
+    # `a.b` and `a-b` may live side by side in one namespace; their Jobs and ConfigMaps must not share names.
+    assert step_name("a.b", "train", "llama") != step_name("a-b", "train", "llama")
+    assert step_name("a-b", "train", "llama") == "a-b-train-llama"
+    assert DNS_LABEL.match(step_name("a.b", "train", "llama"))
+    assert fit("a.b") != fit("a-b") == "a-b"
 
 
 def test_fit_never_ends_with_a_dash() -> None:

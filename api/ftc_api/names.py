@@ -9,12 +9,13 @@ MAX_NAME = 63  # DNS-1123 label: Job, ConfigMap and label-value limit
 
 
 def fit(name: str, limit: int = MAX_NAME) -> str:
-    """`name` when it fits `limit`, else its head and an 8-hex hash of the whole (deterministic, unique)."""
-    name = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-") or "x"
-    if len(name) <= limit:
-        return name
+    """`name` when it is already a DNS label within `limit`; else its cleaned head and an 8-hex hash of the
+    original (deterministic, and unique: `a.b` and `a-b` differ, as do two long names with one head)."""
+    clean = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-") or "x"
+    if clean == name and len(clean) <= limit:
+        return clean
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    head = name[: limit - len(digest) - 1].rstrip("-")
+    head = clean[: limit - len(digest) - 1].rstrip("-")
     return f"{head}-{digest}"
 
 
