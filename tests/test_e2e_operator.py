@@ -216,3 +216,18 @@ def test_chaos_delete_the_operator_pod_at_random_points(ftc, operator, namespace
     a, b = normalized_status(calm), normalized_status(chaos)
     assert json.dumps(a, sort_keys=True).replace("calm", "X") == json.dumps(b, sort_keys=True).replace("chaos", "X")
     print(f"chaos: {operator.kills} operator pods deleted ({len(mid_run)} mid-run, in {sorted(set(mid_run))})")
+
+
+def test_a_repeated_event_is_one_event_whose_count_goes_up(ftc, api, crd, namespace, s3_server):
+    import datetime as dt
+
+    from ftc_operator.kube import Kube
+
+    obj = ftc.create("noisy", namespace, tiny_spec(s3_server.cluster_endpoint_url))
+    kube = Kube(api)
+    for _ in range(3):
+        kube.event(obj, "Warning", "SecretNotFound", 'secret "judge" not found', dt.datetime.now(dt.UTC))
+    kube.event(obj, "Normal", "JobCreated", "created Job noisy-prepare", dt.datetime.now(dt.UTC))
+
+    events = ftc.events(namespace, "noisy")
+    assert sorted((e.reason, e.count) for e in events) == [("JobCreated", 1), ("SecretNotFound", 3)]

@@ -82,6 +82,8 @@ def test_operator_rbac_is_least_privilege_and_never_touches_secrets(helm):
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("", "events", "create"),
+        ("", "events", "get"),
+        ("", "events", "patch"),
     }
 
 

@@ -7,6 +7,7 @@ Never reads a Secret: credentials reach the step pods through ``secretKeyRef`` o
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -117,13 +118,18 @@ class Kube:
             raise
 
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str, now: dt.datetime) -> None:
-        """Record a core/v1 Event on the comparison (best effort: failures are logged, not raised)."""
+        """Record a core/v1 Event on the comparison (best effort: failures are logged, not raised).
+
+        Aggregated as kubectl shows them: the same type, reason and message on the same comparison is one
+        Event (named by their hash) whose `count` and `lastTimestamp` go up, not a new object each time."""
         meta = obj["metadata"]
         stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        key = hashlib.sha256(f"{meta['uid']}|{type_}|{reason}|{message}".encode()).hexdigest()[:16]
+        name = f"{meta['name'][:200]}.{key}"
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
+            "metadata": {"name": name, "namespace": meta["namespace"]},
             "involvedObject": {
                 "apiVersion": f"{API_GROUP}/{API_VERSION}",
                 "kind": KIND,
@@ -142,6 +148,13 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)  # type: ignore[arg-type]
+            try:
+                self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)  # type: ignore[arg-type]
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                seen = self.core.read_namespaced_event(name, meta["namespace"])
+                patch = {"count": (seen.count or 1) + 1, "lastTimestamp": stamp}
+                self.core.patch_namespaced_event(name, meta["namespace"], patch)
         except ApiException as e:
             log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason)
