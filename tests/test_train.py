@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from ftc_api.runtime import compact_summary
-from ftc_api.spec import DatasetSpec, LoraSpec, Method, SplitSpec, TrainingSpec
-from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, PrepareInput, TrainInput, TrainResult
+from ftc_api.spec import LoraSpec, Method, TrainingSpec
+from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, TrainInput, TrainResult
 from ftc_storage import Storage
 
 from tests import steps
-from tests.fixtures.tiny import TinyAssets, TinyS3
+from tests.fixtures.tiny import TinyAssets, TinyS3, new_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,27 +50,6 @@ KINDS = {
 @pytest.fixture(autouse=True)
 def _model_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FTC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ftc-model-cache"))
-
-
-@pytest.fixture(scope="module")
-def data_prefix(tiny_s3: TinyS3, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny dataset prepared once (254 rows: 204 train, 25 eval, 25 test)."""
-    from ftc_trainer.prepare import run_prepare
-
-    loc = Location(bucket=tiny_s3.bucket, prefix="runs/train-data", endpoint_url=tiny_s3.endpoint_url)
-    inp = PrepareInput(dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec()), location=loc)
-    result = run_prepare(inp, tmp_path_factory.mktemp("prepare"))
-    assert result.ok and result.counts["train"] == 204
-    return loc.uri("data")
-
-
-def new_run(tiny_s3: TinyS3, data_prefix: str, run: str, tmp_path: Path) -> Location:
-    """A fresh run prefix holding a verified copy of the prepared data."""
-    store = Storage(endpoint_url=tiny_s3.endpoint_url)
-    loc = Location(bucket=tiny_s3.bucket, prefix=f"runs/{run}-{time.monotonic_ns()}", endpoint_url=tiny_s3.endpoint_url)
-    store.download_verified(data_prefix, tmp_path / "data-copy")
-    store.upload_tree(tmp_path / "data-copy", loc.uri("data"))
-    return loc
 
 
 def train_input(tiny_s3: TinyS3, loc: Location, kind: str, method: Method, training: TrainingSpec) -> TrainInput:

@@ -46,6 +46,7 @@ def count_parameters(config: Any, targets: list[str] | None, r: int) -> dict[str
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # on the meta device nothing is tied yet: tied embeddings would count twice
     total = sum(p.numel() for p in model.parameters())
     linear = 0
     lora = 0
@@ -116,7 +117,7 @@ def estimate(
 def stored_bytes_per_param(config: Any) -> int:
     """Bytes a weight takes in the checkpoint: from the config's dtype (fp32 when it names none)."""
     text = getattr(config, "text_config", None) or config
-    dtype = str(getattr(config, "torch_dtype", None) or getattr(text, "torch_dtype", None) or "float32")
+    dtype = str(getattr(config, "dtype", None) or getattr(text, "dtype", None) or "float32")
     return 2 if any(d in dtype for d in ("float16", "bfloat16")) else 1 if "int8" in dtype else 4
 
 
