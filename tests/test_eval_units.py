@@ -229,3 +229,16 @@ def test_judge_spec_maps_onto_the_judge_config():
     spec = JudgeSpec(base_url="http://127.0.0.1:1/v1", model="m", concurrency=3, max_retries=2, timeout_seconds=5)
     config = JudgeConfig.from_spec(spec, "key")
     assert (config.model, config.concurrency, config.max_retries, config.timeout_seconds, config.api_key) == ("m", 3, 2, 5, "key")
+
+
+def test_flagged_items_are_named_by_their_test_index():
+    from ftc_evaluator.generate import TestRow
+    from ftc_evaluator.judge import Judgment
+    from ftc_evaluator.run import _flagged
+
+    rows = [TestRow(i, [], f"q{i}", "r") for i in (4, 9, 12)]
+    judgments = {
+        "a": [Judgment(5.0, flags=("directive",)), None, Judgment(3.0)],
+        "b": [Judgment(5.0), Judgment(None, error="x", flags=("rating-format",)), Judgment(2.0)],
+    }
+    assert _flagged(judgments, rows) == {"a": {4: ("directive",)}, "b": {9: ("rating-format",)}}

@@ -216,6 +216,11 @@ def test_succeeded_status_has_scores_winner_report_and_losses():
             "2 models evaluated; judge budget exhausted after 25 calls: the rest was not judged",
             id="budget",
         ),
+        pytest.param(
+            {"judge_calls": 40, "judge_flagged": {"llama": [3, 7]}},
+            "2 models evaluated; llama: 2 answers addressed the judge and were graded without that text",
+            id="flagged",
+        ),
     ],
 )
 def test_judge_usage_reaches_status_and_the_evaluated_condition(usage, message):
@@ -223,6 +228,7 @@ def test_judge_usage_reaches_status_and_the_evaluated_condition(usage, message):
     judge = p.status.judge
     assert judge.calls == usage["judge_calls"] and judge.missing == usage.get("judge_missing", 0)
     assert judge.budget_exhausted is usage.get("judge_budget_exhausted", False) and judge.cost == usage.get("judge_cost")
+    assert judge.flagged == ({k: len(v) for k, v in usage["judge_flagged"].items()} if "judge_flagged" in usage else None)
     assert next(c.message for c in p.status.conditions if c.type == "Evaluated") == message
 
 

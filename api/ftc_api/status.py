@@ -191,6 +191,11 @@ class JudgeUsage(ApiModel):
         default=False, description="budgetExhausted: whether evaluation.maxJudgeCalls stopped judging before the end."
     )
     cost: float | None = Field(default=None, description="cost: estimated cost of the judge calls, from the per-1K-token prices.")
+    flagged: dict[str, int] | None = Field(
+        default=None,
+        description="flagged: per model, how many answers addressed the judge (a rating in its format or an instruction "
+        "to it); that text was removed before grading, and scores.json and the report list the items.",
+    )
 
 
 class FineTuneComparisonStatus(ApiModel):

@@ -280,6 +280,11 @@ class EvaluateResult(ApiModel):
         default_factory=dict,
         description="failedModels: models left out of the comparison (failed training or evaluation), and why.",
     )
+    judge_flagged: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="judgeFlagged: per model, the test items whose answer addressed the judge (a rating in its format, "
+        "an instruction to it); that text was removed before grading.",
+    )
 
 
 StepResult = PrepareResult | TrainResult | EvaluateResult

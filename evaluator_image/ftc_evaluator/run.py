@@ -447,6 +447,7 @@ class Evaluation:
             if len(ok) > 1
         }
         judge_usage = scored["judges"]
+        flagged = {name: items for name, items in _flagged(scored["judgments"], rows).items() if items}
         result = EvaluateResult(
             ok=True,
             models=models,
@@ -461,9 +462,16 @@ class Evaluation:
             scores_uri=self.uri(names.SCORES_KEY),
             report_uri=self.uri(names.REPORT_KEY),
             failed_models={name: why[:300] for name, why in failed.items()},
+            judge_flagged={name: sorted(items) for name, items in flagged.items()},
         )
         if failed:
             self.notes.append("failed models: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        for name, items in flagged.items():
+            kinds = sorted({f for fs in items.values() for f in fs})
+            self.notes.append(
+                f"{name}: {len(items)} answers addressed the judge ({', '.join(kinds)}); that text was removed before "
+                f"grading (test items {', '.join(str(i) for i in sorted(items))})"
+            )
         scores_doc = {
             "title": self.inp.title,
             "created": self.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -484,6 +492,7 @@ class Evaluation:
                     "overfitting": self._overfitting(run),
                     "generation": run.generation,
                     "judgeMissingReasons": _missing_reasons(scored["judgments"].get(run.name, [])),
+                    "judgeFlagged": {str(i): list(f) for i, f in flagged.get(run.name, {}).items()},
                 }
                 for m, run in zip(models, ok, strict=True)
             ],
@@ -599,6 +608,14 @@ def _train_facts(run: ModelRun) -> dict[str, Any]:
     if trains and facts.get("final_train_loss") is None:
         facts["final_train_loss"] = trains[-1]["train_loss"]
     return facts
+
+
+def _flagged(judgments: dict[str, Sequence[Any]], rows: Sequence[TestRow]) -> dict[str, dict[int, tuple[str, ...]]]:
+    """Per model, the test items (by index) whose answer addressed the judge, and how (judge.screen_answer)."""
+    return {
+        name: {row.index: j.flags for row, j in zip(rows, per_item, strict=True) if j is not None and j.flags}
+        for name, per_item in judgments.items()
+    }
 
 
 def _missing_reasons(judgments: Sequence[Any]) -> dict[str, int]:

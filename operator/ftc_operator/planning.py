@@ -496,6 +496,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
         missing=evaluation.judge_missing,
         budget_exhausted=evaluation.judge_budget_exhausted,
         cost=evaluation.judge_cost,
+        flagged={name: len(items) for name, items in evaluation.judge_flagged.items()} or None,
     )
     b.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, _evaluated_message(evaluation, left_out))
     if evaluation.winner == INCONCLUSIVE:  # a broken run is never a verdict (nor a tie)
@@ -526,6 +527,8 @@ def _evaluated_message(evaluation: EvaluateResult, left_out: dict[str, str] | No
         notes.append(f"{evaluation.judge_missing} judgments missing (not scored)")
     if evaluation.judge_budget_exhausted:
         notes.append(f"judge budget exhausted after {evaluation.judge_calls} calls: the rest was not judged")
+    for name, items in sorted(evaluation.judge_flagged.items()):
+        notes.append(f"{name}: {len(items)} answers addressed the judge and were graded without that text")
     return msg + ("; " + "; ".join(notes) if notes else "")
 
 
