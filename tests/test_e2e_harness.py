@@ -72,6 +72,7 @@ def stub_values(
             "evaluate": {"command": stub, "args": []},
             "extraEnv": env,
             "resyncSeconds": resync,
+            "progressWriteSeconds": 1,  # the stub's steps last seconds: show their progress
         }
     )
     return values

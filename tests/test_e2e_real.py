@@ -59,6 +59,7 @@ def real_values(allow_cpu: bool = True) -> dict:
     return {
         "config": {
             "resyncSeconds": 5,
+            "progressWriteSeconds": 1,
             "allowCpuExecution": allow_cpu,
             "prepare": {"resources": SMALL},
             "extraEnv": {"FTC_PROGRESS_INTERVAL": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},

@@ -198,6 +198,12 @@ class OperatorConfig(ApiModel):
         "names a volume of extraVolumes.",
     )
     resync_seconds: float = Field(default=30, gt=0, description="resyncSeconds: re-check every comparison this often.")
+    progress_write_seconds: float = Field(
+        default=15,
+        ge=0,
+        description="progressWriteSeconds: write a comparison's live training progress (status.models[].progress) at "
+        "most this often; a phase change, a condition or a finished step is written at once (0: every change).",
+    )
     workers: int = Field(default=8, ge=1, le=64, description="workers: comparisons reconciled at once (I/O-bound threads).")
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="metricsPort: Prometheus /metrics port (0: off).")
 

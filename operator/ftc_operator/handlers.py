@@ -32,7 +32,7 @@ Key = tuple[str, str]
 class WorkQueue:
     """A deduplicating queue: a key is processed by one worker at a time; events during processing re-queue it."""
 
-    def __init__(self, process: Callable[[Any], Awaitable[None]], workers: int, max_backoff: float = 60.0):
+    def __init__(self, process: Callable[[Any], Awaitable[float | None]], workers: int, max_backoff: float = 60.0):
         self.process = process
         self.workers = workers
         self.max_backoff = max_backoff
@@ -69,7 +69,7 @@ class WorkQueue:
             self.running.add(key)
             retry = 0.0
             try:
-                await self.process(key)
+                retry = await self.process(key) or 0.0  # a held-back progress write: look again then
                 self.failures.pop(key, None)
             except Conflict:
                 retry = 0.2
@@ -133,8 +133,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
     memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="ftc-reconcile")
 
-    async def process(key: Key) -> None:
-        await asyncio.get_running_loop().run_in_executor(memo.executor, reconciler.reconcile, *key)
+    async def process(key: Key) -> float | None:
+        return await asyncio.get_running_loop().run_in_executor(memo.executor, reconciler.reconcile, *key)
 
     memo.queue = WorkQueue(process, config.workers)
     memo.queue.start()

@@ -12,6 +12,9 @@ RECONCILE_SECONDS = Histogram(
 )
 JOBS_CREATED = Counter("ftc_jobs_created_total", "Step Jobs created (409 AlreadyExists not counted).", ["step"])
 STATUS_WRITES = Counter("ftc_status_writes_total", "Status updates written (only when the status changed).")
+STATUS_WRITES_HELD = Counter(
+    "ftc_status_writes_held_total", "Status updates held back because only live progress changed (progressWriteSeconds)."
+)
 RECONCILE_ERRORS = Counter("ftc_reconcile_errors_total", "Reconciles that raised (retried with backoff).", ["kind"])
 QUEUE_DEPTH = Gauge("ftc_queue_depth", "Comparisons waiting to be reconciled.")
 

@@ -58,6 +58,20 @@ from .observe import JobState, ObservedJob
 from .rendering import Owner, effective_placement, image_for
 
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+def only_progress_changed(old: FineTuneComparisonStatus | None, new: FineTuneComparisonStatus) -> bool:
+    """Whether `new` differs from `old` in live training progress alone (models[].progress), so its write may
+    wait (config.progressWriteSeconds); a phase, a condition, a finished step or a result is written at once."""
+    if old is None or old == new:
+        return False
+
+    def without_progress(st: FineTuneComparisonStatus) -> FineTuneComparisonStatus:
+        return st.model_copy(update={"models": [m.model_copy(update={"progress": None}) for m in st.models]})
+
+    return without_progress(old) == without_progress(new)
+
+
 # An active, unsuspended Job with no pod after this long is reported: the Job controller cannot create its
 # pods (a missing ServiceAccount, a quota, an admission webhook), which only the Job's Events say.
 NO_POD_GRACE_SECONDS = 120

@@ -19,7 +19,7 @@ from . import metrics
 from .config import OperatorConfig
 from .kube import Kube
 from .observe import observe
-from .planning import TERMINAL, plan
+from .planning import TERMINAL, only_progress_changed, plan
 from .rendering import Owner, render_configmap, render_job, selector_labels
 
 log = logging.getLogger("ftc.operator")
@@ -37,23 +37,33 @@ def _old_status(obj: dict) -> FineTuneComparisonStatus | None:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, config: OperatorConfig, clock: Callable[[], dt.datetime] | None = None):
+    def __init__(
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        clock: Callable[[], dt.datetime] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
         self.kube = kube
         self.config = config
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self.monotonic = monotonic
+        self.status_written: dict[tuple[str, str], float] = {}  # when each comparison's status was last written
 
-    def reconcile(self, namespace: str, name: str) -> None:
-        """Bring one comparison one step forward (raises kube.Conflict when the object changed meanwhile)."""
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """Bring one comparison one step forward (raises kube.Conflict when the object changed meanwhile).
+        Returns in how many seconds to look again when a progress-only status write was held back."""
         started = time.perf_counter()
         try:
-            self._reconcile(namespace, name)
+            return self._reconcile(namespace, name)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
-    def _reconcile(self, namespace: str, name: str) -> None:
+    def _reconcile(self, namespace: str, name: str) -> float | None:
         obj = self.kube.get_comparison(namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
-            return  # deleted: ownerReferences let the garbage collector remove Jobs and ConfigMaps
+            self.status_written.pop((namespace, name), None)
+            return None  # deleted: ownerReferences let the garbage collector remove Jobs and ConfigMaps
         meta = obj["metadata"]
         owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=meta.get("generation", 1))
         old = _old_status(obj)
@@ -77,7 +87,13 @@ class Reconciler:
                 else:
                     not_created.add(c.name)
         if old is None or p.status != old or obj.get("status") is None:
+            key, clock = (namespace, name), self.monotonic()
+            wait = self.config.progress_write_seconds - (clock - self.status_written.get(key, float("-inf")))
+            if wait > 0 and not p.creates and only_progress_changed(old, p.status):
+                metrics.STATUS_WRITES_HELD.inc()
+                return wait  # live progress only: written with the next change, or when the interval is up
             self.kube.replace_status(obj, p.status_doc())
+            self.status_written[key] = clock
             metrics.STATUS_WRITES.inc()
             if old is None or p.status.phase != old.phase:
                 log.info("%s/%s: phase %s", namespace, name, p.status.phase.value)
@@ -85,3 +101,4 @@ class Reconciler:
                 if e.reason == "JobCreated" and any(e.message.endswith(f" {n}") for n in not_created):
                     continue
                 self.kube.event(obj, e.type, e.reason, e.message, now)
+        return None

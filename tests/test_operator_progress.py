@@ -1,0 +1,104 @@
+"""Progress without churn: live training progress is written at most every progressWriteSeconds per comparison,
+while a phase change, a condition or a finished step is written at once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from ftc_api.status import FineTuneComparisonStatus, ModelPhase, ModelStatus, Phase, Progress
+from ftc_operator import reconcile
+from ftc_operator.config import OperatorConfig
+from ftc_operator.handlers import WorkQueue
+from ftc_operator.planning import Plan, only_progress_changed
+
+pytestmark = pytest.mark.unit
+
+
+def status(phase: Phase = Phase.TRAINING, step: int | None = 10, model_phase: ModelPhase = ModelPhase.TRAINING):
+    progress = Progress(step=step, total_steps=100, train_loss=1.0) if step is not None else None
+    return FineTuneComparisonStatus(
+        phase=phase, models=[ModelStatus(name="a", phase=model_phase, progress=progress), ModelStatus(name="b")]
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        pytest.param(None, status(), False, id="first-write"),
+        pytest.param(status(), status(), False, id="unchanged"),
+        pytest.param(status(step=10), status(step=20), True, id="progress-only"),
+        pytest.param(status(step=None), status(step=5), True, id="first-progress"),
+        pytest.param(status(step=10), status(Phase.EVALUATING, step=20), False, id="phase-too"),
+        pytest.param(status(step=10), status(step=20, model_phase=ModelPhase.TRAINED), False, id="model-finished"),
+    ],
+)
+def test_only_progress_changed(old, new, expected):
+    assert only_progress_changed(old, new) is expected
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.obj: dict[str, Any] = {"metadata": {"name": "c", "namespace": "ns", "uid": "u", "generation": 1}, "spec": {}}
+        self.writes: list[dict[str, Any]] = []
+
+    def get_comparison(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.obj
+
+    def list_jobs(self, namespace: str, selector: str) -> list[Any]:
+        return []
+
+    def list_pods(self, namespace: str, selector: str) -> list[Any]:
+        return []
+
+    def replace_status(self, obj: dict[str, Any], doc: dict[str, Any]) -> None:
+        self.writes.append(doc)
+        self.obj = {**obj, "status": doc}
+
+    def event(self, *args: Any) -> None:
+        pass
+
+
+def test_progress_writes_are_held_for_the_interval_and_the_rest_goes_out_at_once(monkeypatch):
+    planned: list[FineTuneComparisonStatus] = []
+    monkeypatch.setattr(reconcile, "plan", lambda *args, **kwargs: Plan(status=planned[-1]))
+    clock = [1000.0]
+    kube = FakeKube()
+    reconciler = reconcile.Reconciler(kube, OperatorConfig(progress_write_seconds=15), monotonic=lambda: clock[0])
+
+    def step(st: FineTuneComparisonStatus, at: float) -> float | None:
+        planned.append(st)
+        clock[0] = at
+        return reconciler.reconcile("ns", "c")
+
+    assert step(status(step=1), 1000) is None and len(kube.writes) == 1  # the first status: at once
+    assert step(status(step=2), 1005) == pytest.approx(10) and len(kube.writes) == 1  # progress only: held
+    assert step(status(step=3), 1010) == pytest.approx(5) and len(kube.writes) == 1
+    assert step(status(step=4), 1015) is None and len(kube.writes) == 2  # the interval is up: written
+    assert kube.writes[-1]["models"][0]["progress"]["step"] == 4
+    assert step(status(step=5, model_phase=ModelPhase.TRAINED), 1016) is None and len(kube.writes) == 3  # at once
+    assert step(status(Phase.EVALUATING, step=5, model_phase=ModelPhase.TRAINED), 1017) is None and len(kube.writes) == 4
+    every = reconcile.Reconciler(kube, OperatorConfig(progress_write_seconds=0), monotonic=lambda: clock[0])
+    planned.append(status(Phase.EVALUATING, step=6, model_phase=ModelPhase.TRAINED))
+    assert every.reconcile("ns", "c") is None and len(kube.writes) == 5  # 0: every change
+
+
+def test_a_held_write_is_looked_at_again_when_its_interval_is_up():
+    async def main() -> list[float]:
+        seen: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def process(key: Any) -> float | None:
+            seen.append(loop.time())
+            return 0.2 if len(seen) == 1 else None
+
+        q = WorkQueue(process, workers=1)
+        q.start()
+        q.add(("ns", "c"))
+        await asyncio.sleep(0.5)
+        await q.stop()
+        return seen
+
+    seen = asyncio.run(main())
+    assert len(seen) == 2 and seen[1] - seen[0] >= 0.19
