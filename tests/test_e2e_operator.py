@@ -231,3 +231,26 @@ def test_a_repeated_event_is_one_event_whose_count_goes_up(ftc, api, crd, namesp
 
     events = ftc.events(namespace, "noisy")
     assert sorted((e.reason, e.count) for e in events) == [("JobCreated", 1), ("SecretNotFound", 3)]
+
+
+def test_a_name_held_by_another_object_blocks_until_it_goes(ftc, api, operator, namespace, s3_server, judge_secret):
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    # A stale input ConfigMap under the name the new comparison's prepare step needs, owned by nobody.
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "held-prepare"}, "data": {"input.json": "{}"}})
+    ftc.create("held", namespace, tiny_spec(s3_server.cluster_endpoint_url))
+
+    def blocked():
+        conds = {c["type"]: c for c in ftc.status("held", namespace).get("conditions", [])}
+        return conds.get("Prepared", {}).get("reason") == "NameTaken" and conds["Prepared"]
+
+    prepared = wait_for(blocked, 60, "Prepared=Unknown NameTaken")
+    assert f"ConfigMap {namespace}/held-prepare exists and has no controller owner" in prepared["message"]
+    assert not ftc.jobs(namespace, "held")  # no Job ran on an input that is not this comparison's
+    assert "NameTaken" in [e.reason for e in ftc.events(namespace, "held")]
+    core.delete_namespaced_config_map("held-prepare", namespace)
+    st = ftc.wait_phase("held", namespace, ("Succeeded", "Failed"), timeout=180)
+    assert st["phase"] == "Succeeded", st
+    owner = core.read_namespaced_config_map("held-prepare", namespace).metadata.owner_references[0]
+    assert owner.name == "held" and owner.uid == ftc.get("held", namespace)["metadata"]["uid"]

@@ -102,3 +102,63 @@ def test_a_held_write_is_looked_at_again_when_its_interval_is_up():
 
     seen = asyncio.run(main())
     assert len(seen) == 2 and seen[1] - seen[0] >= 0.19
+
+
+# ---------------------------------------------------------------------------------------------- names taken
+
+
+def _owned(uid: str | None, kind: str = "ConfigMap", deleting: bool = False) -> dict[str, Any]:
+    refs = [{"kind": "FineTuneComparison", "name": "other", "uid": uid, "controller": True}] if uid else []
+    meta: dict[str, Any] = {"name": "c-prepare", "namespace": "ns", "ownerReferences": refs}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"kind": kind, "metadata": meta}
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        pytest.param(_owned("u"), None, id="ours"),
+        pytest.param(_owned("old"), "ConfigMap ns/c-prepare belongs to FineTuneComparison other (uid old)", id="theirs"),
+        pytest.param(_owned("old", deleting=True), "ConfigMap ns/c-prepare (being deleted) belongs to", id="going"),
+        pytest.param(_owned(None), "ConfigMap ns/c-prepare exists and has no controller owner", id="unowned"),
+    ],
+)
+def test_an_existing_object_is_used_only_when_this_comparison_controls_it(existing, expected):
+    from ftc_operator.kube import foreign_owner
+
+    wanted = _owned("u")
+    message = foreign_owner(wanted, existing)
+    assert message == expected if expected is None else message.startswith(expected)
+
+
+def test_a_taken_name_creates_no_job_and_says_which_object_holds_it(monkeypatch):
+    import datetime as dt
+    from pathlib import Path
+
+    import yaml
+    from ftc_operator.kube import Created
+    from ftc_operator.planning import CreateStep
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml").read_text())["spec"]
+    kube = FakeKube()
+    kube.obj["spec"] = spec
+    created: list[str] = []
+    blocker = "ConfigMap ns/c-prepare belongs to FineTuneComparison other (uid old), not to this comparison"
+
+    def create(obj: dict[str, Any]) -> Created:
+        created.append(obj["kind"])
+        return Created(False, blocker) if obj["kind"] == "ConfigMap" else Created(True)
+
+    kube.create = create  # type: ignore[attr-defined]
+    kube.events = []  # type: ignore[attr-defined]
+    kube.event = lambda obj, type_, reason, message, now: kube.events.append((type_, reason, message))  # type: ignore[method-assign]
+    step = CreateStep(step="prepare", model=None, name="c-prepare", input_json="{}", scratch_gib=None)
+    monkeypatch.setattr(reconcile, "plan", lambda *a, **k: Plan(status=status(Phase.PREPARING, step=None), creates=(step,)))
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    reconciler = reconcile.Reconciler(kube, OperatorConfig(resync_seconds=30), clock=lambda: now)
+    assert reconciler.reconcile("ns", "c") == pytest.approx(5)  # looked at again soon
+    assert created == ["ConfigMap"]  # no Job reads another comparison's input
+    prepared = next(c for c in kube.writes[-1]["conditions"] if c["type"] == "Prepared")
+    assert (prepared["status"], prepared["reason"]) == ("Unknown", "NameTaken") and prepared["message"].startswith(blocker)
+    assert ("Warning", "NameTaken", blocker) in kube.events

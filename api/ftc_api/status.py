@@ -59,6 +59,7 @@ class Reason(StrEnum):
     TOO_FEW_MODELS = "TooFewModelsTrained"
     INCONCLUSIVE = "Inconclusive"
     COMPLETED = "Completed"
+    NAME_TAKEN = "NameTaken"
 
 
 class Condition(ApiModel):

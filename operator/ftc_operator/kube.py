@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any, cast
 
 from ftc_api.base import API_GROUP, API_VERSION, KIND, PLURAL
@@ -33,6 +34,37 @@ def new_api_client() -> client.ApiClient:
         return client.ApiClient()
     except config.ConfigException:
         return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+
+
+@dataclass(frozen=True)
+class Created:
+    """What `Kube.create` did: `created`, or not (already there); `blocked` says why the existing object is not
+    this comparison's (None: it is, and it is used as is)."""
+
+    created: bool
+    blocked: str | None = None
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+def foreign_owner(wanted: dict[str, Any], existing: dict[str, Any]) -> str | None:
+    """None when `existing` has the same controller owner as `wanted`; else a message naming who holds the name."""
+    mine, theirs = controller_uid(wanted), controller_uid(existing)
+    if mine is not None and mine == theirs:
+        return None
+    meta = existing.get("metadata") or {}
+    refs = meta.get("ownerReferences") or []
+    holder = next((f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in refs if r.get("controller")), None)
+    where = f"{wanted['kind']} {meta.get('namespace')}/{meta.get('name')}"
+    if holder is None:
+        return f"{where} exists and has no controller owner; delete it, or rename this comparison"
+    gone = " (being deleted)" if meta.get("deletionTimestamp") else ""
+    return (
+        f"{where}{gone} belongs to {holder}, not to this comparison; waiting for it to go (delete it, or rename this comparison)"
+    )
 
 
 class Kube:
@@ -79,9 +111,10 @@ class Kube:
 
     # -------------------------------------------------------------------------------------- writes
 
-    def create(self, obj: dict[str, Any]) -> bool:
-        """Create a ConfigMap or Job; False when it already exists (409 is fine: names are deterministic)."""
-        ns = obj["metadata"]["namespace"]
+    def create(self, obj: dict[str, Any]) -> Created:
+        """Create a ConfigMap or Job. On 409 the existing object is read: it is used only when its controller
+        owner is the same object (UID) as `obj`'s; otherwise the result names who holds the name."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
             if obj["kind"] == "ConfigMap":
                 self.core.create_namespaced_config_map(ns, obj, _preload_content=False)  # type: ignore[arg-type]
@@ -90,10 +123,17 @@ class Kube:
             else:
                 raise ValueError(f"cannot create {obj['kind']}")
         except ApiException as e:
-            if e.status == 409:
-                return False
-            raise
-        return True
+            if e.status != 409:
+                raise
+            read = self.core.read_namespaced_config_map if obj["kind"] == "ConfigMap" else self.batch.read_namespaced_job
+            try:
+                existing = self._raw(read(name, ns, _preload_content=False))
+            except ApiException as gone:
+                if gone.status == 404:  # deleted meanwhile: the next pass creates it
+                    return Created(False, f"{obj['kind']} {ns}/{name} was being deleted; retrying")
+                raise
+            return Created(False, foreign_owner(obj, existing))
+        return Created(True)
 
     def replace_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """PUT the status subresource with the read resourceVersion (optimistic concurrency)."""

@@ -60,6 +60,32 @@ from .rendering import Owner, effective_placement, image_for
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 
 
+STEP_CONDITION = {"prepare": ConditionType.PREPARED, "train": ConditionType.TRAINED, "evaluate": ConditionType.EVALUATED}
+
+
+def with_names_taken(status: FineTuneComparisonStatus, taken: dict[str, str], now: dt.datetime) -> FineTuneComparisonStatus:
+    """`status` with each blocked step's condition Unknown/NameTaken naming the object that holds the name
+    (`taken`: step -> message). Nothing of that step is created until the name is free again."""
+    if not taken:
+        return status
+    conditions = {c.type: c for c in status.conditions}
+    for step, message in sorted(taken.items()):
+        type_ = STEP_CONDITION[step].value
+        previous = conditions.get(type_)
+        conditions[type_] = Condition(
+            type=type_,
+            status="Unknown",
+            reason=Reason.NAME_TAKEN.value,
+            message=_short(message),
+            last_transition_time=previous.last_transition_time
+            if previous is not None and previous.status == "Unknown"
+            else rfc3339(now),
+            observed_generation=status.observed_generation,
+        )
+    ordered = [conditions[t] for t in CONDITION_ORDER if t in conditions]
+    return status.model_copy(update={"conditions": ordered})
+
+
 def only_progress_changed(old: FineTuneComparisonStatus | None, new: FineTuneComparisonStatus) -> bool:
     """Whether `new` differs from `old` in live training progress alone (models[].progress), so its write may
     wait (config.progressWriteSeconds); a phase, a condition, a finished step or a result is written at once."""

@@ -19,7 +19,7 @@ from . import metrics
 from .config import OperatorConfig
 from .kube import Kube
 from .observe import observe
-from .planning import TERMINAL, only_progress_changed, plan
+from .planning import TERMINAL, Plan, only_progress_changed, plan, with_names_taken
 from .rendering import Owner, render_configmap, render_job, selector_labels
 
 log = logging.getLogger("ftc.operator")
@@ -75,17 +75,25 @@ class Reconciler:
             observed = observe(self.kube.list_jobs(namespace, sel), self.kube.list_pods(namespace, sel), owner.uid)
         p = plan(obj.get("spec") or {}, old, observed, now, owner=owner, config=self.config)
         not_created: set[str] = set()
+        taken: dict[str, str] = {}
         if p.creates:
             spec = FineTuneComparisonSpec.model_validate(obj["spec"])
             models = {m.name: m for m in spec.models}
             for c in p.creates:
-                self.kube.create(render_configmap(owner, c.step, c.model, c.input_json))
-                job = render_job(owner, spec, self.config, c.step, models.get(c.model) if c.model else None, c.scratch_gib)
-                if self.kube.create(job):
+                made = self.kube.create(render_configmap(owner, c.step, c.model, c.input_json))
+                if made.blocked is None:  # the Job only ever reads this comparison's own input
+                    job = render_job(owner, spec, self.config, c.step, models.get(c.model) if c.model else None, c.scratch_gib)
+                    made = self.kube.create(job)
+                if made.created:
                     metrics.JOBS_CREATED.labels(step=c.step).inc()
                     log.info("%s/%s: created %s Job %s", namespace, name, c.step, c.name)
-                else:
-                    not_created.add(c.name)
+                    continue
+                not_created.add(c.name)
+                if made.blocked is not None:
+                    taken[c.step] = made.blocked
+                    log.warning("%s/%s: %s", namespace, name, made.blocked)
+        if taken:
+            p = Plan(status=with_names_taken(p.status, taken, now), creates=p.creates, events=p.events)
         if old is None or p.status != old or obj.get("status") is None:
             key, clock = (namespace, name), self.monotonic()
             wait = self.config.progress_write_seconds - (clock - self.status_written.get(key, float("-inf")))
@@ -101,4 +109,6 @@ class Reconciler:
                 if e.reason == "JobCreated" and any(e.message.endswith(f" {n}") for n in not_created):
                     continue
                 self.kube.event(obj, e.type, e.reason, e.message, now)
-        return None
+            for message in taken.values():
+                self.kube.event(obj, "Warning", "NameTaken", message, now)
+        return self.config.resync_seconds / 6 if taken else None  # look again soon: a deleted owner's objects go
