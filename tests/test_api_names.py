@@ -53,3 +53,61 @@ def test_fit_never_ends_with_a_dash() -> None:
 def test_run_prefix_layout() -> None:
     assert run_prefix("ftc/", "team-a", "demo", "0f3a9c2e-1111-2222-3333-444455556666") == "ftc/team-a/demo-0f3a9c2e"
     assert run_prefix("", "ns", "n", "abcdef0123") == "ns/n-abcdef01"
+
+
+# ---------------------------------------------------------------------------------------------- names as attack surface
+
+HOSTILE = {
+    "dot-dot": "..",
+    "dot-dot-segment": "runs/../other-team",
+    "dot-segment": "runs/./x",
+    "encoded-slash": "runs%2F..%2Fx",
+    "leading-slash": "/runs",
+    "empty-segment": "runs//x",
+    "look-alike": "runѕ",  # Cyrillic ѕ
+    "fullwidth": "ｒｕｎｓ",
+    "control": "runs\nx",
+    "nul": "runs\x00x",
+    "space": "my runs",
+    "backslash": "runs\\..\\x",
+    "long": "a" * 513,
+}
+
+
+@pytest.mark.parametrize("prefix", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_a_storage_prefix_that_could_leave_its_place_is_refused_naming_the_field(prefix: str) -> None:
+    from ftc_api.spec import validation_errors
+
+    spec = {
+        "models": [{"name": "a", "baseModel": "x"}, {"name": "b", "baseModel": "y"}],
+        "dataset": {"source": "s3://ftc/d.jsonl"},
+        "storage": {"bucket": "ftc", "prefix": prefix},
+        "evaluation": {"metrics": ["bleu"], "primaryMetric": "bleu"},
+    }
+    errors = validation_errors(spec)
+    assert errors and all(e.startswith("spec.storage.prefix:") for e in errors), errors
+
+
+@pytest.mark.parametrize("prefix", ["ftc", "ftc/", "", "teams/ml-1/ftc_runs", "a.b/c.d", "2026/12"])
+def test_ordinary_prefixes_are_accepted_and_the_run_stays_under_them(prefix: str) -> None:
+    from ftc_api.spec import StorageSpec
+
+    StorageSpec(bucket="ftc", prefix=prefix)
+    uid = "0f3a9c2e-1111-2222-3333-444455556666"
+    run = run_prefix(prefix, "team-a", "x.y", uid)
+    assert run.startswith(prefix.strip("/")) and ".." not in run.split("/") and "//" not in run
+
+
+@pytest.mark.parametrize(
+    "name", ["llаma", "Llama", "a" * 41, "a_b", "-a", "a-", "a.b", "a/b", "a\nb", "", "ｌｌａｍａ"], ids=repr
+)
+def test_model_names_that_are_not_dns_labels_are_refused(name: str) -> None:
+    from ftc_api.spec import validation_errors
+
+    spec = {
+        "models": [{"name": name, "baseModel": "x"}, {"name": "b", "baseModel": "y"}],
+        "dataset": {"source": "s3://ftc/d.jsonl"},
+        "storage": {"bucket": "ftc"},
+        "evaluation": {"metrics": ["bleu"], "primaryMetric": "bleu"},
+    }
+    assert any(e.startswith("spec.models[0].name:") for e in validation_errors(spec)), name

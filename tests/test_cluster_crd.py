@@ -66,6 +66,9 @@ REFUSED = [
     ("no-storage", {"storage": None}, "spec.storage"),
     ("no-judge-named", {"evaluation": {"metrics": ["judge", "bleu"]}}, "ftc has no default judge"),
     ("no-evaluation-at-all", {"evaluation": None}, "ftc has no default judge"),
+    ("prefix-escapes", {"storage": {"bucket": "ftc", "prefix": "runs/../other-team"}}, "spec.storage.prefix"),
+    ("prefix-encoded-slash", {"storage": {"bucket": "ftc", "prefix": "runs%2F..%2Fx"}}, "spec.storage.prefix"),
+    ("model-name-look-alike", {"models": [{"name": "llаma", "baseModel": "x"}]}, "spec.models[0].name"),  # Cyrillic а
 ]
 
 

@@ -345,7 +345,7 @@ def test_a_job_that_creates_no_pod_is_reported_on_ready(observed, ready):
     ("doc", "field"),
     [
         pytest.param(spec(storage={}), "spec.storage.bucket", id="no-bucket"),
-        pytest.param({**spec(), "models": [{"name": "Bad_Name", "baseModel": "x"}]}, "spec.models.0.name", id="bad-model-name"),
+        pytest.param({**spec(), "models": [{"name": "Bad_Name", "baseModel": "x"}]}, "spec.models[0].name", id="bad-model-name"),
         pytest.param(spec("a", "a"), "spec.models", id="duplicate-models"),
     ],
 )

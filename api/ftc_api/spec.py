@@ -539,6 +539,11 @@ EvaluationSpec.model_config["json_schema_extra"] = cel_rules(
 )
 
 
+# An S3 key prefix that stays a prefix: ASCII segments, none of them `.` or `..` (no leading dot at all), no
+# empty segment, no escapes (`%2F`), no look-alike or control characters. A trailing `/` is allowed.
+KEY_PREFIX = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*/?)?$"
+
+
 class StorageSpec(ApiModel):
     """S3 (or S3-compatible) storage for data, adapters, scores and the report."""
 
@@ -551,7 +556,10 @@ class StorageSpec(ApiModel):
     prefix: str = Field(
         default="ftc",
         max_length=512,
-        description="prefix: key prefix; runs go under PREFIX/NAMESPACE/NAME-UID8/.",
+        pattern=KEY_PREFIX,
+        description="prefix: key prefix; runs go under PREFIX/NAMESPACE/NAME-UID8/. Segments of letters, digits, "
+        "`.`, `_` and `-`, separated by single `/`, none starting with `.` (so no `.` or `..` segment); no `%`, "
+        "spaces, control or non-ASCII characters.",
     )
     endpoint_url: str | None = Field(
         default=None,
@@ -640,7 +648,7 @@ def validation_errors(spec: dict[str, object]) -> list[str]:
 
 
 def _format_error(error: ErrorDetails) -> str:
-    loc = ".".join(str(p) for p in error["loc"])
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")  # as kubectl: models[0].name
     msg = re.sub(r"^Value error, ", "", error["msg"])
     if not loc and re.match(r"^[a-z][A-Za-z0-9_.\[\]]*: ", msg):  # a spec-wide check that names its field first
         return f"spec.{msg}"
