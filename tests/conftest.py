@@ -10,6 +10,7 @@ pytest_plugins: list[str] = [
     "tests.fixtures.tiny",
     "tests.fixtures.smollm2",
     "tests.fixtures.openai_server",
+    "tests.fixtures.hub_server",
 ]
 
 LEVELS = ("unit", "ml", "cluster")

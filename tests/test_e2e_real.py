@@ -62,7 +62,7 @@ def real_values(allow_cpu: bool = True) -> dict:
             "progressWriteSeconds": 1,
             "allowCpuExecution": allow_cpu,
             "prepare": {"resources": SMALL},
-            "extraEnv": {"FTC_PROGRESS_INTERVAL": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+            "extraEnv": {"FTC_PROGRESS_INTERVAL": "1", "OMP_NUM_THREADS": "1"},  # no HF_HUB_OFFLINE: prepare stages
         }
     }
 
@@ -91,6 +91,24 @@ def test_gpu_steps_that_see_no_gpu_fail_at_once_naming_what_they_see(
     assert len(jobs) == 2 and all((j.status.failed or 0) == 1 for j in jobs)
 
 
+def test_a_gated_hub_model_without_a_token_fails_prepare_at_once_naming_the_secret_to_create(
+    control_plane, real_operator, namespace, assets_in_s3, openai_server, judge_secret, hub_server, tiny_assets
+):
+    hub_server.add("ftc-test/tiny-llama", Path(tiny_assets.model("tiny-llama")), gated_token=HF_TOKEN)
+    spec = tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url)
+    spec["models"][0]["baseModel"] = "ftc-test/tiny-llama"
+    spec["hub"] = {"endpoint": hub_server.cluster_endpoint}
+    ftc = Comparisons(control_plane.api_client())
+    ftc.create("gated", namespace, spec)
+    st = ftc.wait_phase("gated", namespace, ("Succeeded", "Failed"), timeout=300)
+    assert st["phase"] == "Failed"
+    prepared = next(c for c in st["conditions"] if c["type"] == "Prepared")
+    assert prepared["status"] == "False" and "(PodFailurePolicy)" in prepared["message"], prepared  # exit 2, no retry
+    assert "ftc-test/tiny-llama is gated or private and no token was given" in prepared["message"]
+    assert "spec.hub.tokenSecretRef" in prepared["message"]
+    assert not [j for j in ftc.jobs(namespace, "gated") if "train" in j.metadata.name]
+
+
 def step_logs(control_plane, namespace) -> str:
     """The logs of every step pod in the namespace (through the kubelets)."""
     from kubernetes import client
@@ -100,9 +118,24 @@ def step_logs(control_plane, namespace) -> str:
     return "\n".join(f"--- {p.metadata.name}\n{control_plane.pod_log(namespace, p.metadata.name)}" for p in pods)
 
 
-def test_tiny_comparison_with_real_steps(control_plane, real_operator, namespace, assets_in_s3, openai_server, judge_secret):
+HF_TOKEN = "hf_canary_gated_5e02"  # the local hub's token for its gated repo: must appear nowhere but in its Secret
+
+
+def test_tiny_comparison_with_real_steps(
+    control_plane, real_operator, namespace, assets_in_s3, openai_server, judge_secret, hub_server, tiny_assets
+):
+    from kubernetes import client
+
+    # tiny-llama comes from the local hub (gated: the token is in a Secret), staged once by prepare.
+    repo = hub_server.add("ftc-test/tiny-llama", Path(tiny_assets.model("tiny-llama")), gated_token=HF_TOKEN)
+    client.CoreV1Api(control_plane.api_client()).create_namespaced_secret(
+        namespace, {"metadata": {"name": "hf-token"}, "stringData": {"token": HF_TOKEN}}
+    )
+    spec = tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url)
+    spec["models"][0]["baseModel"] = "ftc-test/tiny-llama"
+    spec["hub"] = {"endpoint": hub_server.cluster_endpoint, "tokenSecretRef": {"name": "hf-token", "key": "token"}}
     ftc = Comparisons(control_plane.api_client())
-    ftc.create("tiny", namespace, tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url))
+    ftc.create("tiny", namespace, spec)
     progress = []
 
     def training_progress():
@@ -125,13 +158,16 @@ def test_tiny_comparison_with_real_steps(control_plane, real_operator, namespace
         scored = [s for s in m["scores"] if s.get("mean") is not None]
         assert scored and all(s["ciLow"] <= s["mean"] <= s["ciHigh"] for s in scored)
     assert st["fairness"]["datasetSha256"]
+    llama = next(m for m in st["models"] if m["name"] == "tiny-llama")
+    assert llama["baseModelRevision"] == repo.sha and llama["stagedBaseModel"].endswith("/base-models/ftc-test--tiny-llama")
+    assert [r["path"] for r in hub_server.requests if r["method"] == "GET" and "/resolve/" in r["path"]], "staged"
     key = st["reportUri"].removeprefix(f"s3://{assets_in_s3.bucket}/")
     report = assets_in_s3.client().get_object(Bucket=assets_in_s3.bucket, Key=key)["Body"].read()
     assert b"<html" in report.lower()
     # The real steps saw the judge key and the S3 credentials; none of them may surface anywhere.
     scores_key = st["scoresUri"].removeprefix(f"s3://{assets_in_s3.bucket}/")
     scores = assets_in_s3.client().get_object(Bucket=assets_in_s3.bucket, Key=scores_key)["Body"].read().decode()
-    secrets = [JUDGE_KEY, assets_in_s3.secret_access_key, assets_in_s3.access_key_id]
+    secrets = [JUDGE_KEY, HF_TOKEN, assets_in_s3.secret_access_key, assets_in_s3.access_key_id]
     leaks = secret_leaks(
         control_plane.api_client(),
         namespace,

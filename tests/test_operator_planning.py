@@ -498,3 +498,35 @@ def test_train_and_evaluate_jobs_ask_for_the_scratch_space_of_their_base_models(
     p = run([job("prepare", result=json.dumps(doc)), *TRAIN_OK], status=p.status)
     [evaluate] = [c for c in p.creates if c.step == "evaluate"]
     assert evaluate.scratch_gib == 30.0
+
+
+# --------------------------------------------------------------------------------------------- staged hub models
+
+
+def test_a_hub_model_staged_by_prepare_is_what_train_and_evaluate_read_and_its_commit_is_recorded():
+    doc = spec()
+    doc["models"][0].update(baseModel="meta-llama/Llama-2-7b-hf", revision="main")
+    staged = "s3://ftc/ftc/ns/bake-01234567/base-models/meta-llama--Llama-2-7b-hf@main"
+    result = PrepareResult.model_validate_json(prepared())
+    result.models[0].staged_uri, result.models[0].revision = staged, "a" * 40
+    prep = job("prepare", result=result.to_json())
+
+    first = run([prep], spec_doc=doc)
+    inputs = {c.model: TrainInput.model_validate_json(c.input_json) for c in first.creates}
+    assert inputs["llama"].model.base_model == staged and inputs["mixtral"].model.base_model == "s3://ftc/assets/mixtral"
+    llama = next(m for m in first.status.models if m.name == "llama")
+    assert (llama.staged_base_model, llama.base_model_revision) == (staged, "a" * 40)
+
+    # the prepare Job is gone (TTL): the status keeps the copy and the commit; evaluate reads the copy too
+    later = run(TRAIN_OK, status=first.status, spec_doc=doc)
+    ev = EvaluateInput.model_validate_json(later.creates[0].input_json)
+    assert {m.model.name: m.model.base_model for m in ev.models}["llama"] == staged
+    assert next(m for m in later.status.models if m.name == "llama").base_model_revision == "a" * 40
+
+
+def test_prepare_inputs_carry_the_revision_and_the_hub_id():
+    doc = spec()
+    doc["models"][0].update(baseModel="meta-llama/Llama-2-7b-hf", revision="v1.0")
+    p = run([], spec_doc=doc)
+    ref = PrepareInput.model_validate_json(p.creates[0].input_json).models[0]
+    assert (ref.base_model, ref.revision) == ("meta-llama/Llama-2-7b-hf", "v1.0")

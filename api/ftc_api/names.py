@@ -53,6 +53,12 @@ def adapter_dir(model: str, best: bool = False) -> str:
     return f"models/{model}/adapter-best" if best else f"models/{model}/adapter"
 
 
+def staged_model_dir(repo: str, revision: str | None = None) -> str:
+    """base-models/ORG--NAME[@REVISION]: where prepare stages a hub model (one copy per id and revision)."""
+    name = repo.replace("/", "--") + (f"@{re.sub(r'[^A-Za-z0-9._-]', '-', revision)}" if revision else "")
+    return f"base-models/{name}"
+
+
 def checkpoints_dir(model: str) -> str:
     return f"models/{model}/checkpoints"
 

@@ -203,6 +203,14 @@ class ModelSpec(ApiModel):
         min_length=1,
         max_length=1024,
     )
+    revision: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        description="revision: for a hub id, the branch, tag or commit to stage (default main); the commit sha it "
+        "resolved to is recorded in status.models[].baseModelRevision.",
+    )
     method: Method = Field(default=Method.QLORA, description="method: `lora` (bf16 base) or `qlora` (4-bit NF4 base).")
     lora_target_modules: list[str] | None = Field(
         default=None,
@@ -544,6 +552,22 @@ EvaluationSpec.model_config["json_schema_extra"] = cel_rules(
 KEY_PREFIX = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*/?)?$"
 
 
+class HubSpec(ApiModel):
+    """The Hugging Face hub (or a mirror speaking its API) that base models named by id are staged from."""
+
+    endpoint: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        max_length=2048,
+        description="endpoint: the hub's URL (HF_ENDPOINT), for a mirror or a private hub; default huggingface.co.",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="tokenSecretRef: the Secret key holding a Hugging Face token (HF_TOKEN) for gated or private "
+        "models; only the prepare pod, which stages the models, receives it.",
+    )
+
+
 class StorageSpec(ApiModel):
     """S3 (or S3-compatible) storage for data, adapters, scores and the report."""
 
@@ -602,6 +626,11 @@ class FineTuneComparisonSpec(ApiModel):
     storage: StorageSpec = Field(description="storage: where artefacts go.")
     placement: Placement | None = Field(default=None, description="placement: scheduling defaults of every step pod.")
     images: Images | None = Field(default=None, description="images: override the chart's step images.")
+    hub: HubSpec | None = Field(
+        default=None,
+        description="hub: where base models given as Hugging Face ids come from, and the token for gated ones. Such "
+        "models are staged once by the prepare step into the run's S3 prefix; train and evaluate read that copy.",
+    )
 
     @field_validator("models")
     @classmethod

@@ -99,6 +99,14 @@ class ModelStatus(ApiModel):
     phase: ModelPhase = Field(default=ModelPhase.PENDING, description="phase: Pending, Training, Trained or Failed.")
     method: str | None = Field(default=None, description="method: lora or qlora.")
     job_name: str | None = Field(default=None, description="jobName: the model's train Job.")
+    staged_base_model: str | None = Field(
+        default=None,
+        description="stagedBaseModel: for a hub id, the S3 copy (with a manifest) the prepare step staged; train and "
+        "evaluate read only it.",
+    )
+    base_model_revision: str | None = Field(
+        default=None, description="baseModelRevision: for a hub id, the commit sha the staged copy was taken at."
+    )
     message: str | None = Field(default=None, description="message: why the model failed, if it did.")
     progress: Progress | None = Field(default=None, description="progress: live progress while training.")
     memory_estimate: MemoryEstimate | None = Field(default=None, description="memoryEstimate: pre-flight GPU memory estimate.")

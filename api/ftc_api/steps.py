@@ -70,6 +70,7 @@ class ModelRef(ApiModel):
 
     name: str = Field(description="name: the model's name.")
     base_model: str = Field(description="baseModel: hub id, s3:// prefix or local path.")
+    revision: str | None = Field(default=None, description="revision: the hub revision to stage (default main).")
     method: Method = Field(description="method: lora or qlora.")
     lora_target_modules: list[str] | None = Field(default=None, description="loraTargetModules: per-model override.")
     chat_template: str | None = Field(default=None, description="chatTemplate: per-model chat template.")
@@ -115,6 +116,10 @@ class PreparedModel(ApiModel):
     memory: MemoryEstimate | None = Field(default=None, description="memory: pre-flight estimate.")
     token_counts: dict[str, int] = Field(default_factory=dict, description="tokenCounts: tokens per split.")
     error: str | None = Field(default=None, description="error: why the model could not be checked.")
+    staged_uri: str | None = Field(
+        default=None, description="stagedUri: the S3 copy of a hub model (with a manifest) that train and evaluate read."
+    )
+    revision: str | None = Field(default=None, description="revision: the hub commit sha the staged copy was taken at.")
 
 
 class PrepareResult(ApiModel):

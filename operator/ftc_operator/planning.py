@@ -174,12 +174,14 @@ def effective_training(spec: FineTuneComparisonSpec, model: ModelSpec):
     return spec.training.model_copy(update=overrides)
 
 
-def model_ref(spec: FineTuneComparisonSpec, model: ModelSpec, config: OperatorConfig) -> ModelRef:
+def model_ref(spec: FineTuneComparisonSpec, model: ModelSpec, config: OperatorConfig, staged: str | None = None) -> ModelRef:
+    """What a step knows of `model`; `staged`: the S3 copy prepare made of a hub model, read instead of the hub."""
     training = effective_training(spec, model)
     place = effective_placement(config, spec, model)
     return ModelRef(
         name=model.name,
-        base_model=model.base_model,
+        base_model=staged or model.base_model,
+        revision=model.revision,
         method=model.method,
         lora_target_modules=model.lora_target_modules,
         chat_template=model.chat_template,
@@ -398,6 +400,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
             if pm.name in by_name:
                 ms = by_name[pm.name]
                 ms.memory_estimate = pm.memory
+                ms.staged_base_model, ms.base_model_revision = pm.staged_uri, pm.revision
                 if pm.token_counts:
                     ms.token_counts = TokenCounts(**{k: v for k, v in pm.token_counts.items() if k in ("train", "eval", "test")})
     else:  # the prepare Job or its pod is gone: keep what the status recorded
@@ -406,6 +409,8 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
             if ms.name in old_models:
                 ms.memory_estimate = old_models[ms.name].memory_estimate
                 ms.token_counts = old_models[ms.name].token_counts
+                ms.staged_base_model = old_models[ms.name].staged_base_model
+                ms.base_model_revision = old_models[ms.name].base_model_revision
     counts = st.data_counts or {}
     b.condition(
         ConditionType.PREPARED,
@@ -445,7 +450,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
                 b.create(
                     StepKind.TRAIN,
                     model.name,
-                    TrainInput(model=model_ref(spec, model, config), training=training, location=loc),
+                    TrainInput(model=model_ref(spec, model, config, ms.staged_base_model), training=training, location=loc),
                     scratch_gib=disk,
                 )
                 ms.phase = ModelPhase.TRAINING
@@ -500,7 +505,12 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     if ev_job is None:
         disks = [m.memory_estimate.disk_gib for m in st.models if m.name in results and m.memory_estimate]
         scratch = sum(d for d in disks if d) or None  # every evaluated base model is downloaded
-        b.create(StepKind.EVALUATE, None, _evaluate_input(spec, owner, config, loc, results, failed), scratch_gib=scratch)
+        b.create(
+            StepKind.EVALUATE,
+            None,
+            _evaluate_input(spec, owner, config, loc, results, failed, {m.name: m.staged_base_model for m in st.models}),
+            scratch_gib=scratch,
+        )
         b.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_CREATED, "evaluate Job created")
         return b.finish(Phase.EVALUATING)
     if ev_job.state == JobState.ACTIVE:
@@ -644,6 +654,7 @@ def _evaluate_input(
     loc: Location,
     results: dict[str, TrainResult],
     failed: dict[str, str],
+    staged: dict[str, str | None] | None = None,
 ) -> EvaluateInput:
     models = []
     for model in spec.models:
@@ -654,7 +665,7 @@ def _evaluate_input(
         chosen = r.best_adapter_uri if spec.evaluation.checkpoint == CheckpointChoice.BEST and r.best_adapter_uri else final
         models.append(
             EvaluatedModel(
-                model=model_ref(spec, model, config),
+                model=model_ref(spec, model, config, (staged or {}).get(model.name)),
                 adapter_uri=chosen,
                 final_adapter_uri=final,
                 metrics_uri=r.metrics_uri or loc.uri(names.metrics_key(model.name)),

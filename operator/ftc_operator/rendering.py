@@ -160,6 +160,11 @@ def step_env(
         emb = spec.evaluation.embeddings.api_key_secret_ref
         if emb is not None:
             env.append(_secret_env(EMBEDDINGS_API_KEY_ENV, emb.name, emb.key))
+    if step == StepKind.PREPARE and spec.hub is not None:  # prepare stages hub models: only it talks to the hub
+        if spec.hub.endpoint:
+            env.append({"name": "HF_ENDPOINT", "value": spec.hub.endpoint})
+        if spec.hub.token_secret_ref is not None:
+            env.append(_secret_env("HF_TOKEN", spec.hub.token_secret_ref.name, spec.hub.token_secret_ref.key))
     if step != StepKind.PREPARE:  # GPU or nothing: the step checks what it sees against what was asked for
         env.append({"name": GPUS_ENV, "value": str(gpus or 0)})
         if config.allow_cpu_execution:

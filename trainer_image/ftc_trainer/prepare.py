@@ -37,11 +37,16 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     counts = {"read": cleaned.read, "usable": len(cleaned.rows)} | {k: len(v) for k, v in splits.items()}
     result = PrepareResult(ok=True, counts=counts, dropped=dict(cleaned.dropped), examples=dict(cleaned.examples))
 
-    # Check the models before uploading anything: a model that cannot be read or cannot fit fails the step.
+    # Stage hub models once (train and evaluate read only the staged copies), then check every model before
+    # uploading the data: a model that cannot be read or cannot fit fails the step.
+    staged = stage_hub_models(inp, store, workdir)
     failures: list[str] = []
     too_big = False
     for ref in inp.models:
-        prepared = check_model(ref, inp, store, splits)
+        copy = staged.get((ref.base_model, ref.revision))
+        prepared = check_model(ref.model_copy(update={"base_model": copy.uri}) if copy else ref, inp, store, splits)
+        if copy is not None:
+            prepared.staged_uri, prepared.revision = copy.uri, copy.revision
         result.models.append(prepared)
         if prepared.error:
             failures.append(f"model {ref.name}: {prepared.error}")
@@ -83,6 +88,21 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     result.manifest_uri = manifest.uri
     result.dataset_sha256 = manifest.content_sha256  # the same data gives the same hash, whenever written
     return result
+
+
+def stage_hub_models(inp: PrepareInput, store: Any, workdir: Path) -> dict[tuple[str, str | None], Any]:
+    """Every base model named by hub id, staged once per (id, revision) under the run's base-models/ prefix."""
+    from .staging import is_hub_id, stage
+
+    staged: dict[tuple[str, str | None], Any] = {}
+    for ref in inp.models:
+        key = (ref.base_model, ref.revision)
+        if key in staged or not is_hub_id(ref.base_model):
+            continue
+        dest = inp.location.uri(names.staged_model_dir(ref.base_model, ref.revision))
+        staged[key] = stage(ref.base_model, ref.revision, dest, store, workdir)
+        log.info("base model %s staged at %s (revision %s)", ref.base_model, dest, staged[key].revision)
+    return staged
 
 
 def check_model(ref: ModelRef, inp: PrepareInput, store: Any, splits: dict[str, list[dict[str, Any]]]) -> PreparedModel:

@@ -1,0 +1,124 @@
+"""Staging hub models: prepare copies a model named by hub id (from a local server speaking the hub's API,
+HF_ENDPOINT) into the run's S3 prefix once, with a manifest and the resolved commit sha; a gated model without
+a token fails at once as bad input naming the setting to use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ftc_api.spec import DatasetSpec, Method, SplitSpec
+from ftc_api.steps import EXIT_BAD_INPUT, Location, ModelRef, PrepareInput
+from ftc_storage import Storage
+from ftc_trainer.staging import is_hub_id, wanted_files
+
+from tests.fixtures.hub_server import FakeHub
+from tests.fixtures.tiny import TinyAssets, TinyS3
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("source", "hub"),
+    [
+        ("meta-llama/Llama-2-7b-hf", True),
+        ("gpt2", True),
+        ("s3://ftc/models/x", False),
+        ("/models/x", False),
+        ("./x", False),
+        ("file:///x", False),
+        ("a/b/c", False),
+        ("../x", False),
+    ],
+)
+def test_what_counts_as_a_hub_id(source: str, hub: bool) -> None:
+    assert is_hub_id(source) is hub
+
+
+@pytest.mark.unit
+def test_only_what_transformers_needs_is_staged_and_safetensors_win() -> None:
+    names = [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json",
+        "model.gguf", "onnx/model.onnx", "original/consolidated.00.pth", "flax_model.msgpack", "README.md",
+    ]  # fmt: skip
+    assert wanted_files(names) == [
+        "README.md", "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    assert wanted_files(["config.json", "pytorch_model.bin"]) == ["config.json", "pytorch_model.bin"]
+
+
+def _prepare(tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub, run: str, **ref: str):
+    from ftc_trainer.__main__ import main
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    loc = Location(bucket=tiny_s3.bucket, prefix=f"runs/{run}", endpoint_url=tiny_s3.endpoint_url)
+    models = [ModelRef(name="llama", method=Method.LORA, **{"base_model": "ftc-test/tiny-llama", **ref})]
+    doc = PrepareInput(dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec()), location=loc, models=models)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "input.json").write_text(doc.to_json())
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("FTC_TERMINATION_LOG", str(log))
+    code = main(["prepare", "--input", str(tmp_path / "input.json"), "--workdir", str(tmp_path / "work")])
+    return code, json.loads(log.read_text()), loc
+
+
+@pytest.mark.ml
+def test_a_hub_model_is_staged_once_with_its_commit_and_read_from_the_copy(
+    tiny_assets: TinyAssets, tiny_s3: TinyS3, hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = hub_server.add("ftc-test/tiny-llama", tiny_assets.llama)
+    code, summary, loc = _prepare(tiny_s3, tmp_path, monkeypatch, hub_server, "staged")
+    assert code == 0, summary
+    model = summary["models"][0]
+    assert model["revision"] == repo.sha and model["stagedUri"] == loc.uri("base-models/ftc-test--tiny-llama")
+    assert model["memory"]["parameters"] > 100_000 and model["tokenCounts"]["train"] > 0  # checked on the copy
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    copy = store.download_verified(model["stagedUri"], tmp_path / "copy")  # every file matches its sha256
+    assert sorted(copy.files) == sorted(repo.files) and copy.extra["revision"] == repo.sha
+    assert all((tmp_path / "copy" / n).read_bytes() == data for n, data in repo.files.items())
+    downloads = [r for r in hub_server.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
+    assert len(downloads) == len(repo.files) and all(f"/resolve/{repo.sha}/" in r["path"] for r in downloads)
+
+    # A retried prepare finds the copy at the same commit and downloads nothing again.
+    before = len(hub_server.requests)
+    code, again, _ = _prepare(tiny_s3, tmp_path / "again", monkeypatch, hub_server, "staged")
+    assert code == 0 and again["models"][0]["revision"] == repo.sha
+    assert not [r for r in hub_server.requests[before:] if "/resolve/" in r["path"]]
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize(
+    ("token", "revision", "message"),
+    [
+        (None, None, "is gated or private and no token was given: create a Secret"),
+        ("hf_wrong", None, "refused the token from spec.hub.tokenSecretRef (HTTP 401)"),
+        ("hf_right", "v9", "revision 'v9' not found"),
+    ],
+    ids=["gated-no-token", "gated-wrong-token", "unknown-revision"],
+)
+def test_a_hub_refusal_fails_prepare_at_once_naming_the_fix(
+    tiny_assets: TinyAssets, tiny_s3: TinyS3, hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    token: str | None, revision: str | None, message: str,
+) -> None:  # fmt: skip
+    hub_server.add("ftc-test/tiny-llama", tiny_assets.llama, gated_token="hf_right")
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    extra = {"revision": revision} if revision else {}
+    code, summary, _ = _prepare(tiny_s3, tmp_path, monkeypatch, hub_server, f"refused-{token}-{revision}", **extra)
+    assert code == EXIT_BAD_INPUT and message in summary["error"] and "ftc-test/tiny-llama" in summary["error"], summary
+    assert "hf_right" not in json.dumps(summary) and (token is None or token not in json.dumps(summary))
+
+
+@pytest.mark.ml
+def test_a_gated_model_is_staged_with_the_token(
+    tiny_assets: TinyAssets, tiny_s3: TinyS3, hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = hub_server.add("ftc-test/tiny-llama", tiny_assets.llama, gated_token="hf_right")
+    monkeypatch.setenv("HF_TOKEN", "hf_right")
+    code, summary, _ = _prepare(tiny_s3, tmp_path, monkeypatch, hub_server, "gated-ok")
+    assert code == 0 and summary["models"][0]["revision"] == repo.sha, summary
