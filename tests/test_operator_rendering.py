@@ -514,7 +514,7 @@ def test_observe_ignores_garbage_progress_and_foreign_jobs():
 # --------------------------------------------------------------------------------------------- examples
 
 
-@pytest.mark.parametrize("path", ["examples/llama2-vs-mixtral.yaml", "examples/tiny.yaml"])
+@pytest.mark.parametrize("path", ["examples/llama2-vs-mixtral.yaml", "examples/tiny.yaml", "examples/smollm2.yaml"])
 def test_examples_are_valid_specs(path):
     from pathlib import Path
 
@@ -578,3 +578,32 @@ def test_the_base_models_size_on_disk_becomes_an_ephemeral_storage_request(scrat
     assert container(job).get("resources", {}).get("requests", {}).get("ephemeral-storage") == request_
     tmp = next(v for v in pod(job)["volumes"] if v["name"] == "tmp")
     assert tmp["emptyDir"]["sizeLimit"] == size_limit
+
+
+def test_only_the_prepare_pod_gets_the_hub_endpoint_and_token():
+    spec = make_spec(hub={"endpoint": "https://hub.internal", "tokenSecretRef": {"name": "hf", "key": "token"}})
+    jobs = {
+        "prepare": render_job(OWNER, spec, CONFIG, "prepare", None),
+        "train": render_job(OWNER, spec, CONFIG, "train", spec.models[0]),
+        "evaluate": render_job(OWNER, spec, CONFIG, "evaluate", None),
+    }
+    prep = {e["name"]: e for e in container(jobs["prepare"])["env"]}
+    assert prep["HF_ENDPOINT"]["value"] == "https://hub.internal"
+    assert prep["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    for step in ("train", "evaluate"):
+        names = {e["name"] for e in container(jobs[step])["env"]}
+        assert not names & {"HF_TOKEN", "HF_ENDPOINT"}, step
+
+
+@pytest.mark.parametrize(
+    ("model_gpus", "comparison_gpus", "expected"),
+    [(None, 1, 1), (2, 1, 2), (1, 4, 4), (8, 2, 8)],
+    ids=["comparison", "model-trained-on-two", "comparison-wider", "model-on-eight"],
+)
+def test_the_evaluate_pod_has_as_many_gpus_as_the_widest_model(model_gpus, comparison_gpus, expected):
+    spec = make_spec(placement={"gpuCount": comparison_gpus})
+    if model_gpus:
+        spec.models[1].placement = Placement.model_validate({"gpuCount": model_gpus})
+    job = render_job(OWNER, spec, CONFIG, "evaluate")
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == str(expected)
+    assert env(job)["FTC_GPUS"]["value"] == str(expected)  # GPU or nothing checks that many

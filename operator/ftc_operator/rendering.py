@@ -184,13 +184,25 @@ def _resources(placement: Placement, gpu: bool, base: dict[str, Any] | None) -> 
     return {k: {n: str(q) for n, q in v.items()} for k, v in res.items()}
 
 
+def evaluation_model(config: OperatorConfig, spec: FineTuneComparisonSpec) -> ModelSpec | None:
+    """The model whose placement the evaluate pod takes: the one that needs the most GPUs (it loads every model
+    in turn, so a model trained on two GPUs is evaluated on two); None when no model asks for more than the
+    comparison's placement."""
+    base = effective_placement(config, spec, None).gpu_count or 0
+    widest = max(spec.models, key=lambda m: effective_placement(config, spec, m).gpu_count or 0)
+    return widest if (effective_placement(config, spec, widest).gpu_count or 0) > base else None
+
+
 def pod_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str, model: ModelSpec | None) -> dict[str, Any]:
     """nodeSelector, tolerations, resources, priorityClassName and the Kueue label of a step's pod.
 
-    GPU steps (train, evaluate) use the effective placement; prepare runs on the CPU: no GPU limit, no GPU
+    GPU steps use the effective placement (train: the model's; evaluate: that of the model needing the most
+    GPUs, see evaluation_model); prepare runs on the CPU: no GPU limit, no GPU
     product selector, the chart's prepare nodeSelector/tolerations/resources (comparison resources win)."""
     gpu = step != StepKind.PREPARE
-    placement = effective_placement(config, spec, model if step == StepKind.TRAIN else None)
+    if step == StepKind.EVALUATE:
+        model = evaluation_model(config, spec)
+    placement = effective_placement(config, spec, model if step != StepKind.PREPARE else None)
     step_cfg = config.step(step)
     selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []

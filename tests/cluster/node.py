@@ -276,6 +276,7 @@ class HostChanges:
     bridges: list[str] = field(default_factory=list)
     netns_before: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)  # directories whose mounts are ours
+    chains_before: dict[str, list[str]] = field(default_factory=dict)  # iptables table -> chains before the nodes
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2))
@@ -374,6 +375,34 @@ def iptables_lines(table: str = "nat") -> list[str]:
     return [line for line in out.splitlines() if line and not line.startswith("#")]
 
 
+IPTABLES_TABLES = ("filter", "nat", "mangle")
+
+
+def iptables_chains(table: str) -> list[str]:
+    return sorted(line.split()[0][1:] for line in iptables_lines(table) if line.startswith(":"))
+
+
+def remove_kube_iptables(chains_before: dict[str, list[str]]) -> None:
+    """Drop the KUBE-* chains the kubelet and kube-proxy created (KUBE-FIREWALL, KUBE-KUBELET-CANARY, the
+    Service chains) and the rules of other chains that jump to them; chains that were there before stay."""
+    import shlex
+
+    for table in IPTABLES_TABLES:
+        before = set(chains_before.get(table, []))
+        ours = {c for c in iptables_chains(table) if c.startswith("KUBE-") and c not in before}
+        if not ours:
+            continue
+        for line in iptables_lines(table):
+            if line.startswith("-A "):
+                parts = shlex.split(line)
+                if parts[1] not in ours and "-j" in parts and parts[parts.index("-j") + 1] in ours:
+                    subprocess.run(["iptables", "-t", table, "-D", *parts[1:]], capture_output=True, check=False)
+        for chain in sorted(ours):
+            subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True, check=False)
+        for chain in sorted(ours):
+            subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True, check=False)
+
+
 def remove_cni_iptables(network_names: list[str]) -> None:
     """Drop the masquerade rules and chains the bridge plugin left for our networks (a CNI DEL that
     never ran because a sandbox died with its containerd)."""
@@ -457,6 +486,7 @@ def prepare_host(nodes: Nodes) -> None:
     for name in KUBELET_SYSCTLS:
         ch.sysctls.setdefault(name, read_sysctl(name))
     ch.netns_before = netns_names()
+    ch.chains_before = {t: iptables_chains(t) for t in IPTABLES_TABLES}
     ch.bridges = [n.bridge for n in nodes.specs]
     ch.dirs = [str(nodes.root / "nodes"), str(kubelet_root(nodes.root, "x").parent)]
     for n in nodes.specs:
@@ -525,6 +555,8 @@ def stop_nodes(root: Path, kill: bool = True) -> list[str]:
         if link_exists(b):
             problems.append(f"bridge {b}")
     remove_cni_iptables([f"ftc-{n.name}" for n in DEFAULT_NODES])
+    if ch.chains_before:  # recorded when the nodes started: what is newer than that is ours
+        remove_kube_iptables(ch.chains_before)
     if CONTAINER_LOG_LINKS.is_dir():
         for link in CONTAINER_LOG_LINKS.iterdir():
             with contextlib.suppress(OSError):
