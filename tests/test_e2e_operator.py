@@ -254,3 +254,39 @@ def test_a_name_held_by_another_object_blocks_until_it_goes(ftc, api, operator, 
     assert st["phase"] == "Succeeded", st
     owner = core.read_namespaced_config_map("held-prepare", namespace).metadata.owner_references[0]
     assert owner.name == "held" and owner.uid == ftc.get("held", namespace)["metadata"]["uid"]
+
+
+def test_two_replicas_one_reconciles_and_the_other_takes_over_when_the_leader_dies(
+    control_plane, namespace, crd, tmp_path, ftc, api, s3_server, judge_secret
+):
+    from kubernetes import client
+
+    values = stub_values(seconds=10)
+    values["replicas"] = 2
+    operator = start_operator(control_plane, namespace, values, tmp_path)
+    coordination, core = client.CoordinationV1Api(api), client.CoreV1Api(api)
+
+    def holder():
+        lease = coordination.read_namespaced_lease(f"{operator.release}-operator", namespace)
+        return lease.spec.holder_identity
+
+    leader = wait_for(holder, 60, "a replica holding the Lease")
+    assert leader in [p.metadata.name for p in operator.pods()]
+    spec = tiny_spec(s3_server.cluster_endpoint_url)
+    ftc.create("calm2", namespace, spec)
+    calm = ftc.wait_phase("calm2", namespace, ("Succeeded", "Failed"), timeout=240)
+    follower_log = operator._pod_log(next(p.metadata.name for p in operator.pods() if p.metadata.name != leader))
+    assert "calm2" not in follower_log and "campaigns for the Lease" in follower_log  # the follower did nothing
+
+    ftc.create("failover", namespace, spec)
+    wait_for(lambda: ftc.status("failover", namespace).get("phase") == "Training", 120, "failover Training")
+    t0 = time.monotonic()
+    core.delete_namespaced_pod(leader, namespace, grace_period_seconds=0)
+    new = wait_for(lambda: (h := holder()) != leader and h, 60, "another replica holding the Lease")
+    took_over = time.monotonic() - t0
+    st = ftc.wait_phase("failover", namespace, ("Succeeded", "Failed"), timeout=240)
+    assert new != leader and took_over < 30, (new, took_over)
+    one_job_per_step(ftc, namespace, "failover", ["tiny-llama", "tiny-mixtral"])
+    a, b = normalized_status(calm), normalized_status(st)
+    assert json.dumps(a, sort_keys=True).replace("calm2", "X") == json.dumps(b, sort_keys=True).replace("failover", "X")
+    print(f"leader {leader} deleted; {new} took over in {took_over:.1f}s")

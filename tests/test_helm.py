@@ -89,6 +89,25 @@ def test_operator_rbac_is_least_privilege_and_never_touches_secrets(helm):
     }
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_several_replicas_elect_a_leader_over_a_lease_in_the_release_namespace(helm, replicas):
+    docs = template(helm, "--set", f"replicas={replicas}")
+    deploy = by_kind(docs, "Deployment")[0]
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    leader = [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-operator-leader")]
+    if replicas == 1:
+        assert "--leader-elect" not in container["args"] and not leader
+        assert deploy["spec"]["strategy"]["type"] == "Recreate"
+        return
+    assert "--leader-elect" in container["args"] and "--lease-name=t-ftc-operator" in container["args"]
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert leader[0]["metadata"]["namespace"] == "ftc-system"
+    lease_rule = {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+    assert leader[0]["rules"] == [lease_rule]
+
+
 def test_step_service_account_may_patch_only_pods(helm):
     docs = template(helm, "--set", "stepServiceAccount.namespaces={team-a}")
     roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "ftc-step"]

@@ -25,9 +25,29 @@ def make_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FTC_LIVENESS", "http://0.0.0.0:8080/healthz"),
         help="kopf liveness/readiness endpoint URL ('' disables it).",
     )
+    p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="with several replicas: only the holder of a coordination.k8s.io Lease reconciles (the others wait).",
+    )
+    p.add_argument("--lease-name", default="ftc-operator", help="the Lease's name (in $POD_NAMESPACE).")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (overrides the config; 0 disables).")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging.")
     return p
+
+
+def lease_settings(args: argparse.Namespace) -> object | None:
+    """The Lease to campaign for with --leader-elect (None: this replica reconciles at once)."""
+    if not args.leader_elect:
+        return None
+    import socket
+
+    from .leader import LeaseSettings
+
+    namespace = os.environ.get("POD_NAMESPACE")
+    if not namespace:
+        raise SystemExit("--leader-elect needs $POD_NAMESPACE (the chart sets it from the downward API)")
+    return LeaseSettings(name=args.lease_name, namespace=namespace, identity=os.environ.get("POD_NAME") or socket.gethostname())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(config=config, namespaces=args.namespace),
+        memo=kopf.Memo(config=config, namespaces=args.namespace, lease=lease_settings(args)),
     )
     return 0
 

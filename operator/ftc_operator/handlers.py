@@ -137,15 +137,29 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         return await asyncio.get_running_loop().run_in_executor(memo.executor, reconciler.reconcile, *key)
 
     memo.queue = WorkQueue(process, config.workers)
-    memo.queue.start()
-    memo.resync = asyncio.create_task(_resync(memo), name="ftc-resync")
     metrics.serve(config.metrics_port)
-    log.info("ftc operator started: %d workers, resync every %.0fs", config.workers, config.resync_seconds)
+
+    def lead() -> None:  # events queue up meanwhile; the resync enqueues every unfinished comparison
+        memo.queue.start()
+        memo.resync = asyncio.create_task(_resync(memo), name="ftc-resync")
+        metrics.LEADER.set(1)
+        log.info("ftc operator reconciling: %d workers, resync every %.0fs", config.workers, config.resync_seconds)
+
+    memo.resync = None
+    lease = getattr(memo, "lease", None)
+    if lease is None:
+        lead()
+    else:  # several replicas: only the Lease holder reconciles
+        from .leader import elect
+
+        loop = asyncio.get_running_loop()
+        elect(memo.kube.api, lease, lambda: loop.call_soon_threadsafe(lead))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    memo.resync.cancel()
+    if memo.resync is not None:
+        memo.resync.cancel()
     await memo.queue.stop()
     memo.executor.shutdown(wait=False, cancel_futures=True)
 

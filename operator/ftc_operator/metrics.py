@@ -16,6 +16,7 @@ STATUS_WRITES_HELD = Counter(
     "ftc_status_writes_held_total", "Status updates held back because only live progress changed (progressWriteSeconds)."
 )
 RECONCILE_ERRORS = Counter("ftc_reconcile_errors_total", "Reconciles that raised (retried with backoff).", ["kind"])
+LEADER = Gauge("ftc_leader", "1 while this replica reconciles (holds the Lease, or runs without leader election).")
 QUEUE_DEPTH = Gauge("ftc_queue_depth", "Comparisons waiting to be reconciled.")
 
 
