@@ -84,6 +84,16 @@ if ((${#todo[@]} == 0)); then
 fi
 
 t=$SECONDS
+# Disk: a node keeps each image twice (its layer blobs and their unpacked snapshots; ~12 GB for the two step
+# images). When the disk holding containerd's root is short of room for another copy, the old versions of
+# the images to import go first (their shared layers are then imported again: slower, but it fits).
+drop_stale_ids
+free_gib=$(df --output=avail -BG "${FTC_CACHE:-$HOME/.cache/ftc}" 2>/dev/null | tail -1 | tr -dc 0-9)  # the nodes' roots
+if [[ -n "$free_gib" ]] && (( free_gib < ${FTC_LOAD_MIN_FREE_GIB:-30} )); then
+  for tag in "${todo[@]}"; do
+    if c images rm --sync "$tag" >/dev/null 2>&1; then log "removed the old $tag first (${free_gib} GiB free)"; fi
+  done
+fi
 log "importing ${todo[*]} into $address (namespace k8s.io, $SNAPSHOTTER)"
 # One image at a time: containerd 1.6 unpacking two images that share layers at once can fail with
 # "parent snapshot ... does not exist"; an import that fails anyway (a garbage collection racing it) is
