@@ -522,6 +522,8 @@ def test_a_hub_model_staged_by_prepare_is_what_train_and_evaluate_read_and_its_c
     ev = EvaluateInput.model_validate_json(later.creates[0].input_json)
     assert {m.model.name: m.model.base_model for m in ev.models}["llama"] == staged
     assert next(m for m in later.status.models if m.name == "llama").base_model_revision == "a" * 40
+    for st in (first.status, later.status):  # the fairness record names the commit too
+        assert {m.name: m.revision for m in st.fairness.models} == {"llama": "a" * 40, "mixtral": None}
 
 
 def test_prepare_inputs_carry_the_revision_and_the_hub_id():

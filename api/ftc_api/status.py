@@ -160,6 +160,7 @@ class ModelIdentity(ApiModel):
 
     name: str = Field(description="name: the model's name in the spec.")
     base_model: str = Field(description="baseModel: hub id, s3:// prefix or path, as given.")
+    revision: str | None = Field(default=None, description="revision: for a hub id, the commit sha the staged copy was taken at.")
     method: str = Field(description="method: lora or qlora.")
 
 

@@ -89,14 +89,18 @@ def fairness_record(
     dataset_sha256: str | None,
     forced: Mapping[str, Mapping[str, str]] | None = None,
     software: Software | None = None,
+    revisions: Mapping[str, str | None] | None = None,
 ) -> Fairness:
-    """The complete record for status.fairness."""
+    """The complete record for status.fairness (`revisions`: the commit each staged hub model was taken at)."""
     return Fairness(
         hash=fairness_hash(spec, dataset_sha256, software),
         dataset_sha256=dataset_sha256,
         deviations=deviations(spec, forced),
         software=software,
-        models=[ModelIdentity(name=m.name, base_model=m.base_model, method=m.method.value) for m in spec.models],
+        models=[
+            ModelIdentity(name=m.name, base_model=m.base_model, revision=(revisions or {}).get(m.name), method=m.method.value)
+            for m in spec.models
+        ],
     )
 
 

@@ -395,7 +395,6 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     if prepare is not None and prepare.ok:
         st.data_manifest_uri = prepare.manifest_uri
         st.data_counts = {**prepare.counts, **{f"dropped.{k}": v for k, v in prepare.dropped.items()}} or None
-        st.fairness = fairness_record(spec, prepare.dataset_sha256, software=_software(spec, config))
         for pm in prepare.models:
             if pm.name in by_name:
                 ms = by_name[pm.name]
@@ -403,6 +402,8 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
                 ms.staged_base_model, ms.base_model_revision = pm.staged_uri, pm.revision
                 if pm.token_counts:
                     ms.token_counts = TokenCounts(**{k: v for k, v in pm.token_counts.items() if k in ("train", "eval", "test")})
+        revisions = {m.name: m.base_model_revision for m in st.models}
+        st.fairness = fairness_record(spec, prepare.dataset_sha256, software=_software(spec, config), revisions=revisions)
     else:  # the prepare Job or its pod is gone: keep what the status recorded
         st.data_manifest_uri, st.data_counts = old.data_manifest_uri, old.data_counts
         for ms in st.models:
@@ -411,6 +412,10 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
                 ms.token_counts = old_models[ms.name].token_counts
                 ms.staged_base_model = old_models[ms.name].staged_base_model
                 ms.base_model_revision = old_models[ms.name].base_model_revision
+        revisions = {m.name: m.base_model_revision for m in st.models}  # as recorded when prepare ran
+        st.fairness = fairness_record(
+            spec, old.fairness.dataset_sha256 if old.fairness else None, software=_software(spec, config), revisions=revisions
+        )
     counts = st.data_counts or {}
     b.condition(
         ConditionType.PREPARED,
@@ -481,7 +486,11 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     forced = {name: r.forced for name, r in results.items() if r.forced}
     if forced:
         st.fairness = fairness_record(
-            spec, st.fairness.dataset_sha256 if st.fairness else None, forced, software=_software(spec, config)
+            spec,
+            st.fairness.dataset_sha256 if st.fairness else None,
+            forced,
+            software=_software(spec, config),
+            revisions={m.name: m.base_model_revision for m in st.models},
         )
     if running:
         b.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, f"{len(results)}/{n} trained, {running} training")
