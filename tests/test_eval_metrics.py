@@ -65,6 +65,30 @@ def test_a_failing_endpoint_leaves_items_missing_not_scored(openai_server, llm_a
     assert sum(scored.errors["factual_correctness"].values()) == 3
 
 
+@pytest.mark.parametrize(
+    ("where", "status", "hint"),
+    [
+        ("embeddings", 401, "evaluation.embeddings.apiKeySecretRef"),
+        ("embeddings", 404, "evaluation.embeddings.model"),
+        ("judge", "401", "evaluation.judge.apiKeySecretRef"),
+    ],
+)
+def test_a_refused_key_or_model_stops_scoring_naming_the_setting(openai_server, llm_and_embeddings, where, status, hint):
+    from ftc_evaluator.judge import JudgeRejected
+
+    llm, embeddings = llm_and_embeddings
+    if where == "embeddings":
+        openai_server.embeddings_status = status
+        metrics = build_metrics(["semantic_similarity"], embeddings=embeddings)
+    else:
+        openai_server.always = status
+        metrics = build_metrics(["factual_correctness"], llm=llm)
+    with pytest.raises(JudgeRejected) as caught:
+        asyncio.run(score_items(items(), metrics))
+    message = str(caught.value)
+    assert hint in message and f"HTTP {status}" in message and openai_server.base_url in message, message
+
+
 def test_metrics_that_need_a_judge_or_embeddings_say_so():
     with pytest.raises(ValueError, match="needs the judge endpoint"):
         build_metrics(["factual_correctness"])

@@ -268,9 +268,11 @@ class JudgeRejected(Exception):
     """The judge endpoint refused the key (401/403) or the model (404): no retry and no item can help, so
     the evaluate step fails as bad input, naming the endpoint, the model and the HTTP status."""
 
-    def __init__(self, base_url: str, model: str, status: int, detail: str) -> None:
-        hint = "evaluation.judge.apiKeySecretRef (the key)" if status in (401, 403) else "evaluation.judge.model"
-        super().__init__(f"the judge at {base_url} rejected model {model!r} with HTTP {status}: {detail}; check {hint}")
+    def __init__(self, base_url: str, model: str, status: int, detail: str, what: str = "judge") -> None:
+        field = f"evaluation.{what}"
+        hint = f"{field}.apiKeySecretRef (the key)" if status in (401, 403) else f"{field}.model"
+        who = "judge" if what == "judge" else f"{what} endpoint"
+        super().__init__(f"the {who} at {base_url} rejected model {model!r} with HTTP {status}: {detail}; check {hint}")
         self.base_url, self.model, self.status = base_url, model, status
 
 

@@ -157,6 +157,31 @@ def is_cached_score(value: dict[str, Any]) -> bool:
     return isinstance(value.get("value"), int | float)
 
 
+def rejection(err: BaseException) -> Exception | None:
+    """A JudgeRejected naming the endpoint, when `err` (or what caused it, ragas wraps errors) is the judge or
+    embeddings endpoint refusing the key (401/403) or the model (404); None for anything else."""
+    import openai
+
+    from .judge import JudgeRejected
+
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
+            request = getattr(seen, "request", None)
+            url = str(getattr(request, "url", "") or "")
+            what = "embeddings" if "/embeddings" in url else "judge"
+            base = url.rsplit("/embeddings" if what == "embeddings" else "/chat/completions", 1)[0] or "the endpoint"
+            try:
+                model = str(json.loads(getattr(request, "content", b"") or b"{}").get("model", "?"))
+            except (ValueError, AttributeError):
+                model = "?"
+            return JudgeRejected(base, model, seen.status_code, " ".join(str(seen).split())[:200], what=what)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 async def score_items(
     items: Sequence[Item],
     metrics: dict[str, Any],
@@ -190,6 +215,9 @@ async def score_items(
             else:
                 value = await _score_one(name, metric, items[index])
         except Exception as err:
+            rejected = rejection(err)
+            if rejected is not None:  # a refused key or model: no item can succeed, the step fails as bad input
+                raise rejected from err
             out.errors.setdefault(name, Counter())[f"{type(err).__name__}: {str(err)[:120]}"] += 1
             log.warning("metric %s failed on item %d: %s", name, index, err)
             value = None
