@@ -130,3 +130,22 @@ def test_printer_columns(crd: Cluster, namespace: str) -> None:
     assert apply(crd, namespace, comparison("columns")).returncode == 0
     header = crd.kubectl("-n", namespace, "get", "ftc").splitlines()[0].split()
     assert header == ["NAME", "PHASE", "MODELS", "WINNER", "AGE"]
+
+
+def test_a_sample_of_fuzzed_specs_through_kubectl_apply(crd: Cluster, namespace: str) -> None:
+    """Each is accepted or refused with a message naming a field; none that the API server accepts makes the
+    planner fail (tests/test_api_fuzz.py `check`: it plans, and renders when the API models accept it too)."""
+    from tests.test_api_fuzz import check, sample_specs
+
+    accepted = refused = 0
+    for i, spec in enumerate(sample_specs(30)):
+        proc = apply(crd, namespace, {"apiVersion": "ftc.dev/v1alpha1", "kind": "FineTuneComparison",
+                                      "metadata": {"name": f"fuzz-{i}"}, "spec": spec})  # fmt: skip
+        if proc.returncode == 0:
+            accepted += 1
+            check(spec)  # raises if the planner or the rendering fails on it
+        else:
+            refused += 1
+            assert "spec." in proc.stderr or "spec:" in proc.stderr, (spec, proc.stderr)
+    print(f"kubectl apply of 30 fuzzed specs: {accepted} accepted, {refused} refused")
+    assert accepted and refused

@@ -8,6 +8,7 @@ refuse it too, with the same message).
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from typing import Annotated
@@ -676,9 +677,19 @@ def validation_errors(spec: dict[str, object]) -> list[str]:
     return []
 
 
+def _path_part(part: object) -> str:
+    """`[0]` for a list index, `.name` for a field, `["odd key"]` (JSON-quoted) for a key that is no identifier."""
+    if isinstance(part, int):
+        return f"[{part}]"
+    text = str(part)
+    return f".{text}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", text) else f"[{json.dumps(text)[:80]}]"
+
+
 def _format_error(error: ErrorDetails) -> str:
-    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")  # as kubectl: models[0].name
+    loc = "".join(_path_part(p) for p in error["loc"]).lstrip(".")  # as kubectl: models[0].name
     msg = re.sub(r"^Value error, ", "", error["msg"])
     if not loc and re.match(r"^[a-z][A-Za-z0-9_.\[\]]*: ", msg):  # a spec-wide check that names its field first
         return f"spec.{msg}"
-    return f"spec.{loc}: {msg}" if loc else f"spec: {msg}"
+    if not loc:
+        return f"spec: {msg}"
+    return f"spec{loc}: {msg}" if loc.startswith("[") else f"spec.{loc}: {msg}"
