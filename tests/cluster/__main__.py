@@ -29,8 +29,8 @@ from tests.cluster.control_plane import (
     stop_pids,
     wait_for_service_account,
 )
-from tests.cluster.images import build_images
-from tests.cluster.node import DEFAULT_NODES, host_ip, start_nodes, stop_cluster, stop_nodes
+from tests.cluster.images import PAUSE_IMAGE, build_images, load_images
+from tests.cluster.node import DEFAULT_NODES, host_ip, node_images, socket_dir, start_nodes, stop_cluster, stop_nodes
 from tests.cluster.s3 import S3Server, moto_command
 
 
@@ -91,9 +91,14 @@ def up(root: Path, namespace: str) -> int:
     if running and len(running) == len(recorded):
         state = json.loads((root / "state.json").read_text())
         s3 = S3Server(endpoint_url=state["s3_endpoint_url"], cluster_endpoint_url=state["s3_cluster_endpoint_url"])
+        # The sources may have changed since it started: rebuild (incremental) and load what differs, so
+        # pods never run stale images on a reused cluster (an unchanged image takes seconds).
+        build_images()
+        for node in DEFAULT_NODES:
+            load_images(str(socket_dir(root, node.name) / "containerd.sock"), [PAUSE_IMAGE, *node_images(node)])
         _prepare_namespace(root / "kubeconfig", s3, namespace)
         _write_env(root, root / "kubeconfig", Path(state["bin_dir"]), s3, namespace)
-        print(f"cluster already running ({', '.join(running)}); Secret {namespace}/{s3.secret_name} ready")
+        print(f"cluster already running ({', '.join(running)}); images current; Secret {namespace}/{s3.secret_name} ready")
         print(f"  use it:     source {root / 'env'} && kubectl get nodes")
         return 0
     if running:  # a partial cluster (something died): start over
