@@ -263,6 +263,7 @@ def test_two_replicas_one_reconciles_and_the_other_takes_over_when_the_leader_di
 
     values = stub_values(seconds=10)
     values["replicas"] = 2
+    print(f"{time.strftime('%T')} installing two replicas")
     operator = start_operator(control_plane, namespace, values, tmp_path)
     coordination, core = client.CoordinationV1Api(api), client.CoreV1Api(api)
 
@@ -270,21 +271,28 @@ def test_two_replicas_one_reconciles_and_the_other_takes_over_when_the_leader_di
         lease = coordination.read_namespaced_lease(f"{operator.release}-operator", namespace)
         return lease.spec.holder_identity
 
-    leader = wait_for(holder, 60, "a replica holding the Lease")
+    try:
+        leader = wait_for(holder, 60, "a replica holding the Lease")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{operator.log()[-6000:]}") from None
     assert leader in [p.metadata.name for p in operator.pods()]
+    print(f"{time.strftime('%T')} leader {leader}")
     spec = tiny_spec(s3_server.cluster_endpoint_url)
     ftc.create("calm2", namespace, spec)
     calm = ftc.wait_phase("calm2", namespace, ("Succeeded", "Failed"), timeout=240)
     follower_log = operator._pod_log(next(p.metadata.name for p in operator.pods() if p.metadata.name != leader))
     assert "calm2" not in follower_log and "campaigns for the Lease" in follower_log  # the follower did nothing
 
+    print(f"{time.strftime('%T')} calm2 {calm['phase']}")
     ftc.create("failover", namespace, spec)
     wait_for(lambda: ftc.status("failover", namespace).get("phase") == "Training", 120, "failover Training")
     t0 = time.monotonic()
     core.delete_namespaced_pod(leader, namespace, grace_period_seconds=0)
     new = wait_for(lambda: (h := holder()) != leader and h, 60, "another replica holding the Lease")
     took_over = time.monotonic() - t0
+    print(f"{time.strftime('%T')} {new} holds the Lease")
     st = ftc.wait_phase("failover", namespace, ("Succeeded", "Failed"), timeout=240)
+    print(f"{time.strftime('%T')} failover {st['phase']}")
     assert new != leader and took_over < 30, (new, took_over)
     one_job_per_step(ftc, namespace, "failover", ["tiny-llama", "tiny-mixtral"])
     a, b = normalized_status(calm), normalized_status(st)

@@ -162,3 +162,17 @@ def test_a_taken_name_creates_no_job_and_says_which_object_holds_it(monkeypatch)
     prepared = next(c for c in kube.writes[-1]["conditions"] if c["type"] == "Prepared")
     assert (prepared["status"], prepared["reason"]) == ("Unknown", "NameTaken") and prepared["message"].startswith(blocker)
     assert ("Warning", "NameTaken", blocker) in kube.events
+
+
+def test_the_lease_timings_are_whole_seconds_that_the_client_accepts():
+    from ftc_operator.leader import LeaseSettings
+    from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
+    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+    settings = LeaseSettings(name="ftc-operator", namespace="ns", identity="pod-a")
+    import datetime as dt
+
+    now = str(dt.datetime.now())  # as the client writes it
+    record = LeaderElectionRecord("pod-a", str(settings.duration), now, now)
+    spec = LeaseLock(settings.name, settings.namespace, settings.identity).get_lease_spec(record)
+    assert spec.lease_duration_seconds == 15 and settings.renew_deadline > 1.2 * settings.retry

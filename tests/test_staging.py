@@ -51,9 +51,14 @@ def test_only_what_transformers_needs_is_staged_and_safetensors_win() -> None:
 
 def _prepare(tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub, run: str, **ref: str):
     from ftc_trainer.__main__ import main
+    from huggingface_hub.utils import reset_sessions
 
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    # A prepare pod is a fresh process; in this one an earlier test (the evaluator's entry point) may have set
+    # HF_HUB_OFFLINE, which huggingface_hub read at import.
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    reset_sessions()
     loc = Location(bucket=tiny_s3.bucket, prefix=f"runs/{run}", endpoint_url=tiny_s3.endpoint_url)
     models = [ModelRef(name="llama", method=Method.LORA, **{"base_model": "ftc-test/tiny-llama", **ref})]
     doc = PrepareInput(dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec()), location=loc, models=models)

@@ -24,9 +24,9 @@ class LeaseSettings:
     name: str
     namespace: str
     identity: str
-    duration: float = 15.0
-    renew_deadline: float = 10.0
-    retry: float = 2.0
+    duration: int = 15  # whole seconds: the Lease's leaseDurationSeconds
+    renew_deadline: int = 10
+    retry: int = 2
 
 
 def elect(
@@ -58,7 +58,16 @@ def elect(
         onstarted_leading=leading,
         onstopped_leading=lost,
     )
-    thread = threading.Thread(target=leaderelection.LeaderElection(config).run, name="ftc-leader-election", daemon=True)
+    election = leaderelection.LeaderElection(config)
+
+    def campaign() -> None:  # a campaign that dies must not leave a replica that neither leads nor follows
+        try:
+            election.run()
+        except Exception:
+            log.exception("leader election failed: exiting")
+            os._exit(1)
+
+    thread = threading.Thread(target=campaign, name="ftc-leader-election", daemon=True)
     thread.start()
     log.info("%s campaigns for the Lease %s/%s", settings.identity, settings.namespace, settings.name)
     return thread
