@@ -30,7 +30,10 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +267,13 @@ class BudgetExhausted(Exception):
     """maxJudgeCalls was reached: the remaining answers stay unjudged."""
 
 
+def rejection_errors() -> tuple[type[openai.APIStatusError], ...]:
+    """The openai errors that mean the endpoint refuses the key (401/403) or the model (404): no retry helps."""
+    import openai
+
+    return (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
 class JudgeRejected(Exception):
     """The judge endpoint refused the key (401/403) or the model (404): no retry and no item can help, so
     the evaluate step fails as bad input, naming the endpoint, the model and the HTTP status."""
@@ -438,7 +448,7 @@ class Judge:
                 max_tokens=self.config.max_tokens,
                 timeout=self.config.timeout_seconds,
             )
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
+        except rejection_errors() as err:
             raise JudgeRejected(self.config.base_url, self.config.model, err.status_code, _short(err)) from err
         except openai.RateLimitError as err:
             raise _Retryable("429", f"rate limited: {_short(err)}", _retry_after(err)) from err

@@ -160,15 +160,13 @@ def is_cached_score(value: dict[str, Any]) -> bool:
 def rejection(err: BaseException) -> Exception | None:
     """A JudgeRejected naming the endpoint, when `err` (or what caused it, ragas wraps errors) is the judge or
     embeddings endpoint refusing the key (401/403) or the model (404); None for anything else."""
-    import openai
-
-    from .judge import JudgeRejected
+    from .judge import JudgeRejected, rejection_errors
 
     seen: BaseException | None = err
     for _ in range(8):
         if seen is None:
             return None
-        if isinstance(seen, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
+        if isinstance(seen, rejection_errors()):
             request = getattr(seen, "request", None)
             url = str(getattr(request, "url", "") or "")
             what = "embeddings" if "/embeddings" in url else "judge"

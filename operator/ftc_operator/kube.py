@@ -45,22 +45,22 @@ class Created:
     blocked: str | None = None
 
 
-def controller_uid(obj: dict[str, Any]) -> str | None:
+def controller_ref(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The ownerReference marked controller, if any."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return next((r.get("uid") for r in refs if r.get("controller")), None)
+    return next((r for r in refs if r.get("controller")), None)
 
 
 def foreign_owner(wanted: dict[str, Any], existing: dict[str, Any]) -> str | None:
     """None when `existing` has the same controller owner as `wanted`; else a message naming who holds the name."""
-    mine, theirs = controller_uid(wanted), controller_uid(existing)
-    if mine is not None and mine == theirs:
+    mine, theirs = controller_ref(wanted), controller_ref(existing)
+    if mine is not None and theirs is not None and mine.get("uid") is not None and mine.get("uid") == theirs.get("uid"):
         return None
     meta = existing.get("metadata") or {}
-    refs = meta.get("ownerReferences") or []
-    holder = next((f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in refs if r.get("controller")), None)
     where = f"{wanted['kind']} {meta.get('namespace')}/{meta.get('name')}"
-    if holder is None:
+    if theirs is None:
         return f"{where} exists and has no controller owner; delete it, or rename this comparison"
+    holder = f"{theirs.get('kind')} {theirs.get('name')} (uid {theirs.get('uid')})"
     gone = " (being deleted)" if meta.get("deletionTimestamp") else ""
     return (
         f"{where}{gone} belongs to {holder}, not to this comparison; waiting for it to go (delete it, or rename this comparison)"

@@ -70,17 +70,9 @@ def with_names_taken(status: FineTuneComparisonStatus, taken: dict[str, str], no
         return status
     conditions = {c.type: c for c in status.conditions}
     for step, message in sorted(taken.items()):
-        type_ = STEP_CONDITION[step].value
-        previous = conditions.get(type_)
-        conditions[type_] = Condition(
-            type=type_,
-            status="Unknown",
-            reason=Reason.NAME_TAKEN.value,
-            message=_short(message),
-            last_transition_time=previous.last_transition_time
-            if previous is not None and previous.status == "Unknown"
-            else rfc3339(now),
-            observed_generation=status.observed_generation,
+        type_ = STEP_CONDITION[step]
+        conditions[type_.value] = new_condition(
+            type_, "Unknown", Reason.NAME_TAKEN, message, conditions.get(type_.value), rfc3339(now), status.observed_generation
         )
     ordered = [conditions[t] for t in CONDITION_ORDER if t in conditions]
     return status.model_copy(update={"conditions": ordered})
@@ -192,6 +184,20 @@ def model_ref(spec: FineTuneComparisonSpec, model: ModelSpec, config: OperatorCo
     )
 
 
+def new_condition(
+    type_: ConditionType, status: str, reason: Reason, message: str, previous: Condition | None, now: str, generation: int | None
+) -> Condition:
+    """A condition; its lastTransitionTime stays `previous`'s while the status (True/False/Unknown) is the same."""
+    return Condition(
+        type=type_.value,
+        status=status,
+        reason=reason.value,
+        message=_short(message),
+        last_transition_time=previous.last_transition_time if previous and previous.status == status else now,
+        observed_generation=generation,
+    )
+
+
 class _Builder:
     """Accumulates the new status, conditions and events of one planning pass."""
 
@@ -206,14 +212,7 @@ class _Builder:
 
     def condition(self, type_: ConditionType, status: str, reason: Reason, message: str = "") -> None:
         previous = next((c for c in self.old.conditions if c.type == type_.value), None)
-        self.conditions[type_.value] = Condition(
-            type=type_.value,
-            status=status,
-            reason=reason.value,
-            message=_short(message),
-            last_transition_time=previous.last_transition_time if previous and previous.status == status else self.now,
-            observed_generation=self.owner.generation,
-        )
+        self.conditions[type_.value] = new_condition(type_, status, reason, message, previous, self.now, self.owner.generation)
 
     def create(self, step: StepKind, model: str | None, doc: ApiModel, scratch_gib: float | None = None) -> None:
         name = names.step_name(self.owner.name, step.value, model)
@@ -322,6 +321,11 @@ def _software(spec: FineTuneComparisonSpec, config: OperatorConfig) -> Software:
     )
 
 
+def _revisions(st: FineTuneComparisonStatus) -> dict[str, str | None]:
+    """The commit each staged hub model was taken at (status.models[].baseModelRevision), by model name."""
+    return {m.name: m.base_model_revision for m in st.models}
+
+
 def _retry_note(job: ObservedJob) -> str:
     """'retry after N failed pod(s)', and how the last one ended when the kubelet said (OOMKilled...)."""
     note = f"retry after {job.failed_pods} failed pod(s)"
@@ -402,8 +406,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
                 ms.staged_base_model, ms.base_model_revision = pm.staged_uri, pm.revision
                 if pm.token_counts:
                     ms.token_counts = TokenCounts(**{k: v for k, v in pm.token_counts.items() if k in ("train", "eval", "test")})
-        revisions = {m.name: m.base_model_revision for m in st.models}
-        st.fairness = fairness_record(spec, prepare.dataset_sha256, software=_software(spec, config), revisions=revisions)
+        st.fairness = fairness_record(spec, prepare.dataset_sha256, software=_software(spec, config), revisions=_revisions(st))
     else:  # the prepare Job or its pod is gone: keep what the status recorded
         st.data_manifest_uri, st.data_counts = old.data_manifest_uri, old.data_counts
         for ms in st.models:
@@ -412,10 +415,8 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
                 ms.token_counts = old_models[ms.name].token_counts
                 ms.staged_base_model = old_models[ms.name].staged_base_model
                 ms.base_model_revision = old_models[ms.name].base_model_revision
-        revisions = {m.name: m.base_model_revision for m in st.models}  # as recorded when prepare ran
-        st.fairness = fairness_record(
-            spec, old.fairness.dataset_sha256 if old.fairness else None, software=_software(spec, config), revisions=revisions
-        )
+        dataset_sha256 = old.fairness.dataset_sha256 if old.fairness else None
+        st.fairness = fairness_record(spec, dataset_sha256, software=_software(spec, config), revisions=_revisions(st))
     counts = st.data_counts or {}
     b.condition(
         ConditionType.PREPARED,
@@ -490,7 +491,7 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
             st.fairness.dataset_sha256 if st.fairness else None,
             forced,
             software=_software(spec, config),
-            revisions={m.name: m.base_model_revision for m in st.models},
+            revisions=_revisions(st),
         )
     if running:
         b.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, f"{len(results)}/{n} trained, {running} training")

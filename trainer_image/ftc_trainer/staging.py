@@ -33,7 +33,11 @@ TOKEN_HINT = (
 
 def is_hub_id(source: str) -> bool:
     """Whether `source` names a hub repository (org/name or name), not an s3:// prefix or a local path."""
-    return not source.startswith(("s3://", "/", ".", "~", "file://")) and bool(HUB_ID.match(source))
+    from ftc_storage import is_s3
+
+    from .models import looks_like_path
+
+    return not is_s3(source) and not looks_like_path(source) and bool(HUB_ID.match(source))
 
 
 def wanted_files(names: list[str]) -> list[str]:
