@@ -43,8 +43,8 @@ lock:
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check api storage operator trainer_image evaluator_image tests scripts bench
-	$(BIN)/mypy api/ftc_api storage/ftc_storage operator/ftc_operator trainer_image/ftc_trainer evaluator_image/ftc_evaluator
+	$(BIN)/ruff format --check api storage loading operator trainer_image evaluator_image tests scripts bench
+	$(BIN)/mypy api/ftc_api storage/ftc_storage loading/ftc_loading operator/ftc_operator trainer_image/ftc_trainer evaluator_image/ftc_evaluator
 	$(BIN)/lint-imports
 
 crds-check: install

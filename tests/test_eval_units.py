@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ftc_api.spec import CheckpointChoice, EvaluationSpec, JudgeSpec, Method, Metric
+from ftc_api.spec import CheckpointChoice, EvaluationSpec, JudgeSpec, Method, Metric, QuantizationSpec
 from ftc_api.steps import (
     EvaluatedModel,
     EvaluatedModelResult,
@@ -130,11 +130,33 @@ def test_adaptive_batching_gives_up_at_batch_size_one_and_passes_other_errors():
     assert is_oom(RuntimeError("CUDA error: out of memory")) and not is_oom(ValueError("x"))
 
 
-def test_evaluator_and_trainer_share_the_4bit_exceptions():
+@pytest.mark.parametrize(
+    ("settings", "on_gpu", "shardable", "expected"),
+    [
+        (None, True, False, ("nf4", True, "bfloat16", "uint8")),
+        (
+            QuantizationSpec(quant_type="fp4", double_quant=False, compute_dtype="float16"),
+            True,
+            False,
+            ("fp4", False, "float16", "uint8"),
+        ),
+        (QuantizationSpec(), False, False, ("nf4", True, "float32", "uint8")),  # the CPU computes in fp32
+        (QuantizationSpec(), True, True, ("nf4", True, "bfloat16", "bfloat16")),  # FSDP shards float storage
+    ],
+)
+def test_one_4bit_recipe_for_both_images(settings, on_gpu, shardable, expected):
     from ftc_api.modeling import NOT_QUANTISED
-    from ftc_evaluator.generate import SKIP_4BIT
+    from ftc_loading import quantization_config
 
-    assert SKIP_4BIT == list(NOT_QUANTISED) == ["lm_head", "gate", "router", "shared_expert_gate"]
+    config = quantization_config(settings, on_gpu, shardable)
+    got = (
+        config.bnb_4bit_quant_type,
+        config.bnb_4bit_use_double_quant,
+        config.bnb_4bit_compute_dtype,
+        config.bnb_4bit_quant_storage,
+    )
+    assert tuple(str(v).removeprefix("torch.") for v in got) == tuple(str(v) for v in expected)
+    assert config.llm_int8_skip_modules == list(NOT_QUANTISED) == ["lm_head", "gate", "router", "shared_expert_gate"]
 
 
 LOCATION = Location(bucket="b", prefix="ftc/ns/run-12345678")

@@ -20,13 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftc_api.modeling import NOT_QUANTISED, template_for
-
 log = logging.getLogger(__name__)
 
 AUTO_BATCH = 64
-# The trainer's 4-bit exceptions, shared through ftc_api so the adapter sees the base it was trained on.
-SKIP_4BIT = list(NOT_QUANTISED)
 
 
 # ---------------------------------------------------------------------------------------------- test rows
@@ -208,9 +204,9 @@ class LoadedModel:
 
 
 def pick_device() -> str:
-    import torch
+    from ftc_loading import cuda_available
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda_available() else "cpu"
 
 
 def load_model(
@@ -223,48 +219,20 @@ def load_model(
     device: str | None = None,
     merge: bool = True,
 ) -> LoadedModel:
-    """Load the base model (4-bit NF4 with bitsandbytes for `qlora`) and apply the LoRA adapter.
+    """The base model and tokenizer loaded as training loaded them (ftc_loading), with the LoRA adapter.
 
-    The tokenizer comes from the adapter folder when the trainer saved one there, else from the base.
-    `lora` adapters are merged into the weights (same outputs, faster); `qlora` ones stay separate."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    The tokenizer comes from the adapter folder when the trainer saved one there, else from the base; it
+    pads on the left for generation. One GPU: everything on it; several (a bf16 Mixtral-8x7B needs
+    ~90 GB): the layers spread over them. `lora` adapters are merged into the weights (same outputs,
+    faster); `qlora` ones stay separate."""
+    from ftc_loading import load_base_model, load_tokenizer
 
     device = device or pick_device()
     tokenizer_source = (
         adapter_path if adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = template_for(bool(tokenizer.bos_token))
-
-    on_gpu = device.startswith("cuda")
-    # One GPU: everything on it. Several (a bf16 Mixtral-8x7B needs ~90 GB): spread the layers over them.
-    spread = on_gpu and torch.cuda.device_count() > 1
-    kwargs: dict[str, Any] = {"device_map": "auto" if spread else {"": device}}
-    if method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        compute = getattr(quantization, "compute_dtype", "bfloat16")
-        compute_dtype = getattr(torch, str(getattr(compute, "value", compute))) if on_gpu else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=str(getattr(getattr(quantization, "quant_type", "nf4"), "value", "nf4")),
-            bnb_4bit_use_double_quant=bool(getattr(quantization, "double_quant", True)),
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=SKIP_4BIT,
-        )
-        kwargs["dtype"] = compute_dtype
-    else:
-        kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
-    if method == "qlora" and not on_gpu:
-        _avoid_packed_cpu_kernel(model)
+    tokenizer = load_tokenizer(str(tokenizer_source), chat_template, padding_side="left")
+    model, _ = load_base_model(str(base_path), method, quantization, device=device, spread=device.startswith("cuda"))
     if adapter_path is not None:
         from peft import PeftModel
 
@@ -273,19 +241,6 @@ def load_model(
             model = model.merge_and_unload()
     model.eval()
     return LoadedModel(model, tokenizer, device, method)
-
-
-def _avoid_packed_cpu_kernel(model: Any) -> None:
-    """bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel in eval mode, which fails
-    for layers whose input width is not a multiple of the quantisation block (seen with a 96-wide tiny
-    Mixtral). Such layers keep the generic 4-bit path."""
-    for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        block = getattr(state, "blocksize", 64) or 64
-        if getattr(module, "in_features", 0) % block:
-            module.support_avx512bf16_for_cpu = False
 
 
 def make_batch_generator(loaded: LoadedModel, generation: Any) -> Callable[[list[str]], list[tuple[str, int]]]:

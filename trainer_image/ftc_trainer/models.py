@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftc_api.modeling import NOT_QUANTISED, ROUTER_NAMES
+from ftc_api.modeling import ROUTER_NAMES
 from ftc_api.spec import Method, TrainingSpec
 
 from .errors import StepError, transient
@@ -72,64 +72,47 @@ def load_config(local: str, source: str | None = None) -> Any:
 
 
 def load_tokenizer(local: str, override: str | None = None, source: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
-    from .templates import apply_template
+    """The tokenizer as both images prepare it (ftc_loading): template fallback and pad token."""
+    from ftc_loading import load_tokenizer as load
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(local)
+        return load(local, override)
     except Exception as err:
         message = f"cannot load the tokenizer of base model {source or local!r}: {type(err).__name__}: {err}"
         raise StepError(message, retryable=transient(err)) from err
-    apply_template(tokenizer, override)
-    return tokenizer
 
 
 def has_cuda() -> bool:
-    import torch
+    from ftc_loading import cuda_available
 
-    return torch.cuda.is_available()
+    return cuda_available()
 
 
-def load_model(local: str, method: Method, training: TrainingSpec, source: str | None = None) -> tuple[Any, dict[str, str]]:
-    """The base model ready for LoRA: bf16 on a GPU (fp32 on the CPU) for `lora`; 4-bit NF4 (double quant,
-    bf16 compute; routers and lm_head kept in full precision) prepared for k-bit training for `qlora`.
+def load_model(
+    local: str, method: Method, training: TrainingSpec, source: str | None = None, device: str | None = "auto"
+) -> tuple[Any, dict[str, str]]:
+    """The base model ready for LoRA, loaded by ftc_loading (bf16 on a GPU, fp32 on the CPU for `lora`;
+    4-bit with the spec's quantisation for `qlora`, prepared for k-bit training). `device`: this
+    process's device ('auto': cuda:LOCAL_RANK or the CPU; None: left on the CPU for FSDP to shard).
     Returns the model and the settings ftc had to change."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from ftc_loading import load_base_model
 
     forced: dict[str, str] = {}
-    cuda = has_cuda()
-    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     config = load_config(local, source)
     if training.router_aux_loss_coef is not None:
         if hasattr(config, "router_aux_loss_coef"):
-            kwargs.update(output_router_logits=True, router_aux_loss_coef=training.router_aux_loss_coef)
+            extra.update(output_router_logits=True, router_aux_loss_coef=training.router_aux_loss_coef)
         else:
             forced["routerAuxLossCoef"] = "ignored: not a mixture-of-experts model"
-    if method == Method.QLORA:
-        quant = training.quantization
-        compute = getattr(torch, quant.compute_dtype.value)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.quant_type.value,
-            bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=compute,
-            llm_int8_skip_modules=list(NOT_QUANTISED),
-        )
-        kwargs["dtype"] = compute
-        kwargs["device_map"] = "auto" if cuda else {"": "cpu"}
-    else:
-        kwargs["dtype"] = torch.bfloat16 if cuda else torch.float32
-        if cuda:
-            kwargs["device_map"] = "auto"
-        else:
-            forced["dtype"] = "float32 (no GPU: bf16 is used on GPUs)"
+    if device == "auto":
+        device = process_device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+        model, changed = load_base_model(local, method.value, training.quantization, device=device, extra=extra)
     except Exception as err:
         message = f"cannot load base model {source or local!r}: {type(err).__name__}: {err}"
         raise StepError(message, retryable=transient(err)) from err
+    forced.update(changed)
     if method == Method.QLORA:
         from peft import prepare_model_for_kbit_training
 
@@ -140,6 +123,13 @@ def load_model(local: str, method: Method, training: TrainingSpec, source: str |
         )
     model.config.use_cache = False
     return model, forced
+
+
+def process_device() -> str:
+    """This process's device: its own GPU under torchrun (LOCAL_RANK), the first one alone, else the CPU."""
+    if not has_cuda():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK') or 0)}"
 
 
 def linear_leaf_names(model: Any) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftc_api.modeling import template_for
+from ftc_loading import prepare_tokenizer
 
 from .errors import StepError
 
@@ -20,18 +20,9 @@ IGNORE_INDEX = -100
 
 
 def apply_template(tokenizer: Any, override: str | None = None) -> str:
-    """Set the tokenizer's chat template (override > own > default) and a pad token; returns which was used."""
-    if override:
-        tokenizer.chat_template = override
-        used = "override"
-    elif getattr(tokenizer, "chat_template", None):
-        used = "tokenizer"
-    else:
-        tokenizer.chat_template = template_for(tokenizer.bos_token is not None)
-        used = "default"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return used
+    """Set the tokenizer's chat template (override > own > default) and a pad token; returns which was used.
+    The evaluator prepares its tokenizer with the same function (ftc_loading)."""
+    return prepare_tokenizer(tokenizer, override)
 
 
 class TemplateRenderError(StepError):
