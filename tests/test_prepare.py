@@ -315,7 +315,7 @@ def test_model_that_cannot_fit_fails_the_step_with_numbers(
     code, summary = _run_cli(tmp_path, monkeypatch, doc)
     assert code == EXIT_BAD_INPUT and summary["ok"] is False
     assert "model mixtral-big (lora) needs an estimated" in summary["error"]
-    assert "but its placement provides 80.00 GiB" in summary["error"] and "llama-big" not in summary["error"]
+    assert "but one GPU of its placement has 80.00 GiB" in summary["error"] and "llama-big" not in summary["error"]
     by_name = {m["name"]: m for m in summary["models"]}
     assert by_name["llama-big"]["memory"]["fits"] and not by_name["mixtral-big"]["memory"]["fits"]
     assert Storage(endpoint_url=tiny_s3.endpoint_url).read_manifest(_location(tiny_s3, "prepare-too-big").uri("data")) is None

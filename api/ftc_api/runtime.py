@@ -10,7 +10,14 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from .steps import DEFAULT_INPUT_PATH, INPUT_PATH_ENV, MAX_SUMMARY_BYTES, TERMINATION_LOG, TERMINATION_LOG_ENV
+from .steps import (
+    DEFAULT_INPUT_PATH,
+    INPUT_PATH_ENV,
+    MAX_SUMMARY_BYTES,
+    RANK_SUMMARY_DIR_ENV,
+    TERMINATION_LOG,
+    TERMINATION_LOG_ENV,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,6 +53,11 @@ def read_input(model: type[M], path: str | Path) -> M:
 
 
 def termination_log_path() -> Path:
+    """The container's termination log; a torchrun worker (one of several training processes in a pod)
+    writes to its own file instead, and the launcher hands on the one that matters."""
+    directory = os.environ.get(RANK_SUMMARY_DIR_ENV)
+    if directory and "LOCAL_RANK" in os.environ:
+        return Path(directory) / f"rank-{os.environ.get('RANK', '0')}.json"
     return Path(os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG)
 
 

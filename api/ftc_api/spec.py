@@ -50,6 +50,14 @@ class Scheduler(StrEnum):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
+class Parallelism(StrEnum):
+    """How a model placed on several GPUs of one pod trains (one process per GPU, torchrun)."""
+
+    AUTO = "auto"
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
 class ComputeDtype(StrEnum):
     """Dtype used for matrix multiplications of a 4-bit model."""
 
@@ -377,6 +385,15 @@ class TrainingSpec(ApiModel):
         "Same loss as padded batches; faster when row lengths vary.",
     )
     gradient_checkpointing: bool = Field(default=True, description="gradientCheckpointing: trade compute for memory.")
+    parallelism: Parallelism = Field(
+        default=Parallelism.AUTO,
+        description="parallelism: how a model whose placement has gpuCount > 1 trains, one process per GPU started "
+        "by torchrun: `ddp` (data parallel: every GPU holds the whole model), `fsdp` (the weights are sharded over "
+        "the GPUs, for a model that does not fit one), `auto` (ddp when the pre-flight estimate fits one GPU, else "
+        "fsdp). gradientAccumulationSteps is divided over the processes, so the effective batch (perDeviceBatchSize "
+        "x gradientAccumulationSteps) is the same on any number of GPUs; where it does not divide, the deviation "
+        "is recorded in status.",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="lora: adapter settings.")
     quantization: QuantizationSpec = Field(
         default_factory=QuantizationSpec, description="quantization: 4-bit settings used by `qlora` models."

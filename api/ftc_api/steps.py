@@ -29,6 +29,8 @@ INPUT_PATH_ENV = "FTC_STEP_INPUT"
 DEFAULT_INPUT_PATH = "/etc/ftc/input.json"
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_ENV = "FTC_TERMINATION_LOG"
+# Set by the train step's torchrun launcher: each worker writes its summary to RANK_SUMMARY_DIR/rank-N.json.
+RANK_SUMMARY_DIR_ENV = "FTC_RANK_SUMMARY_DIR"
 MAX_SUMMARY_BYTES = 4096
 # Exit codes of every step image. The Job's podFailurePolicy fails the Job at once on EXIT_BAD_INPUT
 # (retrying cannot help); EXIT_FAILED is retried up to the step's backoffLimit (a train pod resumes).
@@ -106,6 +108,10 @@ class MemoryEstimate(ApiModel):
     disk_gib: float | None = Field(
         default=None,
         description="diskGib: the base model's weights on disk at their stored dtype (scratch space to download them).",
+    )
+    parallelism: str = Field(
+        default="single",
+        description="parallelism: `single` (one GPU), `ddp` or `fsdp`; the totals are per GPU under that strategy.",
     )
 
 
@@ -194,6 +200,10 @@ class TrainResult(ApiModel):
     best_adapter_uri: str | None = Field(default=None, description="bestAdapterUri: lowest-eval-loss adapter.")
     metrics_uri: str | None = Field(default=None, description="metricsUri: models/NAME/metrics.json.")
     forced: dict[str, str] = Field(default_factory=dict, description="forced: settings ftc had to change, and to what.")
+    parallelism: str | None = Field(
+        default=None, description="parallelism: how it trained: `single` (one process), `ddp` or `fsdp` over `processes`."
+    )
+    processes: int | None = Field(default=None, description="processes: training processes (one per GPU).")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

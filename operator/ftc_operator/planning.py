@@ -440,8 +440,8 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
                 est = ms.memory_estimate
                 ms.phase, ms.job_name = ModelPhase.FAILED, None
                 ms.message = (
-                    f"{Reason.DOES_NOT_FIT.value}: needs about {est.total_gib:.1f} GiB of GPU memory, "
-                    f"{est.available_gib:.1f} GiB available"
+                    f"{Reason.DOES_NOT_FIT.value}: needs about {est.total_gib:.1f} GiB of GPU memory per GPU "
+                    f"({est.parallelism}), {est.available_gib:.1f} GiB available on one GPU"
                 )
                 failed[model.name] = ms.message
             elif prior is not None and prior.phase in (ModelPhase.TRAINED, ModelPhase.FAILED):

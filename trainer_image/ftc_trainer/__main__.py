@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         detail = _validation_message(err) if isinstance(err, ValidationError) else str(err)
         write_summary(_failure(args.command, f"invalid {args.command} input {path}: {detail}", raw))
         return EXIT_BAD_INPUT
+    if args.command == "train":
+        from .launch import launch, processes_for, under_launcher
+
+        processes = processes_for()
+        if processes > 1 and not under_launcher():  # one process per GPU: this one becomes the torchrun agent
+            log.info("starting %d training processes (torchrun)", processes)
+            return launch(list(sys.argv[1:] if argv is None else argv), processes)
     result: PrepareResult | TrainResult
     failure_code = EXIT_FAILED
     try:

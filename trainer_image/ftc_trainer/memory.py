@@ -15,7 +15,11 @@ its layers are counted:
   (b x s x V x 10);
 - overhead: 10% for allocator fragmentation plus 1 GiB for the CUDA context and workspaces.
 
-The total is compared with gpuMemoryGiB x gpuCount (weights are sharded over the GPUs of one pod).
+With gpuCount N > 1 the pod runs N training processes (torchrun). Under DDP every GPU holds the whole
+model: the per-GPU total is the single-GPU one. Under FSDP the weights, the LoRA weights and their optimizer
+state are sharded (divided by N) while one decoder block is gathered whole at a time and the activations
+stay per GPU. The per-GPU total is compared with gpuMemoryGiB; `parallelism: auto` picks DDP when it fits,
+else FSDP (:func:`choose_parallelism`).
 """
 
 from __future__ import annotations
@@ -81,8 +85,10 @@ def estimate(
     double_quant: bool,
     gpu_memory_gib: float,
     gpu_count: int = 1,
+    parallelism: str = "auto",
 ) -> MemoryEstimate:
-    """Peak GPU memory of LoRA/QLoRA training of the model `config` describes (see the module docstring)."""
+    """Peak memory per GPU of LoRA/QLoRA training of the model `config` describes (see the module docstring);
+    `parallelism` is the spec's (auto, ddp or fsdp); the estimate names the one chosen."""
     counts = count_parameters(config, targets, r)
     text = getattr(config, "text_config", None) or config
     hidden = int(text.hidden_size)
@@ -100,11 +106,22 @@ def estimate(
     block = b * s * (10 * hidden + 3 * inter * active) * 2
     activations = (layers * b * s * hidden * 2 + block) if gradient_checkpointing else layers * block
     activations += b * s * vocab * 10
-    total = (weights + lora + activations) * FRAGMENTATION / GIB + OVERHEAD_GIB
-    available = gpu_memory_gib * max(gpu_count, 1)
+    processes = max(gpu_count, 1)
+
+    def per_gpu(sharded: bool) -> tuple[float, float, float]:
+        if not sharded:
+            return weights, lora, (weights + lora + activations) * FRAGMENTATION / GIB + OVERHEAD_GIB
+        gathered = weights / max(layers, 1)  # one block's weights, all-gathered for its forward and backward
+        w, lo = weights / processes + gathered, lora / processes
+        return w, lo, (w + lo + activations) * FRAGMENTATION / GIB + OVERHEAD_GIB
+
+    chosen = choose_parallelism(parallelism, processes, per_gpu(False)[2] <= gpu_memory_gib)
+    weights_per_gpu, lora_per_gpu, total = per_gpu(chosen == "fsdp")
+    available = gpu_memory_gib
     return MemoryEstimate(
-        weights_gib=round(weights / GIB, 3),
-        lora_gib=round(lora / GIB, 3),
+        parallelism=chosen,
+        weights_gib=round(weights_per_gpu / GIB, 3),
+        lora_gib=round(lora_per_gpu / GIB, 3),
         activations_gib=round(activations / GIB, 3),
         total_gib=round(total, 3),
         available_gib=round(available, 3),
@@ -112,6 +129,16 @@ def estimate(
         parameters=counts["total"],
         disk_gib=round(counts["total"] * stored_bytes_per_param(config) / GIB, 3),
     )
+
+
+def choose_parallelism(requested: str, processes: int, fits_one_gpu: bool) -> str:
+    """`single` for one process; else the spec's `ddp` or `fsdp`, or for `auto` DDP when the whole model
+    fits one GPU (the faster choice) and FSDP when it does not."""
+    if processes <= 1:
+        return "single"
+    if requested in ("ddp", "fsdp"):
+        return requested
+    return "ddp" if fits_one_gpu else "fsdp"
 
 
 def stored_bytes_per_param(config: Any) -> int:
@@ -125,5 +152,5 @@ def describe(name: str, method: Method, est: MemoryEstimate) -> str:
     return (
         f"model {name} ({method.value}) needs an estimated {est.total_gib:.2f} GiB of GPU memory "
         f"(weights {est.weights_gib:.1f} + LoRA and optimizer {est.lora_gib:.2f} + activations {est.activations_gib:.1f} "
-        f"+ overhead) but its placement provides {est.available_gib:.2f} GiB"
+        f"+ overhead) per GPU under {est.parallelism} but one GPU of its placement has {est.available_gib:.2f} GiB"
     )

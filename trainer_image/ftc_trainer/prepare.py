@@ -130,6 +130,7 @@ def check_model(ref: ModelRef, inp: PrepareInput, store: Any, splits: dict[str, 
         double_quant=training.quantization.double_quant,
         gpu_memory_gib=ref.gpu_memory_gib,
         gpu_count=ref.gpu_count,
+        parallelism=training.parallelism.value,
     )
     if Path(local).is_file():  # a bare config: no tokenizer to count with
         return prepared

@@ -14,9 +14,11 @@ adapter so far in its `ftc-best--*` files, so the history continues with no step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import re
 import resource
 import shutil
@@ -29,7 +31,7 @@ from ftc_api import names
 from ftc_api.overfitting import overfitting_verdict
 from ftc_api.spec import TrainingSpec
 from ftc_api.steps import LossPoint, TrainInput, TrainResult
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from . import data
 from .errors import StepError, transient
@@ -123,18 +125,23 @@ class EvalEveryEpochAndAtEnd(TrainerCallback):
 
 
 class BestAdapter(TrainerCallback):
-    """Keep the adapter with the lowest eval loss in `directory`."""
+    """Keep the adapter with the lowest eval loss in `directory`. Every training process sees the same
+    (gathered) eval loss; `save` writes the adapter (collective under FSDP, written by rank 0 only)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.loss = math.inf
         self.step: int | None = None
+        self.save: Any = None
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None, **kw: Any) -> None:
         loss = (metrics or {}).get("eval_loss")
         if loss is not None and model is not None and loss < self.loss:
             self.loss, self.step = float(loss), state.global_step
-            model.save_pretrained(self.directory)
+            if self.save is not None:
+                self.save(self.directory)
+            else:
+                model.save_pretrained(self.directory)
 
     def store_in(self, checkpoint: Path) -> None:
         """Copy the best adapter and its loss into a checkpoint directory."""
@@ -170,6 +177,12 @@ class CheckpointUploader(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
+        if args.world_size > 1:  # every process has written its part (its RNG state) before rank 0 uploads
+            import torch.distributed as dist
+
+            dist.barrier()
+            if not state.is_world_process_zero:
+                return
         local = Path(args.output_dir) / f"checkpoint-{step}"
         if not local.is_dir() or step in self.uploaded:
             return
@@ -262,10 +275,11 @@ def out_of_memory_message(torch: Any, ref: Any, training: TrainingSpec, err: Bas
 def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     """Run the train step; raises StepError on bad input (the caller reports it)."""
     import torch
+    from accelerate import PartialState
     from ftc_api.devices import gpu_problem
     from ftc_storage import Storage, StorageError
     from peft import get_peft_model
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from .loss import ResponseLossTrainer
     from .models import (
@@ -278,6 +292,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         resolve_targets,
         trainable_parameters,
     )
+    from .parallel import fsdp_arguments, split_accumulation, world_size
     from .progress import ProgressReporter, pod_patcher
 
     problem = gpu_problem(torch)
@@ -285,22 +300,46 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         raise StepError(problem)
     ref, loc = inp.model, inp.location
     training = effective_training(inp)
+    processes = world_size()
+    # Under torchrun: join the process group now (gloo on the CPU, NCCL on GPUs); rank 0 downloads first.
+    state = PartialState(cpu=not has_cuda()) if processes > 1 else None
+    main = state is None or state.is_main_process
+    if workdir is None and processes > 1:  # the processes share one scratch directory
+        workdir = Path(tempfile.gettempdir()) / f"ftc-train-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-train-"))
     workdir.mkdir(parents=True, exist_ok=True)
     store = Storage.for_location(loc)
     model_prefix = loc.uri(names.model_dir(ref.name))
+    output_dir = workdir / "trainer"
+    best = BestAdapter(workdir / "best-adapter")
 
     data_uri = loc.uri("data")
-    try:
-        store.download_verified(data_uri, workdir / "data")
-    except StorageError as err:
-        raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
+    checkpoint: Path | None = None
+    resumed_step: int | None = None
+    with state.main_process_first() if state is not None else contextlib.nullcontext():
+        if main:
+            try:
+                store.download_verified(data_uri, workdir / "data")
+            except StorageError as err:
+                raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
+        local = fetch_model(ref.base_model, store)
+        if main:
+            checkpoint, resumed_step = find_checkpoint(store, f"{model_prefix}/checkpoints", output_dir)
+            if checkpoint is not None:
+                best.restore(checkpoint)
+                log.info("resuming from checkpoint step-%d", resumed_step)
+    if state is not None:  # the other processes resume from the checkpoint rank 0 downloaded
+        import torch.distributed as dist
+
+        shared: list[Any] = [resumed_step, best.loss, best.step]
+        dist.broadcast_object_list(shared, src=0)
+        resumed_step, best.loss, best.step = shared
+        checkpoint = output_dir / f"checkpoint-{resumed_step}" if resumed_step is not None else None
     train_rows = data.read_jsonl(workdir / "data" / "train.jsonl", "train")
     eval_rows = data.read_jsonl(workdir / "data" / "eval.jsonl", "eval")
     if not train_rows:
         raise StepError("data/train.jsonl holds no rows")
 
-    local = fetch_model(ref.base_model, store)
     tokenizer = load_tokenizer(local, ref.chat_template, ref.base_model)
     train_set, skipped = encode_rows(tokenizer, train_rows, training.max_seq_length)
     eval_set, _ = encode_rows(tokenizer, eval_rows, training.max_seq_length)
@@ -309,30 +348,28 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     if skipped:
         log.warning("%d train rows skipped: their response starts past maxSeqLength %d", skipped, training.max_seq_length)
 
+    strategy = parallelism_for(local, ref, training, processes)
+    accumulation, batch_deviation = split_accumulation(training.gradient_accumulation_steps, processes)
     set_seed(training.seed)
-    model, forced = load_model(local, ref.method, training, ref.base_model)
+    model, forced = load_model(local, ref.method, training, ref.base_model, device=None if strategy == "fsdp" else "auto")
+    if batch_deviation:
+        forced["gradientAccumulationSteps"] = batch_deviation
     # No KV cache in training, and it must be off for padding-free batches: transformers builds the
     # per-row (block-diagonal) attention mask from position_ids only when no cache is passed.
     model.config.use_cache = False
+    sharding = fsdp_arguments(model) if strategy == "fsdp" else {}
     targets = resolve_targets(model, ref.lora_target_modules or training.lora.target_modules or None)
     model = get_peft_model(model, lora_config(training, targets))
     cuda = has_cuda()
 
-    output_dir = workdir / "trainer"
-    best = BestAdapter(workdir / "best-adapter")
-    checkpoint, resumed_step = find_checkpoint(store, f"{model_prefix}/checkpoints", output_dir)
-    if checkpoint is not None:
-        best.restore(checkpoint)
-        log.info("resuming from checkpoint step-%d", resumed_step)
-
     has_eval = bool(eval_set)
-    args = TrainingArguments(
+    args = FtcTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
         per_device_train_batch_size=training.per_device_batch_size,
         per_device_eval_batch_size=training.per_device_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=training.learning_rate,
         lr_scheduler_type=training.lr_scheduler.value,
         warmup_ratio=training.warmup_ratio,
@@ -356,15 +393,17 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **sharding,
     )
     clock = RunClock()
     callbacks: list[TrainerCallback] = [
         EvalEveryEpochAndAtEnd(has_eval),
         best,
         CheckpointUploader(store, f"{model_prefix}/checkpoints", best),
-        ProgressReporter(pod_patcher()),
         clock,
     ]
+    if main:  # progress comes from rank 0
+        callbacks.append(ProgressReporter(pod_patcher()))
     trainer = ResponseLossTrainer(
         model=model,
         args=args,
@@ -373,6 +412,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         data_collator=make_collator(tokenizer, training.packing, pad_to_multiple_of=8 if cuda else None),
         callbacks=callbacks,
     )
+    best.save = adapter_saver(trainer, main)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as err:  # deterministic: the same batch runs out again on a retry
@@ -380,16 +420,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
 
     history = loss_history(trainer.state.log_history)
     final_dir, best_dir = workdir / "adapter", workdir / "adapter-best"
-    model.save_pretrained(final_dir)
-    if best.directory.is_dir():
-        shutil.copytree(best.directory, best_dir, dirs_exist_ok=True)
-    else:
-        shutil.copytree(final_dir, best_dir, dirs_exist_ok=True)
-    config_doc = inp.to_wire() | {"targetModules": targets, "forced": forced}
-    for directory in (final_dir, best_dir):
-        tokenizer.save_pretrained(directory)
-        (directory / CONFIG_FILE).write_text(json.dumps(config_doc, indent=1, sort_keys=True))
-
+    best.save(final_dir)
     trains = [p for p in history if p.train_loss is not None]
     evals = [p for p in history if p.eval_loss is not None]
     best_point = min(evals, key=lambda p: p.eval_loss) if evals else None  # type: ignore[arg-type, return-value]
@@ -414,9 +445,65 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         best_adapter_uri=loc.uri(names.adapter_dir(ref.name, best=True)),
         metrics_uri=loc.uri(names.metrics_key(ref.name)),
         forced=forced,
+        parallelism=strategy,
+        processes=processes,
     )
-    upload_results(store, model_prefix, final_dir, best_dir, history, result)
+    if main:
+        if best.directory.is_dir():
+            shutil.copytree(best.directory, best_dir, dirs_exist_ok=True)
+        else:
+            shutil.copytree(final_dir, best_dir, dirs_exist_ok=True)
+        config_doc = inp.to_wire() | {"targetModules": targets, "forced": forced, "parallelism": strategy}
+        for directory in (final_dir, best_dir):
+            tokenizer.save_pretrained(directory)
+            (directory / CONFIG_FILE).write_text(json.dumps(config_doc, indent=1, sort_keys=True))
+        upload_results(store, model_prefix, final_dir, best_dir, history, result)
     return result
+
+
+class FtcTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments, with the device of a CPU process under torchrun given as `cpu`:
+    accelerate names it `cpu:RANK`, Trainer loads a checkpoint's optimizer state onto `args.device` when
+    several processes train, and torch cannot restore tensors to `cpu:0` (a resume failed)."""
+
+    @property
+    def device(self) -> Any:
+        device = super().device
+        return type(device)("cpu") if device.type == "cpu" else device
+
+
+def adapter_saver(trainer: Any, main: bool) -> Any:
+    """A function writing the current adapter to a directory: rank 0 writes it; under FSDP every process
+    first takes part in gathering the sharded weights."""
+
+    def save(directory: Path) -> None:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+        if main:
+            trainer.model.save_pretrained(directory, state_dict=state_dict)
+
+    return save
+
+
+def parallelism_for(local: str, ref: Any, training: TrainingSpec, processes: int) -> str:
+    """`single`, `ddp` or `fsdp`: the spec's choice, or for `auto` what the pre-flight estimate picks."""
+    from .memory import choose_parallelism, estimate
+    from .models import load_config
+
+    if processes <= 1 or training.parallelism.value != "auto":
+        return choose_parallelism(training.parallelism.value, processes, True)
+    est = estimate(
+        load_config(local, ref.base_model),
+        ref.method,
+        r=training.lora.r,
+        targets=ref.lora_target_modules or training.lora.target_modules or None,
+        batch_size=training.per_device_batch_size,
+        seq_length=training.max_seq_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        double_quant=training.quantization.double_quant,
+        gpu_memory_gib=ref.gpu_memory_gib,
+        gpu_count=processes,
+    )
+    return est.parallelism
 
 
 def upload_results(

@@ -1,0 +1,117 @@
+"""Several GPUs in one pod: the train step starts one process per GPU with torchrun (data parallel).
+
+`ftc-trainer train` in a pod whose placement asked for N > 1 GPUs (``FTC_GPUS``, set by the operator)
+becomes the torchrun agent: it starts N copies of itself through torch's elastic launcher (what the
+``torchrun --standalone --nproc-per-node=N`` command runs: a c10d rendezvous on a free local port, no
+restarts: the Job retries and the step resumes from its checkpoint) and waits for them. Each copy finds
+``LOCAL_RANK``/``WORLD_SIZE`` in its environment and trains its share of every batch on its own GPU;
+transformers' Trainer wraps the model in DistributedDataParallel (or FSDP, see ``parallel.py``).
+
+Every rank writes its summary to its own file; the agent hands the container's termination log the
+summary of the rank that failed first (or rank 0's when all succeeded) and exits with that rank's code,
+so bad input still fails the Job at once (2) and a transient failure is still retried (1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ftc_api.steps import RANK_SUMMARY_DIR_ENV
+
+
+def under_launcher(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Whether this process is one of torchrun's workers."""
+    return "LOCAL_RANK" in env and "WORLD_SIZE" in env
+
+
+def processes_for(env: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """How many training processes the pod runs: one per requested GPU (1 when none or one)."""
+    from ftc_api.devices import requested_gpus
+
+    return max(1, requested_gpus(env))
+
+
+def pick_outcome(failures: dict[int, int], first_failed: int | None, summaries: dict[int, str]) -> tuple[int, str | None]:
+    """The pod's exit code and summary from its workers' exit codes by rank ({} when all succeeded), the
+    rank that failed first, and the summaries the workers wrote. A worker killed by a signal (a negative
+    code) or one that died without a summary counts as a transient failure (1)."""
+    if not failures:
+        return 0, summaries.get(0)
+    rank = first_failed if first_failed in failures else min(failures)
+    code = failures[rank]
+    summary = summaries.get(rank)
+    if code <= 0 or summary is None:
+        code = 1
+    return (2 if code == 2 else 1), summary
+
+
+def launch(argv: list[str], processes: int) -> int:
+    """Run `python -m ftc_trainer ARGV` as `processes` torchrun workers; returns the pod's exit code after
+    writing the chosen summary to the termination log."""
+    from ftc_api.runtime import termination_log_path
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    summaries_dir = Path(tempfile.mkdtemp(prefix="ftc-ranks-"))
+    os.environ[RANK_SUMMARY_DIR_ENV] = str(summaries_dir)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=1.0,
+        start_method="spawn",
+    )
+    failures: dict[int, int] = {}
+    first: int | None = None
+    detail = ""
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "ftc_trainer", *argv)
+    except ChildFailedError as err:
+        first_rank, first_failure = err.get_first_failure()
+        first = first_rank
+        failures = {rank: failure.exitcode for rank, failure in err.failures.items()}
+        detail = f"training process rank {first_rank} exited with code {first_failure.exitcode}"
+    except Exception as err:  # the rendezvous or the agent itself failed (or a signal stopped it)
+        failures, first, detail = {0: 1}, 0, f"the torchrun agent failed: {type(err).__name__}: {err}"
+    summaries = {
+        int(path.stem.split("-", 1)[1]): path.read_text() for path in summaries_dir.glob("rank-*.json") if path.stat().st_size
+    }
+    shutil.rmtree(summaries_dir, ignore_errors=True)
+    code, summary = pick_outcome(failures, first, summaries)
+    if summary is None:
+        error = detail or "no summary from rank 0"
+        summary = json.dumps({"step": "train", "ok": code == 0, "error": error, "model": _model(argv)})
+    path = termination_log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(summary)
+    except OSError:
+        pass
+    return code
+
+
+def _model(argv: list[str]) -> str:
+    """The model's name from the step input (for a summary no worker wrote)."""
+    from ftc_api.runtime import input_path
+
+    try:
+        index = argv.index("--input")
+        explicit: str | None = argv[index + 1]
+    except (ValueError, IndexError):
+        explicit = None
+    try:
+        doc: Any = json.loads(input_path(explicit).read_text())
+        return str(doc["model"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
