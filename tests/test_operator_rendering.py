@@ -564,6 +564,19 @@ def test_gpu_steps_are_told_how_many_gpus_they_asked_for(allow):
     assert "FTC_GPUS" not in prepare and "FTC_ALLOW_CPU" not in prepare
 
 
+@pytest.mark.parametrize(("gpus", "shared_memory"), [(1, False), (2, True), (8, True)])
+def test_a_train_pod_on_several_gpus_gets_shared_memory_for_its_processes(gpus, shared_memory):
+    spec = make_spec(placement={"gpuCount": gpus})
+    job = render_job(OWNER, spec, OperatorConfig(), "train", spec.models[0])
+    mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod(job)["volumes"]}
+    assert ("/dev/shm" in mounts) == shared_memory
+    if shared_memory:
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    evaluate = render_job(OWNER, spec, OperatorConfig(), "evaluate")  # one process: the default is enough
+    assert all(m["mountPath"] != "/dev/shm" for m in container(evaluate)["volumeMounts"])
+
+
 @pytest.mark.parametrize(
     "scratch, request_, size_limit",
     [

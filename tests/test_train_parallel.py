@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ftc_api.spec import LoraSpec, Method, TrainingSpec
+from ftc_api.spec import LoraSpec, Method, Parallelism, TrainingSpec
 from ftc_api.steps import EXIT_BAD_INPUT, Location, LossPoint, ModelRef, TrainInput, TrainResult
 from ftc_storage import Storage
 
@@ -200,3 +200,26 @@ def test_bad_input_in_a_worker_fails_the_pod_as_bad_input(tiny_s3: TinyS3, data_
     code, result, log = train(tiny_s3, loc, tmp_path, "bad", 2, base_model=missing)
     assert code == EXIT_BAD_INPUT, log[-3000:]
     assert not result.ok and "no-such-model" in (result.error or "") and result.model == "tiny-llama"
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(600)
+def test_fsdp_shards_the_model_and_learns_what_one_process_learns(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    training = TRAINING.model_copy(update={"parallelism": Parallelism.FSDP, "max_steps": 6})
+    code, single, log = train(tiny_s3, new_run(tiny_s3, data_prefix, "one", tmp_path), tmp_path, "one", 1, training)
+    assert code == 0, log[-3000:]
+    code, sharded, log = train(tiny_s3, new_run(tiny_s3, data_prefix, "fsdp", tmp_path), tmp_path, "fsdp", 2, training)
+    assert code == 0, log[-3000:]
+    assert (sharded.parallelism, sharded.processes) == ("fsdp", 2)
+    one, two = history_of(store, single), history_of(store, sharded)
+    assert [p.train_loss for p in two] == pytest.approx([p.train_loss for p in one], rel=TRAIN_LOSS_TOLERANCE)
+    # The adapter is gathered from the shards: whole tensors, the names and shapes one process saves.
+    from safetensors.torch import load_file
+
+    shapes = []
+    for result, name in ((single, "one"), (sharded, "fsdp")):
+        store.download_verified(result.adapter_uri or "", tmp_path / f"{name}-adapter")
+        tensors = load_file(tmp_path / f"{name}-adapter" / "adapter_model.safetensors")
+        shapes.append({key: tuple(value.shape) for key, value in tensors.items()})
+    assert shapes[0] == shapes[1] and len(shapes[0]) > 0

@@ -699,7 +699,15 @@ def _path_part(part: object) -> str:
     if isinstance(part, int):
         return f"[{part}]"
     text = str(part)
-    return f".{text}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", text) else f"[{json.dumps(text)[:80]}]"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", text):
+        return f".{text}"
+    quoted = json.dumps(text)
+    if len(quoted) > 80:  # cut a long key between characters, never inside an escape sequence, and say so
+        shown = text
+        while len(json.dumps(shown)) > 76:
+            shown = shown[:-1]
+        quoted = json.dumps(shown)[:-1] + '..."'
+    return f"[{quoted}]"
 
 
 def _format_error(error: ErrorDetails) -> str:

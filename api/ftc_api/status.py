@@ -116,6 +116,11 @@ class ModelStatus(ApiModel):
     train_seconds: float | None = Field(default=None, description="trainSeconds: wall time of training.")
     tokens_per_second: float | None = Field(default=None, description="tokensPerSecond: trained tokens per second.")
     trainable_parameters: int | None = Field(default=None, description="trainableParameters: LoRA parameters trained.")
+    parallelism: str | None = Field(
+        default=None,
+        description="parallelism: how it trained: `single` (one GPU), or `ddp`/`fsdp` with one process per GPU "
+        "(chosen by spec.training.parallelism or the memory estimate).",
+    )
     resumed_from_step: int | None = Field(
         default=None, description="resumedFromStep: checkpoint step the train Job resumed from after a restart."
     )

@@ -606,6 +606,7 @@ def _fill_trained(ms: ModelStatus, r: TrainResult) -> None:
     ms.train_seconds = r.train_seconds
     ms.tokens_per_second = r.tokens_per_second
     ms.trainable_parameters = r.trainable_parameters
+    ms.parallelism = r.parallelism
     ms.resumed_from_step = r.resumed_from_step
     ms.adapted_modules = r.adapted_modules or None
     ms.adapter_uri = r.adapter_uri
@@ -619,6 +620,7 @@ _KEPT = (
     "train_seconds",
     "tokens_per_second",
     "trainable_parameters",
+    "parallelism",
     "resumed_from_step",
     "adapted_modules",
     "final_train_loss",
@@ -644,6 +646,7 @@ def _result_from_status(ms: ModelStatus, loc: Location) -> TrainResult:
         train_seconds=ms.train_seconds,
         tokens_per_second=ms.tokens_per_second,
         trainable_parameters=ms.trainable_parameters,
+        parallelism=ms.parallelism,
         resumed_from_step=ms.resumed_from_step,
         adapted_modules=ms.adapted_modules or [],
         final_train_loss=ms.final_train_loss,

@@ -238,6 +238,8 @@ def image_for(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str) -
 
 
 EPHEMERAL_STORAGE = "ephemeral-storage"
+SHM_VOLUME = "dshm"
+SHM_SIZE_LIMIT = "16Gi"  # counted against the pod's memory only as far as it is used
 _BINARY = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "Pi": 2**20}
 _DECIMAL = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 
@@ -281,12 +283,13 @@ def render_job(
         lbl = {**lbl, KUEUE_QUEUE_LABEL: place["queueName"]}
     step_cfg = config.step(step)
     image, pull = image_for(config, spec, step)
+    gpus = int(place["resources"].get("limits", {}).get(GPU_RESOURCE, 0))
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": pull,
         "args": list(step_cfg.args),
-        "env": step_env(owner, spec, config, step, int(place["resources"].get("limits", {}).get(GPU_RESOURCE, 0))),
+        "env": step_env(owner, spec, config, step, gpus),
         "volumeMounts": [
             {"name": INPUT_VOLUME, "mountPath": INPUT_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": TMP_DIR},
@@ -307,6 +310,16 @@ def render_job(
             tmp_limit = need
     if place["resources"]:
         container["resources"] = place["resources"]
+    volumes = [
+        {"name": INPUT_VOLUME, "configMap": {"name": name}},
+        {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": tmp_limit}},
+        *copy.deepcopy(config.extra_volumes),
+    ]
+    if step == StepKind.TRAIN and gpus > 1:
+        # One training process per GPU: NCCL passes data between them through /dev/shm, which a container
+        # gets at 64 MiB unless a memory-backed volume replaces it (as Kubeflow Trainer's pods do).
+        container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": place["serviceAccountName"],
@@ -314,11 +327,7 @@ def render_job(
         "automountServiceAccountToken": step == StepKind.TRAIN,
         "securityContext": config.pod_security_context.to_wire(),
         "containers": [container],
-        "volumes": [
-            {"name": INPUT_VOLUME, "configMap": {"name": name}},
-            {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": tmp_limit}},
-            *copy.deepcopy(config.extra_volumes),
-        ],
+        "volumes": volumes,
     }
     if place["nodeSelector"]:
         pod_spec["nodeSelector"] = place["nodeSelector"]
