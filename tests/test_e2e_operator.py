@@ -106,6 +106,34 @@ def test_stubbed_comparison_succeeds_as_the_charts_service_account(ftc, operator
     wait_for(lambda: not ftc.jobs(namespace) and not ftc.configmaps(namespace), 90, "garbage collection of Jobs and ConfigMaps")
 
 
+def test_a_failed_evaluation_is_retried_after_the_fix_without_retraining(control_plane, ftc, operator, namespace, s3_server):
+    """The judge refuses the key: evaluate fails as bad input and the comparison ends Failed. The user fixes the
+    Secret and runs `kubectl annotate ftc NAME ftc.dev/retry=...`: only evaluate reruns."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(ftc.core.api_client)
+    secret = {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "rejected"}}  # the stub's refused key
+    core.create_namespaced_secret(namespace, secret)
+    ftc.create("retry", namespace, tiny_spec(s3_server.cluster_endpoint_url))
+    failed = ftc.wait_phase("retry", namespace, ("Succeeded", "Failed"), timeout=180)
+    assert failed["phase"] == "Failed", failed
+    evaluated = next(c for c in failed["conditions"] if c["type"] == "Evaluated")
+    assert evaluated["status"] == "False" and "401" in evaluated["message"]
+    uids = {j.metadata.name: j.metadata.uid for j in ftc.jobs(namespace, "retry")}
+
+    core.patch_namespaced_secret("ftc-judge", namespace, {"stringData": {"api-key": CANARY}})
+    control_plane.kubectl("annotate", "ftc", "retry", "-n", namespace, "ftc.dev/retry=fixed-the-key", "--overwrite")
+    done = ftc.wait_phase("retry", namespace, ("Succeeded",), timeout=180)
+    assert done["retry"] == "fixed-the-key" and done["winner"]
+    assert done["fairness"] == failed["fairness"]  # same data, same models, same settings
+    after = {j.metadata.name: j.metadata.uid for j in ftc.jobs(namespace, "retry")}
+    assert sorted(after) == sorted(uids)
+    assert [n for n in after if after[n] != uids[n]] == ["retry-evaluate"]  # prepare and train ran once
+    assert [m["phase"] for m in done["models"]] == ["Trained", "Trained"]
+    reasons = [e.reason for e in ftc.events(namespace, "retry")]
+    assert "Retrying" in reasons and "PhaseSucceeded" in reasons
+
+
 @pytest.mark.parametrize("operator", [dict(fail=("b",))], indirect=True, ids=["stub"])
 def test_failed_model_is_left_out_and_reported(ftc, operator, namespace, s3_server, judge_secret):
     ftc.create("three", namespace, tiny_spec(s3_server.cluster_endpoint_url, models=("a", "b", "c")))

@@ -79,6 +79,7 @@ def test_operator_rbac_is_least_privilege_and_never_touches_secrets(helm):
         ("batch", "jobs", "list"),
         ("batch", "jobs", "watch"),
         ("batch", "jobs", "create"),
+        ("batch", "jobs", "delete"),
         ("", "configmaps", "create"),
         ("", "configmaps", "get"),
         ("", "pods", "list"),

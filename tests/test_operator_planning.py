@@ -414,6 +414,52 @@ def test_terminal_status_is_sticky():
     assert again.status == done.status and not again.creates and not again.events
 
 
+# --------------------------------------------------------------------------------------------- retry
+
+
+def with_retry(observed, status, retry, now=LATER):
+    return plan(spec(), status, observed, now, owner=OWNER, config=CONFIG, retry=retry)
+
+
+def test_a_retry_reruns_a_failed_evaluation_without_retraining():
+    failed_eval = job("evaluate", state=JobState.FAILED, result=EvaluateResult(ok=False, error="judge said 401").to_json())
+    failed = run([PREP_OK, *TRAIN_OK, failed_eval])
+    assert failed.status.phase == Phase.FAILED
+    assert with_retry([PREP_OK, *TRAIN_OK, failed_eval], failed.status, None).status == failed.status  # not asked
+
+    retrying = with_retry([PREP_OK, *TRAIN_OK, failed_eval], failed.status, "1")
+    assert retrying.deletes == ("bake-evaluate",) and not retrying.creates  # only the failed Job goes
+    assert retrying.status.phase == Phase.PENDING and retrying.status.retry == "1"
+    assert conditions(retrying)["Succeeded"] == ("Unknown", "Retrying")
+    assert conditions(retrying)["Trained"] == ("True", "JobSucceeded")
+    assert retrying.status.fairness == failed.status.fairness
+    # The next pass sees the Job deleting, then gone: it creates the evaluate Job only.
+    deleting = with_retry([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.FAILED, deleting=True)], retrying.status, "1")
+    assert [c.step for c in deleting.creates] == ["evaluate"] and not deleting.deletes
+    gone = with_retry([PREP_OK, *TRAIN_OK], retrying.status, "1")
+    assert [c.step for c in gone.creates] == ["evaluate"] and gone.status.phase == Phase.EVALUATING
+    assert gone.status.fairness == failed.status.fairness
+    done = with_retry([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())], gone.status, "1")
+    assert done.status.phase == Phase.SUCCEEDED and done.status.retry == "1"
+    # The same value again is no new request: a finished comparison stays as it is.
+    assert with_retry([], done.status, "1").status == done.status
+
+
+def test_a_retry_retrains_only_the_model_that_failed():
+    spec_doc = spec("llama", "mixtral", "qwen")
+    train_fail = job("train", "qwen", state=JobState.FAILED, result=trained("qwen", ok=False))
+    observed = [PREP_OK, *TRAIN_OK, train_fail]
+    failed = plan(spec_doc, run([PREP_OK], spec_doc=spec_doc).status, observed, NOW, owner=OWNER, config=CONFIG)
+    failed = plan(spec_doc, failed.status, [*observed, job("evaluate", state=JobState.FAILED)], NOW, owner=OWNER, config=CONFIG)
+    assert failed.status.phase == Phase.FAILED
+    retry = plan(spec_doc, failed.status, [*observed, job("evaluate", state=JobState.FAILED)], LATER, owner=OWNER,
+                 config=CONFIG, retry="again")  # fmt: skip
+    assert set(retry.deletes) == {"bake-train-qwen", "bake-evaluate"}
+    assert {m.name: m.phase for m in retry.status.models}["qwen"] == ModelPhase.PENDING
+    rerun = plan(spec_doc, retry.status, [PREP_OK, *TRAIN_OK], LATER, owner=OWNER, config=CONFIG, retry="again")
+    assert [(c.step, c.model) for c in rerun.creates] == [("train", "qwen")]
+
+
 def test_condition_times_change_only_on_transition():
     a = run([job("prepare", state=JobState.ACTIVE)])
     b = run([PREP_OK], a.status, now=LATER)

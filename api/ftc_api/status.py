@@ -58,6 +58,7 @@ class Reason(StrEnum):
     DOES_NOT_FIT = "DoesNotFitGPU"
     TOO_FEW_MODELS = "TooFewModelsTrained"
     INCONCLUSIVE = "Inconclusive"
+    RETRYING = "Retrying"
     COMPLETED = "Completed"
     NAME_TAKEN = "NameTaken"
 
@@ -224,6 +225,11 @@ class FineTuneComparisonStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list, description="conditions: standard conditions.")
     models_done: str | None = Field(default=None, description="modelsDone: trained models over total, for `kubectl get`.")
     run_prefix: str | None = Field(default=None, description="runPrefix: S3 URI under which this run's artefacts live.")
+    retry: str | None = Field(
+        default=None,
+        description="retry: the value of the `ftc.dev/retry` annotation last acted on (a failed comparison reruns what "
+        "failed when the annotation gets a new value).",
+    )
     data_manifest_uri: str | None = Field(default=None, description="dataManifestUri: S3 URI of the prepared data's manifest.")
     data_counts: dict[str, int] | None = Field(
         default=None, description="dataCounts: rows per split and dropped rows per reason."

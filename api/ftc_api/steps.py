@@ -38,6 +38,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 PROGRESS_ANNOTATION = "ftc.dev/progress"
+# On a comparison: set it to a new value (any string, for example a date) to rerun what failed.
+RETRY_ANNOTATION = "ftc.dev/retry"
 JUDGE_API_KEY_ENV = "FTC_JUDGE_API_KEY"
 EMBEDDINGS_API_KEY_ENV = "FTC_EMBEDDINGS_API_KEY"
 

@@ -135,6 +135,14 @@ class Kube:
             return Created(False, foreign_owner(obj, existing))
         return Created(True)
 
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and, in the background, its pods (a retry); one already gone is fine."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background", _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     def replace_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """PUT the status subresource with the read resourceVersion (optimistic concurrency)."""
         meta = obj["metadata"]

@@ -61,6 +61,7 @@ class ObservedJob:
     pods: int = 0  # pods of this Job seen, in any phase
     suspended: bool = False  # spec.suspend (for example queued by Kueue): no pods yet on purpose
     pod_failure: str | None = None  # how the last failed pod's container ended, when the kubelet says why (OOMKilled...)
+    deleting: bool = False  # metadata.deletionTimestamp is set (a retry deleted it)
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -134,6 +135,7 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
         pods=len(pods),
         suspended=bool((job.get("spec") or {}).get("suspend")),
         pod_failure=pod_failure(failed_pods[-1]) if failed_pods else None,
+        deleting=bool(meta.get("deletionTimestamp")),
     )
     if conds.get("Complete", {}).get("status") == "True":
         term = _terminated(succeeded_pods[-1]) if succeeded_pods else None
@@ -165,14 +167,17 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
 
 
 def pods_by_job(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Group pods by the name of the Job that owns them."""
+    """Group pods by the Job that owns them: by its uid (a retried step's Job has the name of the failed one it
+    replaced, whose pods may linger), else by name."""
     out: dict[str, list[dict[str, Any]]] = {}
     for pod in pods:
         meta = pod.get("metadata") or {}
-        owner = next((o["name"] for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"), None)
-        owner = (
-            owner or (meta.get("labels") or {}).get("batch.kubernetes.io/job-name") or (meta.get("labels") or {}).get("job-name")
+        labels = meta.get("labels") or {}
+        ref = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"), None)
+        owner = (ref or {}).get("uid") or (
+            labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid") or (ref or {}).get("name")
         )
+        owner = owner or labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
         if owner:
             out.setdefault(owner, []).append(pod)
     return out
@@ -187,4 +192,9 @@ def observe(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], owner_uid: s
     """Every Job owned by `owner_uid`, observed with its pods, sorted by name."""
     grouped = pods_by_job(pods)
     mine = [j for j in jobs if owned_by(j, owner_uid)]
-    return sorted((observe_job(j, grouped.get(j["metadata"]["name"], [])) for j in mine), key=lambda o: o.name)
+
+    def pods_of(job: dict[str, Any]) -> list[dict[str, Any]]:
+        meta = job["metadata"]
+        return grouped.get(meta.get("uid", ""), []) or grouped.get(meta["name"], [])
+
+    return sorted((observe_job(j, pods_of(j)) for j in mine), key=lambda o: o.name)

@@ -124,6 +124,7 @@ class Plan:
     status: FineTuneComparisonStatus
     creates: tuple[CreateStep, ...] = ()
     events: tuple[EventNote, ...] = ()
+    deletes: tuple[str, ...] = ()  # failed Jobs to delete (a retry), by name
 
     def status_doc(self) -> dict[str, Any]:
         return self.status.to_wire()
@@ -206,7 +207,7 @@ class _Builder:
         self.owner = owner
         self.clock = now
         self.now = rfc3339(now)
-        self.status = FineTuneComparisonStatus(observed_generation=owner.generation)
+        self.status = FineTuneComparisonStatus(observed_generation=owner.generation, retry=old.retry)
         self.conditions: dict[str, Condition] = {}
         self.creates: list[CreateStep] = []
 
@@ -252,9 +253,13 @@ def plan(
     *,
     owner: Owner,
     config: OperatorConfig,
+    retry: str | None = None,
 ) -> Plan:
-    """The next actions and the status for a comparison (pure; see the module docstring)."""
+    """The next actions and the status for a comparison (pure; see the module docstring). `retry`: the
+    comparison's `ftc.dev/retry` annotation."""
     old = _old_status(status)
+    if retry_requested(old, retry) and not _invalid_spec(old):
+        return _plan_retry(old, observed, owner, now, retry or "")
     if old.phase in TERMINAL and old.observed_generation == owner.generation and not _invalid_spec(old):
         return Plan(status=old)
     b = _Builder(old, owner, now)
@@ -268,6 +273,32 @@ def plan(
             return b.finish(Phase.FAILED)
         parsed = FineTuneComparisonSpec.model_validate(spec)
     return _plan_valid(parsed, observed, b, config)
+
+
+def retry_requested(old: FineTuneComparisonStatus, retry: str | None) -> bool:
+    """A failed comparison whose `ftc.dev/retry` annotation has a value not acted on yet."""
+    return old.phase == Phase.FAILED and bool(retry) and retry != old.retry
+
+
+def _plan_retry(
+    old: FineTuneComparisonStatus, observed: Sequence[ObservedJob], owner: Owner, now: dt.datetime, retry: str
+) -> Plan:
+    """Rerun what failed: delete the failed Jobs and set their models back to Pending; what succeeded (the
+    prepared data, every trained model) stays, and the next pass creates only the missing Jobs."""
+    b = _Builder(old, owner, now)
+    st = old.model_copy(deep=True)
+    st.retry, st.observed_generation = retry, owner.generation
+    st.winner = st.verdict = st.report_uri = st.scores_uri = st.judge = None
+    failed = [o for o in observed if o.state == JobState.FAILED]
+    for ms in st.models:
+        if ms.phase == ModelPhase.FAILED:
+            ms.phase, ms.message, ms.progress = ModelPhase.PENDING, None, None
+    b.status = st
+    b.conditions = {c.type: c for c in old.conditions if c.status == "True" and c.type != ConditionType.SUCCEEDED.value}
+    what = ", ".join(o.name for o in failed) or "no failed Job is left"
+    b.condition(ConditionType.SUCCEEDED, "Unknown", Reason.RETRYING, f"retry {retry!r}: rerunning what failed ({what})")
+    plan_ = b.finish(Phase.PENDING)
+    return Plan(status=plan_.status, creates=(), events=plan_.events, deletes=tuple(o.name for o in failed))
 
 
 def _old_status(status: FineTuneComparisonStatus | dict[str, Any] | None) -> FineTuneComparisonStatus:
@@ -348,7 +379,8 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     owner, old, st = b.owner, b.old, b.status
     loc = location(spec, owner)
     st.run_prefix = loc.uri()
-    jobs = {(o.step, o.model): o for o in observed}
+    # A Job being deleted (a retry) is as good as gone; its replacement is created once its name is free.
+    jobs = {(o.step, o.model): o for o in observed if not o.deleting}
     missing = _missing_secret(observed)
     stuck = _no_pods(observed, b.clock)
     if missing:

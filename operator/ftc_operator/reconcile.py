@@ -13,13 +13,14 @@ from collections.abc import Callable
 
 from ftc_api.spec import FineTuneComparisonSpec
 from ftc_api.status import FineTuneComparisonStatus
+from ftc_api.steps import RETRY_ANNOTATION
 from pydantic import ValidationError
 
 from . import metrics
 from .config import OperatorConfig
 from .kube import Kube
 from .observe import observe
-from .planning import TERMINAL, Plan, only_progress_changed, plan, with_names_taken
+from .planning import TERMINAL, Plan, only_progress_changed, plan, retry_requested, with_names_taken
 from .rendering import Owner, render_configmap, render_job, selector_labels
 
 log = logging.getLogger("ftc.operator")
@@ -68,12 +69,17 @@ class Reconciler:
         owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=meta.get("generation", 1))
         old = _old_status(obj)
         now = self.clock()
-        if old is not None and old.phase in TERMINAL and old.observed_generation == owner.generation:
+        retry = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+        settled = old is not None and old.phase in TERMINAL and old.observed_generation == owner.generation
+        if settled and not (old is not None and retry_requested(old, retry)):
             observed = []  # the planner keeps a terminal status as is: no need to list anything
         else:
             sel = _selector(owner.name)
             observed = observe(self.kube.list_jobs(namespace, sel), self.kube.list_pods(namespace, sel), owner.uid)
-        p = plan(obj.get("spec") or {}, old, observed, now, owner=owner, config=self.config)
+        p = plan(obj.get("spec") or {}, old, observed, now, owner=owner, config=self.config, retry=retry)
+        for job_name in p.deletes:  # a retry: the failed Jobs go (their pods with them) before their steps rerun
+            self.kube.delete_job(namespace, job_name)
+            log.info("%s/%s: retry %r: deleted failed Job %s", namespace, name, retry, job_name)
         not_created: set[str] = set()
         taken: dict[str, str] = {}
         if p.creates:

@@ -8,7 +8,8 @@ interpreter (its venv holds ftc_api and, in the trainer image, the kubernetes cl
 A single file: it imports nothing but ftc_api, the standard library and (for progress) kubernetes.
 Knobs (env): FTC_STUB_SECONDS (sleep before finishing, default 0), FTC_STUB_FAIL (comma-separated model
 names whose train step fails with exit 1), FTC_STUB_OOM (model names whose train step allocates 4 GiB, so a
-memory limit OOM-kills it), FTC_STUB_PROGRESS=1 (patch the pod's progress annotation
+memory limit OOM-kills it), a judge key (FTC_JUDGE_API_KEY) of "rejected" fails evaluate with exit 2
+as a 401 would, FTC_STUB_PROGRESS=1 (patch the pod's progress annotation
 while sleeping, with the pod's ServiceAccount token, else $KUBECONFIG). It never touches S3.
 """
 
@@ -23,6 +24,8 @@ import time
 from ftc_api.runtime import input_path, write_summary
 from ftc_api.status import Progress
 from ftc_api.steps import (
+    EXIT_BAD_INPUT,
+    JUDGE_API_KEY_ENV,
     PROGRESS_ANNOTATION,
     EvaluatedModelResult,
     EvaluateResult,
@@ -33,6 +36,8 @@ from ftc_api.steps import (
     PrepareResult,
     TrainResult,
 )
+
+REJECTED_KEY = "rejected"  # a judge key the stub's evaluate step refuses
 
 
 def _unit(text: str) -> float:
@@ -129,6 +134,9 @@ def main() -> int:
         return 0
     if step == "evaluate":
         time.sleep(seconds)
+        if os.environ.get(JUDGE_API_KEY_ENV) == REJECTED_KEY:  # as the real evaluator: a refused key is bad input
+            write_summary(EvaluateResult(ok=False, error="stub: the judge endpoint answered 401 Unauthorized to the key"))
+            return EXIT_BAD_INPUT
         models = [m["model"]["name"] for m in doc["models"]]
         means = {m: round(5 + 4 * _unit(m), 3) for m in models}
         winner = max(means, key=lambda m: means[m]) if len(models) > 1 else models[0]
