@@ -13,6 +13,7 @@ import base64
 import json
 import random
 import time
+from typing import Any
 
 import pytest
 
@@ -326,3 +327,61 @@ def test_two_replicas_one_reconciles_and_the_other_takes_over_when_the_leader_di
     a, b = normalized_status(calm), normalized_status(st)
     assert json.dumps(a, sort_keys=True).replace("calm2", "X") == json.dumps(b, sort_keys=True).replace("failover", "X")
     print(f"leader {leader} deleted; {new} took over in {took_over:.1f}s")
+
+
+def test_a_train_pods_token_may_change_only_its_own_progress_annotation(api, operator, namespace):
+    """The step ServiceAccount may patch pods (RBAC cannot say which); the chart's ValidatingAdmissionPolicy
+    lets a token bound to a pod change that pod's `ftc.dev/progress` annotation and nothing else."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(api)
+    restricted = {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+    def pod(name: str) -> Any:  # never scheduled (no node has the label): only the API object matters
+        return core.create_namespaced_pod(
+            namespace,
+            {
+                "metadata": {"name": name, "labels": {"app": name}, "annotations": {"keep": "1"}},
+                "spec": {
+                    "serviceAccountName": "ftc-step",
+                    "automountServiceAccountToken": False,
+                    "nodeSelector": {"ftc.dev/no-such-node": "x"},
+                    "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "securityContext": restricted}],
+                },
+            },
+        )
+
+    own = pod("own")
+    pod("other")
+    bound = {"kind": "Pod", "apiVersion": "v1", "name": own.metadata.name, "uid": own.metadata.uid}
+    token = core.create_namespaced_service_account_token(
+        "ftc-step", namespace, {"spec": {"audiences": [], "expirationSeconds": 600, "boundObjectRef": bound}}
+    ).status.token
+    conf = client.Configuration()
+    conf.host, conf.ssl_ca_cert = api.configuration.host, api.configuration.ssl_ca_cert
+    conf.api_key = {"authorization": f"Bearer {token}"}
+    as_step = client.CoreV1Api(client.ApiClient(conf))
+
+    as_step.patch_namespaced_pod("own", namespace, {"metadata": {"annotations": {"ftc.dev/progress": '{"step": 1}'}}})
+    assert core.read_namespaced_pod("own", namespace).metadata.annotations["ftc.dev/progress"] == '{"step": 1}'
+    refused = [
+        ("own", {"metadata": {"labels": {"app": "relabelled"}}}, "only its ftc.dev/progress"),
+        ("own", {"metadata": {"annotations": {"other": "x"}}}, "only its ftc.dev/progress"),
+        ("own", {"metadata": {"annotations": {"keep": None}}}, "only its ftc.dev/progress"),
+        ("own", {"spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:evil"}]}}, "only its ftc.dev/progress"),
+        ("other", {"metadata": {"annotations": {"ftc.dev/progress": "{}"}}}, "only the pod it is bound to"),
+    ]
+    for name, patch, why in refused:
+        with pytest.raises(ApiException) as err:
+            as_step.patch_namespaced_pod(name, namespace, patch)
+        assert err.value.status in (403, 422) and why in str(err.value.body), (patch, err.value.body)
+    after = core.read_namespaced_pod("own", namespace)
+    assert after.metadata.labels == {"app": "own"} and after.spec.containers[0].image == "registry.k8s.io/pause:3.10"
+    assert "ftc.dev/progress" not in (core.read_namespaced_pod("other", namespace).metadata.annotations or {})

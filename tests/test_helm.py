@@ -114,6 +114,14 @@ def test_step_service_account_may_patch_only_pods(helm):
     roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "ftc-step"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ftc-system", "team-a"]
     assert roles[0]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    # ... narrowed by admission to its own pod's progress annotation (tests/test_e2e_operator.py tries the rest)
+    policy = by_kind(docs, "ValidatingAdmissionPolicy")[0]
+    users = policy["spec"]["matchConditions"][0]["expression"]
+    assert "'system:serviceaccount:ftc-system:ftc-step', 'system:serviceaccount:team-a:ftc-step'" in users
+    assert by_kind(docs, "ValidatingAdmissionPolicyBinding")[0]["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }
 
 
 def test_watch_namespaces_use_namespaced_roles(helm):
