@@ -86,6 +86,7 @@ bench: install models cluster-build images
 	$(BIN)/python -m bench.train_bench
 	$(BIN)/python -m bench.real_model_bench
 	$(BIN)/python -m bench.parallel_bench
+	$(BIN)/python -m bench.prepare_bench
 	$(BIN)/python -m bench.eval_bench
 	$(BIN)/python -m bench.operator_bench
 

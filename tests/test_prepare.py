@@ -121,6 +121,88 @@ def test_clean_counts_each_reason_with_examples(tmp_path: Path) -> None:
     assert all(e.startswith("row ") for v in cleaned.examples.values() for e in v)
 
 
+# ---------------------------------------------------------------------------------------------- dataset abuse
+
+
+def _chat(user: str, answer: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.mark.unit
+def test_abusive_lines_are_counted_under_their_reason_and_never_crash(tmp_path: Path) -> None:
+    """Every kind of bad line at once, streamed from one file: each is dropped and counted with its reason;
+    invalid UTF-8 is counted as such (never replaced and kept); what is usable is kept whole."""
+    big = "x" * (10 * 2**20)  # a 10 MB answer
+    lines: list[bytes] = [
+        json.dumps(_chat("a 10 MB row", big)).encode(),
+        b'{"messages": [{"role": "user", "content": "caf\xe9 latin-1"}, {"role": "assistant", "content": "no"}]}',
+        b"\xff\xfe\x00garbage that is not text",
+        b"[" * 100_000 + b"]" * 100_000,  # nested far deeper than any parser's recursion limit
+        json.dumps({"messages": [{"role": 1, "content": ["not", "text"]}]}).encode(),
+        json.dumps({"messages": "a string"}).encode(),
+        json.dumps({"messages": [{"role": "wizard", "content": "?"}, {"role": "assistant", "content": "!"}]}).encode(),
+        json.dumps({"messages": [{"role": "assistant", "content": "unprompted"}, *_chat("q", "a")["messages"]]}).encode(),
+        json.dumps(["a", "list", "row"]).encode(),
+        b"null",
+        *[json.dumps(_chat("same question", "same answer")).encode()] * 10,  # 90% duplicates of one row
+    ]
+    path = tmp_path / "abuse.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    cleaned = data.clean(data.read_file(path), DatasetFormat.CHAT)
+    assert cleaned.read == len(lines) == 20
+    assert cleaned.dropped == {"invalid_utf8": 2, "unparseable": 6, "duplicate": 9}
+    kept = [row["messages"] for row in cleaned.rows]
+    assert len(kept) == 3
+    assert kept[0][1]["content"] == big  # the 10 MB row, whole
+    assert kept[1] == _chat("q", "a")["messages"]  # the leading assistant turn answers nothing: not trained on
+    assert all("\ufffd" not in json.dumps(m) for m in kept)
+    shown = " ".join(cleaned.examples["invalid_utf8"])
+    assert "invalid UTF-8 at byte" in shown and "\\xe9" in shown  # shown escaped, never decoded with replacement
+
+
+@pytest.mark.unit
+def test_a_file_that_is_not_what_its_extension_says_fails_clearly(tmp_path: Path) -> None:
+    fake = tmp_path / "data.parquet"
+    fake.write_text(json.dumps(_chat("q", "a")) + "\n")
+    with pytest.raises(StepError, match="cannot read data.parquet as Parquet"):
+        list(data.read_file(fake))
+
+
+@pytest.mark.unit
+def test_a_parquet_file_with_the_wrong_schema_leaves_no_usable_rows_and_says_so(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"question": ["q1", "q2"], "score": [1, 2]}), path)
+    cleaned = data.clean(data.read_file(path), DatasetFormat.CHAT)
+    assert (cleaned.read, len(cleaned.rows), cleaned.dropped) == (2, 0, {"unparseable": 2})
+    assert "no 'messages' column" in cleaned.examples["unparseable"][0]
+    assert data.no_rows_message(cleaned) == "no usable rows: read 2 rows, dropped 2 unparseable"
+
+
+@pytest.mark.unit
+def test_parquet_is_read_in_batches_with_every_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = data.PARQUET_BATCH_ROWS * 3 + 5
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "many.parquet", row_group_size=1000)
+    assert list(data.read_file(tmp_path / "many.parquet")) == rows
+
+
+@pytest.mark.unit
+def test_spooled_splits_are_the_bytes_of_in_memory_splits(tmp_path: Path) -> None:
+    cleaned = data.clean(data.read_file(build_messy_dataset(tmp_path / "messy.jsonl")), DatasetFormat.ALPACA)
+    in_memory = [cleaned.rows[i] for i in range(len(cleaned.rows))]
+    order = data.split_order(len(cleaned.rows), SplitSpec(), seed=5)
+    for name, picked in order.items():
+        cleaned.rows.write(picked, tmp_path / f"{name}.jsonl")
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == data.to_jsonl(in_memory[i] for i in picked)
+    assert data.split_rows(in_memory, SplitSpec(), seed=5)["test"] == [in_memory[i] for i in order["test"]]
+
+
 # ---------------------------------------------------------------------------------------------- pure: splitting
 
 

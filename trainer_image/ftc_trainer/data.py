@@ -3,6 +3,13 @@
 Every usable row becomes one conversation: `{"id": ..., "messages": [{"role": system|user|assistant,
 "content": ...}, ...]}`, ending with an assistant turn. `id` is the first 16 hex of the sha256 of the
 canonical messages, so the same row has the same id in every run.
+
+Streaming, so memory does not grow with the file: JSON lines are read one at a time (as bytes, decoded
+strictly: a line that is not UTF-8 is dropped as `invalid_utf8`, never silently replaced), Parquet in
+record batches, S3 objects one after the other. Usable rows go to a spool file on disk (`Spool`: one
+prepared JSONL line each, and its offset); what stays in memory per row is its offset, a 16-byte digest
+for de-duplication and, for the shuffle, its index. A `.json` file holding one JSON array is the
+exception: it is parsed whole (use JSON lines for large datasets).
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +45,18 @@ EXAMPLE_CHARS = 160
 EMPTY = "empty"
 DUPLICATE = "duplicate"
 UNPARSEABLE = "unparseable"
+INVALID_UTF8 = "invalid_utf8"
 NO_ASSISTANT = "no_assistant_turn"
+PARQUET_BATCH_ROWS = 1024
 
 
 class Unparseable:
-    """A source line that is not valid JSON."""
+    """A source line that is not valid JSON (`reason` unparseable) or not UTF-8 (`reason` invalid_utf8)."""
 
-    def __init__(self, text: str, error: str) -> None:
+    def __init__(self, text: str, error: str, reason: str = UNPARSEABLE) -> None:
         self.text = text
         self.error = error
+        self.reason = reason
 
     def __repr__(self) -> str:
         return self.text
@@ -68,27 +79,20 @@ def data_files(root: Path) -> list[Path]:
 
 
 def read_file(path: Path, label: str | None = None) -> Iterator[Any]:
-    """Rows of one JSONL, JSON or Parquet file; JSONL lines that do not parse come back as `Unparseable`.
-    Errors name the file as `label` (the S3 URI of a downloaded object), else by its file name."""
+    """Rows of one JSONL, JSON or Parquet file, streamed; JSONL lines that do not parse or are not UTF-8 come
+    back as `Unparseable`. Errors name the file as `label` (the S3 URI of a downloaded object), else by its
+    file name."""
     name = label or path.name
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as err:
-            detail = str(err).replace(f"'{path}'", repr(name)).replace(str(path), name)
-            raise StepError(f"cannot read {name} as Parquet: {detail}") from err
-        yield from table.to_pylist()
+        yield from _read_parquet(path, name)
         return
     if suffix not in (".jsonl", ".ndjson", ".json"):
         raise StepError(f"unknown dataset file format {name!r}: expected .jsonl, .json or .parquet")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if suffix == ".json":
+    if suffix == ".json":  # one JSON document, parsed whole (a .json file of JSON lines falls through)
         try:
-            doc = json.loads(text)
-        except ValueError:
+            doc = json.loads(path.read_bytes())
+        except (ValueError, RecursionError):
             doc = None  # a .json file holding JSON lines
         if doc is not None:
             if isinstance(doc, dict):
@@ -100,19 +104,43 @@ def read_file(path: Path, label: str | None = None) -> Iterator[Any]:
                 raise StepError(f"{name}: expected a JSON list of rows")
             yield from doc
             return
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except ValueError as err:
-            yield Unparseable(line, str(err))
+    with path.open("rb") as lines:
+        for raw in lines:
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                shown = raw[: EXAMPLE_CHARS * 2].decode("utf-8", errors="backslashreplace")
+                yield Unparseable(shown, f"invalid UTF-8 at byte {err.start} of the line", INVALID_UTF8)
+                continue
+            try:
+                yield json.loads(line)
+            except (ValueError, RecursionError) as err:
+                yield Unparseable(line[: EXAMPLE_CHARS * 2], str(err) if isinstance(err, ValueError) else "nested too deeply")
 
 
-def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train") -> list[Any]:
-    """All rows of the dataset at `source`: an s3:// object or prefix, a local file or directory, or a
-    Hugging Face dataset id. Raises StepError naming the source when it cannot be read."""
-    from ftc_storage import StorageError, is_s3, join
+def _read_parquet(path: Path, name: str) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        for batch in batches:
+            yield from batch.to_pylist()
+    except StepError:
+        raise
+    except Exception as err:
+        detail = str(err).replace(f"'{path}'", repr(name)).replace(str(path), name)
+        raise StepError(f"cannot read {name} as Parquet: {detail}") from err
+
+
+def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train") -> Iterator[Any]:
+    """Every row of the dataset at `source`, streamed: an s3:// object or prefix (objects downloaded one at a
+    time, each deleted once read), a local file or directory, or a Hugging Face dataset id. Raises StepError
+    naming the source when it cannot be read (the existence checks at once, the rest while reading)."""
+    from ftc_storage import StorageError, is_s3
 
     if is_s3(source):
         try:
@@ -122,39 +150,45 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
             raise StepError(f"cannot read dataset {source}: {err}", retryable=transient(err)) from err
         if not names:
             raise StepError(f"no dataset at {source}: no such object and no .jsonl/.json/.parquet objects under it")
-        rows: list[Any] = []
-        for i, name in enumerate(names):
-            uri = join(source, name) if name else source
-            local = workdir / "source" / f"{i:04d}-{Path(uri).name}"
-            try:
-                store.download_file(uri, local)
-            except StorageError as err:
-                raise StepError(f"cannot read dataset object {uri}: {err}", retryable=transient(err)) from err
-            rows.extend(read_file(local, label=uri))
-        return rows
+        return _read_s3(source, names, store, workdir)
     path = Path(source[len("file://") :] if source.startswith("file://") else source)
     if path.is_file():
-        return list(read_file(path))
+        return read_file(path)
     if path.is_dir():
         files = data_files(path)
         if not files:
             raise StepError(f"no .jsonl/.json/.parquet files under {source}")
-        return [row for f in files for row in read_file(f)]
+        return (row for f in files for row in read_file(f))
     if source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise StepError(f"dataset {source!r} not found: no such file or directory")
     return _read_hub(source, hf_split)
 
 
-def _read_hub(dataset_id: str, split: str) -> list[Any]:
+def _read_s3(source: str, names: list[str], store: Any, workdir: Path) -> Iterator[Any]:
+    from ftc_storage import StorageError, join
+
+    for i, name in enumerate(names):
+        uri = join(source, name) if name else source
+        local = workdir / "source" / f"{i:04d}-{Path(uri).name}"
+        try:
+            store.download_file(uri, local)
+        except StorageError as err:
+            raise StepError(f"cannot read dataset object {uri}: {err}", retryable=transient(err)) from err
+        yield from read_file(local, label=uri)
+        local.unlink(missing_ok=True)
+
+
+def _read_hub(dataset_id: str, split: str) -> Iterator[Any]:
     try:
         import datasets
 
-        return list(datasets.load_dataset(dataset_id, split=split))
+        rows = datasets.load_dataset(dataset_id, split=split)
     except Exception as err:
         raise StepError(
             f"dataset {dataset_id!r} is not an s3:// URI or a local path, and loading it as a Hugging Face "
             f"dataset (split {split!r}) failed: {type(err).__name__}: {err}"
         ) from err
+    return iter(rows)
 
 
 # ---------------------------------------------------------------------------------------------- normalising
@@ -188,7 +222,7 @@ def normalise(row: Any, fmt: DatasetFormat, fields: FieldMapping | None = None) 
     """One row as a conversation ending in an assistant turn; raises DropRow with the reason otherwise."""
     fields = fields or FieldMapping()
     if isinstance(row, Unparseable):
-        raise DropRow(UNPARSEABLE, f"invalid JSON: {row.error}")
+        raise DropRow(row.reason, row.error if row.reason == INVALID_UTF8 else f"invalid JSON: {row.error}")
     if not isinstance(row, dict):
         raise DropRow(UNPARSEABLE, f"a {type(row).__name__}, not an object")
     system = _text(row.get(fields.system), fields.system).strip()
@@ -219,6 +253,9 @@ def normalise(row: Any, fmt: DatasetFormat, fields: FieldMapping | None = None) 
         messages = [m for m in messages if m["content"]]
         while messages and messages[-1]["role"] != "assistant":
             messages.pop()
+        # An assistant turn before the first user turn answers nothing: it is not trained on (dropped).
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+        messages = [m for i, m in enumerate(messages) if i >= first_user or m["role"] != "assistant"]
         if not any(m["role"] == "user" for m in messages):
             raise DropRow(NO_ASSISTANT if not messages else UNPARSEABLE, "no assistant turn after a user turn")
     if system and messages[0]["role"] != "system":
@@ -234,11 +271,59 @@ def canonical(messages: list[dict[str, str]]) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+class Spool(Sequence[dict[str, Any]]):
+    """Prepared rows on disk, in order: one byte-stable JSONL line each (`to_jsonl`), found by offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = self.path.open("wb")
+        self._offsets = array("Q")
+        self._end = 0
+        self._reader: Any = None
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = to_jsonl([row])
+        self._offsets.append(self._end)
+        self._out.write(line)
+        self._end += len(line)
+
+    def line(self, index: int) -> bytes:
+        """Row `index` as its JSONL line (newline included)."""
+        if self._reader is None:
+            self._out.flush()
+            self._reader = self.path.open("rb")
+        self._reader.seek(self._offsets[index])
+        return self._reader.readline()
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return json.loads(self.line(index))
+
+    def write(self, order: Iterable[int], path: Path) -> int:
+        """Write the rows at `order` to a JSONL file (what `to_jsonl` of those rows gives); returns the count."""
+        n = 0
+        with Path(path).open("wb") as out:
+            for index in order:
+                out.write(self.line(index))
+                n += 1
+        return n
+
+    def close(self) -> None:
+        self._out.close()
+        if self._reader is not None:
+            self._reader.close()
+
+
 @dataclass
 class Cleaned:
-    """Usable conversations in source order, with counts and examples of what was dropped."""
+    """Usable conversations in source order (spooled to disk), with counts and examples of what was dropped."""
 
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: Spool
     read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -247,16 +332,27 @@ class Cleaned:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLES:
-            shown = row.text if isinstance(row, Unparseable) else json.dumps(row, ensure_ascii=False, default=str)
+            if isinstance(row, Unparseable):
+                shown = row.text
+            else:
+                try:
+                    shown = json.dumps(row, ensure_ascii=False, default=str)
+                except (ValueError, RecursionError):
+                    shown = f"a {type(row).__name__} nested too deeply to show"
             if len(shown) > EXAMPLE_CHARS:
                 shown = shown[: EXAMPLE_CHARS - 3] + "..."
             examples.append(f"row {index + 1}: {shown}" + (f" ({detail})" if detail and detail != reason else ""))
 
 
-def clean(rows: Iterable[Any], fmt: DatasetFormat, fields: FieldMapping | None = None) -> Cleaned:
-    """Normalise every row; drop empty, duplicate, unparseable and answerless rows and count each reason."""
-    out = Cleaned()
-    seen: set[str] = set()
+def clean(rows: Iterable[Any], fmt: DatasetFormat, fields: FieldMapping | None = None, spool: Spool | None = None) -> Cleaned:
+    """Normalise every row; drop empty, duplicate, unparseable, non-UTF-8 and answerless rows and count each
+    reason. Usable rows go to `spool` (a temporary file when None); duplicates are found by digest."""
+    if spool is None:
+        import tempfile
+
+        spool = Spool(Path(tempfile.mkdtemp(prefix="ftc-rows-")) / "rows.jsonl")
+    out = Cleaned(rows=spool)
+    seen: set[bytes] = set()
     for index, row in enumerate(rows):
         out.read += 1
         try:
@@ -264,12 +360,16 @@ def clean(rows: Iterable[Any], fmt: DatasetFormat, fields: FieldMapping | None =
         except DropRow as drop:
             out.drop(drop.reason, index, row, str(drop))
             continue
+        except RecursionError:
+            out.drop(UNPARSEABLE, index, row, "nested too deeply")
+            continue
         key = canonical(messages)
-        if key in seen:
+        digest = hashlib.sha256(key.encode()).digest()
+        if digest[16:] in seen:
             out.drop(DUPLICATE, index, row, "")
             continue
-        seen.add(key)
-        out.rows.append({"id": row_id(messages), "messages": messages})
+        seen.add(digest[16:])
+        spool.append({"id": digest.hex()[:16], "messages": messages})
     return out
 
 
@@ -282,10 +382,16 @@ def no_rows_message(cleaned: Cleaned) -> str:
 
 
 def split_rows(
-    rows: list[dict[str, Any]], split: SplitSpec, seed: int, max_rows: int | None = None
+    rows: Sequence[dict[str, Any]], split: SplitSpec, seed: int, max_rows: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Shuffle with `seed`, keep at most `max_rows`, then cut test, eval and train (in that order)."""
-    order = list(range(len(rows)))
+    """The rows of each split (`split_order` applied to `rows`)."""
+    return {name: [rows[i] for i in indices] for name, indices in split_order(len(rows), split, seed, max_rows).items()}
+
+
+def split_order(n_rows: int, split: SplitSpec, seed: int, max_rows: int | None = None) -> dict[str, list[int]]:
+    """Row indices of each split: shuffle with `seed`, keep at most `max_rows`, then cut test, eval and train
+    (in that order)."""
+    order = list(range(n_rows))
     random.Random(seed).shuffle(order)
     if max_rows is not None:
         order = order[:max_rows]
@@ -296,11 +402,10 @@ def split_rows(
             f"{n} usable rows are too few for the split: eval {n_eval} + test {n_test} rows leave no training rows; "
             "add rows or lower dataset.split"
         )
-    picked = [rows[i] for i in order]
     return {
-        "test": picked[:n_test],
-        "eval": picked[n_test : n_test + n_eval],
-        "train": picked[n_test + n_eval :],
+        "test": order[:n_test],
+        "eval": order[n_test : n_test + n_eval],
+        "train": order[n_test + n_eval :],
     }
 
 

@@ -30,11 +30,12 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     store = Storage.for_location(inp.location)
     spec = inp.dataset
     raw = data.read_source(spec.source, store, workdir, spec.hf_split)
-    cleaned = data.clean(raw, spec.format, spec.fields)
-    if not cleaned.rows:
+    cleaned = data.clean(raw, spec.format, spec.fields, data.Spool(workdir / "rows.jsonl"))  # streamed to disk
+    rows = cleaned.rows
+    if not rows:
         raise StepError(data.no_rows_message(cleaned))
-    splits = data.split_rows(cleaned.rows, spec.split, spec.seed, spec.max_rows)
-    counts = {"read": cleaned.read, "usable": len(cleaned.rows)} | {k: len(v) for k, v in splits.items()}
+    order = data.split_order(len(rows), spec.split, spec.seed, spec.max_rows)
+    counts = {"read": cleaned.read, "usable": len(rows)} | {k: len(v) for k, v in order.items()}
     result = PrepareResult(ok=True, counts=counts, dropped=dict(cleaned.dropped), examples=dict(cleaned.examples))
 
     # Stage hub models once (train and evaluate read only the staged copies), then check every model before
@@ -44,7 +45,7 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     too_big = False
     for ref in inp.models:
         copy = staged.get((ref.base_model, ref.revision))
-        prepared = check_model(ref.model_copy(update={"base_model": copy.uri}) if copy else ref, inp, store, splits)
+        prepared = check_model(ref.model_copy(update={"base_model": copy.uri}) if copy else ref, inp, store, rows, order)
         if copy is not None:
             prepared.staged_uri, prepared.revision = copy.uri, copy.revision
         result.models.append(prepared)
@@ -65,8 +66,9 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     files = {}
     for split in names.DATA_SPLITS:
         path = out / f"{split}.jsonl"
-        path.write_bytes(data.to_jsonl(splits[split]))
+        rows.write(order[split], path)
         files[f"{split}.jsonl"] = path
+    rows.close()
     prefix = inp.location.uri("data")
     try:
         for name, path in files.items():
@@ -105,7 +107,7 @@ def stage_hub_models(inp: PrepareInput, store: Any, workdir: Path) -> dict[tuple
     return staged
 
 
-def check_model(ref: ModelRef, inp: PrepareInput, store: Any, splits: dict[str, list[dict[str, Any]]]) -> PreparedModel:
+def check_model(ref: ModelRef, inp: PrepareInput, store: Any, rows: data.Spool, order: dict[str, list[int]]) -> PreparedModel:
     """Memory estimate and token counts of one model; a config that cannot be read is recorded in `error`
     (the caller fails the step with every model's problem at once)."""
     from .memory import estimate
@@ -138,7 +140,7 @@ def check_model(ref: ModelRef, inp: PrepareInput, store: Any, splits: dict[str, 
 
     try:
         tokenizer = load_tokenizer(local, ref.chat_template, ref.base_model)
-        prepared.token_counts = {split: count_tokens(tokenizer, rows) for split, rows in splits.items()}
+        prepared.token_counts = {split: count_tokens(tokenizer, (rows[i] for i in picked)) for split, picked in order.items()}
     except TemplateRenderError as err:  # training would fail on the same rows: say so now
         prepared.error = str(err)
     except StepError as err:

@@ -10,6 +10,7 @@ of the prompt — and every other prompt, system and template token is labelled 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ftc_loading import prepare_tokenizer
@@ -83,7 +84,7 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> d
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def count_tokens(tokenizer: Any, conversations: list[dict[str, Any]]) -> int:
+def count_tokens(tokenizer: Any, conversations: Iterable[dict[str, Any]]) -> int:
     """Tokens of the rendered conversations (uncut)."""
     total = 0
     for row in conversations:
