@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,6 +61,11 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
 ]
+
+
+# A response body that broke off (the request succeeded): read again, up to this many times in all.
+BODY_ATTEMPTS = 5
+_CUT_SHORT = frozenset({"ResponseStreamingError", "IncompleteReadError", "IncompleteRead", "ProtocolError", "ReadTimeoutError"})
 
 
 class StorageError(RuntimeError):
@@ -242,10 +248,15 @@ class Storage:
     def read_bytes(self, uri: str) -> bytes:
         if is_s3(uri):
             bucket, key = parse_s3_uri(uri)
-            try:
-                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            except Exception as err:
-                raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
+            for attempt in range(1, BODY_ATTEMPTS + 1):
+                try:
+                    return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                except Exception as err:
+                    # botocore retries the request, not the body: a transfer cut short is read again here.
+                    if type(err).__name__ in _CUT_SHORT and attempt < BODY_ATTEMPTS:
+                        time.sleep(min(8.0, 0.5 * 2**attempt))
+                        continue
+                    raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
         source = _local(uri)
         if not source.is_file():
             raise StorageError(f"cannot read {uri}: no such file")

@@ -417,6 +417,8 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as err:  # deterministic: the same batch runs out again on a retry
         raise StepError(out_of_memory_message(torch, ref, training, err)) from err
+    except StorageError as err:  # a checkpoint upload failed after the client's own retries
+        raise storage_failure(err, loc.endpoint_url, "uploading a checkpoint") from err
 
     history = loss_history(trainer.state.log_history)
     final_dir, best_dir = workdir / "adapter", workdir / "adapter-best"
@@ -506,6 +508,21 @@ def parallelism_for(local: str, ref: Any, training: TrainingSpec, processes: int
     return est.parallelism
 
 
+def storage_failure(err: Exception, endpoint: str | None, doing: str) -> StepError:
+    """A StepError for storage that failed past the client's retries: unreachable storage is transient
+    (exit 1: the Job retries and the step resumes from its last complete checkpoint); a refusal is not."""
+    from .errors import transient
+
+    where = endpoint or "S3"
+    if transient(err):
+        return StepError(
+            f"storage unreachable at {where} while {doing} (retried with backoff); the step is retried and resumes "
+            f"from its last complete checkpoint: {err}",
+            retryable=True,
+        )
+    return StepError(f"storage refused a request at {where} while {doing}: {err}")
+
+
 def upload_results(
     store: Any, prefix: str, final_dir: Path, best_dir: Path, history: list[LossPoint], result: TrainResult
 ) -> None:
@@ -523,4 +540,4 @@ def upload_results(
         summary = result.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"overfitting"})
         store.write_manifest(prefix, entries, extra={"result": summary})
     except StorageError as err:
-        raise StepError(f"cannot upload the trained adapter: {err}", retryable=True) from err
+        raise storage_failure(err, getattr(store, "endpoint_url", None), "uploading the trained adapter") from err
