@@ -64,6 +64,19 @@ def operator(control_plane, namespace, crd, tmp_path, request) -> Operator:
     return start_operator(control_plane, namespace, stub_values(**getattr(request, "param", {})), tmp_path)
 
 
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text as {name{labels}: value}, labels sorted."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            if "{" in key:
+                name, labels = key[:-1].split("{", 1)
+                key = name + "{" + ",".join(sorted(labels.split(","))) + "}"
+            out[key] = float(value)
+    return out
+
+
 def one_job_per_step(ftc, namespace, name, models):
     jobs = sorted(j.metadata.name for j in ftc.jobs(namespace, name))
     assert jobs == sorted([f"{name}-prepare", f"{name}-evaluate", *(f"{name}-train-{m}" for m in models)])
@@ -99,6 +112,14 @@ def test_stubbed_comparison_succeeds_as_the_charts_service_account(ftc, operator
     metrics = operator.metrics()
     assert 'ftc_jobs_created_total{step="train"} 2.0' in metrics
     assert "ftc_reconcile_duration_seconds_count" in metrics
+    # Reconciles read from the watches: Jobs and pods are listed by the informers (once, or again after a
+    # watch expired), never per reconcile, and the comparison is read only when the watch has not shown it.
+    sample = metric_values(metrics)
+    reconciles = sample["ftc_reconcile_duration_seconds_count"]
+    assert reconciles >= 5, metrics
+    assert sample.get('ftc_api_requests_total{resource="jobs",verb="list"}', 0) <= 2, metrics
+    assert sample.get('ftc_api_requests_total{resource="pods",verb="list"}', 0) <= 2, metrics
+    assert sample.get('ftc_api_requests_total{resource="finetunecomparisons",verb="get"}', 0) <= 2, metrics
     print(f"stubbed comparison succeeded in {time.monotonic() - t0:.1f}s")
 
     # deleting the comparison deletes its Jobs and ConfigMaps (ownerReferences), even with the operator down

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ftc_operator.handlers import WorkQueue, _comparison_of
+from ftc_operator.cache import comparison_of
+from ftc_operator.handlers import WorkQueue
 from ftc_operator.kube import Conflict
 
 pytestmark = pytest.mark.unit
@@ -99,4 +100,43 @@ def test_failures_are_retried(error):
     ids=["annotation", "owner-reference", "foreign"],
 )
 def test_events_map_to_their_comparison(body, name):
-    assert _comparison_of(body) == name
+    assert comparison_of(body) == name
+
+
+# ---------------------------------------------------------------------------------------------- the watched view
+
+
+def _obj(uid: str, comparison: str | None, namespace: str = "ns", rv: str = "1", name: str | None = None) -> dict:
+    labels = {"ftc.dev/comparison": comparison} if comparison else {}
+    annotations = {"ftc.dev/comparison-name": comparison} if comparison else {}
+    meta = {"uid": uid, "name": name or uid, "namespace": namespace, "resourceVersion": rv, "labels": labels}
+    return {"metadata": meta | {"annotations": annotations}}
+
+
+def test_the_store_groups_what_it_watches_by_comparison_and_follows_events():
+    from ftc_operator.cache import Store
+
+    store = Store()
+    store.replace([_obj("a", "one"), _obj("b", "one"), _obj("c", "two"), _obj("d", None), _obj("e", "one", namespace="other")])
+    assert sorted(o["metadata"]["uid"] for o in store.objects("ns", "one")) == ["a", "b"]
+    assert store.keys() == [("ns", "one"), ("ns", "two"), ("other", "one")]  # an unlabelled object is not held
+    store.apply("MODIFIED", _obj("a", "one", rv="2"))
+    store.apply("DELETED", _obj("b", "one"))
+    store.apply("ADDED", _obj("f", "two"))
+    assert [o["metadata"]["resourceVersion"] for o in store.objects("ns", "one")] == ["2"]
+    assert sorted(o["metadata"]["uid"] for o in store.objects("ns", "two")) == ["c", "f"]
+    store.replace([])  # a relist replaces everything
+    assert store.keys() == [] and store.objects("ns", "two") == []
+
+
+def test_a_comparison_is_replaced_only_by_a_newer_version():
+    from ftc_operator.cache import Comparisons
+
+    held = Comparisons()
+    held.seen(_obj("u", None, rv="10", name="c"))
+    held.seen(_obj("u", None, rv="9", name="c"))  # a late event from before the operator's own write
+    assert held.get("ns", "c")["metadata"]["resourceVersion"] == "10"
+    held.seen(_obj("u", None, rv="11", name="c"))
+    assert held.get("ns", "c")["metadata"]["resourceVersion"] == "11"
+    held.forget("ns", "c")
+    assert held.get("ns", "c") is None

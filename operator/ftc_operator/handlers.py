@@ -1,7 +1,9 @@
-"""kopf handlers: watch comparisons, their Jobs and pods, and feed a per-comparison work queue.
+"""kopf handlers: watch comparisons, and feed a per-comparison work queue; ftc's informers watch the rest.
 
-Only ``@kopf.on.event`` handlers are used: they need no finalizer and no progress annotations, so
-deleting a comparison never waits for the operator, and kopf never patches the objects. Every event
+Only an ``@kopf.on.event`` handler is used for comparisons: it needs no finalizer and no progress
+annotations, so deleting a comparison never waits for the operator, and kopf never patches the objects.
+The Jobs and pods ftc made are watched by the informers of `cache.py`, with a server-side label selector
+(kopf filters labels in the client, so every pod of the cluster would reach the operator). Every event
 (on the comparison, one of its Jobs, or one of its pods, e.g. a new progress annotation) enqueues the
 comparison; a periodic resync enqueues every unfinished one. The queue runs at most one reconcile per
 comparison at a time, coalesces bursts, and retries failures with backoff.
@@ -10,9 +12,11 @@ comparison at a time, coalesces bursts, and retries failures with backoff.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import kopf
@@ -20,9 +24,10 @@ from ftc_api.base import API_GROUP, API_VERSION, PLURAL
 from ftc_api.status import Phase
 
 from . import metrics
+from .cache import Cache, Informer
 from .config import OperatorConfig
 from .kube import Conflict, Kube, new_api_client
-from .observe import ANNOTATION_COMPARISON, LABEL_MANAGED_BY, MANAGED_BY
+from .observe import LABEL_MANAGED_BY, MANAGED_BY
 from .reconcile import Reconciler
 
 log = logging.getLogger("ftc.operator")
@@ -90,14 +95,6 @@ class WorkQueue:
                 self.add(key, retry)
 
 
-def _comparison_of(body: Any) -> str | None:
-    meta = body.get("metadata") or {}
-    name = (meta.get("annotations") or {}).get(ANNOTATION_COMPARISON)
-    if name:
-        return name
-    return next((o["name"] for o in meta.get("ownerReferences") or [] if o.get("kind") == "FineTuneComparison"), None)
-
-
 async def _resync(memo: kopf.Memo) -> None:
     config: OperatorConfig = memo.config
     while True:
@@ -129,7 +126,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     memo.kube = Kube(new_api_client())
-    reconciler = Reconciler(memo.kube, config)
+    loop = asyncio.get_running_loop()
+    memo.cache = informers(memo.kube, memo.namespaces, lambda key: loop.call_soon_threadsafe(memo.queue.add, key))
+    reconciler = Reconciler(memo.kube, config, cache=memo.cache)
 
     memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="ftc-reconcile")
 
@@ -137,6 +136,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         return await asyncio.get_running_loop().run_in_executor(memo.executor, reconciler.reconcile, *key)
 
     memo.queue = WorkQueue(process, config.workers)
+    memo.cache.start()
     metrics.serve(config.metrics_port)
 
     def lead() -> None:  # events queue up meanwhile; the resync enqueues every unfinished comparison
@@ -152,34 +152,35 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     else:  # several replicas: only the Lease holder reconciles
         from .leader import elect
 
-        loop = asyncio.get_running_loop()
         elect(memo.kube.api, lease, lambda: loop.call_soon_threadsafe(lead))
+
+
+def informers(kube: Kube, namespaces: list[str] | None, on_change: Any) -> Cache:
+    """Job and pod informers selecting what ftc made (server side), per watched namespace or cluster-wide."""
+    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    if namespaces:
+        jobs = [Informer("jobs", partial(kube.batch.list_namespaced_job, ns), selector, on_change) for ns in namespaces]
+        pods = [Informer("pods", partial(kube.core.list_namespaced_pod, ns), selector, on_change) for ns in namespaces]
+    else:
+        jobs = [Informer("jobs", kube.batch.list_job_for_all_namespaces, selector, on_change)]
+        pods = [Informer("pods", kube.core.list_pod_for_all_namespaces, selector, on_change)]
+    return Cache(jobs, pods)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if memo.resync is not None:
         memo.resync.cancel()
+    memo.cache.stop()
     await memo.queue.stop()
     memo.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 async def comparison_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    namespace, name = body.metadata.namespace, body.metadata.name
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        memo.cache.comparisons.forget(namespace, name)
         return
-    memo.queue.add((body.metadata.namespace, body.metadata.name))
-
-
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
-async def job_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    name = _comparison_of(body)
-    if name:
-        memo.queue.add((body.metadata.namespace, name))
-
-
-@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY})
-async def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    name = _comparison_of(body)
-    if name:
-        memo.queue.add((body.metadata.namespace, name))
+    memo.cache.comparisons.seen(copy.deepcopy(dict(body)))
+    memo.queue.add((namespace, name))

@@ -19,6 +19,8 @@ from ftc_api.base import API_GROUP, API_VERSION, KIND, PLURAL
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from . import metrics
+
 log = logging.getLogger("ftc.operator.kube")
 COMPONENT = "ftc-operator"
 
@@ -67,6 +69,11 @@ def foreign_owner(wanted: dict[str, Any], existing: dict[str, Any]) -> str | Non
     )
 
 
+def count(verb: str, resource: str) -> None:
+    """One request to the API server, in ftc_api_requests_total."""
+    metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
+
+
 class Kube:
     """Thin, synchronous wrapper over the API calls the operator makes (one shared ApiClient)."""
 
@@ -84,6 +91,7 @@ class Kube:
     # -------------------------------------------------------------------------------------- reads
 
     def get_comparison(self, namespace: str, name: str) -> dict[str, Any] | None:
+        count("get", PLURAL)
         try:
             return cast(dict[str, Any], self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name))
         except ApiException as e:
@@ -92,6 +100,7 @@ class Kube:
             raise
 
     def list_comparisons(self, namespaces: list[str] | None = None) -> list[dict[str, Any]]:
+        count("list", PLURAL)
         if not namespaces:
             return cast(dict[str, Any], self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)).get("items", [])
         out: list[dict[str, Any]] = []
@@ -102,10 +111,12 @@ class Kube:
         return out
 
     def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        count("list", "jobs")
         resp = self.batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False)
         return self._raw(resp).get("items", [])
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        count("list", "pods")
         resp = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
         return self._raw(resp).get("items", [])
 
@@ -116,6 +127,7 @@ class Kube:
         owner is the same object (UID) as `obj`'s; otherwise the result names who holds the name."""
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
+            count("create", obj["kind"].lower() + "s")
             if obj["kind"] == "ConfigMap":
                 self.core.create_namespaced_config_map(ns, obj, _preload_content=False)  # type: ignore[arg-type]
             elif obj["kind"] == "Job":
@@ -126,6 +138,7 @@ class Kube:
             if e.status != 409:
                 raise
             read = self.core.read_namespaced_config_map if obj["kind"] == "ConfigMap" else self.batch.read_namespaced_job
+            count("get", obj["kind"].lower() + "s")
             try:
                 existing = self._raw(read(name, ns, _preload_content=False))
             except ApiException as gone:
@@ -137,6 +150,7 @@ class Kube:
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and, in the background, its pods (a retry); one already gone is fine."""
+        count("delete", "jobs")
         try:
             self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background", _preload_content=False)
         except ApiException as e:
@@ -153,6 +167,7 @@ class Kube:
             "spec": obj.get("spec"),
             "status": status,
         }
+        count("update", PLURAL + "/status")
         try:
             return cast(
                 dict[str, Any],
@@ -197,10 +212,13 @@ class Kube:
         }
         try:
             try:
+                count("create", "events")
                 self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)  # type: ignore[arg-type]
             except ApiException as e:
                 if e.status != 409:
                     raise
+                count("get", "events")
+                count("patch", "events")
                 seen = self.core.read_namespaced_event(name, meta["namespace"])
                 patch = {"count": (seen.count or 1) + 1, "lastTimestamp": stamp}
                 self.core.patch_namespaced_event(name, meta["namespace"], patch)

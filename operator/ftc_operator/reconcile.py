@@ -1,7 +1,8 @@
 """One reconcile pass: read the comparison and what it owns, plan, create what is missing, write status.
 
-Synchronous (it runs in a worker thread); all state comes from the API server, none from memory,
-so a restarted operator picks up where the last one stopped.
+Synchronous (it runs in a worker thread). The comparison, its Jobs and its pods come from the operator's
+watches (`cache.py`) once they have synced, else from the API server; nothing else is remembered between
+passes, so a restarted operator picks up where the last one stopped.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import logging
 import time
 from collections.abc import Callable
 
+from ftc_api.names import fit
 from ftc_api.spec import FineTuneComparisonSpec
 from ftc_api.status import FineTuneComparisonStatus
 from ftc_api.steps import RETRY_ANNOTATION
 from pydantic import ValidationError
 
 from . import metrics
+from .cache import Cache
 from .config import OperatorConfig
-from .kube import Kube
+from .kube import Conflict, Kube
 from .observe import observe
 from .planning import TERMINAL, Plan, only_progress_changed, plan, retry_requested, with_names_taken
 from .rendering import Owner, render_configmap, render_job, selector_labels
@@ -44,9 +47,11 @@ class Reconciler:
         config: OperatorConfig,
         clock: Callable[[], dt.datetime] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        cache: Cache | None = None,
     ):
         self.kube = kube
         self.config = config
+        self.cache = cache
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.monotonic = monotonic
         self.status_written: dict[tuple[str, str], float] = {}  # when each comparison's status was last written
@@ -57,11 +62,32 @@ class Reconciler:
         started = time.perf_counter()
         try:
             return self._reconcile(namespace, name)
+        except Conflict:
+            if self.cache is not None:  # what the cache held was stale: read it afresh next time
+                self.cache.comparisons.forget(namespace, name)
+            raise
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
-    def _reconcile(self, namespace: str, name: str) -> float | None:
+    def _comparison(self, namespace: str, name: str) -> dict | None:
+        held = self.cache.comparisons.get(namespace, name) if self.cache is not None else None
+        if held is not None:
+            return held
         obj = self.kube.get_comparison(namespace, name)
+        if obj is not None and self.cache is not None:
+            self.cache.comparisons.seen(obj)
+        return obj
+
+    def _owned(self, namespace: str, name: str, uid: str) -> list:
+        if self.cache is not None and self.cache.synced:
+            jobs, pods = self.cache.owned(namespace, fit(name))
+        else:
+            sel = _selector(name)
+            jobs, pods = self.kube.list_jobs(namespace, sel), self.kube.list_pods(namespace, sel)
+        return observe(jobs, pods, uid)
+
+    def _reconcile(self, namespace: str, name: str) -> float | None:
+        obj = self._comparison(namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self.status_written.pop((namespace, name), None)
             return None  # deleted: ownerReferences let the garbage collector remove Jobs and ConfigMaps
@@ -74,8 +100,7 @@ class Reconciler:
         if settled and not (old is not None and retry_requested(old, retry)):
             observed = []  # the planner keeps a terminal status as is: no need to list anything
         else:
-            sel = _selector(owner.name)
-            observed = observe(self.kube.list_jobs(namespace, sel), self.kube.list_pods(namespace, sel), owner.uid)
+            observed = self._owned(namespace, owner.name, owner.uid)
         p = plan(obj.get("spec") or {}, old, observed, now, owner=owner, config=self.config, retry=retry)
         for job_name in p.deletes:  # a retry: the failed Jobs go (their pods with them) before their steps rerun
             self.kube.delete_job(namespace, job_name)
@@ -106,7 +131,9 @@ class Reconciler:
             if wait > 0 and not p.creates and only_progress_changed(old, p.status):
                 metrics.STATUS_WRITES_HELD.inc()
                 return wait  # live progress only: written with the next change, or when the interval is up
-            self.kube.replace_status(obj, p.status_doc())
+            written = self.kube.replace_status(obj, p.status_doc())
+            if self.cache is not None and isinstance(written, dict) and written.get("metadata"):
+                self.cache.comparisons.seen(written)
             self.status_written[key] = clock
             metrics.STATUS_WRITES.inc()
             if old is None or p.status.phase != old.phase:
