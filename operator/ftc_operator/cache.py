@@ -157,13 +157,15 @@ class Informer:
             resource_version=version,
             timeout_seconds=self.watch_seconds,
             allow_watch_bookmarks=True,
+            deserialize=False,  # plain dicts: no model objects built for each event
         ):
-            kind, raw = event.get("type"), event.get("raw_object") or {}
+            kind, raw = event.get("type"), event.get("raw_object") or event.get("object") or {}
             if kind == "ERROR":
                 return None  # typically 410 Gone: the version is too old
             version = str((raw.get("metadata") or {}).get("resourceVersion") or version)
             if kind == "BOOKMARK":
                 continue
+            metrics.WATCH_EVENTS.labels(resource=self.kind).inc()
             self.store.apply(str(kind), raw)
             name = comparison_of(raw)
             if name:

@@ -18,6 +18,9 @@ STATUS_WRITES_HELD = Counter(
 RECONCILE_ERRORS = Counter("ftc_reconcile_errors_total", "Reconciles that raised (retried with backoff).", ["kind"])
 LEADER = Gauge("ftc_leader", "1 while this replica reconciles (holds the Lease, or runs without leader election).")
 QUEUE_DEPTH = Gauge("ftc_queue_depth", "Comparisons waiting to be reconciled.")
+WATCH_EVENTS = Counter(
+    "ftc_watch_events_total", "Watch events the informers received (only objects ftc made are selected).", ["resource"]
+)
 API_REQUESTS = Counter(
     "ftc_api_requests_total",
     "Requests the operator made to the API server (kopf's own comparison watch not included).",
