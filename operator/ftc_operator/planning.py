@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ftc_api
@@ -394,8 +394,31 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
     by_name = {m.name: m for m in st.models}
     st.fairness = fairness_record(spec, old.fairness.dataset_sha256 if old.fairness else None, software=_software(spec, config))
     st.models_done = f"0/{len(spec.models)}"
+    phases = _Pass(spec, b, config, loc, jobs, old_models, by_name)
+    return _plan_prepare(phases) or _plan_train(phases) or _plan_evaluate(phases)
 
-    # ---- prepare
+
+@dataclass
+class _Pass:
+    """What the phases of one planning pass share: each reads the observed Jobs and what earlier phases found,
+    fills its part of the status, and returns a Plan when the pass ends in it (None: on to the next phase)."""
+
+    spec: FineTuneComparisonSpec
+    b: _Builder
+    config: OperatorConfig
+    loc: Location
+    jobs: dict[tuple[str, str | None], ObservedJob]
+    old_models: dict[str, ModelStatus]
+    by_name: dict[str, ModelStatus]
+    results: dict[str, TrainResult] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _plan_prepare(c: _Pass) -> Plan | None:
+    """The prepare Job: create it, wait for it, or take its result (the data, each model's estimate)."""
+    spec, b, config, loc, jobs = c.spec, c.b, c.config, c.loc, c.jobs
+    old, st, by_name, old_models = c.b.old, c.b.status, c.by_name, c.old_models
+
     prep_job = jobs.get((StepKind.PREPARE.value, None))
     old_prepared = any(c.type == ConditionType.PREPARED and c.status == "True" for c in old.conditions)
     prepare: PrepareResult | None = None
@@ -457,10 +480,15 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
         "dataset prepared"
         + (f": {', '.join(f'{k} {counts[k]}' for k in ('train', 'eval', 'test') if k in counts)}" if counts else ""),
     )
+    return None
 
-    # ---- train, one Job per model
-    results: dict[str, TrainResult] = {}
-    failed: dict[str, str] = {}
+
+def _plan_train(c: _Pass) -> Plan | None:
+    """One train Job per model: create what is missing, follow the running, take each result."""
+    spec, b, config, loc, jobs = c.spec, c.b, c.config, c.loc, c.jobs
+    owner, st, by_name, old_models = c.b.owner, c.b.status, c.by_name, c.old_models
+
+    results, failed = c.results, c.failed
     running = 0
     for model in spec.models:
         ms = by_name[model.name]
@@ -541,8 +569,15 @@ def _plan_valid(spec: FineTuneComparisonSpec, observed: Sequence[ObservedJob], b
         Reason.JOB_SUCCEEDED,
         f"{len(results)}/{n} models trained" + (f"; left out: {failed_text}" if failed_text else ""),
     )
+    return None
 
-    # ---- evaluate
+
+def _plan_evaluate(c: _Pass) -> Plan:
+    """The evaluate Job, once enough models trained: create it, wait for it, and write the verdict."""
+    spec, b, config, loc, jobs = c.spec, c.b, c.config, c.loc, c.jobs
+    owner, st, by_name = c.b.owner, c.b.status, c.by_name
+
+    results, failed = c.results, c.failed
     ev_job = jobs.get((StepKind.EVALUATE.value, None))
     if ev_job is None:
         disks = [m.memory_estimate.disk_gib for m in st.models if m.name in results and m.memory_estimate]
