@@ -347,10 +347,14 @@ class Cleaned:
 def clean(rows: Iterable[Any], fmt: DatasetFormat, fields: FieldMapping | None = None, spool: Spool | None = None) -> Cleaned:
     """Normalise every row; drop empty, duplicate, unparseable, non-UTF-8 and answerless rows and count each
     reason. Usable rows go to `spool` (a temporary file when None); duplicates are found by digest."""
-    if spool is None:
+    if spool is None:  # a temporary spool, removed with the Spool object
+        import shutil
         import tempfile
+        import weakref
 
-        spool = Spool(Path(tempfile.mkdtemp(prefix="ftc-rows-")) / "rows.jsonl")
+        directory = tempfile.mkdtemp(prefix="ftc-rows-")
+        spool = Spool(Path(directory) / "rows.jsonl")
+        weakref.finalize(spool, shutil.rmtree, directory, True)
     out = Cleaned(rows=spool)
     seen: set[bytes] = set()
     for index, row in enumerate(rows):
