@@ -115,10 +115,16 @@ def test_training_through_flaky_storage_ends_with_the_result_of_a_clean_run(
 @pytest.mark.ml
 @pytest.mark.timeout(900)
 def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_complete_checkpoint(
-    tiny_s3: TinyS3, data_prefix: str, faulty: FaultyS3, tmp_path: Path
+    tiny_s3: TinyS3, data_prefix: str, faulty: FaultyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
+    from ftc_api.runtime import compact_summary
+    from ftc_api.steps import TrainResult
     from ftc_trainer.errors import StepError
     from ftc_trainer.train import run_train
+
+    canary = "canary-S3-secret-9f2c-DO-NOT-LEAK"  # the S3 credentials a failing request carried
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + canary[:12].upper().replace("-", ""))
 
     loc = through(new_run(tiny_s3, data_prefix, "outage", tmp_path), faulty)
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
@@ -140,6 +146,9 @@ def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_comp
     assert failed.value.retryable, failed.value  # exit 1: the Job retries
     assert "storage" in str(failed.value) and "unreachable" in str(failed.value), failed.value
     assert store.read_manifest(loc.uri("models/tiny-llama")) is None  # nothing taken as finished
+    summary = compact_summary(TrainResult(ok=False, model="tiny-llama", error=str(failed.value)))
+    for text in (str(failed.value), summary, caplog.text):  # the message, the termination log, the step's log
+        assert canary not in text and canary[:12].upper().replace("-", "") not in text
     complete = {n.split("/")[0] for n in store.list(checkpoints) if n.endswith("/manifest.json")}
 
     faulty.is_down = False  # storage is back: the retried pod resumes
