@@ -171,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = tiny_spec(env["FTC_S3_CLUSTER_ENDPOINT_URL"])
         spec["placement"] = {"gpuCount": 0}  # stubs need no GPU; the 8 fake GPUs would serialise training
         for n_round, count in enumerate(sorted(args.counts)):
-            rounds.append(
-                one_round(args, api, kubectl, core, nodes, ftc, spec, ns, operator, operator_pod, count, n_round, watch)
-            )
+            context = (api, kubectl, core, nodes, ftc, spec, ns, operator, operator_pod)
+            rounds.append(one_round(args, context, count, n_round, watch))
             print(json.dumps(rounds[-1], indent=1), flush=True)
         sizes = [r["comparisons"] for r in rounds]
         per = [r["burst"]["operator_requests_per_comparison_total"] for r in rounds]
