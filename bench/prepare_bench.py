@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,15 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(key, value)
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from tests.fixtures.s3 import _free_port
 
+    # The S3 server runs as its own process: it holds every uploaded object in memory, and a child started by
+    # this process (vfork, then exec) inherits this process's peak RSS in its own ru_maxrss.
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for _ in range(100):
+        try:
+            s3.create_bucket(Bucket="bench")
+            break
+        except Exception:
+            time.sleep(0.2)
     streaming: dict[str, Any] = {}
     baseline: dict[str, Any] = {}
     try:
@@ -118,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                 streaming[f"{size}MB"] = row
                 print("streaming", size, row, flush=True)
                 dataset.unlink()
+                for done in Path(tmp).glob(f"*-{size}"):  # scratch of this size: the disk holds one size at a time
+                    shutil.rmtree(done, ignore_errors=True)
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(30)
     b = args.baseline_mb
     doc = {
         "benchmark": "prepare peak RSS vs dataset size: streaming prepare vs the in-memory one it replaced",

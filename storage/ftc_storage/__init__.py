@@ -68,6 +68,14 @@ BODY_ATTEMPTS = 5
 _CUT_SHORT = frozenset({"ResponseStreamingError", "IncompleteReadError", "IncompleteRead", "ProtocolError", "ReadTimeoutError"})
 
 
+def transfer_config() -> Any:
+    """Multipart transfers with bounded memory: boto3's default queues up to 100 parts of 8 MiB (800 MiB) when
+    the server is slower than the disk; here at most 4 in flight and 8 queued (about 100 MiB)."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_chunksize=8 * 2**20, max_concurrency=4, max_io_queue=8)
+
+
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI."""
 
@@ -201,7 +209,7 @@ class Storage:
         if is_s3(uri):
             bucket, key = parse_s3_uri(uri)
             try:
-                self.client.upload_file(str(path), bucket, key)
+                self.client.upload_file(str(path), bucket, key, Config=transfer_config())
             except Exception as err:  # botocore raises many types; name the URI
                 raise StorageError(f"cannot upload {path} to {uri}: {err}") from err
         else:
@@ -218,7 +226,7 @@ class Storage:
             bucket, key = parse_s3_uri(uri)
             tmp = path.with_name(path.name + ".part")
             try:
-                self.client.download_file(bucket, key, str(tmp))
+                self.client.download_file(bucket, key, str(tmp), Config=transfer_config())
             except Exception as err:
                 tmp.unlink(missing_ok=True)
                 raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
