@@ -67,28 +67,26 @@ def metric(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
-def apiserver_requests(kubectl) -> dict[str, float]:
-    """apiserver_request_total summed by verb (every client: the operator, kubelets, controllers)."""
+def requests_by_verb(text: str, metric_name: str) -> dict[str, float]:
+    """A Prometheus counter with a `verb` label, summed by verb."""
     out: dict[str, float] = {}
-    for line in kubectl("get", "--raw", "/metrics").splitlines():
-        if line.startswith("apiserver_request_total{"):
-            labels, value = line[len("apiserver_request_total{") :].rsplit("} ", 1)
+    for line in text.splitlines():
+        if line.startswith(metric_name + "{"):
+            labels, value = line[len(metric_name) + 1 :].rsplit("} ", 1)
             verb = re.search(r'verb="([^"]+)"', labels)
             if verb:
                 out[verb.group(1)] = out.get(verb.group(1), 0) + float(value)
     return out
+
+
+def apiserver_requests(kubectl) -> dict[str, float]:
+    """apiserver_request_total by verb (every client: the operator, kubelets, controllers)."""
+    return requests_by_verb(kubectl("get", "--raw", "/metrics"), "apiserver_request_total")
 
 
 def operator_requests(text: str) -> dict[str, float]:
     """ftc_api_requests_total by verb (the operator's own requests)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("ftc_api_requests_total{"):
-            labels, value = line[len("ftc_api_requests_total{") :].rsplit("} ", 1)
-            verb = re.search(r'verb="([^"]+)"', labels)
-            if verb:
-                out[verb.group(1)] = out.get(verb.group(1), 0) + float(value)
-    return out
+    return requests_by_verb(text, "ftc_api_requests_total")
 
 
 def delta(after: dict[str, float], before: dict[str, float], per: int) -> dict[str, float]:

@@ -95,11 +95,16 @@ def compact_summary(result: BaseModel, limit: int = MAX_SUMMARY_BYTES) -> str:
 def write_summary(result: BaseModel) -> str:
     """Write the result summary to the termination log (best effort) and return the text."""
     text = compact_summary(result)
+    write_termination_log(text)
+    print(text, flush=True)
+    return text
+
+
+def write_termination_log(text: str) -> None:
+    """Write `text` to the termination log (or this torchrun worker's own file); best effort."""
     path = termination_log_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     except OSError:
         pass
-    print(text, flush=True)
-    return text

@@ -55,7 +55,7 @@ def pick_outcome(failures: dict[int, int], first_failed: int | None, summaries: 
 def launch(argv: list[str], processes: int) -> int:
     """Run `python -m ftc_trainer ARGV` as `processes` torchrun workers; returns the pod's exit code after
     writing the chosen summary to the termination log."""
-    from ftc_api.runtime import termination_log_path
+    from ftc_api.runtime import write_termination_log
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -92,12 +92,7 @@ def launch(argv: list[str], processes: int) -> int:
     if summary is None:
         error = detail or "no summary from rank 0"
         summary = json.dumps({"step": "train", "ok": code == 0, "error": error, "model": _model(argv)})
-    path = termination_log_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(summary)
-    except OSError:
-        pass
+    write_termination_log(summary)  # the agent is no worker: this is the container's termination log
     return code
 
 
