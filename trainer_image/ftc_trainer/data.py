@@ -263,10 +263,6 @@ def normalise(row: Any, fmt: DatasetFormat, fields: FieldMapping | None = None) 
     return messages
 
 
-def row_id(messages: list[dict[str, str]]) -> str:
-    return hashlib.sha256(canonical(messages).encode()).hexdigest()[:16]
-
-
 def canonical(messages: list[dict[str, str]]) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
@@ -373,7 +369,7 @@ def clean(rows: Iterable[Any], fmt: DatasetFormat, fields: FieldMapping | None =
             out.drop(DUPLICATE, index, row, "")
             continue
         seen.add(digest[16:])
-        spool.append({"id": digest.hex()[:16], "messages": messages})
+        spool.append({"id": digest.hex()[:16], "messages": messages})  # the row id: its digest's first 16 hex
     return out
 
 

@@ -131,6 +131,24 @@ def estimate(
     )
 
 
+def estimate_for(config: Any, ref: Any, training: Any, gpu_count: int | None = None) -> MemoryEstimate:
+    """The estimate for one model of a comparison: its method, its own batch size and sequence length where
+    set (a ModelRef), the shared LoRA and quantisation settings, its placement (or `gpu_count` processes)."""
+    return estimate(
+        config,
+        ref.method,
+        r=training.lora.r,
+        targets=ref.lora_target_modules or training.lora.target_modules or None,
+        batch_size=ref.per_device_batch_size or training.per_device_batch_size,
+        seq_length=ref.max_seq_length or training.max_seq_length,
+        gradient_checkpointing=training.gradient_checkpointing,
+        double_quant=training.quantization.double_quant,
+        gpu_memory_gib=ref.gpu_memory_gib,
+        gpu_count=gpu_count if gpu_count is not None else ref.gpu_count,
+        parallelism=training.parallelism.value,
+    )
+
+
 def choose_parallelism(requested: str, processes: int, fits_one_gpu: bool) -> str:
     """`single` for one process; else the spec's `ddp` or `fsdp`, or for `auto` DDP when the whole model
     fits one GPU (the faster choice) and FSDP when it does not."""

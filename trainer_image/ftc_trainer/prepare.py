@@ -110,7 +110,7 @@ def stage_hub_models(inp: PrepareInput, store: Any, workdir: Path) -> dict[tuple
 def check_model(ref: ModelRef, inp: PrepareInput, store: Any, rows: data.Spool, order: dict[str, list[int]]) -> PreparedModel:
     """Memory estimate and token counts of one model; a config that cannot be read is recorded in `error`
     (the caller fails the step with every model's problem at once)."""
-    from .memory import estimate
+    from .memory import estimate_for
     from .models import fetch_model, load_config, load_tokenizer
 
     prepared = PreparedModel(name=ref.name)
@@ -120,20 +120,7 @@ def check_model(ref: ModelRef, inp: PrepareInput, store: Any, rows: data.Spool, 
     except StepError as err:
         prepared.error = str(err)
         return prepared
-    training = inp.training
-    prepared.memory = estimate(
-        config,
-        ref.method,
-        r=training.lora.r,
-        targets=ref.lora_target_modules or training.lora.target_modules or None,
-        batch_size=ref.per_device_batch_size or training.per_device_batch_size,
-        seq_length=ref.max_seq_length or training.max_seq_length,
-        gradient_checkpointing=training.gradient_checkpointing,
-        double_quant=training.quantization.double_quant,
-        gpu_memory_gib=ref.gpu_memory_gib,
-        gpu_count=ref.gpu_count,
-        parallelism=training.parallelism.value,
-    )
+    prepared.memory = estimate_for(config, ref, inp.training)
     if Path(local).is_file():  # a bare config: no tokenizer to count with
         return prepared
     from .templates import TemplateRenderError, count_tokens

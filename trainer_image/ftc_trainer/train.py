@@ -488,24 +488,12 @@ def adapter_saver(trainer: Any, main: bool) -> Any:
 
 def parallelism_for(local: str, ref: Any, training: TrainingSpec, processes: int) -> str:
     """`single`, `ddp` or `fsdp`: the spec's choice, or for `auto` what the pre-flight estimate picks."""
-    from .memory import choose_parallelism, estimate
+    from .memory import choose_parallelism, estimate_for
     from .models import load_config
 
     if processes <= 1 or training.parallelism.value != "auto":
         return choose_parallelism(training.parallelism.value, processes, True)
-    est = estimate(
-        load_config(local, ref.base_model),
-        ref.method,
-        r=training.lora.r,
-        targets=ref.lora_target_modules or training.lora.target_modules or None,
-        batch_size=training.per_device_batch_size,
-        seq_length=training.max_seq_length,
-        gradient_checkpointing=training.gradient_checkpointing,
-        double_quant=training.quantization.double_quant,
-        gpu_memory_gib=ref.gpu_memory_gib,
-        gpu_count=processes,
-    )
-    return est.parallelism
+    return estimate_for(load_config(local, ref.base_model), ref, training, gpu_count=processes).parallelism
 
 
 def storage_failure(err: Exception, endpoint: str | None, doing: str) -> StepError:
