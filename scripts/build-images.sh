@@ -169,8 +169,13 @@ build() {
 build "$TRAINER_IMAGE" trainer_image/Dockerfile
 build "$EVALUATOR_IMAGE" evaluator_image/Dockerfile
 build "$OPERATOR_IMAGE" operator/Dockerfile
-# The images a rebuild replaced (now untagged) go; BuildKit's cache stays.
+# The images a rebuild replaced (now untagged) go, and so does every BuildKit cache record this run did not
+# use (an earlier version's layers: the torch layer alone is ~5 GB, and the disk also holds two nodes' copies
+# of the images). A record this run hit or built was used in the last $SECONDS s and stays, so the next
+# build of the same sources is fully cached and gives the same image IDs (nothing to import again).
 dk image prune -f >/dev/null
+reclaimed="$(dk builder prune -f --filter "until=$((SECONDS + 60))s" 2>&1 | sed -n 's/^Total[^:]*:[[:space:]]*//p' | tail -n 1)"
+log "build cache not used by this build removed (${reclaimed:-0B})"
 
 # --- images.json -----------------------------------------------------------------------------------
 tags=("$OPERATOR_IMAGE" "$TRAINER_IMAGE" "$EVALUATOR_IMAGE" "$BASE_IMAGE" "$UV_IMAGE" "$PAUSE_IMAGE")

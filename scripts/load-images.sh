@@ -9,6 +9,11 @@
 # snapshot of its top layer (its chain ID) exists in overlayfs, i.e. it is unpacked. A rebuilt image has a
 # new config digest and is imported again, replacing the tag. The tags that need it go through
 # `docker save TAG | ctr images import` each (containerd stores a layer shared between them once).
+#
+# Disk: once an image is unpacked its compressed-layer blobs serve nothing (pods run from the snapshots),
+# so they are deleted, as the CRI's discard_unpacked_layers does for pulled images: a node then holds the
+# step images once (~6 GB), not twice. An earlier version's snapshots go in a synchronous garbage
+# collection at the end.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,6 +50,30 @@ print(config, chain)
 ' ctr --address "$address" -n k8s.io content get
 }
 
+# The digests of TAG's layer blobs in containerd, one per line.
+layer_blobs() {
+  local tag="$1" digest
+  digest="$(c images ls "name==$tag" 2>/dev/null | awk -v t="$tag" '$1 == t {print $3}')"
+  [[ -n "$digest" ]] || return 0
+  c content get "$digest" | python3 -c '
+import json, subprocess, sys
+doc = json.load(sys.stdin)
+get = lambda d: json.loads(subprocess.run(sys.argv[1:] + [d], check=True, capture_output=True).stdout)
+if "manifests" in doc:
+    doc = get([m for m in doc["manifests"] if m.get("platform", {}).get("architecture", "amd64") == "amd64"][0]["digest"])
+print("\n".join(layer["digest"] for layer in doc["layers"]))
+' ctr --address "$address" -n k8s.io content get
+}
+
+# Delete TAG's layer blobs (it is unpacked; its manifest and config stay, which is all the CRI reads).
+discard_layers() {
+  local tag="$1" digest n=0
+  for digest in $(layer_blobs "$tag"); do
+    if c content rm "$digest" >/dev/null 2>&1; then n=$((n + 1)); fi
+  done
+  ((n == 0)) || log "discarded $n unpacked layer blob(s) of $tag"
+}
+
 # Whether TAG is in containerd as Docker image ID, unpacked in overlayfs.
 is_loaded() {
   local tag="$1" want="$2" config chain
@@ -77,22 +106,40 @@ drop_stale_ids() {
     fi
   done
 }
+# A synchronous garbage collection (removing a throwaway tag triggers one): the layers and snapshots that
+# only an earlier version of an image used go now, not at some later collection.
+collect_garbage() {
+  local any
+  any="$(c images ls -q | sed -n 1p)"
+  [[ -n "$any" ]] || return 0
+  c images tag --force "$any" ftc.local/gc:collect >/dev/null && c images rm --sync ftc.local/gc:collect >/dev/null
+}
 if ((${#todo[@]} == 0)); then
   log "nothing to import"
   drop_stale_ids
+  for tag in "$@"; do discard_layers "$tag"; done
+  collect_garbage
   exit 0
 fi
 
 t=$SECONDS
-# Disk: a node keeps each image twice (its layer blobs and their unpacked snapshots; ~12 GB for the two step
-# images). When the disk holding containerd's root is short of room for another copy, the old versions of
-# the images to import go first (their shared layers are then imported again: slower, but it fits).
 drop_stale_ids
-free_gib=$(df --output=avail -BG "${FTC_CACHE:-$HOME/.cache/ftc}" 2>/dev/null | tail -1 | tr -dc 0-9)  # the nodes' roots
-if [[ -n "$free_gib" ]] && (( free_gib < ${FTC_LOAD_MIN_FREE_GIB:-30} )); then
+# A full import needs the image's blobs and its snapshots at once (about twice its size). Where the disk
+# holding containerd's root is short of that, the old versions of the images to import go first (their
+# shared layers are then imported again: slower, but it fits); where it is short even then, say so.
+need_gib=0
+for tag in "${todo[@]}"; do
+  need_gib=$((need_gib + 2 * $(dk image inspect -f '{{.Size}}' "$tag") / 1073741824 + 1))
+done
+free_gib() { df --output=avail -BG "${FTC_CACHE:-$HOME/.cache/ftc}" 2>/dev/null | tail -1 | tr -dc 0-9; }
+if (($(free_gib) < need_gib)); then
   for tag in "${todo[@]}"; do
-    if c images rm --sync "$tag" >/dev/null 2>&1; then log "removed the old $tag first (${free_gib} GiB free)"; fi
+    if c images rm "$tag" >/dev/null 2>&1; then log "removed the old $tag first ($(free_gib) GiB free, up to $need_gib GiB needed)"; fi
   done
+  collect_garbage
+  if (($(free_gib) < need_gib)); then
+    log "warning: $(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc}, importing ${todo[*]} may need up to $need_gib GiB"
+  fi
 fi
 log "importing ${todo[*]} into $address (namespace k8s.io, $SNAPSHOTTER)"
 # One image at a time: containerd 1.6 unpacking two images that share layers at once can fail with
@@ -104,11 +151,14 @@ for tag in "${todo[@]}"; do
       break
     fi
     if ((attempt == 3)); then
-      echo "error: $tag could not be imported into $address as ${ids[$tag]}, unpacked in $SNAPSHOTTER" >&2
+      echo "error: $tag could not be imported into $address as ${ids[$tag]}, unpacked in $SNAPSHOTTER ($(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc})" >&2
       exit 1
     fi
     log "$tag not imported (attempt $attempt); trying again"
   done
+  discard_layers "$tag"
 done
 log "imported ${#todo[@]} image(s) in $((SECONDS - t)) s"
 drop_stale_ids
+collect_garbage
+log "$(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc}"
