@@ -95,7 +95,7 @@ def test_stubbed_comparison_succeeds_as_the_charts_service_account(ftc, operator
     for m in st["models"]:
         assert m["phase"] == "Trained"
         assert m["scores"][0]["ciLow"] < m["scores"][0]["mean"] < m["scores"][0]["ciHigh"]
-        assert m["finalTrainLoss"] > 0 and m["overfitting"]["verdict"] in ("ok", "overfitting", "unknown")
+        assert m["train"]["finalTrainLoss"] > 0 and m["train"]["overfitting"]["verdict"] in ("ok", "overfitting", "unknown")
         assert m["tokenCounts"]["train"] > 0
     conds = {c["type"]: c for c in st["conditions"]}
     assert {t: conds[t]["status"] for t in conds} == {

@@ -153,8 +153,8 @@ def test_tiny_comparison_with_real_steps(
     assert progress and progress[0]["totalSteps"] > 0
     for m in st["models"]:
         assert m["phase"] == "Trained"
-        assert m["finalTrainLoss"] > 0 and m["bestEvalLoss"] > 0
-        assert m["overfitting"]["verdict"] in ("ok", "overfitting", "unknown")
+        assert m["train"]["finalTrainLoss"] > 0 and m["train"]["bestEvalLoss"] > 0
+        assert m["train"]["overfitting"]["verdict"] in ("ok", "overfitting", "unknown")
         scored = [s for s in m["scores"] if s.get("mean") is not None]
         assert scored and all(s["ciLow"] <= s["mean"] <= s["ciHigh"] for s in scored)
     assert st["fairness"]["datasetSha256"]

@@ -198,7 +198,8 @@ def test_succeeded_status_has_scores_winner_report_and_losses():
     for m in st.models:
         assert m.phase == ModelPhase.TRAINED
         assert m.scores[0].ci_low == 6
-        assert m.final_train_loss == 1.0
+        # The train Job's summary is kept whole: what the status shows is what the Job reported.
+        assert m.train == TrainResult.model_validate_json(trained(m.name))
         assert m.token_counts.train == 1000
     assert conditions(p)["Succeeded"] == ("True", "Completed")
     assert st.data_counts == {"train": 80, "eval": 10, "test": 10, "dropped.empty": 2}
@@ -250,6 +251,8 @@ def test_failed_model_is_left_out_when_two_remain():
     assert "CUDA out of memory" in ev.failed_models["b"]
     assert "BackoffLimitExceeded" in ev.failed_models["b"]
     assert ev.models[0].adapter_uri.endswith("adapter-best")
+    b = next(m for m in p.status.models if m.name == "b")  # the losses it logged before failing stay visible
+    assert (b.phase, b.train.ok, b.train.final_train_loss) == (ModelPhase.FAILED, False, 1.0)
     assert p.status.models_done == "2/3"
     assert conditions(p)["Trained"] == ("True", "JobSucceeded")
     assert "left out: b" in next(c.message for c in p.status.conditions if c.type == "Trained")
@@ -396,7 +399,7 @@ def test_results_survive_when_finished_jobs_are_gone():
     assert not later.creates
     assert later.status.phase == Phase.EVALUATING
     assert [m.phase for m in later.status.models] == [ModelPhase.TRAINED, ModelPhase.TRAINED]
-    assert later.status.models[0].adapter_uri == evaluating.status.models[0].adapter_uri
+    assert later.status.models[0].train == evaluating.status.models[0].train
 
 
 def test_evaluate_input_is_rebuilt_identically_from_status_after_pods_are_gone():

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from .base import ApiModel
-from .steps import MemoryEstimate, MetricScore, OverfittingVerdict, PairwiseTest
+from .steps import MemoryEstimate, MetricScore, PairwiseTest, TrainResult
 
 
 class Phase(StrEnum):
@@ -114,29 +114,13 @@ class ModelStatus(ApiModel):
     token_counts: TokenCounts | None = Field(
         default=None, description="tokenCounts: tokens per split under this model's tokenizer."
     )
-    train_seconds: float | None = Field(default=None, description="trainSeconds: wall time of training.")
-    tokens_per_second: float | None = Field(default=None, description="tokensPerSecond: trained tokens per second.")
-    trainable_parameters: int | None = Field(default=None, description="trainableParameters: LoRA parameters trained.")
-    parallelism: str | None = Field(
+    train: TrainResult | None = Field(
         default=None,
-        description="parallelism: how it trained: `single` (one GPU), or `ddp`/`fsdp` with one process per GPU "
-        "(chosen by spec.training.parallelism or the memory estimate).",
+        description="train: the train step's summary as its Job reported it: losses (finalTrainLoss, bestEvalLoss, "
+        "bestStep, finalEvalLoss), overfitting, adapterUri and bestAdapterUri, trainSeconds, tokensPerSecond, "
+        "peakMemoryGib, parallelism, resumedFromStep and the settings ftc forced. A model that failed in training "
+        "keeps the summary its Job wrote, if any.",
     )
-    resumed_from_step: int | None = Field(
-        default=None, description="resumedFromStep: checkpoint step the train Job resumed from after a restart."
-    )
-    adapted_modules: list[str] | None = Field(
-        default=None, description="adaptedModules: module kinds that received LoRA weights."
-    )
-    final_train_loss: float | None = Field(default=None, description="finalTrainLoss: last logged train loss.")
-    best_eval_loss: float | None = Field(default=None, description="bestEvalLoss: lowest eval loss.")
-    best_step: int | None = Field(default=None, description="bestStep: step of the lowest eval loss.")
-    final_eval_loss: float | None = Field(default=None, description="finalEvalLoss: eval loss at the end.")
-    overfitting: OverfittingVerdict | None = Field(
-        default=None, description="overfitting: the overfitting verdict and its numbers."
-    )
-    adapter_uri: str | None = Field(default=None, description="adapterUri: S3 URI of the final adapter.")
-    best_adapter_uri: str | None = Field(default=None, description="bestAdapterUri: S3 URI of the lowest-eval-loss adapter.")
     scores: list[MetricScore] | None = Field(default=None, description="scores: evaluation scores with confidence intervals.")
 
 

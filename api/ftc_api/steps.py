@@ -190,7 +190,7 @@ class TrainResult(ApiModel):
     trained_tokens: int | None = Field(default=None, description="trainedTokens: tokens seen in training.")
     trainable_parameters: int | None = Field(default=None, description="trainableParameters: LoRA parameters.")
     adapted_modules: list[str] = Field(default_factory=list, description="adaptedModules: kinds of module adapted.")
-    peak_memory_gib: float | None = Field(default=None, description="peakMemoryGiB: peak accelerator (or RSS) memory.")
+    peak_memory_gib: float | None = Field(default=None, description="peakMemoryGib: peak accelerator (or RSS) memory.")
     final_train_loss: float | None = Field(default=None, description="finalTrainLoss: last train loss.")
     best_eval_loss: float | None = Field(default=None, description="bestEvalLoss: lowest eval loss.")
     best_step: int | None = Field(default=None, description="bestStep: step of the lowest eval loss.")

@@ -531,7 +531,7 @@ def _plan_train(c: _Pass) -> Plan | None:
             continue
         result, why = parse_result(TrainResult, job.result)
         if job.state == JobState.SUCCEEDED and result is not None and result.ok:
-            _fill_trained(ms, result)
+            ms.phase, ms.progress, ms.train = ModelPhase.TRAINED, None, result
             results[model.name] = result
         elif job.state == JobState.SUCCEEDED and result is None and prior is not None and prior.phase == ModelPhase.TRAINED:
             _keep(ms, prior)
@@ -540,8 +540,7 @@ def _plan_train(c: _Pass) -> Plan | None:
             ms.phase = ModelPhase.FAILED
             ms.message = _job_failure(job, result, why)
             failed[model.name] = ms.message
-            if result is not None:
-                _fill_losses(ms, result)
+            ms.train = result
     n = len(spec.models)
     st.models_done = f"{len(results)}/{n}"
     forced = {name: r.forced for name, r in results.items() if r.forced}
@@ -659,71 +658,18 @@ def _evaluated_message(evaluation: EvaluateResult, left_out: dict[str, str] | No
     return msg + ("; " + "; ".join(notes) if notes else "")
 
 
-def _fill_losses(ms: ModelStatus, r: TrainResult) -> None:
-    ms.final_train_loss = r.final_train_loss
-    ms.best_eval_loss = r.best_eval_loss
-    ms.best_step = r.best_step
-    ms.final_eval_loss = r.final_eval_loss
-    ms.overfitting = r.overfitting
-
-
-def _fill_trained(ms: ModelStatus, r: TrainResult) -> None:
-    ms.phase = ModelPhase.TRAINED
-    ms.progress = None
-    ms.train_seconds = r.train_seconds
-    ms.tokens_per_second = r.tokens_per_second
-    ms.trainable_parameters = r.trainable_parameters
-    ms.parallelism = r.parallelism
-    ms.resumed_from_step = r.resumed_from_step
-    ms.adapted_modules = r.adapted_modules or None
-    ms.adapter_uri = r.adapter_uri
-    ms.best_adapter_uri = r.best_adapter_uri
-    _fill_losses(ms, r)
-
-
-_KEPT = (
-    "phase",
-    "message",
-    "train_seconds",
-    "tokens_per_second",
-    "trainable_parameters",
-    "parallelism",
-    "resumed_from_step",
-    "adapted_modules",
-    "final_train_loss",
-    "best_eval_loss",
-    "best_step",
-    "final_eval_loss",
-    "overfitting",
-    "adapter_uri",
-    "best_adapter_uri",
-)
-
-
 def _keep(ms: ModelStatus, prior: ModelStatus) -> None:
-    for f in _KEPT:
-        setattr(ms, f, getattr(prior, f))
+    ms.phase, ms.message, ms.train = prior.phase, prior.message, prior.train
 
 
 def _result_from_status(ms: ModelStatus, loc: Location) -> TrainResult:
-    """A TrainResult rebuilt from what the status recorded (when the train pod is gone)."""
-    return TrainResult(
-        ok=True,
-        model=ms.name,
-        train_seconds=ms.train_seconds,
-        tokens_per_second=ms.tokens_per_second,
-        trainable_parameters=ms.trainable_parameters,
-        parallelism=ms.parallelism,
-        resumed_from_step=ms.resumed_from_step,
-        adapted_modules=ms.adapted_modules or [],
-        final_train_loss=ms.final_train_loss,
-        best_eval_loss=ms.best_eval_loss,
-        best_step=ms.best_step,
-        final_eval_loss=ms.final_eval_loss,
-        overfitting=ms.overfitting,
-        adapter_uri=ms.adapter_uri or loc.uri(names.adapter_dir(ms.name)),
-        best_adapter_uri=ms.best_adapter_uri,
-        metrics_uri=loc.uri(names.metrics_key(ms.name)),
+    """The TrainResult the status kept (the train pod may be gone), with the default locations filled in."""
+    r = ms.train or TrainResult(ok=True, model=ms.name)
+    return r.model_copy(
+        update={
+            "adapter_uri": r.adapter_uri or loc.uri(names.adapter_dir(ms.name)),
+            "metrics_uri": r.metrics_uri or loc.uri(names.metrics_key(ms.name)),
+        }
     )
 
 
