@@ -92,3 +92,24 @@ def test_overfitting_verdict(evals, trains, verdict) -> None:
     assert result.verdict == verdict, result.reason
     if verdict == "overfitting":
         assert result.min_eval_loss is not None and result.reason
+
+
+def test_a_summary_and_the_output_streams_carry_no_credential(monkeypatch, capfd) -> None:
+    import sys
+
+    from ftc_api.runtime import redact_output
+    from ftc_api.steps import TrainResult
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-canary-secret-0a1b")
+    monkeypatch.setenv("FTC_JUDGE_API_KEY_2", "sk-canary-second-judge")
+    monkeypatch.setenv("HF_TOKEN", "hf_canary_token")
+    monkeypatch.setenv("FTC_JUDGE_API_KEY", "none")  # the placeholder of "no key" is not a secret to hunt for
+    leaky = TrainResult(ok=False, model="m", error="403 for https://x?token=hf_canary_token (key s3-canary-secret-0a1b)")
+    text = compact_summary(leaky)
+    assert "hf_canary_token" not in text and "s3-canary-secret-0a1b" not in text
+    assert json.loads(text)["error"] == "403 for https://x?token=[redacted] (key [redacted])"
+    redact_output()
+    print("judge said: bad key sk-canary-second-judge")
+    print("traceback ... Authorization: Bearer hf_canary_token", file=sys.stderr)
+    out, err = capfd.readouterr()
+    assert out == "judge said: bad key [redacted]\n" and err == "traceback ... Authorization: Bearer [redacted]\n"

@@ -337,7 +337,7 @@ def test_sampling_is_seeded_and_batching_does_not_change_greedy_answers(tiny_ass
     assert sampled != answers(do_sample=True, temperature=1.5, seed=8, batch_size=4)
 
 
-def test_a_judge_that_rejects_the_key_fails_the_step_as_bad_input(trained, openai_server, tmp_path, monkeypatch):
+def test_a_judge_that_rejects_the_key_fails_the_step_as_bad_input(trained, openai_server, tmp_path, monkeypatch, capfd):
     import signal
 
     from ftc_evaluator.__main__ import main
@@ -351,6 +351,9 @@ def test_a_judge_that_rejects_the_key_fails_the_step_as_bad_input(trained, opena
     path = tmp_path / "input.json"
     path.write_text(inp.to_json())
     openai_server.always = "401"
+    openai_server.echo_key = True  # the refusal quotes the key it refused
+    canary = "sk-canary-refused-0b9e"
+    monkeypatch.setenv("FTC_JUDGE_API_KEY", canary)
     summary = tmp_path / "termination-log"
     monkeypatch.setenv("FTC_TERMINATION_LOG", str(summary))
     sigterm = signal.getsignal(signal.SIGTERM)
@@ -363,3 +366,6 @@ def test_a_judge_that_rejects_the_key_fails_the_step_as_bad_input(trained, opena
     result = EvaluateResult.model_validate_json(summary.read_text())
     assert not result.ok
     assert f"the judge at {openai_server.base_url} rejected model 'fake-judge-rejected' with HTTP 401" in (result.error or "")
+    assert "Bearer [redacted]" in (result.error or "")  # the server's message is kept, the key is not
+    out, err = capfd.readouterr()
+    assert canary not in summary.read_text() and canary not in out and canary not in err

@@ -68,6 +68,34 @@ def test_different_keys_run_in_parallel():
     assert run(main()) == {"a", "b"}
 
 
+def test_an_urgent_key_goes_ahead_of_routine_ones_and_is_processed_once():
+    async def main():
+        order = []
+        gate = asyncio.Event()
+
+        async def process(key):
+            if key == "busy":
+                await gate.wait()
+            order.append(key)
+
+        q = WorkQueue(process, workers=1)
+        q.start()
+        q.add("busy")
+        await asyncio.sleep(0.01)  # the one worker is busy: what follows queues up
+        for key in ("progress-1", "progress-2", "new"):
+            q.add(key)
+        q.add("new", urgent=True)  # queued as routine, then made urgent: it moves ahead, and runs once
+        q.add("newer", urgent=True)
+        gate.set()
+        await asyncio.sleep(0.1)
+        await q.stop()
+        return order, q.pending
+
+    order, pending = run(main())
+    assert order == ["busy", "new", "newer", "progress-1", "progress-2"]
+    assert pending == {}
+
+
 @pytest.mark.parametrize("error", [RuntimeError("api down"), Conflict("changed")], ids=["error-backoff", "conflict"])
 def test_failures_are_retried(error):
     async def main():

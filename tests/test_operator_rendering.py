@@ -620,3 +620,29 @@ def test_the_evaluate_pod_has_as_many_gpus_as_the_widest_model(model_gpus, compa
     job = render_job(OWNER, spec, CONFIG, "evaluate")
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == str(expected)
     assert env(job)["FTC_GPUS"]["value"] == str(expected)  # GPU or nothing checks that many
+
+
+def test_every_credential_a_step_receives_is_one_the_step_redacts():
+    """Steps redact the values of `is_credential_env` variables from their summary and logs: every variable
+    the renderer fills from a Secret must be one of them."""
+    from ftc_api.steps import is_credential_env
+
+    ref = {"name": "s", "key": "k"}
+    spec = make_spec(
+        hub={"tokenSecretRef": ref},
+        evaluation={
+            "judge": {"baseUrl": "https://judge.example/v1", "apiKeySecretRef": ref},
+            "extraJudges": [{"baseUrl": "https://a.example/v1", "model": "a", "apiKeySecretRef": ref}] * 2,
+            "embeddings": {"provider": "openai", "baseUrl": "https://e.example/v1", "apiKeySecretRef": ref},
+        },
+    )
+    from_secrets = set()
+    for step in ("prepare", "train", "evaluate"):
+        job = render_job(OWNER, spec, CONFIG, step, spec.models[0] if step == "train" else None)
+        from_secrets |= {e["name"] for e in container(job)["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert from_secrets == {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN",
+        "FTC_JUDGE_API_KEY", "FTC_JUDGE_API_KEY_1", "FTC_JUDGE_API_KEY_2", "FTC_EMBEDDINGS_API_KEY",
+    }  # fmt: skip
+    assert all(is_credential_env(name) for name in from_secrets)
+    assert not any(is_credential_env(n) for n in ("FTC_JUDGE_API_KEY_X", "AWS_ENDPOINT_URL", "HF_ENDPOINT", "HF_HOME"))

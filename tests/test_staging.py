@@ -120,6 +120,22 @@ def test_a_hub_refusal_fails_prepare_at_once_naming_the_fix(
 
 
 @pytest.mark.ml
+def test_a_hub_error_quoting_the_token_leaks_it_nowhere(
+    tiny_assets: TinyAssets, tiny_s3: TinyS3, hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    canary = "hf_canary_echoed_71d3"
+    hub_server.add("ftc-test/tiny-llama", tiny_assets.llama, gated_token=canary)
+    hub_server.fail_with = 400  # its message quotes the request's "Authorization: Bearer <token>"
+    monkeypatch.setenv("HF_TOKEN", canary)
+    code, summary, _ = _prepare(tiny_s3, tmp_path, monkeypatch, hub_server, "echoed")
+    out, err = capfd.readouterr()
+    assert code != 0 and "cannot stage base model ftc-test/tiny-llama" in summary["error"], summary
+    assert "Bearer [redacted]" in summary["error"]  # the hub's message is kept, the token is not
+    assert canary not in json.dumps(summary) and canary not in out and canary not in err
+
+
+@pytest.mark.ml
 def test_a_gated_model_is_staged_with_the_token(
     tiny_assets: TinyAssets, tiny_s3: TinyS3, hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

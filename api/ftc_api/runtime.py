@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TextIO, TypeVar
 
 from pydantic import BaseModel
 
@@ -17,6 +19,7 @@ from .steps import (
     RANK_SUMMARY_DIR_ENV,
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
+    is_credential_env,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -42,6 +45,63 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+REDACTED = "[redacted]"
+
+
+def credentials() -> list[str]:
+    """The values of this process's credential env vars (`steps.is_credential_env`), longest first."""
+    values = {v for k, v in os.environ.items() if is_credential_env(k) and len(v) >= 4 and v != "none"}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with every credential value (default: `credentials()`) replaced by [redacted]."""
+    for secret in credentials() if secrets is None else secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact_doc(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {k: _redact_doc(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_doc(v, secrets) for v in value]
+    return value
+
+
+class _RedactingStream(io.TextIOBase):
+    """A text stream that writes to `stream` with the credentials replaced (a line at a time)."""
+
+    def __init__(self, stream: TextIO, secrets: list[str]):
+        self._stream = stream
+        self._secrets = secrets
+
+    def write(self, s: str) -> int:
+        self._stream.write(redact(s, self._secrets))
+        return len(s)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, isatty, buffer ...
+        return getattr(self._stream, name)
+
+
+def redact_output() -> None:
+    """Make sys.stdout and sys.stderr redact this process's credentials. A step calls it first thing, before
+    logging is configured, so that its logs, tracebacks and libraries' messages (an HTTP error quoting the
+    request, a server echoing the key it refused) never carry a key, whatever raised them."""
+    secrets = credentials()
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, _RedactingStream):  # called again (in-process tests): this process's values now
+            stream = stream._stream
+        if stream is not None:
+            setattr(sys, name, _RedactingStream(stream, secrets))
+
+
 def input_path(explicit: str | None = None) -> Path:
     """The step input's path: an explicit argument, else $FTC_STEP_INPUT, else /etc/ftc/input.json."""
     return Path(explicit or os.environ.get(INPUT_PATH_ENV) or DEFAULT_INPUT_PATH)
@@ -63,7 +123,7 @@ def termination_log_path() -> Path:
 
 def compact_summary(result: BaseModel, limit: int = MAX_SUMMARY_BYTES) -> str:
     """The result as JSON of at most `limit` bytes: long lists are trimmed, then long strings cut."""
-    doc = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc = _redact_doc(result.model_dump(mode="json", by_alias=True, exclude_none=True), credentials())
     text = json.dumps(doc, separators=(",", ":"))
     if len(text.encode()) <= limit:
         return text

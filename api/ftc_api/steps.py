@@ -40,8 +40,26 @@ EXIT_BAD_INPUT = 2
 PROGRESS_ANNOTATION = "ftc.dev/progress"
 # On a comparison: set it to a new value (any string, for example a date) to rerun what failed.
 RETRY_ANNOTATION = "ftc.dev/retry"
-JUDGE_API_KEY_ENV = "FTC_JUDGE_API_KEY"
+JUDGE_API_KEY_ENV = "FTC_JUDGE_API_KEY"  # extra judges: FTC_JUDGE_API_KEY_1, _2, ...
 EMBEDDINGS_API_KEY_ENV = "FTC_EMBEDDINGS_API_KEY"
+S3_ACCESS_KEY_ID_ENV = "AWS_ACCESS_KEY_ID"
+S3_SECRET_ACCESS_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+HUB_TOKEN_ENV = "HF_TOKEN"
+# Every env var through which a step receives a credential (the operator renders them as secretKeyRef):
+# their values are redacted from whatever a step writes (summary, logs).
+CREDENTIAL_ENV = (
+    JUDGE_API_KEY_ENV,
+    EMBEDDINGS_API_KEY_ENV,
+    S3_ACCESS_KEY_ID_ENV,
+    S3_SECRET_ACCESS_KEY_ENV,
+    HUB_TOKEN_ENV,
+    "AWS_SESSION_TOKEN",
+)
+
+
+def is_credential_env(name: str) -> bool:
+    """Whether the env var `name` carries a credential (see CREDENTIAL_ENV; extra judges' keys are numbered)."""
+    return name in CREDENTIAL_ENV or (name.startswith(JUDGE_API_KEY_ENV + "_") and name[len(JUDGE_API_KEY_ENV) + 1 :].isdigit())
 
 
 class StepKind(StrEnum):

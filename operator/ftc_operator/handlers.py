@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,18 +36,23 @@ Key = tuple[str, str]
 
 
 class WorkQueue:
-    """A deduplicating queue: a key is processed by one worker at a time; events during processing re-queue it."""
+    """A deduplicating queue: a key is processed by one worker at a time; events during processing re-queue it.
+
+    Two priorities: an urgent key (a comparison the operator has not acted on yet, or whose spec changed) goes
+    ahead of the routine ones (progress, a Job's or pod's change, the resync), so a new comparison's first Job
+    does not wait behind a burst of progress events."""
 
     def __init__(self, process: Callable[[Any], Awaitable[float | None]], workers: int, max_backoff: float = 60.0):
         self.process = process
         self.workers = workers
         self.max_backoff = max_backoff
-        self.queue: asyncio.Queue[Hashable] = asyncio.Queue()
-        self.pending: set[Hashable] = set()
+        self.queue: asyncio.PriorityQueue[tuple[int, int, Hashable]] = asyncio.PriorityQueue()
+        self.pending: dict[Hashable, int] = {}  # key -> the priority it is queued at (0: urgent)
         self.running: set[Hashable] = set()
         self.dirty: set[Hashable] = set()
         self.failures: dict[Hashable, int] = {}
         self.tasks: list[asyncio.Task] = []
+        self._order = itertools.count()
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._worker(), name=f"ftc-worker-{i}") for i in range(self.workers)]
@@ -56,21 +62,29 @@ class WorkQueue:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    def add(self, key: Hashable, delay: float = 0.0) -> None:
+    def add(self, key: Hashable, delay: float = 0.0, urgent: bool = False) -> None:
         if delay > 0:
             asyncio.get_running_loop().call_later(delay, self.add, key)
             return
+        priority = 0 if urgent else 1
         if key in self.running:
             self.dirty.add(key)
-        elif key not in self.pending:
-            self.pending.add(key)
-            self.queue.put_nowait(key)
+        elif priority < self.pending.get(key, 2):  # not queued, or queued as routine and now urgent
+            self.pending[key] = priority
+            self.queue.put_nowait((priority, next(self._order), key))
         metrics.QUEUE_DEPTH.set(len(self.pending))
+
+    async def _next(self) -> Hashable:
+        """The next key to process; an entry superseded by an urgent one for the same key is skipped."""
+        while True:
+            priority, _, key = await self.queue.get()
+            if self.pending.get(key) == priority:
+                del self.pending[key]
+                return key
 
     async def _worker(self) -> None:
         while True:
-            key = await self.queue.get()
-            self.pending.discard(key)
+            key = await self._next()
             self.running.add(key)
             retry = 0.0
             try:
@@ -183,4 +197,5 @@ async def comparison_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any
         memo.cache.comparisons.forget(namespace, name)
         return
     memo.cache.comparisons.seen(copy.deepcopy(dict(body)))
-    memo.queue.add((namespace, name))
+    status = body.get("status") or {}
+    memo.queue.add((namespace, name), urgent=status.get("observedGeneration") != body.metadata.get("generation"))

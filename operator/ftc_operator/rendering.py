@@ -22,8 +22,11 @@ from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement
 from ftc_api.steps import (
     EMBEDDINGS_API_KEY_ENV,
     EXIT_BAD_INPUT,
+    HUB_TOKEN_ENV,
     INPUT_PATH_ENV,
     JUDGE_API_KEY_ENV,
+    S3_ACCESS_KEY_ID_ENV,
+    S3_SECRET_ACCESS_KEY_ENV,
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
     StepKind,
@@ -47,8 +50,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INPUT_KEY = "input.json"
 CONTAINER = "step"
-ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
-SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+ACCESS_KEY_ID = S3_ACCESS_KEY_ID_ENV
+SECRET_ACCESS_KEY = S3_SECRET_ACCESS_KEY_ENV
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def step_env(
         if spec.hub.endpoint:
             env.append({"name": "HF_ENDPOINT", "value": spec.hub.endpoint})
         if spec.hub.token_secret_ref is not None:
-            env.append(_secret_env("HF_TOKEN", spec.hub.token_secret_ref.name, spec.hub.token_secret_ref.key))
+            env.append(_secret_env(HUB_TOKEN_ENV, spec.hub.token_secret_ref.name, spec.hub.token_secret_ref.key))
     if step != StepKind.PREPARE:  # GPU or nothing: the step checks what it sees against what was asked for
         env.append({"name": GPUS_ENV, "value": str(gpus or 0)})
         if config.allow_cpu_execution:

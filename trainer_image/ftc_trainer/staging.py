@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftc_api.steps import HUB_TOKEN_ENV
+
 from .errors import StepError, transient
 
 log = logging.getLogger("ftc.trainer.staging")
@@ -86,7 +88,7 @@ def stage(repo: str, revision: str | None, dest: str, store: Any, workdir: Path)
     from huggingface_hub import HfApi, hf_hub_download
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    token = os.environ.get("HF_TOKEN") or None
+    token = os.environ.get(HUB_TOKEN_ENV) or None
     try:
         info = HfApi(endpoint=endpoint, token=token or False).model_info(repo, revision=revision)
     except Exception as err:
