@@ -239,7 +239,7 @@ def test_no_secret_value_leaks_and_progress_is_live(ftc, api, operator, namespac
     assert not secret_leaks(api, namespace, st, secrets, operator_log=operator.log())
 
 
-@pytest.mark.parametrize("operator", [dict(seconds=25)], indirect=True, ids=["stub"])  # room for ten kills on 2 cores
+@pytest.mark.parametrize("operator", [dict(seconds=40)], indirect=True, ids=["stub"])  # room for ten kills (~8 s each) on 2 cores
 def test_chaos_delete_the_operator_pod_at_random_points(ftc, operator, namespace, s3_server, judge_secret):
     """Delete the operator's pod (grace period 0) ≥10 times at random moments while the comparison runs; the
     Deployment replaces it each time, and the comparison ends like an undisturbed one."""
@@ -406,3 +406,87 @@ def test_a_train_pods_token_may_change_only_its_own_progress_annotation(api, ope
     after = core.read_namespaced_pod("own", namespace)
     assert after.metadata.labels == {"app": "own"} and after.spec.containers[0].image == "registry.k8s.io/pause:3.10"
     assert "ftc.dev/progress" not in (core.read_namespaced_pod("other", namespace).metadata.annotations or {})
+
+
+def _train_pods(core, namespace: str, name: str) -> list:
+    return core.list_namespaced_pod(namespace, label_selector=f"ftc.dev/comparison={name},ftc.dev/step=train").items
+
+
+def _running_train_pods(core, namespace: str, name: str):
+    def check() -> list:
+        pods = _train_pods(core, namespace, name)
+        return pods if len(pods) == 2 and all(p.status.phase == "Running" for p in pods) else []
+
+    return wait_for(check, 120, f"{name}'s two train pods running", interval=0.2)
+
+
+@pytest.mark.parametrize("operator", [{"seconds": 25, "progress": True}], indirect=True)
+def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(
+    control_plane, ftc, api, operator, namespace, s3_server, judge_secret
+):
+    """Each run ends exactly like an undisturbed one ("calm"), with one Job per step:
+    - "storm": etcd killed while it prepares; the API server, then the GPU node's containerd, then its kubelet
+      killed while its train pods run (each started again, as a supervisor would): the train pods live on;
+    - "lost": the GPU node's machine dies while its train pods run (kubelet, containerd and containers at
+      once). Once the node is NotReady an admin marks it out of service (the documented step for a node
+      that is gone: `kubectl taint nodes NODE node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`);
+      the lost pods are force-deleted, counted as disruptions (not failures), and the Jobs' replacement
+      pods run when the node is back."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    gpu = control_plane.gpu_node
+    spec = tiny_spec(s3_server.cluster_endpoint_url)
+    ftc.create("calm", namespace, spec)
+    calm = ftc.wait_phase("calm", namespace, ("Succeeded", "Failed"), timeout=300)
+    assert calm["phase"] == "Succeeded", calm
+
+    ftc.create("storm", namespace, spec)
+    out: dict[str, float] = {}
+    wait_for(lambda: ftc.status("storm", namespace).get("phase") == "Preparing", 60, "storm Preparing", interval=0.2)
+    out["etcd"] = control_plane.restart("etcd")
+    running = _running_train_pods(core, namespace, "storm")
+    assert {p.spec.node_name for p in running} == {gpu}
+    for component in ("kube-apiserver", f"containerd-{gpu}", f"kubelet-{gpu}"):
+        out[component] = control_plane.restart(component)
+    storm = ftc.wait_phase("storm", namespace, ("Succeeded", "Failed"), timeout=300)
+    print(f"restarted (seconds out): {json.dumps({k: round(v, 1) for k, v in out.items()})}")
+    assert storm["phase"] == "Succeeded", storm
+    finished = _train_pods(core, namespace, "storm")
+    assert sorted(p.metadata.uid for p in finished) == sorted(p.metadata.uid for p in running)  # the same pods
+    assert all(p.status.container_statuses[0].restart_count == 0 for p in finished)
+
+    ftc.create("lost", namespace, spec)
+    lost_pods = _running_train_pods(core, namespace, "lost")
+    t0 = time.monotonic()
+    control_plane.power_off(gpu)
+    try:
+
+        def not_ready() -> bool:
+            conds = core.read_node(gpu).status.conditions or []
+            return any(c.type == "Ready" and c.status != "True" for c in conds)
+
+        wait_for(not_ready, 120, f"{gpu} NotReady", interval=0.5)
+        not_ready_after = time.monotonic() - t0
+        taint = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
+        node = core.read_node(gpu)
+        core.patch_node(gpu, {"spec": {"taints": [*(t.to_dict() for t in node.spec.taints or []), taint]}})
+        gone = {p.metadata.uid for p in lost_pods}
+        wait_for(
+            lambda: not gone & {p.metadata.uid for p in _train_pods(core, namespace, "lost")}, 180, "the lost pods force-deleted"
+        )
+        assert ftc.status("lost", namespace)["phase"] == "Training"  # not failed: the Jobs replace the pods
+    finally:
+        node = core.read_node(gpu)
+        kept = [t.to_dict() for t in node.spec.taints or [] if t.key != "node.kubernetes.io/out-of-service"]
+        core.patch_node(gpu, {"spec": {"taints": kept}})
+        control_plane.power_on(gpu)
+    lost = ftc.wait_phase("lost", namespace, ("Succeeded", "Failed"), timeout=300)
+    print(f"lost node: NotReady after {not_ready_after:.0f}s, back after {time.monotonic() - t0:.0f}s")
+    assert lost["phase"] == "Succeeded", lost
+    replaced = _train_pods(core, namespace, "lost")
+    assert not gone & {p.metadata.uid for p in replaced}
+    for name, st in (("storm", storm), ("lost", lost)):
+        one_job_per_step(ftc, namespace, name, ["tiny-llama", "tiny-mixtral"])
+        a, b = normalized_status(calm), normalized_status(st)
+        assert json.dumps(a, sort_keys=True).replace("calm", "X") == json.dumps(b, sort_keys=True).replace(name, "X")

@@ -294,6 +294,7 @@ class ControlPlane:
     ports: dict[str, int]
     pids: dict[str, int] = field(default_factory=dict)
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+    _commands: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict, repr=False)
 
     @property
     def log_dir(self) -> Path:
@@ -332,8 +333,22 @@ class ControlPlane:
             )
         self._procs.append(proc)
         self.pids[name] = proc.pid
+        self._commands[name] = (argv, env)
         self.save_state()
         return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the component `name` (as a crash or an OOM kill would) and wait until it is gone. Children
+        in their own process group (containerd's shims, and so the containers) live on, as on a real node."""
+        pid = self.pids[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        wait_for(lambda: not _pid_running(pid), 15, f"{name} to die")
+
+    def start_again(self, name: str) -> subprocess.Popen:
+        """Start the component `name` again with the command line, state and log it had."""
+        argv, env = self._commands[name]
+        return self.spawn(name, argv, env)
 
     def check_alive(self) -> None:
         for name, pid in self.pids.items():
@@ -477,6 +492,7 @@ def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90, advertis
                 f"--cert-dir={root / 'kcm-certs'}",
                 "--controllers=*",
                 "--node-monitor-period=1s",
+                "--node-monitor-grace-period=20s",  # a node whose kubelet is gone is NotReady in 20 s, not 50
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={p('sa.key')}",
                 f"--root-ca-file={p('ca.crt')}",

@@ -17,6 +17,9 @@ Fixtures
       ``bin_dir`` (kubectl, helm, ...); ``kubectl(*args)`` runs kubectl, returns stdout;
       ``component_log_dir`` logs of etcd/apiserver/controller-manager/scheduler/kubelets/containerd;
       ``timings`` {"build_s", "up_s"} of this session's bring-up.
+      ``restart(component)`` kills etcd, kube-apiserver, a node's containerd or kubelet ... as a crash would,
+      starts it again and waits until the cluster serves again; ``power_off(node)`` / ``power_on(node)``
+      kill a node's kubelet, containerd and containers at once (its machine died) and bring it back.
 ``s3_server`` (session) -> :class:`tests.cluster.s3.S3Server`
     moto's S3 server with bucket ``ftc``: ``endpoint_url`` (loopback, for the tests),
     ``cluster_endpoint_url`` (the host's address, what pods use), ``bucket``, ``access_key_id``,
@@ -39,6 +42,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +71,51 @@ class Cluster:
     component_log_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _clients: list = field(default_factory=list, repr=False)
+    _cp: Any = field(default=None, repr=False)
+
+    def restart(self, component: str, timeout: float = 120) -> float:
+        """Kill a component (``etcd``, ``kube-apiserver``, ``containerd-<node>``, ``kubelet-<node>`` ...) as a
+        crash would, start it again, and wait until the cluster serves again (the API server ready, the
+        node Ready). Returns the seconds it was out."""
+        t = time.monotonic()
+        self._cp.kill(component)
+        self._cp.start_again(component)
+        self._wait_serving(component, timeout)
+        node = component.split("-", 1)[1] if component.startswith(("kubelet-", "containerd-")) else None
+        if node is not None:
+            self._wait_node_ready(node, timeout)
+        return time.monotonic() - t
+
+    def power_off(self, node: str) -> None:
+        """The node's machine dies: its kubelet, its containerd, their shims and every container go at once."""
+        from tests.cluster.node import DEFAULT_NODES, kill_node_processes
+
+        self._cp.kill(f"kubelet-{node}")
+        self._cp.kill(f"containerd-{node}")
+        kill_node_processes(self._cp.root, next(n for n in DEFAULT_NODES if n.name == node))
+
+    def power_on(self, node: str, timeout: float = 120) -> None:
+        """The node's machine is back: containerd, then the kubelet, start again; returns once it is Ready."""
+        from tests.cluster.node import wait_containerd
+
+        self._cp.start_again(f"containerd-{node}")
+        wait_containerd(self._cp.root, node, timeout)
+        self._cp.start_again(f"kubelet-{node}")
+        self._wait_node_ready(node, timeout)
+
+    def _wait_serving(self, what: str, timeout: float) -> None:
+        wait_for(lambda: self._cp.healthy(f"{self.server}/readyz"), timeout, f"the API server ready after {what}")
+
+    def _wait_node_ready(self, node: str, timeout: float) -> None:
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.api_client())
+
+        def ready() -> bool:
+            conds = core.read_node(node).status.conditions or []
+            return any(c.type == "Ready" and c.status == "True" for c in conds)
+
+        wait_for(ready, timeout, f"{node} Ready", interval=0.5)
 
     def api_client(self):
         from kubernetes import config
@@ -126,6 +175,7 @@ def _local_cluster(root: Path) -> Iterator[Cluster]:
             bin_dir=bin_dir,
             component_log_dir=cp.log_dir,
             timings={"build_s": t1 - t0, "up_s": time.monotonic() - t1},
+            _cp=cp,
         )
         log.info("cluster up in %.1fs at %s", cluster.timings["up_s"], cp.server)
         yield cluster

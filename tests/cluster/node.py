@@ -343,6 +343,31 @@ def _kill_cgroup_tasks(d: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
+def kill_node_processes(root: Path, node: NodeSpec) -> None:
+    """SIGKILL the shims of ``node``'s containerd (its socket is in their command line) and every process in
+    the node's cgroups (its containers): what a machine's sudden death does to them."""
+    address = str(socket_dir(root, node.name) / "containerd.sock")
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            cmd = p.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "containerd-shim" in cmd and address in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(p.parent.name), signal.SIGKILL)
+    for h in cgroup_hierarchies():
+        top = h / node.cgroup_root.lstrip("/")
+        if top.is_dir():
+            for d in [top, *(p for p in top.rglob("*") if p.is_dir())]:
+                _kill_cgroup_tasks(d)
+
+
+def wait_containerd(root: Path, node: str, timeout: float) -> None:
+    """Wait until ``node``'s containerd answers on its socket."""
+    from tests.cluster.control_plane import wait_for
+
+    address = str(socket_dir(root, node) / "containerd.sock")
+    wait_for(lambda: _ctr(address, "version").returncode == 0, timeout, f"containerd of {node}")
+
+
 def mounts_under(paths: list[str]) -> list[str]:
     """Mount points below any of ``paths`` (deepest first)."""
     found = []
