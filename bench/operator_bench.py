@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unrelated", type=int, default=500, help="pods and Jobs of someone else in another namespace")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "operator.json")
     p.add_argument("--finish-timeout", type=float, default=900, help="seconds to wait for every comparison to finish")
-    p.add_argument("--workers", type=int, default=8, help="operator reconcile workers")
+    p.add_argument("--workers", type=int, default=16, help="operator reconcile workers (the chart default)")
     p.add_argument("--keep", action="store_true", help="leave the cluster running")
     args = p.parse_args(argv)
 

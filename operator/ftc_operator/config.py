@@ -204,7 +204,7 @@ class OperatorConfig(ApiModel):
         description="progressWriteSeconds: write a comparison's live training progress (status.models[].progress) at "
         "most this often; a phase change, a condition or a finished step is written at once (0: every change).",
     )
-    workers: int = Field(default=8, ge=1, le=64, description="workers: comparisons reconciled at once (I/O-bound threads).")
+    workers: int = Field(default=16, ge=1, le=64, description="workers: comparisons reconciled at once (I/O-bound threads).")
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="metricsPort: Prometheus /metrics port (0: off).")
 
     @field_validator("extra_env", mode="before")

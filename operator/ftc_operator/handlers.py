@@ -139,7 +139,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.scanning.disabled = True  # no CRD watching: no cluster-wide RBAC on CRDs needed
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    memo.kube = Kube(new_api_client())
+    memo.kube = Kube(new_api_client(connections=config.workers + 4))  # + the informers' watches
     loop = asyncio.get_running_loop()
     memo.cache = informers(memo.kube, memo.namespaces, lambda key: loop.call_soon_threadsafe(memo.queue.add, key))
     reconciler = Reconciler(memo.kube, config, cache=memo.cache)

@@ -29,13 +29,18 @@ class Conflict(Exception):
     """The object changed since it was read (HTTP 409 on update): read again and re-plan."""
 
 
-def new_api_client() -> client.ApiClient:
-    """An API client from the pod's ServiceAccount, else from $KUBECONFIG / ~/.kube/config."""
+def new_api_client(connections: int = 0) -> client.ApiClient:
+    """An API client from the pod's ServiceAccount, else from $KUBECONFIG / ~/.kube/config, keeping up to
+    `connections` connections open (0: the client's default, 5 per CPU): one per reconcile worker and watch."""
     try:
         config.load_incluster_config()
-        return client.ApiClient()
+        api = client.ApiClient()
     except config.ConfigException:
-        return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+        api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+    if connections:
+        api.configuration.connection_pool_maxsize = connections
+        api.rest_client = type(api.rest_client)(api.configuration)  # the pool is sized when it is made
+    return api
 
 
 @dataclass(frozen=True)
