@@ -122,15 +122,25 @@ def check(spec: Any) -> list[str]:
     return errors
 
 
+MUTATED, ARBITRARY = 2500, 500  # examples per run of the two properties below
+
+
 @pytest.mark.unit
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_the_readme_states_how_many_specs_are_fuzzed() -> None:
+    from tests.readme_table import assert_readme_figure
+
+    assert_readme_figure("spec fuzzing", f"{MUTATED:,} mutated + {ARBITRARY:,} arbitrary per run")
+
+
+@pytest.mark.unit
+@settings(max_examples=MUTATED, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(SPECS)
 def test_mutated_specs_are_accepted_or_refused_naming_the_field_and_accepted_ones_plan(spec: dict[str, Any]) -> None:
     check(spec)
 
 
 @pytest.mark.unit
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=ARBITRARY, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(VALUES)
 @example({"\x1f\x07" + "\U00010000" * 6: None})  # found by hypothesis: a long quoted key was cut inside an escape
 def test_anything_at_all_as_a_spec_is_refused_without_raising(spec: Any) -> None:

@@ -98,9 +98,16 @@ def test_ordinary_prefixes_are_accepted_and_the_run_stays_under_them(prefix: str
     assert run.startswith(prefix.strip("/")) and ".." not in run.split("/") and "//" not in run
 
 
-@pytest.mark.parametrize(
-    "name", ["llаma", "Llama", "a" * 41, "a_b", "-a", "a-", "a.b", "a/b", "a\nb", "", "ｌｌａｍａ"], ids=repr
-)
+BAD_MODEL_NAMES = ["llаma", "Llama", "a" * 41, "a_b", "-a", "a-", "a.b", "a/b", "a\nb", "", "ｌｌａｍａ"]
+
+
+def test_the_readme_states_how_many_hostile_prefixes_and_names_are_tried() -> None:
+    from tests.readme_table import assert_readme_figure
+
+    assert_readme_figure("hostile `storage.prefix` values", f"{len(HOSTILE)} prefixes, {len(BAD_MODEL_NAMES)} names")
+
+
+@pytest.mark.parametrize("name", BAD_MODEL_NAMES, ids=repr)
 def test_model_names_that_are_not_dns_labels_are_refused(name: str) -> None:
     from ftc_api.spec import validation_errors
 

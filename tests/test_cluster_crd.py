@@ -135,10 +135,12 @@ def test_printer_columns(crd: Cluster, namespace: str) -> None:
 def test_a_sample_of_fuzzed_specs_through_kubectl_apply(crd: Cluster, namespace: str) -> None:
     """Each is accepted or refused with a message naming a field; none that the API server accepts makes the
     planner fail (tests/test_api_fuzz.py `check`: it plans, and renders when the API models accept it too)."""
+    from tests.readme_table import assert_readme_figure
     from tests.test_api_fuzz import check, sample_specs
 
     accepted = refused = 0
-    for i, spec in enumerate(sample_specs(30)):
+    specs = sample_specs(30)
+    for i, spec in enumerate(specs):
         proc = apply(crd, namespace, {"apiVersion": "ftc.dev/v1alpha1", "kind": "FineTuneComparison",
                                       "metadata": {"name": f"fuzz-{i}"}, "spec": spec})  # fmt: skip
         if proc.returncode == 0:
@@ -147,5 +149,6 @@ def test_a_sample_of_fuzzed_specs_through_kubectl_apply(crd: Cluster, namespace:
         else:
             refused += 1
             assert "spec." in proc.stderr or "spec:" in proc.stderr, (spec, proc.stderr)
-    print(f"kubectl apply of 30 fuzzed specs: {accepted} accepted, {refused} refused")
+    print(f"kubectl apply of {len(specs)} fuzzed specs: {accepted} accepted, {refused} refused")
     assert accepted and refused
+    assert_readme_figure("a fuzzed sample through `kubectl apply`", f"{len(specs)} specs")

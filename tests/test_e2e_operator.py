@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.readme_table import assert_readme_figure
 from tests.test_e2e_harness import (
     Comparisons,
     Operator,
@@ -32,6 +33,7 @@ from tests.test_e2e_harness import (
 pytestmark = pytest.mark.cluster
 
 CANARY = "canary-7c1e0f-DO-NOT-LEAK"
+MIN_KILLS = 10  # operator pods deleted while the chaos comparison runs
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +262,8 @@ def test_chaos_delete_the_operator_pod_at_random_points(ftc, operator, namespace
         operator.wait_healthy()  # the replacement pod passes its readiness probe
     chaos = ftc.wait_phase("chaos", namespace, ("Succeeded", "Failed"), timeout=240)
     mid_run = [p for p in phases_at_kill if p not in ("Succeeded", "Failed")]
-    assert len(mid_run) >= 10, f"only {len(mid_run)} kills while the comparison ran: {phases_at_kill}"
+    assert len(mid_run) >= MIN_KILLS, f"only {len(mid_run)} kills while the comparison ran: {phases_at_kill}"
+    assert_readme_figure("the operator's pod deleted at random moments", f"≥ {MIN_KILLS} kills per run")
     assert len(set(mid_run)) >= 2, f"every kill landed in one phase: {phases_at_kill}"
     one_job_per_step(ftc, namespace, "chaos", ["tiny-llama", "tiny-mixtral"])
     a, b = normalized_status(calm), normalized_status(chaos)
@@ -490,3 +493,5 @@ def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(
         one_job_per_step(ftc, namespace, name, ["tiny-llama", "tiny-mixtral"])
         a, b = normalized_status(calm), normalized_status(st)
         assert json.dumps(a, sort_keys=True).replace("calm", "X") == json.dumps(b, sort_keys=True).replace(name, "X")
+    assert_readme_figure("etcd killed while a comparison prepares", f"{len(out)} crashes per run")
+    assert_readme_figure("the GPU node's machine dies", f"{len(gone)} pods lost")

@@ -367,5 +367,8 @@ def test_a_judge_that_rejects_the_key_fails_the_step_as_bad_input(trained, opena
     assert not result.ok
     assert f"the judge at {openai_server.base_url} rejected model 'fake-judge-rejected' with HTTP 401" in (result.error or "")
     assert "Bearer [redacted]" in (result.error or "")  # the server's message is kept, the key is not
+    from tests.readme_table import assert_readme_figure
+
+    assert_readme_figure("a refused judge or embeddings key or model", "—")
     out, err = capfd.readouterr()
     assert canary not in summary.read_text() and canary not in out and canary not in err

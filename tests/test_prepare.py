@@ -158,6 +158,20 @@ def test_abusive_lines_are_counted_under_their_reason_and_never_crash(tmp_path: 
     assert all("\ufffd" not in json.dumps(m) for m in kept)
     shown = " ".join(cleaned.examples["invalid_utf8"])
     assert "invalid UTF-8 at byte" in shown and "\\xe9" in shown  # shown escaped, never decoded with replacement
+    from tests.readme_table import assert_readme_figure
+
+    assert_readme_figure("abusive dataset lines", f"{cleaned.read} lines, {len(cleaned.dropped)} drop reasons")
+
+
+@pytest.mark.unit
+def test_the_readme_states_the_measured_prepare_peak() -> None:
+    """bench/prepare.json (make bench) holds the measurement; the README quotes it."""
+    from tests.readme_table import README, assert_readme_figure
+
+    bench = json.loads((README.parent / "bench" / "prepare.json").read_text())
+    biggest = bench["streaming"]["2048MB"]
+    assert_readme_figure("a large dataset", f"**{biggest['peak_rss_mib']:.0f} MiB** peak")
+    assert_readme_figure("a large dataset", f"({bench['ratio_baseline_over_streaming_peak_rss']:.1f}x)")
 
 
 @pytest.mark.unit

@@ -133,6 +133,9 @@ def test_a_hub_error_quoting_the_token_leaks_it_nowhere(
     assert code != 0 and "cannot stage base model ftc-test/tiny-llama" in summary["error"], summary
     assert "Bearer [redacted]" in summary["error"]  # the hub's message is kept, the token is not
     assert canary not in json.dumps(summary) and canary not in out and canary not in err
+    from tests.readme_table import assert_readme_figure
+
+    assert_readme_figure("a judge and a hub that quote the request's `Authorization` header", "2 servers")
 
 
 @pytest.mark.ml

@@ -18,6 +18,7 @@ from ftc_storage import Storage, StorageError
 
 from tests.fixtures.faulty_s3 import FaultyS3, Rule
 from tests.fixtures.tiny import TinyS3, new_run
+from tests.readme_table import assert_readme_figure
 
 TRAINING = TrainingSpec(
     epochs=1,
@@ -73,6 +74,8 @@ def test_every_kind_of_fault_on_every_object_is_ridden_out(moto_s3, faulty: Faul
     store.download_verified(prefix, tmp_path / "copy")
     assert all((tmp_path / "copy" / p.name).read_bytes() == p.read_bytes() for p in source.iterdir())
     assert faulty.served["error"] >= 10 and faulty.served["reset"] >= 10 and faulty.served["truncate"] >= 5
+    assert sum(faulty.served.values()) >= 25
+    assert_readme_figure("storage faults on every object", "≥ 25 faults")
 
 
 @pytest.mark.unit
@@ -103,6 +106,7 @@ def test_training_through_flaky_storage_ends_with_the_result_of_a_clean_run(
     flaky = train(through(new_run(tiny_s3, data_prefix, "flaky", tmp_path), faulty), "flaky")
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
     assert faulty.faults >= 10, faulty.served
+    assert_readme_figure("a real training run through storage failing", "≥ 10 faults")
     assert flaky.ok and flaky.total_steps == clean.total_steps == 24
     clean_history, flaky_history = history(store, clean.metrics_uri or ""), history(store, flaky.metrics_uri or "")
     assert [(p.step, p.train_loss, p.eval_loss) for p in flaky_history] == [
@@ -157,3 +161,4 @@ def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_comp
     assert f"step-{result.resumed_from_step}" in complete  # only a checkpoint with its manifest
     steps = [p.step for p in history(store, result.metrics_uri or "") if p.train_loss is not None]
     assert steps == list(range(2, 25, 2))  # every logged step exactly once
+    assert_readme_figure("S3 gone for longer than the retries", "1 outage")
