@@ -141,6 +141,15 @@ if (($(free_gib) < need_gib)); then
     log "warning: $(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc}, importing ${todo[*]} may need up to $need_gib GiB"
   fi
 fi
+# The version being replaced keeps a name until the import is done: an import re-points the tag before it
+# unpacks, and a garbage collection in between would take the old version's snapshots that the unpacker
+# already counted on as the new one's lower layers ("parent snapshot ... does not exist").
+for keep in $(c images ls -q | grep '^ftc.local/importing:' || true); do c images rm "$keep" >/dev/null; done  # a failed run's
+kept=()
+for tag in "${todo[@]}"; do
+  keep="ftc.local/importing:$(printf '%s' "$tag" | tr -c 'A-Za-z0-9_.-' '-' | cut -c1-120)"
+  if c images tag --force "$tag" "$keep" >/dev/null 2>&1; then kept+=("$keep"); fi
+done
 log "importing ${todo[*]} into $address (namespace k8s.io, $SNAPSHOTTER)"
 # One image at a time: containerd 1.6 unpacking two images that share layers at once can fail with
 # "parent snapshot ... does not exist"; an import that fails anyway (a garbage collection racing it) is
@@ -159,6 +168,7 @@ for tag in "${todo[@]}"; do
   discard_layers "$tag"
 done
 log "imported ${#todo[@]} image(s) in $((SECONDS - t)) s"
+for keep in "${kept[@]}"; do c images rm "$keep" >/dev/null 2>&1 || true; done
 drop_stale_ids
 collect_garbage
 log "$(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc}"

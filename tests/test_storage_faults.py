@@ -162,3 +162,49 @@ def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_comp
     steps = [p.step for p in history(store, result.metrics_uri or "") if p.train_loss is not None]
     assert steps == list(range(2, 25, 2))  # every logged step exactly once
     assert_readme_figure("S3 gone for longer than the retries", "1 outage")
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(1500)
+def test_storage_gone_at_random_points_of_a_training_run_never_passes_for_a_result(
+    tiny_s3: TinyS3, data_prefix: str, faulty: FaultyS3, tmp_path: Path
+) -> None:
+    """S3 goes away for good at a random request of a real training run (seeded), again and again: each
+    time the step fails as transient ("storage unreachable"), nothing is marked finished, and the next
+    attempt (the Job's retry) resumes; the run that gets through logs every step once, with the losses of
+    an undisturbed run."""
+    import random
+
+    from ftc_trainer.errors import StepError
+    from ftc_trainer.train import run_train
+
+    ref = ModelRef(name="tiny-llama", base_model=tiny_s3.llama, method=Method.LORA)
+    calm = new_run(tiny_s3, data_prefix, "calm", tmp_path)
+    clean = run_train(TrainInput(model=ref, training=TRAINING, location=calm), tmp_path / "calm")
+    loc = through(new_run(tiny_s3, data_prefix, "gone", tmp_path), faulty)
+    inp = TrainInput(model=ref, training=TRAINING, location=loc)
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    rng = random.Random(11)
+    failures: list[int] = []
+    for attempt in range(8):
+        at = rng.randint(3, 40)
+        faulty.down_after = at
+        try:
+            result = run_train(inp, tmp_path / f"attempt-{attempt}")
+            break
+        except StepError as e:
+            assert e.retryable and "storage" in str(e) and "unreachable" in str(e), e
+            assert store.read_manifest(loc.uri("models/tiny-llama")) is None  # nothing taken as finished
+            failures.append(at)
+        finally:
+            faulty.is_down, faulty.down_after = False, None
+    else:
+        raise AssertionError(f"no attempt got through: storage went at requests {failures}")
+    print(f"storage gone at requests {failures} of successive attempts; attempt {len(failures) + 1} got through")
+    assert len(failures) >= 3, failures
+    assert result.ok and result.resumed_from_step is not None
+    got = [(p.step, p.train_loss) for p in history(store, result.metrics_uri or "") if p.train_loss is not None]
+    want = [(p.step, p.train_loss) for p in history(store, clean.metrics_uri or "") if p.train_loss is not None]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(2, 25, 2))  # every logged step once
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-3)
+    assert_readme_figure("S3 gone for good at random requests", f"{len(failures)} outages")
