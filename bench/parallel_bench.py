@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     from ftc_trainer.prepare import run_prepare
     from moto.server import ThreadedMotoServer
 
-    from tests.fixtures.s3 import _free_port
+    from tests.fixtures.ports import free_port
     from tests.fixtures.smollm2 import build
     from tests.fixtures.tiny import build_dataset
 
     model = build()  # once, before anything is timed
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     import boto3
 
-    from tests.fixtures.s3 import _free_port
+    from tests.fixtures.ports import free_port
 
     # The S3 server runs as its own process: it holds every uploaded object in memory, and a child started by
     # this process (vfork, then exec) inherits this process's peak RSS in its own ru_maxrss.
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

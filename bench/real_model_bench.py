@@ -51,9 +51,9 @@ def one_run(variant: str, steps: int, work: Path) -> dict[str, Any]:
         import boto3
         from moto.server import ThreadedMotoServer
 
-        from tests.fixtures.s3 import _free_port
+        from tests.fixtures.ports import free_port
 
-        port = _free_port()
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         endpoint = f"http://127.0.0.1:{port}"

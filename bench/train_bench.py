@@ -189,14 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     import trl
     from moto.server import ThreadedMotoServer
 
-    from tests.fixtures.s3 import _free_port
+    from tests.fixtures.ports import free_port
     from tests.fixtures.tiny import build_all
 
     tmp = Path(tempfile.mkdtemp(prefix="ftc-train-bench-"))
     os.environ.setdefault("FTC_CACHE_DIR", str(tmp / "cache"))
     assets = build_all(Path(args.assets) if args.assets else tmp / "assets")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

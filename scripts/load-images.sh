@@ -30,39 +30,43 @@ command -v ctr >/dev/null || { echo "error: ctr missing (Debian package containe
 [[ -S "$address" ]] || { echo "error: no containerd socket at $address" >&2; exit 1; }
 c() { ctr --address "$address" -n k8s.io "$@"; }
 
-# The state of TAG in containerd: "CONFIG_DIGEST CHAIN_ID" (empty when containerd does not have it).
-containerd_state() {
-  local tag="$1" digest
-  digest="$(c images ls "name==$tag" 2>/dev/null | awk -v t="$tag" '$1 == t {print $3}')"
-  [[ -n "$digest" ]] || return 0
-  c content get "$digest" | python3 -c '
-import hashlib, json, subprocess, sys
-doc = json.load(sys.stdin)
-get = lambda d: json.loads(subprocess.run(sys.argv[1:] + [d], check=True, capture_output=True).stdout)
-if "manifests" in doc:  # an index: the linux/amd64 manifest
-    ms = [m for m in doc["manifests"] if m.get("platform", {}).get("architecture", "amd64") == "amd64"]
-    doc = get(ms[0]["digest"])
-config = doc["config"]["digest"]
-chain = None
-for diff_id in get(config)["rootfs"]["diff_ids"]:
-    chain = diff_id if chain is None else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
-print(config, chain)
-' ctr --address "$address" -n k8s.io content get
-}
-
-# The digests of TAG's layer blobs in containerd, one per line.
-layer_blobs() {
+# TAG's image manifest in containerd as JSON (of an index, its linux/amd64 manifest); empty when containerd
+# does not have TAG.
+manifest_of() {
   local tag="$1" digest
   digest="$(c images ls "name==$tag" 2>/dev/null | awk -v t="$tag" '$1 == t {print $3}')"
   [[ -n "$digest" ]] || return 0
   c content get "$digest" | python3 -c '
 import json, subprocess, sys
 doc = json.load(sys.stdin)
-get = lambda d: json.loads(subprocess.run(sys.argv[1:] + [d], check=True, capture_output=True).stdout)
-if "manifests" in doc:
-    doc = get([m for m in doc["manifests"] if m.get("platform", {}).get("architecture", "amd64") == "amd64"][0]["digest"])
-print("\n".join(layer["digest"] for layer in doc["layers"]))
+if "manifests" in doc:  # an index: the linux/amd64 manifest
+    ms = [m for m in doc["manifests"] if m.get("platform", {}).get("architecture", "amd64") == "amd64"]
+    doc = json.loads(subprocess.run(sys.argv[1:] + [ms[0]["digest"]], check=True, capture_output=True).stdout)
+print(json.dumps(doc))
 ' ctr --address "$address" -n k8s.io content get
+}
+
+# The state of TAG in containerd: "CONFIG_DIGEST CHAIN_ID" (empty when containerd does not have it).
+containerd_state() {
+  local manifest
+  manifest="$(manifest_of "$1")"
+  [[ -n "$manifest" ]] || return 0
+  python3 -c '
+import hashlib, json, subprocess, sys
+config = json.loads(sys.stdin.read())["config"]["digest"]
+chain = None
+for diff_id in json.loads(subprocess.run(sys.argv[1:] + [config], check=True, capture_output=True).stdout)["rootfs"]["diff_ids"]:
+    chain = diff_id if chain is None else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+print(config, chain)
+' ctr --address "$address" -n k8s.io content get <<<"$manifest"
+}
+
+# The digests of TAG's layer blobs in containerd, one per line.
+layer_blobs() {
+  local manifest
+  manifest="$(manifest_of "$1")"
+  [[ -n "$manifest" ]] || return 0
+  python3 -c 'import json, sys; print("\n".join(layer["digest"] for layer in json.load(sys.stdin)["layers"]))' <<<"$manifest"
 }
 
 # Delete TAG's layer blobs (it is unpacked; its manifest and config stay, which is all the CRI reads).

@@ -28,14 +28,6 @@ GROUP, VERSION, PLURAL = "ftc.dev", "v1alpha1", "finetunecomparisons"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=ftc,app.kubernetes.io/instance=ftc"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(check, timeout: float, what: str, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     last: BaseException | None = None

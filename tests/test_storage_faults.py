@@ -169,14 +169,14 @@ def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_comp
 def test_storage_gone_at_random_points_of_a_training_run_never_passes_for_a_result(
     tiny_s3: TinyS3, data_prefix: str, faulty: FaultyS3, tmp_path: Path
 ) -> None:
-    """S3 goes away for good at a random request of a real training run (seeded), again and again: each
+    """S3 goes away for good at a random request of a real training run (seeded), attempt after attempt: each
     time the step fails as transient ("storage unreachable"), nothing is marked finished, and the next
-    attempt (the Job's retry) resumes; the run that gets through logs every step once, with the losses of
-    an undisturbed run."""
+    attempt (the Job's retry) resumes from the newest complete checkpoint, never an older one. Once storage
+    stays up, the run gets through and logs every step once, with the losses of an undisturbed run."""
     import random
 
     from ftc_trainer.errors import StepError
-    from ftc_trainer.train import run_train
+    from ftc_trainer.train import newest_checkpoint_steps, run_train
 
     ref = ModelRef(name="tiny-llama", base_model=tiny_s3.llama, method=Method.LORA)
     calm = new_run(tiny_s3, data_prefix, "calm", tmp_path)
@@ -184,10 +184,13 @@ def test_storage_gone_at_random_points_of_a_training_run_never_passes_for_a_resu
     loc = through(new_run(tiny_s3, data_prefix, "gone", tmp_path), faulty)
     inp = TrainInput(model=ref, training=TRAINING, location=loc)
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    checkpoints = loc.uri("models/tiny-llama/checkpoints")
     rng = random.Random(11)
     failures: list[int] = []
-    for attempt in range(8):
-        at = rng.randint(3, 40)
+    result = None
+    for attempt in range(5):
+        at = rng.randint(3, 100)
+        newest = max(newest_checkpoint_steps(store.list(checkpoints)), default=None)
         faulty.down_after = at
         try:
             result = run_train(inp, tmp_path / f"attempt-{attempt}")
@@ -198,13 +201,16 @@ def test_storage_gone_at_random_points_of_a_training_run_never_passes_for_a_resu
             failures.append(at)
         finally:
             faulty.is_down, faulty.down_after = False, None
-    else:
-        raise AssertionError(f"no attempt got through: storage went at requests {failures}")
-    print(f"storage gone at requests {failures} of successive attempts; attempt {len(failures) + 1} got through")
+        # Progress is never thrown away: the newest complete checkpoint is as new as before or newer.
+        after = max(newest_checkpoint_steps(store.list(checkpoints)), default=None)
+        assert newest is None or (after is not None and after >= newest), (newest, after)
+    if result is None:  # storage is back for good
+        result = run_train(inp, tmp_path / "back")
+    print(f"storage gone at requests {failures} of successive attempts; then the run got through")
     assert len(failures) >= 3, failures
     assert result.ok and result.resumed_from_step is not None
     got = [(p.step, p.train_loss) for p in history(store, result.metrics_uri or "") if p.train_loss is not None]
     want = [(p.step, p.train_loss) for p in history(store, clean.metrics_uri or "") if p.train_loss is not None]
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(2, 25, 2))  # every logged step once
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-3)
-    assert_readme_figure("S3 gone for good at random requests", f"{len(failures)} outages")
+    assert_readme_figure("S3 gone for good at random requests", "≥ 3 outages")

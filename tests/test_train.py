@@ -16,7 +16,7 @@ import pytest
 from ftc_api.runtime import compact_summary
 from ftc_api.spec import LoraSpec, Method, TrainingSpec
 from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, TrainInput, TrainResult
-from ftc_storage import Storage
+from ftc_storage import Storage, parse_s3_uri
 
 from tests import steps
 from tests.fixtures.tiny import TinyAssets, TinyS3, new_run
@@ -461,6 +461,32 @@ def test_resume_after_sigkill_continues_the_history(tiny_s3: TinyS3, data_prefix
     assert result.final_eval_loss == pytest.approx(reference.final_eval_loss, rel=0.01)
     ref_trains, _ = losses([LossPoint.model_validate(p) for p in json.loads(store.read_text(reference.metrics_uri or ""))])
     assert [p.train_loss for p in history if p.train_loss is not None] == pytest.approx(ref_trains, rel=0.01)
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(600)
+def test_a_retry_after_the_last_checkpoint_trains_no_further(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
+    """An attempt that saved the checkpoint of its last step and then failed (uploading its results, say) is
+    retried: the retry resumes from that checkpoint and stops there. transformers checks maxSteps only after
+    a step, so without a guard it trained on to the end of the epoch (steps 25 and 26 of 24, seen in a storage
+    fault test)."""
+    from ftc_trainer.train import run_train
+
+    training = LORA_TRAINING.model_copy(update={"max_steps": 24, "save_steps": 12, "eval_steps": 12, "logging_steps": 2})
+    loc = new_run(tiny_s3, data_prefix, "last-step", tmp_path)
+    inp = train_input(tiny_s3, loc, "tiny-llama", Method.LORA, training)
+    first = run_train(inp, tmp_path / "first")
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    assert "step-24/manifest.json" in store.list(loc.uri("models/tiny-llama/checkpoints"))
+    bucket, key = parse_s3_uri(loc.uri("models/tiny-llama/manifest.json"))
+    store.client.delete_object(Bucket=bucket, Key=key)  # as if the results upload had failed
+
+    again = run_train(inp, tmp_path / "again")
+    assert again.ok and again.resumed_from_step == 24 and again.total_steps == 24
+    history = [LossPoint.model_validate(p) for p in json.loads(store.read_text(again.metrics_uri or ""))]
+    assert [p.step for p in history if p.train_loss is not None] == list(range(2, 25, 2))
+    assert again.final_train_loss == first.final_train_loss and again.final_eval_loss == first.final_eval_loss
+    assert store.read_manifest(loc.uri("models/tiny-llama")) is not None
 
 
 @pytest.mark.ml

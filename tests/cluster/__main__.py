@@ -24,7 +24,6 @@ from tests.cluster.control_plane import (
     ControlPlane,
     Pki,
     build_binaries,
-    free_port,
     start_control_plane,
     stop_pids,
     wait_for_service_account,
@@ -32,6 +31,7 @@ from tests.cluster.control_plane import (
 from tests.cluster.images import PAUSE_IMAGE, build_images, load_images
 from tests.cluster.node import DEFAULT_NODES, host_ip, node_images, socket_dir, start_nodes, stop_cluster, stop_nodes
 from tests.cluster.s3 import S3Server, moto_command
+from tests.fixtures.ports import free_port
 
 
 def _ours(pid: int, root: Path) -> bool:

@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-control-plane.sh"
@@ -77,12 +78,6 @@ def build_binaries(timeout: float = 3600) -> Path:
         tail = "\n".join(lines[-60:])
         raise BuildError(f"{BUILD_SCRIPT} failed with exit code {code}:\n{tail}")
     return Path(lines[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- certificates --------------------------------------------------------------------------------

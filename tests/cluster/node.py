@@ -618,8 +618,9 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
     ``cp`` is the running :class:`tests.cluster.control_plane.ControlPlane` (started with an
     ``advertise_ip``); processes are spawned through it, so its ``stop()`` ends them (call
     :func:`stop_cluster` for the orderly stop that also cleans the host)."""
-    from tests.cluster.control_plane import free_port, wait_for, write_kubeconfig
+    from tests.cluster.control_plane import wait_for, write_kubeconfig
     from tests.cluster.images import PAUSE_IMAGE, load_images
+    from tests.fixtures.ports import free_port
 
     ip = host_ip()
     changes_file = cp.root / "host-changes.json"

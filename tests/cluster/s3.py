@@ -14,7 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.cluster.control_plane import free_port, wait_for
+from tests.cluster.control_plane import wait_for
+from tests.fixtures.ports import free_port
 
 BUCKET = "ftc"
 SECRET_NAME = "ftc-s3"

@@ -193,6 +193,19 @@ class CheckpointUploader(TrainerCallback):
         log.info("checkpoint step-%d uploaded in %.1fs", step, time.monotonic() - started)
 
 
+class TrainingAlreadyComplete(Exception):
+    """Raised at the start of a run resumed from the checkpoint of its last step: nothing is left to train."""
+
+
+class StopWhenResumedAtTheEnd(TrainerCallback):
+    """transformers checks maxSteps only after a step, so a run resumed from the checkpoint of its last step
+    (an attempt that failed uploading its results) would train on to the end of the epoch: stop it before."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise TrainingAlreadyComplete
+
+
 class RunClock(TrainerCallback):
     """Wall time and tokens of this run (a resumed run counts only its own part)."""
 
@@ -235,17 +248,29 @@ def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> 
 
 
 def find_checkpoint(store: Any, prefix: str, output_dir: Path) -> tuple[Path | None, int | None]:
-    """Download the newest complete checkpoint; None when there is none."""
+    """Download the newest complete checkpoint; None when there is none.
+
+    A checkpoint that is incomplete or differs from its manifest is skipped for an older one; storage that is
+    unreachable fails the step as transient instead (falling back would throw away the newest progress).
+    """
     from ftc_storage import StorageError
 
-    for step in newest_checkpoint_steps(store.list(prefix)):
+    from .errors import transient
+
+    try:
+        steps = newest_checkpoint_steps(store.list(prefix))
+    except StorageError as err:
+        raise storage_failure(err, getattr(store, "endpoint_url", None), "listing the checkpoints") from err
+    for step in steps:
         local = output_dir / f"checkpoint-{step}"
         try:
             store.download_verified(f"{prefix}/step-{step}", local)
             return local, step
         except StorageError as err:
-            log.warning("checkpoint step-%d is unusable (%s); trying an older one", step, err)
             shutil.rmtree(local, ignore_errors=True)
+            if transient(err):
+                raise storage_failure(err, getattr(store, "endpoint_url", None), f"reading checkpoint step-{step}") from err
+            log.warning("checkpoint step-%d is unusable (%s); trying an older one", step, err)
     return None, None
 
 
@@ -397,6 +422,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     )
     clock = RunClock()
     callbacks: list[TrainerCallback] = [
+        StopWhenResumedAtTheEnd(),
         EvalEveryEpochAndAtEnd(has_eval),
         best,
         CheckpointUploader(store, f"{model_prefix}/checkpoints", best),
@@ -415,6 +441,9 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     best.save = adapter_saver(trainer, main)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except TrainingAlreadyComplete:  # the checkpoint's weights and log history are loaded: results from them
+        log.info("checkpoint step-%s is the last step: nothing left to train", resumed_step)
+        clock.tokens_at_start = clock.tokens_at_end = int(trainer.state.num_input_tokens_seen or 0)
     except torch.OutOfMemoryError as err:  # deterministic: the same batch runs out again on a retry
         raise StepError(out_of_memory_message(torch, ref, training, err)) from err
     except StorageError as err:  # a checkpoint upload failed after the client's own retries
