@@ -483,6 +483,29 @@ def remove_stale_containers(address: str) -> None:
         _ctr(address, "containers", "delete", *containers)
 
 
+# The kubelet's device manager empties this directory and listens here whatever its --root-dir: two kubelets
+# started together race for it, and the loser exits ("listen unix .../kubelet.sock: bind: address already in
+# use", seen once in CI). So the kubelets start one after the other.
+DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
+
+
+def wait_device_manager(started: float, kubelet: subprocess.Popen, log_tail, timeout: float = 60) -> None:
+    """Wait until the kubelet started at `started` (time.time()) listens on the device-plugin socket."""
+
+    def alive() -> None:
+        if kubelet.poll() is not None:
+            raise RuntimeError(f"kubelet exited ({kubelet.returncode}):\n{log_tail()}")
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive()
+        with contextlib.suppress(FileNotFoundError):
+            if DEVICE_PLUGIN_SOCKET.stat().st_mtime > started:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for the kubelet's {DEVICE_PLUGIN_SOCKET}")
+
+
 def wait_socket(path: Path, timeout: float, proc_check) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -671,7 +694,9 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
         progress(f"{node.name}: images in place", t)
     for node in specs:
         d = nodes.node_dir(node.name)
-        cp.spawn(f"kubelet-{node.name}", kubelet_argv(cp.bin_dir, node, d, ip), env=env)
+        started = time.time()
+        kubelet = cp.spawn(f"kubelet-{node.name}", kubelet_argv(cp.bin_dir, node, d, ip), env=env)
+        wait_device_manager(started, kubelet, lambda node=node: cp.log_tail(f"kubelet-{node.name}"))
     t = time.monotonic()
     # kube-proxy: one for the host's network namespace, identified as the first node.
     kp_crt, kp_key = cp.pki.path("kube-proxy.crt"), cp.pki.path("kube-proxy.key")
