@@ -265,6 +265,16 @@ class Comparisons:
     def events(self, namespace: str, name: str) -> list[Any]:
         return [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
 
+    def event_reasons(self, namespace: str, name: str, until: Any, timeout: float = 30) -> list[str]:
+        """The reasons of the Events about `name` once `until(reasons)` holds. The operator posts a reconcile's
+        Events after its status write, so a test that has just seen a status waits for them."""
+
+        def reasons() -> list[str] | None:
+            found = [e.reason for e in self.events(namespace, name)]
+            return found if until(found) else None
+
+        return wait_for(reasons, timeout, f"the Events of {name}")
+
 
 def secret_leaks(api_client, namespace: str, status: dict[str, Any], secrets: list[str], **texts: str) -> list[str]:
     """Where any of `secrets` appears: the status, the namespace's Events, ConfigMaps and Jobs, and `texts`
