@@ -256,8 +256,12 @@ def _pid_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    try:  # a zombie we cannot reap is as good as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    # A zombie we cannot reap is as good as gone, but only once its other threads are gone too: a killed Go
+    # program's main thread turns zombie first, and its sockets close with its last thread (a kube-apiserver
+    # started again too early found its port still in use, in CI).
+    try:
+        zombie = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        return not zombie or len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         return False
 
