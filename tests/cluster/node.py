@@ -489,29 +489,15 @@ def remove_stale_containers(address: str) -> None:
 DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
 
 
-def wait_device_manager(started: float, kubelet: subprocess.Popen, log_tail, timeout: float = 60) -> None:
-    """Wait until the kubelet started at `started` (time.time()) listens on the device-plugin socket."""
-
-    def alive() -> None:
-        if kubelet.poll() is not None:
-            raise RuntimeError(f"kubelet exited ({kubelet.returncode}):\n{log_tail()}")
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive()
-        with contextlib.suppress(FileNotFoundError):
-            if DEVICE_PLUGIN_SOCKET.stat().st_mtime > started:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for the kubelet's {DEVICE_PLUGIN_SOCKET}")
-
-
-def wait_socket(path: Path, timeout: float, proc_check) -> None:
+def wait_socket(path: Path, timeout: float, proc_check, newer_than: float | None = None) -> None:
+    """Wait until `path` exists (and, with `newer_than`, was made after that time.time()); `proc_check`
+    raises when the process that makes it has died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc_check()
-        if path.exists():
-            return
+        with contextlib.suppress(FileNotFoundError):
+            if newer_than is None or path.stat().st_mtime > newer_than:
+                return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout}s waiting for {path}")
 
@@ -641,7 +627,7 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
     ``cp`` is the running :class:`tests.cluster.control_plane.ControlPlane` (started with an
     ``advertise_ip``); processes are spawned through it, so its ``stop()`` ends them (call
     :func:`stop_cluster` for the orderly stop that also cleans the host)."""
-    from tests.cluster.control_plane import wait_for, write_kubeconfig
+    from tests.cluster.control_plane import write_kubeconfig
     from tests.cluster.images import PAUSE_IMAGE, load_images
     from tests.fixtures.ports import free_port
 
@@ -682,11 +668,7 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
                 )
 
         wait_socket(Path(nodes.containerd_address(node.name)), 30, alive)
-        wait_for(
-            lambda node=node: _ctr(nodes.containerd_address(node.name), "version").returncode == 0,
-            30,
-            f"containerd of {node.name}",
-        )
+        wait_containerd(nodes.root, node.name, 30)
         progress(f"{node.name}: containerd up at {nodes.containerd_address(node.name)}")
         remove_stale_containers(nodes.containerd_address(node.name))
         t = time.monotonic()
@@ -696,7 +678,13 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
         d = nodes.node_dir(node.name)
         started = time.time()
         kubelet = cp.spawn(f"kubelet-{node.name}", kubelet_argv(cp.bin_dir, node, d, ip), env=env)
-        wait_device_manager(started, kubelet, lambda node=node: cp.log_tail(f"kubelet-{node.name}"))
+
+        def kubelet_alive(kubelet=kubelet, node=node) -> None:
+            if kubelet.poll() is not None:
+                tail = cp.log_tail(f"kubelet-{node.name}")
+                raise RuntimeError(f"kubelet of {node.name} exited ({kubelet.returncode}):\n{tail}")
+
+        wait_socket(DEVICE_PLUGIN_SOCKET, 60, kubelet_alive, newer_than=started)
     t = time.monotonic()
     # kube-proxy: one for the host's network namespace, identified as the first node.
     kp_crt, kp_key = cp.pki.path("kube-proxy.crt"), cp.pki.path("kube-proxy.key")
