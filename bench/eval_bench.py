@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from ftc_evaluator.generate import load_model, read_test_rows, unload
     from transformers.utils import logging as hf_logging
 
-    from tests.fixtures import tiny
+    from devcluster.models import tiny
 
     hf_logging.set_verbosity_error()
     root = Path(args.assets or tempfile.mkdtemp(prefix="ftc-eval-bench-"))

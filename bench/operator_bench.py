@@ -2,8 +2,8 @@
 
     python -m bench.operator_bench [--counts 10 100 1000] [--run-up-to 100] [--out bench/operator.json]
 
-Starts its own cluster (control plane, two real nodes, moto S3: `python -m tests.cluster up` in a temp
-dir), `helm install`s the chart with the stub step (tests/steps/stub.py, mounted from a ConfigMap into the
+Starts its own cluster (control plane, two real nodes, moto S3: `python -m devcluster up` in a temp
+dir), `helm install`s the chart with the stub step (devcluster/steps/stub.py, mounted from a ConfigMap into the
 step images), so the operator runs as the chart's Deployment in a container, creates N comparisons as fast
 as the API server takes them, and measures:
 
@@ -45,7 +45,7 @@ def cpu_seconds(pod_uid: str) -> float:
 
 
 class _Cluster:
-    """What tests.test_e2e_harness.start_operator needs of a cluster."""
+    """What devcluster.harness.start_operator needs of a cluster."""
 
     def __init__(self, kubeconfig: Path, bin_dir: Path):
         self.kubeconfig, self.bin_dir = kubeconfig, bin_dir
@@ -136,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubernetes import client, config, watch
 
-    from tests.test_e2e_harness import Comparisons, apply_crd, start_operator, stub_values, tiny_spec
+    from devcluster.harness import Comparisons, apply_crd, start_operator, stub_values, tiny_spec
 
     work = Path(tempfile.mkdtemp(prefix="ftc-bench-"))
     root = work / "cluster"
     ns = "bench"
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "tests.cluster", "up", "--dir", str(root), "--namespace", ns], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(root), "--namespace", ns], check=True, cwd=REPO)
     env = dict(line.removeprefix("export ").split("=", 1) for line in (root / "env").read_text().splitlines() if "=" in line)
     kubeconfig = Path(env["KUBECONFIG"])
     bin_dir = Path(env["PATH"].split(":", 1)[0])
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "operator_bench",
             "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-            "steps": "stub (tests/steps/stub.py), no GPU limits; the operator as the chart's Deployment on a real node",
+            "steps": "stub (devcluster/steps/stub.py), no GPU limits; the operator as the chart's Deployment on a real node",
             "method": (
                 "each round creates N comparisons at once with both nodes cordoned (the burst: create -> prepare Job, "
                 "measuring the operator and the API server, not step processes on 2 cores); rounds up to --run-up-to "
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if not args.keep:
-            subprocess.run([sys.executable, "-m", "tests.cluster", "down", "--dir", str(root)], cwd=REPO, check=False)
+            subprocess.run([sys.executable, "-m", "devcluster", "down", "--dir", str(root)], cwd=REPO, check=False)
 
 
 def per_comparison(after: str, before: str, name: str, count: int) -> float:

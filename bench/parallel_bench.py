@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from ftc_trainer.prepare import run_prepare
     from moto.server import ThreadedMotoServer
 
-    from tests.fixtures.ports import free_port
-    from tests.fixtures.smollm2 import build
-    from tests.fixtures.tiny import build_dataset
+    from devcluster.models.smollm2 import build
+    from devcluster.models.tiny import build_dataset
+    from devcluster.servers.ports import free_port
 
     model = build()  # once, before anything is timed
     port = free_port()
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _copy_data(endpoint: str, source: Any, dest: Any, work: Path) -> None:
     """The prepared data/ under a fresh run prefix (each run trains from its own prefix, as a comparison)."""
-    from ftc_storage import Storage
+    from ftc_step.storage import Storage
 
     store = Storage(endpoint_url=endpoint)
     store.download_verified(source.uri("data"), work / "data-copy")

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     import boto3
 
-    from tests.fixtures.ports import free_port
+    from devcluster.servers.ports import free_port
 
     # The S3 server runs as its own process: it holds every uploaded object in memory, and a child started by
     # this process (vfork, then exec) inherits this process's peak RSS in its own ru_maxrss.

@@ -1,5 +1,5 @@
 """Benchmark on a real pretrained model: ftc's train step against TRL's SFTTrainer on SmolLM2-135M-Instruct
-(tests/fixtures/smollm2.py), same data, same steps, same LoRA, on the CPU; trained tokens/s and peak memory
+(devcluster/models/smollm2.py), same data, same steps, same LoRA, on the CPU; trained tokens/s and peak memory
 side by side in one run.
 
     python -m bench.real_model_bench [--steps 12] [--repeats 2] [--out bench/real_model.json]
@@ -42,8 +42,8 @@ class _Assets:
 def one_run(variant: str, steps: int, work: Path) -> dict[str, Any]:
     """One variant in this process (called in a child process by main)."""
     from bench.train_bench import run_ftc, run_trl
-    from tests.fixtures.smollm2 import build
-    from tests.fixtures.tiny import build_dataset
+    from devcluster.models.smollm2 import build
+    from devcluster.models.tiny import build_dataset
 
     model = build()
     assets = _Assets(model, build_dataset(work / "tiny-alpaca.jsonl"))
@@ -51,7 +51,7 @@ def one_run(variant: str, steps: int, work: Path) -> dict[str, Any]:
         import boto3
         from moto.server import ThreadedMotoServer
 
-        from tests.fixtures.ports import free_port
+        from devcluster.servers.ports import free_port
 
         port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         print(json.dumps(one_run(args.variant, args.steps, Path(args.work))))
         return 0
-    from tests.fixtures.smollm2 import build
+    from devcluster.models.smollm2 import build
 
     build()  # once, before anything is timed
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}

@@ -57,7 +57,7 @@ def varied_dataset(path: Path) -> Path:
     """The fixture facts with an alpaca `input` context of 0 to 11 filler sentences (row i gets i % 12), so row
     lengths vary about tenfold, as instruction datasets' do (Alpaca's `input` is empty for most rows and long for
     some). Padded batches then carry real padding; the uniform fixture rows carry almost none."""
-    from tests.fixtures.tiny import WORDS, fact_rows
+    from devcluster.models.tiny import WORDS, fact_rows
 
     rows = []
     for i, row in enumerate(fact_rows()):
@@ -116,7 +116,7 @@ def run_trl(kind: str, assets: Any, steps: int, work: Path, **options: Any) -> d
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tests.fixtures.tiny import fact_rows, to_messages
+    from devcluster.models.tiny import fact_rows, to_messages
 
     lora = _lora()
     dataset = Dataset.from_list([{"messages": to_messages(r)} for r in fact_rows()])
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     import trl
     from moto.server import ThreadedMotoServer
 
-    from tests.fixtures.ports import free_port
-    from tests.fixtures.tiny import build_all
+    from devcluster.models.tiny import build_all
+    from devcluster.servers.ports import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="ftc-train-bench-"))
     os.environ.setdefault("FTC_CACHE_DIR", str(tmp / "cache"))

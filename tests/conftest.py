@@ -1,11 +1,11 @@
-"""Shared pytest configuration: fixtures live in tests/fixtures/ and tests/cluster/ and are loaded as plugins."""
+"""Shared pytest configuration: fixtures live in tests/fixtures/ and devcluster/ and are loaded as plugins."""
 
 from __future__ import annotations
 
 import pytest
 
 pytest_plugins: list[str] = [
-    "tests.cluster.fixtures",
+    "tests.fixtures.cluster",
     "tests.fixtures.s3",
     "tests.fixtures.tiny",
     "tests.fixtures.smollm2",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from ftc_api.devices import ALLOW_CPU_HINT, driver_version, gpu_problem
+from ftc_step.devices import ALLOW_CPU_HINT, driver_version, gpu_problem
 
 pytestmark = pytest.mark.unit
 

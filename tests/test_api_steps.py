@@ -6,7 +6,6 @@ import json
 
 import pytest
 from ftc_api.overfitting import overfitting_verdict
-from ftc_api.runtime import compact_summary, read_input
 from ftc_api.spec import DatasetSpec, EvaluationSpec, Method, OverfittingSpec, TrainingSpec
 from ftc_api.steps import (
     MAX_SUMMARY_BYTES,
@@ -21,6 +20,7 @@ from ftc_api.steps import (
     TrainInput,
     TrainResult,
 )
+from ftc_step.runtime import compact_summary, read_input
 
 pytestmark = pytest.mark.unit
 LOC = Location(bucket="ftc", prefix="ftc/ns/demo-0f3a9c2e", endpoint_url="http://127.0.0.1:9000")
@@ -97,8 +97,8 @@ def test_overfitting_verdict(evals, trains, verdict) -> None:
 def test_a_summary_and_the_output_streams_carry_no_credential(monkeypatch, capfd) -> None:
     import sys
 
-    from ftc_api.runtime import redact_output
     from ftc_api.steps import TrainResult
+    from ftc_step.runtime import redact_output
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-canary-secret-0a1b")
     monkeypatch.setenv("FTC_JUDGE_API_KEY_2", "sk-canary-second-judge")

@@ -13,8 +13,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.cluster.fixtures import Cluster, wait_for
-from tests.cluster.images import BASE_IMAGE
+from devcluster.kube.images import BASE_IMAGE
+from tests.fixtures.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ftc_api.crd import CRD_FILENAME
 
-from tests.cluster.fixtures import Cluster, wait_for
+from tests.fixtures.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 CRD = Path(__file__).resolve().parents[1] / "crds" / CRD_FILENAME

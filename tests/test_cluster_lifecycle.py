@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.images import BASE_IMAGE
-from tests.cluster.node import KUBELET_SYSCTLS, cgroup_hierarchies, iptables_lines, mounts_under, netns_names, read_sysctl
+from devcluster.kube.images import BASE_IMAGE
+from devcluster.kube.node import KUBELET_SYSCTLS, cgroup_hierarchies, iptables_lines, mounts_under, netns_names, read_sysctl
 
 pytestmark = pytest.mark.cluster
 
@@ -50,7 +50,7 @@ def host_state(root: Path) -> dict[str, object]:
 def cluster(command: str, root: Path) -> tuple[str, float]:
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.cluster", command, "--dir", str(root)],
+        [sys.executable, "-m", "devcluster", command, "--dir", str(root)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -3,7 +3,7 @@
 The chart is installed with `helm install` (CRD, RBAC, step ServiceAccount, config, the operator
 Deployment from the locally built image), so a missing RBAC verb fails these tests; every pod runs in a
 container on the real nodes, in a namespace that enforces the restricted Pod Security Standard. The stub
-step (tests/steps/stub.py, mounted from a ConfigMap into the step images) writes canned results to the
+step (devcluster/steps/stub.py, mounted from a ConfigMap into the step images) writes canned results to the
 termination message. tests/test_e2e_real.py runs the real trainer and evaluator.
 """
 
@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.readme_table import assert_readme_figure
-from tests.test_e2e_harness import (
+from devcluster.harness import (
     Comparisons,
     Operator,
     apply_crd,
@@ -29,6 +28,7 @@ from tests.test_e2e_harness import (
     tiny_spec,
     wait_for,
 )
+from tests.readme_table import assert_readme_figure
 
 pytestmark = pytest.mark.cluster
 
@@ -194,7 +194,7 @@ def test_too_few_models_fails_with_a_clear_condition(ftc, operator, namespace, s
 
 
 def test_bad_spec_is_refused_at_apply(control_plane, crd, namespace, tmp_path):
-    from tests.test_e2e_harness import comparison
+    from devcluster.harness import comparison
 
     spec = tiny_spec("http://127.0.0.1:1")
     spec["dataset"]["split"] = {"evalFraction": 0.6, "testFraction": 0.5}

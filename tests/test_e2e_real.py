@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_harness import (
+from devcluster.harness import (
     Comparisons,
     apply_crd,
     secret_leaks,

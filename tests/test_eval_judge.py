@@ -137,7 +137,7 @@ def test_budget_stops_judging_and_says_so(openai_server):
 
 
 def test_cache_in_storage_spares_a_restarted_run_the_calls(openai_server, tmp_path):
-    from ftc_storage import Storage
+    from ftc_step.storage import Storage
 
     def run() -> tuple[Judge, list]:
         cache = StorageCache(Storage(), str(tmp_path / "eval" / "judge-cache"))

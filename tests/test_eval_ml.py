@@ -100,7 +100,7 @@ def spec(server, metrics: list[Metric], judge_model: str = "fake-judge") -> Eval
 
 def test_the_better_trained_model_wins_with_a_significant_p_value(trained, openai_server, tmp_path, monkeypatch):
     from ftc_evaluator.run import evaluate
-    from ftc_storage import Storage
+    from ftc_step.storage import Storage
 
     location, refs, results = trained
     monkeypatch.setenv("FTC_JUDGE_API_KEY", "test-key")
@@ -139,7 +139,7 @@ def test_the_better_trained_model_wins_with_a_significant_p_value(trained, opena
 
 def test_two_identical_models_tie_and_a_rerun_reuses_predictions_and_judgments(trained, openai_server, tmp_path):
     from ftc_evaluator.run import evaluate
-    from ftc_storage import Storage
+    from ftc_step.storage import Storage
 
     location, refs, results = trained
     inp = EvaluateInput(
@@ -168,7 +168,7 @@ def test_two_identical_models_tie_and_a_rerun_reuses_predictions_and_judgments(t
 
 def test_judge_failures_end_in_retries_and_missing_counts_never_in_made_up_scores(trained, openai_server, tmp_path):
     from ftc_evaluator.run import evaluate
-    from ftc_storage import Storage
+    from ftc_step.storage import Storage
 
     location, refs, results = trained
     openai_server.hang_seconds = 3.0

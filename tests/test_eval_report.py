@@ -1,5 +1,5 @@
 """The HTML report: self-contained (no http(s) resource), and rendered by headless Chromium with the loss
-chart and the score table visible. Chromium is Debian's package (scripts/install-chromium.sh)."""
+chart and the score table visible. Chromium is Debian's package (devcluster/scripts/install-chromium.sh)."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def test_same_data_same_report():
 def chromium() -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.fail("Chromium is not installed: run `bash scripts/install-chromium.sh` (make install does)")
+        pytest.fail("Chromium is not installed: run `bash devcluster/scripts/install-chromium.sh` (make install does)")
     return binary
 
 

@@ -145,8 +145,8 @@ def test_adaptive_batching_gives_up_at_batch_size_one_and_passes_other_errors():
     ],
 )
 def test_one_4bit_recipe_for_both_images(settings, on_gpu, shardable, expected):
-    from ftc_api.modeling import NOT_QUANTISED
-    from ftc_loading import quantization_config
+    from ftc_step.loading import quantization_config
+    from ftc_step.modeling import NOT_QUANTISED
 
     config = quantization_config(settings, on_gpu, shardable)
     got = (
@@ -194,7 +194,7 @@ def test_checkpoint_choice_prefers_the_operators_explicit_value():
 
 
 def test_summary_of_eight_models_fits_the_termination_message():
-    from ftc_api.runtime import compact_summary
+    from ftc_step.runtime import compact_summary
 
     metrics = [m.value for m in Metric]
     models = [

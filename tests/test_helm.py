@@ -11,7 +11,7 @@ from ftc_api.spec import FineTuneComparisonSpec
 from ftc_operator.config import OperatorConfig
 from ftc_operator.rendering import Owner, render_job
 
-from tests import steps
+from devcluster import steps
 from tests.test_operator_rendering import restricted_violations
 
 pytestmark = pytest.mark.unit
@@ -21,12 +21,10 @@ CHART = REPO / "helm" / "ftc"
 
 
 def helm_binary() -> Path:
-    from tests.cluster.control_plane import read_versions
+    """The pinned helm, built with the control plane (cached) when missing."""
+    from devcluster.kube.control_plane import build_binaries
 
-    path = Path.home() / ".cache" / "ftc" / f"k8s-{read_versions()['K8S_VERSION']}" / "bin" / "helm"
-    if not path.exists():
-        subprocess.run(["bash", str(REPO / "scripts" / "build-control-plane.sh")], check=True, capture_output=True, timeout=3600)
-    return path
+    return build_binaries() / "helm"
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """One loader for both images: the evaluator's base model is the one training adapted (same dtype, same
-4-bit layout, same tokenizer settings), since both go through ftc_loading."""
+4-bit layout, same tokenizer settings), since both go through ftc_step.loading."""
 
 from __future__ import annotations
 
 import pytest
 from ftc_api.spec import Method, QuantizationSpec, TrainingSpec
 
-from tests.fixtures.tiny import TinyAssets
+from devcluster.models.tiny import TinyAssets
 
 QUANT = QuantizationSpec(quant_type="nf4", double_quant=False)
 

@@ -94,7 +94,7 @@ def test_the_record_names_the_software_and_each_model_and_the_hash_covers_the_so
 def test_the_operator_records_the_images_its_steps_run():
     from ftc_api.spec import FineTuneComparisonSpec as Spec
     from ftc_operator.config import OperatorConfig
-    from ftc_operator.planning import _software
+    from ftc_operator.fairness import software as _software
 
     spec = Spec.model_validate({**BASE.to_wire(), "images": {"trainer": "mine/trainer:dev"}})
     software = _software(spec, OperatorConfig(evaluator_image="reg/ftc-evaluator:9"))

@@ -19,10 +19,10 @@ from ftc_api.steps import (
     TrainInput,
     TrainResult,
 )
+from ftc_operator.comparison import Owner, parse_spec
 from ftc_operator.config import OperatorConfig
 from ftc_operator.observe import JobState, ObservedJob, Waiting
 from ftc_operator.planning import plan
-from ftc_operator.rendering import Owner
 
 pytestmark = pytest.mark.unit
 
@@ -102,8 +102,8 @@ def job(
     return ObservedJob(name=name, step=step, model=model, state=state, result=result, **kw)
 
 
-def run(observed, status=None, spec_doc=None, now=NOW):
-    return plan(spec_doc or spec(), status, observed, now, owner=OWNER, config=CONFIG)
+def run(observed, status=None, spec_doc=None, now=NOW, **kw):
+    return plan(parse_spec(spec_doc or spec()), status, observed, now, owner=OWNER, config=CONFIG, **kw)
 
 
 def conditions(p) -> dict[str, tuple[str, str]]:
@@ -421,7 +421,7 @@ def test_terminal_status_is_sticky():
 
 
 def with_retry(observed, status, retry, now=LATER):
-    return plan(spec(), status, observed, now, owner=OWNER, config=CONFIG, retry=retry)
+    return run(observed, status, now=now, retry=retry)
 
 
 def test_a_retry_reruns_a_failed_evaluation_without_retraining():
@@ -452,14 +452,13 @@ def test_a_retry_retrains_only_the_model_that_failed():
     spec_doc = spec("llama", "mixtral", "qwen")
     train_fail = job("train", "qwen", state=JobState.FAILED, result=trained("qwen", ok=False))
     observed = [PREP_OK, *TRAIN_OK, train_fail]
-    failed = plan(spec_doc, run([PREP_OK], spec_doc=spec_doc).status, observed, NOW, owner=OWNER, config=CONFIG)
-    failed = plan(spec_doc, failed.status, [*observed, job("evaluate", state=JobState.FAILED)], NOW, owner=OWNER, config=CONFIG)
+    failed = run(observed, run([PREP_OK], spec_doc=spec_doc).status, spec_doc)
+    failed = run([*observed, job("evaluate", state=JobState.FAILED)], failed.status, spec_doc)
     assert failed.status.phase == Phase.FAILED
-    retry = plan(spec_doc, failed.status, [*observed, job("evaluate", state=JobState.FAILED)], LATER, owner=OWNER,
-                 config=CONFIG, retry="again")  # fmt: skip
+    retry = run([*observed, job("evaluate", state=JobState.FAILED)], failed.status, spec_doc, LATER, retry="again")
     assert set(retry.deletes) == {"bake-train-qwen", "bake-evaluate"}
     assert {m.name: m.phase for m in retry.status.models}["qwen"] == ModelPhase.PENDING
-    rerun = plan(spec_doc, retry.status, [PREP_OK, *TRAIN_OK], LATER, owner=OWNER, config=CONFIG, retry="again")
+    rerun = run([PREP_OK, *TRAIN_OK], retry.status, spec_doc, LATER, retry="again")
     assert [(c.step, c.model) for c in rerun.creates] == [("train", "qwen")]
 
 

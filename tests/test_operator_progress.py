@@ -10,7 +10,7 @@ import pytest
 from ftc_api.status import FineTuneComparisonStatus, ModelPhase, ModelStatus, Phase, Progress
 from ftc_operator import reconcile
 from ftc_operator.config import OperatorConfig
-from ftc_operator.handlers import WorkQueue
+from ftc_operator.workqueue import WorkQueue
 from ftc_operator.planning import Plan, only_progress_changed
 
 pytestmark = pytest.mark.unit

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from ftc_operator.cache import comparison_of
-from ftc_operator.handlers import WorkQueue
+from ftc_operator.workqueue import WorkQueue
 from ftc_operator.kube import Conflict
 
 pytestmark = pytest.mark.unit

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from ftc_api.spec import DatasetFormat, DatasetSpec, FieldMapping, LoraSpec, Method, SplitSpec, TrainingSpec
 from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, ModelRef, PrepareInput
-from ftc_storage import Storage
+from ftc_step.errors import StepError
+from ftc_step.storage import Storage
 from ftc_trainer import data
-from ftc_trainer.errors import StepError
 
-from tests.fixtures.tiny import MESSY_COUNTS, TinyAssets, TinyS3, build_messy_dataset
+from devcluster.models.tiny import MESSY_COUNTS, TinyAssets, TinyS3, build_messy_dataset
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 

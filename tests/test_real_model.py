@@ -1,5 +1,5 @@
 """ftc's train and evaluate code on a real pretrained model: SmolLM2-135M-Instruct (Llama architecture, GPT-2-style
-byte-level BPE, ChatML template, pad token == eos), built from its PyPI GGUF by tests/fixtures/smollm2.py."""
+byte-level BPE, ChatML template, pad token == eos), built from its PyPI GGUF by devcluster/models/smollm2.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from ftc_api.spec import LoraSpec, Method, TrainingSpec
 from ftc_api.steps import LossPoint, ModelRef, TrainInput, TrainResult
-from ftc_storage import Storage
+from ftc_step.storage import Storage
 
-from tests.fixtures.smollm2 import END_OF_TURN, PARAMETERS, SmolS3
-from tests.fixtures.tiny import TinyS3, new_run
+from devcluster.models.smollm2 import END_OF_TURN, PARAMETERS, SmolS3
+from devcluster.models.tiny import TinyS3, new_run
 
 TRAINING = TrainingSpec(
     max_steps=12,

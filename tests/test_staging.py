@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from ftc_api.spec import DatasetSpec, Method, SplitSpec
 from ftc_api.steps import EXIT_BAD_INPUT, Location, ModelRef, PrepareInput
-from ftc_storage import Storage
+from ftc_step.storage import Storage
 from ftc_trainer.staging import is_hub_id, wanted_files
 
-from tests.fixtures.hub_server import FakeHub
-from tests.fixtures.tiny import TinyAssets, TinyS3
+from devcluster.models.tiny import TinyAssets, TinyS3
+from devcluster.servers.hub_server import FakeHub
 
 
 @pytest.mark.unit

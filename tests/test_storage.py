@@ -1,4 +1,4 @@
-"""ftc_storage: S3 URIs, uploads and downloads, manifests written last and verified reads (S3 and local paths)."""
+"""ftc_step.storage: S3 URIs, uploads and downloads, manifests written last and verified reads (S3 and local paths)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from ftc_storage import MANIFEST_NAME, Entry, Manifest, Storage, StorageError, is_s3, join, parse_s3_uri, sha256_file
+from ftc_step.storage import MANIFEST_NAME, Entry, Manifest, Storage, StorageError, is_s3, join, parse_s3_uri, sha256_file
 
 pytestmark = pytest.mark.unit
 

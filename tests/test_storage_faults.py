@@ -1,4 +1,4 @@
-"""Storage that fails the way real storage does (tests/fixtures/faulty_s3.py in front of the test S3 server):
+"""Storage that fails the way real storage does (devcluster/servers/faulty_s3.py in front of the test S3 server):
 500 answers, connections reset mid-request, downloads cut short, and outages. Nothing is lost and nothing
 partial is taken as complete: a step rides out what retries can absorb, and past that it fails as a
 transient error (exit 1, the Job retries) saying storage was unreachable, then resumes from its last complete
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from ftc_api.spec import LoraSpec, Method, TrainingSpec
 from ftc_api.steps import Location, LossPoint, ModelRef, TrainInput
-from ftc_storage import Storage, StorageError
+from ftc_step.storage import Storage, StorageError
 
-from tests.fixtures.faulty_s3 import FaultyS3, Rule
-from tests.fixtures.tiny import TinyS3, new_run
+from devcluster.models.tiny import TinyS3, new_run
+from devcluster.servers.faulty_s3 import FaultyS3, Rule
 from tests.readme_table import assert_readme_figure
 
 TRAINING = TrainingSpec(
@@ -121,9 +121,9 @@ def test_training_through_flaky_storage_ends_with_the_result_of_a_clean_run(
 def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_complete_checkpoint(
     tiny_s3: TinyS3, data_prefix: str, faulty: FaultyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
-    from ftc_api.runtime import compact_summary
     from ftc_api.steps import TrainResult
-    from ftc_trainer.errors import StepError
+    from ftc_step.errors import StepError
+    from ftc_step.runtime import compact_summary
     from ftc_trainer.train import run_train
 
     canary = "canary-S3-secret-9f2c-DO-NOT-LEAK"  # the S3 credentials a failing request carried
@@ -175,7 +175,7 @@ def test_storage_gone_at_random_points_of_a_training_run_never_passes_for_a_resu
     stays up, the run gets through and logs every step once, with the losses of an undisturbed run."""
     import random
 
-    from ftc_trainer.errors import StepError
+    from ftc_step.errors import StepError
     from ftc_trainer.train import newest_checkpoint_steps, run_train
 
     ref = ModelRef(name="tiny-llama", base_model=tiny_s3.llama, method=Method.LORA)

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ftc_api.runtime import compact_summary
 from ftc_api.spec import LoraSpec, Method, TrainingSpec
 from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, LossPoint, ModelRef, TrainInput, TrainResult
-from ftc_storage import Storage, parse_s3_uri
+from ftc_step.runtime import compact_summary
+from ftc_step.storage import Storage, parse_s3_uri
 
-from tests import steps
-from tests.fixtures.tiny import TinyAssets, TinyS3, new_run
+from devcluster import steps
+from devcluster.models.tiny import TinyAssets, TinyS3, new_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def losses(history: list[LossPoint]) -> tuple[list[float], dict[int, float]]:
 @pytest.mark.ml
 @pytest.mark.parametrize("template", ["tokenizer", "default"])
 def test_prompt_and_template_tokens_are_labelled_minus_100(tiny_assets: TinyAssets, template: str) -> None:
-    from ftc_api.modeling import DEFAULT_CHAT_TEMPLATE
+    from ftc_step.modeling import DEFAULT_CHAT_TEMPLATE
     from ftc_trainer.templates import IGNORE_INDEX, apply_template, encode
     from transformers import AutoTokenizer
 
@@ -268,7 +268,7 @@ def test_padding_free_batches_keep_rows_apart_and_give_the_padded_loss(tiny_asse
     from ftc_trainer.models import load_model, load_tokenizer
     from ftc_trainer.train import encode_rows, make_collator
 
-    from tests.fixtures.tiny import fact_rows, to_messages
+    from devcluster.models.tiny import fact_rows, to_messages
 
     tokenizer = load_tokenizer(str(tiny_assets.model(kind)))
     encoded, _ = encode_rows(tokenizer, [{"messages": to_messages(r)} for r in fact_rows()], 64)
@@ -299,7 +299,7 @@ def test_response_loss_is_the_models_own_loss_from_a_fraction_of_the_logits(
     from ftc_trainer.models import load_model, load_tokenizer
     from ftc_trainer.train import encode_rows, make_collator
 
-    from tests.fixtures.tiny import fact_rows, to_messages
+    from devcluster.models.tiny import fact_rows, to_messages
 
     tokenizer = load_tokenizer(str(tiny_assets.model(kind)))
     rows, _ = encode_rows(tokenizer, [{"messages": to_messages(r)} for r in fact_rows()[::25]], 64)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from ftc_api.spec import Method, TrainingSpec
-from ftc_trainer.errors import transient
+from ftc_step.errors import transient
 from ftc_trainer.train import out_of_memory_message
 
 pytestmark = pytest.mark.unit

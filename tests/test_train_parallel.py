@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from ftc_api.spec import LoraSpec, Method, Parallelism, TrainingSpec
 from ftc_api.steps import EXIT_BAD_INPUT, Location, LossPoint, ModelRef, TrainInput, TrainResult
-from ftc_storage import Storage
+from ftc_step.storage import Storage
 
-from tests.fixtures.tiny import TinyS3, new_run
+from devcluster.models.tiny import TinyS3, new_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # Training: two processes and one differ only in floating-point summation order (the gradients' all-reduce).

@@ -31,6 +31,10 @@ TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_ENV = "FTC_TERMINATION_LOG"
 # Set by the train step's torchrun launcher: each worker writes its summary to RANK_SUMMARY_DIR/rank-N.json.
 RANK_SUMMARY_DIR_ENV = "FTC_RANK_SUMMARY_DIR"
+# GPU or nothing (ftc_step.devices): the GPUs a step's placement asked for, and the opt-in to run GPU steps on the
+# CPU (a local cluster whose GPUs are fake; the chart's config.allowCpuExecution).
+GPUS_ENV = "FTC_GPUS"
+ALLOW_CPU_ENV = "FTC_ALLOW_CPU"
 MAX_SUMMARY_BYTES = 4096
 # Exit codes of every step image. The Job's podFailurePolicy fails the Job at once on EXIT_BAD_INPUT
 # (retrying cannot help); EXIT_FAILED is retried up to the step's backoffLimit (a train pod resumes).

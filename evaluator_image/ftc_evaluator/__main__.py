@@ -26,7 +26,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftc_api.runtime import redact_output
+    from ftc_step.runtime import redact_output
 
     redact_output()  # before logging holds sys.stderr: no credential reaches the pod's log
     args = make_parser().parse_args(argv)
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from ftc_api.runtime import Terminated, input_path, read_input, stop_on_sigterm, write_summary
     from ftc_api.steps import EvaluateInput, EvaluateResult
+    from ftc_step.runtime import Terminated, input_path, read_input, stop_on_sigterm, write_summary
     from pydantic import ValidationError
 
     stop_on_sigterm()
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
-    from ftc_api.devices import gpu_problem
+    from ftc_step.devices import gpu_problem
 
     problem = gpu_problem(torch)
     if problem:  # GPU or nothing: a GPU step that cannot see its GPUs fails at once, as bad input

@@ -204,7 +204,7 @@ class LoadedModel:
 
 
 def pick_device() -> str:
-    from ftc_loading import cuda_available
+    from ftc_step.loading import cuda_available
 
     return "cuda" if cuda_available() else "cpu"
 
@@ -219,13 +219,13 @@ def load_model(
     device: str | None = None,
     merge: bool = True,
 ) -> LoadedModel:
-    """The base model and tokenizer loaded as training loaded them (ftc_loading), with the LoRA adapter.
+    """The base model and tokenizer loaded as training loaded them (ftc_step.loading), with the LoRA adapter.
 
     The tokenizer comes from the adapter folder when the trainer saved one there, else from the base; it
     pads on the left for generation. One GPU: everything on it; several (a bf16 Mixtral-8x7B needs
     ~90 GB): the layers spread over them. `lora` adapters are merged into the weights (same outputs,
     faster); `qlora` ones stay separate."""
-    from ftc_loading import load_base_model, load_tokenizer
+    from ftc_step.loading import load_base_model, load_tokenizer
 
     device = device or pick_device()
     tokenizer_source = (

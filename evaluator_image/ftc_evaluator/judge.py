@@ -149,7 +149,7 @@ def _is_judgment(value: dict[str, Any]) -> bool:
 
 
 class StorageCache:
-    """JSON objects under `prefix`/KEY.json (judgments: eval/judge-cache/ of the run), via ftc_storage.
+    """JSON objects under `prefix`/KEY.json (judgments: eval/judge-cache/ of the run), via ftc_step.storage.
     The prefix is listed once, so a cold cache costs one request instead of one per item. `accept`
     decides whether a stored value is usable (default: a judgment with a parseable rating)."""
 

@@ -190,7 +190,7 @@ class Evaluation:
         env: Mapping[str, str] | None = None,
         now: datetime | None = None,
     ) -> None:
-        from ftc_storage import Storage
+        from ftc_step.storage import Storage
 
         self.inp = inp
         self.spec = inp.evaluation
@@ -223,7 +223,7 @@ class Evaluation:
     def fetch_tree(self, uri: str, target: Path) -> tuple[Path, str | None]:
         """A model or adapter folder: a local path as is; an s3:// prefix downloaded (verified against
         its manifest when it has one). Returns the path and the manifest's sha256."""
-        from ftc_storage import is_s3
+        from ftc_step.storage import is_s3
 
         if not is_s3(uri):
             return Path(uri.removeprefix("file://")), None
@@ -238,7 +238,7 @@ class Evaluation:
         return target, None
 
     def base_model(self, base: str) -> Path | str:
-        from ftc_storage import is_s3
+        from ftc_step.storage import is_s3
 
         if not is_s3(base):
             return base  # a local path, or a hub id resolved from the local cache (no hub at run time)
@@ -260,7 +260,7 @@ class Evaluation:
     def answer(self, run: ModelRun, rows: list[TestRow]) -> None:
         """Answer the rows with one model, or reuse its predictions when adapter (by its manifest),
         decoding settings and items are those of a previous attempt."""
-        from ftc_storage import is_s3
+        from ftc_step.storage import is_s3
 
         from .generate import answer_rows, load_model, unload
 

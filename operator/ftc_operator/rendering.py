@@ -17,7 +17,7 @@ from typing import Any
 
 from ftc_api import names
 from ftc_api.base import API_GROUP, API_VERSION, KIND
-from ftc_api.devices import ALLOW_CPU_ENV, GPUS_ENV
+from ftc_api.steps import ALLOW_CPU_ENV, GPUS_ENV
 from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement
 from ftc_api.steps import (
     EMBEDDINGS_API_KEY_ENV,

@@ -44,16 +44,15 @@ def _failure(command: str, error: str, raw: dict[str, Any] | None = None) -> Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftc_api.runtime import redact_output
+    from ftc_step.runtime import redact_output
 
     redact_output()  # before logging holds sys.stderr: no credential reaches the pod's log
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("FTC_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ftc_api.runtime import Terminated, input_path, stop_on_sigterm, write_summary
     from ftc_api.steps import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, PrepareInput, TrainInput
+    from ftc_step.errors import StepError
+    from ftc_step.runtime import Terminated, input_path, stop_on_sigterm, write_summary
     from pydantic import ValidationError
-
-    from .errors import StepError
 
     stop_on_sigterm()
 

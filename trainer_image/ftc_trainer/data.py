@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ftc_api.spec import DatasetFormat, FieldMapping, SplitSpec
-
-from .errors import StepError, transient
+from ftc_step.errors import StepError, transient
 
 DATA_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".parquet")
 ROLES = {
@@ -140,7 +139,7 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
     """Every row of the dataset at `source`, streamed: an s3:// object or prefix (objects downloaded one at a
     time, each deleted once read), a local file or directory, or a Hugging Face dataset id. Raises StepError
     naming the source when it cannot be read (the existence checks at once, the rest while reading)."""
-    from ftc_storage import StorageError, is_s3
+    from ftc_step.storage import StorageError, is_s3
 
     if is_s3(source):
         try:
@@ -165,7 +164,7 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
 
 
 def _read_s3(source: str, names: list[str], store: Any, workdir: Path) -> Iterator[Any]:
-    from ftc_storage import StorageError, join
+    from ftc_step.storage import StorageError, join
 
     for i, name in enumerate(names):
         uri = join(source, name) if name else source

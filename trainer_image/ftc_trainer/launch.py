@@ -33,7 +33,7 @@ def under_launcher(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
 
 def processes_for(env: dict[str, str] | os._Environ[str] = os.environ) -> int:
     """How many training processes the pod runs: one per requested GPU (1 when none or one)."""
-    from ftc_api.devices import requested_gpus
+    from ftc_step.devices import requested_gpus
 
     return max(1, requested_gpus(env))
 
@@ -55,7 +55,7 @@ def pick_outcome(failures: dict[int, int], first_failed: int | None, summaries: 
 def launch(argv: list[str], processes: int) -> int:
     """Run `python -m ftc_trainer ARGV` as `processes` torchrun workers; returns the pod's exit code after
     writing the chosen summary to the termination log."""
-    from ftc_api.runtime import write_termination_log
+    from ftc_step.runtime import write_termination_log
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -98,7 +98,7 @@ def launch(argv: list[str], processes: int) -> int:
 
 def _model(argv: list[str]) -> str:
     """The model's name from the step input (for a summary no worker wrote)."""
-    from ftc_api.runtime import input_path
+    from ftc_step.runtime import input_path
 
     try:
         index = argv.index("--input")

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftc_api.modeling import ROUTER_NAMES
 from ftc_api.spec import Method, TrainingSpec
-
-from .errors import StepError, transient
+from ftc_step.errors import StepError, transient
+from ftc_step.modeling import ROUTER_NAMES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
@@ -27,7 +26,7 @@ def fetch_model(source: str, store: Any, weights: bool = True) -> str:
     """A local directory (or config file) for `source`: an s3:// prefix is downloaded into the cache
     (verified against its manifest when it has one); a local path is used as is; anything else is
     returned unchanged as a Hugging Face hub id. `weights=False` fetches config and tokenizer only."""
-    from ftc_storage import StorageError, is_s3, join
+    from ftc_step.storage import StorageError, is_s3, join
 
     if not is_s3(source):
         path = Path(source[len("file://") :] if source.startswith("file://") else source).expanduser()
@@ -72,8 +71,8 @@ def load_config(local: str, source: str | None = None) -> Any:
 
 
 def load_tokenizer(local: str, override: str | None = None, source: str | None = None) -> Any:
-    """The tokenizer as both images prepare it (ftc_loading): template fallback and pad token."""
-    from ftc_loading import load_tokenizer as load
+    """The tokenizer as both images prepare it (ftc_step.loading): template fallback and pad token."""
+    from ftc_step.loading import load_tokenizer as load
 
     try:
         return load(local, override)
@@ -83,7 +82,7 @@ def load_tokenizer(local: str, override: str | None = None, source: str | None =
 
 
 def has_cuda() -> bool:
-    from ftc_loading import cuda_available
+    from ftc_step.loading import cuda_available
 
     return cuda_available()
 
@@ -91,11 +90,11 @@ def has_cuda() -> bool:
 def load_model(
     local: str, method: Method, training: TrainingSpec, source: str | None = None, device: str | None = "auto"
 ) -> tuple[Any, dict[str, str]]:
-    """The base model ready for LoRA, loaded by ftc_loading (bf16 on a GPU, fp32 on the CPU for `lora`;
+    """The base model ready for LoRA, loaded by ftc_step.loading (bf16 on a GPU, fp32 on the CPU for `lora`;
     4-bit with the spec's quantisation for `qlora`, prepared for k-bit training). `device`: this
     process's device ('auto': cuda:LOCAL_RANK or the CPU; None: left on the CPU for FSDP to shard).
     Returns the model and the settings ftc had to change."""
-    from ftc_loading import load_base_model
+    from ftc_step.loading import load_base_model
 
     forced: dict[str, str] = {}
     extra: dict[str, Any] = {}

@@ -15,16 +15,16 @@ from typing import Any
 
 from ftc_api import names
 from ftc_api.steps import ModelRef, PreparedModel, PrepareInput, PrepareResult
+from ftc_step.errors import StepError
 
 from . import data
-from .errors import StepError
 
 log = logging.getLogger("ftc.prepare")
 
 
 def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult:
     """Run the prepare step; raises StepError on bad input (the caller reports it)."""
-    from ftc_storage import Storage, StorageError
+    from ftc_step.storage import Storage, StorageError
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-prepare-"))
     store = Storage.for_location(inp.location)

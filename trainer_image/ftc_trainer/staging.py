@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ftc_api.steps import HUB_TOKEN_ENV
-
-from .errors import StepError, transient
+from ftc_step.errors import StepError, transient
 
 log = logging.getLogger("ftc.trainer.staging")
 
@@ -35,7 +34,7 @@ TOKEN_HINT = (
 
 def is_hub_id(source: str) -> bool:
     """Whether `source` names a hub repository (org/name or name), not an s3:// prefix or a local path."""
-    from ftc_storage import is_s3
+    from ftc_step.storage import is_s3
 
     from .models import looks_like_path
 
@@ -84,7 +83,7 @@ def _refused(err: Exception, repo: str, revision: str | None, token: str | None)
 
 def stage(repo: str, revision: str | None, dest: str, store: Any, workdir: Path) -> Staged:
     """Copy hub model `repo` at `revision` (default main) to `dest` (an S3 prefix) with a manifest; see module doc."""
-    from ftc_storage import Entry, StorageError, sha256_file
+    from ftc_step.storage import Entry, StorageError, sha256_file
     from huggingface_hub import HfApi, hf_hub_download
 
     endpoint = os.environ.get("HF_ENDPOINT") or None

@@ -13,16 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ftc_loading import prepare_tokenizer
-
-from .errors import StepError
+from ftc_step.errors import StepError
+from ftc_step.loading import prepare_tokenizer
 
 IGNORE_INDEX = -100
 
 
 def apply_template(tokenizer: Any, override: str | None = None) -> str:
     """Set the tokenizer's chat template (override > own > default) and a pad token; returns which was used.
-    The evaluator prepares its tokenizer with the same function (ftc_loading)."""
+    The evaluator prepares its tokenizer with the same function (ftc_step.loading)."""
     return prepare_tokenizer(tokenizer, override)
 
 

@@ -31,10 +31,10 @@ from ftc_api import names
 from ftc_api.overfitting import overfitting_verdict
 from ftc_api.spec import TrainingSpec
 from ftc_api.steps import LossPoint, TrainInput, TrainResult
+from ftc_step.errors import StepError, transient
 from transformers import TrainerCallback, TrainingArguments
 
 from . import data
-from .errors import StepError, transient
 
 log = logging.getLogger("ftc.train")
 
@@ -253,9 +253,8 @@ def find_checkpoint(store: Any, prefix: str, output_dir: Path) -> tuple[Path | N
     A checkpoint that is incomplete or differs from its manifest is skipped for an older one; storage that is
     unreachable fails the step as transient instead (falling back would throw away the newest progress).
     """
-    from ftc_storage import StorageError
-
-    from .errors import transient
+    from ftc_step.errors import transient
+    from ftc_step.storage import StorageError
 
     try:
         steps = newest_checkpoint_steps(store.list(prefix))
@@ -301,8 +300,8 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     """Run the train step; raises StepError on bad input (the caller reports it)."""
     import torch
     from accelerate import PartialState
-    from ftc_api.devices import gpu_problem
-    from ftc_storage import Storage, StorageError
+    from ftc_step.devices import gpu_problem
+    from ftc_step.storage import Storage, StorageError
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -528,7 +527,7 @@ def parallelism_for(local: str, ref: Any, training: TrainingSpec, processes: int
 def storage_failure(err: Exception, endpoint: str | None, doing: str) -> StepError:
     """A StepError for storage that failed past the client's retries: unreachable storage is transient
     (exit 1: the Job retries and the step resumes from its last complete checkpoint); a refusal is not."""
-    from .errors import transient
+    from ftc_step.errors import transient
 
     where = endpoint or "S3"
     if transient(err):
@@ -544,7 +543,7 @@ def upload_results(
     store: Any, prefix: str, final_dir: Path, best_dir: Path, history: list[LossPoint], result: TrainResult
 ) -> None:
     """adapter/ and adapter-best/ (each with its manifest), metrics.json, then models/MODEL/manifest.json last."""
-    from ftc_storage import Entry, StorageError, sha256_bytes
+    from ftc_step.storage import Entry, StorageError, sha256_bytes
 
     try:
         final = store.upload_tree(final_dir, f"{prefix}/adapter")

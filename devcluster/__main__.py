@@ -1,0 +1,188 @@
+"""``python -m devcluster up|down|status``: the local cluster for ``make cluster-up`` / ``make cluster-down``.
+
+``up`` builds the binaries and images if needed, starts etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, two real nodes (``gpu-node-0``, ``cpu-node-0``: containerd,
+CNI, kubelet; one kube-proxy) and moto's S3 server with bucket ``ftc`` as background processes,
+creates the Secret ``ftc-s3`` in ``--namespace`` and writes, under ``--dir`` (default ``.cluster``):
+``kubeconfig``, ``env`` (``source .cluster/env``), ``state.json`` (ports, pids), ``logs/`` (one per
+component) and ``host-changes.json`` (what ``down`` undoes).
+``down`` stops every pod (through the kubelets), every process recorded in ``state.json``, and undoes
+the host changes: mounts, network namespaces, bridges, iptables rules, cgroups, sysctls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from devcluster.kube.control_plane import (
+    REPO,
+    ControlPlane,
+    Pki,
+    build_binaries,
+    start_control_plane,
+    stop_pids,
+    wait_for_service_account,
+)
+from devcluster.kube.images import PAUSE_IMAGE, build_images, load_images
+from devcluster.kube.node import DEFAULT_NODES, host_ip, node_images, socket_dir, start_nodes, stop_cluster, stop_nodes
+from devcluster.servers.ports import free_port
+from devcluster.servers.s3 import S3Server, moto_command
+
+
+def _ours(pid: int, root: Path) -> bool:
+    """The pid is still one of our processes (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return str(root) in cmdline or "k8s-v" in cmdline or "moto.server" in cmdline
+
+
+def _running(root: Path) -> dict[str, int]:
+    state = root / "state.json"
+    if not state.exists():
+        return {}
+    pids = json.loads(state.read_text()).get("pids", {})
+    return {name: pid for name, pid in pids.items() if _ours(pid, root)}
+
+
+def _recorded(root: Path) -> dict[str, int]:
+    state = root / "state.json"
+    return json.loads(state.read_text()).get("pids", {}) if state.exists() else {}
+
+
+def _prepare_namespace(kubeconfig: Path, s3: S3Server, namespace: str) -> None:
+    """The namespace exists, its default ServiceAccount is ready, and it holds the Secret ftc-s3."""
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        try:
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        wait_for_service_account(api, namespace)
+        s3.create_secret(api, namespace)
+    finally:
+        api.close()
+
+
+def _write_env(root: Path, kubeconfig: Path, bin_dir: Path, s3: S3Server, namespace: str) -> None:
+    (root / "env").write_text(
+        f"export KUBECONFIG={kubeconfig}\n"
+        f"export PATH={bin_dir}:$PATH\n"
+        f"export FTC_S3_ENDPOINT_URL={s3.endpoint_url}\n"
+        f"export FTC_S3_CLUSTER_ENDPOINT_URL={s3.cluster_endpoint_url}\n"
+        f"export FTC_S3_BUCKET={s3.bucket}\n"
+        f"export FTC_NAMESPACE={namespace}\n"
+    )
+
+
+def up(root: Path, namespace: str) -> int:
+    """Start the cluster, or reuse a complete running one (then only ``namespace`` is prepared)."""
+    running, recorded = _running(root), _recorded(root)
+    if running and len(running) == len(recorded):
+        state = json.loads((root / "state.json").read_text())
+        s3 = S3Server(endpoint_url=state["s3_endpoint_url"], cluster_endpoint_url=state["s3_cluster_endpoint_url"])
+        # The sources may have changed since it started: rebuild (incremental) and load what differs, so
+        # pods never run stale images on a reused cluster (an unchanged image takes seconds).
+        build_images()
+        for node in DEFAULT_NODES:
+            load_images(str(socket_dir(root, node.name) / "containerd.sock"), [PAUSE_IMAGE, *node_images(node)])
+        _prepare_namespace(root / "kubeconfig", s3, namespace)
+        _write_env(root, root / "kubeconfig", Path(state["bin_dir"]), s3, namespace)
+        print(f"cluster already running ({', '.join(running)}); images current; Secret {namespace}/{s3.secret_name} ready")
+        print(f"  use it:     source {root / 'env'} && kubectl get nodes")
+        return 0
+    if running:  # a partial cluster (something died): start over
+        print(f"restarting a partial cluster (running: {', '.join(running)})")
+        stop_pids(dict(reversed(list(running.items()))))
+    if root.exists():
+        stop_nodes(root)  # whatever a killed cluster left on the host
+    t0 = time.monotonic()
+    bin_dir = build_binaries()
+    build_images()
+    t1 = time.monotonic()
+    if root.exists():
+        shutil.rmtree(root)
+    ip = host_ip()
+    cp = start_control_plane(root, bin_dir, advertise_ip=ip)
+    try:
+        start_nodes(cp)
+        s3_port = free_port()
+        cp.spawn("s3", moto_command("0.0.0.0", s3_port))
+        s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}", cluster_endpoint_url=f"http://{ip}:{s3_port}")
+        s3.wait_ready(30, root / "logs" / "s3.log")
+        state = json.loads((root / "state.json").read_text())
+        state.update(s3_endpoint_url=s3.endpoint_url, s3_cluster_endpoint_url=s3.cluster_endpoint_url)
+        (root / "state.json").write_text(json.dumps(state, indent=2))
+        _prepare_namespace(cp.kubeconfig, s3, namespace)
+    except BaseException:
+        stop_cluster(cp)
+        raise
+    _write_env(root, cp.kubeconfig, bin_dir, s3, namespace)
+    print(f"cluster up in {time.monotonic() - t1:.1f}s (binaries ready in {t1 - t0:.1f}s)")
+    print(f"  apiserver   {cp.server}")
+    print(f"  kubeconfig  {cp.kubeconfig}")
+    print(f"  nodes       {', '.join(n.name for n in DEFAULT_NODES)}")
+    print(f"  S3          {s3.endpoint_url} (pods: {s3.cluster_endpoint_url}), bucket {s3.bucket}")
+    print(f"  Secret      {namespace}/{s3.secret_name}")
+    print(f"  logs        {root / 'logs'}/<component>.log; pods: kubectl logs")
+    print(f"  use it:     source {root / 'env'} && kubectl get nodes")
+    return 0
+
+
+def down(root: Path) -> int:
+    running = _running(root)
+    if not running and not (root / "host-changes.json").exists():
+        print("no cluster running")
+        return 0
+    t0 = time.monotonic()
+    state_file = root / "state.json"
+    data = json.loads(state_file.read_text())
+    cp = ControlPlane(
+        root=root,
+        bin_dir=Path(data["bin_dir"]),
+        server=data["server"],
+        kubeconfig=root / "kubeconfig",
+        pki=Pki(root / "pki"),
+        ports=data["ports"],
+        pids=running,
+    )
+    left = stop_cluster(cp)
+    data["pids"] = {}
+    state_file.write_text(json.dumps(data, indent=2))
+    print(f"cluster down in {time.monotonic() - t0:.1f}s ({', '.join(running)})")
+    if left:
+        print(f"left on the host (could not remove): {', '.join(left)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def status(root: Path) -> int:
+    running = _running(root)
+    print("running: " + (", ".join(f"{n}[{p}]" for n, p in running.items()) if running else "nothing"))
+    return 0 if running else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devcluster", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--dir", type=Path, default=REPO / ".cluster", help="state dir (default: .cluster)")
+    parser.add_argument("--namespace", default="default", help="namespace that gets the ftc-s3 Secret")
+    args = parser.parse_args(argv)
+    root = args.dir.resolve()
+    if args.command == "up":
+        return up(root, args.namespace)
+    return down(root) if args.command == "down" else status(root)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""What every step image does at its edges: read the input document, write the result summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+from ftc_api.steps import (
+    DEFAULT_INPUT_PATH,
+    INPUT_PATH_ENV,
+    MAX_SUMMARY_BYTES,
+    RANK_SUMMARY_DIR_ENV,
+    TERMINATION_LOG,
+    TERMINATION_LOG_ENV,
+    is_credential_env,
+)
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: the pod is being deleted, preempted or evicted. A BaseException, like
+    KeyboardInterrupt, so that library code catching Exception (retry loops) cannot swallow it."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in the main thread.
+
+    A step runs as PID 1 of its container, and the kernel drops signals that PID 1 has no handler for:
+    without this, deleting a step pod waits its whole grace period and ends in SIGKILL (or, when the step
+    finishes within the grace period, reports a success whose pod is already gone). With it, the step
+    stops at once, writes a failure summary and exits with a retryable code; a retried train pod resumes
+    from its last checkpoint."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(f"received {signal.Signals(signum).name}: the pod is being stopped")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+REDACTED = "[redacted]"
+
+
+def credentials() -> list[str]:
+    """The values of this process's credential env vars (`steps.is_credential_env`), longest first."""
+    values = {v for k, v in os.environ.items() if is_credential_env(k) and len(v) >= 4 and v != "none"}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with every credential value (default: `credentials()`) replaced by [redacted]."""
+    for secret in credentials() if secrets is None else secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact_doc(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {k: _redact_doc(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_doc(v, secrets) for v in value]
+    return value
+
+
+class _RedactingStream(io.TextIOBase):
+    """A text stream that writes to `stream` with the credentials replaced (a line at a time)."""
+
+    def __init__(self, stream: TextIO, secrets: list[str]):
+        self._stream = stream
+        self._secrets = secrets
+
+    def write(self, s: str) -> int:
+        self._stream.write(redact(s, self._secrets))
+        return len(s)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, isatty, buffer ...
+        return getattr(self._stream, name)
+
+
+def redact_output() -> None:
+    """Make sys.stdout and sys.stderr redact this process's credentials. A step calls it first thing, before
+    logging is configured, so that its logs, tracebacks and libraries' messages (an HTTP error quoting the
+    request, a server echoing the key it refused) never carry a key, whatever raised them."""
+    secrets = credentials()
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, _RedactingStream):  # called again (in-process tests): this process's values now
+            stream = stream._stream
+        if stream is not None:
+            setattr(sys, name, _RedactingStream(stream, secrets))
+
+
+def input_path(explicit: str | None = None) -> Path:
+    """The step input's path: an explicit argument, else $FTC_STEP_INPUT, else /etc/ftc/input.json."""
+    return Path(explicit or os.environ.get(INPUT_PATH_ENV) or DEFAULT_INPUT_PATH)
+
+
+def read_input(model: type[M], path: str | Path) -> M:
+    """Parse and validate a step input document."""
+    return model.model_validate_json(Path(path).read_text())
+
+
+def termination_log_path() -> Path:
+    """The container's termination log; a torchrun worker (one of several training processes in a pod)
+    writes to its own file instead, and the launcher hands on the one that matters."""
+    directory = os.environ.get(RANK_SUMMARY_DIR_ENV)
+    if directory and "LOCAL_RANK" in os.environ:
+        return Path(directory) / f"rank-{os.environ.get('RANK', '0')}.json"
+    return Path(os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG)
+
+
+def compact_summary(result: BaseModel, limit: int = MAX_SUMMARY_BYTES) -> str:
+    """The result as JSON of at most `limit` bytes: long lists are trimmed, then long strings cut."""
+    doc = _redact_doc(result.model_dump(mode="json", by_alias=True, exclude_none=True), credentials())
+    text = json.dumps(doc, separators=(",", ":"))
+    if len(text.encode()) <= limit:
+        return text
+    for key in ("examples", "pairwise", "models"):
+        if key in doc and len(json.dumps(doc, separators=(",", ":")).encode()) > limit:
+            value = doc[key]
+            if isinstance(value, dict):
+                doc[key] = {k: v[:1] if isinstance(v, list) else v for k, v in value.items()}
+            elif isinstance(value, list) and key != "models":
+                doc[key] = value[:3]
+    text = json.dumps(doc, separators=(",", ":"))
+    if len(text.encode()) <= limit:
+        return text
+    if isinstance(doc.get("error"), str):
+        doc["error"] = doc["error"][:1000]
+    doc.pop("examples", None)
+    doc["truncated"] = True
+    # Still too long: drop the largest optional fields until it fits; the result is always valid JSON.
+    essential = {"step", "ok", "error", "model", "truncated"}
+    while len(json.dumps(doc, separators=(",", ":")).encode()) > limit:
+        optional = [k for k in doc if k not in essential]
+        if not optional:
+            doc["error"] = str(doc.get("error", ""))[: max(0, limit // 2)]
+            break
+        doc.pop(max(optional, key=lambda k: len(json.dumps(doc[k]))))
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def write_summary(result: BaseModel) -> str:
+    """Write the result summary to the termination log (best effort) and return the text."""
+    text = compact_summary(result)
+    write_termination_log(text)
+    print(text, flush=True)
+    return text
+
+
+def write_termination_log(text: str) -> None:
+    """Write `text` to the termination log (or this torchrun worker's own file); best effort."""
+    path = termination_log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError:
+        pass
