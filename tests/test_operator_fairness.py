@@ -94,9 +94,9 @@ def test_the_record_names_the_software_and_each_model_and_the_hash_covers_the_so
 def test_the_operator_records_the_images_its_steps_run():
     from ftc_api.spec import FineTuneComparisonSpec as Spec
     from ftc_operator.config import OperatorConfig
-    from ftc_operator.fairness import software as _software
+    from ftc_operator.fairness import software
 
     spec = Spec.model_validate({**BASE.to_wire(), "images": {"trainer": "mine/trainer:dev"}})
-    software = _software(spec, OperatorConfig(evaluator_image="reg/ftc-evaluator:9"))
-    assert (software.trainer_image, software.evaluator_image) == ("mine/trainer:dev", "reg/ftc-evaluator:9")
-    assert software.ftc_version  # the installed distribution's version
+    recorded = software(spec, OperatorConfig(evaluator_image="reg/ftc-evaluator:9"))
+    assert (recorded.trainer_image, recorded.evaluator_image) == ("mine/trainer:dev", "reg/ftc-evaluator:9")
+    assert recorded.ftc_version  # the installed distribution's version

@@ -4,14 +4,15 @@ while a phase change, a condition or a finished step is written at once."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from typing import Any
 
 import pytest
 from ftc_api.status import FineTuneComparisonStatus, ModelPhase, ModelStatus, Phase, Progress
 from ftc_operator import reconcile
 from ftc_operator.config import OperatorConfig
-from ftc_operator.workqueue import WorkQueue
 from ftc_operator.planning import Plan, only_progress_changed
+from ftc_operator.workqueue import WorkQueue
 
 pytestmark = pytest.mark.unit
 
@@ -132,13 +133,12 @@ def test_an_existing_object_is_used_only_when_this_comparison_controls_it(existi
     assert message == expected if expected is None else message.startswith(expected)
 
 
-def test_a_taken_name_creates_no_job_and_says_which_object_holds_it(monkeypatch):
+def test_a_taken_name_creates_no_job_and_says_which_object_holds_it():
     import datetime as dt
     from pathlib import Path
 
     import yaml
     from ftc_operator.kube import Created
-    from ftc_operator.planning import CreateStep
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml").read_text())["spec"]
     kube = FakeKube()
@@ -153,8 +153,6 @@ def test_a_taken_name_creates_no_job_and_says_which_object_holds_it(monkeypatch)
     kube.create = create  # type: ignore[attr-defined]
     kube.events = []  # type: ignore[attr-defined]
     kube.event = lambda obj, type_, reason, message, now: kube.events.append((type_, reason, message))  # type: ignore[method-assign]
-    step = CreateStep(step="prepare", model=None, name="c-prepare", input_json="{}", scratch_gib=None)
-    monkeypatch.setattr(reconcile, "plan", lambda *a, **k: Plan(status=status(Phase.PREPARING, step=None), creates=(step,)))
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     reconciler = reconcile.Reconciler(kube, OperatorConfig(resync_seconds=30), clock=lambda: now)
     assert reconciler.reconcile("ns", "c") == pytest.approx(5)  # looked at again soon
@@ -162,6 +160,41 @@ def test_a_taken_name_creates_no_job_and_says_which_object_holds_it(monkeypatch)
     prepared = next(c for c in kube.writes[-1]["conditions"] if c["type"] == "Prepared")
     assert (prepared["status"], prepared["reason"]) == ("Unknown", "NameTaken") and prepared["message"].startswith(blocker)
     assert ("Warning", "NameTaken", blocker) in kube.events
+    assert not any(reason == "JobCreated" for _, reason, _ in kube.events)  # nothing was created: nothing announced
+
+
+@pytest.mark.parametrize(
+    ("blocked", "prepared", "events"),
+    [
+        pytest.param(None, ("Unknown", "JobCreated"), ["SpecValid", "PhasePreparing", "JobCreated"], id="created"),
+        pytest.param("ours", ("Unknown", "JobCreated"), ["SpecValid", "PhasePreparing"], id="already-ours"),
+        pytest.param("theirs", ("Unknown", "NameTaken"), ["SpecValid", "PhasePreparing", "NameTaken"], id="taken"),
+    ],
+)
+def test_what_a_create_met_is_an_observation_for_the_next_plan(blocked, prepared, events):
+    from ftc_operator.comparison import Owner, parse_spec
+    from ftc_operator.planning import plan
+
+    doc = {
+        "models": [{"name": m, "baseModel": f"s3://ftc/assets/{m}"} for m in ("a", "b")],
+        "dataset": {"source": "s3://ftc/assets/data/train.jsonl"},
+        "storage": {"bucket": "ftc"},
+        "evaluation": {"judge": {"baseUrl": "https://judge.example/v1"}},
+    }
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    owner = Owner(name="c", namespace="ns", uid="u")
+    first = plan(parse_spec(doc), None, [], now, owner=owner, config=OperatorConfig())
+    assert first.status.phase == "Preparing", first.status.conditions
+    [create] = first.creates
+    assert (create.configmap["kind"], create.job["kind"]) == ("ConfigMap", "Job")  # rendered: the reconciler only applies
+    assert create.configmap["data"]["input.json"] == create.input_json
+    not_created = {} if blocked is None else {create.name: "someone else holds it" if blocked == "theirs" else None}
+    again = plan(parse_spec(doc), None, [], now, owner=owner, config=OperatorConfig(), not_created=not_created)
+    assert again.creates == first.creates  # the same decisions: only what is reported differs
+    assert next((c.status, c.reason) for c in again.status.conditions if c.type == "Prepared") == prepared
+    assert [e.reason for e in again.events] == events
+    if blocked == "theirs":
+        assert (again.events[-1].type, again.events[-1].message) == ("Warning", "someone else holds it")
 
 
 def test_the_lease_timings_are_whole_seconds_that_the_client_accepts():

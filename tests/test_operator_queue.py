@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 from ftc_operator.cache import comparison_of
-from ftc_operator.workqueue import WorkQueue
 from ftc_operator.kube import Conflict
+from ftc_operator.workqueue import WorkQueue
 
 pytestmark = pytest.mark.unit
 

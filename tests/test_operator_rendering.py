@@ -6,9 +6,9 @@ import json
 
 import pytest
 from ftc_api.spec import FineTuneComparisonSpec, Placement
+from ftc_operator.comparison import Owner
 from ftc_operator.config import OperatorConfig, load_config
 from ftc_operator.observe import JobState, observe, observe_job
-from ftc_operator.comparison import Owner
 from ftc_operator.rendering import render_configmap, render_job
 from ftc_operator.resolve import effective_placement
 

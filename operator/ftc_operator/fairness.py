@@ -12,10 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
+import ftc_api
 from ftc_api.spec import FineTuneComparisonSpec
 from ftc_api.status import Deviation, Fairness, ModelIdentity, Software
+from ftc_api.steps import StepKind
+
+from .config import OperatorConfig
+from .resolve import image_for
+
+
+def software(spec: FineTuneComparisonSpec, config: OperatorConfig) -> Software:
+    """The images the steps run (the comparison's own, else the chart's) and this operator's ftc version."""
+    return Software(
+        trainer_image=image_for(config, spec, StepKind.TRAIN)[0],
+        evaluator_image=image_for(config, spec, StepKind.EVALUATE)[0],
+        ftc_version=ftc_api.__version__,
+    )
 
 
 def _canonical(doc: object) -> str:
@@ -102,7 +116,3 @@ def fairness_record(
             for m in spec.models
         ],
     )
-
-
-def forced_by_model(results: Iterable[tuple[str, Mapping[str, str]]]) -> dict[str, dict[str, str]]:
-    return {name: dict(f) for name, f in results if f}

@@ -1,8 +1,10 @@
-"""One reconcile pass: read the comparison and what it owns, plan, create what is missing, write status.
+"""One reconcile pass: read the comparison and what it owns, plan, apply the plan, write status.
 
 Synchronous (it runs in a worker thread). The comparison, its Jobs and its pods come from the operator's
 watches (`cache.py`) once they have synced, else from the API server; nothing else is remembered between
-passes, so a restarted operator picks up where the last one stopped.
+passes, so a restarted operator picks up where the last one stopped. The planner builds every object; this
+module only applies: it deletes and creates what the plan lists, and when a create meets an object that
+already has the name, it plans again with that observation, so the status and Events say so.
 """
 
 from __future__ import annotations
@@ -11,33 +13,25 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ftc_api.names import fit
-from ftc_api.spec import FineTuneComparisonSpec
 from ftc_api.status import FineTuneComparisonStatus
-from ftc_api.steps import RETRY_ANNOTATION
-from pydantic import ValidationError
 
 from . import metrics
 from .cache import Cache
+from .comparison import Comparison, read_comparison
 from .config import OperatorConfig
 from .kube import Conflict, Kube
-from .observe import observe
-from .planning import TERMINAL, Plan, only_progress_changed, plan, retry_requested, with_names_taken
-from .rendering import Owner, render_configmap, render_job, selector_labels
+from .observe import ObservedJob, observe
+from .planning import Plan, only_progress_changed, plan, retry_requested, settled
+from .rendering import selector_labels
 
 log = logging.getLogger("ftc.operator")
 
 
 def _selector(name: str) -> str:
     return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
-
-
-def _old_status(obj: dict) -> FineTuneComparisonStatus | None:
-    try:
-        return FineTuneComparisonStatus.model_validate(obj.get("status") or {})
-    except ValidationError:
-        return None
 
 
 class Reconciler:
@@ -78,70 +72,80 @@ class Reconciler:
             self.cache.comparisons.seen(obj)
         return obj
 
-    def _owned(self, namespace: str, name: str, uid: str) -> list:
+    def _owned(self, comparison: Comparison) -> list[ObservedJob]:
+        """The comparison's Jobs as the planner sees them; none when the planner keeps a finished status as is."""
+        old, owner = comparison.status, comparison.owner
+        if old is not None and settled(old, owner.generation) and not retry_requested(old, comparison.retry):
+            return []
         if self.cache is not None and self.cache.synced:
-            jobs, pods = self.cache.owned(namespace, fit(name))
+            jobs, pods = self.cache.owned(owner.namespace, fit(owner.name))
         else:
-            sel = _selector(name)
-            jobs, pods = self.kube.list_jobs(namespace, sel), self.kube.list_pods(namespace, sel)
-        return observe(jobs, pods, uid)
+            sel = _selector(owner.name)
+            jobs, pods = self.kube.list_jobs(owner.namespace, sel), self.kube.list_pods(owner.namespace, sel)
+        return observe(jobs, pods, owner.uid)
 
     def _reconcile(self, namespace: str, name: str) -> float | None:
         obj = self._comparison(namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self.status_written.pop((namespace, name), None)
             return None  # deleted: ownerReferences let the garbage collector remove Jobs and ConfigMaps
-        meta = obj["metadata"]
-        owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=meta.get("generation", 1))
-        old = _old_status(obj)
+        c = read_comparison(obj)
         now = self.clock()
-        retry = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
-        settled = old is not None and old.phase in TERMINAL and old.observed_generation == owner.generation
-        if settled and not (old is not None and retry_requested(old, retry)):
-            observed = []  # the planner keeps a terminal status as is: no need to list anything
-        else:
-            observed = self._owned(namespace, owner.name, owner.uid)
-        p = plan(obj.get("spec") or {}, old, observed, now, owner=owner, config=self.config, retry=retry)
+        observed = self._owned(c)
+
+        def planned(not_created: dict[str, str | None] | None = None) -> Plan:
+            return plan(
+                c.spec, c.status, observed, now, owner=c.owner, config=self.config, retry=c.retry, not_created=not_created
+            )
+
+        p = planned()
         for job_name in p.deletes:  # a retry: the failed Jobs go (their pods with them) before their steps rerun
             self.kube.delete_job(namespace, job_name)
-            log.info("%s/%s: retry %r: deleted failed Job %s", namespace, name, retry, job_name)
-        not_created: set[str] = set()
-        taken: dict[str, str] = {}
-        if p.creates:
-            spec = FineTuneComparisonSpec.model_validate(obj["spec"])
-            models = {m.name: m for m in spec.models}
-            for c in p.creates:
-                made = self.kube.create(render_configmap(owner, c.step, c.model, c.input_json))
-                if made.blocked is None:  # the Job only ever reads this comparison's own input
-                    job = render_job(owner, spec, self.config, c.step, models.get(c.model) if c.model else None, c.scratch_gib)
-                    made = self.kube.create(job)
-                if made.created:
-                    metrics.JOBS_CREATED.labels(step=c.step).inc()
-                    log.info("%s/%s: created %s Job %s", namespace, name, c.step, c.name)
-                    continue
-                not_created.add(c.name)
-                if made.blocked is not None:
-                    taken[c.step] = made.blocked
-                    log.warning("%s/%s: %s", namespace, name, made.blocked)
-        if taken:
-            p = Plan(status=with_names_taken(p.status, taken, now), creates=p.creates, events=p.events)
-        if old is None or p.status != old or obj.get("status") is None:
-            key, clock = (namespace, name), self.monotonic()
-            wait = self.config.progress_write_seconds - (clock - self.status_written.get(key, float("-inf")))
-            if wait > 0 and not p.creates and only_progress_changed(old, p.status):
-                metrics.STATUS_WRITES_HELD.inc()
-                return wait  # live progress only: written with the next change, or when the interval is up
-            written = self.kube.replace_status(obj, p.status_doc())
-            if self.cache is not None and isinstance(written, dict) and written.get("metadata"):
-                self.cache.comparisons.seen(written)
-            self.status_written[key] = clock
-            metrics.STATUS_WRITES.inc()
-            if old is None or p.status.phase != old.phase:
-                log.info("%s/%s: phase %s", namespace, name, p.status.phase.value)
-            for e in p.events:
-                if e.reason == "JobCreated" and any(e.message.endswith(f" {n}") for n in not_created):
-                    continue
-                self.kube.event(obj, e.type, e.reason, e.message, now)
-            for message in taken.values():
-                self.kube.event(obj, "Warning", "NameTaken", message, now)
-        return self.config.resync_seconds / 6 if taken else None  # look again soon: a deleted owner's objects go
+            log.info("%s/%s: retry %r: deleted failed Job %s", namespace, name, c.retry, job_name)
+        not_created = self._create(namespace, name, p)
+        if not_created:  # what the apply met is an observation: plan again with it, and report that plan
+            p = planned(not_created)
+        held = self._write_status(obj, c.status, p, now)
+        if held is not None:
+            return held
+        taken = any(why is not None for why in not_created.values())
+        return self.config.resync_seconds / 6 if taken else None  # a name taken: look again soon (a deleted owner's objects go)
+
+    def _create(self, namespace: str, name: str, p: Plan) -> dict[str, str | None]:
+        """Create what the plan lists; returns what was not created, by Job name: the message naming the object
+        that holds the name, or None when this comparison's own object already had it."""
+        not_created: dict[str, str | None] = {}
+        for c in p.creates:
+            made = self.kube.create(c.configmap)
+            if made.blocked is None:  # the Job only ever reads this comparison's own input
+                made = self.kube.create(c.job)
+            if made.created:
+                metrics.JOBS_CREATED.labels(step=c.step).inc()
+                log.info("%s/%s: created %s Job %s", namespace, name, c.step, c.name)
+                continue
+            not_created[c.name] = made.blocked
+            if made.blocked is not None:
+                log.warning("%s/%s: %s", namespace, name, made.blocked)
+        return not_created
+
+    def _write_status(self, obj: dict[str, Any], old: FineTuneComparisonStatus | None, p: Plan, now: dt.datetime) -> float | None:
+        """Write the planned status when it changed, then record the plan's Events; returns in how many seconds
+        to look again when a progress-only write is held back (config.progressWriteSeconds)."""
+        if not (old is None or p.status != old or obj.get("status") is None):
+            return None
+        meta = obj["metadata"]
+        key, clock = (meta["namespace"], meta["name"]), self.monotonic()
+        wait = self.config.progress_write_seconds - (clock - self.status_written.get(key, float("-inf")))
+        if wait > 0 and not p.creates and only_progress_changed(old, p.status):
+            metrics.STATUS_WRITES_HELD.inc()
+            return wait  # live progress only: written with the next change, or when the interval is up
+        written = self.kube.replace_status(obj, p.status_doc())
+        if self.cache is not None and isinstance(written, dict) and written.get("metadata"):
+            self.cache.comparisons.seen(written)
+        self.status_written[key] = clock
+        metrics.STATUS_WRITES.inc()
+        if old is None or p.status.phase != old.phase:
+            log.info("%s/%s: phase %s", key[0], key[1], p.status.phase.value)
+        for e in p.events:
+            self.kube.event(obj, e.type.value, e.reason, e.message, now)
+        return None

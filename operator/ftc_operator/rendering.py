@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from ftc_api import names
-from ftc_api.base import API_GROUP, API_VERSION, KIND
-from ftc_api.steps import ALLOW_CPU_ENV, GPUS_ENV
 from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement
 from ftc_api.steps import (
+    ALLOW_CPU_ENV,
     EMBEDDINGS_API_KEY_ENV,
     EXIT_BAD_INPUT,
+    GPUS_ENV,
     HUB_TOKEN_ENV,
     INPUT_PATH_ENV,
     JUDGE_API_KEY_ENV,
@@ -32,6 +31,7 @@ from ftc_api.steps import (
     StepKind,
 )
 
+from .comparison import Owner
 from .config import INPUT_DIR, INPUT_VOLUME, TMP_DIR, TMP_VOLUME, OperatorConfig
 from .observe import (
     ANNOTATION_COMPARISON,
@@ -45,6 +45,7 @@ from .observe import (
     LABEL_STEP,
     MANAGED_BY,
 )
+from .resolve import effective_placement, evaluation_model, image_for
 
 GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -52,26 +53,6 @@ INPUT_KEY = "input.json"
 CONTAINER = "step"
 ACCESS_KEY_ID = S3_ACCESS_KEY_ID_ENV
 SECRET_ACCESS_KEY = S3_SECRET_ACCESS_KEY_ENV
-
-
-@dataclass(frozen=True)
-class Owner:
-    """The comparison that owns the rendered objects."""
-
-    name: str
-    namespace: str
-    uid: str
-    generation: int = 1
-
-    def reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": False,
-        }
 
 
 def selector_labels(comparison: str) -> dict[str, str]:
@@ -92,18 +73,6 @@ def labels(comparison: str, step: str, model: str | None = None) -> dict[str, st
     if model:
         out[LABEL_MODEL] = model
     return out
-
-
-_PLACEMENT_FIELDS = tuple(Placement.model_fields)
-
-
-def effective_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, model: ModelSpec | None = None) -> Placement:
-    """Each placement field from the first layer that sets it: model, comparison, chart."""
-    layers = [p for p in ((model.placement if model else None), spec.placement, config.placement) if p is not None]
-    values = {}
-    for f in _PLACEMENT_FIELDS:
-        values[f] = next((getattr(p, f) for p in layers if getattr(p, f) is not None), None)
-    return Placement(**values)
 
 
 def step_name(owner: Owner, step: str, model: str | None = None) -> str:
@@ -187,15 +156,6 @@ def _resources(placement: Placement, gpu: bool, base: dict[str, Any] | None) -> 
     return {k: {n: str(q) for n, q in v.items()} for k, v in res.items()}
 
 
-def evaluation_model(config: OperatorConfig, spec: FineTuneComparisonSpec) -> ModelSpec | None:
-    """The model whose placement the evaluate pod takes: the one that needs the most GPUs (it loads every model
-    in turn, so a model trained on two GPUs is evaluated on two); None when no model asks for more than the
-    comparison's placement."""
-    base = effective_placement(config, spec, None).gpu_count or 0
-    widest = max(spec.models, key=lambda m: effective_placement(config, spec, m).gpu_count or 0)
-    return widest if (effective_placement(config, spec, widest).gpu_count or 0) > base else None
-
-
 def pod_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str, model: ModelSpec | None) -> dict[str, Any]:
     """nodeSelector, tolerations, resources, priorityClassName and the Kueue label of a step's pod.
 
@@ -229,15 +189,6 @@ def pod_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, step: st
         "serviceAccountName": placement.service_account_name or config.step_service_account,
         "activeDeadlineSeconds": placement.active_deadline_seconds or step_cfg.active_deadline_seconds,
     }
-
-
-def image_for(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str) -> tuple[str, str]:
-    images = spec.images
-    if step == StepKind.EVALUATE:
-        image = (images.evaluator if images else None) or config.evaluator_image
-    else:
-        image = (images.trainer if images else None) or config.trainer_image
-    return image, (images.pull_policy if images and images.pull_policy else config.image_pull_policy)
 
 
 EPHEMERAL_STORAGE = "ephemeral-storage"
@@ -279,14 +230,47 @@ def render_job(
     the scheduler places the pod where the download fits, and raises the /tmp emptyDir's sizeLimit to it
     when the chart's is smaller."""
     model_name = model.name if model else None
-    name = step_name(owner, step, model_name)
     lbl = labels(owner.name, step, model_name)
     place = pod_placement(config, spec, step, model)
     if place["queueName"]:
         lbl = {**lbl, KUEUE_QUEUE_LABEL: place["queueName"]}
     step_cfg = config.step(step)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": step_cfg.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
+                },
+            ]
+        },
+        "template": {
+            "metadata": {"labels": lbl, "annotations": {ANNOTATION_COMPARISON: owner.name}},
+            "spec": _pod_spec(owner, spec, config, step, step_name(owner, step, model_name), place, scratch_gib),
+        },
+    }
+    if place["activeDeadlineSeconds"]:
+        job_spec["activeDeadlineSeconds"] = place["activeDeadlineSeconds"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": step_name(owner, step, model_name),
+            "namespace": owner.namespace,
+            "labels": lbl,
+            "annotations": {ANNOTATION_COMPARISON: owner.name},
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": job_spec,
+    }
+
+
+def _container(owner: Owner, spec: FineTuneComparisonSpec, config: OperatorConfig, step: str, gpus: int) -> dict[str, Any]:
+    """The one step container: image, args, env, the input and /tmp mounts, its securityContext."""
+    step_cfg = config.step(step)
     image, pull = image_for(config, spec, step)
-    gpus = int(place["resources"].get("limits", {}).get(GPU_RESOURCE, 0))
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
@@ -304,13 +288,32 @@ def render_job(
     }
     if step_cfg.command:
         container["command"] = list(step_cfg.command)
-    tmp_limit = str(step_cfg.tmp_size_limit)
-    if scratch_gib:
-        need = scratch_request(scratch_gib)
-        requests = place["resources"].setdefault("requests", {})
-        requests.setdefault(EPHEMERAL_STORAGE, need)
-        if gib_of(tmp_limit) < gib_of(need):
-            tmp_limit = need
+    return container
+
+
+def _tmp_size_limit(resources: dict[str, Any], configured: str, scratch_gib: float | None) -> str:
+    """The /tmp emptyDir's sizeLimit; with `scratch_gib`, an ephemeral-storage request added to `resources` and
+    the limit raised to it when `configured` is smaller."""
+    if not scratch_gib:
+        return configured
+    need = scratch_request(scratch_gib)
+    resources.setdefault("requests", {}).setdefault(EPHEMERAL_STORAGE, need)
+    return need if gib_of(configured) < gib_of(need) else configured
+
+
+def _pod_spec(
+    owner: Owner,
+    spec: FineTuneComparisonSpec,
+    config: OperatorConfig,
+    step: str,
+    name: str,
+    place: dict[str, Any],
+    scratch_gib: float | None,
+) -> dict[str, Any]:
+    """The step pod's spec: its container, volumes and placement (`place`: see pod_placement)."""
+    gpus = int(place["resources"].get("limits", {}).get(GPU_RESOURCE, 0))
+    container = _container(owner, spec, config, step, gpus)
+    tmp_limit = _tmp_size_limit(place["resources"], str(config.step(step).tmp_size_limit), scratch_gib)
     if place["resources"]:
         container["resources"] = place["resources"]
     volumes = [
@@ -332,39 +335,7 @@ def render_job(
         "containers": [container],
         "volumes": volumes,
     }
-    if place["nodeSelector"]:
-        pod_spec["nodeSelector"] = place["nodeSelector"]
-    if place["tolerations"]:
-        pod_spec["tolerations"] = place["tolerations"]
-    if place["priorityClassName"]:
-        pod_spec["priorityClassName"] = place["priorityClassName"]
-    job_spec: dict[str, Any] = {
-        "backoffLimit": step_cfg.backoff_limit,
-        "podFailurePolicy": {
-            "rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
-                },
-            ]
-        },
-        "template": {
-            "metadata": {"labels": lbl, "annotations": {ANNOTATION_COMPARISON: owner.name}},
-            "spec": pod_spec,
-        },
-    }
-    if place["activeDeadlineSeconds"]:
-        job_spec["activeDeadlineSeconds"] = place["activeDeadlineSeconds"]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": lbl,
-            "annotations": {ANNOTATION_COMPARISON: owner.name},
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": job_spec,
-    }
+    for key in ("nodeSelector", "tolerations", "priorityClassName"):
+        if place[key]:
+            pod_spec[key] = place[key]
+    return pod_spec

@@ -1,0 +1,50 @@
+"""Resolve what a step gets from the layers that may set it: the model, the comparison, the chart. Pure.
+
+Both the step inputs (`step_inputs.py`: a model's GPU count and memory, its training settings) and the
+rendered pods (`rendering.py`: placement, image) read these, so neither reaches into the other.
+"""
+
+from __future__ import annotations
+
+from ftc_api.spec import FineTuneComparisonSpec, ModelSpec, Placement, TrainingSpec
+from ftc_api.steps import StepKind
+
+from .config import OperatorConfig
+
+_PLACEMENT_FIELDS = tuple(Placement.model_fields)
+
+
+def effective_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, model: ModelSpec | None = None) -> Placement:
+    """Each placement field from the first layer that sets it: model, comparison, chart."""
+    layers = [p for p in ((model.placement if model else None), spec.placement, config.placement) if p is not None]
+    values = {}
+    for f in _PLACEMENT_FIELDS:
+        values[f] = next((getattr(p, f) for p in layers if getattr(p, f) is not None), None)
+    return Placement(**values)
+
+
+def effective_training(spec: FineTuneComparisonSpec, model: ModelSpec) -> TrainingSpec:
+    """Shared training settings with this model's overrides applied."""
+    if model.training is None:
+        return spec.training
+    overrides = {k: v for k, v in model.training.model_dump().items() if v is not None}
+    return spec.training.model_copy(update=overrides)
+
+
+def evaluation_model(config: OperatorConfig, spec: FineTuneComparisonSpec) -> ModelSpec | None:
+    """The model whose placement the evaluate pod takes: the one that needs the most GPUs (it loads every model
+    in turn, so a model trained on two GPUs is evaluated on two); None when no model asks for more than the
+    comparison's placement."""
+    base = effective_placement(config, spec, None).gpu_count or 0
+    widest = max(spec.models, key=lambda m: effective_placement(config, spec, m).gpu_count or 0)
+    return widest if (effective_placement(config, spec, widest).gpu_count or 0) > base else None
+
+
+def image_for(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str) -> tuple[str, str]:
+    """The image a step runs and its pull policy: the comparison's, else the chart's."""
+    images = spec.images
+    if step == StepKind.EVALUATE:
+        image = (images.evaluator if images else None) or config.evaluator_image
+    else:
+        image = (images.trainer if images else None) or config.trainer_image
+    return image, (images.pull_policy if images and images.pull_policy else config.image_pull_policy)
