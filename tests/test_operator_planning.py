@@ -580,3 +580,31 @@ def test_prepare_inputs_carry_the_revision_and_the_hub_id():
     p = run([], spec_doc=doc)
     ref = PrepareInput.model_validate_json(p.creates[0].input_json).models[0]
     assert (ref.base_model, ref.revision) == ("meta-llama/Llama-2-7b-hf", "v1.0")
+
+
+# --------------------------------------------------------------------------------------------- reading the object
+
+
+@pytest.mark.parametrize(
+    ("obj", "spec_errors", "status_phase", "retry"),
+    [
+        pytest.param({"spec": spec()}, None, Phase.PENDING, None, id="new"),
+        pytest.param({"spec": spec(storage={})}, "spec.storage.bucket", Phase.PENDING, None, id="invalid-spec"),
+        pytest.param({"spec": spec(), "status": {"phase": "Training"}}, None, Phase.TRAINING, None, id="status"),
+        pytest.param({"spec": spec(), "status": {"phase": "Sideways"}}, None, None, None, id="unreadable-status"),
+        pytest.param({"spec": spec(), "annotations": {"ftc.dev/retry": "2"}}, None, Phase.PENDING, "2", id="retry"),
+    ],
+)
+def test_the_comparison_object_is_read_into_models(obj, spec_errors, status_phase, retry):
+    from ftc_api.spec import FineTuneComparisonSpec
+    from ftc_operator.comparison import InvalidSpec, read_comparison
+
+    meta = {"name": "bake", "namespace": "ns", "uid": "u1", "generation": 3, "annotations": obj.get("annotations")}
+    c = read_comparison({"metadata": meta, "spec": obj["spec"], "status": obj.get("status")})
+    assert c.owner == Owner(name="bake", namespace="ns", uid="u1", generation=3)
+    if spec_errors is None:
+        assert isinstance(c.spec, FineTuneComparisonSpec)
+    else:
+        assert isinstance(c.spec, InvalidSpec) and any(e.startswith(spec_errors) for e in c.spec.errors)
+    assert (c.status.phase if c.status is not None else None) == status_phase
+    assert c.retry == retry

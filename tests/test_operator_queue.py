@@ -1,4 +1,4 @@
-"""The handlers' work queue: one reconcile per comparison at a time, bursts coalesced, failures retried."""
+"""The work queue (one reconcile per comparison at a time, bursts coalesced, failures retried) and the watched view."""
 
 from __future__ import annotations
 
