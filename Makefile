@@ -10,11 +10,12 @@ PY_DIRS := api step_kernel operator trainer_image evaluator_image devcluster ben
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install models lock system-deps lint crds crds-check test test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down clean
+.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down clean
 
 help:
 	@echo "make demo    - a local cluster (real nodes, the operator installed by Helm), S3 and tiny models; ends in 'kubectl get ftc' with a winner"
 	@echo "make test    - every test (unit, ml, cluster); builds or reuses the control plane and the images"
+	@echo "make test-quick - the quick loop: unit tests and the fast ML tests (no cluster), about 3 minutes"
 	@echo "make images  - the operator, trainer and evaluator images from their Dockerfiles (local base)"
 	@echo "make cluster-up / cluster-down - the local cluster in the background / stop it and clean the host"
 	@echo "make install - .venv from pyproject.toml + constraints.txt, and Chromium for the report test"
@@ -56,8 +57,17 @@ crds-check: install
 crds: install
 	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
-test: install models cluster-build images
+# The slow prerequisites side by side: the control plane compiles (CPU), the images mostly download and
+# unpack (network, disk), the model dequantises; each prints its own timestamped progress.
+prereqs: install
+	$(MAKE) --no-print-directory -j3 --output-sync=line models cluster-build images
+
+test: prereqs
 	$(BIN)/pytest -m "unit or ml or cluster" tests
+
+# The quick loop: every unit test and the ML tests not marked slow, on two workers.
+test-quick: install models
+	$(BIN)/pytest -n 2 -m "(unit or ml) and not slow" tests
 
 test-unit: install
 	$(BIN)/pytest -m unit tests
@@ -85,7 +95,7 @@ cluster-down:
 	@if [ -f .cluster/demo/judge.pid ]; then kill $$(cat .cluster/demo/judge.pid) 2>/dev/null || true; rm -f .cluster/demo/judge.pid; fi
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m devcluster down; else echo "no cluster running"; fi
 
-bench: install models cluster-build images
+bench: prereqs
 	$(BIN)/python -m bench.train_bench
 	$(BIN)/python -m bench.real_model_bench
 	$(BIN)/python -m bench.parallel_bench
@@ -93,7 +103,7 @@ bench: install models cluster-build images
 	$(BIN)/python -m bench.eval_bench
 	$(BIN)/python -m bench.operator_bench
 
-demo: install models cluster-build images
+demo: prereqs
 	bash devcluster/scripts/demo.sh
 
 clean:

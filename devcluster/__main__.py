@@ -94,8 +94,8 @@ def up(root: Path, namespace: str) -> int:
         # The sources may have changed since it started: rebuild (incremental) and load what differs, so
         # pods never run stale images on a reused cluster (an unchanged image takes seconds).
         build_images()
-        for node in DEFAULT_NODES:
-            load_images(str(socket_dir(root, node.name) / "containerd.sock"), [PAUSE_IMAGE, *node_images(node)])
+        wanted = list(dict.fromkeys(tag for node in DEFAULT_NODES for tag in (PAUSE_IMAGE, *node_images(node))))
+        load_images([str(socket_dir(root, node.name) / "containerd.sock") for node in DEFAULT_NODES], wanted)
         _prepare_namespace(root / "kubeconfig", s3, namespace)
         _write_env(root, root / "kubeconfig", Path(state["bin_dir"]), s3, namespace)
         print(f"cluster already running ({', '.join(running)}); images current; Secret {namespace}/{s3.secret_name} ready")

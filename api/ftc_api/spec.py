@@ -529,10 +529,11 @@ class EvaluationSpec(ApiModel):
     exclude_failed_models: bool = Field(
         default=False,
         description=(
-            "excludeFailedModels: when a model fails during evaluation (its answers cannot be generated), leave it "
-            "out and compare the rest, naming it in status.models[].message, the Evaluated condition and the "
-            "report. By default such a failure fails the evaluate step (retried by the Job when the cause is "
-            "transient): no model wins by forfeit unless you ask for it."
+            "excludeFailedModels: when a model cannot fit its GPU (the pre-flight estimate in prepare) or fails "
+            "during evaluation (its answers cannot be generated), leave it out and compare the rest, naming it in "
+            "status.models[].message, the conditions and the report. By default either fails the comparison "
+            "(prepare fails at once for a model that does not fit; an evaluation failure fails the evaluate step, "
+            "retried by the Job when the cause is transient): no model wins by forfeit unless you ask for it."
         ),
     )
     seed: int = Field(default=42, ge=0, description="seed: seed of sampling, bootstrap and permutation tests.")

@@ -95,15 +95,28 @@ class ModelRef(ApiModel):
     """What a step needs to know about one model."""
 
     name: str = Field(description="name: the model's name.")
-    base_model: str = Field(description="baseModel: hub id, s3:// prefix or local path.")
+    base_model: str = Field(description="baseModel: the user's base model as the spec names it: hub id, s3:// prefix or local path.")
     revision: str | None = Field(default=None, description="revision: the hub revision to stage (default main).")
+    weights_uri: str | None = Field(
+        default=None,
+        description=(
+            "weightsUri: where train and evaluate read the base weights: the copy prepare staged (s3:// prefix, "
+            "with a manifest) for a hub model; unset in prepare and for a model that was not staged (then "
+            "baseModel is read)."
+        ),
+    )
     method: Method = Field(description="method: lora or qlora.")
     lora_target_modules: list[str] | None = Field(default=None, description="loraTargetModules: per-model override.")
     chat_template: str | None = Field(default=None, description="chatTemplate: per-model chat template.")
     per_device_batch_size: int | None = Field(default=None, description="perDeviceBatchSize: effective batch size.")
     max_seq_length: int | None = Field(default=None, description="maxSeqLength: effective sequence length.")
-    gpu_memory_gib: float = Field(default=80.0, description="gpuMemoryGiB: memory of the GPU it will run on.")
+    gpu_memory_gib: float = Field(default=80.0, description="gpuMemoryGib: memory of the GPU it will run on.")
     gpu_count: int = Field(default=1, description="gpuCount: GPUs it will run on.")
+
+    @property
+    def weights(self) -> str:
+        """What to load the base weights from: the staged copy when there is one, else baseModel."""
+        return self.weights_uri or self.base_model
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -117,6 +130,14 @@ class PrepareInput(ApiModel):
     location: Location = Field(description="location: where to write data/.")
     models: list[ModelRef] = Field(default_factory=list, description="models: for token counts and the memory check.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="training: for the memory check.")
+    exclude_failed_models: bool = Field(
+        default=False,
+        description=(
+            "excludeFailedModels: spec.evaluation.excludeFailedModels. False: a model that cannot fit its GPU fails "
+            "prepare (and the comparison). True: it is reported with fits=false and gets no train Job while the "
+            "others go on, as long as at least two models (or the only one) remain."
+        ),
+    )
 
 
 class MemoryEstimate(ApiModel):

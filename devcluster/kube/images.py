@@ -97,11 +97,13 @@ def build_images(timeout: float = 5400) -> dict[str, dict]:
     return json.loads(path.read_text())["images"]
 
 
-def load_images(address: str, tags: list[str], timeout: float = 1800) -> None:
-    """Import ``tags`` (built by build_images) into the containerd at ``address``, namespace ``k8s.io``.
+def load_images(addresses: str | list[str], tags: list[str], timeout: float = 1800) -> None:
+    """Import ``tags`` (built by build_images) into the containerd(s) at ``addresses``, namespace ``k8s.io``.
 
-    Images already there with the same image ID (and unpacked for overlayfs) are skipped.
+    Several containerds (one per node) are loaded side by side from one ``docker save`` stream. Images already
+    there with the same image ID (and unpacked for overlayfs) are skipped.
     """
     if not tags:
         return
-    _run_script(["bash", str(LOAD_SCRIPT), address, *tags], "load-images: ", timeout)
+    joined = addresses if isinstance(addresses, str) else ",".join(addresses)
+    _run_script(["bash", str(LOAD_SCRIPT), joined, *tags], "load-images: ", timeout)

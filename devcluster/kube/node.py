@@ -671,9 +671,11 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
         wait_containerd(nodes.root, node.name, 30)
         progress(f"{node.name}: containerd up at {nodes.containerd_address(node.name)}")
         remove_stale_containers(nodes.containerd_address(node.name))
-        t = time.monotonic()
-        load_images(nodes.containerd_address(node.name), [PAUSE_IMAGE, *images(node)])
-        progress(f"{node.name}: images in place", t)
+    # Every node gets the union of the nodes' images from one `docker save` stream, unpacked side by side.
+    t = time.monotonic()
+    wanted = list(dict.fromkeys(tag for node in specs for tag in (PAUSE_IMAGE, *images(node))))
+    load_images([nodes.containerd_address(node.name) for node in specs], wanted)
+    progress(f"{', '.join(node.name for node in specs)}: images in place", t)
     for node in specs:
         d = nodes.node_dir(node.name)
         started = time.time()

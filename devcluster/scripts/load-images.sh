@@ -8,7 +8,7 @@
 # tag names in containerd equals the Docker image ID (both are the sha256 of the same config JSON) and the
 # snapshot of its top layer (its chain ID) exists in overlayfs, i.e. it is unpacked. A rebuilt image has a
 # new config digest and is imported again, replacing the tag. The tags that need it go through
-# `docker save TAG | ctr images import` each (containerd stores a layer shared between them once).
+# one `docker save TAG...` (a layer shared between them is in the stream once) into `ctr images import`.
 #
 # Disk: once an image is unpacked its compressed-layer blobs serve nothing (pods run from the snapshots),
 # so they are deleted, as the CRI's discard_unpacked_layers does for pulled images: a node then holds the
@@ -18,16 +18,19 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if (($# < 2)); then
-  echo "usage: $0 CONTAINERD_ADDRESS TAG..." >&2
+  echo "usage: $0 CONTAINERD_ADDRESS[,ADDRESS...] TAG..." >&2
   exit 2
 fi
-address="$1"
+IFS=, read -r -a addresses <<<"$1"
 shift
 # shellcheck source=lib-docker.sh
 source "$here/lib-docker.sh"
 SNAPSHOTTER=overlayfs
 command -v ctr >/dev/null || { echo "error: ctr missing (Debian package containerd)" >&2; exit 1; }
-[[ -S "$address" ]] || { echo "error: no containerd socket at $address" >&2; exit 1; }
+for address in "${addresses[@]}"; do
+  [[ -S "$address" ]] || { echo "error: no containerd socket at $address" >&2; exit 1; }
+done
+address="${addresses[0]}"  # the containerd that c() talks to; the loops below set it
 c() { ctr --address "$address" -n k8s.io "$@"; }
 
 # TAG's image manifest in containerd as JSON (of an index, its linux/amd64 manifest); empty when containerd
@@ -87,19 +90,36 @@ is_loaded() {
 }
 
 ftc_docker_start
-todo=()
 declare -A ids=()
 for tag in "$@"; do
   if ! ids[$tag]="$(dk image inspect -f '{{.Id}}' "$tag" 2>/dev/null)"; then
     echo "error: $tag is not in the build's dockerd (run make images)" >&2
     exit 1
   fi
-  if is_loaded "$tag" "${ids[$tag]}"; then
-    log "$tag already in $address (${ids[$tag]:0:19})"
-  else
-    todo+=("$tag")
+done
+# What each containerd lacks; the union goes into the one stream.
+declare -A wanted=()
+targets=()
+todo_of() {
+  local tag todo=()
+  for tag in "$@"; do
+    if is_loaded "$tag" "${ids[$tag]}"; then
+      log "$tag already in $address (${ids[$tag]:0:19})" >&2
+    else
+      todo+=("$tag")
+    fi
+  done
+  echo "${todo[*]}"
+}
+for address in "${addresses[@]}"; do
+  read -r -a todo <<<"$(todo_of "$@")"
+  if ((${#todo[@]})); then
+    targets+=("$address")
+    for tag in "${todo[@]}"; do wanted[$tag]=1; done
   fi
 done
+todo=()
+for tag in "$@"; do [[ -z "${wanted[$tag]:-}" ]] || todo+=("$tag"); done
 # The CRI also names every image it has seen by its ID (sha256:<config digest>); such a name left from an
 # earlier build keeps that build's layers on disk. Drop the ID names that are not one of the given images.
 drop_stale_ids() {
@@ -118,29 +138,38 @@ collect_garbage() {
   [[ -n "$any" ]] || return 0
   c images tag --force "$any" ftc.local/gc:collect >/dev/null && c images rm --sync ftc.local/gc:collect >/dev/null
 }
+tidy_all() {
+  for address in "${addresses[@]}"; do
+    drop_stale_ids
+    for tag in "$@"; do discard_layers "$tag"; done
+    collect_garbage
+  done
+}
 if ((${#todo[@]} == 0)); then
   log "nothing to import"
-  drop_stale_ids
-  for tag in "$@"; do discard_layers "$tag"; done
-  collect_garbage
+  tidy_all "$@"
   exit 0
 fi
 
 t=$SECONDS
-drop_stale_ids
-# A full import needs the image's blobs and its snapshots at once (about twice its size). Where the disk
-# holding containerd's root is short of that, the old versions of the images to import go first (their
-# shared layers are then imported again: slower, but it fits); where it is short even then, say so.
+for address in "${targets[@]}"; do drop_stale_ids; done
+# A full import needs the images' blobs and their snapshots at once (about twice their size) in every node
+# importing them. Where the disk holding containerd's roots is short of that, the old versions of the
+# images to import go first (their shared layers are then imported again: slower, but it fits); where it is
+# short even then, say so.
 need_gib=0
 for tag in "${todo[@]}"; do
   need_gib=$((need_gib + 2 * $(dk image inspect -f '{{.Size}}' "$tag") / 1073741824 + 1))
 done
+need_gib=$((need_gib * ${#targets[@]}))
 free_gib() { df --output=avail -BG "${FTC_CACHE:-$HOME/.cache/ftc}" 2>/dev/null | tail -1 | tr -dc 0-9; }
 if (($(free_gib) < need_gib)); then
-  for tag in "${todo[@]}"; do
-    if c images rm "$tag" >/dev/null 2>&1; then log "removed the old $tag first ($(free_gib) GiB free, up to $need_gib GiB needed)"; fi
+  for address in "${targets[@]}"; do
+    for tag in "${todo[@]}"; do
+      if c images rm "$tag" >/dev/null 2>&1; then log "removed the old $tag from $address first ($(free_gib) GiB free, up to $need_gib GiB needed)"; fi
+    done
+    collect_garbage
   done
-  collect_garbage
   if (($(free_gib) < need_gib)); then
     log "warning: $(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc}, importing ${todo[*]} may need up to $need_gib GiB"
   fi
@@ -148,31 +177,61 @@ fi
 # The version being replaced keeps a name until the import is done: an import re-points the tag before it
 # unpacks, and a garbage collection in between would take the old version's snapshots that the unpacker
 # already counted on as the new one's lower layers ("parent snapshot ... does not exist").
-for keep in $(c images ls -q | grep '^ftc.local/importing:' || true); do c images rm "$keep" >/dev/null; done  # a failed run's
 kept=()
-for tag in "${todo[@]}"; do
-  keep="ftc.local/importing:$(printf '%s' "$tag" | tr -c 'A-Za-z0-9_.-' '-' | cut -c1-120)"
-  if c images tag --force "$tag" "$keep" >/dev/null 2>&1; then kept+=("$keep"); fi
-done
-log "importing ${todo[*]} into $address (namespace k8s.io, $SNAPSHOTTER)"
-# One image at a time: containerd 1.6 unpacking two images that share layers at once can fail with
-# "parent snapshot ... does not exist"; an import that fails anyway (a garbage collection racing it) is
-# tried again.
-for tag in "${todo[@]}"; do
-  for attempt in 1 2 3; do
-    if dk save "$tag" | c images import --snapshotter "$SNAPSHOTTER" - >/dev/null && is_loaded "$tag" "${ids[$tag]}"; then
-      break
-    fi
-    if ((attempt == 3)); then
-      echo "error: $tag could not be imported into $address as ${ids[$tag]}, unpacked in $SNAPSHOTTER ($(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc})" >&2
-      exit 1
-    fi
-    log "$tag not imported (attempt $attempt); trying again"
+for address in "${targets[@]}"; do
+  for keep in $(c images ls -q | grep '^ftc.local/importing:' || true); do c images rm "$keep" >/dev/null; done  # a failed run's
+  for tag in "${todo[@]}"; do
+    keep="ftc.local/importing:$(printf '%s' "$tag" | tr -c 'A-Za-z0-9_.-' '-' | cut -c1-120)"
+    if c images tag --force "$tag" "$keep" >/dev/null 2>&1; then kept+=("$address=$keep"); fi
   done
-  discard_layers "$tag"
 done
-log "imported ${#todo[@]} image(s) in $((SECONDS - t)) s"
-for keep in "${kept[@]}"; do c images rm "$keep" >/dev/null 2>&1 || true; done
-drop_stale_ids
-collect_garbage
+bytes=0
+for tag in "${todo[@]}"; do bytes=$((bytes + $(dk image inspect -f '{{.Size}}' "$tag"))); done
+# One stream: `docker save` of every image to import (shared layers once), tee'd into one `ctr images import`
+# per node (FIFOs), which unpack side by side; ctr unpacks the images of one archive one after the other
+# (containerd 1.6 unpacking two images that share layers at once in ONE containerd can fail with "parent
+# snapshot ... does not exist"). An import that fails anyway is tried again for the nodes that lack it.
+fifo_dir="$(mktemp -d)"
+trap 'rm -rf "$fifo_dir"; ftc_docker_stop' EXIT
+for attempt in 1 2 3; do
+  log "importing ${todo[*]} (~$((bytes / 1000000)) MB) into ${#targets[@]} node(s): ${targets[*]} (namespace k8s.io, $SNAPSHOTTER; attempt $attempt)"
+  pids=()
+  fifos=()
+  for i in "${!targets[@]}"; do
+    fifo="$fifo_dir/node-$attempt-$i"
+    mkfifo "$fifo"
+    fifos+=("$fifo")
+    ctr --address "${targets[$i]}" -n k8s.io images import --snapshotter "$SNAPSHOTTER" - <"$fifo" >/dev/null &
+    pids+=($!)
+  done
+  # A progress line every 30 s while the stream runs (an import of several GB is minutes of silence otherwise).
+  ( while sleep 30; do log "  still importing ($((SECONDS - t)) s; $(free_gib) GiB free)"; done ) &
+  ticker=$!
+  dk save "${todo[@]}" | tee -p "${fifos[@]}" >/dev/null || true
+  failed=()
+  for i in "${!targets[@]}"; do
+    wait "${pids[$i]}" || true
+    address="${targets[$i]}"
+    for tag in "${todo[@]}"; do
+      if ! is_loaded "$tag" "${ids[$tag]}"; then failed+=("$address"); break; fi
+    done
+  done
+  kill "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+  if ((${#failed[@]} == 0)); then
+    break
+  fi
+  if ((attempt == 3)); then
+    echo "error: ${todo[*]} could not be imported into ${failed[*]}, unpacked in $SNAPSHOTTER ($(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc})" >&2
+    exit 1
+  fi
+  log "not imported into ${failed[*]} (attempt $attempt); trying again"
+  targets=("${failed[@]}")
+done
+log "imported ${#todo[@]} image(s) into ${#addresses[@]} node(s) in $((SECONDS - t)) s"
+for entry in "${kept[@]}"; do
+  address="${entry%%=*}"
+  c images rm "${entry#*=}" >/dev/null 2>&1 || true
+done
+tidy_all "$@"
 log "$(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc}"
