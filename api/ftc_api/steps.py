@@ -95,7 +95,7 @@ class ModelRef(ApiModel):
     """What a step needs to know about one model."""
 
     name: str = Field(description="name: the model's name.")
-    base_model: str = Field(description="baseModel: the user's base model as the spec names it: hub id, s3:// prefix or local path.")
+    base_model: str = Field(description="baseModel: the base model as the spec names it: hub id, s3:// prefix or local path.")
     revision: str | None = Field(default=None, description="revision: the hub revision to stage (default main).")
     weights_uri: str | None = Field(
         default=None,
