@@ -95,6 +95,7 @@ def _mutated(mutations: list[tuple[str, Any, bool]]) -> dict[str, Any]:
 def check(spec: Any) -> list[str]:
     """The properties every spec must have; returns the refusal messages (empty: accepted)."""
     from ftc_api.spec import FineTuneComparisonSpec, validation_errors
+    from ftc_operator.comparison import parse_spec
     from ftc_operator.config import OperatorConfig
     from ftc_operator.planning import plan
     from ftc_operator.rendering import Owner, render_configmap, render_job
@@ -105,7 +106,7 @@ def check(spec: Any) -> list[str]:
         assert re.match(r'^spec((\.[A-Za-z_][A-Za-z0-9_-]*)|(\[\d+\])|(\["(?:[^"\\]|\\.)*"?\]))*: \S', line), line
     owner = Owner(name="fuzz", namespace="ns", uid="0f3a9c2e-1111-2222-3333-444455556666")
     now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
-    p = plan(spec if isinstance(spec, dict) else {}, None, [], now, owner=owner, config=OperatorConfig())  # never raises
+    p = plan(parse_spec(spec if isinstance(spec, dict) else {}), None, [], now, owner=owner, config=OperatorConfig())
     if errors:
         assert p.status.phase.value == "Failed" and not p.creates
         return errors
