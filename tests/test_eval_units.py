@@ -242,7 +242,9 @@ def test_cli_reports_a_bad_input_document(tmp_path, monkeypatch):
     monkeypatch.setenv("FTC_TERMINATION_LOG", str(log))
     assert main(["--input", str(bad)]) == 2
     summary = json.loads(log.read_text())
-    assert summary["ok"] is False and "bad input document" in summary["error"]
+    assert summary["ok"] is False
+    assert summary["error"].startswith(f"invalid evaluate input {bad}: ")  # the fields that are wrong, by name
+    assert "models: List should have at least 1 item" in summary["error"] and "evaluation: Field required" in summary["error"]
 
 
 def test_judge_spec_maps_onto_the_judge_config():
@@ -256,11 +258,11 @@ def test_judge_spec_maps_onto_the_judge_config():
 def test_flagged_items_are_named_by_their_test_index():
     from ftc_evaluator.generate import TestRow
     from ftc_evaluator.judge import Judgment
-    from ftc_evaluator.run import _flagged
+    from ftc_evaluator.outcome import flagged_items
 
     rows = [TestRow(i, [], f"q{i}", "r") for i in (4, 9, 12)]
     judgments = {
         "a": [Judgment(5.0, flags=("directive",)), None, Judgment(3.0)],
         "b": [Judgment(5.0), Judgment(None, error="x", flags=("rating-format",)), Judgment(2.0)],
     }
-    assert _flagged(judgments, rows) == {"a": {4: ("directive",)}, "b": {9: ("rating-format",)}}
+    assert flagged_items(judgments, rows) == {"a": {4: ("directive",)}, "b": {9: ("rating-format",)}}

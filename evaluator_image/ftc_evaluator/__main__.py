@@ -3,16 +3,20 @@
 Reads the EvaluateInput document (--input, else $FTC_STEP_INPUT, else /etc/ftc/input.json), answers the
 held-out test set with every model, scores the answers (RAGAS metrics and the LLM judge), decides the
 winner, writes eval/scores.json and report/index.html, and writes the EvaluateResult summary to the
-termination message. Exit code 0 on success, 1 when the step failed (the summary says why), 2 on a bad
-input document.
+termination message. The step's edges are the step kernel's (:mod:`ftc_step.entry`): exit code 0 on
+success, 2 on bad input (an invalid input document, no GPU where one was asked for, a judge that refuses
+its key or model), 1 when the step failed otherwise (the summary says why; the Job retries it).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ftc_api.steps import EvaluateInput, EvaluateResult
+    from ftc_step.entry import Step
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -26,50 +30,33 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftc_step.runtime import redact_output
-
-    redact_output()  # before logging holds sys.stderr: no credential reaches the pod's log
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ftc_step.entry import run_step
 
+    return run_step(evaluate_step(args.workdir), args.input, log_level=args.log_level)
+
+
+def evaluate_step(workdir: str | None) -> Step[EvaluateInput, EvaluateResult]:
+    """The evaluate step, placed on GPUs (GPU or nothing); its summary is trimmed by `run.fit_summary`."""
     from ftc_api.steps import EvaluateInput, EvaluateResult
-    from ftc_step.runtime import Terminated, input_path, read_input, stop_on_sigterm, write_summary
-    from pydantic import ValidationError
+    from ftc_step.entry import Step
 
-    stop_on_sigterm()
-
-    path = input_path(args.input)
-    try:
-        inp = read_input(EvaluateInput, path)
-    except (OSError, ValidationError, ValueError) as err:
-        write_summary(EvaluateResult(ok=False, error=f"bad input document {path}: {err}"))
-        return 2
-
-    import torch
-    from ftc_step.devices import gpu_problem
-
-    problem = gpu_problem(torch)
-    if problem:  # GPU or nothing: a GPU step that cannot see its GPUs fails at once, as bad input
-        write_summary(EvaluateResult(ok=False, error=problem))
-        return 2
-
-    from .judge import JudgeRejected
     from .run import evaluate, fit_summary
 
-    kwargs = {"workdir": args.workdir} if args.workdir else {}
-    try:
-        result = evaluate(inp, **kwargs)
-    except Terminated as err:  # the pod is being stopped: a retry starts over
-        write_summary(EvaluateResult(ok=False, error=str(err)))
-        return 1
-    except JudgeRejected as err:  # a wrong key or model name: retrying cannot help
-        write_summary(EvaluateResult(ok=False, error=str(err)))
-        return 2
-    write_summary(fit_summary(result))
-    return 0 if result.ok else 1
+    def body(inp: EvaluateInput) -> EvaluateResult:
+        return evaluate(inp, workdir=workdir) if workdir else evaluate(inp)
+
+    return Step(
+        "evaluate",
+        EvaluateInput,
+        body,
+        failure=lambda error, raw: EvaluateResult(ok=False, error=error),
+        needs_gpu=True,
+        summary=fit_summary,
+    )
 
 
 if __name__ == "__main__":

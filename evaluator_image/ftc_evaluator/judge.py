@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ftc_step.errors import StepError
+
 if TYPE_CHECKING:
     import openai
 
@@ -263,10 +265,6 @@ class Budget:
         return True
 
 
-class BudgetExhausted(Exception):
-    """maxJudgeCalls was reached: the remaining answers stay unjudged."""
-
-
 def rejection_errors() -> tuple[type[openai.APIStatusError], ...]:
     """The openai errors that mean the endpoint refuses the key (401/403) or the model (404): no retry helps."""
     import openai
@@ -274,15 +272,17 @@ def rejection_errors() -> tuple[type[openai.APIStatusError], ...]:
     return (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
-class JudgeRejected(Exception):
+class JudgeRejected(StepError):
     """The judge endpoint refused the key (401/403) or the model (404): no retry and no item can help, so
-    the evaluate step fails as bad input, naming the endpoint, the model and the HTTP status."""
+    the evaluate step fails as bad input (a StepError that is not retryable: exit 2), naming the endpoint,
+    the model and the HTTP status."""
 
     def __init__(self, base_url: str, model: str, status: int, detail: str, what: str = "judge") -> None:
         field = f"evaluation.{what}"
         hint = f"{field}.apiKeySecretRef (the key)" if status in (401, 403) else f"{field}.model"
         who = "judge" if what == "judge" else f"{what} endpoint"
-        super().__init__(f"the {who} at {base_url} rejected model {model!r} with HTTP {status}: {detail}; check {hint}")
+        message = f"the {who} at {base_url} rejected model {model!r} with HTTP {status}: {detail}; check {hint}"
+        super().__init__(message, retryable=False)
         self.base_url, self.model, self.status = base_url, model, status
 
 
