@@ -107,19 +107,23 @@ def unrelated_load(api, namespace: str, count: int) -> None:
     nothing (its watches select only what ftc made). The pods never schedule; the Jobs are suspended."""
     from kubernetes import client
 
+    from devcluster.kube.typed import body
+
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
-    core.create_namespace({"metadata": {"name": namespace}})
+    core.create_namespace(body(client.V1Namespace, {"metadata": {"name": namespace}}))
     container = {"name": "c", "image": "registry.k8s.io/pause:3.10"}
     for i in range(count // 2):
         core.create_namespaced_pod(
             namespace,
-            {"metadata": {"name": f"other-{i}", "labels": {"app": "other"}},
-             "spec": {"nodeSelector": {"ftc.dev/no-such-node": "x"}, "containers": [container]}},
+            body(client.V1Pod,
+                 {"metadata": {"name": f"other-{i}", "labels": {"app": "other"}},
+                  "spec": {"nodeSelector": {"ftc.dev/no-such-node": "x"}, "containers": [container]}}),
         )  # fmt: skip
         batch.create_namespaced_job(
             namespace,
-            {"metadata": {"name": f"other-{i}"},
-             "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}}},
+            body(client.V1Job,
+                 {"metadata": {"name": f"other-{i}"},
+                  "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}}}),
         )  # fmt: skip
 
 
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import client, config, watch
 
     from devcluster.harness import Comparisons, apply_crd, start_operator, stub_values, tiny_spec
+    from devcluster.kube.typed import body, present
 
     work = Path(tempfile.mkdtemp(prefix="ftc-bench-"))
     root = work / "cluster"
@@ -159,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         apply_crd(kubectl, work)
         values = stub_values(resync=30)
         values["config"]["workers"] = args.workers
-        client.CoreV1Api(api).create_namespaced_secret(ns, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "x"}})
+        judge = body(client.V1Secret, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "x"}})
+        client.CoreV1Api(api).create_namespaced_secret(ns, judge)
         operator = start_operator(_Cluster(kubeconfig, bin_dir), ns, values, work)
-        operator_pod = operator.ready_pod().metadata.uid
+        operator_pod = present(operator.ready_pod()).metadata.uid
         unrelated_load(api, "someone-else", args.unrelated)
         core = client.CoreV1Api(api)
-        nodes = [n.metadata.name for n in core.list_node().items]
+        nodes = [present(n.metadata).name for n in core.list_node().items]
         ftc = Comparisons(api)
         spec = tiny_spec(env["FTC_S3_CLUSTER_ENDPOINT_URL"])
         spec["placement"] = {"gpuCount": 0}  # stubs need no GPU; the 8 fake GPUs would serialise training
@@ -205,6 +211,8 @@ def per_comparison(after: str, before: str, name: str, count: int) -> float:
 
 def one_round(args, context, count: int, n_round: int, watch) -> dict:
     from kubernetes import client
+
+    from devcluster.kube.typed import custom_object
 
     api, kubectl, core, nodes, ftc, spec, ns, operator, operator_pod = context
     seen: dict[str, float] = {}
@@ -275,7 +283,8 @@ def one_round(args, context, count: int, n_round: int, watch) -> dict:
         finish_deadline = time.monotonic() + args.finish_timeout
         phases: dict[str, int] = {}
         while time.monotonic() < finish_deadline:
-            items = client.CustomObjectsApi(api).list_namespaced_custom_object("ftc.dev", "v1alpha1", ns, "finetunecomparisons")
+            listed = client.CustomObjectsApi(api).list_namespaced_custom_object("ftc.dev", "v1alpha1", ns, "finetunecomparisons")
+            items = custom_object(listed)
             phases = {}
             for it in items["items"]:
                 if it["metadata"]["name"].startswith(prefix):

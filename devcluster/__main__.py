@@ -30,6 +30,7 @@ from devcluster.kube.control_plane import (
 )
 from devcluster.kube.images import PAUSE_IMAGE, build_images, load_images
 from devcluster.kube.node import DEFAULT_NODES, host_ip, node_images, socket_dir, start_nodes, stop_cluster, stop_nodes
+from devcluster.kube.typed import body
 from devcluster.servers.ports import free_port
 from devcluster.servers.s3 import S3Server, moto_command
 
@@ -64,7 +65,7 @@ def _prepare_namespace(kubeconfig: Path, s3: S3Server, namespace: str) -> None:
     api = config.new_client_from_config(config_file=str(kubeconfig))
     try:
         try:
-            client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+            client.CoreV1Api(api).create_namespace(body(client.V1Namespace, {"metadata": {"name": namespace}}))
         except ApiException as e:
             if e.status != 409:
                 raise

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from devcluster import steps
+from devcluster.kube.typed import body, custom_object, present
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "ftc"
@@ -118,7 +119,8 @@ def install_chart(helm: Helm, namespace: str, values: dict[str, Any], workdir: P
 def create_step_scripts(api_client, namespace: str) -> None:
     from kubernetes import client
 
-    client.CoreV1Api(api_client).create_namespaced_config_map(namespace, steps.step_scripts_configmap(namespace))
+    configmap = body(client.V1ConfigMap, steps.step_scripts_configmap(namespace))
+    client.CoreV1Api(api_client).create_namespaced_config_map(namespace, configmap)
 
 
 class Operator:
@@ -147,9 +149,9 @@ class Operator:
 
     def wait_healthy(self, timeout: float = 120) -> Operator:
         def available():
-            d = self.apps.read_namespaced_deployment_status(self.deployment, self.namespace)
-            ok = any(c.type == "Available" and c.status == "True" for c in d.status.conditions or [])
-            return ok and (d.status.ready_replicas or 0) >= 1 and self.ready_pod() is not None
+            status = present(self.apps.read_namespaced_deployment_status(self.deployment, self.namespace).status)
+            ok = any(c.type == "Available" and c.status == "True" for c in status.conditions or [])
+            return ok and (status.ready_replicas or 0) >= 1 and self.ready_pod() is not None
 
         try:
             wait_for(available, timeout, f"Deployment {self.namespace}/{self.deployment} Available")
@@ -185,11 +187,10 @@ class Operator:
 
     def metrics(self) -> str:
         """/metrics through the chart's Service (its ClusterIP, which kube-proxy leads to the pod)."""
-        svc = next(
-            s for s in self.core.list_namespaced_service(self.namespace).items if any(p.name == "metrics" for p in s.spec.ports)
-        )
-        port = next(p.port for p in svc.spec.ports if p.name == "metrics")
-        with urllib.request.urlopen(f"http://{svc.spec.cluster_ip}:{port}/metrics", timeout=5) as r:
+        specs = (present(s.spec) for s in self.core.list_namespaced_service(self.namespace).items)
+        spec = next(sp for sp in specs if any(p.name == "metrics" for p in present(sp.ports)))
+        port = next(p.port for p in present(spec.ports) if p.name == "metrics")
+        with urllib.request.urlopen(f"http://{spec.cluster_ip}:{port}/metrics", timeout=5) as r:
             return r.read().decode()
 
 
@@ -234,10 +235,11 @@ class Comparisons:
         self.batch = client.BatchV1Api(api_client)
 
     def create(self, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, comparison(name, namespace, spec))
+        manifest = comparison(name, namespace, spec)
+        return custom_object(self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest))
 
     def get(self, name: str, namespace: str) -> dict[str, Any]:
-        return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return custom_object(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
 
     def delete(self, name: str, namespace: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)

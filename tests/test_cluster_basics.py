@@ -6,6 +6,7 @@ Each test gets a fresh namespace (restricted); waits poll with a timeout, never 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -14,6 +15,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from devcluster.kube.images import BASE_IMAGE
+from devcluster.kube.typed import present
 from tests.fixtures.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -66,7 +68,7 @@ def job(name: str, spec: dict, backoff_limit: int = 0, owner: dict | None = None
 
 def job_condition(batch: client.BatchV1Api, namespace: str, name: str, type_: str):
     """The Job's condition of ``type_`` when it is True, else None."""
-    status = batch.read_namespaced_job_status(name, namespace).status
+    status = present(batch.read_namespaced_job_status(name, namespace).status)
     return next((c for c in status.conditions or [] if c.type == type_ and c.status == "True"), None)
 
 
@@ -76,7 +78,7 @@ def job_pods(core: client.CoreV1Api, namespace: str, name: str) -> list:
 
 def scheduled_condition(core: client.CoreV1Api, namespace: str, name: str):
     pod = core.read_namespaced_pod(name, namespace)
-    return next((c for c in pod.status.conditions or [] if c.type == "PodScheduled"), None)
+    return next((c for c in present(pod.status).conditions or [] if c.type == "PodScheduled"), None)
 
 
 def pod_gone(core: client.CoreV1Api, namespace: str, name: str) -> bool:
@@ -149,8 +151,11 @@ def test_pods_without_the_gpu_toleration_never_land_on_the_gpu_node(control_plan
     pinned = pod_spec(shell("true"), gpu_node=True, tolerate=False)
     core.create_namespaced_pod(namespace, {"metadata": {"name": "pinned"}, "spec": pinned})
 
+    def node_of(name: str) -> str | None:
+        return core.read_namespaced_pod(name, namespace).spec.node_name
+
     for i in range(3):
-        node = wait_for(lambda i=i: core.read_namespaced_pod(f"plain-{i}", namespace).spec.node_name, 30, f"plain-{i} bound")
+        node = wait_for(functools.partial(node_of, f"plain-{i}"), 30, f"plain-{i} bound")
         assert node == control_plane.cpu_node
     cond = wait_for(
         lambda: (c := scheduled_condition(core, namespace, "pinned")) and c.reason == "Unschedulable" and c,
@@ -343,7 +348,7 @@ def test_a_pod_that_breaks_the_restricted_standard_is_refused(namespace: str, co
         core.create_namespaced_pod(namespace, {"metadata": {"name": "rooted"}, "spec": spec})
 
     assert refused.value.status == 403
-    message = json.loads(refused.value.body)["message"]
+    message = json.loads(present(refused.value.body))["message"]
     assert 'violates PodSecurity "restricted:latest"' in message
     assert "allowPrivilegeEscalation != false" in message and "runAsUser=0" in message
 

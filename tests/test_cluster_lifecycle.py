@@ -10,7 +10,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -22,7 +24,18 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
 
 
-def host_state(root: Path) -> dict[str, object]:
+class HostState(TypedDict):
+    processes: list[str]
+    mounts: list[str]
+    netns: list[str]
+    links: list[str]
+    iptables: dict[str, list[str]]  # table -> rules
+    chains: dict[str, list[str]]  # table -> chain names
+    cgroups: list[str]
+    sysctls: dict[str, str]
+
+
+def host_state(root: Path) -> HostState:
     """What a cluster could leave behind: processes, mounts, netns, links, iptables rules, cgroups, sysctls."""
     procs = []
     for p in Path("/proc").glob("[0-9]*/cmdline"):
@@ -90,6 +103,7 @@ def test_cluster_up_then_down_leaves_nothing_on_the_host(tmp_path):
     assert {"ftcbr0", "ftcbr1"} & set(during["links"]), during["links"]
     assert any("KUBE-SERVICES" in c for c in during["chains"]["nat"])
     # ... and nothing of it is left.
-    for key in before:
-        assert after[key] == before[key], f"{key} differs after cluster-down"
+    left: Mapping[str, object] = after  # by a key held in a variable (a TypedDict takes literal keys only)
+    for key, value in before.items():
+        assert left[key] == value, f"{key} differs after cluster-down"
     print(f"cluster up {up_s:.1f}s, down {down_s:.1f}s")

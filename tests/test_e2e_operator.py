@@ -28,6 +28,7 @@ from devcluster.harness import (
     tiny_spec,
     wait_for,
 )
+from devcluster.kube.typed import body, present
 from tests.readme_table import assert_readme_figure
 
 pytestmark = pytest.mark.cluster
@@ -55,9 +56,9 @@ def ftc(api) -> Comparisons:
 def judge_secret(api, namespace):
     from kubernetes import client
 
+    key = base64.b64encode(CANARY.encode()).decode()
     client.CoreV1Api(api).create_namespaced_secret(
-        namespace,
-        {"metadata": {"name": "ftc-judge"}, "data": {"api-key": base64.b64encode(CANARY.encode()).decode()}},
+        namespace, body(client.V1Secret, {"metadata": {"name": "ftc-judge"}, "data": {"api-key": key}})
     )
 
 
@@ -136,7 +137,8 @@ def test_a_failed_evaluation_is_retried_after_the_fix_without_retraining(control
     from kubernetes import client
 
     core = client.CoreV1Api(ftc.core.api_client)
-    secret = {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "rejected"}}  # the stub's refused key
+    rejected = {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "rejected"}}  # the stub's refused key
+    secret = body(client.V1Secret, rejected)
     core.create_namespaced_secret(namespace, secret)
     ftc.create("retry", namespace, tiny_spec(s3_server.cluster_endpoint_url))
     failed = ftc.wait_phase("retry", namespace, ("Succeeded", "Failed"), timeout=180)
@@ -226,7 +228,7 @@ def test_missing_secret_is_reported(ftc, operator, namespace, s3_server, judge_s
 def test_no_secret_value_leaks_and_progress_is_live(ftc, api, operator, namespace, s3_server, judge_secret):
 
     ftc.create("canary", namespace, tiny_spec(s3_server.cluster_endpoint_url))
-    seen = []
+    seen: list[dict[str, Any]] = []  # status.models[].progress
 
     def progress_seen():
         st = ftc.status("canary", namespace)
@@ -291,7 +293,9 @@ def test_a_name_held_by_another_object_blocks_until_it_goes(ftc, api, operator, 
 
     core = client.CoreV1Api(api)
     # A stale input ConfigMap under the name the new comparison's prepare step needs, owned by nobody.
-    core.create_namespaced_config_map(namespace, {"metadata": {"name": "held-prepare"}, "data": {"input.json": "{}"}})
+    core.create_namespaced_config_map(
+        namespace, body(client.V1ConfigMap, {"metadata": {"name": "held-prepare"}, "data": {"input.json": "{}"}})
+    )
     ftc.create("held", namespace, tiny_spec(s3_server.cluster_endpoint_url))
 
     def blocked():
@@ -305,7 +309,7 @@ def test_a_name_held_by_another_object_blocks_until_it_goes(ftc, api, operator, 
     core.delete_namespaced_config_map("held-prepare", namespace)
     st = ftc.wait_phase("held", namespace, ("Succeeded", "Failed"), timeout=180)
     assert st["phase"] == "Succeeded", st
-    owner = core.read_namespaced_config_map("held-prepare", namespace).metadata.owner_references[0]
+    owner = present(present(core.read_namespaced_config_map("held-prepare", namespace).metadata).owner_references)[0]
     assert owner.name == "held" and owner.uid == ftc.get("held", namespace)["metadata"]["uid"]
 
 
@@ -322,7 +326,7 @@ def test_two_replicas_one_reconciles_and_the_other_takes_over_when_the_leader_di
 
     def holder():
         lease = coordination.read_namespaced_lease(f"{operator.release}-operator", namespace)
-        return lease.spec.holder_identity
+        return present(lease.spec).holder_identity
 
     try:
         leader = wait_for(holder, 60, "a replica holding the Lease")
@@ -371,31 +375,36 @@ def test_a_train_pods_token_may_change_only_its_own_progress_annotation(api, ope
     def pod(name: str) -> Any:  # never scheduled (no node has the label): only the API object matters
         return core.create_namespaced_pod(
             namespace,
-            {
-                "metadata": {"name": name, "labels": {"app": name}, "annotations": {"keep": "1"}},
-                "spec": {
-                    "serviceAccountName": "ftc-step",
-                    "automountServiceAccountToken": False,
-                    "nodeSelector": {"ftc.dev/no-such-node": "x"},
-                    "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "securityContext": restricted}],
+            body(
+                client.V1Pod,
+                {
+                    "metadata": {"name": name, "labels": {"app": name}, "annotations": {"keep": "1"}},
+                    "spec": {
+                        "serviceAccountName": "ftc-step",
+                        "automountServiceAccountToken": False,
+                        "nodeSelector": {"ftc.dev/no-such-node": "x"},
+                        "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "securityContext": restricted}],
+                    },
                 },
-            },
+            ),
         )
 
     own = pod("own")
     pod("other")
     bound = {"kind": "Pod", "apiVersion": "v1", "name": own.metadata.name, "uid": own.metadata.uid}
-    token = core.create_namespaced_service_account_token(
-        "ftc-step", namespace, {"spec": {"audiences": [], "expirationSeconds": 600, "boundObjectRef": bound}}
-    ).status.token
+    request = body(
+        client.AuthenticationV1TokenRequest, {"spec": {"audiences": [], "expirationSeconds": 600, "boundObjectRef": bound}}
+    )
+    token = present(core.create_namespaced_service_account_token("ftc-step", namespace, request).status).token
     conf = client.Configuration()
     conf.host, conf.ssl_ca_cert = api.configuration.host, api.configuration.ssl_ca_cert
     conf.api_key = {"authorization": f"Bearer {token}"}
     as_step = client.CoreV1Api(client.ApiClient(conf))
 
     as_step.patch_namespaced_pod("own", namespace, {"metadata": {"annotations": {"ftc.dev/progress": '{"step": 1}'}}})
-    assert core.read_namespaced_pod("own", namespace).metadata.annotations["ftc.dev/progress"] == '{"step": 1}'
-    refused = [
+    own_meta = present(core.read_namespaced_pod("own", namespace).metadata)
+    assert present(own_meta.annotations)["ftc.dev/progress"] == '{"step": 1}'
+    refused: list[tuple[str, dict[str, Any], str]] = [  # (pod, patch, why it is refused)
         ("own", {"metadata": {"labels": {"app": "relabelled"}}}, "only its ftc.dev/progress"),
         ("own", {"metadata": {"annotations": {"other": "x"}}}, "only its ftc.dev/progress"),
         ("own", {"metadata": {"annotations": {"keep": None}}}, "only its ftc.dev/progress"),
@@ -407,8 +416,9 @@ def test_a_train_pods_token_may_change_only_its_own_progress_annotation(api, ope
             as_step.patch_namespaced_pod(name, namespace, patch)
         assert err.value.status in (403, 422) and why in str(err.value.body), (patch, err.value.body)
     after = core.read_namespaced_pod("own", namespace)
-    assert after.metadata.labels == {"app": "own"} and after.spec.containers[0].image == "registry.k8s.io/pause:3.10"
-    assert "ftc.dev/progress" not in (core.read_namespaced_pod("other", namespace).metadata.annotations or {})
+    labels, containers = present(after.metadata).labels, present(after.spec).containers
+    assert labels == {"app": "own"} and containers[0].image == "registry.k8s.io/pause:3.10"
+    assert "ftc.dev/progress" not in (present(core.read_namespaced_pod("other", namespace).metadata).annotations or {})
 
 
 def _train_pods(core, namespace: str, name: str) -> list:
@@ -466,14 +476,14 @@ def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(
     try:
 
         def not_ready() -> bool:
-            conds = core.read_node(gpu).status.conditions or []
+            conds = present(core.read_node(gpu).status).conditions or []
             return any(c.type == "Ready" and c.status != "True" for c in conds)
 
         wait_for(not_ready, 120, f"{gpu} NotReady", interval=0.5)
         not_ready_after = time.monotonic() - t0
         taint = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
         node = core.read_node(gpu)
-        core.patch_node(gpu, {"spec": {"taints": [*(t.to_dict() for t in node.spec.taints or []), taint]}})
+        core.patch_node(gpu, {"spec": {"taints": [*(t.to_dict() for t in present(node.spec).taints or []), taint]}})
         gone = {p.metadata.uid for p in lost_pods}
         wait_for(
             lambda: not gone & {p.metadata.uid for p in _train_pods(core, namespace, "lost")}, 180, "the lost pods force-deleted"
@@ -481,7 +491,7 @@ def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(
         assert ftc.status("lost", namespace)["phase"] == "Training"  # not failed: the Jobs replace the pods
     finally:
         node = core.read_node(gpu)
-        kept = [t.to_dict() for t in node.spec.taints or [] if t.key != "node.kubernetes.io/out-of-service"]
+        kept = [t.to_dict() for t in present(node.spec).taints or [] if t.key != "node.kubernetes.io/out-of-service"]
         core.patch_node(gpu, {"spec": {"taints": kept}})
         control_plane.power_on(gpu)
     lost = ftc.wait_phase("lost", namespace, ("Succeeded", "Failed"), timeout=300)

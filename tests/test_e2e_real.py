@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from devcluster.harness import (
     tiny_spec,
     wait_for,
 )
+from devcluster.kube.typed import body, present
 
 pytestmark = pytest.mark.cluster
 
@@ -50,7 +52,7 @@ def judge_secret(control_plane, namespace):
     from kubernetes import client
 
     client.CoreV1Api(control_plane.api_client()).create_namespaced_secret(
-        namespace, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": JUDGE_KEY}}
+        namespace, body(client.V1Secret, {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": JUDGE_KEY}})
     )
 
 
@@ -115,7 +117,8 @@ def step_logs(control_plane, namespace) -> str:
 
     core = client.CoreV1Api(control_plane.api_client())
     pods = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/managed-by=ftc-operator").items
-    return "\n".join(f"--- {p.metadata.name}\n{control_plane.pod_log(namespace, p.metadata.name)}" for p in pods)
+    names = (present(p.metadata).name for p in pods)
+    return "\n".join(f"--- {name}\n{control_plane.pod_log(namespace, name)}" for name in names)
 
 
 HF_TOKEN = "hf_canary_gated_5e02"  # the local hub's token for its gated repo: must appear nowhere but in its Secret
@@ -129,14 +132,14 @@ def test_tiny_comparison_with_real_steps(
     # tiny-llama comes from the local hub (gated: the token is in a Secret), staged once by prepare.
     repo = hub_server.add("ftc-test/tiny-llama", Path(tiny_assets.model("tiny-llama")), gated_token=HF_TOKEN)
     client.CoreV1Api(control_plane.api_client()).create_namespaced_secret(
-        namespace, {"metadata": {"name": "hf-token"}, "stringData": {"token": HF_TOKEN}}
+        namespace, body(client.V1Secret, {"metadata": {"name": "hf-token"}, "stringData": {"token": HF_TOKEN}})
     )
     spec = tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url)
     spec["models"][0]["baseModel"] = "ftc-test/tiny-llama"
     spec["hub"] = {"endpoint": hub_server.cluster_endpoint, "tokenSecretRef": {"name": "hf-token", "key": "token"}}
     ftc = Comparisons(control_plane.api_client())
     ftc.create("tiny", namespace, spec)
-    progress = []
+    progress: list[dict[str, Any]] = []  # status.models[].progress
 
     def training_progress():
         st = ftc.status("tiny", namespace)
@@ -196,20 +199,22 @@ def test_train_pod_deleted_mid_run_resumes_from_checkpoint(
 
     def past_a_checkpoint():
         st = ftc.status("resume", namespace)
-        llama = next((m for m in st.get("models", []) if m["name"] == "tiny-llama"), {})
+        llama: dict[str, Any] = next((m for m in st.get("models", []) if m["name"] == "tiny-llama"), {})
         return (llama.get("progress") or {}).get("step", 0) >= 6
 
     wait_for(past_a_checkpoint, 900, "tiny-llama past its first checkpoint", interval=0.5)
     pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-    running = [p for p in pods if p.status.phase == "Running"]
-    assert running, [p.status.phase for p in pods]
-    deleted = running[0].metadata.name
+    running = [p for p in pods if present(p.status).phase == "Running"]
+    assert running, [present(p.status).phase for p in pods]
+    deleted = present(present(running[0].metadata).name)
     core.delete_namespaced_pod(deleted, namespace)
     st = ftc.wait_phase("resume", namespace, ("Succeeded", "Failed"), timeout=1500)
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
     pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-    done = [p for p in pods if p.status.phase == "Succeeded"]
-    assert len(done) == 1 and done[0].metadata.name != deleted  # the Job's retry, not the deleted pod
-    result = json.loads(done[0].status.container_statuses[0].state.terminated.message)
+    done = [p for p in pods if present(p.status).phase == "Succeeded"]
+    assert len(done) == 1 and present(done[0].metadata).name != deleted  # the Job's retry, not the deleted pod
+    container = present(present(done[0].status).container_statuses)[0]
+    terminated = present(present(container.state).terminated)
+    result = json.loads(present(terminated.message))  # the train step's result
     assert result["resumedFromStep"] >= 4
     assert len([j for j in ftc.jobs(namespace, "resume") if "train-tiny-llama" in j.metadata.name]) == 1

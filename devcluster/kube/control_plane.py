@@ -68,7 +68,7 @@ def build_binaries(timeout: float = 3600) -> Path:
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
-        if line.startswith("[") or "error" in line:  # the script's progress lines
+        if (line.startswith("[") or "error" in line) and sys.__stderr__ is not None:  # the script's progress lines
             sys.__stderr__.write(f"build-control-plane: {line}")
         if time.monotonic() > deadline:
             proc.kill()

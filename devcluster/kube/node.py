@@ -54,8 +54,9 @@ def progress(message: str, since: float | None = None) -> None:
     import sys
 
     took = f" ({time.monotonic() - since:.1f}s)" if since is not None else ""
-    sys.__stderr__.write(f"cluster: {message}{took}\n")
-    sys.__stderr__.flush()
+    if sys.__stderr__ is not None:  # None only in a process started without one
+        sys.__stderr__.write(f"cluster: {message}{took}\n")
+        sys.__stderr__.flush()
 
 
 def node_images(node: NodeSpec) -> tuple[str, ...]:

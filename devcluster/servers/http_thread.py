@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Self
 
 from aiohttp import web
 
@@ -25,7 +26,7 @@ class ThreadedServer:
     def started(self) -> None:
         """Called once the port is known (set URLs here)."""
 
-    def start(self) -> ThreadedServer:
+    def start(self) -> Self:
         ready = threading.Event()
 
         def run() -> None:

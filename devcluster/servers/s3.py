@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devcluster.kube.control_plane import wait_for
+from devcluster.kube.typed import body
 from devcluster.servers.ports import free_port
 
 BUCKET = "ftc"
@@ -67,8 +68,9 @@ class S3Server:
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
+        secret = body(client.V1Secret, self.secret_manifest(namespace))
         try:
-            client.CoreV1Api(api_client).create_namespaced_secret(namespace, self.secret_manifest(namespace))
+            client.CoreV1Api(api_client).create_namespaced_secret(namespace, secret)
         except ApiException as e:
             if e.status != 409:
                 raise
