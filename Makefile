@@ -60,7 +60,7 @@ crds: install
 # The slow prerequisites side by side: the control plane compiles (CPU), the images mostly download and
 # unpack (network, disk), the model dequantises; each prints its own timestamped progress.
 prereqs: install
-	$(MAKE) --no-print-directory -j3 --output-sync=line models cluster-build images
+	$(MAKE) --no-print-directory -j3 --output-sync=none models cluster-build images
 
 test: prereqs
 	$(BIN)/pytest -m "unit or ml or cluster" tests
@@ -82,7 +82,7 @@ cluster-build:
 	bash devcluster/scripts/build-control-plane.sh
 
 # The operator, trainer and evaluator images from their Dockerfiles with a private dockerd and a local base
-# (no registry needed); incremental, cached under ~/.cache/ftc/docker. See README, Images.
+# (no registry needed); incremental, cached under ~/.cache/ftc/docker. See docs/images.md.
 images: install
 	bash devcluster/scripts/build-images.sh
 

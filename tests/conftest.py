@@ -16,6 +16,28 @@ pytest_plugins: list[str] = [
 LEVELS = ("unit", "ml", "cluster")
 
 
+# Tests left out of `make test-quick` (still in `make test`): over ~8 s each on 2 cores (measured
+# 2026-12-03 with `pytest --durations=0`; a file name alone marks the whole file, a fixture's cost counts).
+SLOW = (
+    "tests/test_train_parallel.py::test_two_processes",  # two torchrun processes against one: 314 s
+    "tests/test_train_parallel.py::test_fsdp",  # 111 s
+    "tests/test_train_parallel.py::test_bad_input_in_a_worker",  # 46 s
+    "tests/test_eval_ml.py::test_the_better_trained_model_wins",  # trains two models first: 184 s
+    "tests/test_eval_ml.py::test_cli_with_ragas_metrics",  # 67 s
+    "tests/test_eval_ml.py::test_two_identical_models_tie",  # 19 s
+    "tests/test_eval_ml.py::test_judge_failures_end_in_retries",  # 12 s
+    "tests/test_train.py::test_resume_after_sigkill",  # 136 s
+    "tests/test_train.py::test_sigterm_stops_training",  # 87 s
+    "tests/test_train.py::test_packing_trains_padding_free",  # 18 s
+    "tests/test_train.py::test_a_retry_after_the_last_checkpoint",  # 12 s
+    "tests/test_real_model.py::test_lora_fine_tunes",  # 42 s + 37 s
+    "tests/test_real_model.py::test_qlora_fine_tunes",
+    "tests/test_real_model.py::test_the_evaluator_answers",  # 10 s
+    "tests/test_storage_faults.py::test_storage_gone_at_random_points",  # 19 s
+    "tests/test_storage_faults.py::test_training_through_flaky_storage",  # 8 s
+    "tests/test_api_fuzz.py",  # 2,500 mutated specs and 30 through kubectl: 60 to 135 s
+)
+
 FIRST = "tests/test_cluster_lifecycle.py"  # brings up its own cluster: before the session's cluster starts
 
 
@@ -24,6 +46,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     the cluster lifecycle test runs first."""
     items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
     for item in items:
+        if item.nodeid.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
         levels = [m.name for m in item.iter_markers() if m.name in LEVELS]
         if len(set(levels)) != 1:
             raise pytest.UsageError(f"{item.nodeid}: mark it with exactly one of {', '.join(LEVELS)} (has {levels or 'none'})")

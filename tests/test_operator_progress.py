@@ -43,6 +43,7 @@ class FakeKube:
     def __init__(self) -> None:
         self.obj: dict[str, Any] = {"metadata": {"name": "c", "namespace": "ns", "uid": "u", "generation": 1}, "spec": {}}
         self.writes: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
 
     def get_comparison(self, namespace: str, name: str) -> dict[str, Any]:
         return self.obj
@@ -57,8 +58,8 @@ class FakeKube:
         self.writes.append(doc)
         self.obj = {**obj, "status": doc}
 
-    def event(self, *args: Any) -> None:
-        pass
+    def event(self, obj: Any, type_: str, reason: str, message: str, now: Any = None) -> None:
+        self.events.append((type_, reason, message))
 
 
 def test_progress_writes_are_held_for_the_interval_and_the_rest_goes_out_at_once(monkeypatch):
@@ -151,8 +152,6 @@ def test_a_taken_name_creates_no_job_and_says_which_object_holds_it():
         return Created(False, blocker) if obj["kind"] == "ConfigMap" else Created(True)
 
     kube.create = create  # type: ignore[attr-defined]
-    kube.events = []  # type: ignore[attr-defined]
-    kube.event = lambda obj, type_, reason, message, now: kube.events.append((type_, reason, message))  # type: ignore[method-assign]
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     reconciler = reconcile.Reconciler(kube, OperatorConfig(resync_seconds=30), clock=lambda: now)
     assert reconciler.reconcile("ns", "c") == pytest.approx(5)  # looked at again soon

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from ftc_api.spec import FineTuneComparisonSpec, Placement
@@ -298,10 +299,10 @@ def _with(path: str, value: object):
 
     def mutate(p: dict) -> None:
         *parents, last = path.split(".")
-        node: object = p
+        node: Any = p
         for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})  # type: ignore[index]
-        node[int(last) if isinstance(node, list) else last] = value  # type: ignore[index]
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        node[int(last) if isinstance(node, list) else last] = value
 
     return mutate
 
