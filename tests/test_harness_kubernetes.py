@@ -1,5 +1,6 @@
-"""The local cluster behaves like a real one: real kubelets run containers from the project's images,
-schedule GPUs, enforce limits and the restricted Pod Security Standard, collect garbage, delete.
+"""Harness self-checks: the dev platform's local cluster (devcluster/) behaves like a real one. These test
+Kubernetes and the harness, not ftc: real kubelets run containers from the project's images, schedule GPUs,
+enforce limits and the restricted Pod Security Standard, collect garbage, delete.
 
 Each test gets a fresh namespace (restricted); waits poll with a timeout, never sleep.
 """
