@@ -13,7 +13,7 @@ Pure decisions here; the train step applies them:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -44,13 +44,14 @@ def block_class_names(model: Any) -> list[str]:
     return sorted(set(names))
 
 
-def fsdp_arguments(model: Any) -> dict[str, Any]:
-    """TrainingArguments settings that shard `model` with FSDP: full sharding, one unit per decoder block,
-    original parameters kept (LoRA trains some parameters of a module and freezes the others)."""
+def fsdp_arguments(blocks: Sequence[str]) -> dict[str, Any]:
+    """TrainingArguments settings that shard a model with FSDP: full sharding, one unit per decoder block
+    (`blocks`: their class names, :func:`block_class_names`), original parameters kept (LoRA trains some
+    parameters of a module and freezes the others)."""
     return {
         "fsdp": "full_shard auto_wrap",
         "fsdp_config": {
-            "transformer_layer_cls_to_wrap": block_class_names(model),
+            "transformer_layer_cls_to_wrap": list(blocks),
             "use_orig_params": True,
             "sync_module_states": False,
             "cpu_ram_efficient_loading": False,

@@ -1,10 +1,15 @@
 """The train step: fine-tune one model with LoRA or QLoRA on the prepared data, resumable from S3.
 
-Flow: verified download of data/ -> base model (s3:// prefix, local path or hub id) -> tokenisation with
-labels on the responses only -> LoRA on every linear projection (experts included) -> transformers
-Trainer with eval every `evalSteps` and at each epoch end -> checkpoints to
-models/MODEL/checkpoints/step-N/ (manifest last) every `saveSteps` -> final and best adapters,
-metrics.json and models/MODEL/manifest.json (last).
+Flow (`run_train`, one function per room): `setup` (the process group, the scratch directory, a verified
+download of data/, the base model, the newest complete checkpoint) -> `datasets` (tokenisation with labels
+on the responses only) -> `build_model` (LoRA on every linear projection, experts included) ->
+`arguments.training_arguments` (pure: the spec to TrainingArguments) -> `fit` (transformers Trainer with
+eval every `evalSteps` and at each epoch end, checkpoints to models/MODEL/checkpoints/step-N/, manifest
+last, every `saveSteps`) -> `results` and `save_results` (final and best adapters, metrics.json and
+models/MODEL/manifest.json, last).
+
+The training settings are the input's `training`: the operator resolved them for this model (the shared
+settings with the model's own overrides), so the step reads them as they are.
 
 Resume: on start the newest checkpoint with a valid manifest is downloaded and handed to
 `Trainer.train(resume_from_checkpoint=...)`, which restores adapter, optimizer, scheduler, RNG states
@@ -17,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import resource
 import shutil
 import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +36,22 @@ from ftc_api.overfitting import overfitting_verdict
 from ftc_api.spec import TrainingSpec
 from ftc_api.steps import LossPoint, TrainInput, TrainResult
 from ftc_step.errors import StepError, transient
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from . import data
+from .callbacks import (
+    BestAdapter,
+    CheckpointUploader,
+    EvalEveryEpochAndAtEnd,
+    RunClock,
+    StopWhenResumedAtTheEnd,
+    TrainingAlreadyComplete,
+)
 
 log = logging.getLogger("ftc.train")
 
-# The best adapter so far travels inside each checkpoint as flat files with this prefix: a sub-directory holding
-# adapter weights would be taken by Trainer for a second adapter and the main one would not be restored.
-BEST_PREFIX = "ftc-best--"
-STATE_FILE = "ftc-state.json"
 CONFIG_FILE = "ftc-train-config.json"
 _STEP_MANIFEST = re.compile(r"^step-(\d+)/manifest\.json$")
-
-
-def effective_training(inp: TrainInput) -> TrainingSpec:
-    """spec.training with the model's own batch size and sequence length, when set."""
-    update: dict[str, Any] = {}
-    if inp.model.per_device_batch_size:
-        update["per_device_batch_size"] = inp.model.per_device_batch_size
-    if inp.model.max_seq_length:
-        update["max_seq_length"] = inp.model.max_seq_length
-    return inp.training.model_copy(update=update)
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -100,137 +98,7 @@ def newest_checkpoint_steps(object_names: list[str]) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-# ---------------------------------------------------------------------------------------------- callbacks
-
-
-class EvalEveryEpochAndAtEnd(TrainerCallback):
-    """Evaluate at each epoch end and at the last step (besides every evalSteps), never twice per step;
-    log the train loss at the last step."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.last_eval_step = -1
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.last_eval_step = state.global_step
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step >= state.max_steps:
-            control.should_log = True
-            control.should_evaluate = self.enabled
-
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.enabled and self.last_eval_step != state.global_step:
-            control.should_evaluate = True
-
-
-class BestAdapter(TrainerCallback):
-    """Keep the adapter with the lowest eval loss in `directory`. Every training process sees the same
-    (gathered) eval loss; `save` writes the adapter (collective under FSDP, written by rank 0 only)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.loss = math.inf
-        self.step: int | None = None
-        self.save: Any = None
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None, **kw: Any) -> None:
-        loss = (metrics or {}).get("eval_loss")
-        if loss is not None and model is not None and loss < self.loss:
-            self.loss, self.step = float(loss), state.global_step
-            if self.save is not None:
-                self.save(self.directory)
-            else:
-                model.save_pretrained(self.directory)
-
-    def store_in(self, checkpoint: Path) -> None:
-        """Copy the best adapter and its loss into a checkpoint directory."""
-        if not self.directory.is_dir():
-            return
-        for path in self.directory.iterdir():
-            if path.is_file():
-                shutil.copyfile(path, checkpoint / f"{BEST_PREFIX}{path.name}")
-        (checkpoint / STATE_FILE).write_text(json.dumps({"bestEvalLoss": self.loss, "bestStep": self.step}))
-
-    def restore(self, checkpoint: Path) -> None:
-        """Take the best adapter and its loss back from a checkpoint directory."""
-        state_file = checkpoint / STATE_FILE
-        if not state_file.exists():
-            return
-        state = json.loads(state_file.read_text())
-        self.loss, self.step = float(state["bestEvalLoss"]), state["bestStep"]
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True)
-        for path in checkpoint.glob(f"{BEST_PREFIX}*"):
-            shutil.move(path, self.directory / path.name[len(BEST_PREFIX) :])
-
-
-class CheckpointUploader(TrainerCallback):
-    """After each local checkpoint: add the best adapter and ftc's state, upload to
-    checkpoints/step-N/ with the manifest last."""
-
-    def __init__(self, store: Any, prefix: str, best: BestAdapter) -> None:
-        self.store = store
-        self.prefix = prefix
-        self.best = best
-        self.uploaded: list[int] = []
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        step = state.global_step
-        if args.world_size > 1:  # every process has written its part (its RNG state) before rank 0 uploads
-            import torch.distributed as dist
-
-            dist.barrier()
-            if not state.is_world_process_zero:
-                return
-        local = Path(args.output_dir) / f"checkpoint-{step}"
-        if not local.is_dir() or step in self.uploaded:
-            return
-        self.best.store_in(local)
-        started = time.monotonic()
-        self.store.upload_tree(local, f"{self.prefix}/step-{step}", extra={"step": step})
-        self.uploaded.append(step)
-        log.info("checkpoint step-%d uploaded in %.1fs", step, time.monotonic() - started)
-
-
-class TrainingAlreadyComplete(Exception):
-    """Raised at the start of a run resumed from the checkpoint of its last step: nothing is left to train."""
-
-
-class StopWhenResumedAtTheEnd(TrainerCallback):
-    """transformers checks maxSteps only after a step, so a run resumed from the checkpoint of its last step
-    (an attempt that failed uploading its results) would train on to the end of the epoch: stop it before."""
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.max_steps > 0 and state.global_step >= state.max_steps:
-            raise TrainingAlreadyComplete
-
-
-class RunClock(TrainerCallback):
-    """Wall time and tokens of this run (a resumed run counts only its own part)."""
-
-    last: RunClock | None = None  # the latest finished run in this process (read by bench/train_bench.py)
-
-    def __init__(self) -> None:
-        self.started = 0.0
-        self.cpu_started = 0.0
-        self.seconds = 0.0
-        self.cpu_seconds = 0.0
-        self.tokens_at_start = 0
-        self.tokens_at_end = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started, self.cpu_started = time.monotonic(), time.process_time()
-        self.tokens_at_start = int(state.num_input_tokens_seen or 0)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds = time.monotonic() - self.started
-        self.cpu_seconds = time.process_time() - self.cpu_started
-        self.tokens_at_end = int(state.num_input_tokens_seen or 0)
-        RunClock.last = self
-
-
-# ---------------------------------------------------------------------------------------------- the step
+# ---------------------------------------------------------------------------------------------- helpers of the step
 
 
 def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, list[int]]], int]:
@@ -296,199 +164,282 @@ def out_of_memory_message(torch: Any, ref: Any, training: TrainingSpec, err: Bas
     )
 
 
+# ---------------------------------------------------------------------------------------------- the step
+
+
 def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     """Run the train step; raises StepError on bad input (the caller reports it)."""
     import torch
-    from accelerate import PartialState
-    from ftc_step.devices import gpu_problem
-    from ftc_step.storage import Storage, StorageError
-    from peft import get_peft_model
-    from transformers import set_seed
 
-    from .loss import ResponseLossTrainer
-    from .models import (
-        adapted_modules,
-        fetch_model,
-        has_cuda,
-        load_model,
-        load_tokenizer,
-        lora_config,
-        resolve_targets,
-        trainable_parameters,
+    from .arguments import training_arguments
+    from .models import has_cuda
+
+    ws = setup(inp, workdir)
+    tokenizer, train_set, eval_set = datasets(ws)
+    built = build_model(ws)
+    cuda = has_cuda()
+    kwargs = training_arguments(
+        ws.training,
+        output_dir=str(ws.output_dir),
+        processes=ws.processes,
+        parallelism=built.parallelism,
+        blocks=built.blocks,
+        has_eval=bool(eval_set),
+        cuda=cuda,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
     )
-    from .parallel import fsdp_arguments, split_accumulation, world_size
-    from .progress import ProgressReporter, pod_patcher
+    trainer, clock = make_trainer(ws, built.model, FtcTrainingArguments(**kwargs), tokenizer, train_set, eval_set, cuda)
+    fit(ws, trainer, clock)
+    history = loss_history(trainer.state.log_history)
+    final_dir, best_dir = ws.workdir / "adapter", ws.workdir / "adapter-best"
+    ws.best.save(final_dir)
+    result = results(ws, built, trainer.state.global_step, history, clock)
+    if ws.main:
+        save_results(ws, built, tokenizer, final_dir, best_dir, history, result)
+    return result
 
-    problem = gpu_problem(torch)
-    if problem:  # GPU or nothing: never train in fp32 on the CPU of a pod that cannot see its GPU
-        raise StepError(problem)
-    ref, loc = inp.model, inp.location
-    training = effective_training(inp)
+
+@dataclass
+class Workspace:
+    """What the train step set up: where it works, what it read, where it resumes from."""
+
+    inp: TrainInput
+    training: TrainingSpec  # the input's: already this model's effective settings
+    workdir: Path
+    store: Any
+    processes: int  # training processes of the pod (torchrun's WORLD_SIZE)
+    state: Any  # accelerate's PartialState under torchrun, else None
+    best: BestAdapter
+    local: str = ""  # the base model's local directory (or hub id)
+    checkpoint: Path | None = None  # the checkpoint to resume from
+    resumed_step: int | None = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that downloads, reports progress and uploads (rank 0)."""
+        return self.state is None or bool(self.state.is_main_process)
+
+    @property
+    def model_prefix(self) -> str:
+        return self.inp.location.uri(names.model_dir(self.inp.model.name))
+
+    @property
+    def output_dir(self) -> Path:
+        return self.workdir / "trainer"
+
+
+def setup(inp: TrainInput, workdir: Path | None) -> Workspace:
+    """Join the process group (under torchrun), make the scratch directory, download the prepared data, the
+    base model and the newest complete checkpoint (rank 0 first; the others take what it found)."""
+    from accelerate import PartialState
+    from ftc_step.storage import Storage
+
+    from .models import has_cuda
+    from .parallel import world_size
+
     processes = world_size()
     # Under torchrun: join the process group now (gloo on the CPU, NCCL on GPUs); rank 0 downloads first.
     state = PartialState(cpu=not has_cuda()) if processes > 1 else None
-    main = state is None or state.is_main_process
     if workdir is None and processes > 1:  # the processes share one scratch directory
         workdir = Path(tempfile.gettempdir()) / f"ftc-train-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-train-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    store = Storage.for_location(loc)
-    model_prefix = loc.uri(names.model_dir(ref.name))
-    output_dir = workdir / "trainer"
-    best = BestAdapter(workdir / "best-adapter")
-
-    data_uri = loc.uri("data")
-    checkpoint: Path | None = None
-    resumed_step: int | None = None
+    ws = Workspace(
+        inp, inp.training, workdir, Storage.for_location(inp.location), processes, state, BestAdapter(workdir / "best-adapter")
+    )
     with state.main_process_first() if state is not None else contextlib.nullcontext():
-        if main:
-            try:
-                store.download_verified(data_uri, workdir / "data")
-            except StorageError as err:
-                raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
-        local = fetch_model(ref.base_model, store)
-        if main:
-            checkpoint, resumed_step = find_checkpoint(store, f"{model_prefix}/checkpoints", output_dir)
-            if checkpoint is not None:
-                best.restore(checkpoint)
-                log.info("resuming from checkpoint step-%d", resumed_step)
+        download_inputs(ws)
     if state is not None:  # the other processes resume from the checkpoint rank 0 downloaded
         import torch.distributed as dist
 
-        shared: list[Any] = [resumed_step, best.loss, best.step]
+        shared: list[Any] = [ws.resumed_step, ws.best.loss, ws.best.step]
         dist.broadcast_object_list(shared, src=0)
-        resumed_step, best.loss, best.step = shared
-        checkpoint = output_dir / f"checkpoint-{resumed_step}" if resumed_step is not None else None
-    train_rows = data.read_jsonl(workdir / "data" / "train.jsonl", "train")
-    eval_rows = data.read_jsonl(workdir / "data" / "eval.jsonl", "eval")
+        ws.resumed_step, ws.best.loss, ws.best.step = shared
+        ws.checkpoint = ws.output_dir / f"checkpoint-{ws.resumed_step}" if ws.resumed_step is not None else None
+    return ws
+
+
+def download_inputs(ws: Workspace) -> None:
+    """data/ (rank 0), the base model (every process: its own cache) and the checkpoint to resume from (rank 0)."""
+    from ftc_step.storage import StorageError
+
+    from .models import fetch_model
+
+    data_uri = ws.inp.location.uri("data")
+    if ws.main:
+        try:
+            ws.store.download_verified(data_uri, ws.workdir / "data")
+        except StorageError as err:
+            raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
+    ws.local = fetch_model(ws.inp.model.base_model, ws.store)
+    if ws.main:
+        ws.checkpoint, ws.resumed_step = find_checkpoint(ws.store, f"{ws.model_prefix}/checkpoints", ws.output_dir)
+        if ws.checkpoint is not None:
+            ws.best.restore(ws.checkpoint)
+            log.info("resuming from checkpoint step-%d", ws.resumed_step)
+
+
+def datasets(ws: Workspace) -> tuple[Any, list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """The model's tokenizer, and the train and eval splits tokenised with labels on the responses only;
+    StepError when nothing is left to train."""
+    from .models import load_tokenizer
+
+    ref, max_length = ws.inp.model, ws.training.max_seq_length
+    train_rows = data.read_jsonl(ws.workdir / "data" / "train.jsonl", "train")
+    eval_rows = data.read_jsonl(ws.workdir / "data" / "eval.jsonl", "eval")
     if not train_rows:
         raise StepError("data/train.jsonl holds no rows")
-
-    tokenizer = load_tokenizer(local, ref.chat_template, ref.base_model)
-    train_set, skipped = encode_rows(tokenizer, train_rows, training.max_seq_length)
-    eval_set, _ = encode_rows(tokenizer, eval_rows, training.max_seq_length)
+    tokenizer = load_tokenizer(ws.local, ref.chat_template, ref.base_model)
+    train_set, skipped = encode_rows(tokenizer, train_rows, max_length)
+    eval_set, _ = encode_rows(tokenizer, eval_rows, max_length)
     if not train_set:
-        raise StepError(f"every train row's response starts past maxSeqLength {training.max_seq_length}")
+        raise StepError(f"every train row's response starts past maxSeqLength {max_length}")
     if skipped:
-        log.warning("%d train rows skipped: their response starts past maxSeqLength %d", skipped, training.max_seq_length)
+        log.warning("%d train rows skipped: their response starts past maxSeqLength %d", skipped, max_length)
+    return tokenizer, train_set, eval_set
 
-    strategy = parallelism_for(local, ref, training, processes)
-    accumulation, batch_deviation = split_accumulation(training.gradient_accumulation_steps, processes)
+
+@dataclass
+class BuiltModel:
+    """The base model with its LoRA adapter, and how it trains."""
+
+    model: Any
+    parallelism: str  # single, ddp or fsdp
+    targets: list[str]  # the LoRA target modules
+    blocks: list[str] = field(default_factory=list)  # decoder block classes (FSDP's units)
+    forced: dict[str, str] = field(default_factory=dict)  # settings ftc had to change, and to what
+
+
+def build_model(ws: Workspace) -> BuiltModel:
+    """The base model loaded for `method` on this process's device (none under FSDP: it shards), with LoRA on
+    the target modules; the settings ftc had to change are recorded."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from .models import load_model, lora_config, resolve_targets
+    from .parallel import block_class_names, split_accumulation
+
+    ref, training = ws.inp.model, ws.training
+    strategy = parallelism_for(ws.local, ref, training, ws.processes)
     set_seed(training.seed)
-    model, forced = load_model(local, ref.method, training, ref.base_model, device=None if strategy == "fsdp" else "auto")
+    model, forced = load_model(ws.local, ref.method, training, ref.base_model, device=None if strategy == "fsdp" else "auto")
+    _, batch_deviation = split_accumulation(training.gradient_accumulation_steps, ws.processes)
     if batch_deviation:
         forced["gradientAccumulationSteps"] = batch_deviation
     # No KV cache in training, and it must be off for padding-free batches: transformers builds the
     # per-row (block-diagonal) attention mask from position_ids only when no cache is passed.
     model.config.use_cache = False
-    sharding = fsdp_arguments(model) if strategy == "fsdp" else {}
+    blocks = block_class_names(model) if strategy == "fsdp" else []
     targets = resolve_targets(model, ref.lora_target_modules or training.lora.target_modules or None)
-    model = get_peft_model(model, lora_config(training, targets))
-    cuda = has_cuda()
+    return BuiltModel(get_peft_model(model, lora_config(training, targets)), strategy, targets, blocks, forced)
 
-    has_eval = bool(eval_set)
-    args = FtcTrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps or -1,
-        per_device_train_batch_size=training.per_device_batch_size,
-        per_device_eval_batch_size=training.per_device_batch_size,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler.value,
-        warmup_ratio=training.warmup_ratio,
-        weight_decay=training.weight_decay,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=training.eval_steps,
-        save_strategy="steps",
-        save_steps=training.save_steps,
-        save_total_limit=1,
-        logging_strategy="steps",
-        logging_steps=training.logging_steps,
-        seed=training.seed,
-        data_seed=training.seed,
-        bf16=bool(cuda and torch.cuda.is_bf16_supported()),
-        use_cpu=not cuda,
-        gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        include_num_input_tokens_seen="all" if training.packing else "non_padding",  # padding-free: all are real
-        remove_unused_columns=False,
-        prediction_loss_only=True,  # eval needs the loss only: never gather logits over the eval set
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **sharding,
-    )
+
+def make_trainer(
+    ws: Workspace,
+    model: Any,
+    args: TrainingArguments,
+    tokenizer: Any,
+    train_set: list[dict[str, list[int]]],
+    eval_set: list[dict[str, list[int]]],
+    cuda: bool,
+) -> tuple[Any, RunClock]:
+    """The Trainer with ftc's callbacks (progress from rank 0 only), and the clock of this run."""
+    from .loss import ResponseLossTrainer
+    from .progress import ProgressReporter, pod_patcher
+
     clock = RunClock()
-    callbacks: list[TrainerCallback] = [
+    callbacks = [
         StopWhenResumedAtTheEnd(),
-        EvalEveryEpochAndAtEnd(has_eval),
-        best,
-        CheckpointUploader(store, f"{model_prefix}/checkpoints", best),
+        EvalEveryEpochAndAtEnd(bool(eval_set)),
+        ws.best,
+        CheckpointUploader(ws.store, f"{ws.model_prefix}/checkpoints", ws.best),
         clock,
     ]
-    if main:  # progress comes from rank 0
+    if ws.main:  # progress comes from rank 0
         callbacks.append(ProgressReporter(pod_patcher()))
     trainer = ResponseLossTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set or None,
-        data_collator=make_collator(tokenizer, training.packing, pad_to_multiple_of=8 if cuda else None),
+        data_collator=make_collator(tokenizer, ws.training.packing, pad_to_multiple_of=8 if cuda else None),
         callbacks=callbacks,
     )
-    best.save = adapter_saver(trainer, main)
+    ws.best.save = adapter_saver(trainer, ws.main)
+    return trainer, clock
+
+
+def fit(ws: Workspace, trainer: Any, clock: RunClock) -> None:
+    """Train (resuming from the checkpoint, if any); a CUDA out-of-memory is bad input (the same batch runs out
+    again), a checkpoint upload that failed past the client's retries is a storage failure."""
+    import torch
+    from ftc_step.storage import StorageError
+
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=str(ws.checkpoint) if ws.checkpoint else None)
     except TrainingAlreadyComplete:  # the checkpoint's weights and log history are loaded: results from them
-        log.info("checkpoint step-%s is the last step: nothing left to train", resumed_step)
+        log.info("checkpoint step-%s is the last step: nothing left to train", ws.resumed_step)
         clock.tokens_at_start = clock.tokens_at_end = int(trainer.state.num_input_tokens_seen or 0)
     except torch.OutOfMemoryError as err:  # deterministic: the same batch runs out again on a retry
-        raise StepError(out_of_memory_message(torch, ref, training, err)) from err
+        raise StepError(out_of_memory_message(torch, ws.inp.model, ws.training, err)) from err
     except StorageError as err:  # a checkpoint upload failed after the client's own retries
-        raise storage_failure(err, loc.endpoint_url, "uploading a checkpoint") from err
+        raise storage_failure(err, ws.inp.location.endpoint_url, "uploading a checkpoint") from err
 
-    history = loss_history(trainer.state.log_history)
-    final_dir, best_dir = workdir / "adapter", workdir / "adapter-best"
-    best.save(final_dir)
+
+def results(ws: Workspace, built: BuiltModel, total_steps: int, history: list[LossPoint], clock: RunClock) -> TrainResult:
+    """The step's summary: speed, losses, the overfitting verdict, where the adapters are, what was forced."""
+    from .models import adapted_modules, trainable_parameters
+
+    loc, name = ws.inp.location, ws.inp.model.name
     trains = [p for p in history if p.train_loss is not None]
     evals = [p for p in history if p.eval_loss is not None]
     best_point = min(evals, key=lambda p: p.eval_loss) if evals else None  # type: ignore[arg-type, return-value]
     tokens_run = clock.tokens_at_end - clock.tokens_at_start
-    result = TrainResult(
+    return TrainResult(
         ok=True,
-        model=ref.name,
+        model=name,
         train_seconds=round(clock.seconds, 3),
         tokens_per_second=round(tokens_run / clock.seconds, 2) if clock.seconds > 0 else None,
         trained_tokens=clock.tokens_at_end,
-        trainable_parameters=trainable_parameters(model),
-        adapted_modules=adapted_modules(model),
+        trainable_parameters=trainable_parameters(built.model),
+        adapted_modules=adapted_modules(built.model),
         peak_memory_gib=peak_memory_gib(),
         final_train_loss=trains[-1].train_loss if trains else None,
         best_eval_loss=best_point.eval_loss if best_point else None,
         best_step=best_point.step if best_point else None,
         final_eval_loss=evals[-1].eval_loss if evals else None,
-        total_steps=trainer.state.global_step,
-        resumed_from_step=resumed_step,
-        overfitting=overfitting_verdict(history, training.overfitting),
-        adapter_uri=loc.uri(names.adapter_dir(ref.name)),
-        best_adapter_uri=loc.uri(names.adapter_dir(ref.name, best=True)),
-        metrics_uri=loc.uri(names.metrics_key(ref.name)),
-        forced=forced,
-        parallelism=strategy,
-        processes=processes,
+        total_steps=total_steps,
+        resumed_from_step=ws.resumed_step,
+        overfitting=overfitting_verdict(history, ws.training.overfitting),
+        adapter_uri=loc.uri(names.adapter_dir(name)),
+        best_adapter_uri=loc.uri(names.adapter_dir(name, best=True)),
+        metrics_uri=loc.uri(names.metrics_key(name)),
+        forced=built.forced,
+        parallelism=built.parallelism,
+        processes=ws.processes,
     )
-    if main:
-        if best.directory.is_dir():
-            shutil.copytree(best.directory, best_dir, dirs_exist_ok=True)
-        else:
-            shutil.copytree(final_dir, best_dir, dirs_exist_ok=True)
-        config_doc = inp.to_wire() | {"targetModules": targets, "forced": forced, "parallelism": strategy}
-        for directory in (final_dir, best_dir):
-            tokenizer.save_pretrained(directory)
-            (directory / CONFIG_FILE).write_text(json.dumps(config_doc, indent=1, sort_keys=True))
-        upload_results(store, model_prefix, final_dir, best_dir, history, result)
-    return result
+
+
+def save_results(
+    ws: Workspace,
+    built: BuiltModel,
+    tokenizer: Any,
+    final_dir: Path,
+    best_dir: Path,
+    history: list[LossPoint],
+    result: TrainResult,
+) -> None:
+    """Rank 0: both adapters with the tokenizer and the resolved config beside them, then the upload."""
+    if ws.best.directory.is_dir():
+        shutil.copytree(ws.best.directory, best_dir, dirs_exist_ok=True)
+    else:
+        shutil.copytree(final_dir, best_dir, dirs_exist_ok=True)
+    extra = {"targetModules": built.targets, "forced": built.forced, "parallelism": built.parallelism}
+    config_doc = ws.inp.to_wire() | extra
+    for directory in (final_dir, best_dir):
+        tokenizer.save_pretrained(directory)
+        (directory / CONFIG_FILE).write_text(json.dumps(config_doc, indent=1, sort_keys=True))
+    upload_results(ws.store, ws.model_prefix, final_dir, best_dir, history, result)
 
 
 class FtcTrainingArguments(TrainingArguments):
