@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ftc_api.spec import DatasetFormat, DatasetSpec, FieldMapping, LoraSpec, Method, SplitSpec, TrainingSpec
-from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, ModelRef, PrepareInput
+from ftc_api.steps import EXIT_BAD_INPUT, MAX_SUMMARY_BYTES, Location, MemoryEstimate, ModelRef, PreparedModel, PrepareInput
 from ftc_step.errors import StepError
 from ftc_step.storage import Storage
 from ftc_trainer import data
@@ -415,6 +416,96 @@ def test_model_that_cannot_fit_fails_the_step_with_numbers(
     by_name = {m["name"]: m for m in summary["models"]}
     assert by_name["llama-big"]["memory"]["fits"] and not by_name["mixtral-big"]["memory"]["fits"]
     assert Storage(endpoint_url=tiny_s3.endpoint_url).read_manifest(_location(tiny_s3, "prepare-too-big").uri("data")) is None
+
+
+def _estimate(total: float, available: float = 80.0) -> MemoryEstimate:
+    parts = {"weights_gib": total / 2, "lora_gib": 0.1, "activations_gib": total / 4}
+    return MemoryEstimate(**parts, total_gib=total, available_gib=available, fits=total <= available)
+
+
+FITS, TOO_BIG = _estimate(10.0), _estimate(120.0)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("models", "exclude", "error", "left_out"),
+    [
+        pytest.param({"a": FITS, "b": FITS}, False, None, [], id="all-fit"),
+        pytest.param({"a": FITS, "b": TOO_BIG}, False, r"^model b \(lora\) needs an estimated 120\.00 GiB", [], id="fail-fast"),
+        pytest.param({"a": FITS, "b": FITS, "c": TOO_BIG}, True, None, ["c"], id="excluded-two-remain"),
+        pytest.param({"a": FITS, "b": TOO_BIG}, True, r"would leave 1 of 2, and the comparison needs 2", [], id="too-few-remain"),
+        pytest.param({"a": TOO_BIG}, True, r"would leave 0 of 1, and the comparison needs 1", [], id="the-only-model"),
+        pytest.param(
+            {"a": FITS, "b": FITS, "c": TOO_BIG, "d": "cannot read the config"},
+            True,
+            r"^model c .*; model d: cannot read the config\. Use qlora",
+            [],
+            id="an-unreadable-model-still-fails",
+        ),
+    ],
+)
+def test_memory_verdict(models: dict[str, Any], exclude: bool, error: str | None, left_out: list[str]) -> None:
+    from ftc_trainer.prepare import memory_verdict
+
+    inp = PrepareInput(
+        dataset=DatasetSpec(source="/data.jsonl"),
+        location=Location(bucket="b", prefix="p"),
+        models=[ModelRef(name=name, base_model="/m", method=Method.LORA) for name in models],
+        exclude_failed_models=exclude,
+    )
+    prepared = [
+        PreparedModel(name=name, error=m) if isinstance(m, str) else PreparedModel(name=name, memory=m)
+        for name, m in models.items()
+    ]
+    verdict = memory_verdict(inp, prepared)
+    if error is None:
+        assert verdict.error is None
+    else:
+        assert verdict.error is not None and re.search(error, verdict.error), verdict.error
+    assert sorted(verdict.left_out) == left_out
+    for why in verdict.left_out.values():
+        assert why.startswith("left out of the comparison (evaluation.excludeFailedModels): model c (lora) needs")
+
+
+@pytest.mark.ml
+@pytest.mark.parametrize(
+    ("gpus", "exclude", "code"),
+    [
+        pytest.param({"llama": 80.0, "llama-small-gpu": 0.25}, False, EXIT_BAD_INPUT, id="fails-fast-by-default"),
+        pytest.param({"llama": 80.0, "llama-2": 80.0, "llama-small-gpu": 0.25}, True, 0, id="excluded-the-others-go-on"),
+        pytest.param({"llama": 80.0, "llama-small-gpu": 0.25}, True, EXIT_BAD_INPUT, id="excluded-but-too-few-remain"),
+    ],
+)
+def test_a_model_that_does_not_fit_fails_prepare_unless_it_may_be_left_out(
+    gpus: dict[str, float], exclude: bool, code: int, tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loc = _location(tiny_s3, f"prepare-no-fit-{len(gpus)}-{exclude}")
+    doc = PrepareInput(
+        dataset=DatasetSpec(source=tiny_s3.dataset),
+        location=loc,
+        models=[ModelRef(name=n, base_model=tiny_s3.llama, method=Method.LORA, gpu_memory_gib=g) for n, g in gpus.items()],
+        training=TrainingSpec(lora=LoraSpec(r=8), max_seq_length=64, per_device_batch_size=2),
+        exclude_failed_models=exclude,
+    ).to_wire()
+
+    got, summary = _run_cli(tmp_path, monkeypatch, doc)
+
+    assert got == code, summary
+    by_name = {m["name"]: m for m in summary["models"]}
+    small = by_name["llama-small-gpu"]["memory"]
+    assert not small["fits"] and small["availableGib"] == 0.25 and small["totalGib"] > 0.25
+    assert all(by_name[n]["memory"]["fits"] for n in gpus if n != "llama-small-gpu")
+    manifest = Storage(endpoint_url=tiny_s3.endpoint_url).read_manifest(loc.uri("data"))
+    if code == 0:  # the data is written; the operator gives llama-small-gpu no train Job (DoesNotFitGPU)
+        assert summary["ok"] and manifest is not None
+        assert by_name["llama-small-gpu"]["error"].startswith("left out of the comparison (evaluation.excludeFailedModels)")
+        assert "llama-small-gpu (lora) needs an estimated" in by_name["llama-small-gpu"]["error"]
+        assert all("error" not in by_name[n] for n in gpus if n != "llama-small-gpu")
+    else:  # fail fast, naming the model, its estimate and the GPU
+        assert not summary["ok"] and manifest is None
+        assert summary["error"].startswith("model llama-small-gpu (lora) needs an estimated ")
+        assert "but one GPU of its placement has 0.25 GiB" in summary["error"] and "model llama " not in summary["error"]
+        assert ("would leave 1 of 2" in summary["error"]) is exclude
 
 
 # Older Mistral Instruct templates refuse a system turn with raise_exception().

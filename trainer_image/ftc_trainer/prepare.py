@@ -2,14 +2,21 @@
 
 Writes `data/{train,eval,test}.jsonl` then, last, `data/manifest.json` (counts, drops, sha256 of each
 split). The same inputs give byte-identical splits. Per model: the pre-flight memory estimate
-(`memory.py`) and token counts per split under its own tokenizer. A model that cannot fit its GPU
-fails the step with the numbers.
+(`memory.py`) and token counts per split under its own tokenizer.
+
+A model that cannot be read fails the step. A model that cannot fit its GPU fails it too, with the numbers
+(fail fast: no GPU time is spent on a comparison that cannot finish), unless the input says
+`excludeFailedModels` (the spec's evaluation.excludeFailedModels) and enough models would remain (two, or
+the only one): then prepare succeeds and reports that model with `fits: false`; the operator gives it no
+train Job (DoesNotFitGPU) while the others go on. :func:`memory_verdict` decides, purely.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +46,22 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     result = PrepareResult(ok=True, counts=counts, dropped=dict(cleaned.dropped), examples=dict(cleaned.examples))
 
     # Stage hub models once (train and evaluate read only the staged copies), then check every model before
-    # uploading the data: a model that cannot be read or cannot fit fails the step.
+    # uploading the data: a model that cannot be read or cannot fit fails the step (see memory_verdict).
     staged = stage_hub_models(inp, store, workdir)
-    failures: list[str] = []
-    too_big = False
     for ref in inp.models:
         copy = staged.get((ref.base_model, ref.revision))
         prepared = check_model(ref.model_copy(update={"base_model": copy.uri}) if copy else ref, inp, store, rows, order)
         if copy is not None:
             prepared.staged_uri, prepared.revision = copy.uri, copy.revision
         result.models.append(prepared)
-        if prepared.error:
-            failures.append(f"model {ref.name}: {prepared.error}")
-        elif prepared.memory is not None and not prepared.memory.fits:
-            from .memory import describe
-
-            failures.append(describe(ref.name, ref.method, prepared.memory))
-            too_big = True
-    if failures:
+    verdict = memory_verdict(inp, result.models)
+    if verdict.error:
         # Raised, not returned: a model that cannot be read or cannot fit is bad input (exit 2, no retry).
-        hint = " Use qlora, more or larger GPUs (placement), or a smaller batch or sequence." if too_big else ""
-        raise StepError("; ".join(failures) + "." + hint, result=result)
+        raise StepError(verdict.error, result=result)
+    for prepared in result.models:
+        if prepared.name in verdict.left_out:
+            prepared.error = verdict.left_out[prepared.name]
+            log.warning("%s", prepared.error)
 
     out = workdir / "data"
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,60 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     result.manifest_uri = manifest.uri
     result.dataset_sha256 = manifest.content_sha256  # the same data gives the same hash, whenever written
     return result
+
+
+def models_needed(count: int) -> int:
+    """How many of a comparison's `count` models must train for it to go on: two, or the only one. The
+    operator's planner holds the same rule (planning._train); both should read one function of ftc_api."""
+    return min(2, count)
+
+
+def exclude_failed_models(inp: PrepareInput) -> bool:
+    """Whether a model that cannot fit its GPU is left out (True) instead of failing prepare: the spec's
+    evaluation.excludeFailedModels, which the operator copies into the prepare input."""
+    return bool(inp.exclude_failed_models)
+
+
+@dataclass(frozen=True)
+class MemoryVerdict:
+    """What prepare makes of its checks: the error to fail with, or the models left out (name -> why)."""
+
+    error: str | None = None
+    left_out: dict[str, str] = field(default_factory=dict)
+
+
+NO_FIT_HINT = "Use qlora, more or larger GPUs (placement), or a smaller batch or sequence."
+
+
+def memory_verdict(inp: PrepareInput, prepared: Sequence[PreparedModel]) -> MemoryVerdict:
+    """Pure. A model that could not be checked fails prepare; so does one that cannot fit its GPU, unless the
+    input asks to leave such models out (excludeFailedModels) and at least `models_needed` models fit."""
+    from .memory import describe
+
+    methods = {ref.name: ref.method for ref in inp.models}
+    problems: list[str] = []  # in the models' order
+    too_big: dict[str, str] = {}
+    for p in prepared:
+        if p.error:
+            problems.append(f"model {p.name}: {p.error}")
+        elif p.memory is not None and not p.memory.fits:
+            too_big[p.name] = describe(p.name, methods[p.name], p.memory)
+            problems.append(too_big[p.name])
+    if not problems:
+        return MemoryVerdict()
+    needed, remaining = models_needed(len(prepared)), len(prepared) - len(problems)
+    if len(problems) == len(too_big) and exclude_failed_models(inp) and remaining >= needed:
+        why = "left out of the comparison (evaluation.excludeFailedModels): "
+        return MemoryVerdict(left_out={name: why + text for name, text in too_big.items()})
+    message = "; ".join(problems) + "."
+    if too_big:
+        message += " " + NO_FIT_HINT
+        if exclude_failed_models(inp) and len(problems) == len(too_big):  # too few would remain
+            message += (
+                f" Leaving out the models that do not fit (evaluation.excludeFailedModels) would leave {remaining} "
+                f"of {len(prepared)}, and the comparison needs {needed}."
+            )
+    return MemoryVerdict(error=message)
 
 
 def stage_hub_models(inp: PrepareInput, store: Any, workdir: Path) -> dict[tuple[str, str | None], Any]:
