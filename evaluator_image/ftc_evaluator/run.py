@@ -202,7 +202,7 @@ class Evaluation:
         loaded = None
         try:
             loaded = load_model(
-                self.base_model(run.spec.model.base_model),
+                self.base_model(run.spec.model.weights),  # the staged copy of a hub model, else baseModel
                 adapter_dir,
                 method=run.spec.model.method.value,
                 quantization=self.inp.quantization,

@@ -271,7 +271,7 @@ def download_inputs(ws: Workspace) -> None:
             ws.store.download_verified(data_uri, ws.workdir / "data")
         except StorageError as err:
             raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
-    ws.local = fetch_model(ws.inp.model.base_model, ws.store)
+    ws.local = fetch_model(ws.inp.model.weights, ws.store)  # the staged copy of a hub model, else baseModel
     if ws.main:
         ws.checkpoint, ws.resumed_step = find_checkpoint(ws.store, f"{ws.model_prefix}/checkpoints", ws.output_dir)
         if ws.checkpoint is not None:
