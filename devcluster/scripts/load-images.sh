@@ -157,12 +157,38 @@ for address in "${targets[@]}"; do drop_stale_ids; done
 # importing them. Where the disk holding containerd's roots is short of that, the old versions of the
 # images to import go first (their shared layers are then imported again: slower, but it fits); where it is
 # short even then, say so.
-need_gib=0
-for tag in "${todo[@]}"; do
-  need_gib=$((need_gib + 2 * $(dk image inspect -f '{{.Size}}' "$tag") / 1073741824 + 1))
-done
-need_gib=$((need_gib * ${#targets[@]}))
-free_gib() { df --output=avail -BG "${FTC_CACHE:-$HOME/.cache/ftc}" 2>/dev/null | tail -1 | tr -dc 0-9; }
+# The bytes of the images to import, a layer shared between them counted once (the step images share the
+# step base's ~5.5 GB): a layer is named by its place in its image's history (the rows up to it).
+stream_bytes() {
+  local tag
+  for tag in "$@"; do
+    echo "#image"
+    dk history --no-trunc --human=false --format '{{.Size}} {{.CreatedBy}}' "$tag" | tac
+  done | python3 -c '
+import sys
+seen, total, chain = set(), 0, ()
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if line == "#image":
+        chain = ()
+        continue
+    chain = chain + (line,)
+    if chain not in seen:
+        seen.add(chain)
+        total += int(line.split(" ", 1)[0])
+print(total)
+'
+}
+bytes="$(stream_bytes "${todo[@]}")"
+per_node_gib=$((2 * bytes / 1073741824 + 1))
+need_gib=$((per_node_gib * ${#targets[@]}))
+# All nodes at once where the disk holds that; one node after the other where it holds only one import.
+together=1
+if (($(free_gib) < need_gib && ${#targets[@]} > 1 && $(free_gib) >= per_node_gib)); then
+  together=0
+  log "$(free_gib) GiB free: importing into one node after the other (all at once may need up to $need_gib GiB)"
+  need_gib=$per_node_gib
+fi
 if (($(free_gib) < need_gib)); then
   for address in "${targets[@]}"; do
     for tag in "${todo[@]}"; do
@@ -185,49 +211,55 @@ for address in "${targets[@]}"; do
     if c images tag --force "$tag" "$keep" >/dev/null 2>&1; then kept+=("$address=$keep"); fi
   done
 done
-bytes=0
-for tag in "${todo[@]}"; do bytes=$((bytes + $(dk image inspect -f '{{.Size}}' "$tag"))); done
 # One stream: `docker save` of every image to import (shared layers once), tee'd into one `ctr images import`
 # per node (FIFOs), which unpack side by side; ctr unpacks the images of one archive one after the other
 # (containerd 1.6 unpacking two images that share layers at once in ONE containerd can fail with "parent
 # snapshot ... does not exist"). An import that fails anyway is tried again for the nodes that lack it.
 fifo_dir="$(mktemp -d)"
 trap 'rm -rf "$fifo_dir"; ftc_docker_stop' EXIT
-for attempt in 1 2 3; do
-  log "importing ${todo[*]} (~$((bytes / 1000000)) MB) into ${#targets[@]} node(s): ${targets[*]} (namespace k8s.io, $SNAPSHOTTER; attempt $attempt)"
-  pids=()
-  fifos=()
-  for i in "${!targets[@]}"; do
-    fifo="$fifo_dir/node-$attempt-$i"
-    mkfifo "$fifo"
-    fifos+=("$fifo")
-    ctr --address "${targets[$i]}" -n k8s.io images import --snapshotter "$SNAPSHOTTER" - <"$fifo" >/dev/null &
-    pids+=($!)
-  done
-  # A progress line every 30 s while the stream runs (an import of several GB is minutes of silence otherwise).
-  ( while sleep 30; do log "  still importing ($((SECONDS - t)) s; $(free_gib) GiB free)"; done ) &
-  ticker=$!
-  dk save "${todo[@]}" | tee -p "${fifos[@]}" >/dev/null || true
-  failed=()
-  for i in "${!targets[@]}"; do
-    wait "${pids[$i]}" || true
-    address="${targets[$i]}"
-    for tag in "${todo[@]}"; do
-      if ! is_loaded "$tag" "${ids[$tag]}"; then failed+=("$address"); break; fi
+import_into() {
+  local targets=("$@") attempt i fifo pids fifos failed ticker
+  for attempt in 1 2 3; do
+    log "importing ${todo[*]} (~$((bytes / 1000000)) MB) into ${#targets[@]} node(s): ${targets[*]} (namespace k8s.io, $SNAPSHOTTER; attempt $attempt)"
+    pids=()
+    fifos=()
+    for i in "${!targets[@]}"; do
+      fifo="$(mktemp -u "$fifo_dir/node.XXXXXX")"
+      mkfifo "$fifo"
+      fifos+=("$fifo")
+      ctr --address "${targets[$i]}" -n k8s.io images import --snapshotter "$SNAPSHOTTER" - <"$fifo" >/dev/null &
+      pids+=($!)
     done
+    # A progress line every 30 s while the stream runs (an import of several GB is minutes of silence otherwise).
+    ( while sleep 30; do log "  still importing ($((SECONDS - t)) s; $(free_gib) GiB free)"; done ) &
+    ticker=$!
+    dk save "${todo[@]}" | tee -p "${fifos[@]}" >/dev/null || true
+    failed=()
+    for i in "${!targets[@]}"; do
+      wait "${pids[$i]}" || true
+      address="${targets[$i]}"
+      for tag in "${todo[@]}"; do
+        if ! is_loaded "$tag" "${ids[$tag]}"; then failed+=("$address"); break; fi
+      done
+    done
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    if ((${#failed[@]} == 0)); then
+      break
+    fi
+    if ((attempt == 3)); then
+      echo "error: ${todo[*]} could not be imported into ${failed[*]}, unpacked in $SNAPSHOTTER ($(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc})" >&2
+      exit 1
+    fi
+    log "not imported into ${failed[*]} (attempt $attempt); trying again"
+    targets=("${failed[@]}")
   done
-  kill "$ticker" 2>/dev/null || true
-  wait "$ticker" 2>/dev/null || true
-  if ((${#failed[@]} == 0)); then
-    break
-  fi
-  if ((attempt == 3)); then
-    echo "error: ${todo[*]} could not be imported into ${failed[*]}, unpacked in $SNAPSHOTTER ($(free_gib) GiB free under ${FTC_CACHE:-$HOME/.cache/ftc})" >&2
-    exit 1
-  fi
-  log "not imported into ${failed[*]} (attempt $attempt); trying again"
-  targets=("${failed[@]}")
-done
+}
+if ((together)); then
+  import_into "${targets[@]}"
+else
+  for address in "${targets[@]}"; do import_into "$address"; done
+fi
 log "imported ${#todo[@]} image(s) into ${#addresses[@]} node(s) in $((SECONDS - t)) s"
 for entry in "${kept[@]}"; do
   address="${entry%%=*}"
