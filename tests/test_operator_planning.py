@@ -561,14 +561,16 @@ def test_a_hub_model_staged_by_prepare_is_what_train_and_evaluate_read_and_its_c
 
     first = run([prep], spec_doc=doc)
     inputs = {c.model: TrainInput.model_validate_json(c.input_json) for c in first.creates}
-    assert inputs["llama"].model.base_model == staged and inputs["mixtral"].model.base_model == "s3://ftc/assets/mixtral"
+    assert (inputs["llama"].model.base_model, inputs["llama"].model.weights_uri) == ("meta-llama/Llama-2-7b-hf", staged)
+    assert inputs["llama"].model.weights == staged  # what train loads
+    assert (inputs["mixtral"].model.weights_uri, inputs["mixtral"].model.weights) == (None, "s3://ftc/assets/mixtral")
     llama = next(m for m in first.status.models if m.name == "llama")
     assert (llama.staged_base_model, llama.base_model_revision) == (staged, "a" * 40)
 
     # the prepare Job is gone (TTL): the status keeps the copy and the commit; evaluate reads the copy too
     later = run(TRAIN_OK, status=first.status, spec_doc=doc)
     ev = EvaluateInput.model_validate_json(later.creates[0].input_json)
-    assert {m.model.name: m.model.base_model for m in ev.models}["llama"] == staged
+    assert {m.model.name: m.model.weights for m in ev.models}["llama"] == staged
     assert next(m for m in later.status.models if m.name == "llama").base_model_revision == "a" * 40
     for st in (first.status, later.status):  # the fairness record names the commit too
         assert {m.name: m.revision for m in st.fairness.models} == {"llama": "a" * 40, "mixtral": None}

@@ -30,13 +30,15 @@ def location(spec: FineTuneComparisonSpec, owner: Owner) -> Location:
 
 
 def model_ref(spec: FineTuneComparisonSpec, model: ModelSpec, config: OperatorConfig, staged: str | None = None) -> ModelRef:
-    """What a step knows of `model`; `staged`: the S3 copy prepare made of a hub model, read instead of the hub."""
+    """What a step knows of `model`; `staged`: the S3 copy prepare made of a hub model (weightsUri), which train
+    and evaluate read instead of the hub; baseModel stays what the spec names."""
     training = effective_training(spec, model)
     place = effective_placement(config, spec, model)
     return ModelRef(
         name=model.name,
-        base_model=staged or model.base_model,
+        base_model=model.base_model,
         revision=model.revision,
+        weights_uri=staged,
         method=model.method,
         lora_target_modules=model.lora_target_modules,
         chat_template=model.chat_template,

@@ -50,7 +50,7 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     staged = stage_hub_models(inp, store, workdir)
     for ref in inp.models:
         copy = staged.get((ref.base_model, ref.revision))
-        prepared = check_model(ref.model_copy(update={"base_model": copy.uri}) if copy else ref, inp, store, rows, order)
+        prepared = check_model(ref.model_copy(update={"weights_uri": copy.uri}) if copy else ref, inp, store, rows, order)
         if copy is not None:
             prepared.staged_uri, prepared.revision = copy.uri, copy.revision
         result.models.append(prepared)
@@ -171,7 +171,7 @@ def check_model(ref: ModelRef, inp: PrepareInput, store: Any, rows: data.Spool, 
 
     prepared = PreparedModel(name=ref.name)
     try:
-        local = fetch_model(ref.base_model, store, weights=False)
+        local = fetch_model(ref.weights, store, weights=False)
         config = load_config(local, ref.base_model)
     except StepError as err:
         prepared.error = str(err)
