@@ -177,6 +177,14 @@ def test_new_comparison_prepare_input_is_the_rendered_document():
     assert conditions(p)["Prepared"] == ("Unknown", "JobCreated")
 
 
+@pytest.mark.parametrize("exclude", [False, True], ids=["fail-fast", "exclude"])
+def test_prepare_input_carries_whether_a_model_that_does_not_fit_may_be_left_out(exclude: bool):
+    doc = spec()
+    doc["evaluation"]["excludeFailedModels"] = exclude
+    p = run([], spec_doc=doc)
+    assert PrepareInput.model_validate_json(p.creates[0].input_json).exclude_failed_models is exclude
+
+
 def test_train_inputs_carry_effective_per_model_overrides():
     doc = spec()
     doc["models"][1]["training"] = {"perDeviceBatchSize": 1, "learningRate": 0.0001}

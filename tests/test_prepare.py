@@ -501,11 +501,36 @@ def test_a_model_that_does_not_fit_fails_prepare_unless_it_may_be_left_out(
         assert by_name["llama-small-gpu"]["error"].startswith("left out of the comparison (evaluation.excludeFailedModels)")
         assert "llama-small-gpu (lora) needs an estimated" in by_name["llama-small-gpu"]["error"]
         assert all("error" not in by_name[n] for n in gpus if n != "llama-small-gpu")
+        _the_planner_leaves_it_out(summary, gpus)
     else:  # fail fast, naming the model, its estimate and the GPU
         assert not summary["ok"] and manifest is None
         assert summary["error"].startswith("model llama-small-gpu (lora) needs an estimated ")
         assert "but one GPU of its placement has 0.25 GiB" in summary["error"] and "model llama " not in summary["error"]
         assert ("would leave 1 of 2" in summary["error"]) is exclude
+
+
+def _the_planner_leaves_it_out(summary: dict[str, Any], gpus: dict[str, float]) -> None:
+    """The real prepare's result, as the operator reads it from the prepare Job: the models that fit get their
+    train Jobs, the one that does not gets none and is Failed with DoesNotFitGPU, named in status."""
+    import datetime as dt
+
+    from ftc_operator.comparison import Owner, parse_spec
+    from ftc_operator.config import OperatorConfig
+    from ftc_operator.observe import JobState, ObservedJob
+    from ftc_operator.planning import plan
+
+    spec = {
+        "models": [{"name": n, "baseModel": "s3://ftc/assets/tiny-llama"} for n in gpus],
+        "dataset": {"source": "s3://ftc/assets/data/train.jsonl"},
+        "storage": {"bucket": "ftc", "credentialsSecretRef": {"name": "ftc-s3"}},
+        "evaluation": {"judge": {"baseUrl": "https://judge.example/v1"}, "excludeFailedModels": True},
+    }
+    prep = ObservedJob(name="c-prepare", step="prepare", model=None, state=JobState.SUCCEEDED, result=json.dumps(summary))
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    p = plan(parse_spec(spec), None, [prep], now, owner=Owner("c", "ns", "u" * 16, 1), config=OperatorConfig())
+    assert sorted(c.model for c in p.creates if c.step == "train") == sorted(n for n in gpus if n != "llama-small-gpu")
+    small = next(m for m in p.status.models if m.name == "llama-small-gpu")
+    assert small.phase.value == "Failed" and (small.message or "").startswith("DoesNotFitGPU"), small
 
 
 # Older Mistral Instruct templates refuse a system turn with raise_exception().

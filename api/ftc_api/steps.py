@@ -91,6 +91,12 @@ class Location(ApiModel):
         return "/".join([self.prefix, *[p.strip("/") for p in parts if p]])
 
 
+def models_needed(count: int) -> int:
+    """How many of a comparison's `count` models must train for it to go on: two, or the only one (the
+    operator's planner and prepare's does-not-fit rule read this one rule)."""
+    return min(2, count)
+
+
 class ModelRef(ApiModel):
     """What a step needs to know about one model."""
 

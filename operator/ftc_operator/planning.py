@@ -39,7 +39,7 @@ from ftc_api.status import (
     TokenCounts,
     Verdict,
 )
-from ftc_api.steps import EvaluateResult, PrepareResult, StepKind, TrainResult
+from ftc_api.steps import EvaluateResult, PrepareResult, StepKind, TrainResult, models_needed
 from pydantic import BaseModel, ValidationError
 
 from .comparison import InvalidSpec, Owner
@@ -302,7 +302,7 @@ def _train(p: Pass) -> Phase | None:
     if running:
         p.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, f"{done}/{n} trained, {running} training")
         return Phase.TRAINING
-    needed = min(2, n)
+    needed = models_needed(n)
     failed_text = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
     if done < needed:
         msg = f"{done}/{n} models trained, need at least {needed}" + (f"; failed: {failed_text}" if failed_text else "")

@@ -56,6 +56,7 @@ def prepare_input(spec: FineTuneComparisonSpec, config: OperatorConfig, loc: Loc
         location=loc,
         models=[model_ref(spec, m, config) for m in spec.models],
         training=spec.training,
+        exclude_failed_models=spec.evaluation.exclude_failed_models,
     )
 
 

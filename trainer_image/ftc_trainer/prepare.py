@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ftc_api import names
-from ftc_api.steps import ModelRef, PreparedModel, PrepareInput, PrepareResult
+from ftc_api.steps import ModelRef, PreparedModel, PrepareInput, PrepareResult, models_needed
 from ftc_step.errors import StepError
 
 from . import data
@@ -92,12 +92,6 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     result.manifest_uri = manifest.uri
     result.dataset_sha256 = manifest.content_sha256  # the same data gives the same hash, whenever written
     return result
-
-
-def models_needed(count: int) -> int:
-    """How many of a comparison's `count` models must train for it to go on: two, or the only one. The
-    operator's planner holds the same rule (planning._train); both should read one function of ftc_api."""
-    return min(2, count)
 
 
 def exclude_failed_models(inp: PrepareInput) -> bool:
