@@ -172,7 +172,13 @@ class PreparedModel(ApiModel):
     name: str = Field(description="name: the model.")
     memory: MemoryEstimate | None = Field(default=None, description="memory: pre-flight estimate.")
     token_counts: dict[str, int] = Field(default_factory=dict, description="tokenCounts: tokens per split.")
-    error: str | None = Field(default=None, description="error: why the model could not be checked.")
+    error: str | None = Field(
+        default=None,
+        description=(
+            "error: why the model could not be checked, or why it was left out (it does not fit its GPU and "
+            "evaluation.excludeFailedModels is set: fits is false and the step succeeds)."
+        ),
+    )
     staged_uri: str | None = Field(
         default=None, description="stagedUri: the S3 copy of a hub model (with a manifest) that train and evaluate read."
     )
