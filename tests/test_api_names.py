@@ -78,7 +78,7 @@ HOSTILE = {
 def test_a_storage_prefix_that_could_leave_its_place_is_refused_naming_the_field(prefix: str) -> None:
     from ftc_api.spec import validation_errors
 
-    spec = {
+    spec: dict[str, object] = {
         "models": [{"name": "a", "baseModel": "x"}, {"name": "b", "baseModel": "y"}],
         "dataset": {"source": "s3://ftc/d.jsonl"},
         "storage": {"bucket": "ftc", "prefix": prefix},
@@ -111,7 +111,7 @@ def test_the_readme_states_how_many_hostile_prefixes_and_names_are_tried() -> No
 def test_model_names_that_are_not_dns_labels_are_refused(name: str) -> None:
     from ftc_api.spec import validation_errors
 
-    spec = {
+    spec: dict[str, object] = {
         "models": [{"name": name, "baseModel": "x"}, {"name": "b", "baseModel": "y"}],
         "dataset": {"source": "s3://ftc/d.jsonl"},
         "storage": {"bucket": "ftc"},

@@ -58,8 +58,9 @@ def test_honest_judge_ranks_better_answers_higher(openai_server):
     judge = judge_for(openai_server)
     good, close, bad = asyncio.run(judge.grade(items(GOOD, CLOSE, BAD)))
     assert good.rating == 10.0
+    assert bad.rating is not None and close.rating is not None and good.rating is not None
     assert bad.rating < close.rating < good.rating
-    assert "[[" in good.rationale
+    assert good.rationale is not None and "[[" in good.rationale
     assert judge.usage.calls == 3 and judge.usage.prompt_tokens > 0 and judge.usage.missing == 0
 
 
@@ -92,7 +93,7 @@ def test_an_answer_that_never_gets_a_parseable_reply_is_missing_not_scored(opena
     good, bad = asyncio.run(judge.grade(items(GOOD, BAD)))
     assert good.rating == 10.0
     assert bad.rating is None
-    assert "unparseable" in bad.error and bad.attempts == 3
+    assert bad.error is not None and "unparseable" in bad.error and bad.attempts == 3
     assert judge.usage.missing == 1
     assert judge.usage.errors["unparseable"] == 3
 
@@ -102,7 +103,7 @@ def test_a_server_that_always_fails_gives_missing_judgments_and_no_crash(openai_
     judge = judge_for(openai_server, max_retries=1)
     judgments = asyncio.run(judge.grade(items(GOOD, CLOSE)))
     assert [j.rating for j in judgments] == [None, None]
-    assert all("gave up after 2 attempts" in j.error for j in judgments)
+    assert all(j.error is not None and "gave up after 2 attempts" in j.error for j in judgments), judgments
 
 
 def test_a_bad_request_for_one_item_is_missing_and_not_retried(openai_server):
@@ -111,6 +112,7 @@ def test_a_bad_request_for_one_item_is_missing_and_not_retried(openai_server):
     first, second = asyncio.run(judge.grade(items(GOOD, GOOD)))
     assert sorted([first.rating, second.rating], key=lambda r: r is None) == [10.0, None]
     missing = first if first.rating is None else second
+    assert missing.error is not None
     assert missing.attempts == 1 and "BadRequestError" in missing.error
 
 
@@ -132,7 +134,7 @@ def test_budget_stops_judging_and_says_so(openai_server):
     judge = Judge(config, budget=budget)
     judgments = asyncio.run(judge.grade(items(*[GOOD] * 8)))
     assert sum(j.rating is not None for j in judgments) == 3
-    assert all("budget" in j.error for j in judgments if j.rating is None)
+    assert all(j.error is not None and "budget" in j.error for j in judgments if j.rating is None), judgments
     assert budget.exhausted and len(openai_server.judge_requests()) == 3
 
 

@@ -37,11 +37,13 @@ def test_every_metric_ranks_answers_by_agreement_with_the_reference(llm_and_embe
     assert scored.errors == {}
     for name in names:
         exact, partial, wrong, empty = scored.values[name]
+        assert exact is not None and partial is not None and wrong is not None, (name, scored.values[name])
         assert exact == pytest.approx(1.0, abs=1e-6), name
         assert empty == 0.0, name
         assert exact >= partial >= wrong, name
     for name in ("answer_correctness", "factual_correctness", "semantic_similarity", "rouge", "chrf"):
         exact, partial, wrong, _ = scored.values[name]
+        assert partial is not None and wrong is not None, (name, scored.values[name])
         assert partial > wrong, name
 
 

@@ -118,13 +118,16 @@ def test_the_better_trained_model_wins_with_a_significant_p_value(trained, opena
     assert result.p_value is not None and result.p_value < 0.01
     by_model = {m.model: {s.metric: s for s in m.scores} for m in result.models}
     strong, weak = by_model["strong"]["judge"], by_model["weak"]["judge"]
+    assert strong.mean is not None and weak.mean is not None and strong.ci_low is not None and weak.ci_high is not None
     assert strong.mean > weak.mean
     assert strong.ci_low > weak.ci_high  # not even the intervals overlap
     assert strong.n == weak.n == TEST_ROWS and strong.missing == weak.missing == 0
-    assert by_model["strong"]["rouge"].mean > by_model["weak"]["rouge"].mean
+    strong_rouge, weak_rouge = by_model["strong"]["rouge"].mean, by_model["weak"]["rouge"].mean
+    assert strong_rouge is not None and weak_rouge is not None and strong_rouge > weak_rouge
     assert result.judge_calls == 2 * TEST_ROWS and result.judge_missing == 0
 
     store = Storage.for_location(location)
+    assert result.scores_uri is not None and result.report_uri is not None
     scores = json.loads(store.read_text(result.scores_uri))
     assert scores["winner"] == "strong" and set(scores["pairwise"]) >= {"judge", "rouge"}
     predictions = store.read_text(location.uri("eval", "strong", "predictions.jsonl")).splitlines()
@@ -162,6 +165,7 @@ def test_two_identical_models_tie_and_a_rerun_reuses_predictions_and_judgments(t
     again = evaluate(inp, workdir=tmp_path / "second")  # a restarted pod: nothing is paid or generated twice
     assert again.winner == "tie" and again.judge_calls == 0
     assert len(openai_server.judge_requests()) == calls
+    assert again.scores_uri is not None
     scores = json.loads(Storage.for_location(location).read_text(again.scores_uri))
     assert all(m["generation"].get("reused") for m in scores["models"])
 
@@ -203,6 +207,7 @@ def test_judge_failures_end_in_retries_and_missing_counts_never_in_made_up_score
     assert result.judge_missing == 2 * additions
     assert result.winner == "strong"
 
+    assert result.scores_uri is not None and result.report_uri is not None
     scores = json.loads(store.read_text(result.scores_uri))
     main, second = scores["judges"]
     assert main["model"] == "strict-judge" and main["missing"] == 2 * additions
@@ -285,7 +290,8 @@ def test_cli_with_ragas_metrics_writes_a_small_summary(trained, openai_server, t
     assert all(m.checkpoint == "final" for m in result.models)
     for metric in ("answer_correctness", "factual_correctness", "semantic_similarity", "rouge"):
         assert strong[metric].n == 16 and strong[metric].missing == 0, metric
-        assert strong[metric].mean >= weak[metric].mean, metric
+        strong_mean, weak_mean = strong[metric].mean, weak[metric].mean
+        assert strong_mean is not None and weak_mean is not None and strong_mean >= weak_mean, metric
     json_requests = [r for r in openai_server.chat_requests() if "response_format" in r["body"]]
     assert json_requests  # ragas' LLM metrics went to the judge endpoint over HTTP
 

@@ -146,6 +146,7 @@ def read_png(path: Path) -> tuple[int, int, list[bytes]]:
         elif kind == b"IDAT":
             idat += body
         pos += 12 + length
+    assert header is not None, f"{path}: no IHDR chunk"
     width, height, depth, colour = header[:4]
     assert depth == 8 and colour in (2, 6)
     channels = 3 if colour == 2 else 4

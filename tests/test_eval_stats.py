@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
+import ftc_evaluator.stats as stats
 import numpy as np
 import pytest
-from ftc_evaluator import stats
 
 pytestmark = pytest.mark.unit
 
@@ -15,6 +15,7 @@ def test_interval_of_a_normal_sample_matches_theory():
     rng = np.random.default_rng(0)
     sample = rng.normal(5.0, 2.0, size=400)
     ci = stats.mean_ci(list(sample), seed=1)
+    assert ci.low is not None and ci.high is not None, ci
     assert ci.low < 5.0 < ci.high
     theory = 2 * 1.959964 * 2.0 / math.sqrt(400)  # width of the normal-theory 95% interval with sigma known
     assert ci.high - ci.low == pytest.approx(theory, rel=0.15)
@@ -28,6 +29,7 @@ def test_interval_covers_the_true_mean_about_95_percent_of_the_time():
     for trial in range(trials):
         sample = rng.exponential(1.0, size=60)  # skewed: what BCa is for; true mean 1
         ci = stats.mean_ci(list(sample), resamples=999, seed=trial)
+        assert ci.low is not None and ci.high is not None, ci
         covered += ci.low <= 1.0 <= ci.high
     assert 0.87 <= covered / trials <= 0.99
 
@@ -81,6 +83,7 @@ def test_paired_test_sees_a_consistent_small_lead_an_unpaired_view_would_miss():
     test = stats.paired_test("a", list(a), "b", list(b), seed=2)
     assert test.p_value < 0.001
     assert test.wilcoxon_p is not None and test.wilcoxon_p < 0.001
+    assert test.ci_low is not None and test.ci_high is not None, test
     assert test.ci_low < 0.5 < test.ci_high or test.ci_low == pytest.approx(0.5)
 
 
@@ -113,7 +116,7 @@ def test_verdict_names_the_significantly_better_model():
     scores = {"small": list(base), "big": list(base + rng.integers(1, 3, size=40))}
     result = stats.verdict(scores, seed=1)
     assert result.winner == "big"
-    assert result.p_value < 0.05
+    assert result.p_value is not None and result.p_value < 0.05
     assert len(result.pairwise) == 1
 
 
@@ -125,7 +128,7 @@ def test_verdict_is_a_tie_when_the_lead_is_noise():
     result = stats.verdict({"a": list(a), "b": list(b)}, seed=1)
     assert result.winner == stats.TIE
     assert result.best == "b"
-    assert result.p_value >= 0.05
+    assert result.p_value is not None and result.p_value >= 0.05
 
 
 def test_verdict_with_three_models_holm_adjusts_and_needs_every_comparison():
@@ -158,7 +161,7 @@ def test_agreement_of_judges():
     assert (same.spearman, same.kappa, same.exact) == (pytest.approx(1.0), pytest.approx(1.0), 1.0)
     shifted = stats.agreement(a, [x + 1 for x in a])
     assert shifted.spearman == pytest.approx(1.0)
-    assert shifted.kappa < 0.1
+    assert shifted.kappa is not None and shifted.kappa < 0.1
     partial = stats.agreement([1, 2, None, 4], [1, 3, 3, None])
     assert partial.n == 2
 

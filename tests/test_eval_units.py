@@ -61,6 +61,7 @@ pytestmark = pytest.mark.unit
 )
 def test_test_rows(doc, question, reference, prompt_roles):
     row = row_from_json(0, doc)
+    assert row is not None, doc
     assert (row.question, row.reference, [m["role"] for m in row.messages]) == (question, reference, prompt_roles)
 
 
@@ -261,7 +262,7 @@ def test_flagged_items_are_named_by_their_test_index():
     from ftc_evaluator.outcome import flagged_items
 
     rows = [TestRow(i, [], f"q{i}", "r") for i in (4, 9, 12)]
-    judgments = {
+    judgments: dict[str, list[Judgment | None]] = {
         "a": [Judgment(5.0, flags=("directive",)), None, Judgment(3.0)],
         "b": [Judgment(5.0), Judgment(None, error="x", flags=("rating-format",)), Judgment(2.0)],
     }

@@ -219,7 +219,7 @@ def test_the_stub_step_script_runs_alone_from_its_configmap(tmp_path, step, doc)
     import re
     import sys
 
-    from ftc_api.steps import EvaluateResult, PrepareResult, TrainResult
+    from ftc_api.steps import EvaluateResult, PrepareResult, StepResult, TrainResult
 
     cm = steps.step_scripts_configmap("team-a")
     assert (cm["metadata"]["name"], cm["metadata"]["namespace"]) == ("ftc-test-steps", "team-a")
@@ -233,9 +233,8 @@ def test_the_stub_step_script_runs_alone_from_its_configmap(tmp_path, step, doc)
     env = {"FTC_STEP_INPUT": str(tmp_path / "input.json"), "FTC_TERMINATION_LOG": str(tmp_path / "log"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(mount / "stub.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    result = {"prepare": PrepareResult, "train": TrainResult, "evaluate": EvaluateResult}[step].model_validate_json(
-        (tmp_path / "log").read_text()
-    )
+    result_types: dict[str, type[StepResult]] = {"prepare": PrepareResult, "train": TrainResult, "evaluate": EvaluateResult}
+    result = result_types[step].model_validate_json((tmp_path / "log").read_text())
     assert result.ok
 
 

@@ -163,8 +163,10 @@ def test_a_comparison_is_replaced_only_by_a_newer_version():
     held = Comparisons()
     held.seen(_obj("u", None, rv="10", name="c"))
     held.seen(_obj("u", None, rv="9", name="c"))  # a late event from before the operator's own write
-    assert held.get("ns", "c")["metadata"]["resourceVersion"] == "10"
+    current = held.get("ns", "c")
+    assert current is not None and current["metadata"]["resourceVersion"] == "10"
     held.seen(_obj("u", None, rv="11", name="c"))
-    assert held.get("ns", "c")["metadata"]["resourceVersion"] == "11"
+    current = held.get("ns", "c")
+    assert current is not None and current["metadata"]["resourceVersion"] == "11"
     held.forget("ns", "c")
     assert held.get("ns", "c") is None

@@ -502,6 +502,7 @@ def test_observe_active_job_progress_and_waiting():
     ]
     o = observe_job(_job(), pods)
     assert o.state == JobState.ACTIVE
+    assert o.progress is not None
     assert o.progress.step == 3 and o.progress.train_loss == 2.5
     assert o.waiting[0].reason == "CreateContainerConfigError"
 

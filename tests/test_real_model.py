@@ -136,7 +136,7 @@ def test_the_chatml_template_labels_only_the_answer_and_its_end_of_turn(smollm2:
 
 @pytest.mark.ml
 def test_lora_fine_tunes_the_real_model_and_the_loss_falls(lora_run: TrainResult, tiny_s3: TinyS3) -> None:
-    assert lora_run.ok, lora_run.message
+    assert lora_run.ok, lora_run.error
     assert lora_run.total_steps == 12 and set(lora_run.adapted_modules) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     }  # fmt: skip
@@ -156,7 +156,7 @@ def test_qlora_fine_tunes_the_real_model_and_the_loss_falls(
     ref = ModelRef(name="smollm2-qlora", base_model=smollm2_s3.uri, method=Method.QLORA)
     training = TRAINING.model_copy(update={"max_steps": 8, "eval_steps": 4})
     result = run_train(TrainInput(model=ref, training=training, location=loc), tmp_path / "work")
-    assert result.ok, result.message
+    assert result.ok, result.error
     trains, evals = _history(Storage(endpoint_url=tiny_s3.endpoint_url), result)
     assert trains[-1] < 0.8 * trains[0], trains
     assert evals[8] < evals[4], evals

@@ -43,6 +43,16 @@ def raises(err: BaseException) -> Callable[[DemoInput], DemoResult]:
     return body
 
 
+def records(ran: list[DemoInput]) -> Callable[[DemoInput], DemoResult]:
+    """A body that succeeds, keeping each input it is run with in `ran`."""
+
+    def body(inp: DemoInput) -> DemoResult:
+        ran.append(inp)
+        return DemoResult(ok=True)
+
+    return body
+
+
 @pytest.fixture
 def step_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A termination log in tmp_path, no GPU asked for, and SIGTERM's handler put back after the step."""
@@ -117,7 +127,7 @@ def test_a_bad_input_document_fails_at_once_naming_the_field(step_env: Path, doc
     path = step_env / ("missing.json" if doc is None else "input.json")
     if doc is not None:
         path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    code = run_step(Step("demo", DemoInput, lambda inp: ran.append(inp) or DemoResult(ok=True), failure=failure), str(path))
+    code = run_step(Step("demo", DemoInput, records(ran), failure=failure), str(path))
     summary = json.loads((step_env / "termination-log").read_text())
     assert code == EXIT_BAD_INPUT and summary["ok"] is False and not ran
     assert re.search(error, summary["error"]), summary["error"]
@@ -128,7 +138,7 @@ def test_a_bad_input_document_fails_at_once_naming_the_field(step_env: Path, doc
 def test_a_step_placed_on_gpus_it_cannot_see_fails_as_bad_input(step_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FTC_GPUS", "64")  # more than any machine running this test has
     ran: list[DemoInput] = []
-    code, summary = run(step_env, lambda inp: ran.append(inp) or DemoResult(ok=True), needs_gpu=True)
+    code, summary = run(step_env, records(ran), needs_gpu=True)
     assert code == EXIT_BAD_INPUT and summary is not None and not ran
     assert "this step was placed on 64 GPU(s) but sees" in summary["error"] and summary["name"] == "m"
 

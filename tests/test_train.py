@@ -377,7 +377,10 @@ def test_progress_reporter_throttles_and_uses_the_status_shape(monkeypatch: pyte
     doc = Progress.model_validate(sent[-1])
     assert (doc.step, doc.total_steps, doc.train_loss, doc.eval_loss) == (4, 10, 2.5, 2.7) and doc.updated_at
 
-    failing = ProgressReporter(lambda doc: 1 / 0, interval=0)
+    def refused(doc: dict[str, Any]) -> None:
+        raise RuntimeError("the API server refused the patch")
+
+    failing = ProgressReporter(refused, interval=0)
     failing.on_step_end(None, state, None)  # a failed patch never stops training
     assert failing.failures == 1
     for var in ("FTC_POD_NAME", "FTC_POD_NAMESPACE", "KUBECONFIG", "KUBERNETES_SERVICE_HOST"):
