@@ -180,6 +180,7 @@ print(total)
 '
 }
 bytes="$(stream_bytes "${todo[@]}")"
+free_gib() { df --output=avail -BG "${FTC_CACHE:-$HOME/.cache/ftc}" 2>/dev/null | tail -1 | tr -dc 0-9; }
 per_node_gib=$((2 * bytes / 1073741824 + 1))
 need_gib=$((per_node_gib * ${#targets[@]}))
 # All nodes at once where the disk holds that; one node after the other where it holds only one import.
