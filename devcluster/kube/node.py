@@ -60,9 +60,10 @@ def progress(message: str, since: float | None = None) -> None:
 
 
 def node_images(node: NodeSpec) -> tuple[str, ...]:
-    """What a node holds besides the pause image: the base image (plain test pods) everywhere, the trainer
+    """What a node needs besides the pause image: the base image (plain test pods) everywhere, the trainer
     everywhere (prepare runs on CPU nodes, train on GPU nodes), the evaluator on the GPU node, the operator
-    (which does not tolerate the GPU taint) on the CPU node. Each GPU image is ~6 GB unpacked."""
+    (which does not tolerate the GPU taint) on the CPU node. The loaders give every node the union of these
+    from one `docker save` stream (the step images share the ~5.5 GB step base; ~7.9 GB in all)."""
     from devcluster.kube.images import BASE_IMAGE, EVALUATOR_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE
 
     return (BASE_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE) if node.gpus else (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE)
