@@ -28,8 +28,8 @@ from devcluster.kube.control_plane import (
     stop_pids,
     wait_for_service_account,
 )
-from devcluster.kube.images import PAUSE_IMAGE, build_images, load_images
-from devcluster.kube.node import DEFAULT_NODES, host_ip, node_images, socket_dir, start_nodes, stop_cluster, stop_nodes
+from devcluster.kube.images import build_images, load_images
+from devcluster.kube.node import DEFAULT_NODES, host_ip, images_for_nodes, socket_dir, start_nodes, stop_cluster, stop_nodes
 from devcluster.kube.typed import body
 from devcluster.servers.ports import free_port
 from devcluster.servers.s3 import S3Server, moto_command
@@ -95,8 +95,8 @@ def up(root: Path, namespace: str) -> int:
         # The sources may have changed since it started: rebuild (incremental) and load what differs, so
         # pods never run stale images on a reused cluster (an unchanged image takes seconds).
         build_images()
-        wanted = list(dict.fromkeys(tag for node in DEFAULT_NODES for tag in (PAUSE_IMAGE, *node_images(node))))
-        load_images([str(socket_dir(root, node.name) / "containerd.sock") for node in DEFAULT_NODES], wanted)
+        addresses = [str(socket_dir(root, node.name) / "containerd.sock") for node in DEFAULT_NODES]
+        load_images(addresses, images_for_nodes(DEFAULT_NODES))
         _prepare_namespace(root / "kubeconfig", s3, namespace)
         _write_env(root, root / "kubeconfig", Path(state["bin_dir"]), s3, namespace)
         print(f"cluster already running ({', '.join(running)}); images current; Secret {namespace}/{s3.secret_name} ready")

@@ -69,6 +69,14 @@ def node_images(node: NodeSpec) -> tuple[str, ...]:
     return (BASE_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE) if node.gpus else (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE)
 
 
+def images_for_nodes(specs: tuple[NodeSpec, ...], images=node_images) -> list[str]:
+    """The pause image and the union of `images(node)` over `specs`, in order, each once: what the
+    loaders put into every node from one stream."""
+    from devcluster.kube.images import PAUSE_IMAGE
+
+    return list(dict.fromkeys(tag for node in specs for tag in (PAUSE_IMAGE, *images(node))))
+
+
 def node_cache_root() -> Path:
     return Path(os.environ.get("FTC_CACHE", Path.home() / ".cache" / "ftc")) / "nodes"
 
@@ -675,8 +683,7 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
         remove_stale_containers(nodes.containerd_address(node.name))
     # Every node gets the union of the nodes' images from one `docker save` stream, unpacked side by side.
     t = time.monotonic()
-    wanted = list(dict.fromkeys(tag for node in specs for tag in (PAUSE_IMAGE, *images(node))))
-    load_images([nodes.containerd_address(node.name) for node in specs], wanted)
+    load_images([nodes.containerd_address(node.name) for node in specs], images_for_nodes(specs, images))
     progress(f"{', '.join(node.name for node in specs)}: images in place", t)
     for node in specs:
         d = nodes.node_dir(node.name)
