@@ -320,6 +320,12 @@ class DatasetSpec(ApiModel):
     split: SplitSpec = Field(default_factory=SplitSpec, description="split: sizes of the eval and held-out test sets.")
     seed: int = Field(default=42, ge=0, description="seed: seed of the deterministic shuffle before splitting.")
     max_rows: int | None = Field(default=None, ge=1, description="maxRows: use at most this many usable rows.")
+    allow_truncated: bool = Field(
+        default=False,
+        description="allowTruncated: when a `.json` file (a JSON array of rows, or an object with a `data` list) "
+        "ends early, as an interrupted download does, train on the complete records before the break (counted, "
+        "with the byte offset, under the `truncated` drop reason) instead of failing prepare.",
+    )
 
 
 class LoraSpec(ApiModel):

@@ -6,10 +6,16 @@ canonical messages, so the same row has the same id in every run.
 
 Streaming, so memory does not grow with the file: JSON lines are read one at a time (as bytes, decoded
 strictly: a line that is not UTF-8 is dropped as `invalid_utf8`, never silently replaced), Parquet in
-record batches, S3 objects one after the other. Usable rows go to a spool file on disk (`Spool`: one
+record batches, a `.json` document (a JSON array of rows, or an object with a `data` list) record by
+record (`ijson`), S3 objects one after the other. Usable rows go to a spool file on disk (`Spool`: one
 prepared JSONL line each, and its offset); what stays in memory per row is its offset, a 16-byte digest
-for de-duplication and, for the shuffle, its index. A `.json` file holding one JSON array is the
-exception: it is parsed whole (use JSON lines for large datasets).
+for de-duplication and, for the shuffle, its index.
+
+A `.json` file is one JSON document unless it really is JSON lines: its first non-space byte decides
+(`[`: an array; `{`: an object holding the rows, or JSON lines when that first object has no list of rows
+and more values follow). A document that ends early (an interrupted download) fails with the byte offset
+of its end and the number of complete records before it, or, under `dataset.allowTruncated`, gives those
+records and one row dropped as `truncated`.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ DUPLICATE = "duplicate"
 UNPARSEABLE = "unparseable"
 INVALID_UTF8 = "invalid_utf8"
 NO_ASSISTANT = "no_assistant_turn"
+TRUNCATED = "truncated"
 PARQUET_BATCH_ROWS = 1024
 
 
@@ -77,10 +84,11 @@ def data_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS)
 
 
-def read_file(path: Path, label: str | None = None) -> Iterator[Any]:
+def read_file(path: Path, label: str | None = None, allow_truncated: bool = False) -> Iterator[Any]:
     """Rows of one JSONL, JSON or Parquet file, streamed; JSONL lines that do not parse or are not UTF-8 come
     back as `Unparseable`. Errors name the file as `label` (the S3 URI of a downloaded object), else by its
-    file name."""
+    file name. `allow_truncated`: a `.json` document that ends early gives its complete records and one
+    `Unparseable` of reason `truncated` (else it fails)."""
     name = label or path.name
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -88,20 +96,10 @@ def read_file(path: Path, label: str | None = None) -> Iterator[Any]:
         return
     if suffix not in (".jsonl", ".ndjson", ".json"):
         raise StepError(f"unknown dataset file format {name!r}: expected .jsonl, .json or .parquet")
-    if suffix == ".json":  # one JSON document, parsed whole (a .json file of JSON lines falls through)
-        try:
-            doc = json.loads(path.read_bytes())
-        except (ValueError, RecursionError):
-            doc = None  # a .json file holding JSON lines
-        if doc is not None:
-            if isinstance(doc, dict):
-                lists = [v for k, v in doc.items() if isinstance(v, list) and k in ("data", "rows", "train", "examples")]
-                if not lists:
-                    raise StepError(f"{name}: a JSON object without a `data`, `rows` or `train` list of rows")
-                doc = lists[0]
-            if not isinstance(doc, list):
-                raise StepError(f"{name}: expected a JSON list of rows")
-            yield from doc
+    if suffix == ".json":
+        layout = json_layout(path, name)
+        if layout is not None:  # one JSON document (else JSON lines in a .json file: read as such below)
+            yield from _read_json_records(path, name, *layout, allow_truncated=allow_truncated)
             return
     with path.open("rb") as lines:
         for raw in lines:
@@ -120,6 +118,162 @@ def read_file(path: Path, label: str | None = None) -> Iterator[Any]:
                 yield Unparseable(line[: EXAMPLE_CHARS * 2], str(err) if isinstance(err, ValueError) else "nested too deeply")
 
 
+# ---------------------------------------------------------------------------------------------- .json documents
+
+JSON_LIST_KEYS = ("data", "rows", "train", "examples")  # an object's list of rows: the first of these that is a list
+JSON_CHUNK = 1 << 16  # bytes fed to the streaming parser at a time
+_BOM = b"\xef\xbb\xbf"
+_JSON_HINT = "a .json file is one JSON document (an array of rows, or an object with a `data` list); name JSON lines .jsonl"
+
+
+def json_layout(path: Path, name: str) -> tuple[int, str] | None:
+    """Where a `.json` file's records are: (the byte offset its document starts at, the `ijson` prefix of its
+    records: `item` for an array, `data.item` for an object's `data` list), or None when the file is JSON
+    lines (or blank). Decided by the first non-space byte; `{` is JSON lines only when the first object holds
+    no list of rows and more values follow it. Raises StepError for anything else."""
+    import ijson
+
+    with path.open("rb") as f:
+        pos = len(_BOM) if f.read(len(_BOM)) == _BOM else 0
+        f.seek(pos)
+        while True:
+            block = f.read(JSON_CHUNK)
+            if not block:
+                return None  # blank: no rows
+            stripped = block.lstrip(b" \t\r\n")
+            if stripped:
+                start = pos + len(block) - len(stripped)
+                break
+            pos += len(block)
+        if stripped.startswith(b"["):
+            return start, "item"
+        if not stripped.startswith(b"{"):
+            shown = stripped[:40].decode("utf-8", errors="backslashreplace")
+            raise StepError(
+                f"{name}: expected a JSON array of rows or an object with a `data` list, found {shown!r} at byte {start}"
+            )
+        # An object: read its events until a top-level list of rows (the document's records), or the end of the
+        # first object (JSON lines if more values follow, else an object without rows).
+        events = ijson.sendable_list()
+        parser = ijson.parse_coro(events, multiple_values=True, use_float=True)
+        f.seek(start)
+        offset, key, first_done = start, None, False
+        while True:
+            chunk = f.read(JSON_CHUNK)
+            error: Exception | None = None
+            try:
+                if chunk:
+                    parser.send(chunk)
+                else:
+                    parser.close()
+            except ijson.JSONError as err:
+                error = err
+            for prefix, event, value in events:
+                if first_done:
+                    return None  # a second value: JSON lines
+                if key is not None and event == "start_array":
+                    return start, f"{key}.item"
+                key = value if prefix == "" and event == "map_key" and value in JSON_LIST_KEYS else None
+                first_done = prefix == "" and event == "end_map"
+            del events[:]
+            if error is not None:
+                if first_done:
+                    return None  # a second value that does not parse: a bad JSON line
+                if not chunk:
+                    raise StepError(
+                        f"{name}: the JSON document ends early at byte {offset}, before any list of rows: the file looks "
+                        "cut off (an interrupted download?); download it again"
+                    ) from error
+                where = _break_offset(path, start, offset, chunk, multiple_values=True)
+                raise StepError(f"{name}: not valid JSON at byte {where}: {_reason(error)}; {_JSON_HINT}") from error
+            if not chunk:
+                raise StepError(f"{name}: a JSON object without a `data`, `rows`, `train` or `examples` list of rows")
+            offset += len(chunk)
+
+
+def _read_json_records(path: Path, name: str, start: int, prefix: str, allow_truncated: bool) -> Iterator[Any]:
+    """The records at `prefix` of the JSON document starting at byte `start`, streamed (`ijson`, bounded
+    memory: one chunk and the records it completes)."""
+    import ijson
+
+    records = ijson.sendable_list()
+    parser = ijson.items_coro(records, prefix, use_float=True)
+    complete, offset, tail = 0, start, b""
+    with path.open("rb") as f:
+        f.seek(start)
+        while chunk := f.read(JSON_CHUNK):
+            try:
+                parser.send(chunk)
+            except ijson.JSONError as err:
+                complete += len(records)
+                yield from records
+                where = _break_offset(path, start, offset, chunk)
+                raise StepError(f"{name}: not valid JSON at byte {where}, after {_records(complete)}: {_reason(err)}") from err
+            offset += len(chunk)
+            complete += len(records)
+            yield from records
+            del records[:]
+            tail = chunk
+    try:
+        parser.close()
+    except ijson.JSONError as err:
+        complete += len(records)
+        yield from records
+        if not _ends_early(err):
+            raise StepError(f"{name}: not valid JSON at byte {offset}: {_reason(err)}") from err
+        why = f"the JSON document ends early at byte {offset}, after {_records(complete)}"
+        if not allow_truncated:
+            raise StepError(
+                f"{name}: {why}: the file looks cut off (an interrupted download?). Download it again, or set "
+                f"dataset.allowTruncated: true to use the {_records(complete)}"
+            ) from err
+        shown = "..." + " ".join(tail[-(EXAMPLE_CHARS - 10) :].decode("utf-8", errors="backslashreplace").split())
+        yield Unparseable(shown, f"{why} (dataset.allowTruncated: the complete records are used)", TRUNCATED)
+        return
+    yield from records
+
+
+def _ends_early(err: Exception) -> bool:
+    return "premature EOF" in str(err) or "Incomplete JSON" in str(err)
+
+
+def _reason(err: Exception) -> str:
+    """The parser's own first line (yajl's message may come as bytes)."""
+    text = err.args[0] if err.args else ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="backslashreplace")
+    lines = str(text).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(err).__name__
+
+
+def _records(n: int) -> str:
+    return f"{n} complete record" + ("" if n == 1 else "s")
+
+
+def _break_offset(path: Path, start: int, chunk_start: int, chunk: bytes, multiple_values: bool = False) -> int:
+    """The byte offset where the JSON document starting at `start` stops parsing, `chunk` (read at
+    `chunk_start`) being the one that failed: parses again, events only, up to the chunk in large reads and
+    through it byte by byte."""
+    import ijson
+
+    events = ijson.sendable_list()
+    parser = ijson.basic_parse_coro(events, multiple_values=multiple_values)
+    with path.open("rb") as f:
+        f.seek(start)
+        left = chunk_start - start
+        while left > 0 and (block := f.read(min(left, 1 << 20))):
+            parser.send(block)
+            del events[:]
+            left -= len(block)
+    for i in range(len(chunk)):
+        try:
+            parser.send(chunk[i : i + 1])
+        except ijson.JSONError:
+            return chunk_start + i
+        del events[:]
+    return chunk_start + len(chunk)
+
+
 def _read_parquet(path: Path, name: str) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
@@ -135,10 +289,11 @@ def _read_parquet(path: Path, name: str) -> Iterator[dict[str, Any]]:
         raise StepError(f"cannot read {name} as Parquet: {detail}") from err
 
 
-def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train") -> Iterator[Any]:
+def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train", allow_truncated: bool = False) -> Iterator[Any]:
     """Every row of the dataset at `source`, streamed: an s3:// object or prefix (objects downloaded one at a
     time, each deleted once read), a local file or directory, or a Hugging Face dataset id. Raises StepError
-    naming the source when it cannot be read (the existence checks at once, the rest while reading)."""
+    naming the source when it cannot be read (the existence checks at once, the rest while reading).
+    `allow_truncated`: see `read_file`."""
     from ftc_step.storage import StorageError, is_s3
 
     if is_s3(source):
@@ -149,21 +304,21 @@ def read_source(source: str, store: Any, workdir: Path, hf_split: str = "train")
             raise StepError(f"cannot read dataset {source}: {err}", retryable=transient(err)) from err
         if not names:
             raise StepError(f"no dataset at {source}: no such object and no .jsonl/.json/.parquet objects under it")
-        return _read_s3(source, names, store, workdir)
+        return _read_s3(source, names, store, workdir, allow_truncated)
     path = Path(source[len("file://") :] if source.startswith("file://") else source)
     if path.is_file():
-        return read_file(path)
+        return read_file(path, allow_truncated=allow_truncated)
     if path.is_dir():
         files = data_files(path)
         if not files:
             raise StepError(f"no .jsonl/.json/.parquet files under {source}")
-        return (row for f in files for row in read_file(f))
+        return (row for f in files for row in read_file(f, allow_truncated=allow_truncated))
     if source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise StepError(f"dataset {source!r} not found: no such file or directory")
     return _read_hub(source, hf_split)
 
 
-def _read_s3(source: str, names: list[str], store: Any, workdir: Path) -> Iterator[Any]:
+def _read_s3(source: str, names: list[str], store: Any, workdir: Path, allow_truncated: bool) -> Iterator[Any]:
     from ftc_step.storage import StorageError, join
 
     for i, name in enumerate(names):
@@ -173,7 +328,7 @@ def _read_s3(source: str, names: list[str], store: Any, workdir: Path) -> Iterat
             store.download_file(uri, local)
         except StorageError as err:
             raise StepError(f"cannot read dataset object {uri}: {err}", retryable=transient(err)) from err
-        yield from read_file(local, label=uri)
+        yield from read_file(local, label=uri, allow_truncated=allow_truncated)
         local.unlink(missing_ok=True)
 
 
@@ -221,7 +376,7 @@ def normalise(row: Any, fmt: DatasetFormat, fields: FieldMapping | None = None) 
     """One row as a conversation ending in an assistant turn; raises DropRow with the reason otherwise."""
     fields = fields or FieldMapping()
     if isinstance(row, Unparseable):
-        raise DropRow(row.reason, row.error if row.reason == INVALID_UTF8 else f"invalid JSON: {row.error}")
+        raise DropRow(row.reason, f"invalid JSON: {row.error}" if row.reason == UNPARSEABLE else row.error)
     if not isinstance(row, dict):
         raise DropRow(UNPARSEABLE, f"a {type(row).__name__}, not an object")
     system = _text(row.get(fields.system), fields.system).strip()

@@ -36,7 +36,7 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-prepare-"))
     store = Storage.for_location(inp.location)
     spec = inp.dataset
-    raw = data.read_source(spec.source, store, workdir, spec.hf_split)
+    raw = data.read_source(spec.source, store, workdir, spec.hf_split, spec.allow_truncated)
     cleaned = data.clean(raw, spec.format, spec.fields, data.Spool(workdir / "rows.jsonl"))  # streamed to disk
     rows = cleaned.rows
     if not rows:
