@@ -41,9 +41,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 models: install
 	$(BIN)/python -m devcluster.models.smollm2
 
-# Re-resolve the pinned set (run after editing pyproject.toml).
+# Re-resolve the pinned set (run after editing pyproject.toml), then its CUDA 12 variant: the same pins with
+# torch overridden by constraints-cu128.in (the step images' TORCH_CUDA=cu128, docs/images.md).
 lock:
 	$(UV) pip compile pyproject.toml --all-extras --python-version 3.11 -o constraints.txt
+	grep -vE '^(torch|triton|cuda-[a-z-]+|nvidia-[a-z0-9-]+)==' constraints.txt > $(VENV)/constraints-cu128-base.txt
+	$(UV) pip compile pyproject.toml --all-extras --python-version 3.11 --no-annotate \
+	  --custom-compile-command 'make lock' -c $(VENV)/constraints-cu128-base.txt --override constraints-cu128.in \
+	  -o constraints-cu128.txt
 
 lint: install
 	$(BIN)/ruff check .
@@ -83,6 +88,7 @@ cluster-build:
 
 # The operator, trainer and evaluator images from their Dockerfiles with a private dockerd and a local base
 # (no registry needed); incremental, cached under ~/.cache/ftc/docker. See docs/images.md.
+# `make images TORCH_CUDA=cu128` builds the step images for NVIDIA drivers older than R580 (CUDA 12.8 torch).
 images: install
 	bash devcluster/scripts/build-images.sh
 

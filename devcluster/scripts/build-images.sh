@@ -11,6 +11,9 @@
 # incremental through BuildKit's cache in the dockerd's data root ${FTC_CACHE:-~/.cache/ftc}/docker, which
 # stays when the script's dockerd is stopped at exit.
 #
+# TORCH_CUDA=cu128 (`make images TORCH_CUDA=cu128`) builds the step images on the CUDA 12.8 torch for NVIDIA drivers
+# older than R580 (--build-arg TORCH_CUDA, see step_kernel/Dockerfile and docs/images.md); default cu130.
+#
 # Usage: devcluster/scripts/build-images.sh       prints $FTC_CACHE/images/images.json on the last line:
 #   {"images": {TAG: {"id": "sha256:...", "size": BYTES, "build_seconds": S}, ...}, ...}
 set -euo pipefail
@@ -42,6 +45,12 @@ for df in operator/Dockerfile step_kernel/Dockerfile; do
     exit 1
   fi
 done
+
+TORCH_CUDA="${TORCH_CUDA:-cu130}"
+case "$TORCH_CUDA" in
+  cu130 | cu128) ;;
+  *) echo "error: TORCH_CUDA=$TORCH_CUDA: use cu130 (default; NVIDIA driver R580 or newer) or cu128 (R525 or newer)" >&2; exit 1 ;;
+esac
 
 BASE_IMAGE=ftc.local/debian:bookworm
 UV_IMAGE="ftc.local/uv:$uv_version"
@@ -155,7 +164,7 @@ build() {
   log "building $tag from $dockerfile"
   if ! dk build --network=host --progress=plain \
       --build-arg "BASE=$BASE_IMAGE" --build-arg "UV_IMAGE=$UV_IMAGE" --build-arg "VERSION=$app_version" \
-      --build-arg "STEP_BASE=$STEP_BASE_IMAGE" \
+      --build-arg "STEP_BASE=$STEP_BASE_IMAGE" --build-arg "TORCH_CUDA=$TORCH_CUDA" \
       -f "$repo/$dockerfile" -t "$tag" "$repo" 2>&1 \
       | tee "$blog" | { grep --line-buffered -E '^#[0-9]+ \[.*\] RUN' || true; } \
       | while IFS= read -r line; do
