@@ -36,6 +36,7 @@ SLOW = (
     "tests/test_storage_faults.py::test_storage_gone_at_random_points",  # 19 s
     "tests/test_storage_faults.py::test_training_through_flaky_storage",  # 8 s
     "tests/test_api_fuzz.py",  # 2,500 mutated specs and 30 through kubectl: 60 to 135 s
+    "tests/test_data_json.py::test_a_2gb_json_array_streams_in_the_memory_the_json_lines_reader_needs",  # 2 GB file: 13 to 28 s
 )
 
 FIRST = "tests/test_cluster_lifecycle.py"  # brings up its own cluster: before the session's cluster starts
