@@ -152,6 +152,9 @@ def test_a_real_sized_array_cut_mid_record_says_where_and_how_many(tmp_path: Pat
     assert cleaned.rows[CUT_RECORD - 1]["messages"] == data.normalise(rows[CUT_RECORD - 1], DatasetFormat.ALPACA)
     [example] = cleaned.examples[data.TRUNCATED]
     assert example.startswith(f"row {CUT_RECORD + 1}: ...") and f"ends early at byte {cut}" in example
+    from tests.readme_table import assert_readme_figure
+
+    assert_readme_figure("`.json` datasets as downloaded", f"cut after {CUT_RECORD} of {len(rows)} records")
 
 
 def test_a_broken_byte_mid_array_is_reported_at_its_offset_even_with_allow_truncated(tmp_path: Path) -> None:
@@ -236,3 +239,6 @@ def test_a_2gb_json_array_streams_in_the_memory_the_json_lines_reader_needs(tmp_
     assert (rows, line_rows) == (1_000 * copies, 1_000 * 200)
     assert json_peak <= lines_peak + 16, (json_peak, lines_peak)
     assert json_peak < 128  # MiB, for a 2,035 MiB file
+    from tests.readme_table import assert_readme_figure
+
+    assert_readme_figure("`.json` datasets as downloaded", f"2 GB array ({rows:,} rows)")
