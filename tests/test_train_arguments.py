@@ -56,6 +56,7 @@ BASE: dict[str, Any] = {
     "report_to": [],
     "disable_tqdm": True,
     "dataloader_num_workers": 0,
+    "ddp_timeout": 1800,
 }
 
 FSDP = {
@@ -93,6 +94,12 @@ CASES = [
     pytest.param({}, {"parallelism": "ddp", "blocks": ["LlamaDecoderLayer"]}, {}, id="blocks-matter-only-to-fsdp"),
     pytest.param({"packing": True}, {}, {"include_num_input_tokens_seen": "all"}, id="packing-counts-every-token"),
     pytest.param({"gradient_checkpointing": False}, {}, {"gradient_checkpointing": False}, id="no-gradient-checkpointing"),
+    pytest.param(
+        {"process_group_timeout_seconds": 5},
+        {"processes": 2, "parallelism": "ddp"},
+        {"gradient_accumulation_steps": 2, "ddp_timeout": 5},
+        id="process-group-timeout",
+    ),
 ]
 
 

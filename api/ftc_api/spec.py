@@ -400,6 +400,17 @@ class TrainingSpec(ApiModel):
         "x gradientAccumulationSteps) is the same on any number of GPUs; where it does not divide, the deviation "
         "is recorded in status.",
     )
+    process_group_timeout_seconds: int = Field(
+        default=1800,
+        ge=1,
+        le=86400,
+        description="processGroupTimeoutSeconds: how long a training process of a model with gpuCount > 1 waits in "
+        "a collective (an all-reduce, a barrier) for the others before the pod fails (torch.distributed's "
+        "timeout; NCCL's own default is 600). No collective waits on storage: the base model, data and "
+        "checkpoint are downloaded before the processes start and checkpoints upload in the background, so this "
+        "only needs to cover the slowest local work between two collectives (a checkpoint written to local "
+        "disk, an evaluation). Not a hyperparameter: it changes no result.",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="lora: adapter settings.")
     quantization: QuantizationSpec = Field(
         default_factory=QuantizationSpec, description="quantization: 4-bit settings used by `qlora` models."

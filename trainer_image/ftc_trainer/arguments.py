@@ -12,6 +12,8 @@ to transformers' `TrainingArguments` (tests/test_train_arguments.py holds the ta
 - the device: bf16 on a GPU that supports it, the CPU when there is no GPU; gradient checkpointing
   (non-reentrant, as LoRA with frozen inputs needs);
 - `fsdp` parallelism: transformers' FSDP settings wrapping each decoder block (`parallel.fsdp_arguments`);
+- the process group's timeout: processGroupTimeoutSeconds (`ddp_timeout`, the same value the train step
+  creates the group with);
 - fixed choices: tokens counted (all of them with packing, where there is no padding, else the non-padding
   ones), no logits gathered in eval (the loss only), no columns removed, no reporting integrations,
   no progress bars, no data-loading workers.
@@ -72,5 +74,6 @@ def training_arguments(
         "report_to": [],
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        "ddp_timeout": training.process_group_timeout_seconds,  # the group itself is made by train.join_process_group
         **(fsdp_arguments(blocks) if parallelism == "fsdp" else {}),
     }
