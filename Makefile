@@ -10,7 +10,7 @@ PY_DIRS := api step_kernel operator trainer_image evaluator_image devcluster ben
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build images cluster-up cluster-down clean
+.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build minio-build images cluster-up cluster-down clean
 
 help:
 	@echo "make demo    - a local cluster (real nodes, the operator installed by Helm), S3 and tiny models; ends in 'kubectl get ftc' with a winner"
@@ -62,29 +62,34 @@ crds-check: install
 crds: install
 	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
-# The slow prerequisites side by side: the control plane compiles (CPU), the images mostly download and
-# unpack (network, disk), the model dequantises; each prints its own timestamped progress.
+# The slow prerequisites side by side: the control plane and MinIO compile (CPU), the images mostly download
+# and unpack (network, disk), the model dequantises; each prints its own timestamped progress.
 prereqs: install
-	$(MAKE) --no-print-directory -j3 --output-sync=none models cluster-build images
+	$(MAKE) --no-print-directory -j4 --output-sync=none models cluster-build minio-build images
 
 test: prereqs
 	$(BIN)/pytest -m "unit or ml or cluster" tests
 
 # The quick loop: every unit test and the ML tests not marked slow, on two workers.
-test-quick: install models
+test-quick: install models minio-build
 	$(BIN)/pytest -n 2 -m "(unit or ml) and not slow" tests
 
-test-unit: install
+test-unit: install minio-build
 	$(BIN)/pytest -m unit tests
 
-test-ml: install models
+test-ml: install models minio-build
 	$(BIN)/pytest -m ml tests
 
-test-cluster: install cluster-build images
+test-cluster: install cluster-build minio-build images
 	$(BIN)/pytest -m cluster tests
 
 cluster-build:
 	bash devcluster/scripts/build-control-plane.sh
+
+# The local S3 server, MinIO (AGPL-3.0, unmodified, run as its own process), from its Go module; cached under
+# ~/.cache/ftc/minio-<version>. See docs/local-cluster.md.
+minio-build:
+	bash devcluster/scripts/build-minio.sh
 
 # The operator, trainer and evaluator images from their Dockerfiles with a private dockerd and a local base
 # (no registry needed); incremental, cached under ~/.cache/ftc/docker. See docs/images.md.
@@ -92,9 +97,9 @@ cluster-build:
 images: install
 	bash devcluster/scripts/build-images.sh
 
-# Local control plane + two real nodes (containerd, kubelet, kube-proxy, the images) + moto S3 in the
+# Local control plane + two real nodes (containerd, kubelet, kube-proxy, the images) + MinIO S3 in the
 # background; state, kubeconfig and logs in .cluster/. `make cluster-down` stops it and cleans the host.
-cluster-up: install cluster-build images
+cluster-up: install cluster-build minio-build images
 	$(BIN)/python -m devcluster up
 
 cluster-down:

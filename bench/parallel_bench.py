@@ -70,25 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the fastest counts")
     parser.add_argument("--out", default="bench/parallel.json", help="where to write the results")
     args = parser.parse_args(argv)
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(key, value)
 
-    import boto3
     from ftc_api.spec import DatasetSpec, LoraSpec, Method, SplitSpec, TrainingSpec
     from ftc_api.steps import Location, ModelRef, PrepareInput, TrainInput
     from ftc_trainer.prepare import run_prepare
-    from moto.server import ThreadedMotoServer
 
     from devcluster.models.smollm2 import build
     from devcluster.models.tiny import build_dataset
-    from devcluster.servers.ports import free_port
+    from devcluster.servers.s3 import start_s3_server
 
     model = build()  # once, before anything is timed
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    server = start_s3_server(Path(tempfile.gettempdir()) / "ftc-parallel-bench-minio.log", buckets=("bench",))
+    os.environ.update(server.env())  # MinIO checks signatures: the workers need its credentials
+    endpoint = server.endpoint_url
     training = TrainingSpec(
         max_steps=args.steps,
         per_device_batch_size=4,

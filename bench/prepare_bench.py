@@ -82,28 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-mb", type=int, default=200, help="the size the in-memory prepare also runs on")
     parser.add_argument("--out", default="bench/prepare.json", help="where to write the results")
     args = parser.parse_args(argv)
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(key, value)
-    import boto3
+    from devcluster.servers.s3 import start_s3_server
 
-    from devcluster.servers.ports import free_port
-
-    # The S3 server runs as its own process: it holds every uploaded object in memory, and a child started by
-    # this process (vfork, then exec) inherits this process's peak RSS in its own ru_maxrss.
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    for _ in range(100):
-        try:
-            s3.create_bucket(Bucket="bench")
-            break
-        except Exception:
-            time.sleep(0.2)
+    # The S3 server (MinIO) runs as its own process, so its memory never counts in a measured child's ru_maxrss.
+    server = start_s3_server(Path(tempfile.gettempdir()) / "ftc-prepare-bench-minio.log", buckets=("bench",))
+    os.environ.update(server.env())
+    endpoint = server.endpoint_url
     streaming: dict[str, Any] = {}
     baseline: dict[str, Any] = {}
     try:
@@ -132,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 for done in Path(tmp).glob(f"*-{size}"):  # scratch of this size: the disk holds one size at a time
                     shutil.rmtree(done, ignore_errors=True)
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
     b = args.baseline_mb
     doc = {
         "benchmark": "prepare peak RSS vs dataset size: streaming prepare vs the in-memory one it replaced",

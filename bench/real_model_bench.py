@@ -48,18 +48,12 @@ def one_run(variant: str, steps: int, work: Path) -> dict[str, Any]:
     model = build()
     assets = _Assets(model, build_dataset(work / "tiny-alpaca.jsonl"))
     if variant == "ftc":
-        import boto3
-        from moto.server import ThreadedMotoServer
+        from devcluster.servers.s3 import start_s3_server
 
-        from devcluster.servers.ports import free_port
-
-        port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+        server = start_s3_server(work / "minio.log", buckets=("bench",))  # MinIO, its own process
+        os.environ.update(server.env())
         try:
-            row = run_ftc("smollm2", assets, steps, endpoint, "bench", work / "ftc")
+            row = run_ftc("smollm2", assets, steps, server.endpoint_url, "bench", work / "ftc")
         finally:
             server.stop()
     else:
@@ -76,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # a child run
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(key, value)
     if args.variant:
         print(json.dumps(one_run(args.variant, args.steps, Path(args.work))))
         return 0

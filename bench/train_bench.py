@@ -179,28 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assets", default=None, help="folder for the tiny models (default: a temporary folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-    import boto3
     import torch
     import transformers
     import trl
-    from moto.server import ThreadedMotoServer
 
     from devcluster.models.tiny import build_all
-    from devcluster.servers.ports import free_port
+    from devcluster.servers.s3 import start_s3_server
 
     tmp = Path(tempfile.mkdtemp(prefix="ftc-train-bench-"))
     os.environ.setdefault("FTC_CACHE_DIR", str(tmp / "cache"))
     assets = build_all(Path(args.assets) if args.assets else tmp / "assets")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    server = start_s3_server(tmp / "minio.log", buckets=("bench",))  # MinIO, its own process
+    os.environ.update(server.env())
+    endpoint = server.endpoint_url
     results: dict[str, Any] = {}
     try:
         for kind in MODELS:

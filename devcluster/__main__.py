@@ -2,7 +2,7 @@
 
 ``up`` builds the binaries and images if needed, starts etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler, two real nodes (``gpu-node-0``, ``cpu-node-0``: containerd,
-CNI, kubelet; one kube-proxy) and moto's S3 server with bucket ``ftc`` as background processes,
+CNI, kubelet; one kube-proxy) and the local S3 server (MinIO, data in ``s3-data/``) with bucket ``ftc`` as background processes,
 creates the Secret ``ftc-s3`` in ``--namespace`` and writes, under ``--dir`` (default ``.cluster``):
 ``kubeconfig``, ``env`` (``source .cluster/env``), ``state.json`` (ports, pids), ``logs/`` (one per
 component) and ``host-changes.json`` (what ``down`` undoes).
@@ -32,7 +32,7 @@ from devcluster.kube.images import build_images, load_images
 from devcluster.kube.node import DEFAULT_NODES, host_ip, images_for_nodes, socket_dir, start_nodes, stop_cluster, stop_nodes
 from devcluster.kube.typed import body
 from devcluster.servers.ports import free_port
-from devcluster.servers.s3 import S3Server, moto_command
+from devcluster.servers.s3 import S3Server, minio_binary, minio_command, minio_env
 
 
 def _ours(pid: int, root: Path) -> bool:
@@ -41,7 +41,7 @@ def _ours(pid: int, root: Path) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return str(root) in cmdline or "k8s-v" in cmdline or "moto.server" in cmdline
+    return str(root) in cmdline or "k8s-v" in cmdline or "/bin/minio" in cmdline
 
 
 def _running(root: Path) -> dict[str, int]:
@@ -109,6 +109,7 @@ def up(root: Path, namespace: str) -> int:
         stop_nodes(root)  # whatever a killed cluster left on the host
     t0 = time.monotonic()
     bin_dir = build_binaries()
+    minio = minio_binary()
     build_images()
     t1 = time.monotonic()
     if root.exists():
@@ -118,7 +119,7 @@ def up(root: Path, namespace: str) -> int:
     try:
         start_nodes(cp)
         s3_port = free_port()
-        cp.spawn("s3", moto_command("0.0.0.0", s3_port))
+        cp.spawn("s3", minio_command(minio, root / "s3-data", "0.0.0.0", s3_port), env=minio_env())
         s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}", cluster_endpoint_url=f"http://{ip}:{s3_port}")
         s3.wait_ready(30, root / "logs" / "s3.log")
         state = json.loads((root / "state.json").read_text())

@@ -40,8 +40,8 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, str]:
     """A storage and an empty root URI on each backend."""
     if request.param == "local":
         return Storage(), str(tmp_path / "store")
-    moto = request.getfixturevalue("moto_s3")
-    return Storage(endpoint_url=moto.endpoint_url), f"s3://{moto.bucket}/storage-tests/{request.node.name}"
+    s3 = request.getfixturevalue("local_s3")
+    return Storage(endpoint_url=s3.endpoint_url), f"s3://{s3.bucket}/storage-tests/{request.node.name}"
 
 
 def _tree(path: Path) -> Path:
@@ -135,7 +135,7 @@ def test_write_manifest_from_local_paths(root: tuple[Storage, str], tmp_path: Pa
     assert store.read_verified(f"{base}/m", "a.txt") == b"alpha"
 
 
-def test_missing_bucket_names_the_uri(moto_s3: object, tmp_path: Path) -> None:
-    store = Storage(endpoint_url=moto_s3.endpoint_url)  # type: ignore[attr-defined]
+def test_missing_bucket_names_the_uri(local_s3: object, tmp_path: Path) -> None:
+    store = Storage(endpoint_url=local_s3.endpoint_url)  # type: ignore[attr-defined]
     with pytest.raises(StorageError, match=r"s3://no-such-bucket-ftc/x"):
         store.read_bytes("s3://no-such-bucket-ftc/x")

@@ -7,6 +7,7 @@ checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -39,8 +40,8 @@ TRAINING = TrainingSpec(
 
 
 @pytest.fixture
-def faulty(moto_s3):
-    proxy = FaultyS3(upstream=moto_s3.endpoint_url, seed=11)
+def faulty(local_s3):
+    proxy = FaultyS3(upstream=local_s3.endpoint_url, seed=11)
     yield proxy
     proxy.close()
 
@@ -59,13 +60,13 @@ def history(store: Storage, uri: str) -> list[LossPoint]:
 
 
 @pytest.mark.unit
-def test_every_kind_of_fault_on_every_object_is_ridden_out(moto_s3, faulty: FaultyS3, tmp_path: Path) -> None:
+def test_every_kind_of_fault_on_every_object_is_ridden_out(local_s3, faulty: FaultyS3, tmp_path: Path) -> None:
     source = tmp_path / "tree"
     source.mkdir()
     for i in range(6):
         (source / f"part-{i}.bin").write_bytes(bytes([i]) * (300_000 + i))
     store = Storage(endpoint_url=faulty.endpoint_url)
-    prefix = f"s3://{moto_s3.bucket}/faults/tree"
+    prefix = f"s3://{local_s3.bucket}/faults/tree"
     for fault in ("error", "reset"):  # the first two attempts at every upload fail
         faulty.add(Rule(path="/faults/tree/", fault=fault, count=7, method="PUT", once_per_object=True))
     store.upload_tree(source, prefix)
@@ -79,9 +80,9 @@ def test_every_kind_of_fault_on_every_object_is_ridden_out(moto_s3, faulty: Faul
 
 
 @pytest.mark.unit
-def test_an_object_that_differs_from_its_manifest_is_never_used(moto_s3, tmp_path: Path) -> None:
-    store = Storage(endpoint_url=moto_s3.endpoint_url)
-    prefix = f"s3://{moto_s3.bucket}/faults/swapped"
+def test_an_object_that_differs_from_its_manifest_is_never_used(local_s3, tmp_path: Path) -> None:
+    store = Storage(endpoint_url=local_s3.endpoint_url)
+    prefix = f"s3://{local_s3.bucket}/faults/swapped"
     (tmp_path / "a.txt").write_text("the original")
     store.upload_tree(tmp_path, prefix)
     store.write_bytes(f"{prefix}/a.txt", b"the original, changed behind the manifest's back")
@@ -119,16 +120,16 @@ def test_training_through_flaky_storage_ends_with_the_result_of_a_clean_run(
 @pytest.mark.ml
 @pytest.mark.timeout(900)
 def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_complete_checkpoint(
-    tiny_s3: TinyS3, data_prefix: str, faulty: FaultyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+    tiny_s3: TinyS3, data_prefix: str, faulty: FaultyS3, tmp_path: Path, caplog
 ) -> None:
     from ftc_api.steps import TrainResult
     from ftc_step.errors import StepError
     from ftc_step.runtime import compact_summary
     from ftc_trainer.train import run_train
 
-    canary = "canary-S3-secret-9f2c-DO-NOT-LEAK"  # the S3 credentials a failing request carried
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + canary[:12].upper().replace("-", ""))
+    # The S3 credentials every request (and so every failing one) carried: the server's own, since MinIO
+    # checks each signature (a made-up canary key would be refused before any checkpoint is written).
+    key_id, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
 
     loc = through(new_run(tiny_s3, data_prefix, "outage", tmp_path), faulty)
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
@@ -152,7 +153,7 @@ def test_an_outage_fails_the_step_as_transient_and_the_retry_resumes_from_a_comp
     assert store.read_manifest(loc.uri("models/tiny-llama")) is None  # nothing taken as finished
     summary = compact_summary(TrainResult(ok=False, model="tiny-llama", error=str(failed.value)))
     for text in (str(failed.value), summary, caplog.text):  # the message, the termination log, the step's log
-        assert canary not in text and canary[:12].upper().replace("-", "") not in text
+        assert secret not in text and key_id not in text
     complete = {n.split("/")[0] for n in store.list(checkpoints) if n.endswith("/manifest.json")}
 
     faulty.is_down = False  # storage is back: the retried pod resumes

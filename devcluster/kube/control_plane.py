@@ -54,29 +54,30 @@ def read_versions() -> dict[str, str]:
 
 
 class BuildError(RuntimeError):
-    """The control-plane binaries could not be built; the message carries the build's output."""
+    """A build script (control plane, MinIO) failed; the message carries the build's output."""
 
 
-def build_binaries(timeout: float = 3600) -> Path:
-    """Run the build script (milliseconds when cached) and return the directory of the binaries.
+def build_binaries(timeout: float = 3600, script: Path = BUILD_SCRIPT) -> Path:
+    """Run a build script (milliseconds when cached) and return the path on its last line: the directory of
+    the control plane's binaries by default; ``scripts/build-minio.sh`` gives the MinIO binary.
 
     Its progress goes to the real stderr (past pytest's capture) so a cold build is visibly alive.
     """
-    proc = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
         if (line.startswith("[") or "error" in line) and sys.__stderr__ is not None:  # the script's progress lines
-            sys.__stderr__.write(f"build-control-plane: {line}")
+            sys.__stderr__.write(f"{script.stem}: {line}")
         if time.monotonic() > deadline:
             proc.kill()
             break
     code = proc.wait()
     if code != 0:
         tail = "\n".join(lines[-60:])
-        raise BuildError(f"{BUILD_SCRIPT} failed with exit code {code}:\n{tail}")
+        raise BuildError(f"{script} failed with exit code {code}:\n{tail}")
     return Path(lines[-1])
 
 

@@ -15,7 +15,7 @@ Builders (plain functions, also runnable as `python -m devcluster.models.tiny --
 
 Pytest fixtures (session-scoped):
 - `tiny_assets` -> TinyAssets with the local paths (built once per session under a tmp dir).
-- `tiny_s3` -> TinyS3: the same assets uploaded to the moto S3 server (`moto_s3`), with manifests.
+- `tiny_s3` -> TinyS3: the same assets uploaded to the local S3 server (`local_s3`, MinIO), with manifests.
 """
 
 from __future__ import annotations
