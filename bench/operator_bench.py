@@ -2,7 +2,7 @@
 
     python -m bench.operator_bench [--counts 10 100 1000] [--run-up-to 100] [--out bench/operator.json]
 
-Starts its own cluster (control plane, two real nodes, moto S3: `python -m devcluster up` in a temp
+Starts its own cluster (control plane, two real nodes, MinIO S3: `python -m devcluster up` in a temp
 dir), `helm install`s the chart with the stub step (devcluster/steps/stub.py, mounted from a ConfigMap into the
 step images), so the operator runs as the chart's Deployment in a container, creates N comparisons as fast
 as the API server takes them, and measures:

@@ -1,5 +1,5 @@
 """The evaluate step for real on the CPU: the trainer prepares the tiny dataset and trains tiny models into
-S3 (moto on loopback); the evaluator answers the held-out set, scores with RAGAS metrics and the honest
+S3 (MinIO on loopback); the evaluator answers the held-out set, scores with RAGAS metrics and the honest
 loopback judge, and names the winner — or `tie` for two identical models."""
 
 from __future__ import annotations

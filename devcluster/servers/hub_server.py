@@ -1,5 +1,5 @@
 """A local server that speaks the Hugging Face hub's HTTP API, as far as `huggingface_hub` uses it to stage a
-model (as moto stands in for S3): point `HF_ENDPOINT` at it.
+model (as the local MinIO stands in for S3): point `HF_ENDPOINT` at it.
 
 - `GET /api/models/{repo}[/revision/{rev}]`: model info (`sha`, `siblings`, `gated`); an unknown repo is
   404 `RepoNotFound`, an unknown revision 404 `RevisionNotFound`.
