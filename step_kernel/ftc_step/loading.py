@@ -5,6 +5,7 @@ double quant, compute dtype, the modules kept in full precision), the same token
 chat template fallback). Both images call these functions; neither builds a `BitsAndBytesConfig` nor
 picks a dtype on its own.
 
+Dtypes follow the one policy of :mod:`ftc_step.dtypes` (decided there, applied here for both images).
 Decisions, in one table:
 
 =================  ===============================  =====================================
@@ -12,6 +13,8 @@ Decisions, in one table:
 =================  ===============================  =====================================
 ``lora`` weights   bf16                             fp32 (bf16 matmuls are slow there)
 ``qlora`` weights  4-bit, compute dtype from spec   4-bit, fp32 compute
+                   (norms, embeddings, head and     (``FTC_DTYPE_POLICY=gpu``: the GPU
+                   routers in it too, no upcast)    policy, bf16, on the CPU)
 placement          one device per process (DDP);    the CPU
                    none for FSDP (it shards);
                    spread over the pod's GPUs for
@@ -26,10 +29,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .dtypes import CPU_DTYPE_NOTE, DtypePolicy, apply_policy, dtype_policy, gpu_policy_forced
 from .modeling import NOT_QUANTISED, template_for
 
-# What a CPU run changed against the GPU recipe (recorded as a deviation by the trainer).
-CPU_DTYPE_NOTE = "float32 (no GPU: bf16 is used on GPUs)"
+__all__ = ["CPU_DTYPE_NOTE", "load_base_model", "load_tokenizer", "policy_for", "quantization_config"]
 
 
 def cuda_available() -> bool:
@@ -70,19 +73,28 @@ def torch_dtype_name(value: Any) -> str:
     return str(getattr(value, "value", value) or "bfloat16")
 
 
+def policy_for(method: str, quantization: Any, on_gpu: bool, sharded: bool = False) -> DtypePolicy:
+    """The dtype policy (:func:`ftc_step.dtypes.dtype_policy`) for `method` with the spec's `quantization`."""
+    compute = torch_dtype_name(getattr(quantization, "compute_dtype", None)) if method == "qlora" else None
+    return dtype_policy(method, on_gpu, sharded, compute)
+
+
 def quantization_config(quantization: Any, on_gpu: bool, shardable: bool = False) -> Any:
     """bitsandbytes 4-bit settings of `training.quantization` (a QuantizationSpec; None: the defaults).
     `shardable`: the packed weights are stored as the compute dtype, which FSDP needs to shard them."""
+    return _bnb_config(quantization, policy_for("qlora", quantization, on_gpu, shardable))
+
+
+def _bnb_config(quantization: Any, policy: DtypePolicy) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = getattr(torch, torch_dtype_name(getattr(quantization, "compute_dtype", None))) if on_gpu else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=str(getattr(getattr(quantization, "quant_type", None), "value", None) or "nf4"),
         bnb_4bit_use_double_quant=bool(getattr(quantization, "double_quant", True)),
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=compute if shardable else torch.uint8,
+        bnb_4bit_compute_dtype=getattr(torch, policy.compute),
+        bnb_4bit_quant_storage=getattr(torch, policy.quant_storage or "uint8"),
         llm_int8_skip_modules=list(NOT_QUANTISED),
     )
 
@@ -96,34 +108,29 @@ def load_base_model(
     spread: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, str]]:
-    """The base model at `path` as `method` ('lora' or 'qlora') needs it; returns it with the settings that
-    differ from the GPU recipe. `device`: where the weights go ('cuda:N' or 'cpu'; None: left on the CPU
-    for FSDP to shard); `spread`: over every visible GPU (inference of a model too large for one).
-    `extra`: further `from_pretrained` arguments (the router loss settings of a MoE model)."""
+    """The base model at `path` as `method` ('lora' or 'qlora') needs it, every dtype as the one policy says
+    (:mod:`ftc_step.dtypes`); returns it with the settings that differ from the GPU recipe. `device`: where
+    the weights go ('cuda:N' or 'cpu'; None: left on the CPU for FSDP to shard, which also packs 4-bit
+    weights as the compute dtype); `spread`: over every visible GPU (inference of a model too large for
+    one). `extra`: further `from_pretrained` arguments (the router loss settings of a MoE model)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     on_gpu = cuda_available() and (device is None or device.startswith("cuda"))
-    forced: dict[str, str] = {}
+    policy = policy_for(method, quantization, on_gpu or gpu_policy_forced(), sharded=device is None and not spread)
     kwargs: dict[str, Any] = dict(extra or {})
+    kwargs["dtype"] = getattr(torch, policy.compute)
     if method == "qlora":
-        config = quantization_config(quantization, on_gpu, shardable=on_gpu and device is None and not spread)
-        kwargs["quantization_config"] = config
-        kwargs["dtype"] = config.bnb_4bit_compute_dtype
-        if not on_gpu:
-            forced["computeDtype"] = CPU_DTYPE_NOTE
-    else:
-        kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
-        if not on_gpu:
-            forced["dtype"] = CPU_DTYPE_NOTE
+        kwargs["quantization_config"] = _bnb_config(quantization, policy)
     if spread and on_gpu and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"
     elif device is not None:
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    apply_policy(model, policy)
     if method == "qlora" and not on_gpu:
         avoid_packed_cpu_kernel(model)
-    return model, forced
+    return model, dict(policy.forced)
 
 
 def avoid_packed_cpu_kernel(model: Any) -> None:

@@ -90,8 +90,8 @@ def has_cuda() -> bool:
 def load_model(
     local: str, method: Method, training: TrainingSpec, source: str | None = None, device: str | None = "auto"
 ) -> tuple[Any, dict[str, str]]:
-    """The base model ready for LoRA, loaded by ftc_step.loading (bf16 on a GPU, fp32 on the CPU for `lora`;
-    4-bit with the spec's quantisation for `qlora`, prepared for k-bit training). `device`: this
+    """The base model ready for LoRA, loaded by ftc_step.loading with the one dtype policy (bf16 on a GPU, fp32
+    on the CPU; `qlora`: 4-bit with the spec's quantisation, the rest in the compute dtype). `device`: this
     process's device ('auto': cuda:LOCAL_RANK or the CPU; None: left on the CPU for FSDP to shard).
     Returns the model and the settings ftc had to change."""
     from ftc_step.loading import load_base_model
@@ -112,14 +112,15 @@ def load_model(
         message = f"cannot load base model {source or local!r}: {type(err).__name__}: {err}"
         raise StepError(message, retryable=transient(err)) from err
     forced.update(changed)
-    if method == Method.QLORA:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=training.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    # The dtypes are the one policy's (ftc_step.dtypes), shared with the evaluator: no fp32 upcast of norms,
+    # embeddings, head or routers (peft's prepare_model_for_kbit_training would make them fp32, which the
+    # evaluator never sees and FSDP cannot flatten beside bf16 4-bit storage). What that call did besides,
+    # as TRL's SFTTrainer does: base weights frozen, checkpointing with inputs that carry gradients.
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.config.use_cache = False
     return model, forced
 
