@@ -22,6 +22,8 @@ SLOW = (
     "tests/test_train_parallel.py::test_two_processes",  # two torchrun processes against one: 314 s
     "tests/test_train_parallel.py::test_fsdp",  # 111 s
     "tests/test_train_parallel.py::test_bad_input_in_a_worker",  # 46 s
+    "tests/test_train_moe.py::test_a_mixtral_with_an_idle_expert",  # two torchrun processes: 77 s (machine busy)
+    "tests/test_train_moe.py::test_ddp_without_the_search",  # two DDP models in a subprocess: 38 s (machine busy)
     "tests/test_eval_ml.py::test_the_better_trained_model_wins",  # trains two models first: 184 s
     "tests/test_eval_ml.py::test_cli_with_ragas_metrics",  # 67 s
     "tests/test_eval_ml.py::test_two_identical_models_tie",  # 19 s

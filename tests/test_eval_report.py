@@ -41,7 +41,8 @@ def sample_data() -> ReportData:
         checkpoint="best",
         adapter_uri="s3://bucket/ftc/ns/run/models/llama2-7b/adapter-best",
         scores=scores(5.1, 0.41, missing=2),
-        train={"train_seconds": 3600.0, "tokens_per_second": 2100.5, "final_train_loss": 0.52, "best_eval_loss": 0.9},
+        train={"train_seconds": 3600.0, "tokens_per_second": 2100.5, "final_train_loss": 0.52, "best_eval_loss": 0.9}
+        | {"processes": 1, "tokens_per_second_per_gpu": 2100.5},
         overfitting={"verdict": "overfitting", "reason": "eval loss rose 3 evaluations in a row after its minimum"},
         generation={"answers_per_second": 12.5, "batch_size": 32, "oom_halvings": 1, "new_tokens": 4000},
         history=history(1.0, overfit=True),
@@ -50,7 +51,8 @@ def sample_data() -> ReportData:
         name="mixtral-8x7b",
         checkpoint="best",
         scores=scores(7.3, 0.55),
-        train={"train_seconds": 9400.0, "tokens_per_second": 800.0, "final_train_loss": 0.61, "best_eval_loss": 0.7},
+        train={"train_seconds": 9400.0, "tokens_per_second": 800.0, "final_train_loss": 0.61, "best_eval_loss": 0.7}
+        | {"processes": 2, "tokens_per_second_per_gpu": 400.0},  # a 2-GPU DDP model beside a 1-GPU one
         overfitting={"verdict": "ok", "reason": "eval loss kept falling"},
         history=history(0.8, overfit=False),
     )
@@ -105,6 +107,19 @@ def test_report_shows_scores_winner_training_and_failures():
     assert 'class="overfitting">overfitting' in html and "adapter-best" in html
     assert "CUDA out of memory" in html and "maxJudgeCalls" not in html
     assert "The capital is Lima." in html and "judge: missing" in html
+
+
+def test_training_table_shows_speed_per_pod_and_per_gpu():
+    html = render_report(sample_data())
+    table = re.search(r'<table id="training">(.*?)</table>', html, re.S)
+    assert table and "<th>tokens/s (pod)</th><th>GPUs</th><th>tokens/s per GPU</th>" in table.group(1)
+    rows = {
+        cells[0]: cells[2:5]
+        for row in re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S)
+        if (cells := [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td>(.*?)</td>", row, re.S)])
+    }
+    assert rows["llama2-7b"] == ["2100.5", "1", "2100.5"]
+    assert rows["mixtral-8x7b"] == ["800.0", "2", "400.0"]
 
 
 def test_loss_history_accepts_both_metrics_json_shapes():

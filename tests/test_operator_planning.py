@@ -244,6 +244,34 @@ def test_judge_usage_reaches_status_and_the_evaluated_condition(usage, message):
 # --------------------------------------------------------------------------------------------- failed models
 
 
+def test_status_and_evaluate_input_show_speed_per_pod_and_per_gpu():
+    """A 2-GPU DDP model and a 1-GPU model side by side: the pod's tokens/s and the per-GPU figure."""
+    observed = [
+        PREP_OK,
+        job("train", "llama", result=trained("llama", tokens_per_second=800.0, processes=1, parallelism="single")),
+        job("train", "mixtral", result=trained("mixtral", tokens_per_second=1200.0, processes=2, parallelism="ddp")),
+    ]
+    p = run(observed)
+    speeds = {m.name: (m.train.tokens_per_second, m.train.tokens_per_second_per_gpu) for m in p.status.models}
+    assert speeds == {"llama": (800.0, 800.0), "mixtral": (1200.0, 600.0)}
+    patched = {m["name"]: m["train"] for m in p.status.model_dump(by_alias=True, mode="json")["models"]}
+    assert (patched["mixtral"]["tokensPerSecond"], patched["mixtral"]["tokensPerSecondPerGpu"]) == (1200.0, 600.0)
+    ev = EvaluateInput.model_validate_json(p.creates[0].input_json)  # the report's source
+    assert {m.model.name: m.train and m.train.tokens_per_second_per_gpu for m in ev.models} == {"llama": 800.0, "mixtral": 600.0}
+
+
+@pytest.mark.parametrize(
+    ("tokens_per_second", "processes", "per_gpu"),
+    [(1000.0, 1, 1000.0), (1000.0, 2, 500.0), (1000.0, 8, 125.0), (1000.0, None, 1000.0), (None, 2, None), (1.0, 3, 0.33)],
+)
+def test_tokens_per_second_per_gpu(tokens_per_second, processes, per_gpu):
+    from ftc_api.steps import per_gpu as divide
+
+    assert divide(tokens_per_second, processes) == per_gpu
+    result = TrainResult(ok=True, model="m", tokens_per_second=tokens_per_second, processes=processes)
+    assert result.tokens_per_second_per_gpu == per_gpu
+
+
 def test_failed_model_is_left_out_when_two_remain():
     s = spec("a", "b", "c")
     observed = [

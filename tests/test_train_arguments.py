@@ -56,6 +56,7 @@ BASE: dict[str, Any] = {
     "report_to": [],
     "disable_tqdm": True,
     "dataloader_num_workers": 0,
+    "ddp_find_unused_parameters": False,
     "ddp_timeout": 1800,
 }
 
@@ -92,6 +93,13 @@ CASES = [
         id="fsdp-wraps-each-block",
     ),
     pytest.param({}, {"parallelism": "ddp", "blocks": ["LlamaDecoderLayer"]}, {}, id="blocks-matter-only-to-fsdp"),
+    pytest.param(
+        {},
+        {"processes": 2, "parallelism": "ddp", "moe": True},
+        {"gradient_accumulation_steps": 2, "ddp_find_unused_parameters": True},
+        id="ddp-moe-finds-unused",
+    ),
+    pytest.param({}, {"moe": True}, {"ddp_find_unused_parameters": True}, id="moe-one-process"),
     pytest.param({"packing": True}, {}, {"include_num_input_tokens_seen": "all"}, id="packing-counts-every-token"),
     pytest.param({"gradient_checkpointing": False}, {}, {"gradient_checkpointing": False}, id="no-gradient-checkpointing"),
     pytest.param(
@@ -122,3 +130,34 @@ def test_transformers_takes_the_arguments(spec: dict[str, Any], run: dict[str, A
     kwargs = training_arguments(SPEC.model_copy(update=spec), output_dir=str(tmp_path), **run)
     args = FtcTrainingArguments(**kwargs)
     assert args.gradient_accumulation_steps == kwargs["gradient_accumulation_steps"] and args.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("config", "moe"),
+    [
+        ("MixtralConfig", True),
+        ("Qwen2MoeConfig", True),
+        ("OlmoeConfig", True),
+        ("DeepseekV3Config", True),
+        ("DbrxConfig", True),  # experts counted in its ffn_config
+        ("LlamaConfig", False),
+        ("MistralConfig", False),
+        ("Qwen2Config", False),
+        ("GPT2Config", False),
+    ],
+)
+def test_a_mixture_of_experts_is_told_by_its_config(config: str, moe: bool) -> None:
+    import transformers
+    from ftc_trainer.arguments import is_mixture_of_experts
+
+    assert is_mixture_of_experts(getattr(transformers, config)()) is moe
+
+
+def test_one_expert_is_no_mixture() -> None:
+    from types import SimpleNamespace
+
+    from ftc_trainer.arguments import is_mixture_of_experts
+
+    assert not is_mixture_of_experts(SimpleNamespace(num_local_experts=1))
+    assert not is_mixture_of_experts(SimpleNamespace(num_experts=None))
+    assert is_mixture_of_experts(SimpleNamespace(text_config=SimpleNamespace(num_experts=8)))

@@ -117,7 +117,8 @@ class ModelStatus(ApiModel):
     train: TrainResult | None = Field(
         default=None,
         description="train: the train step's summary as its Job reported it: losses (finalTrainLoss, bestEvalLoss, "
-        "bestStep, finalEvalLoss), overfitting, adapterUri and bestAdapterUri, trainSeconds, tokensPerSecond, "
+        "bestStep, finalEvalLoss), overfitting, adapterUri and bestAdapterUri, trainSeconds, tokensPerSecond (the pod) and "
+        "tokensPerSecondPerGpu (divided by its GPUs), "
         "peakMemoryGib, parallelism, resumedFromStep and the settings ftc forced. A model that failed in training "
         "keeps the summary its Job wrote, if any.",
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import ApiModel
 from .spec import (
@@ -241,7 +241,14 @@ class TrainResult(ApiModel):
     error: str | None = Field(default=None, description="error: what went wrong.")
     model: str = Field(description="model: the model's name.")
     train_seconds: float | None = Field(default=None, description="trainSeconds: wall time of training.")
-    tokens_per_second: float | None = Field(default=None, description="tokensPerSecond: trained tokens per second.")
+    tokens_per_second: float | None = Field(
+        default=None, description="tokensPerSecond: trained tokens per second of the pod (all its processes together)."
+    )
+    tokens_per_second_per_gpu: float | None = Field(
+        default=None,
+        description="tokensPerSecondPerGpu: tokensPerSecond divided by the GPUs the pod trained on (its processes, one "
+        "per GPU), so a model trained on 2 GPUs compares with one trained on 1. Derived when unset.",
+    )
     trained_tokens: int | None = Field(default=None, description="trainedTokens: tokens seen in training.")
     trainable_parameters: int | None = Field(default=None, description="trainableParameters: LoRA parameters.")
     adapted_modules: list[str] = Field(default_factory=list, description="adaptedModules: kinds of module adapted.")
@@ -261,6 +268,21 @@ class TrainResult(ApiModel):
         default=None, description="parallelism: how it trained: `single` (one process), `ddp` or `fsdp` over `processes`."
     )
     processes: int | None = Field(default=None, description="processes: training processes (one per GPU).")
+
+    @model_validator(mode="after")
+    def _per_gpu(self) -> TrainResult:
+        if self.tokens_per_second_per_gpu is None:
+            self.tokens_per_second_per_gpu = per_gpu(self.tokens_per_second, self.processes)
+        return self
+
+
+def per_gpu(tokens_per_second: float | None, processes: int | None) -> float | None:
+    """A pod's tokens per second divided by the GPUs it trained on (one training process per GPU); None when
+    tokens per second are unknown. A result that does not say its processes trained on one."""
+    if tokens_per_second is None:
+        return None
+    gpus = processes if processes is not None else 1
+    return round(tokens_per_second / gpus, 2) if gpus > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

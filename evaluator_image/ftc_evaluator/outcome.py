@@ -269,13 +269,15 @@ def overfitting_of(run: ModelRun, inp: EvaluateInput) -> dict[str, Any] | None:
 
 
 def train_facts(run: ModelRun) -> dict[str, Any]:
-    """Training time, speed and losses: the train step's summary, completed from the loss history."""
+    """Training time, speed (the pod's tokens/s, the GPUs it trained on and tokens/s per GPU) and losses: the
+    train step's summary, completed from the loss history."""
     train = run.spec.train
     facts: dict[str, Any] = {}
     if train is not None:
         facts = train.model_dump(
-            include={"train_seconds", "tokens_per_second", "final_train_loss", "best_eval_loss", "best_step", "final_eval_loss"}
-        )
+            include={"train_seconds", "tokens_per_second", "tokens_per_second_per_gpu", "processes", "final_train_loss",
+                     "best_eval_loss", "best_step", "final_eval_loss"}
+        )  # fmt: skip
     evals = [p for p in run.history if p.get("eval_loss") is not None]
     trains = [p for p in run.history if p.get("train_loss") is not None]
     if evals:

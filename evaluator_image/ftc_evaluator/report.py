@@ -183,11 +183,14 @@ tr.winner td { background: #d9f2d9; font-weight: bold; }
 
 <h2>Training</h2>
 {% if loss_svg %}<div class="chart" id="loss-chart">{{ loss_svg|safe }}</div>{% else %}<p>No loss history.</p>{% endif %}
-<table id="training"><tr><th>model</th><th>training time</th><th>tokens/s</th><th>final train loss</th>
+<table id="training"><tr><th>model</th><th>training time</th><th>tokens/s (pod)</th><th>GPUs</th><th>tokens/s per GPU</th>
+<th>final train loss</th>
 <th>best eval loss (step)</th><th>final eval loss</th><th>overfitting</th><th>adapter evaluated</th></tr>
 {% for model in d.models %}{% set t = model.train %}<tr><td>{{ model.name }}</td>
 <td>{% if t.get('train_seconds') is not none %}{{ "%.1f"|format(t.train_seconds) }} s{% endif %}</td>
 <td>{% if t.get('tokens_per_second') is not none %}{{ "%.1f"|format(t.tokens_per_second) }}{% endif %}</td>
+<td>{{ t.get('processes') or '' }}</td>
+<td>{% if t.get('tokens_per_second_per_gpu') is not none %}{{ "%.1f"|format(t.tokens_per_second_per_gpu) }}{% endif %}</td>
 <td>{% if t.get('final_train_loss') is not none %}{{ "%.4f"|format(t.final_train_loss) }}{% endif %}</td>
 <td>{% if t.get('best_eval_loss') is not none %}{{ "%.4f"|format(t.best_eval_loss) }}
 {% if t.get('best_step') is not none %} ({{ t.best_step }}){% endif %}{% endif %}</td>

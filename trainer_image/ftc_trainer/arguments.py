@@ -12,6 +12,12 @@ to transformers' `TrainingArguments` (tests/test_train_arguments.py holds the ta
 - the device: bf16 on a GPU that supports it, the CPU when there is no GPU; gradient checkpointing
   (non-reentrant, as LoRA with frozen inputs needs);
 - `fsdp` parallelism: transformers' FSDP settings wrapping each decoder block (`parallel.fsdp_arguments`);
+- DDP's search for unused parameters, set on purpose from the model (`is_mixture_of_experts`): on for a
+  mixture of experts, whose idle experts (and their LoRA weights) get no gradient in a step that routes no
+  token to them, so DDP must look for them or fail with "Expected to have finished reduction"; off for a
+  dense model, where every trainable parameter gets a gradient and the search is a wasted pass over the
+  graph each step (left unset, transformers turns it on for any model that is not a PreTrainedModel, which
+  a PeftModel is not);
 - the process group's timeout: processGroupTimeoutSeconds (`ddp_timeout`, the same value the train step
   creates the group with);
 - fixed choices: tokens counted (all of them with packing, where there is no padding, else the non-padding
@@ -29,6 +35,23 @@ from ftc_api.spec import TrainingSpec
 from .parallel import fsdp_arguments, split_accumulation
 
 
+# Config attributes that count a mixture of experts' experts, by architecture: Mixtral, GPT-OSS, Phi-MoE and
+# Granite-MoE (num_local_experts); Qwen2/3-MoE, OLMoE, Jamba, Switch (num_experts); DeepSeek-V2/V3
+# (n_routed_experts); DBRX's ffn_config (moe_num_experts).
+EXPERT_COUNT_ATTRIBUTES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def is_mixture_of_experts(config: Any) -> bool:
+    """Whether a model config (transformers' PretrainedConfig, or any object with its attributes) routes
+    tokens among more than one expert; a multimodal config is judged by its text model's config."""
+    for part in (config, getattr(config, "text_config", None), getattr(config, "ffn_config", None)):
+        for name in EXPERT_COUNT_ATTRIBUTES:
+            count = getattr(part, name, None) if part is not None else None
+            if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+                return True
+    return False
+
+
 def training_arguments(
     training: TrainingSpec,
     *,
@@ -39,10 +62,11 @@ def training_arguments(
     has_eval: bool = True,
     cuda: bool = False,
     bf16_supported: bool = False,
+    moe: bool = False,
 ) -> dict[str, Any]:
     """TrainingArguments kwargs for `training` run by `processes` processes under `parallelism` (`single`,
     `ddp` or `fsdp`, whose units are the decoder `blocks`), with or without an eval set, on a GPU (`cuda`)
-    or the CPU."""
+    or the CPU, for a mixture of experts (`moe`) or a dense model."""
     accumulation, _ = split_accumulation(training.gradient_accumulation_steps, processes)
     return {
         "output_dir": output_dir,
@@ -74,6 +98,7 @@ def training_arguments(
         "report_to": [],
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": moe,  # idle experts get no gradient; a dense model needs no search
         "ddp_timeout": training.process_group_timeout_seconds,  # the group itself is made by train.join_process_group
         **(fsdp_arguments(blocks) if parallelism == "fsdp" else {}),
     }

@@ -171,7 +171,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
     """Run the train step; raises StepError on bad input (the caller reports it)."""
     import torch
 
-    from .arguments import training_arguments
+    from .arguments import is_mixture_of_experts, training_arguments
     from .models import has_cuda
 
     ws = setup(inp, workdir)
@@ -187,6 +187,7 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         has_eval=bool(eval_set),
         cuda=cuda,
         bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        moe=is_mixture_of_experts(built.model.config),  # DDP looks for idle experts' unused parameters
     )
     trainer, clock = make_trainer(ws, built.model, FtcTrainingArguments(**kwargs), tokenizer, train_set, eval_set, cuda)
     fit(ws, trainer, clock)
