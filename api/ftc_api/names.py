@@ -53,10 +53,19 @@ def adapter_dir(model: str, best: bool = False) -> str:
     return f"models/{model}/adapter-best" if best else f"models/{model}/adapter"
 
 
-def staged_model_dir(repo: str, revision: str | None = None) -> str:
-    """base-models/ORG--NAME[@REVISION]: where prepare stages a hub model (one copy per id and revision)."""
-    name = repo.replace("/", "--") + (f"@{re.sub(r'[^A-Za-z0-9._-]', '-', revision)}" if revision else "")
-    return f"base-models/{name}"
+# The shared prefix (in each comparison's spec.storage bucket) where base models are staged, content-addressed,
+# for every comparison that uses that bucket (the operator's config.cachePrefix).
+DEFAULT_CACHE_PREFIX = "ftc-cache"
+SHARED_MODELS_DIR = "models"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+
+
+def shared_model_dir(repo: str, commit: str) -> str:
+    """models/hf/ORG--NAME/SHA: a hub model's staged copy under the shared cache prefix, keyed by the resolved
+    commit `sha` (never a branch name), so one commit is copied once for every comparison."""
+    if not _COMMIT.match(commit):
+        raise ValueError(f"shared_model_dir: {commit!r} is not a resolved commit sha")
+    return f"{SHARED_MODELS_DIR}/hf/{repo.replace('/', '--')}/{commit}"
 
 
 def checkpoints_dir(model: str) -> str:

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from . import names
 from .base import ApiModel
 from .spec import (
     CheckpointChoice,
@@ -144,6 +145,20 @@ class PrepareInput(ApiModel):
             "others go on, as long as at least two models (or the only one) remain."
         ),
     )
+    cache_prefix: str = Field(
+        default=names.DEFAULT_CACHE_PREFIX,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description=(
+            "cachePrefix: the key prefix, in location.bucket, shared by every comparison that uses that bucket: hub "
+            "models are staged under CACHE_PREFIX/models/hf/ORG--NAME/COMMIT/ once and reused (the operator's "
+            "config.cachePrefix; `python -m ftc_trainer.gc` removes copies no comparison references)."
+        ),
+    )
+
+    def cache_uri(self, *parts: str) -> str:
+        """The s3:// URI of a key under the shared cache prefix of the run's bucket."""
+        return "s3://" + "/".join([self.location.bucket, self.cache_prefix.strip("/"), *[p.strip("/") for p in parts if p]])
 
 
 class MemoryEstimate(ApiModel):

@@ -2,13 +2,18 @@
 model (as the local MinIO stands in for S3): point `HF_ENDPOINT` at it.
 
 - `GET /api/models/{repo}[/revision/{rev}]`: model info (`sha`, `siblings`, `gated`); an unknown repo is
-  404 `RepoNotFound`, an unknown revision 404 `RevisionNotFound`.
+  404 `RepoNotFound`, an unknown revision 404 `RevisionNotFound`. With `?blobs=true` (huggingface_hub's
+  `files_metadata=True`) each sibling carries `size` and `blobId`, and LFS files (weights, as the hub's
+  `.gitattributes` makes them, and any file over 10 MB) `lfs: {sha256, size, pointerSize}`, as the hub answers.
 - `GET`/`HEAD /{repo}/resolve/{rev}/{path}`: a file, with `X-Repo-Commit`, `ETag` and `Content-Length`; a
   gated repo answers 401 `GatedRepo` without the right `Authorization: Bearer` token.
 
 Repos are served from local directories (`server.add(repo_id, directory, gated_token=None)`); the commit sha
 is a hash of the files. Every request is kept in `server.requests` (method, path, whether a token was sent).
 `server.fail_with = 400` fails every request with an error quoting its Authorization header.
+`server.cut_after(k, suffix)`: after k more file downloads (GET) whose name ends with `suffix`, every further one
+answers 429 Too Many Requests (the hub's rate limit; transient) until `server.cut = None`. `downloads(suffix)`
+counts the file downloads served.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from typing import Any
 from aiohttp import web
 
 from devcluster.servers.http_thread import ThreadedServer
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
+LFS_SIZE = 10 * 2**20
 
 
 @dataclass
@@ -39,6 +47,15 @@ class FakeHub(ThreadedServer):
         self.requests: list[dict[str, Any]] = []
         self.endpoint = ""
         self.fail_with: int | None = None  # answer every request with this status, quoting the request's token
+        self.cut: tuple[int, str] | None = None  # (downloads still served, file-name suffix): see cut_after
+
+    def cut_after(self, k: int, suffix: str = "") -> None:
+        """After `k` more downloads of files ending with `suffix`, answer every further one 429 (rate limited)."""
+        self.cut = (k, suffix)
+
+    def downloads(self, suffix: str = "") -> list[str]:
+        """The paths of the file downloads (GET .../resolve/...) served with 200, in order, ending with `suffix`."""
+        return [r["path"] for r in self.requests if r.get("served") and r["path"].endswith(suffix)]
 
     def add(self, repo_id: str, directory: Path, gated_token: str | None = None) -> Repo:
         files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
@@ -88,9 +105,25 @@ class FakeHub(ThreadedServer):
                 "gated": "manual" if repo.gated_token else False,
                 "disabled": False,
                 "tags": [],
-                "siblings": [{"rfilename": name} for name in sorted(repo.files)],
+                "siblings": [
+                    self._sibling(name, data, request.query.get("blobs") == "true") for name, data in sorted(repo.files.items())
+                ],
             }
         )
+
+    @staticmethod
+    def _sibling(name: str, data: bytes, blobs: bool) -> dict[str, Any]:
+        if not blobs:
+            return {"rfilename": name}
+        lfs = name.endswith(LFS_SUFFIXES) or len(data) > LFS_SIZE
+        sibling: dict[str, Any] = {
+            "rfilename": name,
+            "size": len(data),
+            "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+        }
+        if lfs:
+            sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return sibling
 
     async def _resolve(self, request: web.Request) -> web.Response:
         repo_id, repo = self._lookup(request)
@@ -99,9 +132,16 @@ class FakeHub(ThreadedServer):
         if repo.gated_token and request.headers.get("authorization") != f"Bearer {repo.gated_token}":
             message = f"Access to model {repo_id} is restricted. You must have access to it and be authenticated."
             return self._error(401, "GatedRepo", message)
-        data = repo.files.get(request.match_info["path"])
+        path = request.match_info["path"]
+        data = repo.files.get(path)
         if data is None:
             return self._error(404, "EntryNotFound", "Entry not found")
+        if request.method == "GET" and self.cut is not None and path.endswith(self.cut[1]):
+            if self.cut[0] <= 0:
+                return self._error(429, "TooManyRequests", "You have been rate-limited; retry later")
+            self.cut = (self.cut[0] - 1, self.cut[1])
+        if request.method == "GET":
+            self.requests[-1]["served"] = True
         headers = {
             "X-Repo-Commit": repo.sha,
             "ETag": f'"{hashlib.sha256(data).hexdigest()}"',

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ftc_api import names
 from ftc_api.base import ApiModel, Quantity
 from ftc_api.spec import (
     DEFAULT_EVALUATOR_IMAGE,
@@ -196,6 +197,15 @@ class OperatorConfig(ApiModel):
         default_factory=list,
         description="extraVolumeMounts: volumeMounts (as in a container spec) added to every step container; each "
         "names a volume of extraVolumes.",
+    )
+    cache_prefix: str = Field(
+        default=names.DEFAULT_CACHE_PREFIX,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="cachePrefix: key prefix, in each comparison's spec.storage bucket, where prepare stages hub "
+        "models content-addressed (CACHE_PREFIX/models/hf/ORG--NAME/COMMIT/) for every comparison using that bucket; "
+        "a later comparison of the same commit reuses the copy. `python -m ftc_trainer.gc` removes copies that no "
+        "FineTuneComparison references (docs/operator.md#shared-model-copies-and-garbage-collection).",
     )
     resync_seconds: float = Field(default=30, gt=0, description="resyncSeconds: re-check every comparison this often.")
     progress_write_seconds: float = Field(

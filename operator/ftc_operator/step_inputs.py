@@ -57,6 +57,7 @@ def prepare_input(spec: FineTuneComparisonSpec, config: OperatorConfig, loc: Loc
         models=[model_ref(spec, m, config) for m in spec.models],
         training=spec.training,
         exclude_failed_models=spec.evaluation.exclude_failed_models,
+        cache_prefix=config.cache_prefix,
     )
 
 

@@ -16,6 +16,8 @@ sha256 and size. Readers trust only what a manifest lists (`read_manifest`, `dow
     store.write_bytes(uri, data) / store.read_bytes(uri) -> bytes
     store.write_text(uri, text) / store.read_text(uri) -> str
     store.exists(uri) -> bool
+    store.put_file_checked(path, uri, sha256)           # the server checks the bytes (S3 ChecksumSHA256)
+    store.stat(uri) -> ObjectStat | None                # size and sha256 as the server keeps them, no read
     store.list(prefix) -> list[str]                     # relative names of every object under prefix/
     store.upload_dir(local_dir, prefix) -> list[Entry]  # every file, no manifest
     store.download_prefix(prefix, local_dir) -> list[str]   # every object, unverified
@@ -33,6 +35,7 @@ names the URI and what went wrong.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import hashlib
 import json
@@ -53,6 +56,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Entry",
     "Manifest",
+    "ObjectStat",
     "Storage",
     "StorageError",
     "is_s3",
@@ -78,6 +82,34 @@ def transfer_config() -> Any:
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI."""
+
+
+# One PUT carries at most 5 GiB (S3's limit); a larger file goes multipart, whose ChecksumSHA256 is per part.
+SINGLE_PUT_LIMIT = 5 * 2**30
+SHA256_META = "sha256"  # x-amz-meta-sha256: the sha256 (hex) put_file_checked stated for the whole object
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    """An object's size and sha256 (hex) as its server keeps them; `server_checked`: the sha256 is S3's own
+    full-object ChecksumSHA256 (the server verified the bytes), not only metadata."""
+
+    size: int
+    sha256: str | None
+    server_checked: bool = False
+
+    @classmethod
+    def from_head(cls, head: Mapping[str, Any]) -> ObjectStat:
+        """From a head_object answer (asked with ChecksumMode=ENABLED)."""
+        size = int(head.get("ContentLength", -1))
+        checksum = head.get("ChecksumSHA256")
+        if checksum and "-" not in checksum and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+            return cls(size, base64.b64decode(checksum).hex(), server_checked=True)
+        return cls(size, (head.get("Metadata") or {}).get(SHA256_META) or None)
+
+    def holds(self, size: int, sha256: str | None) -> bool:
+        """Whether this object already holds a file of `size` bytes and `sha256` (unknown sha256: never)."""
+        return sha256 is not None and self.size == size and self.sha256 == sha256
 
 
 @dataclass(frozen=True)
@@ -238,6 +270,44 @@ class Storage:
             if source.resolve() != path.resolve():
                 shutil.copyfile(source, path)
         return path
+
+    def put_file_checked(self, path: str | os.PathLike[str], uri: str, sha256: str) -> None:
+        """Copy a local file to `uri`, stating its `sha256` (hex): the server checks the bytes against it (S3's
+        ChecksumSHA256; up to 5 GiB, one PUT) and keeps it, and the object's metadata keeps it too (for servers
+        that keep no checksum and for multipart objects, whose checksum is per part). See :meth:`stat`."""
+        if not is_s3(uri):
+            self.upload_file(path, uri)
+            return
+        bucket, key = parse_s3_uri(uri)
+        meta = {SHA256_META: sha256}
+        try:
+            if Path(path).stat().st_size <= SINGLE_PUT_LIMIT:
+                with open(path, "rb") as body:
+                    checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+                    self.client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumSHA256=checksum, Metadata=meta)
+            else:
+                extra = {"ChecksumAlgorithm": "SHA256", "Metadata": meta}
+                self.client.upload_file(str(path), bucket, key, ExtraArgs=extra, Config=transfer_config())
+        except Exception as err:
+            if any(code in str(err) for code in ("ChecksumMismatch", "BadDigest", "InvalidDigest")):
+                raise StorageError(f"cannot upload {path} to {uri}: its bytes differ from sha256 {sha256}") from err
+            raise StorageError(f"cannot upload {path} to {uri}: {_explain(err)}") from err
+
+    def stat(self, uri: str) -> ObjectStat | None:
+        """Size and sha256 of the object at `uri` as the server keeps them, without reading it (None: absent).
+        sha256 is S3's full-object ChecksumSHA256 when the server returns one (checked by the server on upload),
+        else the sha256 metadata :meth:`put_file_checked` wrote, else None."""
+        if not is_s3(uri):
+            local = _local(uri)
+            return ObjectStat(local.stat().st_size, None) if local.is_file() else None
+        bucket, key = parse_s3_uri(uri)
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        except Exception as err:
+            if _status(err) in (404, 403) or "Not Found" in str(err):
+                return None
+            raise StorageError(f"cannot check {uri}: {_explain(err)}") from err
+        return ObjectStat.from_head(head)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         if is_s3(uri):

@@ -45,14 +45,17 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     counts = {"read": cleaned.read, "usable": len(rows)} | {k: len(v) for k, v in order.items()}
     result = PrepareResult(ok=True, counts=counts, dropped=dict(cleaned.dropped), examples=dict(cleaned.examples))
 
-    # Stage hub models once (train and evaluate read only the staged copies), then check every model before
-    # uploading the data: a model that cannot be read or cannot fit fails the step (see memory_verdict).
-    staged = stage_hub_models(inp, store, workdir)
+    # Check every model before any weight moves: a hub model is resolved to its commit and checked on its
+    # config and tokenizer alone (or on the shared copy when one is complete); a model that cannot be read or
+    # cannot fit fails the step (see memory_verdict) before its weights are copied. Then the weights of the
+    # models that go on are staged (once per commit, in the bucket's shared cache).
+    hub = resolve_hub_models(inp, store, workdir)
     for ref in inp.models:
-        copy = staged.get((ref.base_model, ref.revision))
-        prepared = check_model(ref.model_copy(update={"weights_uri": copy.uri}) if copy else ref, inp, store, rows, order)
-        if copy is not None:
-            prepared.staged_uri, prepared.revision = copy.uri, copy.revision
+        source = hub.get((ref.base_model, ref.revision))
+        checked = ref.model_copy(update={"weights_uri": source.check_from}) if source else ref
+        prepared = check_model(checked, inp, store, rows, order)
+        if source is not None:
+            prepared.staged_uri, prepared.revision = source.dest, source.model.sha
         result.models.append(prepared)
     verdict = memory_verdict(inp, result.models)
     if verdict.error:
@@ -61,7 +64,10 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     for prepared in result.models:
         if prepared.name in verdict.left_out:
             prepared.error = verdict.left_out[prepared.name]
+            prepared.staged_uri = None  # left out: its weights are not copied
             log.warning("%s", prepared.error)
+    going_on = {ref.name for ref in inp.models} - set(verdict.left_out)
+    stage_hub_models(inp, hub, going_on, store, workdir)
 
     out = workdir / "data"
     out.mkdir(parents=True, exist_ok=True)
@@ -142,19 +148,56 @@ def memory_verdict(inp: PrepareInput, prepared: Sequence[PreparedModel]) -> Memo
     return MemoryVerdict(error=message)
 
 
-def stage_hub_models(inp: PrepareInput, store: Any, workdir: Path) -> dict[tuple[str, str | None], Any]:
-    """Every base model named by hub id, staged once per (id, revision) under the run's base-models/ prefix."""
-    from .staging import is_hub_id, stage
+@dataclass
+class HubSource:
+    """A hub model resolved to its commit: where its shared copy goes (`dest`), and what the pre-flight reads
+    (`check_from`: the complete shared copy, else a local directory of its config and tokenizer)."""
 
-    staged: dict[tuple[str, str | None], Any] = {}
+    model: Any  # staging.HubModel
+    dest: str
+    check_from: str
+    light: Path | None = None
+    staged: Any = None  # staging.Staged, once staged
+
+
+def resolve_hub_models(inp: PrepareInput, store: Any, workdir: Path) -> dict[tuple[str, str | None], HubSource]:
+    """Every base model named by hub id, resolved once per (id, revision): a complete shared copy of that commit
+    is reused as it is; otherwise only its config and tokenizer are fetched (no weights) for the pre-flight."""
+    from . import staging
+
+    hub: dict[tuple[str, str | None], HubSource] = {}
     for ref in inp.models:
         key = (ref.base_model, ref.revision)
-        if key in staged or not is_hub_id(ref.base_model):
+        if key in hub or not staging.is_hub_id(ref.base_model):
             continue
-        dest = inp.location.uri(names.staged_model_dir(ref.base_model, ref.revision))
-        staged[key] = stage(ref.base_model, ref.revision, dest, store, workdir)
-        log.info("base model %s staged at %s (revision %s)", ref.base_model, dest, staged[key].revision)
-    return staged
+        model = staging.resolve(ref.base_model, ref.revision)
+        dest = inp.cache_uri(names.shared_model_dir(model.repo, model.sha))
+        done = staging.reuse(model, dest, store)
+        if done is not None:
+            staging.check_access(model)  # the hub must still let this comparison's token read it
+            log.info("base model %s@%s: a complete shared copy is at %s", model.repo, model.sha, dest)
+            hub[key] = HubSource(model, dest, dest, staged=done)
+        else:
+            light = staging.fetch_light(model, workdir)
+            hub[key] = HubSource(model, dest, str(light), light=light)
+    return hub
+
+
+def stage_hub_models(
+    inp: PrepareInput, hub: dict[tuple[str, str | None], HubSource], going_on: set[str], store: Any, workdir: Path
+) -> None:
+    """Stage the weights of every hub model that goes on (after the pre-flight), once per commit."""
+    from .staging import stage
+
+    for ref in inp.models:
+        source = hub.get((ref.base_model, ref.revision))
+        if source is None or source.staged is not None or ref.name not in going_on:
+            continue
+        source.staged = stage(source.model, source.dest, store, workdir, source.light)
+        log.info(
+            "base model %s staged at %s (commit %s; %d files moved, %d already there)",
+            ref.base_model, source.dest, source.model.sha, source.staged.moved, source.staged.skipped,
+        )  # fmt: skip
 
 
 def check_model(ref: ModelRef, inp: PrepareInput, store: Any, rows: data.Spool, order: dict[str, list[int]]) -> PreparedModel:

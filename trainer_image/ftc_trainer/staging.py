@@ -1,11 +1,26 @@
 """Staging: a base model named by Hugging Face hub id is copied once, by the prepare step (a CPU pod), into the
-run's S3 prefix with a manifest; train and evaluate then read only that verified copy, offline.
+shared cache of the run's bucket, content-addressed by repository and resolved commit
+(`CACHE_PREFIX/models/hf/ORG--NAME/COMMIT/`, :func:`ftc_api.names.shared_model_dir`), with a manifest written
+last; train and evaluate then read only that verified copy, offline, and later comparisons of the same commit
+reuse it without touching the hub's weights.
 
 The hub is whatever `HF_ENDPOINT` names (spec.hub.endpoint; huggingface.co by default), the token is
-`HF_TOKEN` (from the Secret spec.hub.tokenSecretRef names). The revision is resolved to its commit sha first,
-and every file is fetched at that sha, so a branch moving during the copy cannot mix two commits. Files go
-one at a time (download, upload, delete), so the pod's scratch disk needs only the largest file. A copy whose
-manifest records the same sha is reused (a retried prepare pays nothing twice).
+`HF_TOKEN` (from the Secret spec.hub.tokenSecretRef names). The revision is resolved to its commit sha first
+(with each file's size and, for LFS files, the hub's sha256), and every file is fetched at that sha, so a
+branch moving during the copy cannot mix two commits.
+
+- Pre-flight first: :func:`fetch_light` downloads only the files that are not weights (config.json, the
+  tokenizer); prepare checks memory on them and refuses (or leaves out) a model that cannot fit before any
+  weight moves.
+- Files move in parallel, `FTC_STAGING_PARALLEL` (default 4) at a time, each download -> upload -> delete: the
+  scratch disk holds at most that many files at once (bound: N x the largest file); memory stays at a few MB
+  per transfer (bodies stream from disk).
+- Resume inside a model: a file whose object is already in the destination with the same size and sha256 (S3's
+  own ChecksumSHA256, or the sha256 metadata ftc writes beside it; :meth:`ftc_step.storage.Storage.stat`) is
+  skipped: neither downloaded nor hashed again. LFS files are never hashed here: the hub's sha256 is stated on
+  the upload and the S3 server checks the bytes against it (ChecksumSHA256; a server that keeps no checksums,
+  such as moto, is trusted on the size alone). Small non-LFS files are hashed after download.
+- A copy whose manifest records the same commit is reused as it is.
 """
 
 from __future__ import annotations
@@ -14,12 +29,17 @@ import fnmatch
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftc_api.steps import HUB_TOKEN_ENV
 from ftc_step.errors import StepError, transient
+
+if TYPE_CHECKING:
+    from ftc_step.storage import ObjectStat
 
 log = logging.getLogger("ftc.trainer.staging")
 
@@ -49,15 +69,70 @@ def wanted_files(names: list[str]) -> list[str]:
     return sorted(keep)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PARALLEL_ENV = "FTC_STAGING_PARALLEL"
+DEFAULT_PARALLEL = 4
+
+
+def is_weight(name: str) -> bool:
+    """Whether a repository file holds weights (moved only after the pre-flight passed)."""
+    return name.endswith(WEIGHT_SUFFIXES) and "tokenizer" not in name
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a resolved hub repository: its size and the hub's sha256 (LFS files only; None otherwise)."""
+
+    name: str
+    size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A hub repository resolved to one commit, and the files a transformers model needs at that commit."""
+
+    repo: str
+    sha: str
+    requested: str | None
+    files: tuple[HubFile, ...]
+
+    @property
+    def light(self) -> list[HubFile]:
+        return [f for f in self.files if not is_weight(f.name)]
+
+
 @dataclass(frozen=True)
 class Staged:
-    """A staged base model: where the copy is, the commit it was taken at, its files and their total size."""
+    """A staged base model: where the copy is, the commit it was taken at, its files and their total size;
+    `moved`: files copied from the hub by this call, `skipped`: files already in place (a resumed copy)."""
 
     uri: str
     revision: str
     files: int
     bytes: int
     reused: bool = False
+    moved: int = 0
+    skipped: int = 0
+
+
+def files_to_move(files: Sequence[HubFile], present: Mapping[str, ObjectStat | None]) -> list[HubFile]:
+    """Pure: the files whose destination object does not already hold them (same size and sha256); a file
+    whose sha256 is not known yet is always moved."""
+    out = []
+    for f in files:
+        stat = present.get(f.name)
+        if stat is None or f.size is None or not stat.holds(f.size, f.sha256):
+            out.append(f)
+    return out
+
+
+def parallelism() -> int:
+    """Files in flight at once ($FTC_STAGING_PARALLEL, default 4)."""
+    raw = os.environ.get(PARALLEL_ENV) or str(DEFAULT_PARALLEL)
+    if not raw.isdigit() or int(raw) < 1:
+        raise StepError(f"{PARALLEL_ENV}={raw!r}: expected a whole number of files, 1 or more")
+    return int(raw)
 
 
 def _refused(err: Exception, repo: str, revision: str | None, token: str | None) -> StepError:
@@ -81,48 +156,148 @@ def _refused(err: Exception, repo: str, revision: str | None, token: str | None)
     return StepError(f"cannot stage base model {repo} from the hub: {type(err).__name__}: {err}", retryable=transient(err))
 
 
-def stage(repo: str, revision: str | None, dest: str, store: Any, workdir: Path) -> Staged:
-    """Copy hub model `repo` at `revision` (default main) to `dest` (an S3 prefix) with a manifest; see module doc."""
-    from ftc_step.storage import Entry, StorageError, sha256_file
-    from huggingface_hub import HfApi, hf_hub_download
+def _hub() -> tuple[str | None, str | None]:
+    return os.environ.get("HF_ENDPOINT") or None, os.environ.get(HUB_TOKEN_ENV) or None
 
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    token = os.environ.get(HUB_TOKEN_ENV) or None
+
+def resolve(repo: str, revision: str | None) -> HubModel:
+    """Resolve `repo` at `revision` (default main) to its commit, with each wanted file's size and LFS sha256
+    (one API call, no file downloaded)."""
+    from huggingface_hub import HfApi
+
+    endpoint, token = _hub()
     try:
-        info = HfApi(endpoint=endpoint, token=token or False).model_info(repo, revision=revision)
+        info = HfApi(endpoint=endpoint, token=token or False).model_info(repo, revision=revision, files_metadata=True)
     except Exception as err:
         raise _refused(err, repo, revision, token) from err
     sha = info.sha
     if not sha:
         raise StepError(f"base model {repo}: the hub gave no commit sha for revision {revision or 'main'}")
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    names = wanted_files(list(siblings))
+    if "config.json" not in names:
+        raise StepError(f"base model {repo}@{sha}: the repository has no config.json (not a transformers model?)")
+    files = []
+    for name in names:
+        sibling = siblings[name]
+        lfs = sibling.lfs
+        files.append(HubFile(name, sibling.size, lfs.sha256 if lfs is not None else None))
+    return HubModel(repo, sha, revision, tuple(files))
+
+
+def _download(model: HubModel, name: str, scratch: Path) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    endpoint, token = _hub()
+    try:
+        return Path(
+            hf_hub_download(model.repo, name, revision=model.sha, endpoint=endpoint, token=token or False, local_dir=scratch)
+        )
+    except Exception as err:
+        raise _refused(err, model.repo, model.requested, token) from err
+
+
+def fetch_light(model: HubModel, workdir: Path) -> Path:
+    """Download the files that are not weights (config.json, tokenizer, ...) into a local directory for the
+    pre-flight check; staging uploads them from there later (no second download)."""
+    target = workdir / "hub" / model.repo.replace("/", "--") / model.sha
+    for f in model.light:
+        if not (target / f.name).is_file():
+            _download(model, f.name, target)
+    return target
+
+
+def check_access(model: HubModel) -> None:
+    """Whether this pod's token may read the repository's files (one HEAD of config.json, nothing downloaded):
+    a shared copy made with someone else's token is not handed to a comparison whose token the hub refuses."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    endpoint, token = _hub()
+    try:
+        get_hf_file_metadata(hf_hub_url(model.repo, "config.json", revision=model.sha, endpoint=endpoint), token=token or False)
+    except Exception as err:
+        raise _refused(err, model.repo, model.requested, token) from err
+
+
+def reuse(model: HubModel, dest: str, store: Any) -> Staged | None:
+    """The complete copy at `dest` (its manifest records this commit and lists every wanted file), or None."""
+    from ftc_step.storage import StorageError
+
     try:
         existing = store.read_manifest(dest)
     except StorageError:
-        existing = None
-    if existing is not None and existing.extra.get("revision") == sha:
-        size = sum(e.size for e in existing.files.values())
-        log.info("%s@%s already staged at %s", repo, sha, dest)
-        return Staged(dest, sha, len(existing.files), size, reused=True)
-    files = wanted_files([s.rfilename for s in info.siblings or []])
-    if not any(f == "config.json" for f in files):
-        raise StepError(f"base model {repo}@{sha}: the repository has no config.json (not a transformers model?)")
-    scratch = workdir / "hub-stage"
-    entries = []
-    for name in files:
-        try:
-            local = Path(hf_hub_download(repo, name, revision=sha, endpoint=endpoint, token=token or False, local_dir=scratch))
-        except Exception as err:
-            raise _refused(err, repo, revision, token) from err
-        entries.append(Entry(name, sha256_file(local), local.stat().st_size))
-        try:
-            store.upload_file(local, f"{dest.rstrip('/')}/{name}")
-        except StorageError as err:
-            raise StepError(f"cannot write the staged copy of {repo} to {dest}: {err}", retryable=True) from err
-        local.unlink()  # one file on disk at a time
-        log.info("staged %s/%s (%d bytes)", repo, name, entries[-1].size)
-    extra = {"source": f"hf://{repo}", "revision": sha, "requestedRevision": revision or "main"}
+        return None
+    if existing is None or existing.extra.get("revision") != model.sha:
+        return None
+    if not {f.name for f in model.files} <= set(existing.files):
+        return None
+    size = sum(e.size for e in existing.files.values())
+    return Staged(dest, model.sha, len(existing.files), size, reused=True)
+
+
+def stage(model: HubModel, dest: str, store: Any, workdir: Path, light: Path | None = None) -> Staged:
+    """Copy `model` to `dest` (an s3:// prefix) with a manifest, resuming a partial copy; see the module doc.
+    `light`: the directory :func:`fetch_light` filled (its files are uploaded from there)."""
+    from ftc_step.storage import Entry, StorageError, join, sha256_file
+
+    done = reuse(model, dest, store)
+    if done is not None:
+        log.info("%s@%s already staged at %s", model.repo, model.sha, dest)
+        return done
+    light = light or fetch_light(model, workdir)
+    # The small files' sha256 is known once they are here; the weights' from the hub (LFS).
+    files = [
+        HubFile(f.name, (light / f.name).stat().st_size, sha256_file(light / f.name)) if not is_weight(f.name) else f
+        for f in model.files
+    ]
     try:
-        store.write_manifest(dest, entries, extra=extra)
+        present = {f.name: store.stat(join(dest, f.name)) for f in files}
     except StorageError as err:
-        raise StepError(f"cannot write the manifest of {repo}'s staged copy: {err}", retryable=True) from err
-    return Staged(dest, sha, len(entries), sum(e.size for e in entries))
+        raise StepError(f"cannot read the staged copy of {model.repo} at {dest}: {err}", retryable=True) from err
+    moving = files_to_move(files, present)
+    entries = {f.name: Entry(f.name, f.sha256 or "", f.size or 0) for f in files if f not in moving}
+    scratch = workdir / "hub-stage" / model.sha
+
+    def move(f: HubFile) -> Entry:
+        local = light / f.name if not is_weight(f.name) else _download(model, f.name, scratch)
+        try:
+            sha = f.sha256 or sha256_file(local)  # hashed here only when the hub gave no sha256 (not LFS)
+            store.put_file_checked(local, join(dest, f.name), sha)
+            entry = Entry(f.name, sha, local.stat().st_size)
+        except StorageError as err:
+            raise StepError(f"cannot write the staged copy of {model.repo} to {dest}: {err}", retryable=True) from err
+        finally:
+            if is_weight(f.name):
+                local.unlink(missing_ok=True)  # at most `parallel` weight files on disk at once
+        log.info("staged %s/%s (%d bytes)", model.repo, f.name, entry.size)
+        return entry
+
+    parallel = parallelism()
+    log.info(
+        "staging %s@%s: %d files to move, %d already in place, %d at a time",
+        model.repo,
+        model.sha,
+        len(moving),
+        len(entries),
+        parallel,
+    )
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="ftc-stage") as pool:
+        futures = [pool.submit(move, f) for f in moving]
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()  # files not started yet; those in flight finish and count on the retry
+                break
+    errors = [fut.exception() for fut in futures if not fut.cancelled() and fut.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+    for fut in futures:
+        entry = fut.result()
+        entries[entry.name] = entry
+    extra = {"source": f"hf://{model.repo}", "revision": model.sha, "requestedRevision": model.requested or "main"}
+    try:
+        store.write_manifest(dest, list(entries.values()), extra=extra)  # last: the copy is complete
+    except StorageError as err:
+        raise StepError(f"cannot write the manifest of {model.repo}'s staged copy: {err}", retryable=True) from err
+    size = sum(e.size for e in entries.values())
+    return Staged(dest, model.sha, len(entries), size, moved=len(moving), skipped=len(files) - len(moving))
