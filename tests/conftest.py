@@ -21,6 +21,7 @@ LEVELS = ("unit", "ml", "cluster")
 SLOW = (
     "tests/test_train_parallel.py::test_two_processes",  # two torchrun processes against one: 314 s
     "tests/test_train_parallel.py::test_fsdp",  # 111 s
+    "tests/test_train_fsdp.py::test_fsdp_qlora",  # two torchrun processes, 4-bit bf16 on the CPU: 125 s
     "tests/test_train_parallel.py::test_bad_input_in_a_worker",  # 46 s
     "tests/test_train_moe.py::test_a_mixtral_with_an_idle_expert",  # two torchrun processes: 77 s (machine busy)
     "tests/test_train_moe.py::test_ddp_without_the_search",  # two DDP models in a subprocess: 38 s (machine busy)

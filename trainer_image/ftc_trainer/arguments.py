@@ -100,5 +100,5 @@ def training_arguments(
         "dataloader_num_workers": 0,
         "ddp_find_unused_parameters": moe,  # idle experts get no gradient; a dense model needs no search
         "ddp_timeout": training.process_group_timeout_seconds,  # the group itself is made by train.join_process_group
-        **(fsdp_arguments(blocks) if parallelism == "fsdp" else {}),
+        **(fsdp_arguments(blocks, cuda) if parallelism == "fsdp" else {}),
     }

@@ -44,17 +44,74 @@ def block_class_names(model: Any) -> list[str]:
     return sorted(set(names))
 
 
-def fsdp_arguments(blocks: Sequence[str]) -> dict[str, Any]:
+def rank0_loads(cuda: bool) -> bool:
+    """Whether only rank 0 materialises the base model under FSDP (the others load onto the meta device and
+    FSDP broadcasts rank 0's weights one unit at a time, `sync_module_states`): on GPUs, yes. On the CPU, no:
+    torch's FSDP refuses `sync_module_states` for CPU tensors, so every process loads the model."""
+    return cuda
+
+
+def fsdp_loading_env(cuda: bool) -> dict[str, str]:
+    """The environment transformers' `from_pretrained` reads to load for FSDP (set before loading; the
+    process group must exist): with FSDP_CPU_RAM_EFFICIENT_LOADING, ranks other than 0 get empty weights."""
+    return {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": str(rank0_loads(cuda)).lower()}
+
+
+def fsdp_arguments(blocks: Sequence[str], cuda: bool = False) -> dict[str, Any]:
     """TrainingArguments settings that shard a model with FSDP: full sharding, one unit per decoder block
     (`blocks`: their class names, :func:`block_class_names`), original parameters kept (LoRA trains some
-    parameters of a module and freezes the others)."""
+    parameters of a module and freezes the others); on GPUs (`cuda`) rank 0 alone holds the loaded weights
+    until FSDP broadcasts them (:func:`rank0_loads`)."""
+    rank0 = rank0_loads(cuda)
     return {
         "fsdp": "full_shard auto_wrap",
         "fsdp_config": {
             "transformer_layer_cls_to_wrap": list(blocks),
             "use_orig_params": True,
-            "sync_module_states": False,
-            "cpu_ram_efficient_loading": False,
+            "sync_module_states": rank0,
+            "cpu_ram_efficient_loading": rank0,
             "activation_checkpointing": False,
         },
     }
+
+
+def adapter_units(wrapped: Any) -> list[tuple[str, Any]]:
+    """(name, unit) of the FSDP units that hold only trainable parameters and no nested unit: the LoRA layers,
+    which transformers' Trainer wraps one unit each (peft's `fsdp_auto_wrap_policy`). The same list, in the
+    same order, on every process."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = []
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, FSDP) or any(isinstance(m, FSDP) for m in module.modules() if m is not module):
+            continue
+        params = list(module.parameters())
+        if params and all(p.requires_grad for p in params):
+            units.append((name, module))
+    return units
+
+
+def clean_name(name: str) -> str:
+    """A parameter name inside FSDP (and activation-checkpoint) wrappers as the unwrapped model names it."""
+    return ".".join(part for part in name.split(".") if part not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"))
+
+
+def gather_adapter(wrapped: Any, main: bool) -> tuple[bool, dict[str, Any]]:
+    """The trainable (LoRA) weights of an FSDP-wrapped model, whole, on the CPU of rank 0 (`main`; empty
+    elsewhere): each adapter unit is gathered on its own (`summon_full_params` without recursion), so no
+    process ever holds more than the adapter, never the base model's weights. A collective: every process
+    calls it. (False, {}) on every process when the trainable weights are not all in adapter units (the
+    caller then gathers the full state dict)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = adapter_units(wrapped)
+    trainable = sum(1 for p in wrapped.parameters() if p.requires_grad)
+    if not units or sum(len(list(unit.parameters())) for _, unit in units) != trainable:
+        return False, {}
+    state: dict[str, Any] = {}
+    for prefix, unit in units:
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=True):
+            if main:
+                for name, param in unit.named_parameters():
+                    state[clean_name(f"{prefix}.{name}")] = param.detach().to("cpu", copy=True)
+    return True, state

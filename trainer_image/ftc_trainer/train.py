@@ -317,12 +317,14 @@ def build_model(ws: Workspace) -> BuiltModel:
     from peft import get_peft_model
     from transformers import set_seed
 
-    from .models import load_model, lora_config, resolve_targets
-    from .parallel import block_class_names, split_accumulation
+    from .models import has_cuda, load_model, lora_config, resolve_targets
+    from .parallel import block_class_names, fsdp_loading_env, split_accumulation
 
     ref, training = ws.inp.model, ws.training
     strategy = parallelism_for(ws.local, ref, training, ws.processes)
     set_seed(training.seed)
+    if strategy == "fsdp":  # on GPUs rank 0 alone reads the weights, the others load onto the meta device
+        os.environ.update(fsdp_loading_env(has_cuda()))
     model, forced = load_model(ws.local, ref.method, training, ref.base_model, device=None if strategy == "fsdp" else "auto")
     _, batch_deviation = split_accumulation(training.gradient_accumulation_steps, ws.processes)
     if batch_deviation:
@@ -456,10 +458,17 @@ class FtcTrainingArguments(TrainingArguments):
 
 def adapter_saver(trainer: Any, main: bool) -> Any:
     """A function writing the current adapter to a directory: rank 0 writes it; under FSDP every process
-    first takes part in gathering the sharded weights."""
+    first takes part in gathering the adapter's sharded weights (only those: `parallel.gather_adapter`)."""
+
+    from .parallel import gather_adapter
 
     def save(directory: Path) -> None:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+        state_dict = None
+        if trainer.is_fsdp_enabled:  # the LoRA units alone are gathered, never the base model's weights
+            whole, state_dict = gather_adapter(trainer.model_wrapped, main)
+            if not whole:
+                log.warning("the trainable weights are not all in FSDP adapter units: gathering the full state dict")
+                state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if main:
             trainer.model.save_pretrained(directory, state_dict=state_dict)
 
