@@ -39,6 +39,21 @@ def test_checksum_sha256_is_stored_on_put_returned_on_head_and_checked(local_s3)
     assert "Contents" not in s3.list_objects_v2(Bucket=local_s3.bucket, Prefix="sum/b.bin")
 
 
+def test_a_multipart_upload_has_a_composite_checksum_as_on_aws(local_s3, tmp_path: Path) -> None:
+    """Above the multipart threshold the stored ChecksumSHA256 is the checksum of the parts' checksums with a
+    "-<parts>" suffix (ChecksumType COMPOSITE), not the file's sha256: a reader comparing checksums must know."""
+    from boto3.s3.transfer import TransferConfig
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(range(256)) * (10 * 2**12 + 1))  # 10 MiB + 256 B: two 8 MiB-chunked parts
+    s3 = local_s3.server.client()
+    config = TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20)
+    s3.upload_file(str(path), local_s3.bucket, "sum/big.bin", ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=config)
+    head = s3.head_object(Bucket=local_s3.bucket, Key="sum/big.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumType"] == "COMPOSITE" and head["ChecksumSHA256"].endswith("-2"), head
+    assert head["ChecksumSHA256"].removesuffix("-2") != _sha256_b64(path.read_bytes())
+
+
 def test_if_none_match_writes_only_a_new_key(local_s3) -> None:
     s3 = local_s3.server.client()
     s3.put_object(Bucket=local_s3.bucket, Key="once/k", Body=b"first", IfNoneMatch="*")
@@ -49,13 +64,8 @@ def test_if_none_match_writes_only_a_new_key(local_s3) -> None:
 
 
 def test_a_wrong_secret_is_refused(local_s3) -> None:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=local_s3.endpoint_url,
-        aws_access_key_id=local_s3.server.access_key_id,
-        aws_secret_access_key="not-the-secret-key",
-        region_name="us-east-1",
-    )
+    wrong = _credentials(local_s3) | {"aws_secret_access_key": "not-the-secret-key"}
+    s3 = boto3.client("s3", endpoint_url=local_s3.endpoint_url, **wrong)
     with pytest.raises(ClientError) as refused:
         s3.list_objects_v2(Bucket=local_s3.bucket)
     assert _code(refused.value) == "SignatureDoesNotMatch"
