@@ -40,6 +40,8 @@ SLOW = (
     "tests/test_storage_faults.py::test_training_through_flaky_storage",  # 8 s
     "tests/test_api_fuzz.py",  # 2,500 mutated specs and 30 through kubectl: 60 to 135 s
     "tests/test_data_json.py::test_a_2gb_json_array_streams_in_the_memory_the_json_lines_reader_needs",  # 2 GB file: 13 to 28 s
+    "tests/test_example_flagship.py::test_the_flagship_example_gets_past_prepare",  # a prepare process: 17 to 93 s
+    "tests/test_example_flagship.py::test_without_the_hub_token",  # a prepare process: 3 to 51 s
 )
 
 FIRST = "tests/test_cluster_lifecycle.py"  # brings up its own cluster: before the session's cluster starts
