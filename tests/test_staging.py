@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from ftc_api.spec import DatasetSpec, Method, SplitSpec
 from ftc_api.steps import EXIT_BAD_INPUT, Location, ModelRef, PrepareInput
-from ftc_step.storage import Storage
-from ftc_trainer.staging import is_hub_id, wanted_files
+from ftc_step.storage import ObjectStat, Storage
+from ftc_trainer.staging import HubFile, files_to_move, is_hub_id, wanted_files
 
 from devcluster.models.tiny import TinyAssets, TinyS3
 from devcluster.servers.hub_server import FakeHub
@@ -78,7 +78,10 @@ def test_a_hub_model_is_staged_once_with_its_commit_and_read_from_the_copy(
     code, summary, loc = _prepare(tiny_s3, tmp_path, monkeypatch, hub_server, "staged")
     assert code == 0, summary
     model = summary["models"][0]
-    assert model["revision"] == repo.sha and model["stagedUri"] == f"s3://{loc.bucket}/ftc-cache/models/hf/ftc-test--tiny-llama/{repo.sha}"
+    assert (
+        model["revision"] == repo.sha
+        and model["stagedUri"] == f"s3://{loc.bucket}/ftc-cache/models/hf/ftc-test--tiny-llama/{repo.sha}"
+    )
     assert model["memory"]["parameters"] > 100_000 and model["tokenCounts"]["train"] > 0  # checked on the copy
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
     copy = store.download_verified(model["stagedUri"], tmp_path / "copy")  # every file matches its sha256
@@ -147,3 +150,39 @@ def test_a_gated_model_is_staged_with_the_token(
     monkeypatch.setenv("HF_TOKEN", "hf_right")
     code, summary, _ = _prepare(tiny_s3, tmp_path, monkeypatch, hub_server, "gated-ok")
     assert code == 0 and summary["models"][0]["revision"] == repo.sha, summary
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("present", "moved"),
+    [
+        ({}, ["a.safetensors", "b.safetensors", "config.json"]),
+        ({"a.safetensors": ObjectStat(10, "aa"), "b.safetensors": ObjectStat(20, "bb")}, ["config.json"]),
+        ({"a.safetensors": ObjectStat(9, "aa")}, ["a.safetensors", "b.safetensors", "config.json"]),  # cut short
+        ({"a.safetensors": ObjectStat(10, "ab")}, ["a.safetensors", "b.safetensors", "config.json"]),  # other bytes
+        ({"a.safetensors": ObjectStat(10, None)}, ["a.safetensors", "b.safetensors", "config.json"]),  # no checksum
+        ({"config.json": ObjectStat(3, None)}, ["a.safetensors", "b.safetensors", "config.json"]),  # sha unknown
+    ],
+    ids=["nothing-there", "weights-there", "short-object", "other-content", "no-checksum", "unknown-sha"],
+)
+def test_a_resumed_copy_moves_only_files_not_already_in_place(present: dict[str, ObjectStat], moved: list[str]) -> None:
+    files = [HubFile("a.safetensors", 10, "aa"), HubFile("b.safetensors", 20, "bb"), HubFile("config.json", 3, None)]
+    assert [f.name for f in files_to_move(files, present)] == moved
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("head", "stat"),
+    [
+        ({"ContentLength": 4, "ChecksumSHA256": "qqo=", "ChecksumType": "FULL_OBJECT"}, ObjectStat(4, "aaaa", True)),
+        (
+            {"ContentLength": 4, "ChecksumSHA256": "qqo=-3", "ChecksumType": "COMPOSITE", "Metadata": {"sha256": "ff"}},
+            ObjectStat(4, "ff"),
+        ),
+        ({"ContentLength": 4, "Metadata": {"sha256": "ff"}}, ObjectStat(4, "ff")),  # moto: no checksum kept
+        ({"ContentLength": 4}, ObjectStat(4, None)),
+    ],
+    ids=["s3-full-object", "multipart-uses-metadata", "metadata-only", "nothing-known"],
+)
+def test_an_objects_sha256_comes_from_s3s_checksum_else_ftcs_metadata(head: dict, stat: ObjectStat) -> None:
+    assert ObjectStat.from_head(head) == stat

@@ -106,7 +106,7 @@ class FakeHub(ThreadedServer):
                 "disabled": False,
                 "tags": [],
                 "siblings": [
-                    self._sibling(name, data, request.query.get("blobs") == "true") for name, data in sorted(repo.files.items())
+                    self._sibling(name, data, request.query.get("blobs", "").lower() == "true") for name, data in sorted(repo.files.items())
                 ],
             }
         )

@@ -55,7 +55,7 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
         checked = ref.model_copy(update={"weights_uri": source.check_from}) if source else ref
         prepared = check_model(checked, inp, store, rows, order)
         if source is not None:
-            prepared.staged_uri, prepared.revision = source.dest, source.model.sha
+            prepared.revision = source.model.sha
         result.models.append(prepared)
     verdict = memory_verdict(inp, result.models)
     if verdict.error:
@@ -64,10 +64,13 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     for prepared in result.models:
         if prepared.name in verdict.left_out:
             prepared.error = verdict.left_out[prepared.name]
-            prepared.staged_uri = None  # left out: its weights are not copied
             log.warning("%s", prepared.error)
-    going_on = {ref.name for ref in inp.models} - set(verdict.left_out)
+    going_on = {ref.name for ref in inp.models} - set(verdict.left_out)  # a model left out is not copied
     stage_hub_models(inp, hub, going_on, store, workdir)
+    for ref, prepared in zip(inp.models, result.models, strict=True):
+        source = hub.get((ref.base_model, ref.revision))
+        if source is not None and source.staged is not None:
+            prepared.staged_uri = source.staged.uri
 
     out = workdir / "data"
     out.mkdir(parents=True, exist_ok=True)
