@@ -3,6 +3,19 @@ process against two processes started by torchrun (gloo on the CPU), SmolLM2-135
 data, steps and effective batch; trained tokens/s side by side in one run.
 
     python -m bench.parallel_bench [--steps 8] [--repeats 2] [--out bench/parallel.json]
+    python -m bench.parallel_bench --fsdp-memory-only   # just the FSDP-memory part, merged into the JSON
+
+FSDP memory (`fsdp_memory` in the JSON): two gloo processes load SmolLM2 with ftc's own loader
+(`ftc_trainer.models.load_model`, device None as `build_model` does under FSDP), add LoRA and wrap it in FSDP
+as transformers' Trainer does (one unit per decoder block, the LoRA layers in units of their own), then
+compute one loss. `every_rank_loads` is the old setting (`cpu_ram_efficient_loading: False`); `rank0_loads`
+is what ftc does on GPUs now (`FSDP_CPU_RAM_EFFICIENT_LOADING` before loading: rank 1 gets empty weights,
+`sync_module_states` broadcasts rank 0's one unit at a time). torch refuses `sync_module_states` for CPU
+tensors (it expects GPUs), so this bench lifts that check, which is what lets it measure the GPU path on the
+CPU; ftc itself keeps every-rank loading on the CPU. Peak RSS per rank (ru_maxrss) and its rise over the
+process's RSS before loading, beside the model's size; equal losses show rank 1 got rank 0's weights.
+On the CPU the FSDP shard itself lives in host RAM (half the model per rank); on GPUs it is on the device, so
+rank 1's host RAM stays near its `load_rise_gib`.
 
 The CPU cores are shared out: one process gets every core as threads, two processes get half each, so
 the ratio shows what splitting the work over processes costs or gains on the same hardware (on GPUs each
@@ -64,12 +77,125 @@ def run_step(processes: int, input_path: Path, work: Path, endpoint: str) -> dic
     }
 
 
+# glibc keeps freed small blocks (a layer's weights are 1-4 MB) in its heap, so RSS would count every
+# block FSDP ever held at once; a fixed mmap threshold returns each freed weight to the system, in both modes.
+MMAP_THRESHOLD = 128 * 1024
+
+
+def _rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def fsdp_memory_worker(mode: str, model_dir: str, out: str) -> None:
+    """One rank of the FSDP-memory measurement (run under torchrun): load, add LoRA, wrap, one loss."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.fsdp._init_utils as fsdp_init
+    from ftc_api.spec import LoraSpec, Method, TrainingSpec
+    from ftc_trainer.models import load_model, lora_config, resolve_targets
+    from ftc_trainer.parallel import block_class_names, fsdp_loading_env
+    from peft import get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    rank0 = mode == "rank0_loads"
+    os.environ.update(fsdp_loading_env(rank0))  # what build_model sets (True: the GPU decision)
+    before = _rss_gib()
+    training = TrainingSpec(lora=LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False)
+    model, _ = load_model(model_dir, Method.LORA, training, device=None)
+    loaded = _rss_gib()
+    model = get_peft_model(model, lora_config(training, resolve_targets(model, None)))
+    os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(block_class_names(model))
+    if rank0:  # torch's check that sync_module_states runs on GPU tensors; gloo broadcasts CPU ones
+        fsdp_init._check_module_states_for_sync_module_states = lambda module_states: None
+    wrapped = FSDP(
+        model,
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        auto_wrap_policy=fsdp_auto_wrap_policy(model),
+        use_orig_params=True,
+        sync_module_states=rank0,
+        device_id=torch.device("cpu"),  # as accelerate passes its device
+    )
+    wrapped_rss = _rss_gib()
+    wrap_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # loading and wrapping, before any compute
+    ids = torch.arange(1, 65).unsqueeze(0)
+    with torch.no_grad():
+        loss = float(wrapped(input_ids=ids, labels=ids).loss)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    Path(f"{out}.{rank}").write_text(json.dumps({
+        "rank": rank, "rss_before_load_gib": round(before, 3), "rss_after_load_gib": round(loaded, 3),
+        "rss_after_wrap_gib": round(wrapped_rss, 3),
+        "peak_rss_through_wrap_gib": round(wrap_peak, 3), "load_rise_gib": round(loaded - before, 3),
+        "peak_rise_through_wrap_gib": round(wrap_peak - before, 3),
+        "peak_rss_gib": round(peak, 3), "peak_rise_gib": round(peak - before, 3), "loss": round(loss, 6),
+    }))  # fmt: skip
+    dist.destroy_process_group()
+
+
+def fsdp_memory(model_dir: Path) -> dict[str, Any]:
+    """Both loading modes on two gloo processes: each rank's memory figures, and the model's size."""
+    from safetensors import safe_open
+
+    size = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            size += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is no dict)
+    doc: dict[str, Any] = {
+        "benchmark": "FSDP LoRA load + wrap + one loss, two gloo processes: every rank loads vs rank 0 loads",
+        "malloc_mmap_threshold": MMAP_THRESHOLD,
+        "model": model_dir.name,
+        "parameters": size,
+        "model_gib_as_loaded_fp32": round(size * 4 / 2**30, 3),  # the CPU policy loads fp32
+    }
+    with tempfile.TemporaryDirectory(prefix="ftc-fsdp-memory-") as tmp:
+        for mode in ("every_rank_loads", "rank0_loads"):
+            out = Path(tmp) / mode
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   "-m", "bench.parallel_bench", "--fsdp-memory-worker", mode, str(model_dir), str(out)]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FTC_ALLOW_CPU": "1",
+                   "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}  # fmt: skip
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+            if run.returncode != 0:
+                raise SystemExit(f"fsdp memory ({mode}) failed:\n{(run.stdout + run.stderr)[-4000:]}")
+            ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+            doc[mode] = {f"rank{r['rank']}": r for r in ranks}
+            print(mode, ranks, flush=True)
+    return doc
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--fsdp-memory-worker":
+        fsdp_memory_worker(*sys.argv[2:5])
+        return 0
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the fastest counts")
     parser.add_argument("--out", default="bench/parallel.json", help="where to write the results")
+    parser.add_argument("--fsdp-memory-only", action="store_true", help="run only the FSDP-memory part (merged)")
     args = parser.parse_args(argv)
+    if args.fsdp_memory_only:
+        from devcluster.models.smollm2 import build
+
+        doc = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        doc["fsdp_memory"] = fsdp_memory(Path(build())) | {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(json.dumps(doc["fsdp_memory"], indent=1))
+        return 0
 
     from ftc_api.spec import DatasetSpec, LoraSpec, Method, SplitSpec, TrainingSpec
     from ftc_api.steps import Location, ModelRef, PrepareInput, TrainInput
