@@ -161,8 +161,14 @@ class Evaluation:
         if not is_s3(base):
             return base  # a local path, or a hub id resolved from the local cache (no hub at run time)
         if base not in self._base_cache:
-            target = self.workdir / "base" / hashlib.sha256(base.encode()).hexdigest()[:12]
-            self._base_cache[base] = self.fetch_tree(base, target)[0]
+            manifest = self.store.read_manifest(base)
+            if manifest is not None:  # the node-local model cache the trainer fills too (ftc_step.model_cache)
+                from ftc_step.model_cache import cache_root, cached_tree
+
+                self._base_cache[base] = cached_tree(self.store, base, manifest, cache_root(self.workdir / "base")).path
+            else:
+                target = self.workdir / "base" / hashlib.sha256(base.encode()).hexdigest()[:12]
+                self._base_cache[base] = self.fetch_tree(base, target)[0]
         return self._base_cache[base]
 
     def loss_history(self, model: EvaluatedModel) -> list[dict[str, Any]]:

@@ -37,20 +37,26 @@ def fetch_model(source: str, store: Any, weights: bool = True) -> str:
         return source
     try:
         manifest = store.read_manifest(source)
+        if manifest is not None and weights:
+            # The node-local model cache (ftc_step.model_cache), keyed by the manifest's content; shared with
+            # the evaluator and with this pod's retries when the chart mounts a cache volume.
+            from ftc_step.model_cache import cache_root, cached_tree
+
+            local = cached_tree(store, source, manifest, cache_root(cache_dir())).path
+            if not (local / "config.json").exists():
+                raise StepError(f"base model {source} not found: no config.json under that prefix")
+            return str(local)
         # The cache key covers the manifest, so a re-uploaded model is fetched again.
         key = source + (manifest.sha256 or "" if manifest is not None else "")
         target = cache_dir() / hashlib.sha256(key.encode()).hexdigest()[:16]
         marker = target / (".ftc-complete" if weights else ".ftc-config")
         if marker.exists() or (target / ".ftc-complete").exists():
             return str(target)
-        if manifest is not None and weights:
-            store.download_verified(source, target)
-        else:
-            names = list(manifest.files) if manifest is not None else store.list(source)
-            if not weights:
-                names = [n for n in names if not n.endswith(WEIGHT_SUFFIXES)]
-            for name in names:
-                store.download_file(join(source, name), target / name)
+        names = list(manifest.files) if manifest is not None else store.list(source)
+        if not weights:
+            names = [n for n in names if not n.endswith(WEIGHT_SUFFIXES)]
+        for name in names:
+            store.download_file(join(source, name), target / name)
     except StorageError as err:
         raise StepError(f"cannot read base model {source}: {err}", retryable=transient(err)) from err
     if not (target / "config.json").exists():
