@@ -17,6 +17,7 @@ from ftc_api.steps import EXIT_BAD_INPUT, Location, LossPoint, ModelRef, TrainIn
 from ftc_step.storage import Storage
 
 from devcluster.models.tiny import TinyS3, new_run
+from tests.readme_table import assert_readme_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 # Training: two processes and one differ only in floating-point summation order (the gradients' all-reduce).
@@ -134,7 +135,7 @@ def _env(tiny_s3: TinyS3, tmp_path: Path, name: str, gpus: int) -> dict[str, str
 
 
 def train(tiny_s3: TinyS3, loc: Location, tmp_path: Path, name: str, gpus: int, training: TrainingSpec = TRAINING,
-          base_model: str | None = None) -> tuple[int, TrainResult, str]:  # fmt: skip
+          base_model: str | None = None, env: dict[str, str] | None = None) -> tuple[int, TrainResult, str]:  # fmt: skip
     inp = TrainInput(
         model=ModelRef(name="tiny-llama", base_model=base_model or tiny_s3.llama, method=Method.LORA, gpu_count=gpus),
         training=training,
@@ -144,7 +145,7 @@ def train(tiny_s3: TinyS3, loc: Location, tmp_path: Path, name: str, gpus: int, 
     path.write_text(inp.to_json())
     run = subprocess.run(
         [sys.executable, "-m", "ftc_trainer", "train", "--input", str(path)],
-        env=_env(tiny_s3, tmp_path, name, gpus),
+        env=_env(tiny_s3, tmp_path, name, gpus) | (env or {}),
         capture_output=True,
         text=True,
         timeout=600,
@@ -229,3 +230,52 @@ def test_fsdp_shards_the_model_and_learns_what_one_process_learns(tiny_s3: TinyS
         scale = float(value.abs().max())
         torch.testing.assert_close(adapters[1][key], value, rtol=TRAIN_LOSS_TOLERANCE, atol=TRAIN_LOSS_TOLERANCE * scale)
     assert "gathering the full state dict" not in log
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(900)
+def test_no_process_waits_on_slow_storage_inside_a_collective(tiny_s3: TinyS3, data_prefix: str, moto_s3, tmp_path: Path) -> None:
+    """Two gloo workers whose process group times out after a few seconds, behind storage so slow that the
+    base model's download and each checkpoint's upload take longer than that: the launcher downloads before
+    any worker starts and checkpoints upload in the background, so training ends with the loss history of a
+    run on fast storage. (With the download inside the group, as before, the waiting worker's barrier timed
+    out; with the upload on the training thread, the other worker's next all-reduce did.)"""
+    import re
+
+    from ftc_trainer.train import run_train
+
+    from devcluster.servers.faulty_s3 import FaultyS3, Throttle
+
+    timeout = 5  # seconds; over the start-up skew of two workers importing torch on two busy cores
+    training = TRAINING.model_copy(update={"process_group_timeout_seconds": timeout})
+    ref = ModelRef(name="tiny-llama", base_model=tiny_s3.llama, method=Method.LORA)
+    fast = run_train(TrainInput(model=ref, training=TRAINING, location=new_run(tiny_s3, data_prefix, "fast", tmp_path)),
+                     tmp_path / "fast")  # fmt: skip
+    proxy = FaultyS3(upstream=moto_s3.endpoint_url)
+    try:
+        proxy.slow(Throttle(path="/assets/models/tiny-llama/", method="GET", delay=0.8))  # every file of the model
+        proxy.slow(Throttle(path="/models/tiny-llama/checkpoints/", method="PUT", delay=0.4))  # every checkpoint file
+        loc = new_run(tiny_s3, data_prefix, "slow", tmp_path).model_copy(update={"endpoint_url": proxy.endpoint_url})
+        empty = str(tmp_path / "model-cache")  # the model comes through the slow storage
+        cache = {"FTC_CACHE_DIR": empty, "FTC_MODEL_CACHE_DIR": empty}
+        code, slow, log = train(tiny_s3, loc, tmp_path, "slow", 2, training, env=cache)
+    finally:
+        proxy.close()
+    assert code == 0, log[-4000:]
+    fetched = [float(s) for s in re.findall(r"inputs fetched in ([\d.]+)s", log)]
+    uploads = {int(step): float(s) for step, s in re.findall(r"checkpoint step-(\d+) uploaded in ([\d.]+)s", log)}
+    assert fetched and fetched[0] > timeout, log[-4000:]  # the download alone outlasts the timeout
+    assert set(uploads) == {6, 12} and all(s > timeout for s in uploads.values()), uploads  # so does each upload
+    assert (slow.parallelism, slow.processes, slow.total_steps) == ("ddp", 2, 12)
+
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    one, two = history_of(store, fast), history_of(store, slow)
+    assert [p.step for p in two] == [p.step for p in one]
+    for a, b in zip(one, two, strict=True):
+        for attr, tolerance in (("train_loss", TRAIN_LOSS_TOLERANCE), ("eval_loss", EVAL_LOSS_TOLERANCE)):
+            if getattr(a, attr) is not None:
+                assert getattr(b, attr) == pytest.approx(getattr(a, attr), rel=tolerance), (a, b)
+    checkpoints = set(store.list(loc.uri("models/tiny-llama/checkpoints")))
+    assert {"step-6/manifest.json", "step-12/manifest.json"} <= checkpoints
+    assert_readme_figure("storage slower than the process-group timeout", f"{timeout} s timeout")
+    print(f"fetched in {fetched[0]:.1f}s, uploads {uploads} (s), timeout {timeout}s, {proxy.throttled} requests slowed")

@@ -74,7 +74,7 @@ def train_step(workdir: Path | None, argv: list[str]) -> Step[TrainInput, TrainR
         processes = processes_for()
         if processes > 1 and not under_launcher():  # one process per GPU: this one becomes the torchrun agent
             log.info("starting %d training processes (torchrun)", processes)
-            return HandedOver(launch(argv, processes))
+            return HandedOver(launch(argv, processes, inp, workdir))
         from .train import run_train
 
         return run_train(inp, workdir)

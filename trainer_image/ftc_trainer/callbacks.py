@@ -1,5 +1,5 @@
 """The train step's callbacks into transformers' Trainer: when to evaluate, the best adapter so far, checkpoint
-uploads (manifest last), stopping a run resumed at its last step, and the run's clock.
+uploads (in the background, manifest last), stopping a run resumed at its last step, and the run's clock.
 
 The best adapter travels inside each checkpoint as flat files named ``ftc-best--*`` (a sub-directory holding
 adapter weights would be taken by Trainer for a second adapter and the main one would not be restored), with
@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -87,31 +89,130 @@ class BestAdapter(TrainerCallback):
 
 
 class CheckpointUploader(TrainerCallback):
-    """After each local checkpoint: add the best adapter and ftc's state, upload to
-    checkpoints/step-N/ with the manifest last."""
+    """After each local checkpoint, upload it to checkpoints/step-N/ (the manifest last) in the background.
 
-    def __init__(self, store: Any, prefix: str, best: BestAdapter) -> None:
+    Every process has written its part (its RNG state) when all have passed a barrier; then rank 0 adds the
+    best adapter and ftc's state, takes a snapshot of the checkpoint (hard links: the Trainer may delete its
+    own copy when it rotates checkpoints, `save_total_limit`) and hands it to one upload thread. No process
+    waits on storage: at most one upload runs, and a checkpoint saved while it runs waits in a single slot,
+    where a newer checkpoint replaces it (a resume needs only the newest), so the disk holds at most two
+    snapshots. An upload that failed past the client's retries is raised on rank 0 at its next step or save,
+    or by `close(raise_failure=True)`, which the step calls after training to wait for the last upload.
+    A process that dies mid-upload leaves the previous complete checkpoint: an upload's manifest is written
+    last, and only a checkpoint with its manifest is resumed from."""
+
+    def __init__(self, store: Any, prefix: str, best: BestAdapter, spool: Path) -> None:
         self.store = store
         self.prefix = prefix
         self.best = best
-        self.uploaded: list[int] = []
+        self.spool = spool  # where the snapshots wait for their upload
+        self.submitted: list[int] = []  # steps handed to the upload thread (rank 0)
+        self.uploaded: list[int] = []  # steps whose upload completed, manifest included
+        self.superseded: list[int] = []  # steps replaced in the waiting slot by a newer checkpoint
+        self.failure: Exception | None = None
+        self._waiting: tuple[int, Path] | None = None
+        self._running: int | None = None
+        self._closing = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
-        if args.world_size > 1:  # every process has written its part (its RNG state) before rank 0 uploads
+        if args.world_size > 1:  # every process has written its part before rank 0 takes the snapshot
             import torch.distributed as dist
 
             dist.barrier()
             if not state.is_world_process_zero:
                 return
+        self.raise_failure()
         local = Path(args.output_dir) / f"checkpoint-{step}"
-        if not local.is_dir() or step in self.uploaded:
+        if not local.is_dir() or step in self.submitted:
             return
         self.best.store_in(local)
-        started = time.monotonic()
-        self.store.upload_tree(local, f"{self.prefix}/step-{step}", extra={"step": step})
-        self.uploaded.append(step)
-        log.info("checkpoint step-%d uploaded in %.1fs", step, time.monotonic() - started)
+        snapshot = self.spool / f"step-{step}"
+        shutil.rmtree(snapshot, ignore_errors=True)
+        link_tree(local, snapshot)
+        self.submit(step, snapshot)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.raise_failure()
+
+    def submit(self, step: int, snapshot: Path) -> None:
+        """Queue the snapshot of checkpoint `step` for upload (replacing one that has not started)."""
+        with self._changed:
+            if self._waiting is not None:
+                old_step, old_snapshot = self._waiting
+                shutil.rmtree(old_snapshot, ignore_errors=True)
+                self.superseded.append(old_step)
+                log.info("checkpoint step-%d not uploaded: step-%d replaced it before its upload started", old_step, step)
+            self._waiting = (step, snapshot)
+            self.submitted.append(step)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._upload_loop, name="ftc-checkpoint-upload", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def raise_failure(self) -> None:
+        """Raise the StorageError of an upload that failed (the step fails as it did when uploads blocked)."""
+        if self.failure is not None:
+            raise self.failure
+
+    def close(self, wait: bool = True, raise_failure: bool = False) -> None:
+        """Stop the upload thread: with `wait`, after the checkpoints already handed to it are uploaded (on a
+        failed run only the one under way is finished; the waiting one is dropped); `raise_failure`: raise an
+        upload's failure."""
+        with self._changed:
+            self._closing = True
+            if not raise_failure and self._waiting is not None:  # a failed run starts no new upload
+                shutil.rmtree(self._waiting[1], ignore_errors=True)
+                self._waiting = None
+            self._changed.notify_all()
+            while wait and self._thread is not None and (self._waiting is not None or self._running is not None):
+                self._changed.wait()
+        if raise_failure:
+            self.raise_failure()
+
+    def _upload_loop(self) -> None:
+        while True:
+            with self._changed:
+                while self._waiting is None and not self._closing:
+                    self._changed.wait()
+                if self._waiting is None or self.failure is not None:  # closed, or an upload failed: stop
+                    if self._waiting is not None:
+                        shutil.rmtree(self._waiting[1], ignore_errors=True)
+                    self._waiting = None
+                    self._changed.notify_all()
+                    return
+                (step, snapshot), self._waiting = self._waiting, None
+                self._running = step
+            started = time.monotonic()
+            try:
+                self.store.upload_tree(snapshot, f"{self.prefix}/step-{step}", extra={"step": step})
+                self.uploaded.append(step)
+                log.info("checkpoint step-%d uploaded in %.1fs", step, time.monotonic() - started)
+            except Exception as err:  # raised in the training thread (raise_failure)
+                log.warning("checkpoint step-%d upload failed after %.1fs: %s", step, time.monotonic() - started, err)
+                self.failure = err
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+                with self._changed:
+                    self._running = None
+                    self._changed.notify_all()
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """A copy of the files under `source` at `target` made of hard links (a plain copy where the file system
+    has none): later changes to `source`'s directory entries (the Trainer deleting a rotated checkpoint) leave
+    it whole."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link)
 
 
 class TrainingAlreadyComplete(Exception):

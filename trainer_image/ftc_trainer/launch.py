@@ -7,6 +7,12 @@ restarts: the Job retries and the step resumes from its checkpoint) and waits fo
 ``LOCAL_RANK``/``WORLD_SIZE`` in its environment and trains its share of every batch on its own GPU;
 transformers' Trainer wraps the model in DistributedDataParallel (or FSDP, see ``parallel.py``).
 
+No training process waits on storage inside a collective: before it starts the workers, the agent downloads
+everything they read (`train.fetch_inputs`: data/, the base model, the newest complete checkpoint) into one
+scratch directory on the pod's disk and names it in ``$FTC_TRAIN_INPUTS`` (a small JSON file); the workers
+read that and download nothing, then create the process group with the spec's processGroupTimeoutSeconds.
+A download that fails fails the step here, as one process would (bad input 2, unreachable storage 1).
+
 Every rank writes its summary to its own file; the agent hands the container's termination log the
 summary of the rank that failed first (or rank 0's when all succeeded) and exits with that rank's code,
 so bad input still fails the Job at once (2) and a transient failure is still retried (1).
@@ -15,15 +21,22 @@ so bad input still fails the Job at once (2) and a transient failure is still re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftc_api.steps import RANK_SUMMARY_DIR_ENV
+
+if TYPE_CHECKING:
+    from ftc_api.steps import TrainInput
+
+log = logging.getLogger("ftc.trainer")
 
 
 def under_launcher(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
@@ -52,13 +65,21 @@ def pick_outcome(failures: dict[int, int], first_failed: int | None, summaries: 
     return (2 if code == 2 else 1), summary
 
 
-def launch(argv: list[str], processes: int) -> int:
-    """Run `python -m ftc_trainer ARGV` as `processes` torchrun workers; returns the pod's exit code after
-    writing the chosen summary to the termination log."""
+def launch(argv: list[str], processes: int, inp: TrainInput, workdir: Path | None = None) -> int:
+    """Fetch the inputs of `inp` into `workdir` (a new temporary directory when None), then run
+    `python -m ftc_trainer ARGV` as `processes` torchrun workers reading them; returns the pod's exit code
+    after writing the chosen summary to the termination log. A failed download raises StepError (no worker
+    was started)."""
     from ftc_step.runtime import write_termination_log
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from .train import INPUTS_ENV, fetch_inputs
+
+    started = time.monotonic()
+    fetched = fetch_inputs(inp, workdir or Path(tempfile.mkdtemp(prefix="ftc-train-")))
+    log.info("inputs fetched in %.1fs, before any training process started", time.monotonic() - started)
+    os.environ[INPUTS_ENV] = str(fetched.write())  # the workers inherit the agent's environment
     summaries_dir = Path(tempfile.mkdtemp(prefix="ftc-ranks-"))
     os.environ[RANK_SUMMARY_DIR_ENV] = str(summaries_dir)
     config = LaunchConfig(

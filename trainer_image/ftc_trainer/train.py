@@ -1,11 +1,13 @@
 """The train step: fine-tune one model with LoRA or QLoRA on the prepared data, resumable from S3.
 
-Flow (`run_train`, one function per room): `setup` (the process group, the scratch directory, a verified
-download of data/, the base model, the newest complete checkpoint) -> `datasets` (tokenisation with labels
+Flow (`run_train`, one function per room): `setup` (the scratch directory with data/, the base model and
+the newest complete checkpoint, downloaded and verified by `fetch_inputs` here or, under torchrun, by the
+launcher before any worker started; then the process group) -> `datasets` (tokenisation with labels
 on the responses only) -> `build_model` (LoRA on every linear projection, experts included) ->
 `arguments.training_arguments` (pure: the spec to TrainingArguments) -> `fit` (transformers Trainer with
-eval every `evalSteps` and at each epoch end, checkpoints to models/MODEL/checkpoints/step-N/, manifest
-last, every `saveSteps`) -> `results` and `save_results` (final and best adapters, metrics.json and
+eval every `evalSteps` and at each epoch end, checkpoints every `saveSteps` uploaded in the background to
+models/MODEL/checkpoints/step-N/, manifest last) -> `results` -> on rank 0, `finish_uploads` (waits for
+the checkpoint uploads) and `save_results` (final and best adapters, metrics.json and
 models/MODEL/manifest.json, last).
 
 The training settings are the input's `training`: the operator resolved them for this model (the shared
@@ -19,7 +21,6 @@ adapter so far in its `ftc-best--*` files, so the history continues with no step
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import re
 import resource
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,11 @@ from .callbacks import (
 log = logging.getLogger("ftc.train")
 
 CONFIG_FILE = "ftc-train-config.json"
+INPUTS_ENV = "FTC_TRAIN_INPUTS"  # set by the torchrun launcher: the file of the inputs it fetched for the workers
+INPUTS_FILE = "ftc-inputs.json"
+TRAINER_DIR = "trainer"  # the Trainer's output directory (its local checkpoints) inside the scratch directory
+BEST_ADAPTER_DIR = "best-adapter"
+UPLOAD_SPOOL_DIR = "checkpoint-uploads"  # the checkpoints the background uploader holds (hard links)
 _STEP_MANIFEST = re.compile(r"^step-(\d+)/manifest\.json$")
 
 
@@ -190,12 +197,18 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         moe=is_mixture_of_experts(built.model.config),  # DDP looks for idle experts' unused parameters
     )
     trainer, clock = make_trainer(ws, built.model, FtcTrainingArguments(**kwargs), tokenizer, train_set, eval_set, cuda)
-    fit(ws, trainer, clock)
-    history = loss_history(trainer.state.log_history)
     final_dir, best_dir = ws.workdir / "adapter", ws.workdir / "adapter-best"
-    ws.best.save(final_dir)
-    result = results(ws, built, trainer.state.global_step, history, clock)
+    try:
+        fit(ws, trainer, clock)
+        history = loss_history(trainer.state.log_history)
+        ws.best.save(final_dir)  # collective under FSDP: before rank 0 waits for its uploads
+        result = results(ws, built, trainer.state.global_step, history, clock)
+    except Exception:  # a checkpoint upload under way may still finish (a newer resume point); none is started
+        if ws.uploads is not None:
+            ws.uploads.close(wait=True)
+        raise
     if ws.main:
+        finish_uploads(ws)
         save_results(ws, built, tokenizer, final_dir, best_dir, history, result)
     return result
 
@@ -214,6 +227,7 @@ class Workspace:
     local: str = ""  # the base model's local directory (or hub id)
     checkpoint: Path | None = None  # the checkpoint to resume from
     resumed_step: int | None = None
+    uploads: CheckpointUploader | None = None  # rank 0's background checkpoint uploads (make_trainer)
 
     @property
     def main(self) -> bool:
@@ -226,58 +240,135 @@ class Workspace:
 
     @property
     def output_dir(self) -> Path:
-        return self.workdir / "trainer"
+        return self.workdir / TRAINER_DIR
 
 
 def setup(inp: TrainInput, workdir: Path | None) -> Workspace:
-    """Join the process group (under torchrun), make the scratch directory, download the prepared data, the
-    base model and the newest complete checkpoint (rank 0 first; the others take what it found)."""
-    from accelerate import PartialState
+    """The scratch directory and the inputs on local disk, then (under torchrun) the process group.
+
+    One process fetches its inputs itself (`fetch_inputs`). Several (torchrun's workers) find them where the
+    launcher put them before it started the workers (`launch.py`, named by `$FTC_TRAIN_INPUTS`) and download
+    nothing, so no process waits in a collective while another reads storage. The process group is created
+    last, with the spec's processGroupTimeoutSeconds."""
     from ftc_step.storage import Storage
 
-    from .models import has_cuda
     from .parallel import world_size
 
     processes = world_size()
-    # Under torchrun: join the process group now (gloo on the CPU, NCCL on GPUs); rank 0 downloads first.
-    state = PartialState(cpu=not has_cuda()) if processes > 1 else None
-    if workdir is None and processes > 1:  # the processes share one scratch directory
-        workdir = Path(tempfile.gettempdir()) / f"ftc-train-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-train-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(
-        inp, inp.training, workdir, Storage.for_location(inp.location), processes, state, BestAdapter(workdir / "best-adapter")
+    if processes > 1:
+        fetched = FetchedInputs.read(inputs_file())
+        state = join_process_group(inp.training)
+    else:
+        fetched = fetch_inputs(inp, Path(workdir or tempfile.mkdtemp(prefix="ftc-train-")))
+        state = None
+    best = BestAdapter(fetched.workdir / BEST_ADAPTER_DIR)
+    if fetched.best_step is not None and fetched.best_loss is not None:
+        best.loss, best.step = fetched.best_loss, fetched.best_step
+    return Workspace(
+        inp,
+        inp.training,
+        fetched.workdir,
+        Storage.for_location(inp.location),
+        processes,
+        state,
+        best,
+        local=fetched.local,
+        checkpoint=fetched.checkpoint,
+        resumed_step=fetched.resumed_step,
     )
-    with state.main_process_first() if state is not None else contextlib.nullcontext():
-        download_inputs(ws)
-    if state is not None:  # the other processes resume from the checkpoint rank 0 downloaded
-        import torch.distributed as dist
-
-        shared: list[Any] = [ws.resumed_step, ws.best.loss, ws.best.step]
-        dist.broadcast_object_list(shared, src=0)
-        ws.resumed_step, ws.best.loss, ws.best.step = shared
-        ws.checkpoint = ws.output_dir / f"checkpoint-{ws.resumed_step}" if ws.resumed_step is not None else None
-    return ws
 
 
-def download_inputs(ws: Workspace) -> None:
-    """data/ (rank 0), the base model (every process: its own cache) and the checkpoint to resume from (rank 0)."""
-    from ftc_step.storage import StorageError
+def join_process_group(training: TrainingSpec) -> Any:
+    """accelerate's PartialState: the process group (gloo on the CPU, NCCL on GPUs) with the spec's
+    processGroupTimeoutSeconds. Created here, before TrainingArguments, whose own PartialState finds it
+    (transformers hands its ddp_timeout only to a group it creates itself, and never on the CPU)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    from .models import has_cuda
+
+    return PartialState(cpu=not has_cuda(), timeout=timedelta(seconds=training.process_group_timeout_seconds))
+
+
+@dataclass(frozen=True)
+class FetchedInputs:
+    """What `fetch_inputs` put on local disk: the scratch directory (data/ and trainer/ inside), the base
+    model's local directory (or hub id), the checkpoint to resume from and the best adapter's loss and step."""
+
+    workdir: Path
+    local: str
+    checkpoint: Path | None = None
+    resumed_step: int | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+
+    def write(self) -> Path:
+        """Write this into the scratch directory (for the workers); returns the file."""
+        path = self.workdir / INPUTS_FILE
+        doc = {
+            "workdir": str(self.workdir),
+            "local": self.local,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "resumedStep": self.resumed_step,
+            "bestLoss": self.best_loss,
+            "bestStep": self.best_step,
+        }
+        path.write_text(json.dumps(doc, indent=1))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> FetchedInputs:
+        doc = json.loads(path.read_text())
+        checkpoint = doc.get("checkpoint")
+        return cls(
+            Path(doc["workdir"]),
+            doc["local"],
+            Path(checkpoint) if checkpoint else None,
+            doc.get("resumedStep"),
+            doc.get("bestLoss"),
+            doc.get("bestStep"),
+        )
+
+
+def inputs_file(env: Mapping[str, str] = os.environ) -> Path:
+    """The inputs file the torchrun launcher wrote for its workers; StepError when a worker runs without one
+    (torchrun started by hand: the launcher is `ftc-trainer train` itself, with FTC_GPUS > 1)."""
+    value = env.get(INPUTS_ENV)
+    if not value or not Path(value).is_file():
+        raise StepError(
+            f"a training process under torchrun found no fetched inputs (${INPUTS_ENV} unset or missing): "
+            "start training on several GPUs with `ftc-trainer train` and FTC_GPUS > 1, which downloads the "
+            "inputs before it starts the training processes"
+        )
+    return Path(value)
+
+
+def fetch_inputs(inp: TrainInput, workdir: Path, store: Any = None) -> FetchedInputs:
+    """Everything training reads from storage, onto local disk under `workdir`: data/ (verified), the base
+    model (`models.fetch_model`: the staged copy of a hub model, else baseModel) and the newest complete
+    checkpoint, whose best adapter is restored beside it. Called by the single training process, or by the
+    torchrun launcher before it starts the workers: never while a process group exists."""
+    from ftc_step.storage import Storage, StorageError
 
     from .models import fetch_model
 
-    data_uri = ws.inp.location.uri("data")
-    if ws.main:
-        try:
-            ws.store.download_verified(data_uri, ws.workdir / "data")
-        except StorageError as err:
-            raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
-    ws.local = fetch_model(ws.inp.model.weights, ws.store)  # the staged copy of a hub model, else baseModel
-    if ws.main:
-        ws.checkpoint, ws.resumed_step = find_checkpoint(ws.store, f"{ws.model_prefix}/checkpoints", ws.output_dir)
-        if ws.checkpoint is not None:
-            ws.best.restore(ws.checkpoint)
-            log.info("resuming from checkpoint step-%d", ws.resumed_step)
+    store = store or Storage.for_location(inp.location)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_uri = inp.location.uri("data")
+    try:
+        store.download_verified(data_uri, workdir / "data")
+    except StorageError as err:
+        raise StepError(f"cannot read the prepared data at {data_uri}: {err}", retryable=transient(err)) from err
+    local = fetch_model(inp.model.weights, store)  # the staged copy of a hub model, else baseModel
+    checkpoints = f"{inp.location.uri(names.model_dir(inp.model.name))}/checkpoints"
+    checkpoint, step = find_checkpoint(store, checkpoints, workdir / TRAINER_DIR)
+    if checkpoint is None:
+        return FetchedInputs(workdir, local)
+    best = BestAdapter(workdir / BEST_ADAPTER_DIR)
+    best.restore(checkpoint)
+    log.info("resuming from checkpoint step-%d", step)
+    return FetchedInputs(workdir, local, checkpoint, step, best.loss if best.step is not None else None, best.step)
 
 
 def datasets(ws: Workspace) -> tuple[Any, list[dict[str, list[int]]], list[dict[str, list[int]]]]:
@@ -351,11 +442,13 @@ def make_trainer(
     from .progress import ProgressReporter, pod_patcher
 
     clock = RunClock()
+    uploads = CheckpointUploader(ws.store, f"{ws.model_prefix}/checkpoints", ws.best, ws.workdir / UPLOAD_SPOOL_DIR)
+    ws.uploads = uploads
     callbacks = [
         StopWhenResumedAtTheEnd(),
         EvalEveryEpochAndAtEnd(bool(eval_set)),
         ws.best,
-        CheckpointUploader(ws.store, f"{ws.model_prefix}/checkpoints", ws.best),
+        uploads,
         clock,
     ]
     if ws.main:  # progress comes from rank 0
@@ -386,6 +479,19 @@ def fit(ws: Workspace, trainer: Any, clock: RunClock) -> None:
     except torch.OutOfMemoryError as err:  # deterministic: the same batch runs out again on a retry
         raise StepError(out_of_memory_message(torch, ws.inp.model, ws.training, err)) from err
     except StorageError as err:  # a checkpoint upload failed after the client's own retries
+        raise storage_failure(err, ws.inp.location.endpoint_url, "uploading a checkpoint") from err
+
+
+def finish_uploads(ws: Workspace) -> None:
+    """Rank 0, after the last collective: wait for the checkpoint uploads still under way (the last
+    checkpoint's among them); one that failed past the client's retries is a storage failure."""
+    from ftc_step.storage import StorageError
+
+    if ws.uploads is None:
+        return
+    try:
+        ws.uploads.close(wait=True, raise_failure=True)
+    except StorageError as err:
         raise storage_failure(err, ws.inp.location.endpoint_url, "uploading a checkpoint") from err
 
 
