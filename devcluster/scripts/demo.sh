@@ -32,7 +32,12 @@ kubectl get nodes -o wide | sed 's/^/    /'
 HOST_IP=$("$PY" -c 'from devcluster.kube.node import host_ip; print(host_ip())')
 stage "2/7 local OpenAI-compatible judge on $HOST_IP:$JUDGE_PORT (pods cannot reach the host's loopback)"
 if ! (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null; then
-  nohup "$PY" -m devcluster.servers.openai_server --host 0.0.0.0 --port "$JUDGE_PORT" >"$DEMO/judge.log" 2>&1 &
+  # The judge outlives this script, so it must not inherit an open descriptor: under
+  # `flock /tmp/ftc-cluster.lock make demo` it would hold the cluster lock until someone killed it.
+  (
+    for fd in $(ls /proc/$BASHPID/fd); do if ((fd > 2)); then eval "exec $fd>&-"; fi; done
+    exec nohup "$PY" -m devcluster.servers.openai_server --host 0.0.0.0 --port "$JUDGE_PORT" >"$DEMO/judge.log" 2>&1
+  ) &
   echo $! >"$DEMO/judge.pid"
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null && break; sleep 0.2; done
 fi
