@@ -111,6 +111,7 @@ bench: prereqs
 	$(BIN)/python -m bench.real_model_bench
 	$(BIN)/python -m bench.parallel_bench
 	$(BIN)/python -m bench.prepare_bench
+	$(BIN)/python -m bench.staging_bench
 	$(BIN)/python -m bench.eval_bench
 	$(BIN)/python -m bench.operator_bench
 

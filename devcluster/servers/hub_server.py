@@ -13,11 +13,13 @@ is a hash of the files. Every request is kept in `server.requests` (method, path
 `server.fail_with = 400` fails every request with an error quoting its Authorization header.
 `server.cut_after(k, suffix)`: after k more file downloads (GET) whose name ends with `suffix`, every further one
 answers 429 Too Many Requests (the hub's rate limit; transient) until `server.cut = None`. `downloads(suffix)`
-counts the file downloads served.
+counts the file downloads served. `server.bytes_per_second`: every download streams at that speed (a hub far
+away; each connection on its own, as a CDN serves them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from devcluster.servers.http_thread import ThreadedServer
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
 LFS_SIZE = 10 * 2**20
+CHUNK = 2**20
 
 
 @dataclass
@@ -47,6 +50,7 @@ class FakeHub(ThreadedServer):
         self.requests: list[dict[str, Any]] = []
         self.endpoint = ""
         self.fail_with: int | None = None  # answer every request with this status, quoting the request's token
+        self.bytes_per_second: float | None = None  # each download's speed (None: as fast as the machine)
         self.cut: tuple[int, str] | None = None  # (downloads still served, file-name suffix): see cut_after
 
     def cut_after(self, k: int, suffix: str = "") -> None:
@@ -106,7 +110,8 @@ class FakeHub(ThreadedServer):
                 "disabled": False,
                 "tags": [],
                 "siblings": [
-                    self._sibling(name, data, request.query.get("blobs", "").lower() == "true") for name, data in sorted(repo.files.items())
+                    self._sibling(name, data, request.query.get("blobs", "").lower() == "true")
+                    for name, data in sorted(repo.files.items())
                 ],
             }
         )
@@ -125,7 +130,7 @@ class FakeHub(ThreadedServer):
             sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
         return sibling
 
-    async def _resolve(self, request: web.Request) -> web.Response:
+    async def _resolve(self, request: web.Request) -> web.StreamResponse:
         repo_id, repo = self._lookup(request)
         if isinstance(repo, web.Response):
             return repo
@@ -150,7 +155,15 @@ class FakeHub(ThreadedServer):
         }
         if request.method == "HEAD":
             return web.Response(status=200, headers=headers)
-        return web.Response(body=data, headers=headers)
+        if not self.bytes_per_second:
+            return web.Response(body=data, headers=headers)
+        response = web.StreamResponse(headers=headers)  # a far-away hub: each connection at bytes_per_second
+        await response.prepare(request)
+        for start in range(0, len(data), CHUNK):
+            await response.write(data[start : start + CHUNK])
+            await asyncio.sleep(min(CHUNK, len(data) - start) / self.bytes_per_second)
+        await response.write_eof()
+        return response
 
     # ------------------------------------------------------------------ lifecycle
 
