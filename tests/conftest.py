@@ -41,6 +41,8 @@ SLOW = (
     "tests/test_real_model.py::test_the_evaluator_answers",  # 10 s
     "tests/test_storage_faults.py::test_storage_gone_at_random_points",  # 19 s
     "tests/test_storage_faults.py::test_training_through_flaky_storage",  # 8 s
+    # A 160 MB repository staged, cut, resumed and reused through the local hub and MinIO: 13 to 19 s.
+    "tests/test_staging_resume.py::test_a_cut_copy_resumes_with_only_the_missing_files_and_a_second_comparison_downloads_nothing",
     "tests/test_api_fuzz.py",  # 2,500 mutated specs and 30 through kubectl: 60 to 135 s
     "tests/test_data_json.py::test_a_2gb_json_array_streams_in_the_memory_the_json_lines_reader_needs",  # 2 GB file: 13 to 28 s
     "tests/test_example_flagship.py::test_the_flagship_example_gets_past_prepare",  # a prepare process: 17 to 93 s
