@@ -263,3 +263,12 @@ def test_numeric_extra_env_from_set_becomes_strings(helm):
     docs = template(helm, "--set", "config.extraEnv.OMP_NUM_THREADS=1", "--set", "config.extraEnv.DEBUG=true")
     config = OperatorConfig.model_validate(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"]))
     assert config.extra_env == {"OMP_NUM_THREADS": "1", "DEBUG": "true"}
+
+
+def test_model_cache_from_values(helm):
+    docs = template(helm, "--set", "config.modelCache.claimName=ftc-model-cache", "--set", "config.modelCache.maxSize=500Gi")
+    config = OperatorConfig.model_validate(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"]))
+    assert config.model_cache is not None
+    assert (config.model_cache.claim_name, config.model_cache.max_size) == ("ftc-model-cache", "500Gi")
+    default = OperatorConfig.model_validate(yaml.safe_load(by_kind(template(helm), "ConfigMap")[0]["data"]["config.yaml"]))
+    assert default.model_cache is None

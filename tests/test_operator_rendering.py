@@ -393,6 +393,77 @@ def test_extra_volumes_and_mounts_reach_every_step_pod(step):
     assert config.extra_volume_mounts[0]["readOnly"] is True
 
 
+def _env(job: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(job)["env"] if "value" in e}
+
+
+@pytest.mark.parametrize(
+    ("cache", "step", "volume", "max_bytes", "restricted"),
+    [
+        pytest.param(None, "train", None, None, True, id="none"),
+        pytest.param(
+            {"claimName": "models"}, "train", {"persistentVolumeClaim": {"claimName": "models"}}, None, True, id="pvc-train"
+        ),
+        pytest.param(
+            {"claimName": "models", "maxSize": "500Gi"},
+            "evaluate",
+            {"persistentVolumeClaim": {"claimName": "models"}},
+            str(500 * 2**30),
+            True,
+            id="pvc-evaluate-bounded",
+        ),
+        pytest.param({"claimName": "models"}, "prepare", None, None, True, id="prepare-loads-no-model"),
+        pytest.param(
+            {"hostPath": "/var/lib/ftc/models"},
+            "train",
+            {"hostPath": {"path": "/var/lib/ftc/models", "type": "DirectoryOrCreate"}},
+            None,
+            False,
+            id="hostpath-not-restricted",
+        ),
+    ],
+)
+def test_model_cache_volume(cache, step, volume, max_bytes, restricted):
+    config = OperatorConfig.model_validate({"modelCache": cache} if cache else {})
+    job = _step_job(step, config)
+    volumes = {v["name"]: {k: x for k, x in v.items() if k != "name"} for v in pod(job)["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container(job)["volumeMounts"]}
+    env = _env(job)
+    assert volumes.get("model-cache") == volume
+    if volume is None:
+        assert "model-cache" not in mounts and "FTC_MODEL_CACHE_DIR" not in env
+    else:
+        assert mounts["model-cache"] == env["FTC_MODEL_CACHE_DIR"] == "/var/cache/ftc/models"
+    assert env.get("FTC_MODEL_CACHE_MAX_BYTES") == max_bytes
+    assert (restricted_violations(pod(job)) == []) is restricted
+
+
+@pytest.mark.parametrize(
+    ("cache", "message"),
+    [
+        pytest.param({}, "exactly one of claimName", id="neither"),
+        pytest.param({"claimName": "a", "hostPath": "/x"}, "exactly one of claimName", id="both"),
+        pytest.param({"hostPath": "relative"}, "hostPath", id="relative-host-path"),
+        pytest.param({"claimName": ""}, "claimName", id="empty-claim"),
+    ],
+)
+def test_model_cache_bad_config_is_refused(cache, message):
+    with pytest.raises(ValueError, match=message):
+        OperatorConfig.model_validate({"modelCache": cache})
+
+
+def test_extra_volumes_cannot_take_the_model_cache_name_or_path():
+    with pytest.raises(ValueError, match="the step pod's own volume"):
+        OperatorConfig.model_validate({"extraVolumes": [{"name": "model-cache", "emptyDir": {}}]})
+    with pytest.raises(ValueError, match="the step pod's own mount"):
+        OperatorConfig.model_validate(
+            {
+                "extraVolumes": [{"name": "a", "emptyDir": {}}],
+                "extraVolumeMounts": [{"name": "a", "mountPath": "/var/cache/ftc/models"}],
+            }
+        )
+
+
 def test_extra_volumes_from_the_config_file(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(

@@ -36,6 +36,10 @@ RANK_SUMMARY_DIR_ENV = "FTC_RANK_SUMMARY_DIR"
 # CPU (a local cluster whose GPUs are fake; the chart's config.allowCpuExecution).
 GPUS_ENV = "FTC_GPUS"
 ALLOW_CPU_ENV = "FTC_ALLOW_CPU"
+# The node-local model cache (ftc_step.model_cache): its directory (the operator mounts config.modelCache there)
+# and its size bound in bytes.
+MODEL_CACHE_DIR_ENV = "FTC_MODEL_CACHE_DIR"
+MODEL_CACHE_MAX_BYTES_ENV = "FTC_MODEL_CACHE_MAX_BYTES"
 MAX_SUMMARY_BYTES = 4096
 # Exit codes of every step image. The Job's podFailurePolicy fails the Job at once on EXIT_BAD_INPUT
 # (retrying cannot help); EXIT_FAILED is retried up to the step's backoffLimit (a train pod resumes).

@@ -34,7 +34,9 @@ INPUT_DIR = DEFAULT_INPUT_PATH.rsplit("/", 1)[0]  # the step input ConfigMap's m
 # Volume names and mount paths the rendered step pods use themselves (extra volumes must not reuse them).
 INPUT_VOLUME = "input"
 TMP_VOLUME = "tmp"
-RESERVED_VOLUMES = (INPUT_VOLUME, TMP_VOLUME)
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_DIR = "/var/cache/ftc/models"  # where train and evaluate pods mount config.modelCache
+RESERVED_VOLUMES = (INPUT_VOLUME, TMP_VOLUME, MODEL_CACHE_VOLUME)
 
 
 def default_placement() -> Placement:
@@ -112,6 +114,40 @@ class ContainerSecurityContext(ApiModel):
     capabilities: Capabilities | None = Field(
         default_factory=Capabilities, description="capabilities: Linux capabilities (default: drop ALL)."
     )
+
+
+class ModelCache(ApiModel):
+    """A cache of staged base models shared by the train and evaluate pods that run on a node, their retries
+    and their replacements (ftc_step.model_cache): a pod replaced after it loaded its model reads no weight
+    from S3 again. Exactly one of claimName and hostPath."""
+
+    claim_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="claimName: a PersistentVolumeClaim, in each comparison's namespace, mounted at "
+        f"{MODEL_CACHE_DIR} in train and evaluate pods. ReadWriteMany (NFS, CephFS, EFS, Filestore): one cache for "
+        "every node; ReadWriteOnce: one node's cache (Kubernetes runs every pod that mounts it on the node it is "
+        "attached to). Meets the `restricted` Pod Security Standard. Size it for the base models used at once.",
+    )
+    host_path: str | None = Field(
+        default=None,
+        pattern=r"^/.+",
+        description="hostPath: a directory on each GPU node (created if missing) used as that node's cache instead "
+        "of a PVC. Refused by the `baseline` and `restricted` Pod Security Standards (the namespace must allow "
+        "`privileged` pods), and any pod of the namespace that may mount it can read or replace the weights other "
+        "comparisons load; it must be writable by the step's UID 65532. Prefer claimName.",
+    )
+    max_size: Quantity | None = Field(
+        default=None,
+        description="maxSize: evict the least recently used models not in use when a new one would take the cache "
+        "past this size (default: when it would not fit in the volume's free space).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelCache:
+        if (self.claim_name is None) == (self.host_path is None):
+            raise ValueError("modelCache: set exactly one of claimName (a PersistentVolumeClaim) and hostPath")
+        return self
 
 
 class StepConfig(ApiModel):
@@ -198,6 +234,13 @@ class OperatorConfig(ApiModel):
         description="extraVolumeMounts: volumeMounts (as in a container spec) added to every step container; each "
         "names a volume of extraVolumes.",
     )
+    model_cache: ModelCache | None = Field(
+        default=None,
+        description="modelCache: a volume that keeps staged base models for the train and evaluate pods that run "
+        "after one another on a node (retries, a replaced pod, evaluate after train): each model is read from S3 "
+        "once per cache instead of once per pod (docs/operator.md#model-cache). Default: none, each pod downloads "
+        "its base model into its own /tmp.",
+    )
     cache_prefix: str = Field(
         default=names.DEFAULT_CACHE_PREFIX,
         min_length=1,
@@ -243,7 +286,7 @@ class OperatorConfig(ApiModel):
     @field_validator("extra_volume_mounts")
     @classmethod
     def _mounts_have_names_and_paths(cls, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        reserved_paths = {TMP_DIR, INPUT_DIR}
+        reserved_paths = {TMP_DIR, INPUT_DIR, MODEL_CACHE_DIR}
         for i, mount in enumerate(mounts):
             name, path = mount.get("name"), mount.get("mountPath")
             if not isinstance(name, str) or not name:
@@ -283,6 +326,7 @@ __all__ = [
     "TMP_DIR",
     "Capabilities",
     "ContainerSecurityContext",
+    "ModelCache",
     "OperatorConfig",
     "PodSecurityContext",
     "Quantity",

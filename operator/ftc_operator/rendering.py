@@ -24,6 +24,8 @@ from ftc_api.steps import (
     HUB_TOKEN_ENV,
     INPUT_PATH_ENV,
     JUDGE_API_KEY_ENV,
+    MODEL_CACHE_DIR_ENV,
+    MODEL_CACHE_MAX_BYTES_ENV,
     S3_ACCESS_KEY_ID_ENV,
     S3_SECRET_ACCESS_KEY_ENV,
     TERMINATION_LOG,
@@ -32,7 +34,7 @@ from ftc_api.steps import (
 )
 
 from .comparison import Owner
-from .config import INPUT_DIR, INPUT_VOLUME, TMP_DIR, TMP_VOLUME, OperatorConfig
+from .config import INPUT_DIR, INPUT_VOLUME, MODEL_CACHE_DIR, MODEL_CACHE_VOLUME, TMP_DIR, TMP_VOLUME, OperatorConfig
 from .observe import (
     ANNOTATION_COMPARISON,
     APP,
@@ -301,6 +303,27 @@ def _tmp_size_limit(resources: dict[str, Any], configured: str, scratch_gib: flo
     return need if gib_of(configured) < gib_of(need) else configured
 
 
+MODEL_CACHE_STEPS = (StepKind.TRAIN, StepKind.EVALUATE)  # the steps that load base models
+
+
+def model_cache_volume(config: OperatorConfig, step: str) -> dict[str, Any] | None:
+    """The model cache volume of a train or evaluate pod (config.modelCache), else None."""
+    cache = config.model_cache
+    if cache is None or step not in MODEL_CACHE_STEPS:
+        return None
+    if cache.claim_name is not None:
+        return {"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    return {"name": MODEL_CACHE_VOLUME, "hostPath": {"path": cache.host_path, "type": "DirectoryOrCreate"}}
+
+
+def model_cache_env(config: OperatorConfig) -> list[dict[str, str]]:
+    """Where the step finds the cache (ftc_step.model_cache) and its size bound."""
+    env = [{"name": MODEL_CACHE_DIR_ENV, "value": MODEL_CACHE_DIR}]
+    if config.model_cache is not None and config.model_cache.max_size is not None:
+        env.append({"name": MODEL_CACHE_MAX_BYTES_ENV, "value": str(int(gib_of(config.model_cache.max_size) * 2**30))})
+    return env
+
+
 def _pod_spec(
     owner: Owner,
     spec: FineTuneComparisonSpec,
@@ -321,6 +344,11 @@ def _pod_spec(
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": tmp_limit}},
         *copy.deepcopy(config.extra_volumes),
     ]
+    cache = model_cache_volume(config, step)
+    if cache is not None:
+        volumes.append(cache)
+        container["volumeMounts"].append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
+        container["env"].extend(model_cache_env(config))
     if step == StepKind.TRAIN and gpus > 1:
         # One training process per GPU: NCCL passes data between them through /dev/shm, which a container
         # gets at 64 MiB unless a memory-backed volume replaces it (as Kubeflow Trainer's pods do).

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ftc_api.steps import MODEL_CACHE_DIR_ENV, MODEL_CACHE_MAX_BYTES_ENV
+
 from .storage import Manifest, StorageError
 
 __all__ = [
@@ -48,8 +50,8 @@ __all__ = [
 
 log = logging.getLogger("ftc.model_cache")
 
-CACHE_DIR_ENV = "FTC_MODEL_CACHE_DIR"
-CACHE_MAX_BYTES_ENV = "FTC_MODEL_CACHE_MAX_BYTES"
+CACHE_DIR_ENV = MODEL_CACHE_DIR_ENV
+CACHE_MAX_BYTES_ENV = MODEL_CACHE_MAX_BYTES_ENV
 RECORD = ".ftc-manifest.json"  # the manifest an entry was downloaded from, written last before the rename
 TMP_PREFIX = ".tmp-"
 
