@@ -162,7 +162,7 @@ def test_tiny_comparison_with_real_steps(
         assert scored and all(s["ciLow"] <= s["mean"] <= s["ciHigh"] for s in scored)
     assert st["fairness"]["datasetSha256"]
     llama = next(m for m in st["models"] if m["name"] == "tiny-llama")
-    assert llama["baseModelRevision"] == repo.sha and llama["stagedBaseModel"].endswith("/base-models/ftc-test--tiny-llama")
+    assert llama["baseModelRevision"] == repo.sha and llama["stagedBaseModel"].endswith(f"/ftc-cache/models/hf/ftc-test--tiny-llama/{repo.sha}")
     assert [r["path"] for r in hub_server.requests if r["method"] == "GET" and "/resolve/" in r["path"]], "staged"
     key = st["reportUri"].removeprefix(f"s3://{assets_in_s3.bucket}/")
     report = assets_in_s3.client().get_object(Bucket=assets_in_s3.bucket, Key=key)["Body"].read()
