@@ -162,7 +162,8 @@ def test_tiny_comparison_with_real_steps(
         assert scored and all(s["ciLow"] <= s["mean"] <= s["ciHigh"] for s in scored)
     assert st["fairness"]["datasetSha256"]
     llama = next(m for m in st["models"] if m["name"] == "tiny-llama")
-    assert llama["baseModelRevision"] == repo.sha and llama["stagedBaseModel"].endswith(f"/ftc-cache/models/hf/ftc-test--tiny-llama/{repo.sha}")
+    staged = f"/ftc-cache/models/hf/ftc-test--tiny-llama/{repo.sha}"  # the bucket's shared copy of that commit
+    assert llama["baseModelRevision"] == repo.sha and llama["stagedBaseModel"].endswith(staged)
     assert [r["path"] for r in hub_server.requests if r["method"] == "GET" and "/resolve/" in r["path"]], "staged"
     key = st["reportUri"].removeprefix(f"s3://{assets_in_s3.bucket}/")
     report = assets_in_s3.client().get_object(Bucket=assets_in_s3.bucket, Key=key)["Body"].read()
