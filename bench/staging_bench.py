@@ -61,6 +61,7 @@ def ftc_stage(endpoint: str, bucket: str, s3_endpoint: str, work: Path, prefix: 
     staged = staging.stage(model, f"s3://{bucket}/{prefix}", store, work / prefix)
     seconds = time.perf_counter() - start
     largest = max(f.size or 0 for f in model.files)
+    parallel = staging.parallelism(largest)
     return {"seconds": round(seconds, 2), "bytes": staged.bytes, "files": staged.files, "moved": staged.moved,
             "reused": staged.reused, "parallel": parallel, "peak_scratch_bytes_bound": parallel * largest}  # fmt: skip
 

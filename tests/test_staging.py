@@ -186,3 +186,37 @@ def test_a_resumed_copy_moves_only_files_not_already_in_place(present: dict[str,
 )
 def test_an_objects_sha256_comes_from_s3s_checksum_else_ftcs_metadata(head: dict, stat: ObjectStat) -> None:
     assert ObjectStat.from_head(head) == stat
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("env", "largest", "parallel"),
+    [
+        ({}, 50 * 2**20, 4),
+        ({}, int(4.9e9), 3),  # Mixtral's 4.9 GB shards: 3 fit the default 16 GiB scratch budget
+        ({"FTC_STAGING_PARALLEL": "8"}, 2**30, 8),
+        ({"FTC_STAGING_SCRATCH_GIB": "4"}, 3 * 2**30, 1),  # never fewer than one
+        ({"FTC_STAGING_SCRATCH_GIB": "100", "FTC_STAGING_PARALLEL": "16"}, int(4.9e9), 16),
+    ],
+    ids=["small-files", "mixtral-shards", "more-in-flight", "budget-below-one-file", "large-budget"],
+)
+def test_files_in_flight_stay_within_the_scratch_budget(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], largest: int, parallel: int
+) -> None:
+    from ftc_trainer.staging import parallelism
+
+    for key in ("FTC_STAGING_PARALLEL", "FTC_STAGING_SCRATCH_GIB"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert parallelism(largest) == parallel
+
+
+@pytest.mark.unit
+def test_a_bad_parallelism_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftc_step.errors import StepError
+    from ftc_trainer.staging import parallelism
+
+    monkeypatch.setenv("FTC_STAGING_PARALLEL", "many")
+    with pytest.raises(StepError, match="FTC_STAGING_PARALLEL='many': expected a positive number"):
+        parallelism(1)

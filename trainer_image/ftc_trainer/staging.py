@@ -13,8 +13,9 @@ branch moving during the copy cannot mix two commits.
   tokenizer); prepare checks memory on them and refuses (or leaves out) a model that cannot fit before any
   weight moves.
 - Files move in parallel, `FTC_STAGING_PARALLEL` (default 4) at a time, each download -> upload -> delete: the
-  scratch disk holds at most that many files at once (bound: N x the largest file); memory stays at a few MB
-  per transfer (bodies stream from disk).
+  scratch disk holds at most that many files at once (bound: N x the largest file, and N shrinks so that this
+  stays under `FTC_STAGING_SCRATCH_GIB`, default 16); memory stays at a few MB per transfer (bodies stream
+  from disk).
 - Resume inside a model: a file whose object is already in the destination with the same size and sha256 (S3's
   own ChecksumSHA256, or the sha256 metadata ftc writes beside it; :meth:`ftc_step.storage.Storage.stat`) is
   skipped: neither downloaded nor hashed again. LFS files are never hashed here: the hub's sha256 is stated on
@@ -72,6 +73,8 @@ def wanted_files(names: list[str]) -> list[str]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 PARALLEL_ENV = "FTC_STAGING_PARALLEL"
 DEFAULT_PARALLEL = 4
+SCRATCH_ENV = "FTC_STAGING_SCRATCH_GIB"
+DEFAULT_SCRATCH_GIB = 16
 
 
 def is_weight(name: str) -> bool:
@@ -127,12 +130,24 @@ def files_to_move(files: Sequence[HubFile], present: Mapping[str, ObjectStat | N
     return out
 
 
-def parallelism() -> int:
-    """Files in flight at once ($FTC_STAGING_PARALLEL, default 4)."""
-    raw = os.environ.get(PARALLEL_ENV) or str(DEFAULT_PARALLEL)
-    if not raw.isdigit() or int(raw) < 1:
-        raise StepError(f"{PARALLEL_ENV}={raw!r}: expected a whole number of files, 1 or more")
-    return int(raw)
+def parallelism(largest: int) -> int:
+    """Files in flight at once: $FTC_STAGING_PARALLEL (default 4), fewer when that many of the largest file
+    would not fit the scratch budget $FTC_STAGING_SCRATCH_GIB (default 16 GiB, inside prepare's default /tmp
+    limit of 20Gi beside the dataset); at least one."""
+    wanted = int(_positive(PARALLEL_ENV, str(DEFAULT_PARALLEL), int))
+    budget = _positive(SCRATCH_ENV, str(DEFAULT_SCRATCH_GIB), float) * 2**30
+    return max(1, min(wanted, int(budget // max(largest, 1))))
+
+
+def _positive(env: str, default: str, kind: type[int] | type[float]) -> float:
+    raw = os.environ.get(env) or default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise StepError(f"{env}={raw!r}: expected a positive number")
+    return value
 
 
 def _refused(err: Exception, repo: str, revision: str | None, token: str | None) -> StepError:
@@ -272,7 +287,7 @@ def stage(model: HubModel, dest: str, store: Any, workdir: Path, light: Path | N
         log.info("staged %s/%s (%d bytes)", model.repo, f.name, entry.size)
         return entry
 
-    parallel = parallelism()
+    parallel = parallelism(max((f.size or 0 for f in moving), default=0))
     log.info(
         "staging %s@%s: %d files to move, %d already in place, %d at a time",
         model.repo,
