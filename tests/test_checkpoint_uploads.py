@@ -37,13 +37,13 @@ def save(uploader, output_dir: Path, step: int) -> float:
     return time.monotonic() - started
 
 
-def test_saves_return_at_once_and_the_newest_waiting_checkpoint_is_uploaded(moto_s3, tmp_path: Path) -> None:
+def test_saves_return_at_once_and_the_newest_waiting_checkpoint_is_uploaded(local_s3, tmp_path: Path) -> None:
     from ftc_trainer.callbacks import BestAdapter, CheckpointUploader
     from ftc_trainer.train import newest_checkpoint_steps
 
-    proxy = FaultyS3(upstream=moto_s3.endpoint_url)
+    proxy = FaultyS3(upstream=local_s3.endpoint_url)
     proxy.slow(Throttle(path="/uploads/checkpoints/", method="PUT", delay=DELAY))
-    prefix = f"s3://{moto_s3.bucket}/uploads/checkpoints"
+    prefix = f"s3://{local_s3.bucket}/uploads/checkpoints"
     output_dir, spool = tmp_path / "trainer", tmp_path / "spool"
     uploader = CheckpointUploader(Storage(endpoint_url=proxy.endpoint_url), prefix, BestAdapter(tmp_path / "best"), spool)
     try:
@@ -59,7 +59,7 @@ def test_saves_return_at_once_and_the_newest_waiting_checkpoint_is_uploaded(moto
         proxy.close()
 
     assert (uploader.uploaded, uploader.superseded) == ([1, 3], [2])
-    store = Storage(endpoint_url=moto_s3.endpoint_url)
+    store = Storage(endpoint_url=local_s3.endpoint_url)
     assert newest_checkpoint_steps(store.list(prefix)) == [3, 1]
     for step in (1, 3):
         store.download_verified(f"{prefix}/step-{step}", tmp_path / f"copy-{step}")

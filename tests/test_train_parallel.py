@@ -234,7 +234,9 @@ def test_fsdp_shards_the_model_and_learns_what_one_process_learns(tiny_s3: TinyS
 
 @pytest.mark.ml
 @pytest.mark.timeout(900)
-def test_no_process_waits_on_slow_storage_inside_a_collective(tiny_s3: TinyS3, data_prefix: str, moto_s3, tmp_path: Path) -> None:
+def test_no_process_waits_on_slow_storage_inside_a_collective(
+    tiny_s3: TinyS3, data_prefix: str, local_s3, tmp_path: Path
+) -> None:
     """Two gloo workers whose process group times out after a few seconds, behind storage so slow that the
     base model's download and each checkpoint's upload take longer than that: the launcher downloads before
     any worker starts and checkpoints upload in the background, so training ends with the loss history of a
@@ -251,7 +253,7 @@ def test_no_process_waits_on_slow_storage_inside_a_collective(tiny_s3: TinyS3, d
     ref = ModelRef(name="tiny-llama", base_model=tiny_s3.llama, method=Method.LORA)
     fast = run_train(TrainInput(model=ref, training=TRAINING, location=new_run(tiny_s3, data_prefix, "fast", tmp_path)),
                      tmp_path / "fast")  # fmt: skip
-    proxy = FaultyS3(upstream=moto_s3.endpoint_url)
+    proxy = FaultyS3(upstream=local_s3.endpoint_url)
     try:
         proxy.slow(Throttle(path="/assets/models/tiny-llama/", method="GET", delay=0.8))  # every file of the model
         proxy.slow(Throttle(path="/models/tiny-llama/checkpoints/", method="PUT", delay=0.4))  # every checkpoint file
