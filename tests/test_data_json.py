@@ -169,7 +169,7 @@ def test_a_broken_byte_mid_array_is_reported_at_its_offset_even_with_allow_trunc
 
 
 def test_prepare_fails_on_a_cut_download_as_bad_input_unless_allowed(
-    moto_s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local_s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The step itself: exit 2 (no retry) with the message in the summary; under allowTruncated the complete
     records are split and uploaded, the cut one counted as `truncated`."""
@@ -182,7 +182,7 @@ def test_prepare_fails_on_a_cut_download_as_bad_input_unless_allowed(
     summaries = {}
     for allow in (False, True):
         spec = DatasetSpec(source=str(source), split=SplitSpec(eval_count=10, test_count=10), allow_truncated=allow)
-        loc = Location(bucket=moto_s3.bucket, prefix=f"runs/cut-{allow}", endpoint_url=moto_s3.endpoint_url)
+        loc = Location(bucket=local_s3.bucket, prefix=f"runs/cut-{allow}", endpoint_url=local_s3.endpoint_url)
         (tmp_path / "input.json").write_text(PrepareInput(dataset=spec, location=loc).to_json())
         code = main(["prepare", "--input", str(tmp_path / "input.json"), "--workdir", str(tmp_path / f"work-{allow}")])
         summaries[allow] = (code, json.loads((tmp_path / "termination-log").read_text()))

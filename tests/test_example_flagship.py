@@ -109,7 +109,7 @@ def _run_pod(create: Any, secrets: dict[str, dict[str, str]], where: Path) -> tu
 
 @pytest.fixture
 def flagship(
-    hub_server: FakeHub, moto_s3: Any, tiny_assets: TinyAssets, tmp_path: Path, request: pytest.FixtureRequest
+    hub_server: FakeHub, local_s3: Any, tiny_assets: TinyAssets, tmp_path: Path, request: pytest.FixtureRequest
 ) -> dict[str, Any]:
     """The example's spec with only its endpoints rewritten (hub and S3 on this host), its two models on the local
     hub under their real names (Llama 2 gated by HF_TOKEN), its bucket and dataset in the local S3."""
@@ -118,7 +118,7 @@ def flagship(
     doc = yaml.safe_load(EXAMPLE.read_text())
     spec = doc["spec"]
     spec["hub"]["endpoint"] = hub_server.endpoint
-    spec["storage"]["endpointUrl"] = moto_s3.endpoint_url
+    spec["storage"]["endpointUrl"] = local_s3.endpoint_url
     llama, mixtral = (m["baseModel"] for m in spec["models"])
     assert llama == "meta-llama/Llama-2-7b-hf"
     # Each test's repos differ by a README naming the test: a copy staged by an earlier test (same commit sha)
@@ -128,10 +128,10 @@ def flagship(
         (files / "README.md").write_text(f"{repo} as served to {request.node.name}\n")
         hub_server.add(repo, files, gated_token=token)
 
-    creds = moto_s3.env()
+    creds = local_s3.env()
     s3 = boto3.client(
         "s3",
-        endpoint_url=moto_s3.endpoint_url,
+        endpoint_url=local_s3.endpoint_url,
         region_name=spec["storage"]["region"],
         aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
@@ -146,9 +146,9 @@ def flagship(
     return doc
 
 
-def _secrets(moto_s3: Any, token: str = HF_TOKEN) -> dict[str, dict[str, str]]:
+def _secrets(local_s3: Any, token: str = HF_TOKEN) -> dict[str, dict[str, str]]:
     """The Secrets of the example's header, with this test's values for its placeholders."""
-    creds = moto_s3.env()
+    creds = local_s3.env()
     secrets = secrets_created_by(EXAMPLE.read_text())
     secrets["ftc-s3"] = {k: creds[k] for k in secrets["ftc-s3"]}
     secrets["openai"] = {"api-key": "sk-unused-by-prepare"}
@@ -168,13 +168,13 @@ def _plan(doc: dict[str, Any], observed: list[Any]) -> Any:
 
 @pytest.mark.ml
 def test_the_flagship_example_gets_past_prepare_with_its_gated_model(
-    flagship: dict[str, Any], hub_server: FakeHub, moto_s3: Any, tmp_path: Path
+    flagship: dict[str, Any], hub_server: FakeHub, local_s3: Any, tmp_path: Path
 ) -> None:
     from ftc_operator.observe import JobState, ObservedJob
 
     [prepare] = _plan(flagship, []).creates
     assert prepare.step == "prepare"
-    code, summary, logged = _run_pod(prepare, _secrets(moto_s3), tmp_path / "prepare")
+    code, summary, logged = _run_pod(prepare, _secrets(local_s3), tmp_path / "prepare")
     assert code == 0, f"{summary}\n{logged[-4000:]}"
     staged = {m["name"]: m for m in summary["models"]}
     assert set(staged) == {"llama2-7b", "mixtral-8x7b"}
@@ -193,11 +193,11 @@ def test_the_flagship_example_gets_past_prepare_with_its_gated_model(
 
 @pytest.mark.ml
 def test_without_the_hub_token_the_flagship_fails_prepare_at_once_naming_the_setting(
-    flagship: dict[str, Any], moto_s3: Any, tmp_path: Path
+    flagship: dict[str, Any], local_s3: Any, tmp_path: Path
 ) -> None:
     del flagship["spec"]["hub"]["tokenSecretRef"]  # the example as it was: no token for the gated Llama 2
     [prepare] = _plan(flagship, []).creates
-    code, summary, logged = _run_pod(prepare, _secrets(moto_s3), tmp_path / "prepare")
+    code, summary, logged = _run_pod(prepare, _secrets(local_s3), tmp_path / "prepare")
     assert code == EXIT_BAD_INPUT, f"{summary}\n{logged[-4000:]}"
     assert "base model meta-llama/Llama-2-7b-hf is gated or private and no token was given" in summary["error"]
     assert "kubectl create secret generic hf-token --from-literal=token=hf_..." in summary["error"]
