@@ -397,8 +397,6 @@ def test_progress_reporter_throttles_and_uses_the_status_shape(monkeypatch: pyte
 def _cli_env(tiny_s3: TinyS3, tmp_path: Path, name: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        AWS_ACCESS_KEY_ID=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
-        AWS_SECRET_ACCESS_KEY=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
         AWS_DEFAULT_REGION="us-east-1",
         FTC_TERMINATION_LOG=str(tmp_path / f"{name}.termination-log"),
         FTC_WORK_DIR=str(tmp_path / f"{name}.work"),
