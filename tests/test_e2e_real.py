@@ -185,37 +185,128 @@ def test_tiny_comparison_with_real_steps(
     assert not leaks, leaks
 
 
-def test_train_pod_deleted_mid_run_resumes_from_checkpoint(
-    control_plane, real_operator, namespace, assets_in_s3, openai_server, judge_secret
-):
+@pytest.fixture
+def model_cache_claim(control_plane, namespace, tmp_path):
+    """A PersistentVolumeClaim `ftc-model-cache` bound to a static PersistentVolume on a host directory (an
+    administrator's local volume; the pods only name the claim, which `restricted` allows)."""
     from kubernetes import client
 
-    api = control_plane.api_client()
-    core = client.CoreV1Api(api)
-    ftc = Comparisons(api)
-    spec = tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url)
-    spec["training"]["saveSteps"] = 4
-    ftc.create("resume", namespace, spec)
-    selector = "ftc.dev/comparison=resume,ftc.dev/model=tiny-llama"
+    directory = tmp_path / "model-cache"
+    directory.mkdir()
+    directory.chmod(0o777)  # written by the steps' UID 65532
+    core = client.CoreV1Api(control_plane.api_client())
+    pv = f"ftc-model-cache-{namespace}"
+    core.create_persistent_volume(
+        body(
+            client.V1PersistentVolume,
+            {
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": "",
+                    "hostPath": {"path": str(directory), "type": "Directory"},
+                    "claimRef": {"namespace": namespace, "name": "ftc-model-cache"},
+                },
+            },
+        )
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        body(
+            client.V1PersistentVolumeClaim,
+            {
+                "metadata": {"name": "ftc-model-cache"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        ),
+    )
+    try:
+        yield directory
+    finally:
+        core.delete_persistent_volume(pv)
 
-    def past_a_checkpoint():
-        st = ftc.status("resume", namespace)
-        llama: dict[str, Any] = next((m for m in st.get("models", []) if m["name"] == "tiny-llama"), {})
-        return (llama.get("progress") or {}).get("step", 0) >= 6
 
-    wait_for(past_a_checkpoint, 900, "tiny-llama past its first checkpoint", interval=0.5)
-    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-    running = [p for p in pods if present(p.status).phase == "Running"]
-    assert running, [present(p.status).phase for p in pods]
-    deleted = present(present(running[0].metadata).name)
-    core.delete_namespaced_pod(deleted, namespace)
-    st = ftc.wait_phase("resume", namespace, ("Succeeded", "Failed"), timeout=1500)
-    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
-    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-    done = [p for p in pods if present(p.status).phase == "Succeeded"]
-    assert len(done) == 1 and present(done[0].metadata).name != deleted  # the Job's retry, not the deleted pod
-    container = present(present(done[0].status).container_statuses)[0]
-    terminated = present(present(container.state).terminated)
-    result = json.loads(present(terminated.message))  # the train step's result
-    assert result["resumedFromStep"] >= 4
-    assert len([j for j in ftc.jobs(namespace, "resume") if "train-tiny-llama" in j.metadata.name]) == 1
+def test_train_pod_deleted_mid_run_resumes_from_checkpoint_and_reads_no_base_weight_again(
+    control_plane,
+    namespace,
+    crd,
+    tmp_path,
+    assets_in_s3,
+    openai_server,
+    judge_secret,
+    tiny_assets,
+    model_cache_claim,
+    monkeypatch,
+):
+    """A train pod killed after it loaded its model: the Job's replacement resumes from the checkpoint and,
+    with the chart's model cache (config.modelCache.claimName), reads the base model from the cache: the S3
+    server (behind a counting proxy) serves the base weights once for the whole comparison (train, the
+    replacement and evaluate)."""
+    from ftc_step.storage import Storage
+    from kubernetes import client
+
+    from devcluster.kube.node import host_ip
+    from devcluster.servers.faulty_s3 import FaultyS3
+
+    values = real_values()
+    values["config"]["modelCache"] = {"claimName": "ftc-model-cache"}
+    start_operator(control_plane, namespace, values, tmp_path)
+    # The base model staged with a manifest (as prepare stages hub models), the key the cache goes by.
+    for key, value in assets_in_s3.env().items():
+        monkeypatch.setenv(key, value)
+    store = Storage(endpoint_url=assets_in_s3.endpoint_url)
+    base_key = f"assets/cached/{namespace}/tiny-llama"
+    store.upload_tree(Path(tiny_assets.model("tiny-llama")), f"s3://{assets_in_s3.bucket}/{base_key}")
+    weights = sorted(p.name for p in Path(tiny_assets.model("tiny-llama")).iterdir() if p.suffix == ".safetensors")
+    assert weights
+    proxy = FaultyS3(upstream=assets_in_s3.endpoint_url, listen="0.0.0.0")  # counts what pods ask S3 for
+
+    def weight_gets() -> int:
+        return sum(proxy.gets(f"/{assets_in_s3.bucket}/{base_key}/{name}") for name in weights)
+
+    try:
+        api = control_plane.api_client()
+        core = client.CoreV1Api(api)
+        ftc = Comparisons(api)
+        spec = tiny_spec(proxy.cluster_endpoint_url(host_ip()), openai_server.cluster_base_url)
+        spec["training"]["saveSteps"] = 4
+        spec["models"][0]["baseModel"] = f"s3://{assets_in_s3.bucket}/{base_key}"
+        ftc.create("resume", namespace, spec)
+        selector = "ftc.dev/comparison=resume,ftc.dev/model=tiny-llama"
+
+        def past_a_checkpoint():
+            st = ftc.status("resume", namespace)
+            llama: dict[str, Any] = next((m for m in st.get("models", []) if m["name"] == "tiny-llama"), {})
+            return (llama.get("progress") or {}).get("step", 0) >= 6
+
+        wait_for(past_a_checkpoint, 900, "tiny-llama past its first checkpoint", interval=0.5)
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        running = [p for p in pods if present(p.status).phase == "Running"]
+        assert running, [present(p.status).phase for p in pods]
+        deleted = present(present(running[0].metadata).name)
+        served_before = weight_gets()
+        assert served_before >= len(weights)  # the first pod (and prepare) read the base model through the proxy
+        core.delete_namespaced_pod(deleted, namespace)
+        st = ftc.wait_phase("resume", namespace, ("Succeeded", "Failed"), timeout=1500)
+        assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        done = [p for p in pods if present(p.status).phase == "Succeeded"]
+        assert len(done) == 1 and present(done[0].metadata).name != deleted  # the Job's retry, not the deleted pod
+        container = present(present(done[0].status).container_statuses)[0]
+        terminated = present(present(container.state).terminated)
+        result = json.loads(present(terminated.message))  # the train step's result
+        assert result["resumedFromStep"] >= 4
+        assert len([j for j in ftc.jobs(namespace, "resume") if "train-tiny-llama" in j.metadata.name]) == 1
+        # The replacement pod and the evaluate pod read no base-model weight from S3: the cache served them.
+        assert weight_gets() == served_before, (served_before, weight_gets(), step_logs(control_plane, namespace)[-6000:])
+        entries = [p for p in model_cache_claim.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        assert any(sorted(x.name for x in e.iterdir() if x.suffix == ".safetensors") == weights for e in entries)
+    finally:
+        proxy.close()
