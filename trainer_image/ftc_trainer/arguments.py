@@ -34,7 +34,6 @@ from ftc_api.spec import TrainingSpec
 
 from .parallel import fsdp_arguments, split_accumulation
 
-
 # Config attributes that count a mixture of experts' experts, by architecture: Mixtral, GPT-OSS, Phi-MoE and
 # Granite-MoE (num_local_experts); Qwen2/3-MoE, OLMoE, Jamba, Switch (num_experts); DeepSeek-V2/V3
 # (n_routed_experts); DBRX's ffn_config (moe_num_experts).
