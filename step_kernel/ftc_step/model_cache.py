@@ -54,6 +54,7 @@ CACHE_DIR_ENV = MODEL_CACHE_DIR_ENV
 CACHE_MAX_BYTES_ENV = MODEL_CACHE_MAX_BYTES_ENV
 RECORD = ".ftc-manifest.json"  # the manifest an entry was downloaded from, written last before the rename
 TMP_PREFIX = ".tmp-"
+WAIT_SECONDS = 1.0  # how often a pod waiting for another pod's download looks again
 
 _held: dict[str, IO[bytes]] = {}  # lock files of the entries this process uses, held (shared) until it exits
 
@@ -194,14 +195,27 @@ def cached_tree(store: Any, prefix: str, manifest: Manifest, root: str | os.Path
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(manifest)
     entry, lock_path = root / key, root / f"{key}.lock"
-    handle = _lock(lock_path, fcntl.LOCK_SH)
-    if _complete(entry, manifest):
-        os.utime(entry)  # last use, for eviction
-        _keep_shared(key, handle)
-        log.info("base model %s: model cache hit %s (0 bytes from S3)", prefix, entry)
-        return CachedTree(entry, True, 0)
-    handle.close()
-    handle = _lock(lock_path, fcntl.LOCK_EX)  # one downloader per entry; the others wait here
+    handle = _lock(lock_path, fcntl.LOCK_SH)  # waits only while another pod downloads (holds it exclusive)
+    waiting = False
+    while True:
+        if _complete(entry, manifest):
+            os.utime(entry)  # last use, for eviction
+            _keep_shared(key, handle)
+            log.info("base model %s: model cache hit %s (0 bytes from S3)", prefix, entry)
+            return CachedTree(entry, True, 0)
+        handle.close()
+        # One downloader per entry. Never block for the exclusive lock: pods using an entry hold it shared for
+        # their lifetime, so a blocking request would wait for them to exit; take the shared lock again instead
+        # (it waits only while a download runs) and look at the entry once more.
+        exclusive = _try_lock(lock_path)
+        if exclusive is not None:
+            handle = exclusive
+            break
+        if not waiting:
+            log.info("base model %s: another pod holds the model cache entry %s; waiting for it", prefix, entry)
+            waiting = True
+        time.sleep(WAIT_SECONDS)
+        handle = _lock(lock_path, fcntl.LOCK_SH)
     try:
         if _complete(entry, manifest):  # another pod downloaded it while this one waited
             os.utime(entry)
