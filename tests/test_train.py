@@ -436,7 +436,7 @@ def test_resume_after_sigkill_continues_the_history(tiny_s3: TinyS3, data_prefix
 
     # The first run goes through the test-only wrapper that slows every optimizer step, so it is still running
     # when the test kills it (the product has no such hook).
-    env = _cli_env(tiny_s3, tmp_path, "first") | {"FTC_TEST_STEP_DELAY": "0.3"}
+    env = _cli_env(tiny_s3, tmp_path, "first") | {"FTC_SLOW_STEP_DELAY": "0.3"}
     first = _trainer_cli(input_path, env, tmp_path / "first.log", entry=(str(steps.script("slow_train.py")),))
     deadline = time.monotonic() + 300
     while "step-20/manifest.json" not in store.list(checkpoints):
@@ -500,7 +500,7 @@ def test_sigterm_stops_training_at_once_with_a_retryable_failure(tiny_s3: TinyS3
     input_path = tmp_path / "input.json"
     input_path.write_text(train_input(tiny_s3, loc, "tiny-llama", Method.LORA, training).to_json())
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
-    env = _cli_env(tiny_s3, tmp_path, "run") | {"FTC_TEST_STEP_DELAY": "0.3"}
+    env = _cli_env(tiny_s3, tmp_path, "run") | {"FTC_SLOW_STEP_DELAY": "0.3"}
     run = _trainer_cli(input_path, env, tmp_path / "run.log", entry=(str(steps.script("slow_train.py")),))
     deadline = time.monotonic() + 300
     while "step-10/manifest.json" not in store.list(loc.uri("models/tiny-llama/checkpoints")):

@@ -3,7 +3,7 @@
 The scripts are single files run by the step images' own interpreter (``python``, the image's venv):
 
 - ``stub.py``: canned, deterministic results for every step (the operator's e2e tests and benchmark);
-- ``slow_train.py``: the real ``ftc-trainer`` with every optimizer step slowed by $FTC_TEST_STEP_DELAY.
+- ``slow_train.py``: the real ``ftc-trainer`` with every optimizer step slowed by $FTC_SLOW_STEP_DELAY.
 
 A test creates the ConfigMap :func:`step_scripts_configmap` in each namespace where comparisons run and
 installs the chart with :func:`chart_values` (the operator config's extraVolumes/extraVolumeMounts mount it

@@ -1,10 +1,10 @@
 """Test-only: ``ftc-trainer`` with every optimizer step slowed down, so a test can kill a run mid-way.
 
-    FTC_TEST_STEP_DELAY=0.3 python devcluster/steps/slow_train.py train --input input.json
-    FTC_TEST_STEP_DELAY=0.3 python /ftc-test/slow_train.py train     # in a step pod (see devcluster.steps)
+    FTC_SLOW_STEP_DELAY=0.3 python devcluster/steps/slow_train.py train --input input.json
+    FTC_SLOW_STEP_DELAY=0.3 python /ftc-test/slow_train.py train     # in a step pod (see devcluster.steps)
 
 The product has no hook for this: the script registers a global torch optimizer step post-hook that
-sleeps $FTC_TEST_STEP_DELAY seconds (one sleep per optimizer step, whatever the optimizer), then runs the
+sleeps $FTC_SLOW_STEP_DELAY seconds (one sleep per optimizer step, whatever the optimizer), then runs the
 real ``ftc_trainer.__main__.main`` with its arguments. A single file: nothing from tests is imported.
 """
 
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-DELAY_ENV = "FTC_TEST_STEP_DELAY"
+DELAY_ENV = "FTC_SLOW_STEP_DELAY"
 
 
 def slow_down_optimizer_steps(seconds: float) -> None:
