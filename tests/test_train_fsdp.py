@@ -11,31 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from ftc_api.spec import LoraSpec, Method, Parallelism, TrainingSpec
+from ftc_api.spec import Method, Parallelism
 from ftc_api.steps import LossPoint, ModelRef, TrainInput, TrainResult
 from ftc_step.storage import Storage
 
 from devcluster.models.tiny import TinyS3, new_run
+from tests.test_train_parallel import TRAINING as PARALLEL_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TRAINING = TrainingSpec(
-    epochs=1,
-    max_steps=6,
-    learning_rate=5e-3,
-    lr_scheduler="linear",
-    warmup_ratio=0.0,
-    per_device_batch_size=4,
-    gradient_accumulation_steps=2,
-    max_seq_length=64,
-    eval_steps=6,
-    save_steps=6,
-    logging_steps=1,
-    gradient_checkpointing=False,
-    lora=LoraSpec(r=8, alpha=16, dropout=0.0),
-    parallelism=Parallelism.FSDP,
-    seed=3,
-)
+# The parallel tests' settings, six steps logged at each, sharded.
+TRAINING = PARALLEL_TRAINING.model_copy(update={"max_steps": 6, "logging_steps": 1, "parallelism": Parallelism.FSDP})
 
 
 @pytest.mark.unit
