@@ -61,6 +61,7 @@ class Reason(StrEnum):
     RETRYING = "Retrying"
     COMPLETED = "Completed"
     NAME_TAKEN = "NameTaken"
+    UNSCHEDULABLE = "Unschedulable"  # a step pod the scheduler cannot place (PodScheduled=False/Unschedulable)
 
 
 class Condition(ApiModel):

@@ -44,6 +44,15 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class Unschedulable:
+    """A pod the scheduler cannot place: its PodScheduled condition is False with reason Unschedulable."""
+
+    pod: str
+    message: str  # the scheduler's, e.g. "0/2 nodes are available: 2 Insufficient nvidia.com/gpu. ..."
+    since: str | None  # the condition's lastTransitionTime (RFC 3339): when the pod became unschedulable
+
+
+@dataclass(frozen=True)
 class ObservedJob:
     """One step Job of the comparison and what its pods said."""
 
@@ -62,6 +71,7 @@ class ObservedJob:
     suspended: bool = False  # spec.suspend (for example queued by Kueue): no pods yet on purpose
     pod_failure: str | None = None  # how the last failed pod's container ended, when the kubelet says why (OOMKilled...)
     deleting: bool = False  # metadata.deletionTimestamp is set (a retry deleted it)
+    unschedulable: Unschedulable | None = None  # an active Job's pod the scheduler cannot place (the earliest)
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -90,6 +100,18 @@ def pod_failure(pod: dict[str, Any]) -> str | None:
                 extra.append(f"memory limit {limit}")
                 break
     return f"{term['reason']} ({', '.join(extra)})"
+
+
+def pod_unschedulable(pod: dict[str, Any]) -> Unschedulable | None:
+    """The pod's PodScheduled=False/Unschedulable condition, if it has one (a pod held by a scheduling gate,
+    reason SchedulingGated, is waiting on purpose and is not reported)."""
+    if (pod.get("status") or {}).get("phase") != "Pending":
+        return None
+    cond = _conditions(pod).get("PodScheduled") or {}
+    if cond.get("status") != "False" or cond.get("reason") != "Unschedulable":
+        return None
+    name = (pod.get("metadata") or {}).get("name", "")
+    return Unschedulable(pod=name, message=(cond.get("message") or "").strip(), since=cond.get("lastTransitionTime"))
 
 
 def _created(obj: dict[str, Any]) -> str:
@@ -157,10 +179,12 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
         if progress:
             break
     last_failure = _terminated(failed_pods[-1]) if failed_pods else None
+    unschedulable = next((u for p in running if (u := pod_unschedulable(p)) is not None), None)
     return ObservedJob(
         state=JobState.ACTIVE,
         progress=progress,
         waiting=tuple(waiting),
+        unschedulable=unschedulable,
         result=(last_failure or {}).get("message"),
         **common,
     )
