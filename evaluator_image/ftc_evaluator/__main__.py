@@ -60,4 +60,6 @@ def evaluate_step(workdir: str | None) -> Step[EvaluateInput, EvaluateResult]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ftc_step.supervise import supervised  # the body runs as a child whose fds 1 and 2 are read and redacted
+
+    raise SystemExit(supervised(main))

@@ -53,11 +53,61 @@ def credentials() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
+PREFIX_CHARS = 12
+"""A credential's first PREFIX_CHARS characters name it: a key cut short (an error message trimmed to 120
+characters mid-key) is redacted from there on too, however much of it is left."""
+
+
 def redact(text: str, secrets: list[str] | None = None) -> str:
-    """`text` with every credential value (default: `credentials()`) replaced by [redacted]."""
+    """`text` with every credential value (default: `credentials()`) replaced by [redacted], and every cut-short
+    copy of one (its first PREFIX_CHARS characters, and as much of the rest as follows them)."""
     for secret in credentials() if secrets is None else secrets:
         text = text.replace(secret, REDACTED)
+        if len(secret) > PREFIX_CHARS and secret[:PREFIX_CHARS] in text:
+            text = _redact_cut_short(text, secret)
     return text
+
+
+def _redact_cut_short(text: str, secret: str) -> str:
+    head, out, start = secret[:PREFIX_CHARS], [], 0
+    while (found := text.find(head, start)) >= 0:
+        end = found + PREFIX_CHARS
+        while end < len(text) and end - found < len(secret) and text[end] == secret[end - found]:
+            end += 1
+        out += [text[start:found], REDACTED]
+        start = end
+    return "".join(out) + text[start:]
+
+
+class StreamRedactor:
+    """Redacts a byte stream that arrives in pieces (a child's stdout read from a pipe): :meth:`feed` returns
+    what can be written now, redacted, and holds back only the end of the input that could be the start of a
+    credential (so one split across two writes is still found); :meth:`close` returns the rest. Bytes that are
+    not UTF-8 pass through unchanged."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        self._secrets = secrets
+        self._held = ""
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end of `text` could begin a credential."""
+        longest = 0
+        for secret in self._secrets:
+            for n in range(min(len(secret) - 1, len(text)), longest, -1):
+                if text.endswith(secret[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def feed(self, data: bytes) -> bytes:
+        text = self._held + data.decode("utf-8", "surrogateescape")
+        keep = self._held_back(text)
+        self._held = text[len(text) - keep :] if keep else ""
+        return redact(text[: len(text) - keep], self._secrets).encode("utf-8", "surrogateescape")
+
+    def close(self) -> bytes:
+        text, self._held = self._held, ""
+        return redact(text, self._secrets).encode("utf-8", "surrogateescape")
 
 
 def _redact_doc(value: Any, secrets: list[str]) -> Any:
@@ -160,10 +210,10 @@ def write_summary(result: BaseModel) -> str:
 
 
 def write_termination_log(text: str) -> None:
-    """Write `text` to the termination log (or this torchrun worker's own file); best effort."""
+    """Write `text`, redacted, to the termination log (or this torchrun worker's own file); best effort."""
     path = termination_log_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(redact(text))
     except OSError:
         pass

@@ -14,7 +14,7 @@ sha256 and size. Readers trust only what a manifest lists (`read_manifest`, `dow
     store.upload_file(path, uri)                        # one file
     store.download_file(uri, path) -> Path
     store.write_bytes(uri, data) / store.read_bytes(uri) -> bytes
-    store.write_text(uri, text) / store.read_text(uri) -> str
+    store.write_text(uri, text) / store.read_text(uri) -> str   # text written with credentials redacted
     store.exists(uri) -> bool
     store.put_file_checked(path, uri, sha256)           # the server checks the bytes (S3 ChecksumSHA256)
     store.stat(uri) -> ObjectStat | None                # size and sha256 as the server keeps them, no read
@@ -341,7 +341,12 @@ class Storage:
         return source.read_bytes()
 
     def write_text(self, uri: str, text: str) -> None:
-        self.write_bytes(uri, text.encode())
+        """Write `text` (UTF-8) with every credential of this process redacted (:func:`ftc_step.runtime.redact`):
+        the one door of the text artefacts a step writes (scores.json, the report), so no key a message quoted
+        (a metric's or the judge's error, a note) reaches them."""
+        from .runtime import redact
+
+        self.write_bytes(uri, redact(text).encode())
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode()

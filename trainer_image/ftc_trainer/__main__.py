@@ -88,4 +88,6 @@ def train_step(workdir: Path | None, argv: list[str]) -> Step[TrainInput, TrainR
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ftc_step.supervise import supervised  # the body runs as a child whose fds 1 and 2 are read and redacted
+
+    sys.exit(supervised(main))
