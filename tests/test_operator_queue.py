@@ -170,3 +170,29 @@ def test_a_comparison_is_replaced_only_by_a_newer_version():
     assert current is not None and current["metadata"]["resourceVersion"] == "11"
     held.forget("ns", "c")
     assert held.get("ns", "c") is None
+
+
+def test_delayed_adds_keep_one_timer_per_key_the_soonest():
+    """A pass that asks to look again at a deadline (an unschedulable pod's) every time piles up no timers."""
+
+    async def main():
+        seen: list[tuple[str, float]] = []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def process(key):
+            seen.append((key, loop.time() - started))
+
+        q = WorkQueue(process, workers=1)
+        q.start()
+        for delay in (5.0, 0.3, 0.2, 0.4, 0.25):
+            q.add("a", delay)
+        timers = len(q.timers)
+        await asyncio.sleep(0.5)
+        await q.stop()
+        return timers, seen
+
+    timers, seen = run(main())
+    assert timers == 1
+    assert [k for k, _ in seen] == ["a"]  # once, at the soonest (0.2 s), not at each delay
+    assert 0.15 < seen[0][1] < 0.3

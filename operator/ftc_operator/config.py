@@ -39,6 +39,16 @@ MODEL_CACHE_DIR = "/var/cache/ftc/models"  # where train and evaluate pods mount
 RESERVED_VOLUMES = (INPUT_VOLUME, TMP_VOLUME, MODEL_CACHE_VOLUME)
 
 
+# Node labels that name a GPU's product, per way of labelling GPU nodes, with the value an A100 80GB carries:
+# config.gpuLabelPreset picks one for config.placement's gpuProductLabel and gpuProduct when those are unset.
+GPU_LABEL_PRESETS: dict[str, tuple[str, str]] = {
+    "nvidia": ("nvidia.com/gpu.product", "NVIDIA-A100-SXM4-80GB"),  # NVIDIA GPU Feature Discovery (GPU Operator)
+    "gke": ("cloud.google.com/gke-accelerator", "nvidia-a100-80gb"),  # Google Kubernetes Engine
+    "eks": ("karpenter.k8s.aws/instance-gpu-name", "a100"),  # Amazon EKS with Karpenter
+    "eks-auto": ("eks.amazonaws.com/instance-gpu-name", "a100"),  # Amazon EKS Auto Mode
+}
+
+
 def default_placement() -> Placement:
     """The chart's default placement of GPU steps: one A100 80GB, tolerating the `nvidia.com/gpu` taint."""
     return Placement(
@@ -250,6 +260,20 @@ class OperatorConfig(ApiModel):
         "a later comparison of the same commit reuses the copy. `python -m ftc_trainer.gc` removes copies that no "
         "FineTuneComparison references (docs/operator.md#shared-model-copies-and-garbage-collection).",
     )
+    gpu_label_preset: str | None = Field(
+        default=None,
+        description="gpuLabelPreset: how the cluster labels its GPU nodes' product, one of "
+        + ", ".join(f"{k} ({v[0]}={v[1]})" for k, v in GPU_LABEL_PRESETS.items())
+        + ": sets placement.gpuProductLabel, and placement.gpuProduct to that scheme's A100 80GB, where the config "
+        "leaves them unset (docs/install.md#gpu-node-labels). Default: placement's values (NVIDIA's).",
+    )
+    unschedulable_deadline_seconds: int = Field(
+        default=1800,
+        ge=0,
+        description="unschedulableDeadlineSeconds: a step whose pod the scheduler cannot place (no node with the "
+        "GPU product, enough free GPUs or disk) fails after this long, with the scheduler's message; it is reported "
+        "at once either way (0: wait forever, for example for a cluster autoscaler that may take longer).",
+    )
     resync_seconds: float = Field(default=30, gt=0, description="resyncSeconds: re-check every comparison this often.")
     progress_write_seconds: float = Field(
         default=15,
@@ -259,6 +283,29 @@ class OperatorConfig(ApiModel):
     )
     workers: int = Field(default=16, ge=1, le=64, description="workers: comparisons reconciled at once (I/O-bound threads).")
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="metricsPort: Prometheus /metrics port (0: off).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_label_preset(cls, data: Any) -> Any:
+        """Fill placement.gpuProductLabel and gpuProduct from gpuLabelPreset where they are unset."""
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("gpuLabelPreset", data.get("gpu_label_preset"))
+        if preset is None:
+            return data
+        if preset not in GPU_LABEL_PRESETS:
+            raise ValueError(f"gpuLabelPreset: {preset!r} is not one of {', '.join(GPU_LABEL_PRESETS)}")
+        label, product = GPU_LABEL_PRESETS[preset]
+        raw = data.get("placement")
+        if raw is None:  # the default placement, in the preset's labels
+            return {**data, "placement": {**default_placement().to_wire(), "gpuProductLabel": label, "gpuProduct": product}}
+        if not isinstance(raw, dict):
+            return data  # a Placement object: taken as given
+        placement = dict(raw)
+        for key, snake, value in (("gpuProductLabel", "gpu_product_label", label), ("gpuProduct", "gpu_product", product)):
+            if placement.get(key) is None and placement.get(snake) is None:
+                placement[key] = value
+        return {**data, "placement": placement}
 
     @field_validator("extra_env", mode="before")
     @classmethod
@@ -322,6 +369,7 @@ def load_config(path: str | Path | None) -> OperatorConfig:
 
 __all__ = [
     "CONFIG_ENV",
+    "GPU_LABEL_PRESETS",
     "NONROOT_UID",
     "TMP_DIR",
     "Capabilities",

@@ -23,6 +23,8 @@ TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 CONDITION_ORDER = [c.value for c in ConditionType]
 STEP_CONDITION = {"prepare": ConditionType.PREPARED, "train": ConditionType.TRAINED, "evaluate": ConditionType.EVALUATED}
 MAX_MESSAGE = 1000
+# Reasons that warn even while their condition is Unknown: the step waits on something it cannot fix itself.
+WARNING_REASONS = {Reason.UNSCHEDULABLE.value}
 
 
 class EventType(StrEnum):
@@ -61,7 +63,8 @@ class Plan:
     status: FineTuneComparisonStatus
     creates: tuple[CreateStep, ...] = ()
     events: tuple[EventNote, ...] = ()
-    deletes: tuple[str, ...] = ()  # failed Jobs to delete (a retry), by name
+    deletes: tuple[str, ...] = ()  # Jobs to delete, by name: failed ones (a retry), or one whose pod never got a node
+    requeue_after: float | None = None  # plan again in this many seconds (a deadline), even if nothing changes
 
     def status_doc(self) -> dict[str, Any]:
         return self.status.to_wire()
@@ -109,6 +112,7 @@ class StatusBuilder:
         self.status = FineTuneComparisonStatus(observed_generation=owner.generation, retry=old.retry)
         self.conditions: dict[str, Condition] = {}
         self.creates: list[CreateStep] = []
+        self.requeue_after: float | None = None  # the soonest deadline, in seconds from now
 
     def condition(self, type_: ConditionType, status: str, reason: Reason, message: str = "") -> None:
         previous = next((c for c in self.old.conditions if c.type == type_.value), None)
@@ -123,6 +127,11 @@ class StatusBuilder:
                 taken[c.step] = why
         return taken
 
+    def look_again(self, seconds: float) -> None:
+        """Ask to be planned again in `seconds` (a deadline), whatever happens meanwhile (at least 1 s)."""
+        seconds = max(1.0, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
     def finish(self, phase: Phase, deletes: Sequence[str] = ()) -> Plan:
         self.status.phase = phase
         self.status.conditions = self._ordered()
@@ -132,7 +141,13 @@ class StatusBuilder:
             self.condition(STEP_CONDITION[step], "Unknown", Reason.NAME_TAKEN, message)
         self.status.conditions = self._ordered()
         events += [EventNote(EventType.WARNING, Reason.NAME_TAKEN.value, message) for message in taken.values()]
-        return Plan(status=self.status, creates=tuple(self.creates), events=tuple(events), deletes=tuple(deletes))
+        return Plan(
+            status=self.status,
+            creates=tuple(self.creates),
+            events=tuple(events),
+            deletes=tuple(deletes),
+            requeue_after=self.requeue_after,
+        )
 
     def _ordered(self) -> list[Condition]:
         return [self.conditions[t] for t in CONDITION_ORDER if t in self.conditions]
@@ -147,7 +162,7 @@ def _events(old: FineTuneComparisonStatus, new: FineTuneComparisonStatus, create
         if cond.reason == Reason.JOB_CREATED:
             continue  # the creation itself is reported below, once per Job
         if prev is None or (prev.status, prev.reason) != (cond.status, cond.reason):
-            kind = EventType.WARNING if cond.status == "False" else EventType.NORMAL
+            kind = EventType.WARNING if cond.status == "False" or cond.reason in WARNING_REASONS else EventType.NORMAL
             out.append(EventNote(kind, cond.reason, f"{cond.type}={cond.status}: {cond.message}".strip(": ")))
     if new.phase != old.phase:
         kind = EventType.WARNING if new.phase == Phase.FAILED else EventType.NORMAL

@@ -44,9 +44,9 @@ from pydantic import BaseModel, ValidationError
 
 from .comparison import InvalidSpec, Owner
 from .config import OperatorConfig
-from .decision import TERMINAL, CreateStep, EventNote, EventType, Plan, StatusBuilder, short
+from .decision import TERMINAL, CreateStep, EventNote, EventType, Plan, StatusBuilder, rfc3339, short
 from .fairness import fairness_record, software
-from .observe import JobState, ObservedJob
+from .observe import JobState, ObservedJob, Unschedulable
 from .rendering import render_configmap, render_job
 from .step_inputs import evaluate_input, location, prepare_input, result_from_status, train_input
 
@@ -159,6 +159,8 @@ class Pass(StatusBuilder):
         self.dataset_sha256 = old.fairness.dataset_sha256 if old.fairness else None  # prepare's, once it says
         self.results: dict[str, TrainResult] = {}  # trained models
         self.failed: dict[str, str] = {}  # models that will not be evaluated, and why
+        self.deletes: list[str] = []  # Jobs to delete: those whose pod found no node by the deadline
+        self.unschedulable: dict[str, str] = {}  # model -> why its train pod waits for a node
 
     def job(self, step: StepKind, model: str | None = None) -> ObservedJob | None:
         return self.jobs.get((step.value, model))
@@ -188,7 +190,25 @@ class Pass(StatusBuilder):
         forced = {name: r.forced for name, r in self.results.items() if r.forced}
         revisions = {m.name: m.base_model_revision for m in st.models}  # the commit each staged hub model was taken at
         st.fairness = fairness_record(self.spec, self.dataset_sha256, forced, software(self.spec, self.config), revisions)
-        return super().finish(phase, deletes)
+        return super().finish(phase, [*deletes, *self.deletes])
+
+    def unschedulable_pod(self, job: ObservedJob) -> tuple[str, bool] | None:
+        """(why, past the deadline) for an active Job whose pod the scheduler cannot place; None otherwise.
+        Past config.unschedulableDeadlineSeconds the Job is deleted (its pod would hold the node's GPUs
+        whenever one came free) and the caller fails the step; before it, the pass asks to be planned again
+        at the deadline."""
+        u = job.unschedulable
+        if u is None or job.state != JobState.ACTIVE:
+            return None
+        deadline = self.config.unschedulable_deadline_seconds
+        waited = (self.clock - _since(u, self.clock)).total_seconds()
+        if deadline and waited >= deadline:
+            self.deletes.append(job.name)
+            return f"pod {u.pod} found no node in {deadline}s (unschedulableDeadlineSeconds): {u.message}", True
+        if deadline:
+            self.look_again(deadline - waited)
+        fails = f"; the step fails at {rfc3339(_since(u, self.clock) + dt.timedelta(seconds=deadline))}" if deadline else ""
+        return f"pod {u.pod} cannot be scheduled (since {u.since or self.now}{fails}): {u.message}", False
 
 
 def _ready(p: Pass) -> None:
@@ -230,6 +250,14 @@ def _no_pods(observed: Sequence[ObservedJob], now: dt.datetime) -> str | None:
     return None
 
 
+def _since(u: Unschedulable, now: dt.datetime) -> dt.datetime:
+    """When the pod became unschedulable; `now` when the condition has no readable time."""
+    try:
+        return dt.datetime.fromisoformat((u.since or "").replace("Z", "+00:00"))
+    except ValueError:
+        return now
+
+
 # --------------------------------------------------------------------------------------------- prepare
 
 
@@ -242,6 +270,16 @@ def _prepare(p: Pass) -> Phase | None:
         p.condition(ConditionType.PREPARED, "Unknown", Reason.JOB_CREATED, "prepare Job created")
         return Phase.PREPARING
     if job is not None and job.state == JobState.ACTIVE:
+        stuck = p.unschedulable_pod(job)
+        if stuck is not None and stuck[1]:
+            p.condition(ConditionType.PREPARED, "False", Reason.UNSCHEDULABLE, f"prepare Job {job.name}: {stuck[0]}")
+            p.condition(ConditionType.SUCCEEDED, "False", Reason.UNSCHEDULABLE, "the prepare pod found no node")
+            for m in p.status.models:
+                m.phase, m.message = ModelPhase.FAILED, "not trained: prepare found no node"
+            return Phase.FAILED
+        if stuck is not None:
+            p.condition(ConditionType.PREPARED, "Unknown", Reason.UNSCHEDULABLE, f"prepare Job {job.name}: {stuck[0]}")
+            return Phase.PREPARING
         p.condition(ConditionType.PREPARED, "Unknown", Reason.JOB_RUNNING, "preparing the dataset" + _retrying(job))
         return Phase.PREPARING
     result: PrepareResult | None = None
@@ -300,7 +338,12 @@ def _train(p: Pass) -> Phase | None:
     n, done = len(p.spec.models), len(p.results)
     p.status.models_done = f"{done}/{n}"
     if running:
-        p.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, f"{done}/{n} trained, {running} training")
+        msg = f"{done}/{n} trained, {running} training"
+        if p.unschedulable:
+            waiting = "; ".join(f"{name}: {why}" for name, why in p.unschedulable.items())
+            p.condition(ConditionType.TRAINED, "Unknown", Reason.UNSCHEDULABLE, f"{msg}; waiting for a node: {waiting}")
+        else:
+            p.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, msg)
         return Phase.TRAINING
     needed = models_needed(n)
     failed_text = "; ".join(f"{k}: {v}" for k, v in p.failed.items())
@@ -322,11 +365,19 @@ def _train_model(p: Pass, model: ModelSpec) -> bool:
     job = p.job(StepKind.TRAIN, model.name)
     if job is None:
         return _train_without_job(p, model, ms, prior)
+    stuck = p.unschedulable_pod(job)
+    if stuck is not None and stuck[1]:  # no node by the deadline: the Job is deleted, the model left out
+        ms.phase, ms.message = ModelPhase.FAILED, f"{Reason.UNSCHEDULABLE.value}: train Job {job.name}: {stuck[0]}"
+        p.failed[model.name] = ms.message
+        return False
     if job.state == JobState.ACTIVE:
         ms.phase = ModelPhase.TRAINING
         ms.progress = job.progress
         if job.failed_pods:
             ms.message = _retry_note(job).replace("retry", "retrying", 1)
+        if stuck is not None:
+            ms.message = f"{Reason.UNSCHEDULABLE.value}: {stuck[0]}"
+            p.unschedulable[model.name] = stuck[0]
         return True
     result, why = parse_result(TrainResult, job.result)
     if job.state == JobState.SUCCEEDED and result is not None and result.ok:
@@ -383,6 +434,14 @@ def _evaluate(p: Pass) -> Phase:
         doc = evaluate_input(p.spec, p.owner, p.config, p.loc, p.results, p.failed, staged)
         p.create(StepKind.EVALUATE, None, doc, scratch_gib=scratch)
         p.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_CREATED, "evaluate Job created")
+        return Phase.EVALUATING
+    stuck = p.unschedulable_pod(job)
+    if stuck is not None and stuck[1]:
+        p.condition(ConditionType.EVALUATED, "False", Reason.UNSCHEDULABLE, f"evaluate Job {job.name}: {stuck[0]}")
+        p.condition(ConditionType.SUCCEEDED, "False", Reason.UNSCHEDULABLE, "the evaluate pod found no node")
+        return Phase.FAILED
+    if stuck is not None:
+        p.condition(ConditionType.EVALUATED, "Unknown", Reason.UNSCHEDULABLE, f"evaluate Job {job.name}: {stuck[0]}")
         return Phase.EVALUATING
     if job.state == JobState.ACTIVE:
         msg = "evaluating " + ", ".join(p.results) + _retrying(job)

@@ -52,7 +52,8 @@ class Reconciler:
 
     def reconcile(self, namespace: str, name: str) -> float | None:
         """Bring one comparison one step forward (raises kube.Conflict when the object changed meanwhile).
-        Returns in how many seconds to look again when a progress-only status write was held back."""
+        Returns in how many seconds to look again: a progress-only status write was held back, or the plan has a
+        deadline (a pod that found no node fails its step then)."""
         started = time.perf_counter()
         try:
             return self._reconcile(namespace, name)
@@ -106,10 +107,10 @@ class Reconciler:
         if not_created:  # what the apply met is an observation: plan again with it, and report that plan
             p = planned(not_created)
         held = self._write_status(obj, c.status, p, now)
-        if held is not None:
-            return held
         taken = any(why is not None for why in not_created.values())
-        return self.config.resync_seconds / 6 if taken else None  # a name taken: look again soon (a deleted owner's objects go)
+        soon = self.config.resync_seconds / 6 if taken else None  # a name taken: look again soon (a deleted owner's objects go)
+        # the soonest of: a held-back progress write, a taken name, a deadline of the plan (an unschedulable pod's)
+        return min((s for s in (held, soon, p.requeue_after) if s is not None), default=None)
 
     def _create(self, namespace: str, name: str, p: Plan) -> dict[str, str | None]:
         """Create what the plan lists; returns what was not created, by Job name: the message naming the object

@@ -37,18 +37,32 @@ class WorkQueue:
         self.failures: dict[Hashable, int] = {}
         self.tasks: list[asyncio.Task] = []
         self._order = itertools.count()
+        self.timers: dict[Hashable, asyncio.TimerHandle] = {}  # key -> its pending delayed add
+
+    def _fire(self, key: Hashable) -> None:
+        self.timers.pop(key, None)
+        self.add(key)
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._worker(), name=f"ftc-worker-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def add(self, key: Hashable, delay: float = 0.0, urgent: bool = False) -> None:
-        if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self.add, key)
+        if delay > 0:  # one timer per key, the soonest: a deadline asked for at every pass does not pile up timers
+            loop = asyncio.get_running_loop()
+            timer = self.timers.get(key)
+            if timer is not None and not timer.cancelled() and timer.when() <= loop.time() + delay:
+                return
+            if timer is not None:
+                timer.cancel()
+            self.timers[key] = loop.call_later(delay, self._fire, key)
             return
         priority = 0 if urgent else 1
         if key in self.running:
