@@ -83,3 +83,4 @@ def predictions_key(model: str) -> str:
 SCORES_KEY = "eval/scores.json"
 REPORT_KEY = "report/index.html"
 JUDGE_CACHE_DIR = "eval/judge-cache"
+ENDPOINTS_KEY = "data/endpoints.json"  # prepare's preflight of the evaluation endpoints (the mode RAGAS runs in)

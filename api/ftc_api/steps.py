@@ -135,6 +135,93 @@ class ModelRef(ApiModel):
 
 class PrepareInput(ApiModel):
     """Input of the prepare step."""
+# ---------------------------------------------------------------------------------------------- endpoints
+
+# The structured-output modes RAGAS' LLM metrics can be driven in (instructor's Mode.JSON, Mode.TOOLS,
+# Mode.MD_JSON), in the order the preflight tries them: JSON mode (`response_format: json_object`), forced
+# function calling, then plain text asked to hold a JSON code block (any chat model).
+RAGAS_MODES = ("json", "tools", "md_json")
+RAGAS_LLM_METRICS = frozenset({"answer_correctness", "factual_correctness"})
+EMBEDDING_METRICS = frozenset({"answer_correctness", "semantic_similarity"})
+
+
+class EndpointRef(ApiModel):
+    """One API endpoint of the evaluation, as the preflight calls it."""
+
+    setting: str = Field(
+        description="setting: where the spec names it: evaluation.judge, evaluation.extraJudges[N], evaluation.embeddings."
+    )
+    kind: Literal["chat", "embeddings"] = Field(description="kind: chat (a judge) or embeddings.")
+    base_url: str = Field(description="baseUrl: the API's base URL (…/v1).")
+    model: str = Field(description="model: the model name sent with each request.")
+    api_key_env: str | None = Field(
+        default=None, description="apiKeyEnv: the env var holding its key (a secretKeyRef); unset: no key is sent."
+    )
+    structured: bool = Field(
+        default=False,
+        description="structured: RAGAS' LLM metrics go through it, so it must answer in a structured-output mode.",
+    )
+    timeout_seconds: float = Field(default=60, gt=0, description="timeoutSeconds: per request.")
+
+
+class EndpointCheck(ApiModel):
+    """What the preflight learned of one endpoint."""
+
+    setting: str = Field(description="setting: the spec's setting it checked (evaluation.judge, ...).")
+    base_url: str = Field(description="baseUrl: the endpoint.")
+    model: str = Field(description="model: the model asked for.")
+    ok: bool = Field(description="ok: whether the endpoint can serve the evaluation.")
+    status: int | None = Field(default=None, description="status: HTTP status of the deciding reply (none: unreachable).")
+    mode: str | None = Field(
+        default=None,
+        description="mode: for a structured endpoint, the first of json, tools, md_json the model accepted (RAGAS runs in it).",
+    )
+    refused: dict[str, str] = Field(default_factory=dict, description="refused: per mode tried and refused, why.")
+    error: str | None = Field(default=None, description="error: why it cannot serve (names the setting and the HTTP status).")
+    retryable: bool = Field(default=False, description="retryable: whether the failure may pass (5xx, timeout, unreachable).")
+
+
+def endpoints_to_check(evaluation: EvaluationSpec) -> list[EndpointRef]:
+    """Pure. The endpoints an evaluation with these settings will call: the judge (structured when an LLM RAGAS
+    metric is asked for), the extra judges (only with the judge metric) and an `openai` embeddings endpoint
+    (only with an embedding metric). Keys: FTC_JUDGE_API_KEY (extra judges: _N, else the main key) and
+    FTC_EMBEDDINGS_API_KEY, as the evaluator reads them."""
+    metrics = {m.value for m in evaluation.metrics}
+    judged = "judge" in metrics
+    structured = bool(RAGAS_LLM_METRICS & metrics)
+    refs: list[EndpointRef] = []
+    judge = evaluation.judge
+    if (judged or structured) and judge.base_url:
+        key = JUDGE_API_KEY_ENV if judge.api_key_secret_ref is not None else None
+        refs.append(
+            EndpointRef(
+                setting="evaluation.judge", kind="chat", base_url=judge.base_url, model=judge.model,
+                api_key_env=key, structured=structured, timeout_seconds=judge.timeout_seconds,
+            )  # fmt: skip
+        )
+    if judged:
+        for i, extra in enumerate(evaluation.extra_judges):
+            if not extra.base_url:
+                continue
+            main_key = refs[0].api_key_env if refs else None
+            key = f"{JUDGE_API_KEY_ENV}_{i + 1}" if extra.api_key_secret_ref is not None else main_key
+            refs.append(
+                EndpointRef(
+                    setting=f"evaluation.extraJudges[{i}]", kind="chat", base_url=extra.base_url, model=extra.model,
+                    api_key_env=key, timeout_seconds=extra.timeout_seconds,
+                )  # fmt: skip
+            )
+    emb = evaluation.embeddings
+    if emb.provider == "openai" and emb.base_url and EMBEDDING_METRICS & metrics:
+        key = EMBEDDINGS_API_KEY_ENV if emb.api_key_secret_ref is not None else None
+        refs.append(
+            EndpointRef(
+                setting="evaluation.embeddings", kind="embeddings", base_url=emb.base_url, model=emb.model, api_key_env=key
+            )
+        )
+    return refs
+
+
 
     step: Literal["prepare"] = Field(default="prepare", description="step: always prepare.")
     dataset: DatasetSpec = Field(description="dataset: what to read and how to split it.")
@@ -154,6 +241,14 @@ class PrepareInput(ApiModel):
         min_length=1,
         pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
         description=(
+    endpoints: list[EndpointRef] = Field(
+        default_factory=list,
+        description=(
+            "endpoints: the evaluation's API endpoints (judge, extra judges, embeddings) that prepare calls once each "
+            "before any training (`endpoints_to_check` of spec.evaluation): key, model, reachability and, for the "
+            "endpoint RAGAS' LLM metrics use, the structured-output mode the model accepts."
+        ),
+    )
             "cachePrefix: the key prefix, in location.bucket, shared by every comparison that uses that bucket: hub "
             "models are staged under CACHE_PREFIX/models/hf/ORG--NAME/COMMIT/ once and reused (the operator's "
             "config.cachePrefix; `python -m ftc_trainer.gc` removes copies no comparison references)."
@@ -223,6 +318,9 @@ class PrepareResult(ApiModel):
 # ---------------------------------------------------------------------------------------------- train
 
 
+    endpoints: list[EndpointCheck] = Field(
+        default_factory=list, description="endpoints: the preflight of each evaluation endpoint (the mode RAGAS runs in)."
+    )
 class TrainInput(ApiModel):
     """Input of one model's train step."""
 
