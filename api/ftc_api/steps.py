@@ -236,11 +236,6 @@ def endpoints_to_check(evaluation: EvaluationSpec) -> list[EndpointRef]:
             "others go on, as long as at least two models (or the only one) remain."
         ),
     )
-    cache_prefix: str = Field(
-        default=names.DEFAULT_CACHE_PREFIX,
-        min_length=1,
-        pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
-        description=(
     endpoints: list[EndpointRef] = Field(
         default_factory=list,
         description=(
@@ -249,6 +244,11 @@ def endpoints_to_check(evaluation: EvaluationSpec) -> list[EndpointRef]:
             "endpoint RAGAS' LLM metrics use, the structured-output mode the model accepts."
         ),
     )
+    cache_prefix: str = Field(
+        default=names.DEFAULT_CACHE_PREFIX,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description=(
             "cachePrefix: the key prefix, in location.bucket, shared by every comparison that uses that bucket: hub "
             "models are staged under CACHE_PREFIX/models/hf/ORG--NAME/COMMIT/ once and reused (the operator's "
             "config.cachePrefix; `python -m ftc_trainer.gc` removes copies no comparison references)."
