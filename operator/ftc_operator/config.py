@@ -24,7 +24,7 @@ from ftc_api.spec import (
     Toleration,
 )
 from ftc_api.steps import DEFAULT_INPUT_PATH
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 CONFIG_ENV = "FTC_OPERATOR_CONFIG"
 # The non-root user and group of the step images (distroless "nonroot"); HOME and every cache are under /tmp.
@@ -191,6 +191,19 @@ class OperatorConfig(ApiModel):
     step_service_account: str = Field(
         default="ftc-step", description="stepServiceAccount: ServiceAccount of the step pods (patches its pod's progress)."
     )
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="allowedImages: images a comparison's spec.images may name besides trainerImage and evaluatorImage "
+        "(always allowed); an entry ending in `*` allows every image that starts with what precedes it "
+        "(`registry.example/ml/*`). Any other image is refused with a message naming this setting, and the chart's "
+        "ValidatingAdmissionPolicy lets the operator create Jobs with these images only (docs/install.md#least-privilege).",
+    )
+    allowed_service_accounts: list[str] = Field(
+        default_factory=list,
+        description="allowedServiceAccounts: ServiceAccounts a comparison's placement.serviceAccountName may name "
+        "besides stepServiceAccount (always allowed). Any other is refused with a message naming this setting, and the "
+        "chart's ValidatingAdmissionPolicy lets the operator create Jobs that run as these only.",
+    )
     placement: Placement = Field(default_factory=default_placement, description="placement: defaults of GPU steps.")
     prepare: StepConfig = Field(
         default_factory=lambda: StepConfig(
@@ -315,6 +328,20 @@ class OperatorConfig(ApiModel):
             return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
         return value
 
+    @field_validator("allowed_images", "allowed_service_accounts")
+    @classmethod
+    def _allowlist_entries(cls, entries: list[str], info: ValidationInfo) -> list[str]:
+        name = "allowedImages" if info.field_name == "allowed_images" else "allowedServiceAccounts"
+        for i, entry in enumerate(entries):
+            if not entry.strip():
+                raise ValueError(f"{name}[{i}] is empty")
+            if "*" in entry[:-1] or (entry.endswith("*") and name == "allowedServiceAccounts"):
+                raise ValueError(
+                    f"{name}[{i}] {entry!r}: "
+                    + ("`*` may only end an entry (a prefix)" if name == "allowedImages" else "a ServiceAccount name, no `*`")
+                )
+        return entries
+
     @field_validator("extra_volumes")
     @classmethod
     def _volumes_have_names(cls, volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -357,6 +384,18 @@ class OperatorConfig(ApiModel):
 
     def step(self, step: str) -> StepConfig:
         return {"prepare": self.prepare, "train": self.train, "evaluate": self.evaluate}[step]
+
+    def images_allowed(self) -> list[str]:
+        """The images (and `prefix*` patterns) step Jobs may run: trainerImage, evaluatorImage and allowedImages."""
+        return list(dict.fromkeys([self.trainer_image, self.evaluator_image, *self.allowed_images]))
+
+    def image_allowed(self, image: str) -> bool:
+        """Whether `image` is one of images_allowed() or starts with the part of a `prefix*` entry before the `*`."""
+        return any(image == p or (p.endswith("*") and image.startswith(p[:-1])) for p in self.images_allowed())
+
+    def service_accounts_allowed(self) -> list[str]:
+        """The ServiceAccounts step pods may run as: stepServiceAccount and allowedServiceAccounts."""
+        return list(dict.fromkeys([self.step_service_account, *self.allowed_service_accounts]))
 
 
 def load_config(path: str | Path | None) -> OperatorConfig:

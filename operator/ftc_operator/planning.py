@@ -48,6 +48,7 @@ from .decision import TERMINAL, CreateStep, EventNote, EventType, Plan, StatusBu
 from .fairness import fairness_record, software
 from .observe import JobState, ObservedJob, Unschedulable
 from .rendering import render_configmap, render_job
+from .resolve import refusals
 from .step_inputs import evaluate_input, location, prepare_input, result_from_status, train_input
 
 # An active, unsuspended Job with no pod after this long is reported: the Job controller cannot create its
@@ -74,6 +75,8 @@ def plan(
         return _plan_retry(old, observed, owner, now, retry or "")
     if settled(old, owner.generation) and not _invalid_spec(old):
         return Plan(status=old)
+    if not isinstance(spec, InvalidSpec) and (refused := refusals(config, spec)):
+        spec = InvalidSpec(tuple(refused))  # an image or ServiceAccount the chart's allowlists do not hold
     if isinstance(spec, InvalidSpec):
         b = StatusBuilder(old, owner, now)
         b.condition(ConditionType.READY, "False", Reason.INVALID_SPEC, "; ".join(spec.errors[:8]))

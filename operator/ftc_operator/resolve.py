@@ -48,3 +48,28 @@ def image_for(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str) -
     else:
         image = (images.trainer if images else None) or config.trainer_image
     return image, (images.pull_policy if images and images.pull_policy else config.image_pull_policy)
+
+
+def refusals(config: OperatorConfig, spec: FineTuneComparisonSpec) -> list[str]:
+    """What the spec asks that the chart does not allow (its images and ServiceAccounts allowlists), as
+    `field: message` lines naming the value and the chart value to change; empty when nothing is refused."""
+    out: list[str] = []
+    images = spec.images
+    for field, image in (("trainer", images.trainer if images else None), ("evaluator", images.evaluator if images else None)):
+        if image and not config.image_allowed(image):
+            out.append(
+                f"spec.images.{field}: the image {image!r} is not allowed by the operator's chart "
+                f"(allowed: {', '.join(config.images_allowed())}); name one of these, or add it to the chart value "
+                "config.allowedImages"
+            )
+    accounts = [("spec.placement", spec.placement)]
+    accounts += [(f"spec.models[{i}].placement", m.placement) for i, m in enumerate(spec.models)]
+    for where, placement in accounts:
+        account = placement.service_account_name if placement else None
+        if account and account not in config.service_accounts_allowed():
+            out.append(
+                f"{where}.serviceAccountName: the ServiceAccount {account!r} is not allowed by the operator's chart "
+                f"(allowed: {', '.join(config.service_accounts_allowed())}); name one of these, or add it to the chart "
+                "value config.allowedServiceAccounts"
+            )
+    return out
