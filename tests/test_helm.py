@@ -43,6 +43,10 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def named(docs: list[dict], name: str) -> dict:
+    return next(d for d in docs if d["metadata"]["name"] == name)
+
+
 def test_helm_lint(helm):
     proc = subprocess.run([str(helm), "lint", "--strict", str(CHART)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -63,29 +67,89 @@ def test_values_override_placement_and_images(helm):
     assert (config.placement.queue_name, config.trainer_image) == ("team-a", "reg/t:1")
 
 
-def test_operator_rbac_is_least_privilege_and_never_touches_secrets(helm):
-    docs = template(helm)
-    rules = by_kind(docs, "ClusterRole")[0]["rules"]
-    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+OPERATOR_RULES = {
     # Exactly what kube.py and kopf's watches use (the e2e tests run the operator with these rules); nothing on Secrets.
-    assert granted == {
-        ("ftc.dev", "finetunecomparisons", "get"),
-        ("ftc.dev", "finetunecomparisons", "list"),
-        ("ftc.dev", "finetunecomparisons", "watch"),
-        ("ftc.dev", "finetunecomparisons/status", "update"),
-        ("batch", "jobs", "get"),
-        ("batch", "jobs", "list"),
-        ("batch", "jobs", "watch"),
-        ("batch", "jobs", "create"),
-        ("batch", "jobs", "delete"),
-        ("", "configmaps", "create"),
-        ("", "configmaps", "get"),
-        ("", "pods", "list"),
-        ("", "pods", "watch"),
-        ("", "events", "create"),
-        ("", "events", "get"),
-        ("", "events", "patch"),
+    ("ftc.dev", "finetunecomparisons", "get"),
+    ("ftc.dev", "finetunecomparisons", "list"),
+    ("ftc.dev", "finetunecomparisons", "watch"),
+    ("ftc.dev", "finetunecomparisons/status", "update"),
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "watch"),
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "delete"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "get"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "events", "create"),
+    ("", "events", "get"),
+    ("", "events", "patch"),
+}
+
+
+def granted(role: dict) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def operator_grants(docs: list[dict]) -> dict[str, set[tuple[str, str, str]]]:
+    """What the operator's ServiceAccount (t-ftc in ftc-system) may do, by namespace ("*": cluster-wide), from
+    the rendered Roles, ClusterRoles and their bindings."""
+    roles = {
+        (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+        for d in docs
+        if d["kind"] in ("Role", "ClusterRole")
     }
+    out: dict[str, set[tuple[str, str, str]]] = {}
+    for b in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        if {"kind": "ServiceAccount", "name": "t-ftc", "namespace": "ftc-system"} not in b["subjects"]:
+            continue
+        ns = b["metadata"].get("namespace")
+        role = roles[(b["roleRef"]["kind"], ns if b["roleRef"]["kind"] == "Role" else None, b["roleRef"]["name"])]
+        out.setdefault(ns or "*", set()).update(granted(role))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "grants", "scope"),
+    [
+        pytest.param((), {"ftc-system": OPERATOR_RULES}, ["--namespace=ftc-system"], id="default-the-release-namespace"),
+        pytest.param(
+            ("--set", "watchNamespaces={team-a,team-b}"),
+            {"team-a": OPERATOR_RULES, "team-b": OPERATOR_RULES},
+            ["--namespace=team-a", "--namespace=team-b"],
+            id="named-namespaces",
+        ),
+        pytest.param(("--set", "watchAnyNamespace=true"), {"*": OPERATOR_RULES}, ["--all-namespaces"], id="cluster-wide-opt-in"),
+        pytest.param(
+            ("--set", "replicas=2"),
+            {"ftc-system": OPERATOR_RULES | {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}},
+            ["--namespace=ftc-system"],
+            id="leader-election",
+        ),
+    ],
+)
+def test_operator_rbac_is_least_privilege_namespaced_by_default_and_never_touches_secrets(helm, args, grants, scope):
+    docs = template(helm, *args)
+    assert operator_grants(docs) == grants
+    assert bool(by_kind(docs, "ClusterRole")) == ("*" in grants)
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert [a for a in container["args"] if a.startswith(("--namespace", "--all-namespaces"))] == scope
+    # the step ServiceAccount exists wherever the operator runs steps (and in the release's namespace)
+    step_accounts = sorted(
+        d["metadata"]["namespace"] for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "ftc-step"
+    )
+    assert step_accounts == sorted({"ftc-system", *(ns for ns in grants if ns != "*")})
+
+
+def test_named_namespaces_and_cluster_wide_together_are_refused(helm):
+    proc = subprocess.run(
+        [str(helm), "template", "t", str(CHART), "--set", "watchAnyNamespace=true", "--set", "watchNamespaces={a}"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "set either watchNamespaces (a Role in each) or watchAnyNamespace (a ClusterRole), not both" in proc.stderr
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -113,28 +177,103 @@ def test_step_service_account_may_patch_only_pods(helm):
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ftc-system", "team-a"]
     assert roles[0]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
     # ... narrowed by admission to its own pod's progress annotation (tests/test_e2e_operator.py tries the rest)
-    policy = by_kind(docs, "ValidatingAdmissionPolicy")[0]
+    policy = named(by_kind(docs, "ValidatingAdmissionPolicy"), "t-ftc-ftc-system-step-pods")
     users = policy["spec"]["matchConditions"][0]["expression"]
     assert "'system:serviceaccount:ftc-system:ftc-step', 'system:serviceaccount:team-a:ftc-step'" in users
-    assert by_kind(docs, "ValidatingAdmissionPolicyBinding")[0]["spec"] == {
+    assert named(by_kind(docs, "ValidatingAdmissionPolicyBinding"), "t-ftc-ftc-system-step-pods")["spec"] == {
         "policyName": policy["metadata"]["name"],
         "validationActions": ["Deny"],
     }
 
 
-def test_watch_namespaces_use_namespaced_roles(helm):
-    docs = template(helm, "--set", "watchNamespaces={a,b}")
-    assert not by_kind(docs, "ClusterRole")
-    assert sorted(r["metadata"]["namespace"] for r in by_kind(docs, "RoleBinding") if "operator" in r["metadata"]["name"]) == [
-        "a",
-        "b",
-    ]
-    args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--namespace=a" in args and "--all-namespaces" not in args
-
-
 def config_of(docs: list[dict]) -> OperatorConfig:
     return OperatorConfig.model_validate(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"]))
+
+
+def job_policy(docs: list[dict]) -> dict[str, str]:
+    """The operator-jobs policy's variables (CEL expressions) by name, its match condition under "user", and
+    its validations joined under "validations"."""
+    policy = named(by_kind(docs, "ValidatingAdmissionPolicy"), "t-ftc-ftc-system-operator-jobs")
+    binding = named(by_kind(docs, "ValidatingAdmissionPolicyBinding"), "t-ftc-ftc-system-operator-jobs")
+    assert binding["spec"] == {"policyName": "t-ftc-ftc-system-operator-jobs", "validationActions": ["Deny"]}
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["jobs"]}
+    ]
+    out = {v["name"]: v["expression"] for v in spec["variables"]}
+    out["user"] = spec["matchConditions"][0]["expression"]
+    out["validations"] = "\n".join(v["expression"] for v in spec["validations"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "images", "accounts", "types", "host_paths"),
+    [
+        pytest.param(
+            (),
+            ["ghcr.io/ftc-project/ftc-trainer:0.1.0", "ghcr.io/ftc-project/ftc-evaluator:0.1.0"],
+            ["ftc-step"],
+            "has(v.configMap) || has(v.emptyDir))",
+            [],
+            id="defaults",
+        ),
+        pytest.param(
+            ("--set", "config.allowedImages={reg.example/ml/*}", "--set", "config.allowedServiceAccounts={ml-a,ml-b}"),
+            ["ghcr.io/ftc-project/ftc-trainer:0.1.0", "ghcr.io/ftc-project/ftc-evaluator:0.1.0", "reg.example/ml/*"],
+            ["ftc-step", "ml-a", "ml-b"],
+            "has(v.configMap) || has(v.emptyDir))",
+            [],
+            id="allowlists",
+        ),
+        pytest.param(
+            ("--set", "config.modelCache.hostPath=/var/cache/ftc", "--set", "stepServiceAccount.name=steps"),
+            ["ghcr.io/ftc-project/ftc-trainer:0.1.0", "ghcr.io/ftc-project/ftc-evaluator:0.1.0"],
+            ["steps"],
+            "has(v.configMap) || has(v.emptyDir) || has(v.hostPath))",
+            ["/var/cache/ftc"],
+            id="model-cache-on-a-host-path",
+        ),
+        pytest.param(
+            ("--set", "config.modelCache.claimName=cache", "--set", "jobPolicy.allowedVolumeTypes={emptyDir}"),
+            ["ghcr.io/ftc-project/ftc-trainer:0.1.0", "ghcr.io/ftc-project/ftc-evaluator:0.1.0"],
+            ["ftc-step"],
+            "has(v.emptyDir) || has(v.persistentVolumeClaim))",
+            [],
+            id="model-cache-on-a-claim",
+        ),
+    ],
+)
+def test_job_policy_allows_the_charts_images_accounts_and_volumes(helm, args, images, accounts, types, host_paths):
+    import json
+
+    policy = job_policy(template(helm, *args))
+    assert policy["user"] == "request.userInfo.username == 'system:serviceaccount:ftc-system:t-ftc'"
+    assert (json.loads(policy["images"]), json.loads(policy["serviceAccounts"])) == (images, accounts)
+    assert json.loads(policy["hostPaths"]) == host_paths
+    assert f"variables.volumes.all(v, {types}" in policy["validations"]
+    # and the operator refuses the same images and ServiceAccounts before the API server would
+    config = config_of(template(helm, *args))
+    assert (config.images_allowed(), config.service_accounts_allowed()) == (images, accounts)
+
+
+def test_job_policy_allows_the_extra_volumes_types_and_host_paths(helm, tmp_path):
+    import json
+
+    values = tmp_path / "values.yaml"
+    extra = [{"name": "ca", "configMap": {"name": "ca"}}, {"name": "nvme", "hostPath": {"path": "/mnt/nvme"}}]
+    values.write_text(yaml.safe_dump({"config": {"extraVolumes": extra}}))
+    policy = job_policy(template(helm, "-f", str(values)))
+    assert "variables.volumes.all(v, has(v.configMap) || has(v.emptyDir) || has(v.hostPath))" in policy["validations"]
+    assert json.loads(policy["hostPaths"]) == ["/mnt/nvme"]
+
+
+def test_job_policy_off_and_a_bad_volume_type_refused(helm):
+    assert not [d for d in template(helm, "--set", "jobPolicy.enabled=false") if d["metadata"]["name"].endswith("operator-jobs")]
+    proc = subprocess.run(
+        [str(helm), "template", "t", str(CHART), "--set", "jobPolicy.allowedVolumeTypes={has(x)}"], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and '"has(x)" is not a volume type' in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -272,3 +411,28 @@ def test_model_cache_from_values(helm):
     assert (config.model_cache.claim_name, config.model_cache.max_size) == ("ftc-model-cache", "500Gi")
     default = OperatorConfig.model_validate(yaml.safe_load(by_kind(template(helm), "ConfigMap")[0]["data"]["config.yaml"]))
     assert default.model_cache is None
+
+
+@pytest.mark.parametrize(
+    ("args", "label", "product"),
+    [
+        pytest.param((), "nvidia.com/gpu.product", "NVIDIA-A100-SXM4-80GB", id="default-nvidia"),
+        pytest.param(("--set", "config.gpuLabelPreset=gke"), "cloud.google.com/gke-accelerator", "nvidia-a100-80gb", id="gke"),
+        pytest.param(("--set", "config.gpuLabelPreset=eks"), "karpenter.k8s.aws/instance-gpu-name", "a100", id="eks"),
+        pytest.param(
+            ("--set", "config.gpuLabelPreset=gke", "--set", "config.placement.gpuProduct=nvidia-l4"),
+            "cloud.google.com/gke-accelerator",
+            "nvidia-l4",
+            id="gke-other-gpu",
+        ),
+    ],
+)
+def test_the_gpu_label_preset_value_selects_the_product_label_of_train_pods(helm, args, label, product):
+    from ftc_operator.rendering import pod_placement
+
+    docs = template(helm, *args)
+    config = OperatorConfig.model_validate(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"]))
+    assert (config.placement.gpu_product_label, config.placement.gpu_product) == (label, product)
+    assert config.unschedulable_deadline_seconds == 1800  # the chart's value, documented beside it
+    spec = FineTuneComparisonSpec.model_validate(yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())["spec"])
+    assert pod_placement(config, spec, "train", spec.models[0])["nodeSelector"] == {label: product}

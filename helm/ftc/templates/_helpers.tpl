@@ -27,3 +27,22 @@ app.kubernetes.io/component: operator
 {{- define "ftc.serviceAccountName" -}}
 {{- default (include "ftc.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
+
+{{- /* The namespaces the operator watches, as a JSON list: watchNamespaces, else the release's namespace; []
+     with watchAnyNamespace (every namespace). */}}
+{{- define "ftc.watchNamespaces" -}}
+{{- if .Values.watchAnyNamespace -}}
+{{- if .Values.watchNamespaces -}}
+{{- fail "set either watchNamespaces (a Role in each) or watchAnyNamespace (a ClusterRole), not both" -}}
+{{- end -}}
+[]
+{{- else -}}
+{{- toJson (uniq (.Values.watchNamespaces | default (list .Release.Namespace))) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* Where the step ServiceAccount is created, as a JSON list: the release's namespace, the watched ones and
+     stepServiceAccount.namespaces. */}}
+{{- define "ftc.stepNamespaces" -}}
+{{- toJson (uniq (concat (list .Release.Namespace) (include "ftc.watchNamespaces" . | fromJsonArray) .Values.stepServiceAccount.namespaces)) -}}
+{{- end -}}
