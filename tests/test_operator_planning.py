@@ -468,7 +468,7 @@ def test_a_retry_reruns_a_failed_evaluation_without_retraining():
 
     retrying = with_retry([PREP_OK, *TRAIN_OK, failed_eval], failed.status, "1")
     assert retrying.deletes == ("bake-evaluate",) and not retrying.creates  # only the failed Job goes
-    assert retrying.status.phase == Phase.PENDING and retrying.status.retry == "1"
+    assert retrying.status.phase == Phase.EVALUATING and retrying.status.retry == "1"  # never Pending: the spec stays frozen
     assert conditions(retrying)["Succeeded"] == ("Unknown", "Retrying")
     assert conditions(retrying)["Trained"] == ("True", "JobSucceeded")
     assert retrying.status.fairness == failed.status.fairness

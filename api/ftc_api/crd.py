@@ -21,12 +21,56 @@ from .status import FineTuneComparisonStatus
 
 CRD_FILENAME = f"{API_GROUP}_{PLURAL}.yaml"
 
-# Once a comparison has left Pending its spec is frozen: a changed spec would make the bake-off unfair.
-IMMUTABLE_RULE = {
-    "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending'"
-    " || self.spec == oldSelf.spec",
-    "message": "spec is immutable once the comparison has started; create a new FineTuneComparison instead",
+# Which spec fields are frozen, and when (docs/api.md#what-may-change-after-the-start). Every top-level spec field
+# but `evaluation` is frozen once the comparison has left Pending, unless it failed before its data was prepared
+# (status.dataManifestUri is set by the prepare step's success and kept from then on): until then no artefact
+# depends on the spec, so a spec the operator refused, a wrong dataset or a missing `hub` can be fixed in place.
+# `evaluation` may always change: the planner reruns the scoring (and the generation when the answers' settings
+# changed) and records the change in status.fairness.evaluationChanges.
+MUTABLE_AFTER_START = ("evaluation",)
+_EDITABLE = (
+    "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending'"
+    " || (oldSelf.status.phase == 'Failed' && !has(oldSelf.status.dataManifestUri))"
+)
+# Why each frozen field is frozen (a spec field missing here fails `make crds`: decide, then add it).
+FROZEN_BECAUSE = {
+    "models": "the models were staged and are trained (or training) from it",
+    "dataset": "the data was prepared from it and the models are trained on it",
+    "training": "the models are trained (or training) under these settings, and the fairness hash covers them",
+    "storage": "the run's data, adapters and checkpoints are stored under it",
+    "placement": "the steps ran (or run) under it, and training's GPU count changes the effective batch",
+    "images": "the steps ran (or run) with these images, recorded in status.fairness.software",
+    "hub": "the base models were staged from it (status.models[].baseModelRevision)",
 }
+FROZEN_SUFFIX = (
+    "; spec.evaluation may still change (it reruns only the evaluation); for other settings create a new FineTuneComparison"
+)
+
+
+def frozen_rules() -> list[dict[str, str]]:
+    """One CEL transition rule per frozen spec field, its message naming the field and why it is frozen."""
+    rules = []
+    for name, field in FineTuneComparisonSpec.model_fields.items():
+        alias = field.alias or name
+        if alias in MUTABLE_AFTER_START:
+            continue
+        why = FROZEN_BECAUSE[alias]
+        new, old = f"self.spec.{alias}", f"oldSelf.spec.{alias}"
+        same = (
+            f"{new} == {old}"
+            if field.is_required() or field.default_factory is not None
+            else (f"(has({new}) ? has({old}) && {new} == {old} : !has({old}))")
+        )
+        rules.append(
+            {
+                "rule": f"{_EDITABLE} || {same}",
+                "message": f"spec.{alias} is frozen once the data is prepared: {why}{FROZEN_SUFFIX}",
+                "fieldPath": f".spec.{alias}",
+                "reason": "FieldValueForbidden",
+            }
+        )
+    return rules
+
 
 _DROP = {"title", "discriminator"}
 
@@ -132,7 +176,7 @@ def build_crd() -> dict[str, Any]:
             "spec": spec_schema,
             "status": status_schema,
         },
-        "x-kubernetes-validations": [IMMUTABLE_RULE],
+        "x-kubernetes-validations": frozen_rules(),
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

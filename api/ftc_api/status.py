@@ -7,6 +7,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from .base import ApiModel
+from .spec import EvaluationSpec
 from .steps import MemoryEstimate, MetricScore, PairwiseTest, TrainResult
 
 
@@ -61,6 +62,7 @@ class Reason(StrEnum):
     RETRYING = "Retrying"
     COMPLETED = "Completed"
     NAME_TAKEN = "NameTaken"
+    EVALUATION_CHANGED = "EvaluationChanged"  # spec.evaluation changed after the start: what it invalidates reruns
     UNSCHEDULABLE = "Unschedulable"  # a step pod the scheduler cannot place (PodScheduled=False/Unschedulable)
 
 
@@ -156,10 +158,43 @@ class ModelIdentity(ApiModel):
     method: str = Field(description="method: lora or qlora.")
 
 
+class EvaluationChange(ApiModel):
+    """One change of spec.evaluation after the comparison started, and what it reran."""
+
+    generation: int = Field(description="generation: the spec generation (metadata.generation) that made the change.")
+    at: str = Field(description="at: when the operator saw the change (RFC 3339).")
+    fields: list[str] = Field(
+        default_factory=list, description="fields: the changed settings, as paths under spec (for example evaluation.judge)."
+    )
+    rerun: str = Field(
+        description="rerun: what the change reruns: `scoring`, `generation and scoring`, or `nothing yet` when no "
+        "evaluation had started."
+    )
+
+
 class Fairness(ApiModel):
     """The fairness record: what was held equal, and every exception."""
 
-    hash: str = Field(description="hash: sha256 over everything that must be equal across models.")
+    hash: str = Field(
+        description="hash: sha256 over everything held equal across models in training (the prepared data, the "
+        "dataset and shared training settings, the software); spec.dataset and spec.training are frozen once the data "
+        "is prepared, so it never changes after that."
+    )
+    evaluation_hash: str | None = Field(
+        default=None,
+        description="evaluationHash: sha256 over the evaluation settings (spec.evaluation, defaults included) the verdict "
+        "is computed with; every model is evaluated under them alike. It changes when spec.evaluation does.",
+    )
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description="evaluation: the evaluation settings in effect (spec.evaluation as of observedGeneration, defaults "
+        "included); a later change is compared with it and listed in evaluationChanges.",
+    )
+    evaluation_changes: list[EvaluationChange] = Field(
+        default_factory=list,
+        description="evaluationChanges: every change of spec.evaluation after the comparison started (the last 20), "
+        "oldest first: which settings, when, and what reran.",
+    )
     dataset_sha256: str | None = Field(
         default=None, description="datasetSha256: sha256 of the data manifest's content (files, their sha256s, counts)."
     )

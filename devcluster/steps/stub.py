@@ -8,7 +8,9 @@ interpreter (its venv holds ftc_api and, in the trainer image, the kubernetes cl
 A single file: it imports nothing but ftc_api, the standard library and (for progress) kubernetes.
 Knobs (env): FTC_STUB_SECONDS (sleep before finishing, default 0), FTC_STUB_FAIL (comma-separated model
 names whose train step fails with exit 1), FTC_STUB_OOM (model names whose train step allocates 4 GiB, so a
-memory limit OOM-kills it), a judge key (FTC_JUDGE_API_KEY) of "rejected" fails evaluate with exit 2
+memory limit OOM-kills it), a judge key (FTC_JUDGE_API_KEY) of "judge-down" leaves every judgment missing (an
+inconclusive evaluation), a judge model (evaluation.judge.model) of "no-such-model" fails evaluation with
+exit 2 as a 404 would, a judge key (FTC_JUDGE_API_KEY) of "rejected" fails evaluate with exit 2
 as a 401 would, FTC_STUB_PROGRESS=1 (patch the pod's progress annotation
 while sleeping, with the pod's ServiceAccount token, else $KUBECONFIG). It never touches S3.
 """
@@ -21,7 +23,7 @@ import os
 import sys
 import time
 
-from ftc_api.status import Progress
+from ftc_api.status import INCONCLUSIVE, Progress
 from ftc_api.steps import (
     EXIT_BAD_INPUT,
     JUDGE_API_KEY_ENV,
@@ -38,6 +40,8 @@ from ftc_api.steps import (
 from ftc_step.runtime import input_path, write_summary
 
 REJECTED_KEY = "rejected"  # a judge key the stub's evaluate step refuses
+UNKNOWN_JUDGE_MODEL = "no-such-model"  # a judge model the stub's judge does not serve: evaluation fails as bad input
+DOWN_KEY = "judge-down"  # a judge key with which every judgment is missing: the evaluation is inconclusive
 
 
 def _unit(text: str) -> float:
@@ -137,7 +141,23 @@ def main() -> int:
         if os.environ.get(JUDGE_API_KEY_ENV) == REJECTED_KEY:  # as the real evaluator: a refused key is bad input
             write_summary(EvaluateResult(ok=False, error="stub: the judge endpoint answered 401 Unauthorized to the key"))
             return EXIT_BAD_INPUT
+        judge_model = doc["evaluation"]["judge"]["model"]
+        if judge_model == UNKNOWN_JUDGE_MODEL:  # as OpenAI answers a model name it does not serve
+            error = f"stub: the judge endpoint answered 404 to evaluation.judge.model {judge_model!r}: model not found"
+            write_summary(EvaluateResult(ok=False, error=error))
+            return EXIT_BAD_INPUT
         models = [m["model"]["name"] for m in doc["models"]]
+        if os.environ.get(JUDGE_API_KEY_ENV) == DOWN_KEY:  # the judge unreachable for every item: no verdict
+            write_summary(
+                EvaluateResult(
+                    ok=True,
+                    models=[EvaluatedModelResult(model=m, checkpoint=doc.get("checkpoint", "best"), scores=[]) for m in models],
+                    primary_metric="judge",
+                    winner=INCONCLUSIVE,
+                    judge_missing=10 * len(models),
+                )
+            )
+            return 0
         means = {m: round(5 + 4 * _unit(m), 3) for m in models}
         winner = max(means, key=lambda m: means[m]) if len(models) > 1 else models[0]
         base = f"s3://{doc['location']['bucket']}/{doc['location']['prefix']}"

@@ -1,8 +1,11 @@
 """The fairness record: a hash of everything held equal across models, and every deviation.
 
-Pure. The hash covers the prepared data (dataset and split hashes from prepare's summary), the
-dataset's split/seed settings, the shared training settings (seeds, epochs, LR schedule, batch and
-sequence settings, LoRA and quantisation settings) and the evaluation settings. Anything a model does
+Pure. The hash covers what training held equal: the prepared data (dataset and split hashes from prepare's
+summary), the dataset's split/seed settings, the shared training settings (seeds, epochs, LR schedule, batch
+and sequence settings, LoRA and quantisation settings) and the software. Those spec fields are frozen once the
+data is prepared, so the hash never changes after that. The evaluation settings may change after training (a
+wrong judge model is fixed in place): they have their own hash, and every change is listed with when it was
+seen and what it reran (:func:`evaluation_changes`). Anything a model does
 differently is a :class:`Deviation`: asked for (per-model overrides, a different method, its own LoRA
 target modules or chat template) or forced by the trainer (``TrainResult.forced``).
 """
@@ -16,10 +19,11 @@ from collections.abc import Mapping
 
 import ftc_api
 from ftc_api.spec import FineTuneComparisonSpec
-from ftc_api.status import Deviation, Fairness, ModelIdentity, Software
+from ftc_api.status import Deviation, EvaluationChange, Fairness, ModelIdentity, Software
 from ftc_api.steps import StepKind
 
 from .config import OperatorConfig
+from .eval_settings import changed_fields, generation_settings, scoring_settings
 from .resolve import image_for
 
 
@@ -43,7 +47,6 @@ def held_equal(spec: FineTuneComparisonSpec, dataset_sha256: str | None, softwar
         "datasetSha256": dataset_sha256,
         "dataset": dataset,
         "training": spec.training.to_wire(),
-        "evaluation": spec.evaluation.to_wire(),
     }
     if software is not None:
         doc["software"] = software.to_wire()
@@ -53,6 +56,33 @@ def held_equal(spec: FineTuneComparisonSpec, dataset_sha256: str | None, softwar
 def fairness_hash(spec: FineTuneComparisonSpec, dataset_sha256: str | None, software: Software | None = None) -> str:
     """sha256 over :func:`held_equal` in canonical JSON."""
     return hashlib.sha256(_canonical(held_equal(spec, dataset_sha256, software)).encode()).hexdigest()
+
+
+def evaluation_hash(spec: FineTuneComparisonSpec) -> str:
+    """sha256 over every evaluation setting (defaults included), in canonical JSON."""
+    return hashlib.sha256(_canonical(scoring_settings(spec.evaluation)).encode()).hexdigest()
+
+
+MAX_EVALUATION_CHANGES = 20
+
+
+def evaluation_changes(
+    previous: Fairness | None, spec: FineTuneComparisonSpec, generation: int, at: str, evaluation_started: bool
+) -> list[EvaluationChange]:
+    """`previous`'s list of spec.evaluation changes, plus this one when spec.evaluation differs from the settings
+    `previous` recorded (`at`: now, RFC 3339; `evaluation_started`: whether any evaluation ran before)."""
+    kept = list(previous.evaluation_changes) if previous is not None else []
+    if previous is None or previous.evaluation is None or previous.evaluation == spec.evaluation:
+        return kept
+    fields = changed_fields(previous.evaluation, spec.evaluation)
+    if not evaluation_started:
+        rerun = "nothing yet"
+    elif generation_settings(previous.evaluation) != generation_settings(spec.evaluation):
+        rerun = "generation and scoring"
+    else:
+        rerun = "scoring"
+    kept.append(EvaluationChange(generation=generation, at=at, fields=fields, rerun=rerun))
+    return kept[-MAX_EVALUATION_CHANGES:]
 
 
 def _fmt(value: object) -> str:
@@ -104,10 +134,15 @@ def fairness_record(
     forced: Mapping[str, Mapping[str, str]] | None = None,
     software: Software | None = None,
     revisions: Mapping[str, str | None] | None = None,
+    changes: list[EvaluationChange] | None = None,
 ) -> Fairness:
-    """The complete record for status.fairness (`revisions`: the commit each staged hub model was taken at)."""
+    """The complete record for status.fairness (`revisions`: the commit each staged hub model was taken at;
+    `changes`: the spec.evaluation changes so far, see :func:`evaluation_changes`)."""
     return Fairness(
         hash=fairness_hash(spec, dataset_sha256, software),
+        evaluation_hash=evaluation_hash(spec),
+        evaluation=spec.evaluation,
+        evaluation_changes=changes or [],
         dataset_sha256=dataset_sha256,
         deviations=deviations(spec, forced),
         software=software,

@@ -45,10 +45,10 @@ from pydantic import BaseModel, ValidationError
 from .comparison import InvalidSpec, Owner
 from .config import OperatorConfig
 from .decision import TERMINAL, CreateStep, EventNote, EventType, Plan, StatusBuilder, rfc3339, short
-from .fairness import fairness_record, software
+from .fairness import evaluation_changes, fairness_record, software
 from .observe import JobState, ObservedJob, Unschedulable
 from .rendering import render_configmap, render_job
-from .resolve import refusals
+from .rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested
 from .step_inputs import evaluate_input, location, prepare_input, result_from_status, train_input
 
 # An active, unsuspended Job with no pod after this long is reported: the Job controller cannot create its
@@ -72,15 +72,14 @@ def plan(
     what the last apply of this pass's plan could not create (see decision.StatusBuilder)."""
     old = status if status is not None else FineTuneComparisonStatus()
     if retry_requested(old, retry) and not _invalid_spec(old):
-        return _plan_retry(old, observed, owner, now, retry or "")
+        return plan_retry(old, observed, owner, now, retry or "")
     if settled(old, owner.generation) and not _invalid_spec(old):
         return Plan(status=old)
-    if not isinstance(spec, InvalidSpec) and (refused := refusals(config, spec)):
-        spec = InvalidSpec(tuple(refused))  # an image or ServiceAccount the chart's allowlists do not hold
     if isinstance(spec, InvalidSpec):
         b = StatusBuilder(old, owner, now)
         b.condition(ConditionType.READY, "False", Reason.INVALID_SPEC, "; ".join(spec.errors[:8]))
-        b.condition(ConditionType.SUCCEEDED, "False", Reason.INVALID_SPEC, "the spec is invalid; fix it to start")
+        why = invalid_spec_message(spec.errors, bool(old.data_manifest_uri))  # which fields to change, and that they can be
+        b.condition(ConditionType.SUCCEEDED, "False", Reason.INVALID_SPEC, why)
         return b.finish(Phase.FAILED)
     p = Pass(spec, observed, old, owner, now, config, not_created)
     _ready(p)
@@ -88,13 +87,10 @@ def plan(
 
 
 def settled(old: FineTuneComparisonStatus, generation: int) -> bool:
-    """A finished comparison whose status reflects the current spec: the planner keeps it as it is."""
+    """A finished comparison whose status reflects the current spec: the planner keeps it as it is. A changed spec
+    (a new metadata.generation: only spec.evaluation may change after the start) is planned again: what the
+    change invalidates reruns (rerun.py)."""
     return old.phase in TERMINAL and old.observed_generation == generation
-
-
-def retry_requested(old: FineTuneComparisonStatus, retry: str | None) -> bool:
-    """A failed comparison whose `ftc.dev/retry` annotation has a value not acted on yet."""
-    return old.phase == Phase.FAILED and bool(retry) and retry != old.retry
 
 
 def only_progress_changed(old: FineTuneComparisonStatus | None, new: FineTuneComparisonStatus) -> bool:
@@ -111,26 +107,6 @@ def only_progress_changed(old: FineTuneComparisonStatus | None, new: FineTuneCom
 
 def _invalid_spec(old: FineTuneComparisonStatus) -> bool:
     return any(c.type == ConditionType.READY and c.reason == Reason.INVALID_SPEC for c in old.conditions)
-
-
-def _plan_retry(
-    old: FineTuneComparisonStatus, observed: Sequence[ObservedJob], owner: Owner, now: dt.datetime, retry: str
-) -> Plan:
-    """Rerun what failed: delete the failed Jobs and set their models back to Pending; what succeeded (the
-    prepared data, every trained model) stays, and the next pass creates only the missing Jobs."""
-    b = StatusBuilder(old, owner, now)
-    st = old.model_copy(deep=True)
-    st.retry, st.observed_generation = retry, owner.generation
-    st.winner = st.verdict = st.report_uri = st.scores_uri = st.judge = None
-    failed = [o for o in observed if o.state == JobState.FAILED]
-    for ms in st.models:
-        if ms.phase == ModelPhase.FAILED:
-            ms.phase, ms.message, ms.progress = ModelPhase.PENDING, None, None
-    b.status = st
-    b.conditions = {c.type: c for c in old.conditions if c.status == "True" and c.type != ConditionType.SUCCEEDED.value}
-    what = ", ".join(o.name for o in failed) or "no failed Job is left"
-    b.condition(ConditionType.SUCCEEDED, "Unknown", Reason.RETRYING, f"retry {retry!r}: rerunning what failed ({what})")
-    return b.finish(Phase.PENDING, deletes=[o.name for o in failed])
 
 
 class Pass(StatusBuilder):
@@ -192,7 +168,14 @@ class Pass(StatusBuilder):
         st = self.status
         forced = {name: r.forced for name, r in self.results.items() if r.forced}
         revisions = {m.name: m.base_model_revision for m in st.models}  # the commit each staged hub model was taken at
-        st.fairness = fairness_record(self.spec, self.dataset_sha256, forced, software(self.spec, self.config), revisions)
+        started = self.was(ConditionType.TRAINED) or any(c.type == ConditionType.EVALUATED.value for c in self.old.conditions)
+        changes = evaluation_changes(self.old.fairness, self.spec, self.owner.generation, self.now, started)
+        st.fairness = fairness_record(
+            self.spec, self.dataset_sha256, forced, software(self.spec, self.config), revisions, changes
+        )
+        carried = carried_condition(self.old, st, phase)  # a retry's or a changed evaluation's rerun says so
+        if carried is not None and ConditionType.SUCCEEDED.value not in self.conditions:
+            self.conditions[carried.type] = carried
         return super().finish(phase, [*deletes, *self.deletes])
 
     def unschedulable_pod(self, job: ObservedJob) -> tuple[str, bool] | None:
