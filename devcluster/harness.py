@@ -63,6 +63,7 @@ def stub_values(
             # a model told to fail fails at once (the default backoffLimit 3 would retry it for ~70 s)
             "train": {"command": stub, "args": [], **({"backoffLimit": 0} if fail or oom else {})},
             "evaluate": {"command": stub, "args": []},
+            "score": {"command": stub, "args": [], "resources": small},
             "extraEnv": env,
             "resyncSeconds": resync,
             "progressWriteSeconds": 1,  # the stub's steps last seconds: show their progress

@@ -118,3 +118,18 @@ def test_model_names_that_are_not_dns_labels_are_refused(name: str) -> None:
         "evaluation": {"metrics": ["bleu"], "primaryMetric": "bleu"},
     }
     assert any(e.startswith("spec.models[0].name:") for e in validation_errors(spec)), name
+
+
+@pytest.mark.parametrize("comparison", ["bake", "c" * 63, "a-very-long-comparison-name-" * 5])
+def test_a_settings_key_stays_whole_at_the_end_of_a_step_name(comparison: str) -> None:
+    a = step_name(comparison, "generate", "mixtral-8x7b-instruct", "0123abcd")
+    b = step_name(comparison, "generate", "mixtral-8x7b-instruct", "89abcdef")
+    assert a.endswith("-0123abcd") and b.endswith("-89abcdef") and a != b
+    assert len(a) <= 63 and DNS_LABEL.match(a)
+    assert step_name(comparison, "score", None, "0123abcd").endswith("-score-0123abcd") or len(comparison) > 40
+
+
+def test_a_settings_key_must_be_short_hex() -> None:
+    assert step_name("bake", "score", None, "0123abcd") == "bake-score-0123abcd"
+    with pytest.raises(ValueError, match="not 1 to 16 lowercase hex"):
+        step_name("bake", "score", None, "Not-Hex")

@@ -11,12 +11,15 @@ from ftc_api.steps import (
     MAX_SUMMARY_BYTES,
     EvaluatedModel,
     EvaluateInput,
+    GenerateInput,
+    GenerateResult,
     Location,
     LossPoint,
     ModelRef,
     PreparedModel,
     PrepareInput,
     PrepareResult,
+    ScoreInput,
     TrainInput,
     TrainResult,
 )
@@ -34,6 +37,17 @@ DOCS = {
         evaluation=EvaluationSpec(),
         location=LOC,
     ),
+    "generate": GenerateInput(
+        model=EvaluatedModel(model=MODEL, adapter_uri=LOC.uri("models/llama2/adapter-best")),
+        evaluation=EvaluationSpec(),
+        location=LOC,
+    ),
+    "score": ScoreInput(
+        models=[EvaluatedModel(model=MODEL, adapter_uri=LOC.uri("models/llama2/adapter-best"))],
+        evaluation=EvaluationSpec(),
+        location=LOC,
+        failed_models={"mixtral": "evaluation failed: generate Job x failed"},
+    ),
 }
 
 
@@ -43,6 +57,11 @@ def test_step_documents_round_trip(doc, tmp_path) -> None:
     path.write_text(doc.to_json())
     assert read_input(type(doc), path) == doc
     assert "baseModel" in path.read_text() or "dataset" in path.read_text()
+
+
+def test_a_generate_summary_is_small() -> None:
+    result = GenerateResult(ok=True, model="llama2", predictions_uri=LOC.uri("eval/llama2/predictions.jsonl"), answers=400)
+    assert len(result.to_json().encode()) < 512 and json.loads(compact_summary(result)) == result.to_wire()
 
 
 def test_location_uris() -> None:

@@ -248,6 +248,46 @@ def test_cli_reports_a_bad_input_document(tmp_path, monkeypatch):
     assert "models: List should have at least 1 item" in summary["error"] and "evaluation: Field required" in summary["error"]
 
 
+@pytest.mark.parametrize(
+    ("step", "document", "message"),
+    [
+        pytest.param(None, {"step": "score", "models": []}, "invalid score input", id="score-by-its-document"),
+        pytest.param(None, {"step": "generate", "model": {}}, "invalid generate input", id="generate-by-its-document"),
+        pytest.param("score", {"step": "evaluate"}, "invalid score input", id="the-argument-wins"),
+    ],
+)
+def test_cli_runs_the_step_its_argument_or_document_names(tmp_path, monkeypatch, step, document, message):
+    from ftc_evaluator.__main__ import main
+
+    bad = tmp_path / "input.json"
+    bad.write_text(json.dumps(document))
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("FTC_TERMINATION_LOG", str(log))
+    assert main([*([step] if step else []), "--input", str(bad)]) == 2
+    summary = json.loads(log.read_text())
+    assert summary["ok"] is False and summary["error"].startswith(message)
+    assert summary["step"] == ("generate" if "generate" in message else "evaluate")  # GenerateResult / EvaluateResult
+
+
+@pytest.mark.parametrize(
+    ("weights_gib", "parallelism", "model_gpus", "gpu_gib", "visible", "devices"),
+    [
+        pytest.param(3.9, "single", 1, 80, 2, "cuda:0", id="4-bit-llama-on-one-of-two"),
+        pytest.param(13.5, "single", 1, 80, 1, "cuda:0", id="one-gpu"),
+        pytest.param(90.0, "single", 2, 80, 2, "auto", id="bf16-mixtral-spread"),
+        pytest.param(40.0, "fsdp", 2, 80, 2, "auto", id="fsdp-shards-are-halves"),
+        pytest.param(20.0, "fsdp", 2, 80, 2, "cuda:0", id="fsdp-whole-fits-one"),
+        pytest.param(77.0, "single", 1, 80, 2, "auto", id="no-headroom-left"),
+        pytest.param(None, None, 2, 80, 2, "auto", id="unknown-spreads"),
+        pytest.param(3.9, "single", 1, 80, 0, "cpu", id="no-gpu"),
+    ],
+)
+def test_a_model_that_fits_one_gpu_answers_on_one(weights_gib, parallelism, model_gpus, gpu_gib, visible, devices):
+    from ftc_evaluator.generate import inference_devices, inference_weights_gib
+
+    assert inference_devices(inference_weights_gib(weights_gib, parallelism, model_gpus), gpu_gib, visible) == devices
+
+
 def test_judge_spec_maps_onto_the_judge_config():
     from ftc_evaluator.judge import JudgeConfig
 

@@ -6,21 +6,25 @@ import datetime as dt
 import json
 
 import pytest
+from ftc_api.names import step_name
 from ftc_api.status import FineTuneComparisonStatus, ModelPhase, Phase, Progress
 from ftc_api.steps import (
     EvaluatedModelResult,
-    EvaluateInput,
     EvaluateResult,
+    GenerateInput,
+    GenerateResult,
     MemoryEstimate,
     MetricScore,
     PreparedModel,
     PrepareInput,
     PrepareResult,
+    ScoreInput,
     TrainInput,
     TrainResult,
 )
 from ftc_operator.comparison import Owner, parse_spec
 from ftc_operator.config import OperatorConfig
+from ftc_operator.eval_settings import generation_key, scoring_key
 from ftc_operator.observe import JobState, ObservedJob, Waiting
 from ftc_operator.planning import plan
 
@@ -96,10 +100,17 @@ def evaluated(models=("llama", "mixtral"), winner="mixtral", **kw) -> str:
 
 
 def job(
-    step: str, model: str | None = None, state: JobState = JobState.SUCCEEDED, result: str | None = None, **kw
+    step: str,
+    model: str | None = None,
+    state: JobState = JobState.SUCCEEDED,
+    result: str | None = None,
+    spec_doc: dict | None = None,
+    **kw,
 ) -> ObservedJob:
-    name = "-".join(p for p in ("bake", step, model) if p)
-    return ObservedJob(name=name, step=step, model=model, state=state, result=result, **kw)
+    """An observed Job; generate and score Jobs are named with the settings key of `spec_doc` (default spec())."""
+    keys = {"generate": generation_key, "score": scoring_key}
+    key = keys[step](parse_spec(spec_doc or spec())) if step in keys else None  # type: ignore[arg-type]
+    return ObservedJob(name=step_name("bake", step, model, key), step=step, model=model, state=state, result=result, **kw)
 
 
 def run(observed, status=None, spec_doc=None, now=NOW, **kw):
@@ -112,6 +123,7 @@ def conditions(p) -> dict[str, tuple[str, str]]:
 
 PREP_OK = job("prepare", result=prepared())
 TRAIN_OK = [job("train", "llama", result=trained("llama")), job("train", "mixtral", result=trained("mixtral"))]
+GEN_OK = [job("generate", "llama"), job("generate", "mixtral")]
 
 
 # --------------------------------------------------------------------------------------------- transitions
@@ -129,9 +141,15 @@ TRANSITIONS = [
     pytest.param(
         [PREP_OK, TRAIN_OK[0], job("train", "mixtral", JobState.ACTIVE)], Phase.TRAINING, [], id="one-trained-one-running"
     ),
-    pytest.param([PREP_OK, *TRAIN_OK], Phase.EVALUATING, ["evaluate"], id="all-trained-creates-evaluate"),
-    pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.ACTIVE)], Phase.EVALUATING, [], id="evaluating"),
-    pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())], Phase.SUCCEEDED, [], id="evaluated-succeeds"),
+    pytest.param(
+        [PREP_OK, *TRAIN_OK], Phase.EVALUATING, ["generate/llama", "generate/mixtral"], id="all-trained-creates-generate"
+    ),
+    pytest.param(
+        [PREP_OK, *TRAIN_OK, GEN_OK[0], job("generate", "mixtral", JobState.ACTIVE)], Phase.EVALUATING, [], id="generating"
+    ),
+    pytest.param([PREP_OK, *TRAIN_OK, *GEN_OK], Phase.EVALUATING, ["score"], id="all-generated-creates-score"),
+    pytest.param([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", state=JobState.ACTIVE)], Phase.EVALUATING, [], id="scoring"),
+    pytest.param([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated())], Phase.SUCCEEDED, [], id="evaluated-succeeds"),
     pytest.param(
         [
             job(
@@ -146,13 +164,13 @@ TRANSITIONS = [
         id="prepare-failed",
     ),
     pytest.param(
-        [PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.FAILED, reason="DeadlineExceeded")],
+        [PREP_OK, *TRAIN_OK, *GEN_OK, job("score", state=JobState.FAILED, reason="DeadlineExceeded")],
         Phase.FAILED,
         [],
         id="evaluate-failed",
     ),
     pytest.param(
-        [PREP_OK, *TRAIN_OK, job("evaluate", result='{"step":"evaluate","ok":false,"error":"judge unreachable"}')],
+        [PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result='{"step":"evaluate","ok":false,"error":"judge unreachable"}')],
         Phase.FAILED,
         [],
         id="evaluate-exit0-but-not-ok",
@@ -197,7 +215,7 @@ def test_train_inputs_carry_effective_per_model_overrides():
 
 
 def test_succeeded_status_has_scores_winner_report_and_losses():
-    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
+    p = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated())])
     st = p.status
     assert st.winner == "mixtral"
     assert st.report_uri.endswith("report/index.html")
@@ -233,7 +251,7 @@ def test_succeeded_status_has_scores_winner_report_and_losses():
     ],
 )
 def test_judge_usage_reaches_status_and_the_evaluated_condition(usage, message):
-    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated(**usage))])
+    p = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated(**usage))])
     judge = p.status.judge
     assert judge.calls == usage["judge_calls"] and judge.missing == usage.get("judge_missing", 0)
     assert judge.budget_exhausted is usage.get("judge_budget_exhausted", False) and judge.cost == usage.get("judge_cost")
@@ -256,7 +274,12 @@ def test_status_and_evaluate_input_show_speed_per_pod_and_per_gpu():
     assert speeds == {"llama": (800.0, 800.0), "mixtral": (1200.0, 600.0)}
     patched = {m["name"]: m["train"] for m in p.status.model_dump(by_alias=True, mode="json")["models"]}
     assert (patched["mixtral"]["tokensPerSecond"], patched["mixtral"]["tokensPerSecondPerGpu"]) == (1200.0, 600.0)
-    ev = EvaluateInput.model_validate_json(p.creates[0].input_json)  # the report's source
+    gen = {c.model: GenerateInput.model_validate_json(c.input_json) for c in p.creates}
+    assert {k: v.model.train and v.model.train.tokens_per_second_per_gpu for k, v in gen.items()} == {
+        "llama": 800.0,
+        "mixtral": 600.0,
+    }
+    ev = ScoreInput.model_validate_json(run([*observed, *GEN_OK], p.status).creates[0].input_json)  # the report's source
     assert {m.model.name: m.train and m.train.tokens_per_second_per_gpu for m in ev.models} == {"llama": 800.0, "mixtral": 600.0}
 
 
@@ -282,7 +305,9 @@ def test_failed_model_is_left_out_when_two_remain():
     ]
     p = run(observed, spec_doc=s)
     assert p.status.phase == Phase.EVALUATING
-    ev = EvaluateInput.model_validate_json(p.creates[0].input_json)
+    assert [(c.step, c.model) for c in p.creates] == [("generate", "a"), ("generate", "c")]  # b requests nothing
+    generated = [job("generate", "a", spec_doc=s), job("generate", "c", spec_doc=s)]
+    ev = ScoreInput.model_validate_json(run([*observed, *generated], p.status, spec_doc=s).creates[0].input_json)
     assert [m.model.name for m in ev.models] == ["a", "c"]
     assert "CUDA out of memory" in ev.failed_models["b"]
     assert "BackoffLimitExceeded" in ev.failed_models["b"]
@@ -411,8 +436,8 @@ def _drive(observed, status=None):
     [
         pytest.param([job("prepare", state=JobState.ACTIVE)], id="prepare-running"),
         pytest.param([PREP_OK, TRAIN_OK[0], job("train", "mixtral", JobState.ACTIVE)], id="training"),
-        pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.ACTIVE)], id="evaluating"),
-        pytest.param([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())], id="succeeded"),
+        pytest.param([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", state=JobState.ACTIVE)], id="evaluating"),
+        pytest.param([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated())], id="succeeded"),
     ],
 )
 def test_restart_with_existing_jobs_creates_nothing_and_is_idempotent(observed):
@@ -430,25 +455,29 @@ def test_creating_plan_repeated_before_jobs_appear_creates_same_names():
 
 def test_results_survive_when_finished_jobs_are_gone():
     done = run([PREP_OK, *TRAIN_OK])
-    evaluating = run([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.ACTIVE)], done.status)
-    later = run([job("evaluate", state=JobState.ACTIVE)], evaluating.status, now=LATER)
+    evaluating = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", state=JobState.ACTIVE)], done.status)
+    later = run([job("score", state=JobState.ACTIVE)], evaluating.status, now=LATER)
     assert not later.creates
     assert later.status.phase == Phase.EVALUATING
     assert [m.phase for m in later.status.models] == [ModelPhase.TRAINED, ModelPhase.TRAINED]
     assert later.status.models[0].train == evaluating.status.models[0].train
 
 
-def test_evaluate_input_is_rebuilt_identically_from_status_after_pods_are_gone():
+def test_generate_and_score_inputs_are_rebuilt_identically_from_status_after_pods_are_gone():
     with_pods = run([PREP_OK, *TRAIN_OK])
     without = run([], with_pods.status)
-    assert [c.step for c in without.creates] == ["evaluate"]
-    a = EvaluateInput.model_validate_json(with_pods.creates[0].input_json)
-    b = EvaluateInput.model_validate_json(without.creates[0].input_json)
-    assert [m.adapter_uri for m in a.models] == [m.adapter_uri for m in b.models]
+    assert [c.step for c in without.creates] == ["generate", "generate"]
+    a, b = ([GenerateInput.model_validate_json(c.input_json) for c in p.creates] for p in (with_pods, without))
+    assert [(g.model.adapter_uri, g.memory) for g in a] == [(g.model.adapter_uri, g.memory) for g in b]
+    assert all(g.memory is not None for g in a)  # prepare's estimate decides one GPU or several
+    sa, sb = run([PREP_OK, *TRAIN_OK, *GEN_OK], with_pods.status), run(GEN_OK, with_pods.status)
+    assert [c.step for c in sb.creates] == ["score"]
+    x, y = (ScoreInput.model_validate_json(p.creates[0].input_json) for p in (sa, sb))
+    assert [m.adapter_uri for m in x.models] == [m.adapter_uri for m in y.models]
 
 
 def test_terminal_status_is_sticky():
-    done = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
+    done = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated())])
     again = run([], done.status, now=LATER)
     assert again.status == done.status and not again.creates and not again.events
 
@@ -461,24 +490,24 @@ def with_retry(observed, status, retry, now=LATER):
 
 
 def test_a_retry_reruns_a_failed_evaluation_without_retraining():
-    failed_eval = job("evaluate", state=JobState.FAILED, result=EvaluateResult(ok=False, error="judge said 401").to_json())
-    failed = run([PREP_OK, *TRAIN_OK, failed_eval])
+    failed_eval = job("score", state=JobState.FAILED, result=EvaluateResult(ok=False, error="judge said 401").to_json())
+    failed = run([PREP_OK, *TRAIN_OK, *GEN_OK, failed_eval])
     assert failed.status.phase == Phase.FAILED
-    assert with_retry([PREP_OK, *TRAIN_OK, failed_eval], failed.status, None).status == failed.status  # not asked
+    assert with_retry([PREP_OK, *TRAIN_OK, *GEN_OK, failed_eval], failed.status, None).status == failed.status  # not asked
 
-    retrying = with_retry([PREP_OK, *TRAIN_OK, failed_eval], failed.status, "1")
-    assert retrying.deletes == ("bake-evaluate",) and not retrying.creates  # only the failed Job goes
+    retrying = with_retry([PREP_OK, *TRAIN_OK, *GEN_OK, failed_eval], failed.status, "1")
+    assert retrying.deletes == (failed_eval.name,) and not retrying.creates  # only the failed Job goes
     assert retrying.status.phase == Phase.EVALUATING and retrying.status.retry == "1"  # never Pending: the spec stays frozen
     assert conditions(retrying)["Succeeded"] == ("Unknown", "Retrying")
     assert conditions(retrying)["Trained"] == ("True", "JobSucceeded")
     assert retrying.status.fairness == failed.status.fairness
     # The next pass sees the Job deleting, then gone: it creates the evaluate Job only.
-    deleting = with_retry([PREP_OK, *TRAIN_OK, job("evaluate", state=JobState.FAILED, deleting=True)], retrying.status, "1")
-    assert [c.step for c in deleting.creates] == ["evaluate"] and not deleting.deletes
-    gone = with_retry([PREP_OK, *TRAIN_OK], retrying.status, "1")
-    assert [c.step for c in gone.creates] == ["evaluate"] and gone.status.phase == Phase.EVALUATING
+    deleting = with_retry([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", state=JobState.FAILED, deleting=True)], retrying.status, "1")
+    assert [c.step for c in deleting.creates] == ["score"] and not deleting.deletes
+    gone = with_retry([PREP_OK, *TRAIN_OK, *GEN_OK], retrying.status, "1")
+    assert [c.step for c in gone.creates] == ["score"] and gone.status.phase == Phase.EVALUATING
     assert gone.status.fairness == failed.status.fairness
-    done = with_retry([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())], gone.status, "1")
+    done = with_retry([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated())], gone.status, "1")
     assert done.status.phase == Phase.SUCCEEDED and done.status.retry == "1"
     # The same value again is no new request: a finished comparison stays as it is.
     assert with_retry([], done.status, "1").status == done.status
@@ -489,10 +518,12 @@ def test_a_retry_retrains_only_the_model_that_failed():
     train_fail = job("train", "qwen", state=JobState.FAILED, result=trained("qwen", ok=False))
     observed = [PREP_OK, *TRAIN_OK, train_fail]
     failed = run(observed, run([PREP_OK], spec_doc=spec_doc).status, spec_doc)
-    failed = run([*observed, job("evaluate", state=JobState.FAILED)], failed.status, spec_doc)
+    generated = [job("generate", m, spec_doc=spec_doc) for m in ("llama", "mixtral")]
+    score_failed = job("score", state=JobState.FAILED, spec_doc=spec_doc)
+    failed = run([*observed, *generated, score_failed], failed.status, spec_doc)
     assert failed.status.phase == Phase.FAILED
-    retry = run([*observed, job("evaluate", state=JobState.FAILED)], failed.status, spec_doc, LATER, retry="again")
-    assert set(retry.deletes) == {"bake-train-qwen", "bake-evaluate"}
+    retry = run([*observed, *generated, score_failed], failed.status, spec_doc, LATER, retry="again")
+    assert set(retry.deletes) == {"bake-train-qwen", score_failed.name}
     assert {m.name: m.phase for m in retry.status.models}["qwen"] == ModelPhase.PENDING
     rerun = run([PREP_OK, *TRAIN_OK], retry.status, spec_doc, LATER, retry="again")
     assert [(c.step, c.model) for c in rerun.creates] == [("train", "qwen")]
@@ -515,14 +546,14 @@ def test_events_on_transitions():
 
 
 def test_status_round_trips_through_the_wire():
-    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
+    p = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated())])
     wire = json.loads(json.dumps(p.status_doc()))
     assert FineTuneComparisonStatus.model_validate(wire) == p.status
 
 
 def test_a_model_left_out_in_evaluation_is_named_and_a_lone_survivor_wins_by_forfeit_said_so():
     ev = evaluated(models=("llama",), winner="llama", failed_models={"mixtral": "evaluation failed: CUDA out of memory"})
-    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=ev)])
+    p = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=ev)])
     assert p.status.phase == Phase.SUCCEEDED
     mixtral = p.status.models[1]
     assert mixtral.message == "left out of the evaluation: evaluation failed: CUDA out of memory"
@@ -564,7 +595,7 @@ def test_the_kubelets_reason_for_a_failed_pod_reaches_the_model_status(mixtral, 
     ],
 )
 def test_an_evaluation_without_scores_is_inconclusive_not_a_tie(winner, phase, succeeded):
-    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated(winner=winner, judge_missing=20))])
+    p = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", result=evaluated(winner=winner, judge_missing=20))])
     assert p.status.phase == phase
     assert conditions(p)["Succeeded"] == succeeded
     assert p.status.winner == winner
@@ -573,15 +604,32 @@ def test_an_evaluation_without_scores_is_inconclusive_not_a_tie(winner, phase, s
         assert "no model has a scored item on judge" in message and "20 judgments missing" in message
 
 
-def test_train_and_evaluate_jobs_ask_for_the_scratch_space_of_their_base_models():
+@pytest.mark.parametrize(
+    ("n", "message"),
+    [
+        pytest.param({"llama": 10, "mixtral": 0}, "mixtral has no scored item on judge: no verdict", id="one-unscored"),
+        pytest.param({"a": 0, "b": 5, "c": 0}, "a, c have no scored item on judge: no verdict", id="two-unscored"),
+        pytest.param({"llama": 0, "mixtral": 0}, "no model has a scored item on judge: no verdict", id="none-scored"),
+    ],
+)
+def test_an_inconclusive_evaluation_names_the_models_nobody_could_score(n, message):
+    from ftc_operator.planning import unscored_message
+
+    models = [EvaluatedModelResult(model=m, checkpoint="best", scores=[MetricScore(metric="judge", n=k)]) for m, k in n.items()]
+    assert unscored_message(EvaluateResult(ok=True, models=models, primary_metric="judge", winner="inconclusive")) == message
+
+
+def test_train_and_generate_jobs_ask_for_the_scratch_space_of_their_base_model_and_score_for_none():
     doc = json.loads(prepared())
     for i, m in enumerate(doc["models"]):
         m["memory"]["diskGib"] = 10.0 * (i + 1)
     p = run([job("prepare", result=json.dumps(doc))])
     assert {c.model: c.scratch_gib for c in p.creates} == {"llama": 10.0, "mixtral": 20.0}
     p = run([job("prepare", result=json.dumps(doc)), *TRAIN_OK], status=p.status)
-    [evaluate] = [c for c in p.creates if c.step == "evaluate"]
-    assert evaluate.scratch_gib == 30.0
+    assert {c.model: c.scratch_gib for c in p.creates if c.step == "generate"} == {"llama": 10.0, "mixtral": 20.0}
+    p = run([job("prepare", result=json.dumps(doc)), *TRAIN_OK, *GEN_OK], status=p.status)
+    [score] = p.creates
+    assert score.step == "score" and score.scratch_gib is None
 
 
 # --------------------------------------------------------------------------------------------- staged hub models
@@ -605,8 +653,8 @@ def test_a_hub_model_staged_by_prepare_is_what_train_and_evaluate_read_and_its_c
 
     # the prepare Job is gone (TTL): the status keeps the copy and the commit; evaluate reads the copy too
     later = run(TRAIN_OK, status=first.status, spec_doc=doc)
-    ev = EvaluateInput.model_validate_json(later.creates[0].input_json)
-    assert {m.model.name: m.model.weights for m in ev.models}["llama"] == staged
+    gen = {c.model: GenerateInput.model_validate_json(c.input_json) for c in later.creates}
+    assert gen["llama"].model.model.weights == staged
     assert next(m for m in later.status.models if m.name == "llama").base_model_revision == "a" * 40
     for st in (first.status, later.status):  # the fairness record names the commit too
         assert {m.name: m.revision for m in st.fairness.models} == {"llama": "a" * 40, "mixtral": None}
@@ -646,3 +694,105 @@ def test_the_comparison_object_is_read_into_models(obj, spec_errors, status_phas
         assert isinstance(c.spec, InvalidSpec) and any(e.startswith(spec_errors) for e in c.spec.errors)
     assert (c.status.phase if c.status is not None else None) == status_phase
     assert c.retry == retry
+
+
+# --------------------------------------------------------------------------------------------- generate, then score
+
+
+def _gen_failed(model: str, spec_doc: dict | None = None) -> ObservedJob:
+    result = GenerateResult(ok=False, model=model, error="CUDA out of memory in generate").to_json()
+    return job("generate", model, JobState.FAILED, result, spec_doc, reason="BackoffLimitExceeded")
+
+
+EXCLUDING = spec(evaluation={"judge": {"baseUrl": "https://judge.example/v1"}, "excludeFailedModels": True})
+
+
+@pytest.mark.parametrize(
+    ("exclude", "generated", "phase", "creates", "evaluated"),
+    [
+        pytest.param(False, [_gen_failed("llama"), GEN_OK[1]], Phase.FAILED, [], ("False", "JobFailed"), id="fails-all"),
+        pytest.param(
+            True,
+            [_gen_failed("llama", EXCLUDING), job("generate", "mixtral", spec_doc=EXCLUDING)],
+            Phase.EVALUATING,
+            ["score"],
+            ("Unknown", "JobCreated"),
+            id="excluded-score-the-rest",
+        ),
+        pytest.param(
+            False,
+            [_gen_failed("llama"), job("generate", "mixtral", JobState.ACTIVE)],
+            Phase.EVALUATING,
+            [],
+            ("Unknown", "JobRunning"),
+            id="waits-for-the-others-first",
+        ),
+    ],
+)
+def test_a_model_that_fails_while_its_answers_are_generated(exclude, generated, phase, creates, evaluated):
+    doc = EXCLUDING if exclude else spec()
+    p = run([PREP_OK, *TRAIN_OK, *generated], spec_doc=doc)
+    assert p.status.phase == phase
+    assert [c.step for c in p.creates] == creates
+    assert conditions(p)["Evaluated"] == evaluated
+    message = next(c.message for c in p.status.conditions if c.type == "Evaluated")
+    if phase == Phase.FAILED:
+        assert "llama" in message and "excludeFailedModels" in message and "CUDA out of memory in generate" in message
+    if creates:
+        score = ScoreInput.model_validate_json(p.creates[0].input_json)
+        assert [m.model.name for m in score.models] == ["mixtral"]
+        assert "CUDA out of memory in generate" in score.failed_models["llama"]
+    if phase == Phase.EVALUATING and not creates:
+        assert "generating answers: mixtral" in message
+
+
+def test_no_model_answered_fails_without_a_score_job():
+    doc = EXCLUDING
+    p = run([PREP_OK, *TRAIN_OK, _gen_failed("llama", doc), _gen_failed("mixtral", doc)], spec_doc=doc)
+    assert p.status.phase == Phase.FAILED and not p.creates
+    assert "no model could be evaluated" in next(c.message for c in p.status.conditions if c.type == "Evaluated")
+
+
+def test_the_evaluated_condition_names_the_models_generating_then_scoring():
+    generating = run([PREP_OK, *TRAIN_OK, GEN_OK[0], job("generate", "mixtral", JobState.ACTIVE)])
+    msg = next(c.message for c in generating.status.conditions if c.type == "Evaluated")
+    assert msg == "generating answers: mixtral; answered: llama"
+    scoring = run([PREP_OK, *TRAIN_OK, *GEN_OK, job("score", state=JobState.ACTIVE)])
+    assert next(c.message for c in scoring.status.conditions if c.type == "Evaluated") == "scoring the answers of llama, mixtral"
+
+
+def test_generate_jobs_take_their_models_gpus_and_the_score_job_none():
+    doc = spec()
+    doc["models"][1]["placement"] = {"gpuCount": 2}
+    p = run([PREP_OK, *TRAIN_OK], spec_doc=doc)
+    limits = {c.model: c.job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] for c in p.creates}
+    assert {m: lim.get("nvidia.com/gpu") for m, lim in limits.items()} == {"llama": "1", "mixtral": "2"}
+    [score] = run([PREP_OK, *TRAIN_OK, *(job("generate", m, spec_doc=doc) for m in ("llama", "mixtral"))], spec_doc=doc).creates
+    pod = score.job["spec"]["template"]["spec"]
+    assert score.step == "score" and "nvidia.com/gpu" not in json.dumps(pod)
+    assert not pod.get("nodeSelector") and "ephemeral-storage" not in json.dumps(pod)
+    assert not any(v["name"] == "model-cache" for v in pod["volumes"])
+
+
+@pytest.mark.parametrize(
+    ("change", "new_generate", "new_score"),
+    [
+        pytest.param({"judge": {"baseUrl": "https://judge.example/v1", "model": "gpt-4o"}}, False, True, id="judge"),
+        pytest.param({"generation": {"maxNewTokens": 64}}, True, True, id="generation"),
+        pytest.param({}, False, False, id="nothing"),
+    ],
+)
+def test_job_names_carry_the_settings_keys(change, new_generate, new_score):
+    before = spec()
+    after = spec(evaluation={"judge": {"baseUrl": "https://judge.example/v1"}, **change})
+    names_of = {}
+    for label, doc in (("before", before), ("after", after)):
+        gen = run([PREP_OK, *TRAIN_OK], spec_doc=doc).creates
+        score = run([PREP_OK, *TRAIN_OK, *(job("generate", m, spec_doc=doc) for m in ("llama", "mixtral"))], spec_doc=doc)
+        names_of[label] = ([c.name for c in gen], score.creates[0].name)
+        assert all(len(n) <= 63 for n in [*names_of[label][0], names_of[label][1]])
+        assert [c.job["metadata"]["name"] for c in gen] == names_of[label][0]  # Job and ConfigMap share the name
+        assert [c.configmap["metadata"]["name"] for c in gen] == names_of[label][0]
+    assert (names_of["before"][0] != names_of["after"][0]) is new_generate
+    assert (names_of["before"][1] != names_of["after"][1]) is new_score
+    assert names_of["before"][0][0].startswith("bake-generate-llama-")

@@ -153,10 +153,10 @@ def test_labels_and_owner_reference():
 # --------------------------------------------------------------------------------------------- secrets, env, policy
 
 
-@pytest.mark.parametrize("step", ["prepare", "train", "evaluate"])
+@pytest.mark.parametrize("step", ["prepare", "train", "generate", "score", "evaluate"])
 def test_credentials_only_through_secret_key_refs(step):
     spec = make_spec()
-    job = render_job(OWNER, spec, CONFIG, step, spec.models[0] if step == "train" else None)
+    job = render_job(OWNER, spec, CONFIG, step, spec.models[0] if step in ("train", "generate") else None)
     e = env(job)
     assert e["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
     assert e["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
@@ -164,7 +164,7 @@ def test_credentials_only_through_secret_key_refs(step):
     assert e["FTC_STEP_INPUT"]["value"] == "/etc/ftc/input.json"
     assert e["FTC_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert e["FTC_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    if step == "evaluate":
+    if step in ("prepare", "score", "evaluate"):  # prepare's preflight calls it once; generate never
         assert e["FTC_JUDGE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "openai", "key": "api-key"}
     else:
         assert "FTC_JUDGE_API_KEY" not in e
@@ -685,16 +685,22 @@ def test_only_the_prepare_pod_gets_the_hub_endpoint_and_token():
 
 @pytest.mark.parametrize(
     ("model_gpus", "comparison_gpus", "expected"),
-    [(None, 1, 1), (2, 1, 2), (1, 4, 4), (8, 2, 8)],
-    ids=["comparison", "model-trained-on-two", "comparison-wider", "model-on-eight"],
+    [(None, 1, 1), (2, 1, 2), (1, 4, 1), (8, 2, 8)],
+    ids=["comparison", "model-trained-on-two", "model-narrower", "model-on-eight"],
 )
-def test_the_evaluate_pod_has_as_many_gpus_as_the_widest_model(model_gpus, comparison_gpus, expected):
-    spec = make_spec(placement={"gpuCount": comparison_gpus})
+def test_a_generate_pod_has_its_models_gpus_and_the_score_pod_none(model_gpus, comparison_gpus, expected):
+    spec = make_spec(placement={"gpuCount": comparison_gpus, "nodeSelector": {"pool": "gpu"}})
     if model_gpus:
         spec.models[1].placement = Placement.model_validate({"gpuCount": model_gpus})
-    job = render_job(OWNER, spec, CONFIG, "evaluate")
+    job = render_job(OWNER, spec, CONFIG, "generate", spec.models[1], key="0123abcd")
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == str(expected)
     assert env(job)["FTC_GPUS"]["value"] == str(expected)  # GPU or nothing checks that many
+    assert job["metadata"]["name"].endswith("-generate-" + spec.models[1].name + "-0123abcd")
+    score = render_job(OWNER, spec, CONFIG, "score", None, scratch_gib=None, key="89abcdef")
+    assert "nvidia.com/gpu" not in json.dumps(score) and "FTC_GPUS" not in env(score)
+    assert "nodeSelector" not in pod(score) and "tolerations" not in pod(score)  # a CPU node
+    assert container(score)["resources"] == CONFIG.score.resources.to_wire()  # type: ignore[union-attr]
+    assert container(score)["image"] == CONFIG.evaluator_image and pod(score)["automountServiceAccountToken"] is False
 
 
 def test_every_credential_a_step_receives_is_one_the_step_redacts():

@@ -19,9 +19,16 @@ def fit(name: str, limit: int = MAX_NAME) -> str:
     return f"{head}-{digest}"
 
 
-def step_name(comparison: str, step: str, model: str | None = None) -> str:
-    """Name of a step's Job and ConfigMap: COMPARISON-STEP[-MODEL], fitted to 63 characters."""
-    return fit("-".join(p for p in (comparison, step, model) if p))
+def step_name(comparison: str, step: str, model: str | None = None, key: str | None = None) -> str:
+    """Name of a step's Job and ConfigMap: COMPARISON-STEP[-MODEL][-KEY], fitted to 63 characters. `key` (a short
+    lowercase hex hash of the settings the step depends on: generate and score Jobs) is always kept whole at the
+    end, so a change of those settings gives a new name however long the rest is."""
+    head = "-".join(p for p in (comparison, step, model) if p)
+    if not key:
+        return fit(head)
+    if not re.fullmatch(r"[0-9a-f]{1,16}", key):
+        raise ValueError(f"step_name: key {key!r} is not 1 to 16 lowercase hex digits")
+    return f"{fit(head, MAX_NAME - len(key) - 1)}-{key}"
 
 
 def run_id(name: str, uid: str) -> str:
@@ -81,6 +88,6 @@ def predictions_key(model: str) -> str:
 
 
 SCORES_KEY = "eval/scores.json"
+ENDPOINTS_KEY = "data/endpoints.json"  # prepare's preflight of the evaluation endpoints (the mode RAGAS runs in)
 REPORT_KEY = "report/index.html"
 JUDGE_CACHE_DIR = "eval/judge-cache"
-ENDPOINTS_KEY = "data/endpoints.json"  # prepare's preflight of the evaluation endpoints (the mode RAGAS runs in)

@@ -72,10 +72,15 @@ def is_credential_env(name: str) -> bool:
 
 
 class StepKind(StrEnum):
-    """The three steps of a comparison."""
+    """The steps of a comparison: prepare (CPU), train (one per model, GPUs), generate (one per trained model, on
+    that model's GPUs: its answers to the test items) and score (CPU: metrics, judge, statistics, report).
+    `evaluate` is generate and score in one process (the evaluator's one-step mode, for local runs and tests);
+    the operator creates generate and score Jobs."""
 
     PREPARE = "prepare"
     TRAIN = "train"
+    GENERATE = "generate"
+    SCORE = "score"
     EVALUATE = "evaluate"
 
 
@@ -130,11 +135,6 @@ class ModelRef(ApiModel):
         return self.weights_uri or self.base_model
 
 
-# ---------------------------------------------------------------------------------------------- prepare
-
-
-class PrepareInput(ApiModel):
-    """Input of the prepare step."""
 # ---------------------------------------------------------------------------------------------- endpoints
 
 # The structured-output modes RAGAS' LLM metrics can be driven in (instructor's Mode.JSON, Mode.TOOLS,
@@ -222,6 +222,11 @@ def endpoints_to_check(evaluation: EvaluationSpec) -> list[EndpointRef]:
     return refs
 
 
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+class PrepareInput(ApiModel):
+    """Input of the prepare step."""
 
     step: Literal["prepare"] = Field(default="prepare", description="step: always prepare.")
     dataset: DatasetSpec = Field(description="dataset: what to read and how to split it.")
@@ -313,14 +318,14 @@ class PrepareResult(ApiModel):
         default=None, description="datasetSha256: sha256 of the data manifest's content (files, their sha256s, counts)."
     )
     models: list[PreparedModel] = Field(default_factory=list, description="models: per-model checks.")
+    endpoints: list[EndpointCheck] = Field(
+        default_factory=list, description="endpoints: the preflight of each evaluation endpoint (the mode RAGAS runs in)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- train
 
 
-    endpoints: list[EndpointCheck] = Field(
-        default_factory=list, description="endpoints: the preflight of each evaluation endpoint (the mode RAGAS runs in)."
-    )
 class TrainInput(ApiModel):
     """Input of one model's train step."""
 
@@ -415,12 +420,14 @@ class EvaluatedModel(ApiModel):
     train: TrainResult | None = Field(default=None, description="train: the train step's summary.")
 
 
-class EvaluateInput(ApiModel):
-    """Input of the evaluate step."""
+class EvaluationDocument(ApiModel):
+    """What scoring needs, shared by the evaluate (one-step) and score inputs."""
 
-    step: Literal["evaluate"] = Field(default="evaluate", description="step: always evaluate.")
-    models: list[EvaluatedModel] = Field(min_length=1, description="models: the trained models.")
-    failed_models: dict[str, str] = Field(default_factory=dict, description="failedModels: models that failed, and why.")
+    models: list[EvaluatedModel] = Field(min_length=1, description="models: the models to score (their answers exist).")
+    failed_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="failedModels: models left out (failed training or, with excludeFailedModels, generation), and why.",
+    )
     evaluation: EvaluationSpec = Field(description="evaluation: metrics, judge and statistics.")
     checkpoint: CheckpointChoice = Field(default=CheckpointChoice.BEST, description="checkpoint: which adapter is used.")
     overfitting: OverfittingSpec = Field(default_factory=OverfittingSpec, description="overfitting: thresholds.")
@@ -431,6 +438,61 @@ class EvaluateInput(ApiModel):
         description="quantization: 4-bit settings `qlora` models were trained with (training.quantization); "
         "default NF4, double quant, bfloat16.",
     )
+
+
+class EvaluateInput(EvaluationDocument):
+    """Input of the one-step evaluation (generate and score in one process: local runs and tests)."""
+
+    step: Literal["evaluate"] = Field(default="evaluate", description="step: always evaluate.")
+
+
+class ScoreInput(EvaluationDocument):
+    """Input of the score step (a CPU pod): the answers every generate step wrote under eval/MODEL/ are scored
+    (metrics, judge), compared (statistics, verdict) and reported; no model is loaded."""
+
+    step: Literal["score"] = Field(default="score", description="step: always score.")
+
+
+class GenerateInput(ApiModel):
+    """Input of one model's generate step (on that model's GPUs): answer the test items, write
+    eval/MODEL/predictions.jsonl with its manifest, and exit (the GPUs are released before scoring)."""
+
+    step: Literal["generate"] = Field(default="generate", description="step: always generate.")
+    model: EvaluatedModel = Field(description="model: the trained model whose answers are generated.")
+    evaluation: EvaluationSpec = Field(
+        description="evaluation: the evaluation settings (generation, checkpoint, testSampleSize and seed decide the answers)."
+    )
+    checkpoint: CheckpointChoice = Field(default=CheckpointChoice.BEST, description="checkpoint: which adapter is used.")
+    location: Location = Field(description="location: the run's S3 location.")
+    quantization: QuantizationSpec | None = Field(
+        default=None,
+        description="quantization: 4-bit settings `qlora` models were trained with (training.quantization).",
+    )
+    memory: MemoryEstimate | None = Field(
+        default=None,
+        description="memory: prepare's estimate for the model (weightsGib decides whether it fits on one GPU: then it is "
+        "loaded on one device, else spread over the pod's GPUs).",
+    )
+
+
+class GenerateResult(ApiModel):
+    """Summary of one model's generate step."""
+
+    step: Literal["generate"] = Field(default="generate", description="step: always generate.")
+    ok: bool = Field(description="ok: whether the step succeeded.")
+    error: str | None = Field(default=None, description="error: what went wrong.")
+    model: str = Field(default="", description="model: the model's name.")
+    predictions_uri: str | None = Field(default=None, description="predictionsUri: eval/MODEL/predictions.jsonl.")
+    key: str | None = Field(
+        default=None, description="key: the predictions' cache key (adapter, its manifest, decoding settings, items)."
+    )
+    answers: int = Field(default=0, description="answers: test items answered.")
+    reused: bool = Field(default=False, description="reused: the predictions of an earlier attempt had the same key.")
+    seconds: float | None = Field(default=None, description="seconds: wall time of generation (model loaded, answers).")
+    devices: str | None = Field(
+        default=None, description="devices: where the model ran: `cuda:0` (one GPU), `auto` (spread over the GPUs), `cpu`."
+    )
+    checkpoint: str | None = Field(default=None, description="checkpoint: best or final, the adapter used.")
 
 
 class MetricScore(ApiModel):
@@ -467,7 +529,7 @@ class EvaluatedModelResult(ApiModel):
 
 
 class EvaluateResult(ApiModel):
-    """Summary of the evaluate step."""
+    """Summary of the score step (and of the one-step evaluate): the scores and the verdict."""
 
     step: Literal["evaluate"] = Field(default="evaluate", description="step: always evaluate.")
     ok: bool = Field(description="ok: whether the step succeeded.")
@@ -498,4 +560,4 @@ class EvaluateResult(ApiModel):
     )
 
 
-StepResult = PrepareResult | TrainResult | EvaluateResult
+StepResult = PrepareResult | TrainResult | GenerateResult | EvaluateResult

@@ -8,11 +8,12 @@ interpreter (its venv holds ftc_api and, in the trainer image, the kubernetes cl
 A single file: it imports nothing but ftc_api, the standard library and (for progress) kubernetes.
 Knobs (env): FTC_STUB_SECONDS (sleep before finishing, default 0), FTC_STUB_FAIL (comma-separated model
 names whose train step fails with exit 1), FTC_STUB_OOM (model names whose train step allocates 4 GiB, so a
-memory limit OOM-kills it), a judge key (FTC_JUDGE_API_KEY) of "judge-down" leaves every judgment missing (an
-inconclusive evaluation), a judge model (evaluation.judge.model) of "no-such-model" fails evaluation with
-exit 2 as a 404 would, a judge key (FTC_JUDGE_API_KEY) of "rejected" fails evaluate with exit 2
-as a 401 would, FTC_STUB_PROGRESS=1 (patch the pod's progress annotation
-while sleeping, with the pod's ServiceAccount token, else $KUBECONFIG). It never touches S3.
+memory limit OOM-kills it), FTC_STUB_GENERATE_FAIL (model names whose generate step fails with exit 1), a
+judge key (FTC_JUDGE_API_KEY) of "judge-down" leaves every judgment missing (an inconclusive evaluation), a
+judge model (evaluation.judge.model) of "no-such-model" fails evaluation with exit 2 as a 404 would, a
+judge key (FTC_JUDGE_API_KEY) of "rejected" fails score (and the one-step evaluate) with exit 2 as a 401 would,
+FTC_STUB_PROGRESS=1 (patch the pod's progress annotation while sleeping, with the pod's ServiceAccount token,
+else $KUBECONFIG). It never touches S3.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ftc_api.steps import (
     PROGRESS_ANNOTATION,
     EvaluatedModelResult,
     EvaluateResult,
+    GenerateResult,
     LossPoint,
     MemoryEstimate,
     MetricScore,
@@ -136,7 +138,16 @@ def main() -> int:
             )
         )
         return 0
-    if step == "evaluate":
+    if step == "generate":
+        time.sleep(seconds)
+        name = doc["model"]["model"]["name"]
+        uri = f"s3://{doc['location']['bucket']}/{doc['location']['prefix']}/eval/{name}/predictions.jsonl"
+        if name in os.environ.get("FTC_STUB_GENERATE_FAIL", "").split(","):
+            write_summary(GenerateResult(ok=False, model=name, error=f"stub: {name} was told to fail in generation"))
+            return 1
+        write_summary(GenerateResult(ok=True, model=name, predictions_uri=uri, answers=10, seconds=seconds, devices="cpu"))
+        return 0
+    if step in ("evaluate", "score"):
         time.sleep(seconds)
         if os.environ.get(JUDGE_API_KEY_ENV) == REJECTED_KEY:  # as the real evaluator: a refused key is bad input
             write_summary(EvaluateResult(ok=False, error="stub: the judge endpoint answered 401 Unauthorized to the key"))
@@ -175,6 +186,7 @@ def main() -> int:
                 primary_metric="judge",
                 winner=winner,
                 p_value=0.01,
+                failed_models=doc.get("failedModels", {}),
                 scores_uri=f"{base}/eval/scores.json",
                 report_uri=f"{base}/report/index.html",
             )

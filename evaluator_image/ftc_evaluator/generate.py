@@ -203,6 +203,33 @@ class LoadedModel:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# Headroom over the weights when answering on one GPU: a fifth (KV cache, activations of a batch) and 2 GiB
+# (CUDA context, the allocator's reserve). A model that needs more is spread over the pod's GPUs.
+INFERENCE_HEADROOM = 1.2
+INFERENCE_OVERHEAD_GIB = 2.0
+
+
+def inference_weights_gib(weights_gib: float | None, parallelism: str | None, gpu_count: int) -> float | None:
+    """The whole model's weights in GPU memory for answering, from prepare's training estimate (MemoryEstimate:
+    `weightsGib` is per GPU, a shard under FSDP); None when prepare gave no estimate."""
+    if weights_gib is None:
+        return None
+    return weights_gib * max(gpu_count, 1) if parallelism == "fsdp" else weights_gib
+
+
+def inference_devices(weights_gib: float | None, gpu_memory_gib: float, gpus: int) -> str:
+    """Where a model answers: `cpu` without a GPU; `cuda:0` when it has one GPU or its weights (with headroom)
+    fit one; `auto` (its layers spread over every GPU: a bf16 Mixtral-8x7B) only when they do not, or when their
+    size is unknown. A 4-bit 7B model on a pod with two GPUs runs on one: no activation crosses devices."""
+    if gpus <= 0:
+        return "cpu"
+    if gpus == 1:
+        return "cuda:0"
+    if weights_gib is not None and weights_gib * INFERENCE_HEADROOM + INFERENCE_OVERHEAD_GIB <= gpu_memory_gib:
+        return "cuda:0"
+    return "auto"
+
+
 def pick_device() -> str:
     from ftc_step.loading import cuda_available
 
@@ -218,13 +245,15 @@ def load_model(
     chat_template: str | None = None,
     device: str | None = None,
     merge: bool = True,
+    spread: bool | None = None,
 ) -> LoadedModel:
     """The base model and tokenizer loaded as training loaded them (ftc_step.loading), with the LoRA adapter.
 
     The tokenizer comes from the adapter folder when the trainer saved one there, else from the base; it
     pads on the left for generation. One GPU: everything on it; several (a bf16 Mixtral-8x7B needs
     ~90 GB): the layers spread over them. `lora` adapters are merged into the weights (same outputs,
-    faster); `qlora` ones stay separate."""
+    faster); `qlora` ones stay separate. `spread`: False keeps a model on one GPU however many the pod has
+    (see `inference_devices`); None spreads on a GPU."""
     from ftc_step.loading import load_base_model, load_tokenizer
 
     device = device or pick_device()
@@ -232,7 +261,8 @@ def load_model(
         adapter_path if adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
     )
     tokenizer = load_tokenizer(str(tokenizer_source), chat_template, padding_side="left")
-    model, _ = load_base_model(str(base_path), method, quantization, device=device, spread=device.startswith("cuda"))
+    spread = device.startswith("cuda") if spread is None else spread and device.startswith("cuda")
+    model, _ = load_base_model(str(base_path), method, quantization, device=device, spread=spread)
     if adapter_path is not None:
         from peft import PeftModel
 

@@ -30,6 +30,7 @@ class ModelRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     reused: bool = False
+    key: str | None = None  # the predictions' cache key (run.generation_key)
 
     @property
     def name(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftc_api import names
 from ftc_api.overfitting import overfitting_verdict
-from ftc_api.steps import EvaluatedModelResult, EvaluateInput, EvaluateResult, LossPoint, MetricScore, PairwiseTest
+from ftc_api.steps import EvaluatedModelResult, EvaluateResult, EvaluationDocument, LossPoint, MetricScore, PairwiseTest
 
 from . import stats
 from .generate import TestRow
@@ -76,7 +76,12 @@ def pairwise_models(tests: Sequence[stats.Paired]) -> list[PairwiseTest]:
 
 
 def decide(
-    inp: EvaluateInput, ok: Sequence[ModelRun], rows: Sequence[TestRow], failed: dict[str, str], scored: Scored, notes: list[str]
+    inp: EvaluationDocument,
+    ok: Sequence[ModelRun],
+    rows: Sequence[TestRow],
+    failed: dict[str, str],
+    scored: Scored,
+    notes: list[str],
 ) -> Outcome:
     """Intervals per model and metric, the paired tests, the winner on the primary metric, and the summary."""
     spec, values = inp.evaluation, scored.values
@@ -135,7 +140,7 @@ def outcome_notes(failed: Mapping[str, str], flagged: Flagged) -> list[str]:
 
 
 def scores_document(
-    inp: EvaluateInput, ok: Sequence[ModelRun], rows: Sequence[TestRow], scored: Scored, outcome: Outcome, now: datetime
+    inp: EvaluationDocument, ok: Sequence[ModelRun], rows: Sequence[TestRow], scored: Scored, outcome: Outcome, now: datetime
 ) -> dict[str, Any]:
     """eval/scores.json: everything measured, per model and per metric (the caller adds `seconds`)."""
     spec, result = inp.evaluation, outcome.result
@@ -174,7 +179,7 @@ def scores_document(
 
 
 def report_data(
-    inp: EvaluateInput,
+    inp: EvaluationDocument,
     ok: Sequence[ModelRun],
     rows: Sequence[TestRow],
     scored: Scored,
@@ -249,13 +254,18 @@ def sample_answers(
 
 def verdict_reason(result: EvaluateResult) -> str:
     if result.winner == stats.INCONCLUSIVE:
-        return f"No model has a scored item on {result.primary_metric}: there is no verdict."
+        primary = result.primary_metric
+        unscored = [m.model for m in result.models if not any(s.metric == primary and s.n for s in m.scores)]
+        if 0 < len(unscored) < len(result.models):
+            have = "has" if len(unscored) == 1 else "have"
+            return f"{', '.join(unscored)} {have} no scored item on {primary}: there is no verdict."
+        return f"No model has a scored item on {primary}: there is no verdict."
     if result.winner and result.winner != stats.TIE:
         return f"{result.winner} leads on {result.primary_metric} and the lead is significant."
     return f"No model's lead on {result.primary_metric} is significant at the chosen level."
 
 
-def overfitting_of(run: ModelRun, inp: EvaluateInput) -> dict[str, Any] | None:
+def overfitting_of(run: ModelRun, inp: EvaluationDocument) -> dict[str, Any] | None:
     """The train step's overfitting verdict, else one from the loss history with the input's thresholds."""
     train = run.spec.train
     if train is not None and train.overfitting is not None:

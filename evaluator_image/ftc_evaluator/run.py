@@ -1,10 +1,14 @@
-"""The evaluate step, end to end: answers -> metrics and judge (`scoring.py`) -> statistics, verdict and
-documents (`outcome.py`) -> scores.json, report, summary. `evaluate(input)` does the I/O; the decisions
-(`choose_adapter`, `outcome.decide`, `fit_summary`) are pure.
+"""Evaluation in two steps: `generate(input)` answers the test items with one model (on its GPUs) and writes
+eval/MODEL/predictions.jsonl; `score(input)` reads every model's answers (a CPU: no model is loaded) -> metrics
+and judge (`scoring.py`) -> statistics, verdict and documents (`outcome.py`) -> scores.json, report, summary.
+`evaluate(input)` does both in one process (local runs, tests). The decisions (`choose_adapter`,
+`outcome.decide`, `fit_summary`, `generate.inference_devices`) are pure.
 
-S3 layout (ftc_api.names): reads data/test.jsonl (through data/manifest.json), each adapter and
-models/MODEL/metrics.json; writes eval/MODEL/predictions.jsonl (+ manifest), eval/judge-cache/,
-eval/metric-cache/, eval/scores.json and report/index.html.
+S3 layout (ftc_api.names): generate reads data/test.jsonl (through data/manifest.json), the adapter and the base
+model, and writes eval/MODEL/predictions.jsonl + manifest.json (its `key`: adapter, adapter manifest, decoding
+settings, items; an attempt with the same key reuses them). Score reads data/test.jsonl, each model's
+predictions (refusing ones whose key is not the current settings') and models/MODEL/metrics.json, and writes
+eval/judge-cache/, eval/metric-cache/, eval/scores.json and report/index.html.
 """
 
 from __future__ import annotations
@@ -24,7 +28,16 @@ from typing import Any
 
 from ftc_api import names
 from ftc_api.spec import CheckpointChoice, Metric
-from ftc_api.steps import MAX_SUMMARY_BYTES, EvaluatedModel, EvaluateInput, EvaluateResult
+from ftc_api.steps import (
+    MAX_SUMMARY_BYTES,
+    EvaluatedModel,
+    EvaluateInput,
+    EvaluateResult,
+    EvaluationDocument,
+    GenerateInput,
+    GenerateResult,
+    ScoreInput,
+)
 from ftc_step.errors import StepError
 
 from .generate import Prediction, TestRow, read_test_rows, sample_rows
@@ -39,7 +52,7 @@ JUDGE = Metric.JUDGE.value
 # ---------------------------------------------------------------------------------------------- pure decisions
 
 
-def checkpoint_choice(inp: EvaluateInput) -> CheckpointChoice:
+def checkpoint_choice(inp: EvaluationDocument | GenerateInput) -> CheckpointChoice:
     """`checkpoint` of the input when the operator set it, else `evaluation.checkpoint`."""
     return inp.checkpoint if "checkpoint" in inp.model_fields_set else inp.evaluation.checkpoint
 
@@ -97,11 +110,12 @@ def fit_summary(result: EvaluateResult, limit: int = MAX_SUMMARY_BYTES) -> Evalu
 
 
 class Evaluation:
-    """One evaluate step. `Evaluation(input).run()` -> EvaluateResult (and artefacts in S3)."""
+    """One evaluation. `Evaluation(input).run()` -> EvaluateResult (and artefacts in S3): the one-step evaluate
+    (EvaluateInput: generate, then score) or the score step (ScoreInput: the answers must exist)."""
 
     def __init__(
         self,
-        inp: EvaluateInput,
+        inp: EvaluationDocument,
         *,
         store: Any = None,
         workdir: str | Path | None = None,
@@ -181,38 +195,63 @@ class Evaluation:
 
     # ------------------------------------------------------------------ generation
 
-    def answer(self, run: ModelRun, rows: list[TestRow]) -> None:
-        """Answer the rows with one model, or reuse its predictions when adapter (by its manifest),
-        decoding settings and items are those of a previous attempt."""
+    def prediction_key(self, run: ModelRun, rows: list[TestRow]) -> str:
+        """Choose the model's adapter and return the key its predictions are cached under."""
         from ftc_step.storage import is_s3
 
-        from .generate import answer_rows, load_model, unload
-
-        name = run.name
         run.adapter = choose_adapter(run.spec, checkpoint_choice(self.inp))
         if run.adapter.note:
-            self.notes.append(f"{name}: {run.adapter.note}")
+            self.notes.append(f"{run.name}: {run.adapter.note}")
         adapter_manifest = self.store.read_manifest(run.adapter.uri) if is_s3(run.adapter.uri) else None
         adapter_sha = adapter_manifest.sha256 if adapter_manifest is not None else None
-        key = generation_key(run.adapter, adapter_sha, self.spec.generation, rows)
-        prefix = self.uri("eval", name)
+        run.key = generation_key(run.adapter, adapter_sha, self.spec.generation, rows)
+        return run.key
+
+    def cached(self, run: ModelRun, key: str) -> bool:
+        """Take the model's predictions from eval/MODEL/ when their manifest has `key`; False when there are none."""
+        prefix = self.uri("eval", run.name)
         manifest = self.store.read_manifest(prefix)
-        if manifest is not None and manifest.extra.get("key") == key:
-            lines = self.store.read_verified(prefix, "predictions.jsonl", manifest).decode().splitlines()
-            run.predictions = [Prediction(**json.loads(line)) for line in lines if line.strip()]
-            run.generation = dict(manifest.extra.get("generation", {}), reused=True)
-            run.reused = True
-            log.info("%s: reusing %d predictions from %s", name, len(run.predictions), prefix)
-            return
-        adapter_dir, _ = self.fetch_tree(run.adapter.uri, self.workdir / "adapters" / name)
+        if manifest is None or manifest.extra.get("key") != key:
+            return False
+        lines = self.store.read_verified(prefix, "predictions.jsonl", manifest).decode().splitlines()
+        run.predictions = [Prediction(**json.loads(line)) for line in lines if line.strip()]
+        run.generation = dict(manifest.extra.get("generation", {}), reused=True)
+        run.reused = True
+        log.info("%s: reusing %d predictions from %s", run.name, len(run.predictions), prefix)
+        return True
+
+    def answer(self, run: ModelRun, rows: list[TestRow], memory: Any = None) -> str:
+        """Answer the rows with one model, or reuse its predictions when adapter (by its manifest), decoding
+        settings and items are those of a previous attempt. `memory`: prepare's estimate (MemoryEstimate), which
+        decides whether the model runs on one GPU. Returns the devices it ran on ('' when reused)."""
+        from .generate import answer_rows, inference_devices, inference_weights_gib, load_model, pick_device, unload
+
+        name = run.name
+        key = self.prediction_key(run, rows)
+        if self.cached(run, key):
+            return ""
+        adapter_dir, _ = self.fetch_tree(run.chosen.uri, self.workdir / "adapters" / name)
+        ref = run.spec.model
+        device = pick_device()
+        devices = "cpu"
+        if device.startswith("cuda"):
+            import torch
+
+            weights = inference_weights_gib(
+                getattr(memory, "weights_gib", None), getattr(memory, "parallelism", None), ref.gpu_count
+            )
+            devices = inference_devices(weights, ref.gpu_memory_gib, torch.cuda.device_count())
+        log.info("%s: answering on %s", name, devices)
         loaded = None
         try:
             loaded = load_model(
-                self.base_model(run.spec.model.weights),  # the staged copy of a hub model, else baseModel
+                self.base_model(ref.weights),  # the staged copy of a hub model, else baseModel
                 adapter_dir,
-                method=run.spec.model.method.value,
+                method=ref.method.value,
                 quantization=self.inp.quantization,
-                chat_template=run.spec.model.chat_template,
+                chat_template=ref.chat_template,
+                device=device,
+                spread=devices == "auto",
             )
             predictions, gen_stats = answer_rows(loaded, rows, self.spec.generation)
         finally:
@@ -224,17 +263,29 @@ class Evaluation:
             "batch_size": gen_stats.batch_size,
             "oom_halvings": gen_stats.oom_halvings,
             "new_tokens": gen_stats.new_tokens,
+            "devices": devices,
         }
         local = self.workdir / "predictions" / name
         local.mkdir(parents=True, exist_ok=True)
         (local / "predictions.jsonl").write_text("".join(p.to_json() + "\n" for p in predictions))
+        prefix = self.uri("eval", name)
         self.store.upload_tree(local, prefix, extra={"key": key, "adapterUri": run.chosen.uri, "generation": run.generation})
+        return devices
+
+    def take_answers(self, run: ModelRun, rows: list[TestRow]) -> None:
+        """The score step: the predictions its generate step wrote for the current settings, or an error."""
+        key = self.prediction_key(run, rows)
+        if not self.cached(run, key):
+            raise FileNotFoundError(
+                f"no answers of {run.name} for these settings under {self.uri('eval', run.name)}: its generate step "
+                "has not written them (or wrote them for other generation settings)"
+            )
 
     # ------------------------------------------------------------------ the whole step
 
     def run(self) -> EvaluateResult:
         from .outcome import decide, report_data, scores_document
-        from .scoring import score
+        from .scoring import score as score_answers
 
         started = time.monotonic()
         rows = self.test_rows()
@@ -243,14 +294,17 @@ class Evaluation:
             run = ModelRun(model, history=self.loss_history(model))
             self.runs.append(run)
             try:
-                self.answer(run, rows)
+                if isinstance(self.inp, ScoreInput):
+                    self.take_answers(run, rows)
+                else:
+                    self.answer(run, rows)
             except Exception as err:
                 log.exception("%s: generation failed", run.name)
                 run.error = f"evaluation failed: {type(err).__name__}: {str(err)[:300]}"
                 failed[run.name] = run.error
         ok = self.evaluated(failed)
         answers = {r.name: r.predictions for r in ok}
-        scored = asyncio.run(score(self.spec, answers, rows, store=self.store, uri=self.uri, env=self.env))
+        scored = asyncio.run(score_answers(self.spec, answers, rows, store=self.store, uri=self.uri, env=self.env))
         outcome = decide(self.inp, ok, rows, failed, scored, self.notes)
         result = outcome.result
         assert result.scores_uri and result.report_uri  # set by decide()
@@ -280,12 +334,52 @@ class Evaluation:
         return ok
 
 
-def evaluate(inp: EvaluateInput, **kwargs: Any) -> EvaluateResult:
-    """Run the evaluate step (see `Evaluation`). Raises StepError for what it can name: a judge that refuses its
-    key or model (bad input), a model that failed in evaluation (retryable); anything else propagates."""
+def evaluate(inp: EvaluateInput | ScoreInput, **kwargs: Any) -> EvaluateResult:
+    """Run the one-step evaluation (EvaluateInput) or the score step (ScoreInput; see `Evaluation`). Raises
+    StepError for what it can name: a judge that refuses its key or model (bad input), a model that failed in
+    evaluation or whose answers are missing (retryable); anything else propagates."""
     evaluation = Evaluation(inp, **kwargs)
     try:
         return evaluation.run()
+    finally:
+        if "workdir" not in kwargs:
+            shutil.rmtree(evaluation.workdir, ignore_errors=True)
+
+
+def score(inp: ScoreInput, **kwargs: Any) -> EvaluateResult:
+    """The score step: every model's answers (written by its generate step) scored, compared and reported."""
+    return evaluate(inp, **kwargs)
+
+
+def generate(inp: GenerateInput, **kwargs: Any) -> GenerateResult:
+    """The generate step: one model's answers to the test items into eval/MODEL/ (reused when an earlier attempt
+    wrote them with the same key); nothing is scored. A failure propagates (the Job retries it)."""
+    doc = EvaluateInput(
+        models=[inp.model],
+        evaluation=inp.evaluation,
+        location=inp.location,
+        quantization=inp.quantization,
+        **({"checkpoint": inp.checkpoint} if "checkpoint" in inp.model_fields_set else {}),
+    )
+    evaluation = Evaluation(doc, **kwargs)
+    started = time.monotonic()
+    try:
+        rows = evaluation.test_rows()
+        run = ModelRun(inp.model)
+        devices = evaluation.answer(run, rows, inp.memory)
+        for note in evaluation.notes:
+            log.info("%s", note)
+        return GenerateResult(
+            ok=True,
+            model=run.name,
+            predictions_uri=inp.location.uri(names.predictions_key(run.name)),
+            key=run.key,
+            answers=len(run.predictions),
+            reused=run.reused,
+            seconds=round(time.monotonic() - started, 2),
+            devices=devices or None,
+            checkpoint=run.chosen.checkpoint,
+        )
     finally:
         if "workdir" not in kwargs:
             shutil.rmtree(evaluation.workdir, ignore_errors=True)

@@ -171,9 +171,11 @@ class StepConfig(ApiModel):
     )
     resources: Resources | None = Field(default=None, description="resources: default CPU/memory of the step's pod.")
     node_selector: dict[str, str] | None = Field(
-        default=None, description="nodeSelector: (prepare only) node labels of the CPU pod."
+        default=None, description="nodeSelector: (prepare and score only) node labels of the CPU pod."
     )
-    tolerations: list[Toleration] | None = Field(default=None, description="tolerations: (prepare only) of the CPU pod.")
+    tolerations: list[Toleration] | None = Field(
+        default=None, description="tolerations: (prepare and score only) of the CPU pod."
+    )
     tmp_size_limit: Quantity = Field(
         default="20Gi",
         description="tmpSizeLimit: size limit of the emptyDir mounted at /tmp, the step's only writable directory "
@@ -223,7 +225,18 @@ class OperatorConfig(ApiModel):
     )
     evaluate: StepConfig = Field(
         default_factory=lambda: StepConfig(args=[], backoff_limit=2, active_deadline_seconds=24 * 3600, tmp_size_limit="200Gi"),
-        description="evaluate: settings of the evaluate Job.",
+        description="evaluate: settings of the generate Jobs (one per trained model, on its GPUs, evaluator image).",
+    )
+    score: StepConfig = Field(
+        default_factory=lambda: StepConfig(
+            args=[],
+            backoff_limit=2,
+            active_deadline_seconds=24 * 3600,
+            resources=Resources(requests={"cpu": "1", "memory": "2Gi"}, limits={"memory": "8Gi"}),
+            tmp_size_limit="10Gi",
+        ),
+        description="score: settings of the score Job (a CPU pod, evaluator image: metrics, judge, statistics, report); "
+        "its nodeSelector and tolerations place it as prepare's do.",
     )
     allow_cpu_execution: bool = Field(
         default=False,
@@ -383,7 +396,9 @@ class OperatorConfig(ApiModel):
         return self
 
     def step(self, step: str) -> StepConfig:
-        return {"prepare": self.prepare, "train": self.train, "evaluate": self.evaluate}[step]
+        """A step's settings: generate Jobs (and the one-step evaluate) take `evaluate`'s."""
+        steps = {"prepare": self.prepare, "train": self.train, "generate": self.evaluate, "score": self.score}
+        return steps.get(step, self.evaluate)
 
     def images_allowed(self) -> list[str]:
         """The images (and `prefix*` patterns) step Jobs may run: trainerImage, evaluatorImage and allowedImages."""

@@ -21,7 +21,13 @@ from .comparison import Owner
 
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 CONDITION_ORDER = [c.value for c in ConditionType]
-STEP_CONDITION = {"prepare": ConditionType.PREPARED, "train": ConditionType.TRAINED, "evaluate": ConditionType.EVALUATED}
+STEP_CONDITION = {
+    "prepare": ConditionType.PREPARED,
+    "train": ConditionType.TRAINED,
+    "generate": ConditionType.EVALUATED,
+    "score": ConditionType.EVALUATED,
+    "evaluate": ConditionType.EVALUATED,
+}
 MAX_MESSAGE = 1000
 # Reasons that warn even while their condition is Unknown: the step waits on something it cannot fix itself.
 WARNING_REASONS = {Reason.UNSCHEDULABLE.value}

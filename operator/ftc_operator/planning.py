@@ -8,9 +8,10 @@ Job. It takes models (see `comparison.py`), imports neither kopf nor kubernetes,
 clock: `now` is an argument. What an apply met (a name another object holds) is one more observation: the
 reconciler plans again with it (`not_created`), and the new plan reports it.
 
-Order: prepare (CPU) -> one train Job per model, in parallel -> evaluate once every train Job finished
-and at least two models (or the only one) trained -> Succeeded; a failed model is left out of the
-evaluation and listed in ``EvaluateInput.failed_models``.
+Order: prepare (CPU) -> one train Job per model, in parallel -> once every train Job finished and at least
+two models (or the only one) trained, one generate Job per trained model, in parallel, each on that model's
+GPUs -> once every generate Job ended, one score Job on a CPU -> Succeeded; a failed model gets no generate
+Job, is left out of the scoring and listed in ``ScoreInput.failed_models``.
 
 One `Pass` object carries a pass over a valid spec; each phase is a small function of it that fills its
 part of the status and returns the phase the pass ends in (None: on to the next phase).
@@ -39,17 +40,19 @@ from ftc_api.status import (
     TokenCounts,
     Verdict,
 )
-from ftc_api.steps import EvaluateResult, PrepareResult, StepKind, TrainResult, models_needed
+from ftc_api.steps import EvaluateResult, GenerateResult, PrepareResult, StepKind, TrainResult, models_needed
 from pydantic import BaseModel, ValidationError
 
 from .comparison import InvalidSpec, Owner
 from .config import OperatorConfig
 from .decision import TERMINAL, CreateStep, EventNote, EventType, Plan, StatusBuilder, rfc3339, short
+from .eval_settings import generation_key, scoring_key
 from .fairness import evaluation_changes, fairness_record, software
 from .observe import JobState, ObservedJob, Unschedulable
 from .rendering import render_configmap, render_job
 from .rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested
-from .step_inputs import evaluate_input, location, prepare_input, result_from_status, train_input
+from .resolve import refusals
+from .step_inputs import generate_input, location, prepare_input, result_from_status, score_input, train_input
 
 # An active, unsuspended Job with no pod after this long is reported: the Job controller cannot create its
 # pods (a missing ServiceAccount, a quota, an admission webhook), which only the Job's Events say.
@@ -75,6 +78,8 @@ def plan(
         return plan_retry(old, observed, owner, now, retry or "")
     if settled(old, owner.generation) and not _invalid_spec(old):
         return Plan(status=old)
+    if not isinstance(spec, InvalidSpec) and (refused := refusals(config, spec)):
+        spec = InvalidSpec(tuple(refused))  # an image or ServiceAccount the chart's allowlists do not hold
     if isinstance(spec, InvalidSpec):
         b = StatusBuilder(old, owner, now)
         b.condition(ConditionType.READY, "False", Reason.INVALID_SPEC, "; ".join(spec.errors[:8]))
@@ -148,18 +153,26 @@ class Pass(StatusBuilder):
         """Whether the previous status had this condition True."""
         return any(c.type == type_ and c.status == "True" for c in self.old.conditions)
 
-    def create(self, step: StepKind, model: ModelSpec | None, doc: ApiModel, scratch_gib: float | None = None) -> None:
-        """Create a step: its input document and Job, rendered now, applied by the reconciler."""
+    def create(
+        self,
+        step: StepKind,
+        model: ModelSpec | None,
+        doc: ApiModel,
+        scratch_gib: float | None = None,
+        key: str | None = None,
+    ) -> None:
+        """Create a step: its input document and Job, rendered now, applied by the reconciler (`key`: the settings
+        key in generate and score Job names)."""
         model_name = model.name if model else None
         input_json = doc.to_json()
         self.creates.append(
             CreateStep(
                 step=step.value,
                 model=model_name,
-                name=names.step_name(self.owner.name, step.value, model_name),
+                name=names.step_name(self.owner.name, step.value, model_name, key),
                 input_json=input_json,
-                configmap=render_configmap(self.owner, step.value, model_name, input_json),
-                job=render_job(self.owner, self.spec, self.config, step.value, model, scratch_gib),
+                configmap=render_configmap(self.owner, step.value, model_name, input_json, key),
+                job=render_job(self.owner, self.spec, self.config, step.value, model, scratch_gib, key),
                 scratch_gib=scratch_gib,
             )
         )
@@ -410,27 +423,36 @@ def _keep(p: Pass, ms: ModelStatus, prior: ModelStatus) -> None:
 
 
 def _evaluate(p: Pass) -> Phase:
-    """The evaluate Job, once enough models trained: create it, wait for it, and write the verdict."""
-    job = p.job(StepKind.EVALUATE)
+    """Evaluation, once enough models trained: one generate Job per trained model (on that model's GPUs, released
+    when its answers are written), then one score Job (a CPU pod: metrics, judge, statistics, report), whose
+    result is the verdict. Job names carry the settings keys (eval_settings): a changed spec.evaluation gives new
+    names, so the planner creates only the Jobs whose settings changed."""
+    jobs = {o.name: o for o in p.observed if not o.deleting}  # by name: Jobs of earlier settings may be there too
+    score_key = scoring_key(p.spec)
+    job = jobs.get(names.step_name(p.owner.name, StepKind.SCORE.value, None, score_key))
     if job is None:
-        st = p.status
-        disks = [m.memory_estimate.disk_gib for m in st.models if m.name in p.results and m.memory_estimate]
-        scratch = sum(d for d in disks if d) or None  # every evaluated base model is downloaded
-        staged = {m.name: m.staged_base_model for m in st.models}
-        doc = evaluate_input(p.spec, p.owner, p.config, p.loc, p.results, p.failed, staged)
-        p.create(StepKind.EVALUATE, None, doc, scratch_gib=scratch)
-        p.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_CREATED, "evaluate Job created")
+        generated = _generate(p, jobs)
+        if isinstance(generated, Phase):
+            return generated
+        answered, failed = generated
+        staged = {m.name: m.staged_base_model for m in p.status.models}
+        results = {name: r for name, r in p.results.items() if name in answered}
+        doc = score_input(p.spec, p.owner, p.config, p.loc, results, {**p.failed, **failed}, staged)
+        p.create(StepKind.SCORE, None, doc, key=score_key)
+        p.condition(
+            ConditionType.EVALUATED, "Unknown", Reason.JOB_CREATED, f"answers of {', '.join(answered)} generated; scoring"
+        )
         return Phase.EVALUATING
     stuck = p.unschedulable_pod(job)
     if stuck is not None and stuck[1]:
-        p.condition(ConditionType.EVALUATED, "False", Reason.UNSCHEDULABLE, f"evaluate Job {job.name}: {stuck[0]}")
-        p.condition(ConditionType.SUCCEEDED, "False", Reason.UNSCHEDULABLE, "the evaluate pod found no node")
+        p.condition(ConditionType.EVALUATED, "False", Reason.UNSCHEDULABLE, f"score Job {job.name}: {stuck[0]}")
+        p.condition(ConditionType.SUCCEEDED, "False", Reason.UNSCHEDULABLE, "the score pod found no node")
         return Phase.FAILED
     if stuck is not None:
-        p.condition(ConditionType.EVALUATED, "Unknown", Reason.UNSCHEDULABLE, f"evaluate Job {job.name}: {stuck[0]}")
+        p.condition(ConditionType.EVALUATED, "Unknown", Reason.UNSCHEDULABLE, f"score Job {job.name}: {stuck[0]}")
         return Phase.EVALUATING
     if job.state == JobState.ACTIVE:
-        msg = "evaluating " + ", ".join(p.results) + _retrying(job)
+        msg = "scoring the answers of " + ", ".join(p.results) + _retrying(job)
         p.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_RUNNING, msg)
         return Phase.EVALUATING
     evaluation, why = parse_result(EvaluateResult, job.result)
@@ -441,11 +463,72 @@ def _evaluate(p: Pass) -> Phase:
     left_out = _take_evaluation(p, evaluation)
     p.condition(ConditionType.EVALUATED, "True", Reason.JOB_SUCCEEDED, _evaluated_message(evaluation, left_out))
     if evaluation.winner == INCONCLUSIVE:  # a broken run is never a verdict (nor a tie)
-        why = f"no model has a scored item on {evaluation.primary_metric or 'the primary metric'}: no verdict"
+        why = unscored_message(evaluation)
         p.condition(ConditionType.SUCCEEDED, "False", Reason.INCONCLUSIVE, f"{why}; {_evaluated_message(evaluation)}")
         return Phase.FAILED
     p.condition(ConditionType.SUCCEEDED, "True", Reason.COMPLETED, _verdict_message(evaluation, left_out))
     return Phase.SUCCEEDED
+
+
+def _generate(p: Pass, jobs: Mapping[str, ObservedJob]) -> Phase | tuple[list[str], dict[str, str]]:
+    """One generate Job per trained model (a failed or left-out model gets none and requests nothing). While any
+    runs: the phase. Once all ended: (the models whose answers were written, those whose generation failed and
+    why), or Failed when one failed and evaluation.excludeFailedModels is not set, or when none answered."""
+    key = generation_key(p.spec)
+    running: list[str] = []
+    waiting: dict[str, str] = {}
+    answered: list[str] = []
+    failed: dict[str, str] = {}
+    created: list[str] = []
+    for model in p.spec.models:
+        if model.name not in p.results:
+            continue
+        job = jobs.get(names.step_name(p.owner.name, StepKind.GENERATE.value, model.name, key))
+        if job is None:
+            ms = p.by_name[model.name]
+            est = ms.memory_estimate
+            doc = generate_input(p.spec, model, p.config, p.loc, p.results[model.name], ms.staged_base_model, est)
+            p.create(StepKind.GENERATE, model, doc, scratch_gib=est.disk_gib if est else None, key=key)
+            created.append(model.name)
+            continue
+        stuck = p.unschedulable_pod(job)
+        if stuck is not None and stuck[1]:
+            failed[model.name] = f"generate Job {job.name}: {stuck[0]}"
+        elif job.state == JobState.ACTIVE:
+            running.append(model.name + _retrying(job))
+            if stuck is not None:
+                waiting[model.name] = stuck[0]
+        else:
+            result, why = parse_result(GenerateResult, job.result)
+            if job.state == JobState.SUCCEEDED and (result is None or result.ok):  # None: the pod is gone
+                answered.append(model.name)
+            else:
+                failed[model.name] = _job_failure(job, result, why)
+    if created or running:
+        parts = [f"generate Jobs created for {', '.join(created)}"] if created else []
+        parts += [f"generating answers: {', '.join(running)}"] if running else []
+        parts += [f"answered: {', '.join(answered)}"] if answered else []
+        parts += [f"failed: {', '.join(failed)}"] if failed else []
+        if waiting:
+            parts.append("waiting for a node: " + "; ".join(f"{k}: {v}" for k, v in waiting.items()))
+        reason = Reason.UNSCHEDULABLE if waiting else (Reason.JOB_RUNNING if running else Reason.JOB_CREATED)
+        p.condition(ConditionType.EVALUATED, "Unknown", reason, "; ".join(parts))
+        return Phase.EVALUATING
+    if failed and not p.spec.evaluation.exclude_failed_models:
+        why = "; ".join(f"{k}: {v}" for k, v in failed.items())
+        msg = (
+            f"a model failed while its answers were generated: {why} "
+            "(set evaluation.excludeFailedModels: true to compare the others without it)"
+        )
+        p.condition(ConditionType.EVALUATED, "False", Reason.JOB_FAILED, msg)
+        p.condition(ConditionType.SUCCEEDED, "False", Reason.JOB_FAILED, "the evaluation failed")
+        return Phase.FAILED
+    if not answered:
+        why = "; ".join(f"{k}: {v}" for k, v in failed.items())
+        p.condition(ConditionType.EVALUATED, "False", Reason.JOB_FAILED, f"no model could be evaluated: {why}")
+        p.condition(ConditionType.SUCCEEDED, "False", Reason.JOB_FAILED, "the evaluation failed")
+        return Phase.FAILED
+    return answered, {k: f"evaluation failed: {v}" for k, v in failed.items()}
 
 
 def _take_evaluation(p: Pass, evaluation: EvaluateResult) -> dict[str, str]:
@@ -490,6 +573,16 @@ def _verdict_message(evaluation: EvaluateResult, left_out: dict[str, str]) -> st
         if len(survivors) == 1:
             verdict += f": {survivors[0]} was the only model evaluated (a win by forfeit, not a comparison)"
     return verdict
+
+
+def unscored_message(evaluation: EvaluateResult) -> str:
+    """Why an evaluation is inconclusive: the models with no scored item on the primary metric (a model nobody
+    could score is never beaten: no verdict), or that no model has one."""
+    primary = evaluation.primary_metric or "the primary metric"
+    unscored = [m.model for m in evaluation.models if not any(s.metric == primary and s.n for s in m.scores)]
+    if 0 < len(unscored) < len(evaluation.models):
+        return f"{', '.join(unscored)} {'has' if len(unscored) == 1 else 'have'} no scored item on {primary}: no verdict"
+    return f"no model has a scored item on {primary}: no verdict"
 
 
 def _evaluated_message(evaluation: EvaluateResult, left_out: dict[str, str] | None = None) -> str:

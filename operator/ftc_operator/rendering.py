@@ -47,7 +47,7 @@ from .observe import (
     LABEL_STEP,
     MANAGED_BY,
 )
-from .resolve import effective_placement, evaluation_model, image_for
+from .resolve import effective_placement, image_for
 
 GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -77,17 +77,24 @@ def labels(comparison: str, step: str, model: str | None = None) -> dict[str, st
     return out
 
 
-def step_name(owner: Owner, step: str, model: str | None = None) -> str:
-    return names.step_name(owner.name, step, model)
+def step_name(owner: Owner, step: str, model: str | None = None, key: str | None = None) -> str:
+    return names.step_name(owner.name, step, model, key)
 
 
-def render_configmap(owner: Owner, step: str, model: str | None, input_json: str) -> dict[str, Any]:
-    """The owned ConfigMap holding the step input document."""
+# Steps whose pods run on CPU nodes: no GPU limit, no GPU product selector, the chart's step nodeSelector.
+CPU_STEPS = (StepKind.PREPARE, StepKind.SCORE)
+# Steps that talk to the judge and embeddings endpoints (their keys reach only these pods): prepare calls each
+# once before any training (the preflight), score (or the one-step evaluate) for every item.
+JUDGE_STEPS = (StepKind.PREPARE, StepKind.SCORE, StepKind.EVALUATE)
+
+
+def render_configmap(owner: Owner, step: str, model: str | None, input_json: str, key: str | None = None) -> dict[str, Any]:
+    """The owned ConfigMap holding the step input document (named as its Job; `key`: see names.step_name)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": step_name(owner, step, model),
+            "name": step_name(owner, step, model, key),
             "namespace": owner.namespace,
             "labels": labels(owner.name, step, model),
             "annotations": {ANNOTATION_COMPARISON: owner.name},
@@ -123,7 +130,7 @@ def step_env(
         secret = storage.credentials_secret_ref.name
         env.append(_secret_env(ACCESS_KEY_ID, secret, ACCESS_KEY_ID))
         env.append(_secret_env(SECRET_ACCESS_KEY, secret, SECRET_ACCESS_KEY))
-    if step == StepKind.EVALUATE:
+    if step in JUDGE_STEPS:
         judge = spec.evaluation.judge.api_key_secret_ref
         if judge is not None:
             env.append(_secret_env(JUDGE_API_KEY_ENV, judge.name, judge.key))
@@ -139,7 +146,7 @@ def step_env(
             env.append({"name": "HF_ENDPOINT", "value": spec.hub.endpoint})
         if spec.hub.token_secret_ref is not None:
             env.append(_secret_env(HUB_TOKEN_ENV, spec.hub.token_secret_ref.name, spec.hub.token_secret_ref.key))
-    if step != StepKind.PREPARE:  # GPU or nothing: the step checks what it sees against what was asked for
+    if step not in CPU_STEPS:  # GPU or nothing: the step checks what it sees against what was asked for
         env.append({"name": GPUS_ENV, "value": str(gpus or 0)})
         if config.allow_cpu_execution:
             env.append({"name": ALLOW_CPU_ENV, "value": "1"})
@@ -161,13 +168,12 @@ def _resources(placement: Placement, gpu: bool, base: dict[str, Any] | None) -> 
 def pod_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str, model: ModelSpec | None) -> dict[str, Any]:
     """nodeSelector, tolerations, resources, priorityClassName and the Kueue label of a step's pod.
 
-    GPU steps use the effective placement (train: the model's; evaluate: that of the model needing the most
-    GPUs, see evaluation_model); prepare runs on the CPU: no GPU limit, no GPU
-    product selector, the chart's prepare nodeSelector/tolerations/resources (comparison resources win)."""
-    gpu = step != StepKind.PREPARE
-    if step == StepKind.EVALUATE:
-        model = evaluation_model(config, spec)
-    placement = effective_placement(config, spec, model if step != StepKind.PREPARE else None)
+    GPU steps use the effective placement of their model (train and generate: the model's; the one-step
+    evaluate: the comparison's); prepare and score run on the CPU: no GPU limit, no GPU product selector, the
+    chart's step nodeSelector/tolerations/resources (comparison resources win). A score pod requests no GPU: the
+    GPUs of each model are released when its generate Job ends, before any judge call."""
+    gpu = step not in CPU_STEPS
+    placement = effective_placement(config, spec, model if gpu else None)
     step_cfg = config.step(step)
     selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
@@ -225,8 +231,10 @@ def render_job(
     step: str,
     model: ModelSpec | None = None,
     scratch_gib: float | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
-    """The step's Job: one container running the step image on the mounted input document.
+    """The step's Job: one container running the step image on the mounted input document. `key`: the settings
+    key in the names of generate and score Jobs (names.step_name).
 
     `scratch_gib` (the base models' size on disk, from prepare) becomes an `ephemeral-storage` request, so
     the scheduler places the pod where the download fits, and raises the /tmp emptyDir's sizeLimit to it
@@ -250,7 +258,7 @@ def render_job(
         },
         "template": {
             "metadata": {"labels": lbl, "annotations": {ANNOTATION_COMPARISON: owner.name}},
-            "spec": _pod_spec(owner, spec, config, step, step_name(owner, step, model_name), place, scratch_gib),
+            "spec": _pod_spec(owner, spec, config, step, step_name(owner, step, model_name, key), place, scratch_gib),
         },
     }
     if place["activeDeadlineSeconds"]:
@@ -259,7 +267,7 @@ def render_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": step_name(owner, step, model_name),
+            "name": step_name(owner, step, model_name, key),
             "namespace": owner.namespace,
             "labels": lbl,
             "annotations": {ANNOTATION_COMPARISON: owner.name},
@@ -303,11 +311,11 @@ def _tmp_size_limit(resources: dict[str, Any], configured: str, scratch_gib: flo
     return need if gib_of(configured) < gib_of(need) else configured
 
 
-MODEL_CACHE_STEPS = (StepKind.TRAIN, StepKind.EVALUATE)  # the steps that load base models
+MODEL_CACHE_STEPS = (StepKind.TRAIN, StepKind.GENERATE, StepKind.EVALUATE)  # the steps that load base models
 
 
 def model_cache_volume(config: OperatorConfig, step: str) -> dict[str, Any] | None:
-    """The model cache volume of a train or evaluate pod (config.modelCache), else None."""
+    """The model cache volume of a train or generate pod (config.modelCache), else None."""
     cache = config.model_cache
     if cache is None or step not in MODEL_CACHE_STEPS:
         return None

@@ -31,19 +31,10 @@ def effective_training(spec: FineTuneComparisonSpec, model: ModelSpec) -> Traini
     return spec.training.model_copy(update=overrides)
 
 
-def evaluation_model(config: OperatorConfig, spec: FineTuneComparisonSpec) -> ModelSpec | None:
-    """The model whose placement the evaluate pod takes: the one that needs the most GPUs (it loads every model
-    in turn, so a model trained on two GPUs is evaluated on two); None when no model asks for more than the
-    comparison's placement."""
-    base = effective_placement(config, spec, None).gpu_count or 0
-    widest = max(spec.models, key=lambda m: effective_placement(config, spec, m).gpu_count or 0)
-    return widest if (effective_placement(config, spec, widest).gpu_count or 0) > base else None
-
-
 def image_for(config: OperatorConfig, spec: FineTuneComparisonSpec, step: str) -> tuple[str, str]:
     """The image a step runs and its pull policy: the comparison's, else the chart's."""
     images = spec.images
-    if step == StepKind.EVALUATE:
+    if step in (StepKind.GENERATE, StepKind.SCORE, StepKind.EVALUATE):
         image = (images.evaluator if images else None) or config.evaluator_image
     else:
         image = (images.trainer if images else None) or config.trainer_image

@@ -11,7 +11,18 @@ from collections.abc import Mapping
 from ftc_api import names
 from ftc_api.spec import CheckpointChoice, FineTuneComparisonSpec, ModelSpec
 from ftc_api.status import ModelStatus
-from ftc_api.steps import EvaluatedModel, EvaluateInput, Location, ModelRef, PrepareInput, TrainInput, TrainResult
+from ftc_api.steps import (
+    EvaluatedModel,
+    GenerateInput,
+    Location,
+    MemoryEstimate,
+    ModelRef,
+    PrepareInput,
+    ScoreInput,
+    TrainInput,
+    TrainResult,
+    endpoints_to_check,
+)
 
 from .comparison import Owner
 from .config import OperatorConfig
@@ -50,13 +61,15 @@ def model_ref(spec: FineTuneComparisonSpec, model: ModelSpec, config: OperatorCo
 
 
 def prepare_input(spec: FineTuneComparisonSpec, config: OperatorConfig, loc: Location) -> PrepareInput:
-    """The prepare step's input: the dataset, where to write, and every model (hub models are staged)."""
+    """The prepare step's input: the dataset, where to write, every model (hub models are staged) and the
+    evaluation's API endpoints (the preflight calls each once)."""
     return PrepareInput(
         dataset=spec.dataset,
         location=loc,
         models=[model_ref(spec, m, config) for m in spec.models],
         training=spec.training,
         exclude_failed_models=spec.evaluation.exclude_failed_models,
+        endpoints=endpoints_to_check(spec.evaluation),
         cache_prefix=config.cache_prefix,
     )
 
@@ -79,7 +92,49 @@ def result_from_status(ms: ModelStatus, loc: Location) -> TrainResult:
     )
 
 
-def evaluate_input(
+def evaluated_model(
+    spec: FineTuneComparisonSpec,
+    model: ModelSpec,
+    config: OperatorConfig,
+    loc: Location,
+    result: TrainResult,
+    staged: str | None = None,
+) -> EvaluatedModel:
+    """A trained model as the generate and score steps see it: the adapter to answer with (best or final
+    checkpoint), the final one, its loss history and its train summary."""
+    final = result.adapter_uri or loc.uri(names.adapter_dir(model.name))
+    best = result.best_adapter_uri
+    chosen = best if spec.evaluation.checkpoint == CheckpointChoice.BEST and best else final
+    return EvaluatedModel(
+        model=model_ref(spec, model, config, staged),
+        adapter_uri=chosen,
+        final_adapter_uri=final,
+        metrics_uri=result.metrics_uri or loc.uri(names.metrics_key(model.name)),
+        train=result,
+    )
+
+
+def generate_input(
+    spec: FineTuneComparisonSpec,
+    model: ModelSpec,
+    config: OperatorConfig,
+    loc: Location,
+    result: TrainResult,
+    staged: str | None = None,
+    memory: MemoryEstimate | None = None,
+) -> GenerateInput:
+    """One trained model's generate step input: the model, the evaluation settings, prepare's memory estimate."""
+    return GenerateInput(
+        model=evaluated_model(spec, model, config, loc, result, staged),
+        evaluation=spec.evaluation,
+        checkpoint=spec.evaluation.checkpoint,
+        quantization=spec.training.quantization,
+        location=loc,
+        memory=memory,
+    )
+
+
+def score_input(
     spec: FineTuneComparisonSpec,
     owner: Owner,
     config: OperatorConfig,
@@ -87,26 +142,14 @@ def evaluate_input(
     results: Mapping[str, TrainResult],
     failed: Mapping[str, str],
     staged: Mapping[str, str | None] | None = None,
-) -> EvaluateInput:
-    """The evaluate step's input: every trained model with the adapter to score (best or final checkpoint), and
-    the models left out with why."""
-    models = []
-    for model in spec.models:
-        r = results.get(model.name)
-        if r is None:
-            continue
-        final = r.adapter_uri or loc.uri(names.adapter_dir(model.name))
-        chosen = r.best_adapter_uri if spec.evaluation.checkpoint == CheckpointChoice.BEST and r.best_adapter_uri else final
-        models.append(
-            EvaluatedModel(
-                model=model_ref(spec, model, config, (staged or {}).get(model.name)),
-                adapter_uri=chosen,
-                final_adapter_uri=final,
-                metrics_uri=r.metrics_uri or loc.uri(names.metrics_key(model.name)),
-                train=r,
-            )
-        )
-    return EvaluateInput(
+) -> ScoreInput:
+    """The score step's input: every model whose answers were generated, and the models left out with why."""
+    models = [
+        evaluated_model(spec, model, config, loc, results[model.name], (staged or {}).get(model.name))
+        for model in spec.models
+        if model.name in results
+    ]
+    return ScoreInput(
         models=models,
         failed_models=dict(failed),
         evaluation=spec.evaluation,
