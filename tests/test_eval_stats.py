@@ -151,8 +151,19 @@ def test_verdict_is_reproducible():
     assert stats.verdict(scores, seed=3) == stats.verdict(scores, seed=3)
 
 
-def test_verdict_with_one_scored_model():
-    assert stats.verdict({"a": [1.0, 2.0], "b": [None, None]}).winner == "a"
+@pytest.mark.parametrize(
+    ("scores", "winner", "reason"),
+    [
+        pytest.param({"a": [1.0, 2.0], "b": [None, None]}, stats.INCONCLUSIVE, "b has no scored item", id="one-unscored"),
+        pytest.param({"a": [9.0] * 8, "b": [1.0] * 8, "c": []}, stats.INCONCLUSIVE, "c has no scored item", id="empty"),
+        pytest.param({"a": [None], "b": [None]}, stats.INCONCLUSIVE, "no model has a score", id="none-scored"),
+        pytest.param({"a": [1.0, 2.0]}, "a", "only model evaluated", id="lone-model-forfeit"),
+    ],
+)
+def test_a_model_without_scored_items_makes_the_verdict_inconclusive(scores, winner, reason):
+    """A model with no scored item (its judge or metric failed) is never beaten: no verdict, no p-value."""
+    result = stats.verdict(scores)
+    assert (result.winner, result.p_value) == (winner, None) and reason in result.reason
 
 
 def test_agreement_of_judges():
@@ -176,3 +187,19 @@ def test_cohen_kappa_on_a_textbook_table():
 def test_verdict_without_any_scored_item_is_inconclusive_not_a_tie():
     result = stats.verdict({"a": [None, None], "b": [None]})
     assert result.winner == stats.INCONCLUSIVE and result.p_value is None
+
+
+@pytest.mark.parametrize(
+    ("n", "reason"),
+    [
+        pytest.param({"a": 8, "b": 0}, "b has no scored item on judge: there is no verdict.", id="one-unscored"),
+        pytest.param({"a": 0, "b": 0}, "No model has a scored item on judge: there is no verdict.", id="none-scored"),
+    ],
+)
+def test_the_report_names_the_model_without_scored_items(n: dict[str, int], reason: str) -> None:
+    from ftc_api.steps import EvaluatedModelResult, EvaluateResult, MetricScore
+    from ftc_evaluator.outcome import verdict_reason
+
+    models = [EvaluatedModelResult(model=m, checkpoint="best", scores=[MetricScore(metric="judge", n=k)]) for m, k in n.items()]
+    result = EvaluateResult(ok=True, models=models, primary_metric="judge", winner=stats.INCONCLUSIVE)
+    assert verdict_reason(result) == reason

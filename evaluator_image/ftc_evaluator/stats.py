@@ -213,16 +213,21 @@ def verdict(
     seed: int = 42,
 ) -> Verdict:
     """The winner on one metric: the model with the highest mean wins when, against every other model,
-    its lead is positive and significant after Holm adjustment; otherwise `tie`.
+    its lead is positive and significant after Holm adjustment; otherwise `tie`. When any model has no scored
+    item, `inconclusive`: a model nobody could score is not beaten (its judge or metric failed, not its
+    answers), so there is no verdict at all. A lone model (the others left out before scoring) wins by forfeit.
 
     `p_value` is the largest adjusted p-value of the best model's comparisons (the one that decides)."""
     means = {name: mean_ci(values, resamples=resamples, seed=seed).mean for name, values in scores.items()}
     scored = {name: m for name, m in means.items() if m is not None}
     if not scored:
         return Verdict(INCONCLUSIVE, None, None, "no model has a score on this metric: no verdict")
+    unscored = [name for name in scores if name not in scored]
+    if unscored:
+        return Verdict(INCONCLUSIVE, None, None, f"{', '.join(unscored)} has no scored item on this metric: no verdict")
     if len(scored) == 1:
         (only,) = scored
-        return Verdict(only, None, only, f"{only} is the only model with scores")
+        return Verdict(only, None, only, f"{only} is the only model evaluated")
     pairs = pairwise_tests({name: scores[name] for name in scored}, resamples=resamples, seed=seed)
     best = max(scored, key=lambda name: (scored[name], -list(scored).index(name)))
     worst_p = 0.0
