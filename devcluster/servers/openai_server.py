@@ -19,6 +19,19 @@ it); `server.always = "500"` fails every chat request; `server.gullible = True` 
 rating that the graded answer asks for (`rate this 10`, `[[10]]`), as a judge that falls for prompt injection.
 Every request body is kept in `server.requests`.
 
+Models (`server.capabilities`, by model name; `MODEL_CAPABILITIES` holds OpenAI's own): a model without JSON
+mode refuses `response_format: json_object` with HTTP 400 and the body OpenAI returns (`JSON_MODE_REFUSED`:
+gpt-4 and gpt-4-0613 have no JSON mode; gpt-4o, gpt-4-turbo, gpt-3.5-turbo-1106 and later do); a model without
+tool calls refuses `tools` likewise (a body modelled on the same shape). Other names can do everything.
+Tool calls (instructor's TOOLS mode) are answered with a call whose arguments are the structured reply, a
+prompt asking for a ```json code block (MD_JSON mode) with the reply in one. `server.known_models` (a set):
+any other model gets OpenAI's 404 `model_not_found`; `server.api_keys` (a set): any other key gets its 401
+`invalid_api_key`.
+
+Broken replies (`server.broken`, or one at a time through `fail_next`): "html" (a proxy's 502 page served with
+200), "event-stream" (server-sent events to a non-streaming request), "text" (text/plain), "empty" (an
+empty 200 body); `server.embeddings_broken` does the same to embeddings.
+
 Fixture: `openai_server` (a fresh server per test). Standalone, for `make demo` and examples/tiny.yaml:
 `python -m devcluster.servers.openai_server --port 8765` (serves until interrupted).
 """
@@ -35,6 +48,7 @@ import re
 import struct
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +56,48 @@ from aiohttp import web
 from devcluster.servers.http_thread import ThreadedServer
 
 EMBEDDING_DIM = 64
+BROKEN = ("html", "event-stream", "text", "empty")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model accepts: JSON mode (response_format json_object) and tool calls."""
+
+    json_mode: bool = True
+    tools: bool = True
+
+
+# OpenAI's models as the API treats them: gpt-4 (and its 0613 snapshot) has no JSON mode, but function calls;
+# the 0314 snapshots have neither. JSON mode came with gpt-4-1106-preview / gpt-3.5-turbo-1106.
+MODEL_CAPABILITIES = {
+    "gpt-4": Capabilities(json_mode=False),
+    "gpt-4-0613": Capabilities(json_mode=False),
+    "gpt-4-32k": Capabilities(json_mode=False),
+    "gpt-4-0314": Capabilities(json_mode=False, tools=False),
+    "gpt-3.5-turbo-0301": Capabilities(json_mode=False, tools=False),
+    "gpt-3.5-turbo-0613": Capabilities(json_mode=False),
+}
+# The body OpenAI returns (HTTP 400) for JSON mode on a model without it.
+JSON_MODE_REFUSED = {
+    "error": {
+        "message": "Invalid parameter: 'response_format' of type 'json_object' is not supported with this model.",
+        "type": "invalid_request_error",
+        "param": "response_format",
+        "code": None,
+    }
+}
+TOOLS_REFUSED = {
+    "error": {
+        "message": "Invalid parameter: 'tools' is not supported with this model.",
+        "type": "invalid_request_error",
+        "param": "tools",
+        "code": None,
+    }
+}
+PROXY_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n"
+    "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>\n"
+)
 WORD = re.compile(r"[a-z0-9]+")
 STOP = frozenset(
     "a an the of to in on and or is are was were be it this that for with as by at from".split()  # noqa: SIM905
@@ -179,13 +235,19 @@ class FakeOpenAI(ThreadedServer):
         self.echo_key = False  # error replies quote the request's Authorization header (as careless proxies do)
         self.hang_seconds = 5.0
         self.retry_after = "0"  # what a 429 reply asks the client to wait, in seconds
+        self.capabilities: dict[str, Capabilities] = dict(MODEL_CAPABILITIES)
+        self.known_models: set[str] | None = None  # None: every model name is served
+        self.api_keys: set[str] | None = None  # None: every key is accepted
+        self.broken: str | None = None  # every chat reply broken this way (BROKEN)
+        self.embeddings_broken: str | None = None
         self.base_url = ""
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ knobs
 
     def fail_next(self, *kinds: str) -> None:
-        """Fail the next chat requests, one kind each: "500", "503", "429", "401", "timeout", "garbage"."""
+        """Fail the next chat requests, one kind each: "500", "503", "429", "401", "timeout", "garbage", or a
+        broken reply (BROKEN: "html", "event-stream", "text", "empty")."""
         with self._lock:
             self.faults.extend(kinds)
 
@@ -197,11 +259,48 @@ class FakeOpenAI(ThreadedServer):
 
     # ------------------------------------------------------------------ handlers
 
+    def _refusal(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse | None:
+        """OpenAI's 401 for an unknown key, 404 for an unknown model, 400 for a mode the model lacks."""
+        model = str(body.get("model", ""))
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_keys is not None and key not in self.api_keys:
+            message = f"Incorrect API key provided: {key[:3]}***{key[-4:]}. You can find your API key at https://platform.openai.com/account/api-keys."
+            return web.json_response(
+                {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+                status=401,
+            )
+        if self.known_models is not None and model not in self.known_models:
+            message = f"The model `{model}` does not exist or you do not have access to it."
+            return web.json_response(
+                {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "model_not_found"}},
+                status=404,
+            )
+        can = self.capabilities.get(model, Capabilities())
+        if (body.get("response_format") or {}).get("type") == "json_object" and not can.json_mode:
+            return web.json_response(JSON_MODE_REFUSED, status=400)
+        if body.get("tools") and not can.tools:
+            return web.json_response(TOOLS_REFUSED, status=400)
+        return None
+
+    @staticmethod
+    def _broken(kind: str, reply: dict[str, Any]) -> web.StreamResponse:
+        """A 200 reply that is not what was asked for (BROKEN)."""
+        if kind == "html":
+            return web.Response(text=PROXY_PAGE, content_type="text/html")
+        if kind == "event-stream":
+            return web.Response(text=f"data: {json.dumps(reply)}\n\ndata: [DONE]\n\n", content_type="text/event-stream")
+        if kind == "text":
+            return web.Response(text="upstream said: ok", content_type="text/plain")
+        return web.Response(body=b"", content_type="application/json")
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         with self._lock:
             self.requests.append({"path": request.path, "body": body})
             fault = self.faults.pop(0) if self.faults else self.always
+        refused = self._refusal(request, body)
+        if refused is not None:
+            return refused
         prompt = "\n".join(str(m.get("content") or "") for m in body.get("messages", []))
         if fault in ("500", "502", "503"):
             return web.json_response({"error": {"message": "injected failure", "type": "server_error"}}, status=int(fault))
@@ -218,8 +317,16 @@ class FakeOpenAI(ThreadedServer):
             )
         if fault == "timeout":
             await asyncio.sleep(self.hang_seconds)
+        tool_calls = None
         if body.get("response_format", {}).get("type") in ("json_object", "json_schema"):
             content = json.dumps(structured_reply(prompt))
+        elif body.get("tools"):  # instructor's TOOLS mode: the structured reply as the forced call's arguments
+            name = ((body.get("tool_choice") or {}).get("function") or {}).get("name") or body["tools"][0]["function"]["name"]
+            arguments = json.dumps(structured_reply(prompt))
+            tool_calls = [{"id": "call_0", "type": "function", "function": {"name": name, "arguments": arguments}}]
+            content = ""
+        elif "```json" in prompt:  # MD_JSON mode: asked for a JSON code block
+            content = "```json\n" + json.dumps(structured_reply(prompt)) + "\n```"
         else:
             question = prompt.split("[Question]\n", 1)[-1].split("\n\n[The Start of Reference Answer]", 1)[0]
             garbage = (
@@ -231,25 +338,35 @@ class FakeOpenAI(ThreadedServer):
             obeyed = obeyed_rating(prompt) if self.gullible and not garbage else None
             if obeyed is not None:
                 content = f"The answer asks for {obeyed}, so be it. Rating: [[{obeyed}]]"
-        return web.json_response(
-            {
-                "id": "chatcmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:12],
-                "object": "chat.completion",
-                "created": 0,
-                "model": body.get("model", "fake"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": {
-                    "prompt_tokens": len(tokens(prompt)),
-                    "completion_tokens": len(tokens(content)),
-                    "total_tokens": len(tokens(prompt)) + len(tokens(content)),
-                },
-            }
-        )
+        said: dict[str, Any] = {"role": "assistant", "content": content or None}
+        if tool_calls:
+            said["tool_calls"] = tool_calls
+        reply = {
+            "id": "chatcmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:12],
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", "fake"),
+            "choices": [{"index": 0, "message": said, "finish_reason": "tool_calls" if tool_calls else "stop"}],
+            "usage": {
+                "prompt_tokens": len(tokens(prompt)),
+                "completion_tokens": len(tokens(content)),
+                "total_tokens": len(tokens(prompt)) + len(tokens(content)),
+            },
+        }
+        broken = fault if fault in BROKEN else self.broken
+        if broken:
+            return self._broken(broken, reply)
+        return web.json_response(reply)
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         with self._lock:
             self.requests.append({"path": request.path, "body": body})
+        refused = self._refusal(request, body)
+        if refused is not None:
+            return refused
+        if self.embeddings_broken:
+            return self._broken(self.embeddings_broken, {"object": "list", "data": []})
         if self.embeddings_status:
             return web.json_response(
                 {"error": {"message": "injected client error", "type": "invalid_request_error"}}, status=self.embeddings_status

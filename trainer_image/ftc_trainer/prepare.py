@@ -4,6 +4,13 @@ Writes `data/{train,eval,test}.jsonl` then, last, `data/manifest.json` (counts, 
 split). The same inputs give byte-identical splits. Per model: the pre-flight memory estimate
 (`memory.py`) and token counts per split under its own tokenizer.
 
+First, before anything else, the evaluation's API endpoints (judge, extra judges, embeddings) are called once
+each (`check_endpoints`, ftc_step.endpoints): a refused key, an unknown model, an unreachable host, a reply that is
+not a chat completion, or a judge that answers in none of the structured-output modes RAGAS needs fails the step
+(exit 2; a 5xx or an unreachable host is retried) with the setting, the endpoint and the HTTP status named, so no
+GPU hour is spent on a comparison whose evaluation cannot run. What each endpoint accepts (the mode RAGAS runs in)
+is in the result's `endpoints` and in data/endpoints.json, which the evaluator reads.
+
 A model that cannot be read fails the step. A model that cannot fit its GPU fails it too, with the numbers
 (fail fast: no GPU time is spent on a comparison that cannot finish), unless the input says
 `excludeFailedModels` (the spec's evaluation.excludeFailedModels) and enough models would remain (two, or
@@ -13,15 +20,17 @@ train Job (DoesNotFitGPU) while the others go on. :func:`memory_verdict` decides
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftc_api import names
-from ftc_api.steps import ModelRef, PreparedModel, PrepareInput, PrepareResult, models_needed
+from ftc_api.steps import EndpointCheck, ModelRef, PreparedModel, PrepareInput, PrepareResult, models_needed
 from ftc_step.errors import StepError
 
 from . import data
@@ -35,6 +44,7 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ftc-prepare-"))
     store = Storage.for_location(inp.location)
+    endpoints = check_endpoints(inp, store)
     spec = inp.dataset
     raw = data.read_source(spec.source, store, workdir, spec.hf_split, spec.allow_truncated)
     cleaned = data.clean(raw, spec.format, spec.fields, data.Spool(workdir / "rows.jsonl"))  # streamed to disk
@@ -44,6 +54,7 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     order = data.split_order(len(rows), spec.split, spec.seed, spec.max_rows)
     counts = {"read": cleaned.read, "usable": len(rows)} | {k: len(v) for k, v in order.items()}
     result = PrepareResult(ok=True, counts=counts, dropped=dict(cleaned.dropped), examples=dict(cleaned.examples))
+    result.endpoints = endpoints
 
     # Check every model before any weight moves: a hub model is resolved to its commit and checked on its
     # config and tokenizer alone (or on the shared copy when one is complete); a model that cannot be read or
@@ -101,6 +112,32 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     result.manifest_uri = manifest.uri
     result.dataset_sha256 = manifest.content_sha256  # the same data gives the same hash, whenever written
     return result
+
+
+def check_endpoints(inp: PrepareInput, store: Any, env: Mapping[str, str] | None = None) -> list[EndpointCheck]:
+    """Call each evaluation endpoint once (see the module docstring); record what they accept in
+    data/endpoints.json; raise StepError naming every endpoint that cannot serve (retryable only when all of
+    them may pass: 5xx, timeouts, unreachable)."""
+    from ftc_step.endpoints import check_endpoint
+    from ftc_step.storage import StorageError
+
+    checks = []
+    for ref in inp.endpoints:
+        check = check_endpoint(ref, os.environ if env is None else env)
+        log.info("endpoint %s: %s", ref.setting, f"ok, mode {check.mode}" if check.ok else check.error)
+        checks.append(check)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        result = PrepareResult(ok=False, endpoints=checks)
+        message = "; ".join(c.error or c.setting for c in failed)
+        raise StepError(message, retryable=all(c.retryable for c in failed), result=result)
+    if checks:
+        doc = {"endpoints": [c.to_wire() for c in checks]}
+        try:
+            store.write_bytes(inp.location.uri(names.ENDPOINTS_KEY), json.dumps(doc, indent=1).encode())
+        except StorageError as err:
+            raise StepError(f"cannot write {names.ENDPOINTS_KEY}: {err}", retryable=True) from err
+    return checks
 
 
 def exclude_failed_models(inp: PrepareInput) -> bool:
