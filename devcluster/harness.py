@@ -8,10 +8,12 @@ Available, and kill the operator by deleting its pod (the Deployment replaces it
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +227,39 @@ def comparison(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any
     }
 
 
+@dataclass(frozen=True)
+class PodSpan:
+    """When a step pod's container ran (from the kubelet's container state) and the GPUs its pod requested."""
+
+    name: str
+    model: str | None
+    started: dt.datetime | None
+    finished: dt.datetime | None
+    gpus: int
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.finished - self.started).total_seconds() if self.started and self.finished else None
+
+
+def pod_span(pod: Any) -> PodSpan:
+    """A pod's PodSpan (its one container's startedAt and finishedAt; its nvidia.com/gpu limit or request)."""
+    started = finished = None
+    for status in present(pod.status).container_statuses or []:
+        terminated = status.state.terminated if status.state else None
+        running = status.state.running if status.state else None
+        started = (terminated.started_at if terminated else None) or (running.started_at if running else None)
+        finished = terminated.finished_at if terminated else None
+    gpus = 0
+    for container in present(pod.spec).containers:
+        res = container.resources
+        for group in (res.limits if res else None, res.requests if res else None):
+            if group and "nvidia.com/gpu" in group:
+                gpus = max(gpus, int(group["nvidia.com/gpu"]))
+    meta = present(pod.metadata)
+    return PodSpan(meta.name, (meta.labels or {}).get("ftc.dev/model"), started, finished, gpus)
+
+
 class Comparisons:
     """CRUD on FineTuneComparisons through the admin client."""
 
@@ -261,6 +296,18 @@ class Comparisons:
     def jobs(self, namespace: str, name: str | None = None) -> list[Any]:
         sel = "app.kubernetes.io/managed-by=ftc-operator" + (f",ftc.dev/comparison={name}" if name else "")
         return self.batch.list_namespaced_job(namespace, label_selector=sel).items
+
+    def pods(self, namespace: str, name: str, step: str | None = None) -> list[Any]:
+        """The step pods of comparison `name` (of one step: prepare, train, generate, score)."""
+        sel = f"app.kubernetes.io/managed-by=ftc-operator,ftc.dev/comparison={name}" + (f",ftc.dev/step={step}" if step else "")
+        return self.core.list_namespaced_pod(namespace, label_selector=sel).items
+
+    def evaluation_pods(self, namespace: str, name: str) -> tuple[list[PodSpan], list[PodSpan]]:
+        """(generate pods, score pods) of comparison `name`: when each ran and the GPUs it asked for."""
+        return (
+            [pod_span(p) for p in self.pods(namespace, name, "generate")],
+            [pod_span(p) for p in self.pods(namespace, name, "score")],
+        )
 
     def configmaps(self, namespace: str) -> list[Any]:
         return self.core.list_namespaced_config_map(namespace, label_selector="app.kubernetes.io/managed-by=ftc-operator").items

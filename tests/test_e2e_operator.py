@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 import pytest
+from ftc_api.spec import FineTuneComparisonSpec
+from ftc_operator.eval_settings import generation_key, scoring_key
 
 from devcluster.harness import (
     Comparisons,
@@ -81,8 +83,13 @@ def metric_values(text: str) -> dict[str, float]:
 
 
 def one_job_per_step(ftc, namespace, name, models):
+    """prepare, a train and a generate Job per model, one score Job; generate and score named with their settings
+    keys (of the comparison's spec as the API server holds it)."""
+    parsed = FineTuneComparisonSpec.model_validate(ftc.get(name, namespace)["spec"])
+    gen, score = generation_key(parsed), scoring_key(parsed)
     jobs = sorted(j.metadata.name for j in ftc.jobs(namespace, name))
-    assert jobs == sorted([f"{name}-prepare", f"{name}-evaluate", *(f"{name}-train-{m}" for m in models)])
+    expected = [f"{name}-prepare", f"{name}-score-{score}", *(f"{name}-{s}-{m}" for m in models for s in ("train", "generate"))]
+    assert jobs == sorted(n if "-generate-" not in n else f"{n}-{gen}" for n in expected)
 
 
 def test_stubbed_comparison_succeeds_as_the_charts_service_account(ftc, operator, namespace, s3_server, judge_secret):
@@ -110,8 +117,11 @@ def test_stubbed_comparison_succeeds_as_the_charts_service_account(ftc, operator
     }
     assert all(c["observedGeneration"] == 1 for c in st["conditions"])
     one_job_per_step(ftc, namespace, "tiny", ["tiny-llama", "tiny-mixtral"])
+    generated, scored = ftc.evaluation_pods(namespace, "tiny")  # GPUs held only while answers are generated
+    assert len(generated) == 2 and all(g.gpus == 1 and g.finished for g in generated) and scored[0].gpus == 0
+    assert all(g.finished and scored[0].started and g.finished <= scored[0].started for g in generated)
     reasons = ftc.event_reasons(namespace, "tiny", lambda r: "PhaseSucceeded" in r)
-    assert reasons.count("JobCreated") == 4
+    assert reasons.count("JobCreated") == 6
     metrics = operator.metrics()
     assert 'ftc_jobs_created_total{step="train"} 2.0' in metrics
     assert "ftc_reconcile_duration_seconds_count" in metrics
@@ -154,7 +164,7 @@ def test_a_failed_evaluation_is_retried_after_the_fix_without_retraining(control
     assert done["fairness"] == failed["fairness"]  # same data, same models, same settings
     after = {j.metadata.name: j.metadata.uid for j in ftc.jobs(namespace, "retry")}
     assert sorted(after) == sorted(uids)
-    assert [n for n in after if after[n] != uids[n]] == ["retry-evaluate"]  # prepare and train ran once
+    assert [n for n in after if after[n] != uids[n]] == [n for n in uids if "-score-" in n]  # prepare, train, generate ran once
     assert [m["phase"] for m in done["models"]] == ["Trained", "Trained"]
     reasons = ftc.event_reasons(namespace, "retry", lambda r: "PhaseSucceeded" in r)
     assert "Retrying" in reasons
@@ -192,7 +202,7 @@ def test_too_few_models_fails_with_a_clear_condition(ftc, operator, namespace, s
     assert st["phase"] == "Failed"
     trained = next(c for c in st["conditions"] if c["type"] == "Trained")
     assert (trained["status"], trained["reason"]) == ("False", "TooFewModelsTrained")
-    assert not [j for j in ftc.jobs(namespace, "two") if "evaluate" in j.metadata.name]
+    assert not [j for j in ftc.jobs(namespace, "two") if "-generate-" in j.metadata.name or "-score-" in j.metadata.name]
 
 
 def test_bad_spec_is_refused_at_apply(control_plane, crd, namespace, tmp_path):
@@ -505,3 +515,92 @@ def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(
         assert json.dumps(a, sort_keys=True).replace("calm", "X") == json.dumps(b, sort_keys=True).replace(name, "X")
     assert_readme_figure("etcd killed while a comparison prepares", f"{len(out)} crashes per run")
     assert_readme_figure("the GPU node's machine dies", f"{len(gone)} pods lost")
+
+
+def _condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in st["conditions"] if c["type"] == type_)
+
+
+def _wait_generation(ftc, namespace: str, name: str, generation: int, phases: tuple[str, ...], timeout: float) -> dict[str, Any]:
+    """The status once it reflects spec generation `generation` and its phase is one of `phases`."""
+
+    def check():
+        st = ftc.status(name, namespace)
+        return st if st.get("observedGeneration") == generation and st.get("phase") in phases else None
+
+    try:
+        return wait_for(check, timeout, f"{namespace}/{name} at generation {generation} in {phases}", interval=0.5)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; last status: {json.dumps(ftc.status(name, namespace))[:3000]}") from None
+
+
+def test_a_wrong_judge_is_fixed_in_the_spec_and_an_inconclusive_run_is_retried_without_retraining(
+    control_plane, ftc, operator, namespace, s3_server, judge_secret
+):
+    """The user names a judge model the endpoint does not serve: the comparison fails in evaluation, saying so. They
+    fix `spec.evaluation.judge.model` in place (training's fields are refused, naming the field): only the scoring
+    reruns, and the fairness record keeps training's hash and lists the change. Then the judge is down for every
+    item (the stub's "judge-down" key): the evaluation is inconclusive; once it is back, `ftc.dev/retry` scores it.
+    No prepare, train or generate Job runs twice."""
+    from kubernetes import client
+
+    from devcluster.steps.stub import DOWN_KEY, UNKNOWN_JUDGE_MODEL
+
+    core = client.CoreV1Api(ftc.core.api_client)
+    kubectl = control_plane.kubectl
+
+    def patch(name: str, spec_patch: dict[str, Any]) -> None:  # as a user would: kubectl patch --type=merge
+        kubectl("patch", "ftc", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": spec_patch}))
+
+    spec = tiny_spec(s3_server.cluster_endpoint_url)
+    spec["evaluation"]["judge"]["model"] = UNKNOWN_JUDGE_MODEL
+    ftc.create("fix", namespace, spec)
+    failed = _wait_generation(ftc, namespace, "fix", 1, ("Succeeded", "Failed"), 180)
+    assert failed["phase"] == "Failed", failed
+    evaluated = _condition(failed, "Evaluated")
+    assert evaluated["status"] == "False" and f"evaluation.judge.model {UNKNOWN_JUDGE_MODEL!r}" in evaluated["message"]
+
+    def jobs() -> dict[str, tuple[str, str]]:  # name -> (step, uid)
+        return {j.metadata.name: (j.metadata.labels["ftc.dev/step"], j.metadata.uid) for j in ftc.jobs(namespace, "fix")}
+
+    first = jobs()
+    # What the artefacts depend on is frozen, and the API server says which field and why.
+    with pytest.raises(RuntimeError, match=r"spec\.training is frozen once the data is prepared: the models are trained"):
+        patch("fix", {"training": {"epochs": 3}})
+    assert "evaluationChanges" in kubectl("explain", "ftc.status.fairness")
+
+    judge = {"baseUrl": spec["evaluation"]["judge"]["baseUrl"], "model": "judge"}  # the local judge's own model
+    patch("fix", {"evaluation": {"judge": judge}})
+    fixed = _wait_generation(ftc, namespace, "fix", 2, ("Succeeded", "Failed"), 180)
+    assert fixed["phase"] == "Succeeded" and fixed["winner"] in ("tiny-llama", "tiny-mixtral", "tie"), fixed
+    second = jobs()
+    assert {n: v for n, v in second.items() if n in first} == first  # nothing that ran was run again
+    new = sorted(second[n][0] for n in set(second) - set(first))
+    assert new in (["score"], ["evaluate"]), new  # only the scoring, under a new name (its settings' key)
+    assert fixed["fairness"]["hash"] == failed["fairness"]["hash"]  # what training held equal
+    assert fixed["fairness"]["evaluationHash"] != failed["fairness"]["evaluationHash"]
+    [change] = fixed["fairness"]["evaluationChanges"]
+    assert (change["generation"], change["fields"], change["rerun"]) == (2, ["evaluation.judge"], "scoring")
+    ftc.event_reasons(namespace, "fix", lambda r: "EvaluationChanged" in r)
+
+    # The judge goes down: a rescoring (another judge temperature) is inconclusive, then a retry scores it.
+    core.patch_namespaced_secret("ftc-judge", namespace, {"stringData": {"api-key": DOWN_KEY}})
+    patch("fix", {"evaluation": {"judge": {"temperature": 0.5}}})
+    down = _wait_generation(ftc, namespace, "fix", 3, ("Succeeded", "Failed"), 180)
+    assert down["phase"] == "Failed" and _condition(down, "Succeeded")["reason"] == "Inconclusive", down
+    core.patch_namespaced_secret("ftc-judge", namespace, {"stringData": {"api-key": CANARY}})
+    kubectl("annotate", "ftc", "fix", "-n", namespace, "ftc.dev/retry=judge-back", "--overwrite")
+
+    def retried():
+        st = ftc.status("fix", namespace)
+        return st if st.get("retry") == "judge-back" and st.get("phase") in ("Succeeded", "Failed") else None
+
+    done = wait_for(retried, 180, "the retry scored", interval=0.5)
+    assert done["phase"] == "Succeeded" and done["winner"] in ("tiny-llama", "tiny-mixtral", "tie"), done
+    third = jobs()
+    assert {n: v for n, v in third.items() if v[0] not in ("score", "evaluate")} == {
+        n: v for n, v in first.items() if v[0] not in ("score", "evaluate")
+    }  # prepare, train and generate ran once for all of it
+    assert done["fairness"]["hash"] == failed["fairness"]["hash"]
+    reasons = ftc.event_reasons(namespace, "fix", lambda r: "Retrying" in r)
+    assert "PhasePending" not in reasons  # a retry never sets the phase back to Pending (that would unfreeze the spec)

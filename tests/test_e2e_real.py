@@ -64,6 +64,7 @@ def real_values(allow_cpu: bool = True) -> dict:
             "progressWriteSeconds": 1,
             "allowCpuExecution": allow_cpu,
             "prepare": {"resources": SMALL},
+            "score": {"resources": SMALL},
             "extraEnv": {"FTC_PROGRESS_INTERVAL": "1", "OMP_NUM_THREADS": "1"},  # no HF_HUB_OFFLINE: prepare stages
         }
     }
@@ -161,6 +162,12 @@ def test_tiny_comparison_with_real_steps(
         scored = [s for s in m["scores"] if s.get("mean") is not None]
         assert scored and all(s["ciLow"] <= s["mean"] <= s["ciHigh"] for s in scored)
     assert st["fairness"]["datasetSha256"]
+    # Each model answered on its own GPU and released it before scoring began; the score pod asked for none.
+    generated, scored = ftc.evaluation_pods(namespace, "tiny")
+    assert sorted(g.model or "" for g in generated) == ["tiny-llama", "tiny-mixtral"] and len(scored) == 1, generated
+    assert all(g.gpus == 1 and g.finished is not None for g in generated), generated
+    assert scored[0].gpus == 0 and scored[0].started is not None, scored
+    assert all(g.finished is not None and g.finished <= scored[0].started for g in generated), (generated, scored)
     llama = next(m for m in st["models"] if m["name"] == "tiny-llama")
     staged = f"/ftc-cache/models/hf/ftc-test--tiny-llama/{repo.sha}"  # the bucket's shared copy of that commit
     assert llama["baseModelRevision"] == repo.sha and llama["stagedBaseModel"].endswith(staged)
