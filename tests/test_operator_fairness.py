@@ -108,3 +108,56 @@ def test_the_operator_records_the_images_its_steps_run():
     recorded = software(spec, OperatorConfig(evaluator_image="reg/ftc-evaluator:9"))
     assert (recorded.trainer_image, recorded.evaluator_image) == ("mine/trainer:dev", "reg/ftc-evaluator:9")
     assert recorded.ftc_version  # the installed distribution's version
+
+
+SHA_A, SHA_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+def pod(*image_ids: str) -> dict:
+    return {"status": {"containerStatuses": [{"name": "step", "imageID": i} for i in image_ids]}}
+
+
+@pytest.mark.parametrize(
+    ("pods", "ids"),
+    [
+        pytest.param([pod(SHA_A)], (SHA_A,), id="containerd-imported-image"),
+        pytest.param([pod(f"ghcr.io/x/trainer@{SHA_A}")], (f"ghcr.io/x/trainer@{SHA_A}",), id="pulled-image"),
+        pytest.param([pod(f"docker-pullable://reg/t@{SHA_A}")], (f"reg/t@{SHA_A}",), id="docker-scheme-dropped"),
+        pytest.param([pod(SHA_B), pod(SHA_A), pod(SHA_B)], (SHA_A, SHA_B), id="distinct-sorted"),
+        pytest.param([pod(""), {"status": {"phase": "Pending"}}], (), id="not-started"),
+    ],
+)
+def test_the_images_a_jobs_pods_ran(pods, ids):
+    from ftc_operator.observe import image_ids, observe_job
+
+    assert image_ids(pods) == ids
+    job = {"metadata": {"name": "j", "labels": {"ftc.dev/step": "train"}}, "status": {}}
+    assert observe_job(job, pods).image_ids == ids
+
+
+@pytest.mark.parametrize(
+    ("ran", "previous", "trainer_ids", "evaluator_ids"),
+    [
+        pytest.param([], None, [], [], id="no-pod-yet"),
+        pytest.param(
+            [("prepare", SHA_A), ("train", SHA_A), ("generate", SHA_B), ("score", SHA_B)], None, [SHA_A], [SHA_B], id="by-image"
+        ),
+        pytest.param([("train", SHA_B)], ("reg/ftc-trainer:1", [SHA_A]), [SHA_A, SHA_B], [], id="tag-moved-mid-run"),
+        pytest.param([], ("reg/ftc-trainer:1", [SHA_A]), [SHA_A], [], id="pods-gone-kept"),
+        pytest.param([("train", SHA_B)], ("reg/ftc-trainer:0", [SHA_A]), [SHA_B], [], id="another-image-forgets"),
+    ],
+)
+def test_the_software_record_names_the_digests_the_pods_ran(ran, previous, trainer_ids, evaluator_ids):
+    from ftc_api.status import Software
+    from ftc_operator.config import OperatorConfig
+    from ftc_operator.fairness import software
+
+    config = OperatorConfig(trainer_image="reg/ftc-trainer:1", evaluator_image="reg/ftc-evaluator:1")
+    before = None
+    if previous is not None:
+        before = Software(
+            trainer_image=previous[0], evaluator_image="reg/ftc-evaluator:1", ftc_version="0", trainer_image_ids=previous[1]
+        )
+    recorded = software(BASE, config, ran, before)
+    assert (recorded.trainer_image_ids, recorded.evaluator_image_ids) == (trainer_ids, evaluator_ids)
+    assert fairness_hash(BASE, None, recorded) == fairness_hash(BASE, None, software(BASE, config))  # not hashed

@@ -463,6 +463,20 @@ def test_results_survive_when_finished_jobs_are_gone():
     assert later.status.models[0].train == evaluating.status.models[0].train
 
 
+def test_the_fairness_record_names_the_digests_the_pods_ran_and_keeps_them_when_the_pods_are_gone():
+    from dataclasses import replace
+
+    trainer, evaluator = "sha256:" + "a" * 64, "docker.io/ftc/evaluator@sha256:" + "b" * 64
+    trained_ = run([replace(PREP_OK, image_ids=(trainer,)), *(replace(j, image_ids=(trainer,)) for j in TRAIN_OK)])
+    software = trained_.status.fairness.software
+    assert (software.trainer_image_ids, software.evaluator_image_ids) == ([trainer], [])
+    gen = [replace(j, image_ids=(evaluator,)) for j in GEN_OK]
+    scoring = run([*gen, job("score", state=JobState.ACTIVE)], trained_.status, now=LATER)  # prepare and train Jobs gone
+    software = scoring.status.fairness.software
+    assert (software.trainer_image_ids, software.evaluator_image_ids) == ([trainer], [evaluator])
+    assert scoring.status.fairness.hash == trained_.status.fairness.hash  # digests are recorded, not hashed
+
+
 def test_generate_and_score_inputs_are_rebuilt_identically_from_status_after_pods_are_gone():
     with_pods = run([PREP_OK, *TRAIN_OK])
     without = run([], with_pods.status)

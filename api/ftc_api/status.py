@@ -142,11 +142,28 @@ class Deviation(ApiModel):
 
 
 class Software(ApiModel):
-    """The software every model ran under (the same for all of them, part of the fairness hash)."""
+    """The software every model ran under (the same for all of them): the images as named and the ftc version
+    are part of the fairness hash; the digests the pods ran are recorded as they are seen."""
 
-    trainer_image: str = Field(description="trainerImage: image of prepare and train (tag or digest).")
-    evaluator_image: str = Field(description="evaluatorImage: image of evaluate (tag or digest).")
+    trainer_image: str = Field(description="trainerImage: image of prepare and train, as named (tag or digest).")
+    evaluator_image: str = Field(description="evaluatorImage: image of generate and score, as named (tag or digest).")
     ftc_version: str = Field(description="ftcVersion: the operator's ftc version.")
+    trainer_image_ids: list[str] = Field(
+        default_factory=list,
+        description=(
+            "trainerImageIds: the image every prepare and train pod ran, as its node's container runtime resolved it "
+            "(the pods' status.containerStatuses[].imageID: `sha256:...`, or `REPOSITORY@sha256:...` for a pulled "
+            "image), distinct and sorted; filled as pods start, kept when they are gone. More than one means "
+            "trainerImage named different images during the run. Not part of the hash."
+        ),
+    )
+    evaluator_image_ids: list[str] = Field(
+        default_factory=list,
+        description=(
+            "evaluatorImageIds: the image every generate and score pod ran (status.containerStatuses[].imageID), "
+            "distinct and sorted, as trainerImageIds."
+        ),
+    )
 
 
 class ModelIdentity(ApiModel):
@@ -199,7 +216,10 @@ class Fairness(ApiModel):
         default=None, description="datasetSha256: sha256 of the data manifest's content (files, their sha256s, counts)."
     )
     deviations: list[Deviation] = Field(default_factory=list, description="deviations: every per-model difference.")
-    software: Software | None = Field(default=None, description="software: images and ftc version every step ran with.")
+    software: Software | None = Field(
+        default=None,
+        description="software: the images every step ran (as named, and the digests its pods ran) and the ftc version.",
+    )
     models: list[ModelIdentity] = Field(default_factory=list, description="models: each contestant's base model.")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import ftc_api
 from ftc_api.spec import FineTuneComparisonSpec
@@ -26,13 +26,31 @@ from .config import OperatorConfig
 from .eval_settings import changed_fields, generation_settings, scoring_settings
 from .resolve import image_for
 
+EVALUATOR_STEPS = frozenset({StepKind.GENERATE.value, StepKind.SCORE.value, StepKind.EVALUATE.value})
+IMAGE_IDS = ("trainerImageIds", "evaluatorImageIds")  # recorded as pods start: not part of the hash
 
-def software(spec: FineTuneComparisonSpec, config: OperatorConfig) -> Software:
-    """The images the steps run (the comparison's own, else the chart's) and this operator's ftc version."""
+
+def software(
+    spec: FineTuneComparisonSpec,
+    config: OperatorConfig,
+    ran: Iterable[tuple[str, str]] = (),
+    previous: Software | None = None,
+) -> Software:
+    """The images the steps run (the comparison's own, else the chart's), this operator's ftc version, and the
+    digests the step pods ran: `ran` is (step, imageID) as observed now, `previous` the record so far (its
+    digests are kept while the image it names is the same: pods that are gone still ran)."""
+    trainer = image_for(config, spec, StepKind.TRAIN)[0]
+    evaluator = image_for(config, spec, StepKind.GENERATE)[0]
+    trainer_ids = set(previous.trainer_image_ids) if previous is not None and previous.trainer_image == trainer else set()
+    evaluator_ids = set(previous.evaluator_image_ids) if previous is not None and previous.evaluator_image == evaluator else set()
+    for step, image_id in ran:
+        (evaluator_ids if step in EVALUATOR_STEPS else trainer_ids).add(image_id)
     return Software(
-        trainer_image=image_for(config, spec, StepKind.TRAIN)[0],
-        evaluator_image=image_for(config, spec, StepKind.EVALUATE)[0],
+        trainer_image=trainer,
+        evaluator_image=evaluator,
         ftc_version=ftc_api.__version__,
+        trainer_image_ids=sorted(trainer_ids),
+        evaluator_image_ids=sorted(evaluator_ids),
     )
 
 
@@ -49,7 +67,7 @@ def held_equal(spec: FineTuneComparisonSpec, dataset_sha256: str | None, softwar
         "training": spec.training.to_wire(),
     }
     if software is not None:
-        doc["software"] = software.to_wire()
+        doc["software"] = {k: v for k, v in software.to_wire().items() if k not in IMAGE_IDS}
     return doc
 
 

@@ -72,6 +72,7 @@ class ObservedJob:
     pod_failure: str | None = None  # how the last failed pod's container ended, when the kubelet says why (OOMKilled...)
     deleting: bool = False  # metadata.deletionTimestamp is set (a retry deleted it)
     unschedulable: Unschedulable | None = None  # an active Job's pod the scheduler cannot place (the earliest)
+    image_ids: tuple[str, ...] = ()  # the images its pods ran, as the runtime resolved them (see image_ids)
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -112,6 +113,21 @@ def pod_unschedulable(pod: dict[str, Any]) -> Unschedulable | None:
         return None
     name = (pod.get("metadata") or {}).get("name", "")
     return Unschedulable(pod=name, message=(cond.get("message") or "").strip(), since=cond.get("lastTransitionTime"))
+
+
+def image_ids(pods: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The images the pods' containers ran, distinct and sorted: each container status's imageID, the digest its
+    node's runtime resolved the image to (containerd: `sha256:...` for an imported image, `REPO@sha256:...` for a
+    pulled one; a `docker-pullable://` or `docker://` scheme is dropped). Empty until a container has started."""
+    ids = set()
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            image_id = (cs.get("imageID") or "").strip()
+            for scheme in ("docker-pullable://", "docker://"):
+                image_id = image_id.removeprefix(scheme)
+            if image_id:
+                ids.add(image_id)
+    return tuple(sorted(ids))
 
 
 def _created(obj: dict[str, Any]) -> str:
@@ -158,6 +174,7 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
         suspended=bool((job.get("spec") or {}).get("suspend")),
         pod_failure=pod_failure(failed_pods[-1]) if failed_pods else None,
         deleting=bool(meta.get("deletionTimestamp")),
+        image_ids=image_ids(pods),
     )
     if conds.get("Complete", {}).get("status") == "True":
         term = _terminated(succeeded_pods[-1]) if succeeded_pods else None

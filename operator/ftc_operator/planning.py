@@ -37,6 +37,7 @@ from ftc_api.status import (
     ModelStatus,
     Phase,
     Reason,
+    Software,
     TokenCounts,
     Verdict,
 )
@@ -177,15 +178,18 @@ class Pass(StatusBuilder):
             )
         )
 
+    def software(self) -> Software:
+        """The images the steps run and the digests their pods ran (those seen now, and those recorded before)."""
+        ran = [(o.step, image_id) for o in self.observed for image_id in o.image_ids]
+        return software(self.spec, self.config, ran, self.old.fairness.software if self.old.fairness else None)
+
     def finish(self, phase: Phase, deletes: Sequence[str] = ()) -> Plan:
         st = self.status
         forced = {name: r.forced for name, r in self.results.items() if r.forced}
         revisions = {m.name: m.base_model_revision for m in st.models}  # the commit each staged hub model was taken at
         started = self.was(ConditionType.TRAINED) or any(c.type == ConditionType.EVALUATED.value for c in self.old.conditions)
         changes = evaluation_changes(self.old.fairness, self.spec, self.owner.generation, self.now, started)
-        st.fairness = fairness_record(
-            self.spec, self.dataset_sha256, forced, software(self.spec, self.config), revisions, changes
-        )
+        st.fairness = fairness_record(self.spec, self.dataset_sha256, forced, self.software(), revisions, changes)
         carried = carried_condition(self.old, st, phase)  # a retry's or a changed evaluation's rerun says so
         if carried is not None and ConditionType.SUCCEEDED.value not in self.conditions:
             self.conditions[carried.type] = carried
