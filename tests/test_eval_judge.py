@@ -83,8 +83,10 @@ def test_transient_failures_are_retried(openai_server, fault):
     judge = judge_for(openai_server, timeout_seconds=0.5, max_retries=3)
     (judgment,) = asyncio.run(judge.grade(items(GOOD)))
     assert judgment.rating == 10.0
-    assert judgment.attempts == 3
-    assert judge.usage.retries == 2
+    # a 429 is waited out by the transport (one judge attempt, not counted against maxRetries); the rest are
+    # the judge's own attempts; either way one call and two retries
+    assert judgment.attempts == (1 if fault == "429" else 3)
+    assert (judge.usage.calls, judge.usage.retries, judge.usage.rate_limited) == (1, 2, 2 if fault == "429" else 0)
 
 
 def test_an_answer_that_never_gets_a_parseable_reply_is_missing_not_scored(openai_server):
@@ -128,14 +130,16 @@ def test_a_rejected_key_or_model_stops_judging_naming_endpoint_and_status(openai
     assert len(openai_server.judge_requests()) <= 3  # no retries: at most the calls already in flight
 
 
-def test_budget_stops_judging_and_says_so(openai_server):
+def test_budget_stops_judging_and_says_so_and_retries_take_none_of_it(openai_server):
     budget = Budget(3)
+    openai_server.fail_next("500", "garbage")  # two retries: they take nothing from the budget
     config = JudgeConfig(base_url=openai_server.base_url, model="fake-judge", backoff_base=0.01)
     judge = Judge(config, budget=budget)
     judgments = asyncio.run(judge.grade(items(*[GOOD] * 8)))
     assert sum(j.rating is not None for j in judgments) == 3
     assert all(j.error is not None and "budget" in j.error for j in judgments if j.rating is None), judgments
-    assert budget.exhausted and len(openai_server.judge_requests()) == 3
+    assert budget.exhausted and len(openai_server.judge_requests()) == 5
+    assert (judge.usage.calls, judge.usage.retries) == (3, 2)
 
 
 def test_cache_in_storage_spares_a_restarted_run_the_calls(openai_server, tmp_path):
@@ -170,19 +174,23 @@ def test_cost_is_estimated_from_usage(openai_server):
     assert usage.cost == pytest.approx(usage.prompt_tokens / 1000 + 2 * usage.completion_tokens / 1000)
 
 
-def test_retry_after_is_honoured(openai_server):
-    slept = []
+def test_retry_after_is_honoured_uncapped(openai_server):
+    """The server's 7 s, twice, though backoff_max is 5 (it bounds the judge's own backoff, not a server's wait)."""
+    from ftc_evaluator.ratelimit import Account, RateLimiter
+
+    now, slept = [0.0], []
 
     async def sleep(seconds):
         slept.append(seconds)
+        now[0] += seconds
 
     openai_server.retry_after = "7"
     openai_server.fail_next("429", "429")
     config = JudgeConfig(base_url=openai_server.base_url, model="fake-judge", backoff_base=0.01, backoff_max=5)
-    judge = Judge(config, sleep=sleep)
+    judge = Judge(config, account=Account(RateLimiter(clock=lambda: now[0], sleep=sleep)))
     (judgment,) = asyncio.run(judge.grade(items(GOOD)))
     assert judgment.rating == 10.0
-    assert slept == [5, 5]  # the server's 7 s, capped by backoff_max, instead of the 0.01 s backoff
+    assert slept == [pytest.approx(7.001), pytest.approx(7.001)]
 
 
 # ---------------------------------------------------------------------------------------------- prompt injection

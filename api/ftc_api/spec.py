@@ -455,7 +455,22 @@ class JudgeSpec(ApiModel):
         default=4,
         ge=0,
         le=20,
-        description="maxRetries: retries on 429, 5xx, timeouts and unparseable replies.",
+        description="maxRetries: retries on 5xx, timeouts and unparseable replies. A 429 is not counted here: it is "
+        "waited out as the server asks (retry-after-ms, Retry-After, x-ratelimit-reset-*) until the step's deadline.",
+    )
+    requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="requestsPerMinute: optional client-side limit on requests per minute to this endpoint, shared by "
+        "the judge, the RAGAS LLM metrics and OpenAI embeddings on the same baseUrl; set it to the account's RPM so "
+        "no call is refused. Unset: no limit of ftc's own (a 429 is still waited out).",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="tokensPerMinute: optional client-side limit on tokens per minute, as the API counts them (a "
+        "request's prompt, estimated at 4 characters a token, plus its max_tokens; corrected up when the reply "
+        "reports more), shared like requestsPerMinute; set it to the account's TPM (10000 on a new OpenAI account).",
     )
     input_cost_per_1k_tokens: float = Field(
         default=0.0,
@@ -533,8 +548,11 @@ class EvaluationSpec(ApiModel):
     max_judge_calls: int | None = Field(
         default=None,
         ge=1,
-        description="maxJudgeCalls: stop judging after this many calls (a budget shared by every judge: the main judge "
-        "is served first, item by item across models, then extraJudges; cached judgments cost nothing).",
+        description="maxJudgeCalls: the evaluation's budget of LLM calls: judges and the RAGAS LLM metrics "
+        "(answer_correctness, factual_correctness) share it. The main judge is served first, item by item across "
+        "models, then extraJudges, then the RAGAS metrics (item by item across models); what the budget does not "
+        "reach is missing. A call is a first attempt: retries (429s waited out, 5xx, timeouts, unparseable replies) "
+        "are reported apart and take nothing; cached judgments and scores cost nothing.",
     )
     embeddings: EmbeddingsSpec = Field(default_factory=EmbeddingsSpec, description="embeddings: model for embedding metrics.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="generation: decoding settings.")

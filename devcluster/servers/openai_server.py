@@ -32,6 +32,10 @@ Broken replies (`server.broken`, or one at a time through `fail_next`): "html" (
 200), "event-stream" (server-sent events to a non-streaming request), "text" (text/plain), "empty" (an
 empty 200 body); `server.embeddings_broken` does the same to embeddings.
 
+Rate limits (`server.rate`, devcluster/servers/openai_ratelimit.py): `server.rate.set(requests_per_minute=...,
+tokens_per_minute=..., window=60.0)` enforces OpenAI's limits on chat and embeddings requests, with its 429 body
+and `x-ratelimit-*` / `retry-after(-ms)` headers; `server.rate.windows` and `server.rate.peak` record what it saw.
+
 Fixture: `openai_server` (a fresh server per test). Standalone, for `make demo` and examples/tiny.yaml:
 `python -m devcluster.servers.openai_server --port 8765` (serves until interrupted).
 """
@@ -54,6 +58,7 @@ from typing import Any
 from aiohttp import web
 
 from devcluster.servers.http_thread import ThreadedServer
+from devcluster.servers.openai_ratelimit import RateLimit
 
 EMBEDDING_DIM = 64
 BROKEN = ("html", "event-stream", "text", "empty")
@@ -241,6 +246,7 @@ class FakeOpenAI(ThreadedServer):
         self.broken: str | None = None  # every chat reply broken this way (BROKEN)
         self.embeddings_broken: str | None = None
         self.base_url = ""
+        self.rate = RateLimit()  # no limits until rate.set(...)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ knobs
@@ -396,6 +402,7 @@ class FakeOpenAI(ThreadedServer):
     # ------------------------------------------------------------------ lifecycle
 
     def routes(self, app: web.Application) -> None:
+        app.middlewares.append(self.rate.middleware)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)

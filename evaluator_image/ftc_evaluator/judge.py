@@ -6,9 +6,10 @@ only the question, the reference and the answer (the judge never learns which mo
 requests of all models are interleaved item by item in a seeded order (`interleave`) so rate limits or
 a call budget hit every model alike.
 
-Robustness: bounded concurrency, a per-request timeout, retries with exponential backoff on 429, 5xx,
-timeouts, connection errors and unparseable replies; what still fails is a *missing* judgment (None),
-never a made-up score. Parsed judgments are cached by sha256(judge model, prompt) so a restarted pod
+Robustness: bounded concurrency, a per-request timeout, retries with exponential backoff on 5xx,
+timeouts, connection errors and unparseable replies; rate limits are the transport's (`ratelimit.py`: a client-side
+limiter, and a 429 waited out as the server asks, up to the step's deadline); what still fails is a *missing*
+judgment (None), never a made-up score. Parsed judgments are cached by sha256(judge model, prompt) so a restarted pod
 does not pay twice.
 
 Prompt injection: an answer is data, never instructions. The prompt says so, and `screen_answer` removes
@@ -33,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ftc_step.errors import StepError
+
+from .ratelimit import Account, CallBudget, final_reason
 
 if TYPE_CHECKING:
     import openai
@@ -232,37 +235,36 @@ class Judgment:
 
 @dataclass
 class JudgeUsage:
-    """Calls, tokens and estimated cost of one judge."""
+    """Calls, tokens and estimated cost of one judge (or of the RAGAS LLM metrics: `kind` "ragas"). `calls` are
+    first attempts (what the budget counts); `retries` every resend (after a 429, a 5xx, a timeout or an
+    unparseable reply); `rate_limited` the 429 replies and `waited_seconds` the time spent waiting for the limiter
+    or the server. The counting is the transport's (ratelimit.MeteredTransport)."""
 
     model: str
     base_url: str
+    kind: str = "judge"
     calls: int = 0
     cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: int = 0
+    rate_limited: int = 0
+    waited_seconds: float = 0.0
     missing: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     cost: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        doc["waited_seconds"] = round(self.waited_seconds, 3)
+        return doc
+
+    def priced(self, input_per_1k: float, output_per_1k: float) -> None:
+        """Set `cost` from the tokens and the per-1K prices."""
+        self.cost = round(self.prompt_tokens / 1000 * input_per_1k + self.completion_tokens / 1000 * output_per_1k, 6)
 
 
-class Budget:
-    """A shared limit on judge API calls (`maxJudgeCalls`); None means unlimited."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.used = 0
-        self.exhausted = False
-
-    def take(self) -> bool:
-        if self.limit is not None and self.used >= self.limit:
-            self.exhausted = True
-            return False
-        self.used += 1
-        return True
+Budget = CallBudget  # the evaluation's one call budget (maxJudgeCalls), shared by judges and RAGAS
 
 
 def rejection_errors() -> tuple[type[openai.APIStatusError], ...]:
@@ -284,6 +286,19 @@ class JudgeRejected(StepError):
         message = f"the {who} at {base_url} rejected model {model!r} with HTTP {status}: {detail}; check {hint}"
         super().__init__(message, retryable=False)
         self.base_url, self.model, self.status = base_url, model, status
+
+
+_GAVE_UP = {
+    "deadline": "waiting as the server asks would pass the step's deadline",
+    "quota": "the account's quota is spent",
+    "budget": "the call budget is spent",
+}
+
+
+class _GaveUp(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class _Retryable(Exception):
@@ -340,10 +355,12 @@ class Judge:
         budget: Budget | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
         client: Any = None,
+        account: Account | None = None,
     ) -> None:
         self.config = config
         self.cache = cache if cache is not None else MemoryCache()
         self.budget = budget or Budget(None)
+        self.account = account or Account()
         self.usage = JudgeUsage(model=config.model, base_url=config.base_url)
         self._sleep = sleep
         self._client = client
@@ -352,12 +369,14 @@ class Judge:
         if self._client is None:
             from openai import AsyncOpenAI
 
-            # Retries are ours (they also cover unparseable replies and count against the budget).
+            # Retries are ours (they also cover unparseable replies); 429s the transport's (the account's limiter,
+            # the server's wait up to the deadline). It counts calls, retries and tokens into self.usage.
             self._client = AsyncOpenAI(
                 base_url=self.config.base_url,
                 api_key=self.config.api_key,
                 timeout=self.config.timeout_seconds,
                 max_retries=0,
+                http_client=self.account.client(self.usage),
             )
         return self._client
 
@@ -375,11 +394,7 @@ class Judge:
                 results[position] = await self._grade_one(items[position])
 
         await asyncio.gather(*(one(p) for p in order))
-        self.usage.cost = round(
-            self.usage.prompt_tokens / 1000 * self.config.input_cost_per_1k_tokens
-            + self.usage.completion_tokens / 1000 * self.config.output_cost_per_1k_tokens,
-            6,
-        )
+        self.usage.priced(self.config.input_cost_per_1k_tokens, self.config.output_cost_per_1k_tokens)
         judgments = [r if r is not None else Judgment(None, error="not judged") for r in results]
         self.usage.missing = sum(j.rating is None for j in judgments)
         return judgments
@@ -400,17 +415,19 @@ class Judge:
         last_error = "no attempt"
         wait: float | None = None
         while attempts <= self.config.max_retries:
-            if attempts:
-                self.usage.retries += 1
+            if attempts:  # a retry: counted by the transport (apart from calls), not taken from the budget
                 await self._sleep(min(self.config.backoff_max, max(self._backoff(attempts), wait or 0.0)))
                 wait = None
-            if not self.budget.take():
+            elif not self.budget.take():
                 return self._missing("budget exhausted (maxJudgeCalls)", attempts)
             attempts += 1
             try:
-                text = await self._call(prompt)
+                text = await self._call(prompt, attempts - 1)
             except JudgeRejected:
                 raise
+            except _GaveUp as err:  # a 429 the transport could not wait out: no retry helps
+                self.usage.errors[err.kind] = self.usage.errors.get(err.kind, 0) + 1
+                return self._missing(str(err), attempts)
             except _Retryable as err:
                 last_error = str(err)
                 wait = err.retry_after
@@ -436,10 +453,9 @@ class Judge:
         delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
         return delay * (0.5 + random.random() / 2)  # jitter spreads out simultaneous retries
 
-    async def _call(self, prompt: str) -> str:
+    async def _call(self, prompt: str, retry: int = 0) -> str:
         import openai
 
-        self.usage.calls += 1
         try:
             response = await self.client().chat.completions.create(
                 model=self.config.model,
@@ -447,10 +463,14 @@ class Judge:
                 temperature=self.config.temperature,
                 max_tokens=self.config.max_tokens,
                 timeout=self.config.timeout_seconds,
+                extra_headers={"x-stainless-retry-count": str(retry)},  # the transport counts a retry apart
             )
         except rejection_errors() as err:
             raise JudgeRejected(self.config.base_url, self.config.model, err.status_code, _short(err)) from err
         except openai.RateLimitError as err:
+            why = final_reason(err)
+            if why is not None:
+                raise _GaveUp(f"429-{why}", f"rate limited, not retried ({_GAVE_UP[why]}): {_short(err)}") from err
             raise _Retryable("429", f"rate limited: {_short(err)}", _retry_after(err)) from err
         except openai.InternalServerError as err:
             raise _Retryable(f"{err.status_code}", f"server error {err.status_code}: {_short(err)}") from err
@@ -462,10 +482,6 @@ class Judge:
             if err.status_code in (408, 409) or err.status_code >= 500:
                 raise _Retryable(f"{err.status_code}", f"status {err.status_code}: {_short(err)}") from err
             raise
-        usage = getattr(response, "usage", None)
-        if usage is not None:
-            self.usage.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
-            self.usage.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
         choices = getattr(response, "choices", None) or []
         if not choices:
             raise _Retryable("empty", "reply has no choices")

@@ -74,25 +74,35 @@ def local_embedding_path(model: str) -> str:
     return model
 
 
-def make_embeddings(spec: Any, api_key: str | None = None, device: str = "cpu") -> Any:
-    """ragas embeddings for `EmbeddingsSpec`: provider `local` (sentence-transformers) or `openai`."""
+def make_embeddings(spec: Any, api_key: str | None = None, device: str = "cpu", *, http_client: Any = None) -> Any:
+    """ragas embeddings for `EmbeddingsSpec`: provider `local` (sentence-transformers) or `openai` (through
+    `http_client` when given: ratelimit.Account.client, which owns 429s)."""
     if getattr(spec, "provider", "local") == "openai":
         from openai import AsyncOpenAI
         from ragas.embeddings import OpenAIEmbeddings
 
-        client = AsyncOpenAI(base_url=spec.base_url, api_key=api_key or "none", max_retries=4, timeout=60)
+        client = AsyncOpenAI(
+            base_url=spec.base_url, api_key=api_key or "none", max_retries=4, timeout=60, http_client=http_client
+        )
         return OpenAIEmbeddings(client=client, model=spec.model)
     from ragas.embeddings import HuggingFaceEmbeddings
 
     return HuggingFaceEmbeddings(model=local_embedding_path(getattr(spec, "model", DEFAULT_EMBEDDING_MODEL)), device=device)
 
 
-def make_llm(base_url: str, model: str, api_key: str | None, *, timeout: float = 60, max_retries: int = 4) -> Any:
-    """The ragas LLM for LLM metrics: the judge's endpoint through the async OpenAI client (JSON mode)."""
+def make_llm(
+    base_url: str, model: str, api_key: str | None, *, timeout: float = 60, max_retries: int = 4, http_client: Any = None
+) -> Any:
+    """The ragas LLM for LLM metrics: the judge's endpoint through the async OpenAI client (JSON mode). With
+    `http_client` (ratelimit.Account.client) its calls are limited, counted and budgeted with the judge's; the
+    client's own retries then cover 5xx and timeouts only (the transport answers a 429 it gives up on with
+    x-should-retry: false)."""
     from openai import AsyncOpenAI
     from ragas.llms import llm_factory
 
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=max_retries)
+    client = AsyncOpenAI(
+        base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=max_retries, http_client=http_client
+    )
     return llm_factory(model, client=client, temperature=0.0)
 
 
@@ -187,8 +197,10 @@ async def score_items(
     concurrency: int = 4,
     cache: Any = None,
     scorer: str = "",
+    order: Sequence[int] | None = None,
 ) -> MetricScores:
-    """Every metric on every item; LLM metrics run `concurrency` requests at a time. With a `cache`
+    """Every metric on every item, items in `order` (default: as given; a budget that runs out leaves the last
+    ones missing); LLM metrics run `concurrency` items at a time. With a `cache`
     (get/put of JSON objects), LLM metric scores are looked up first and stored after, keyed by
     `cache_key(metric, scorer, item)`: a restarted evaluation does not pay for them twice."""
     out = MetricScores()
@@ -223,5 +235,6 @@ async def score_items(
 
     for name in metrics:
         out.values[name] = [None] * len(items)
-    await asyncio.gather(*(one(name, metric, i) for name, metric in metrics.items() for i in range(len(items))))
+    indices = list(range(len(items))) if order is None else list(order)
+    await asyncio.gather(*(one(name, metric, i) for i in indices for name, metric in metrics.items()))
     return out

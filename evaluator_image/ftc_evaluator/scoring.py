@@ -7,6 +7,7 @@ it returns is all the later, pure steps (`outcome.py`) read: per model, per metr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,10 +19,15 @@ from ftc_api.steps import EMBEDDINGS_API_KEY_ENV, JUDGE_API_KEY_ENV
 from . import stats
 from .generate import Prediction, TestRow
 from .judge import JudgeItem, JudgeUsage, Judgment
+from .ratelimit import Account, CallBudget, RateLimiter
 
 JUDGE = Metric.JUDGE.value
 METRIC_CACHE_DIR = "eval/metric-cache"  # LLM-metric scores (RAGAS), like eval/judge-cache/ for judgments
 BACKOFF_ENV = "FTC_JUDGE_BACKOFF_SECONDS"  # first retry's delay (doubling, with jitter); default 1 s
+WINDOW_ENV = "FTC_RATE_LIMIT_WINDOW_SECONDS"  # the limiter's "minute" (tests and benchmarks shrink it); default 60
+DEADLINE_ENV = "FTC_STEP_DEADLINE_SECONDS"  # the step's activeDeadlineSeconds: waits for rate limits end before it
+DEFAULT_DEADLINE_SECONDS = 20 * 3600  # without it: under the chart's 24 h evaluate deadline
+DEADLINE_MARGIN_SECONDS = 600  # left for the statistics, scores.json and the report
 LLM_METRICS = frozenset({"answer_correctness", "factual_correctness"})  # ask the judge's endpoint
 EMBEDDING_METRICS = frozenset({"answer_correctness", "semantic_similarity"})  # ask the embeddings endpoint
 
@@ -52,7 +58,9 @@ class Scored:
     agreement: list[JudgeAgreement] = field(default_factory=list)
     """Each extra judge's agreement with the main one."""
     budget_exhausted: bool = False
-    """Whether maxJudgeCalls stopped judging."""
+    """Whether maxJudgeCalls stopped judging or RAGAS LLM scoring."""
+    ragas: JudgeUsage | None = None
+    """Calls, retries, tokens and cost of the RAGAS LLM metrics (None without them)."""
     judgments: dict[str, list[Judgment]] = field(default_factory=dict)
     """The main judge's judgments, per model, per test item ({} without the judge metric)."""
 
@@ -60,6 +68,33 @@ class Scored:
 def judge_key(env: Mapping[str, str], index: int) -> str | None:
     """The API key of judge `index` (0: the main judge, FTC_JUDGE_API_KEY; then FTC_JUDGE_API_KEY_1, ...)."""
     return env.get(JUDGE_API_KEY_ENV) if index == 0 else env.get(f"{JUDGE_API_KEY_ENV}_{index}")
+
+
+def deadline_from(env: Mapping[str, str], started: float) -> float:
+    """The time.monotonic() by which rate-limit waits must end: the step's deadline (FTC_STEP_DEADLINE_SECONDS
+    after `started`, else 20 h) less 10 minutes for what follows scoring."""
+    seconds = float(env.get(DEADLINE_ENV) or DEFAULT_DEADLINE_SECONDS)
+    return started + max(0.0, seconds - DEADLINE_MARGIN_SECONDS)
+
+
+def accounts(spec: EvaluationSpec, env: Mapping[str, str], *, deadline: float | None = None) -> list[Account]:
+    """One Account per judge (the main one first, then extraJudges): judges on the same baseUrl and key share
+    one (its limiter from the first of them), and every account shares one call budget (maxJudgeCalls)."""
+    budget = CallBudget(spec.max_judge_calls)
+    window = float(env.get(WINDOW_ENV) or 60.0)
+    backoff = float(env.get(BACKOFF_ENV) or 1.0)
+    if deadline is None:
+        deadline = deadline_from(env, time.monotonic())
+    main_key = judge_key(env, 0)
+    shared: dict[tuple[str | None, str | None], Account] = {}
+    out = []
+    for i, judge in enumerate([spec.judge, *spec.extra_judges]):
+        key = (judge.base_url, judge_key(env, i) or main_key)
+        if key not in shared:
+            limiter = RateLimiter(judge.requests_per_minute, judge.tokens_per_minute, window=window)
+            shared[key] = Account(limiter, deadline, budget, backoff)
+        out.append(shared[key])
+    return out
 
 
 async def score(
@@ -70,16 +105,21 @@ async def score(
     store: Any,
     uri: Callable[..., str],
     env: Mapping[str, str],
+    deadline: float | None = None,
 ) -> Scored:
     """Score every model's `answers` (by model name, one per row) with the spec's metrics and judges.
-    `uri(*parts)`: an s3:// URI under the run (for the caches)."""
+    `uri(*parts)`: an s3:// URI under the run (for the caches). Every call goes through the judges' accounts
+    (`accounts`: rate limits, the call budget, the counts); the judges first (the primary metric by default),
+    then the RAGAS metrics. `deadline`: a time.monotonic() value (default: `deadline_from(env, now)`)."""
     metric_names = [m.value for m in spec.metrics]
     scored = Scored(values={name: {} for name in answers})
     ragas_names = [m for m in metric_names if m != JUDGE]
-    if ragas_names:
-        await score_metrics(spec, ragas_names, answers, rows, scored, store=store, uri=uri, env=env)
+    endpoints = accounts(spec, env, deadline=deadline)
     if JUDGE in metric_names:
-        await score_judges(spec, answers, rows, scored, store=store, uri=uri, env=env)
+        await score_judges(spec, answers, rows, scored, store=store, uri=uri, env=env, endpoints=endpoints)
+    if ragas_names:
+        await score_metrics(spec, ragas_names, answers, rows, scored, store=store, uri=uri, env=env, endpoints=endpoints)
+    scored.budget_exhausted = endpoints[0].budget.exhausted
     return scored
 
 
@@ -93,27 +133,46 @@ async def score_metrics(
     store: Any,
     uri: Callable[..., str],
     env: Mapping[str, str],
+    endpoints: Sequence[Account] | None = None,
 ) -> None:
-    """The RAGAS metrics into `scored` (their LLM scores cached under eval/metric-cache/)."""
+    """The RAGAS metrics into `scored` (their LLM scores cached under eval/metric-cache/). Their LLM calls go
+    through the main judge's account (limiter, budget) and are counted in `scored.ragas`; OpenAI embeddings on
+    the judge's baseUrl share its limiter too (their calls are not budgeted)."""
     from .judge import StorageCache
     from .metrics import Item, build_metrics, is_cached_score, make_embeddings, make_llm, score_items
 
     judge = spec.judge
+    account = (endpoints or accounts(spec, env))[0]
     llm = embeddings = None
     if LLM_METRICS.intersection(metric_names):
         if not judge.base_url:  # the API refuses such a spec; an input document could still lack it
             raise ValueError("evaluation.judge.baseUrl is not set: the LLM metrics have no judge to ask")
         key = judge_key(env, 0)
-        llm = make_llm(judge.base_url, judge.model, key, timeout=judge.timeout_seconds, max_retries=judge.max_retries)
+        scored.ragas = JudgeUsage(model=judge.model, base_url=judge.base_url, kind="ragas")
+        http = account.client(scored.ragas, take_budget=True)
+        llm = make_llm(
+            judge.base_url, judge.model, key, timeout=judge.timeout_seconds, max_retries=judge.max_retries, http_client=http
+        )
     if EMBEDDING_METRICS.intersection(metric_names):
-        embeddings = make_embeddings(spec.embeddings, env.get(EMBEDDINGS_API_KEY_ENV))
+        emb_spec = spec.embeddings
+        emb_http = None
+        if emb_spec.provider == "openai":
+            same = emb_spec.base_url == judge.base_url
+            emb_account = account if same else Account(deadline=account.deadline, backoff=account.backoff)
+            emb_usage = JudgeUsage(model=emb_spec.model, base_url=emb_spec.base_url or "", kind="embeddings")
+            emb_http = emb_account.client(emb_usage)
+        embeddings = make_embeddings(emb_spec, env.get(EMBEDDINGS_API_KEY_ENV), http_client=emb_http)
     metrics = build_metrics(metric_names, llm=llm, embeddings=embeddings)
     items = [Item(p.prompt, p.reference, p.answer) for predictions in answers.values() for p in predictions]
     emb = spec.embeddings
     scorer = f"{judge.base_url}|{judge.model}|{emb.provider}|{emb.base_url or ''}|{emb.model}"
     cache = StorageCache(store, uri(METRIC_CACHE_DIR), accept=is_cached_score)
-    result = await score_items(items, metrics, concurrency=judge.concurrency, cache=cache, scorer=scorer)
     n = len(rows)
+    order = [k * n + row for row in range(n) for k in range(len(answers))]  # item by item across models
+    result = await score_items(items, metrics, concurrency=judge.concurrency, cache=cache, scorer=scorer, order=order)
+    if scored.ragas is not None:
+        scored.ragas.priced(judge.input_cost_per_1k_tokens, judge.output_cost_per_1k_tokens)
+        scored.ragas.missing = sum(v is None for name, values in result.values.items() if name in LLM_METRICS for v in values)
     for metric, per_item in result.values.items():
         for k, name in enumerate(answers):
             scored.values[name][metric] = per_item[k * n : (k + 1) * n]
@@ -129,17 +188,23 @@ async def score_judges(
     store: Any,
     uri: Callable[..., str],
     env: Mapping[str, str],
+    endpoints: Sequence[Account] | None = None,
 ) -> None:
     """The main judge, then each extra judge, into `scored` (judgments cached under eval/judge-cache/). They
-    share one call budget (maxJudgeCalls), and the main judge is served first."""
-    from .judge import Budget, Judge, JudgeConfig, StorageCache, interleave
+    share one call budget (maxJudgeCalls, with the RAGAS metrics), and the main judge is served first."""
+    from .judge import Judge, JudgeConfig, StorageCache, interleave
 
-    budget = Budget(spec.max_judge_calls)
+    endpoints = endpoints or accounts(spec, env)
     backoff = float(env.get(BACKOFF_ENV) or 1.0)
     cache = StorageCache(store, uri(names.JUDGE_CACHE_DIR))
     main_key = judge_key(env, 0)
     judges = [
-        Judge(JudgeConfig.from_spec(judge, judge_key(env, i) or main_key, backoff_base=backoff), cache=cache, budget=budget)
+        Judge(
+            JudgeConfig.from_spec(judge, judge_key(env, i) or main_key, backoff_base=backoff),
+            cache=cache,
+            budget=endpoints[i].budget,
+            account=endpoints[i],
+        )
         for i, judge in enumerate([spec.judge, *spec.extra_judges])
     ]
     # Interleave the models item by item, so a budget that runs out leaves every model alike.
@@ -156,7 +221,7 @@ async def score_judges(
         scored.values[name][JUDGE] = [j.rating for j in main[name]]
     scored.judges = [judge.usage for judge in judges]
     scored.judgments = main
-    scored.budget_exhausted = budget.exhausted
+    scored.budget_exhausted = endpoints[0].budget.exhausted
     for extra, ratings in zip(judges[1:], per_judge[1:], strict=True):
         main_flat = [j.rating for name in answers for j in main[name]]
         extra_flat = [j.rating for name in answers for j in ratings[name]]
