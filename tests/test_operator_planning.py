@@ -240,13 +240,19 @@ def test_succeeded_status_has_scores_winner_report_and_losses():
         ),
         pytest.param(
             {"judge_calls": 25, "judge_budget_exhausted": True, "judge_cost": 0.12},
-            "2 models evaluated; judge budget exhausted after 25 calls: the rest was not judged",
+            "2 models evaluated; call budget (maxJudgeCalls) exhausted after 25 calls of judges and RAGAS: the rest was "
+            "not scored",
             id="budget",
         ),
         pytest.param(
             {"judge_calls": 40, "judge_flagged": {"llama": [3, 7]}},
             "2 models evaluated; llama: 2 answers addressed the judge and were graded without that text",
             id="flagged",
+        ),
+        pytest.param(
+            {"judge_calls": 68, "ragas_calls": 28, "judge_retries": 9, "rate_limited": 6, "judge_cost": 0.5},
+            "2 models evaluated",
+            id="ragas-retries-and-429s",
         ),
     ],
 )
@@ -255,6 +261,9 @@ def test_judge_usage_reaches_status_and_the_evaluated_condition(usage, message):
     judge = p.status.judge
     assert judge.calls == usage["judge_calls"] and judge.missing == usage.get("judge_missing", 0)
     assert judge.budget_exhausted is usage.get("judge_budget_exhausted", False) and judge.cost == usage.get("judge_cost")
+    assert (judge.ragas_calls, judge.retries, judge.rate_limited) == tuple(
+        usage.get(k, 0) for k in ("ragas_calls", "judge_retries", "rate_limited")
+    )
     assert judge.flagged == ({k: len(v) for k, v in usage["judge_flagged"].items()} if "judge_flagged" in usage else None)
     assert next(c.message for c in p.status.conditions if c.type == "Evaluated") == message
 

@@ -238,16 +238,31 @@ class Verdict(ApiModel):
 
 
 class JudgeUsage(ApiModel):
-    """What the LLM judge cost and what it could not judge."""
+    """What the LLM calls of the evaluation (judges and RAGAS LLM metrics) cost and what the judge could not judge."""
 
-    calls: int = Field(default=0, description="calls: judge requests made (cached judgments excluded).")
+    calls: int = Field(
+        default=0,
+        description="calls: LLM calls made by the judges and the RAGAS LLM metrics, what evaluation.maxJudgeCalls "
+        "counts (first attempts; cached judgments and scores excluded, retries counted apart).",
+    )
+    ragas_calls: int = Field(default=0, description="ragasCalls: of calls, those of the RAGAS LLM metrics.")
+    retries: int = Field(
+        default=0, description="retries: resends apart from calls (after a 429, a 5xx, a timeout or an unparseable reply)."
+    )
+    rate_limited: int = Field(
+        default=0, description="rateLimited: 429 replies received, each waited out as the server asked (up to the deadline)."
+    )
     missing: int = Field(
         default=0, description="missing: judgments that could not be obtained (counted as missing, never as a score)."
     )
     budget_exhausted: bool = Field(
-        default=False, description="budgetExhausted: whether evaluation.maxJudgeCalls stopped judging before the end."
+        default=False,
+        description="budgetExhausted: whether evaluation.maxJudgeCalls stopped judging or RAGAS LLM scoring before the end.",
     )
-    cost: float | None = Field(default=None, description="cost: estimated cost of the judge calls, from the per-1K-token prices.")
+    cost: float | None = Field(
+        default=None,
+        description="cost: estimated cost of the judge and RAGAS LLM calls (retries included), from the per-1K-token prices.",
+    )
     flagged: dict[str, int] | None = Field(
         default=None,
         description="flagged: per model, how many answers addressed the judge (a rating in its format or an instruction "

@@ -541,12 +541,24 @@ class EvaluateResult(ApiModel):
     )
     p_value: float | None = Field(default=None, description="pValue: adjusted p-value behind the verdict.")
     pairwise: list[PairwiseTest] = Field(default_factory=list, description="pairwise: pairwise tests on the primary metric.")
-    judge_calls: int = Field(default=0, description="judgeCalls: judge requests made (cache hits excluded).")
+    judge_calls: int = Field(
+        default=0,
+        description="judgeCalls: LLM calls made by the judges and the RAGAS LLM metrics, what maxJudgeCalls counts "
+        "(first attempts; cache hits and retries excluded).",
+    )
+    ragas_calls: int = Field(default=0, description="ragasCalls: of judgeCalls, those of the RAGAS LLM metrics.")
+    judge_retries: int = Field(
+        default=0,
+        description="judgeRetries: resends apart from judgeCalls (after a 429, a 5xx, a timeout or an unparseable reply).",
+    )
+    rate_limited: int = Field(default=0, description="rateLimited: 429 replies received (each waited out as the server asked).")
     judge_missing: int = Field(default=0, description="judgeMissing: judgments that could not be obtained.")
     judge_budget_exhausted: bool = Field(
-        default=False, description="judgeBudgetExhausted: whether maxJudgeCalls stopped judging."
+        default=False, description="judgeBudgetExhausted: whether maxJudgeCalls stopped judging or RAGAS LLM scoring."
     )
-    judge_cost: float | None = Field(default=None, description="judgeCost: estimated cost of the judge calls.")
+    judge_cost: float | None = Field(
+        default=None, description="judgeCost: estimated cost of the judge and RAGAS LLM calls, retries included."
+    )
     scores_uri: str | None = Field(default=None, description="scoresUri: eval/scores.json.")
     report_uri: str | None = Field(default=None, description="reportUri: report/index.html.")
     failed_models: dict[str, str] = Field(

@@ -105,6 +105,7 @@ def decide(
         if len(ok) > 1
     }
     judges = scored.judges
+    calls = [*judges, *([scored.ragas] if scored.ragas is not None else [])]  # every LLM call: judges and RAGAS
     flagged = {name: items for name, items in flagged_items(scored.judgments, rows).items() if items}
     result = EvaluateResult(
         ok=True,
@@ -113,10 +114,13 @@ def decide(
         winner=decision.winner,
         p_value=_round(decision.p_value, 6),
         pairwise=pairwise_models(decision.pairwise),
-        judge_calls=sum(j.calls for j in judges),
+        judge_calls=sum(j.calls for j in calls),
+        ragas_calls=scored.ragas.calls if scored.ragas is not None else 0,
+        judge_retries=sum(j.retries for j in calls),
+        rate_limited=sum(j.rate_limited for j in calls),
         judge_missing=sum(j.missing for j in judges[:1]),
         judge_budget_exhausted=scored.budget_exhausted,
-        judge_cost=round(sum(j.cost for j in judges), 6) if judges else None,
+        judge_cost=round(sum(j.cost for j in calls), 6) if calls else None,
         scores_uri=inp.location.uri(names.SCORES_KEY),
         report_uri=inp.location.uri(names.REPORT_KEY),
         failed_models={name: why[:300] for name, why in failed.items()},
@@ -171,6 +175,7 @@ def scores_document(
         "failedModels": outcome.failed,
         "pairwise": {m: [p.to_wire() for p in tests] for m, tests in outcome.pairwise.items()},
         "judges": [j.to_json() for j in scored.judges],
+        "ragas": scored.ragas.to_json() if scored.ragas is not None else None,
         "judgeAgreement": [a.to_json() for a in scored.agreement],
         "judgeBudgetExhausted": result.judge_budget_exhausted,
         "metricErrors": scored.metric_errors,

@@ -555,6 +555,9 @@ def _take_evaluation(p: Pass, evaluation: EvaluateResult) -> dict[str, str]:
         )
     st.judge = JudgeUsage(
         calls=evaluation.judge_calls,
+        ragas_calls=evaluation.ragas_calls,
+        retries=evaluation.judge_retries,
+        rate_limited=evaluation.rate_limited,
         missing=evaluation.judge_missing,
         budget_exhausted=evaluation.judge_budget_exhausted,
         cost=evaluation.judge_cost,
@@ -596,7 +599,10 @@ def _evaluated_message(evaluation: EvaluateResult, left_out: dict[str, str] | No
     if evaluation.judge_missing:
         notes.append(f"{evaluation.judge_missing} judgments missing (not scored)")
     if evaluation.judge_budget_exhausted:
-        notes.append(f"judge budget exhausted after {evaluation.judge_calls} calls: the rest was not judged")
+        notes.append(
+            f"call budget (maxJudgeCalls) exhausted after {evaluation.judge_calls} calls of judges and RAGAS: the rest "
+            "was not scored"
+        )
     for name, items in sorted(evaluation.judge_flagged.items()):
         notes.append(f"{name}: {len(items)} answers addressed the judge and were graded without that text")
     return msg + ("; " + "; ".join(notes) if notes else "")
