@@ -91,19 +91,28 @@ def make_embeddings(spec: Any, api_key: str | None = None, device: str = "cpu", 
 
 
 def make_llm(
-    base_url: str, model: str, api_key: str | None, *, timeout: float = 60, max_retries: int = 4, http_client: Any = None
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    *,
+    timeout: float = 60,
+    max_retries: int = 4,
+    http_client: Any = None,
+    mode: str = "json",
 ) -> Any:
-    """The ragas LLM for LLM metrics: the judge's endpoint through the async OpenAI client (JSON mode). With
+    """The ragas LLM for LLM metrics: the judge's endpoint through the async OpenAI client, in the structured-output
+    `mode` the model accepts (preflight.ragas_mode: json, tools or md_json; see preflight.ragas_llm). With
     `http_client` (ratelimit.Account.client) its calls are limited, counted and budgeted with the judge's; the
     client's own retries then cover 5xx and timeouts only (the transport answers a 429 it gives up on with
     x-should-retry: false)."""
     from openai import AsyncOpenAI
-    from ragas.llms import llm_factory
+
+    from .preflight import ragas_llm
 
     client = AsyncOpenAI(
         base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=max_retries, http_client=http_client
     )
-    return llm_factory(model, client=client, temperature=0.0)
+    return ragas_llm(client, model, mode, temperature=0.0)
 
 
 def build_metrics(names: Sequence[str], *, llm: Any = None, embeddings: Any = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ it returns is all the later, pure steps (`outcome.py`) read: per model, per metr
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -140,6 +141,7 @@ async def score_metrics(
     the judge's baseUrl share its limiter too (their calls are not budgeted)."""
     from .judge import StorageCache
     from .metrics import Item, build_metrics, is_cached_score, make_embeddings, make_llm, score_items
+    from .preflight import ragas_mode
 
     judge = spec.judge
     account = (endpoints or accounts(spec, env))[0]
@@ -150,8 +152,15 @@ async def score_metrics(
         key = judge_key(env, 0)
         scored.ragas = JudgeUsage(model=judge.model, base_url=judge.base_url, kind="ragas")
         http = account.client(scored.ragas, take_budget=True)
+        mode = await asyncio.to_thread(ragas_mode, judge, store, uri, env)  # the one prepare found, or asked now
         llm = make_llm(
-            judge.base_url, judge.model, key, timeout=judge.timeout_seconds, max_retries=judge.max_retries, http_client=http
+            judge.base_url,
+            judge.model,
+            key,
+            timeout=judge.timeout_seconds,
+            max_retries=judge.max_retries,
+            http_client=http,
+            mode=mode,
         )
     if EMBEDDING_METRICS.intersection(metric_names):
         emb_spec = spec.embeddings
