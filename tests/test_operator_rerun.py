@@ -14,9 +14,15 @@ from ftc_operator.fairness import evaluation_changes
 from ftc_operator.observe import JobState, ObservedJob
 from ftc_operator.rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested
 
+# The planner's own fixtures: a comparison "bake" with llama and mixtral.
+from tests.test_operator_planning import CONFIG, PREP_OK, TRAIN_OK, evaluated, parse_spec, plan
+from tests.test_operator_planning import job as planned_job
+from tests.test_operator_planning import spec as planning_spec
+
 pytestmark = pytest.mark.unit
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+LATER = NOW + dt.timedelta(minutes=5)
 OWNER = Owner(name="bake", namespace="ns", uid="0123456789abcdef", generation=2)
 JUDGE = {"judge": {"baseUrl": "https://judge.example/v1", "model": "gpt-4o"}}
 
@@ -217,3 +223,99 @@ def test_when_the_frozen_fields_may_change(status, editable):
 def test_the_recorded_evaluation_round_trips():
     ev = EvaluationSpec.model_validate(JUDGE)
     assert Fairness.model_validate(Fairness(hash="h", evaluation=ev).to_wire()).evaluation == ev
+
+
+# --------------------------------------------------------------------------------------------- through the planner
+
+SCORE_FAILED_RESULT = '{"step": "score", "ok": false, "error": "the judge answered 404 to model \\"no-such-model\\""}'
+
+
+def at(generation: int) -> Owner:
+    return Owner(name="bake", namespace="ns", uid="0123456789abcdef", generation=generation)
+
+
+def judged_by(model: str, **evaluation) -> dict:
+    return planning_spec(evaluation={"judge": {"baseUrl": "https://judge.example/v1", "model": model}, **evaluation})
+
+
+def jobs_of(doc: dict, score: str | None = None, state: JobState = JobState.SUCCEEDED) -> list[ObservedJob]:
+    """Everything a run under `doc` made, its score Job in `state` with the result `score`."""
+    gen = [planned_job("generate", m, spec_doc=doc) for m in ("llama", "mixtral")]
+    return [PREP_OK, *TRAIN_OK, *gen, planned_job("score", state=state, result=score, spec_doc=doc)]
+
+
+def planned(doc: dict, status, observed, generation: int, now=NOW, retry: str | None = None):
+    return plan(parse_spec(doc), status, observed, now, owner=at(generation), config=CONFIG, retry=retry)
+
+
+WRONG = judged_by("no-such-model")
+FIXED = judged_by("gpt-4o")
+
+
+@pytest.mark.parametrize(
+    ("new", "creates", "rerun"),
+    [
+        pytest.param(FIXED, ["score"], "scoring", id="judge-model"),
+        pytest.param(judged_by("no-such-model", bootstrapResamples=500), ["score"], "scoring", id="statistics"),
+        pytest.param(
+            judged_by("no-such-model", generation={"maxNewTokens": 64}),
+            ["generate", "generate"],
+            "generation and scoring",
+            id="decoding",
+        ),
+    ],
+)
+def test_a_changed_evaluation_on_a_failed_comparison_reruns_only_what_it_changed(new, creates, rerun):
+    failed = planned(WRONG, None, jobs_of(WRONG, SCORE_FAILED_RESULT, JobState.FAILED), 1)
+    assert failed.status.phase == Phase.FAILED
+    again = planned(new, failed.status, jobs_of(WRONG, SCORE_FAILED_RESULT, JobState.FAILED), 2)
+    assert [c.step for c in again.creates] == creates  # never prepare or train
+    assert again.status.phase == Phase.EVALUATING and again.status.observed_generation == 2
+    succeeded = next(c for c in again.status.conditions if c.type == "Succeeded")
+    assert (succeeded.status, succeeded.reason) == ("Unknown", "EvaluationChanged")
+    [change] = again.status.fairness.evaluation_changes
+    assert (change.generation, change.rerun) == (2, rerun)
+    assert again.status.fairness.hash == failed.status.fairness.hash  # training's
+    assert "EvaluationChanged" in [e.reason for e in again.events]
+
+
+def test_a_fixed_judge_model_scores_and_succeeds_keeping_the_record_of_the_change():
+    failed = planned(WRONG, None, jobs_of(WRONG, SCORE_FAILED_RESULT, JobState.FAILED), 1)
+    rescoring = planned(FIXED, failed.status, jobs_of(WRONG, SCORE_FAILED_RESULT, JobState.FAILED), 2)
+    observed = [*jobs_of(WRONG, SCORE_FAILED_RESULT, JobState.FAILED), planned_job("score", result=evaluated(), spec_doc=FIXED)]
+    done = planned(FIXED, rescoring.status, observed, 2, LATER)
+    assert done.status.phase == Phase.SUCCEEDED and done.status.winner == "mixtral" and not done.creates
+    assert [c.fields for c in done.status.fairness.evaluation_changes] == [["evaluation.judge"]]
+    assert done.status.fairness.evaluation == FineTuneComparisonSpec.model_validate(FIXED).evaluation
+    # settled again: nothing more to do until the spec or the retry annotation changes
+    assert planned(FIXED, done.status, [], 2, LATER).status == done.status
+
+
+def test_a_succeeded_comparison_rescored_keeps_the_old_winner_only_in_the_condition():
+    done = planned(WRONG, None, jobs_of(WRONG, evaluated(winner="llama")), 1)
+    assert done.status.winner == "llama"
+    again = planned(FIXED, done.status, jobs_of(WRONG, evaluated(winner="llama")), 2)
+    assert again.status.winner is None and again.status.verdict is None  # no result claimed for the new settings
+    succeeded = next(c for c in again.status.conditions if c.type == "Succeeded")
+    assert "previous result (llama) was computed under the old settings" in succeeded.message
+
+
+def test_a_score_job_of_settings_changed_while_it_ran_is_deleted():
+    running = jobs_of(WRONG, state=JobState.ACTIVE)
+    before = planned(WRONG, None, running, 1)
+    assert not before.deletes
+    after = planned(FIXED, before.status, running, 2)
+    assert list(after.deletes) == [running[-1].name] and [c.step for c in after.creates] == ["score"]
+
+
+def test_an_inconclusive_run_retried_deletes_its_score_job_and_scores_again():
+    inconclusive = evaluated(winner="inconclusive", judge_missing=20)
+    failed = planned(FIXED, None, jobs_of(FIXED, inconclusive), 1)
+    assert failed.status.phase == Phase.FAILED
+    retrying = planned(FIXED, failed.status, jobs_of(FIXED, inconclusive), 1, LATER, retry="r1")
+    score = jobs_of(FIXED)[-1].name
+    assert list(retrying.deletes) == [score] and retrying.status.phase == Phase.EVALUATING
+    gone = planned(FIXED, retrying.status, jobs_of(FIXED)[:-1], 1, LATER, retry="r1")
+    assert [c.name for c in gone.creates] == [score]  # the same settings: the same name, made again
+    done = planned(FIXED, gone.status, jobs_of(FIXED, evaluated()), 1, LATER, retry="r1")
+    assert done.status.phase == Phase.SUCCEEDED and done.status.retry == "r1"

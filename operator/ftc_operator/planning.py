@@ -51,7 +51,7 @@ from .eval_settings import generation_key, scoring_key
 from .fairness import evaluation_changes, fairness_record, software
 from .observe import JobState, ObservedJob, Unschedulable
 from .rendering import render_configmap, render_job
-from .rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested
+from .rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested, superseded
 from .resolve import refusals
 from .step_inputs import generate_input, location, prepare_input, result_from_status, score_input, train_input
 
@@ -193,7 +193,8 @@ class Pass(StatusBuilder):
         carried = carried_condition(self.old, st, phase)  # a retry's or a changed evaluation's rerun says so
         if carried is not None and ConditionType.SUCCEEDED.value not in self.conditions:
             self.conditions[carried.type] = carried
-        return super().finish(phase, [*deletes, *self.deletes])
+        stale = superseded(self.observed, self.owner.name, self.spec)  # spec.evaluation changed while they ran
+        return super().finish(phase, [*deletes, *self.deletes, *stale])
 
     def unschedulable_pod(self, job: ObservedJob) -> tuple[str, bool] | None:
         """(why, past the deadline) for an active Job whose pod the scheduler cannot place; None otherwise.

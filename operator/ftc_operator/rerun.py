@@ -7,8 +7,9 @@ succeeded but did not score everything: its next run scores what is missing (the
 judged). What succeeded stays. The phase becomes the one of the first step that reruns, never `Pending`: the spec
 of a run with artefacts stays frozen (api/ftc_api/crd.py), and `Succeeded=Unknown/Retrying` says why it runs.
 
-A changed `spec.evaluation` needs no bookkeeping here: Job names carry the key of the settings they depend on
-(eval_settings.py), so the next pass finds no Job for the new settings and creates it. This module words the
+A changed `spec.evaluation` needs little here: Job names carry the key of the settings they depend on
+(eval_settings.py), so the next pass finds no Job for the new settings and creates it; a generate or score Job
+still running under the old settings is deleted (:func:`superseded`). This module words the
 conditions around it: `Succeeded=Unknown/EvaluationChanged` while the evaluation reruns, naming the change and the
 previous verdict, which was computed under the old settings.
 """
@@ -18,10 +19,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
+from ftc_api import names
+from ftc_api.spec import FineTuneComparisonSpec
 from ftc_api.status import Condition, ConditionType, FineTuneComparisonStatus, ModelPhase, Phase, Reason
+from ftc_api.steps import StepKind
 
 from .comparison import Owner
 from .decision import Plan, StatusBuilder
+from .eval_settings import generation_key, scoring_key
 from .observe import JobState, ObservedJob
 
 # Steps whose Job scores the evaluation: its result is what an inconclusive or incomplete run reruns.
@@ -80,6 +85,17 @@ def retry_phase(old: FineTuneComparisonStatus, models_reset: bool) -> Phase:
     if not prepared:
         return Phase.PREPARING
     return Phase.TRAINING if models_reset else Phase.EVALUATING
+
+
+def superseded(observed: Sequence[ObservedJob], comparison: str, spec: FineTuneComparisonSpec) -> list[str]:
+    """Running generate and score Jobs of evaluation settings the spec no longer has (spec.evaluation changed while
+    they ran): their results would not be used, so they are deleted (a generate Job holds its model's GPUs)."""
+    current = {names.step_name(comparison, StepKind.SCORE.value, None, scoring_key(spec))}
+    current |= {names.step_name(comparison, StepKind.GENERATE.value, m.name, generation_key(spec)) for m in spec.models}
+    steps = (StepKind.GENERATE.value, StepKind.SCORE.value)
+    return [
+        o.name for o in observed if o.step in steps and o.state == JobState.ACTIVE and not o.deleting and o.name not in current
+    ]
 
 
 def invalid_spec_message(errors: Sequence[str], prepared: bool) -> str:
