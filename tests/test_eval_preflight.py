@@ -68,7 +68,7 @@ def test_gpt4_without_json_mode_gets_ragas_in_tool_mode(openai_server, local_s3,
 
     # Scoring reads the mode prepare found (no call to find it again) and RAGAS scores in it.
     spec = EvaluationSpec.model_validate({"judge": judge})
-    assert ragas_mode(spec.judge, store, loc.uri, {}) == "tools"
+    assert ragas_mode(spec.judge, store, loc.uri, {}) == ("tools", 0)
     assert len(openai_server.chat_requests()) == 2
     item = Item("Where is Paris?", "Paris is in France. It is the capital.", "Paris is in France. It is big.")
     for mode, expected in (("json", None), ("tools", 0.5)):
@@ -94,7 +94,7 @@ def test_gpt4_without_json_mode_gets_ragas_in_tool_mode(openai_server, local_s3,
     assert all("tools" in r["body"] for r in openai_server.chat_requests()[before:])
     # Another judge than the one prepare checked (the spec changed after training): the mode is asked again.
     other = EvaluationSpec.model_validate({"judge": {"baseUrl": openai_server.base_url, "model": "gpt-4-0314"}})
-    assert ragas_mode(other.judge, store, loc.uri, {}) == "md_json"
+    assert ragas_mode(other.judge, store, loc.uri, {}) == ("md_json", 3)
 
 
 @pytest.mark.parametrize(

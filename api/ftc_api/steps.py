@@ -570,6 +570,12 @@ class EvaluateResult(ApiModel):
         description="judgeFlagged: per model, the test items whose answer addressed the judge (a rating in its format, "
         "an instruction to it); that text was removed before grading.",
     )
+    judge_error: str | None = Field(
+        default=None,
+        description="judgeError: the commonest failure of the judge and RAGAS LLM calls: the endpoint, its kind (a reply "
+        "that is not a chat completion by what it is, an HTTP status...), how often, whether calls stopped (the same "
+        "failure again and again), and one example, redacted. Unset when no call failed.",
+    )
 
 
 StepResult = PrepareResult | TrainResult | GenerateResult | EvaluateResult

@@ -33,8 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ftc_step.endpoints import NOT_COMPLETION, classify_reply, describe_reply
 from ftc_step.errors import StepError
 
+from .breaker import DEFAULT_THRESHOLD, Breaker
 from .ratelimit import Account, CallBudget, final_reason
 
 if TYPE_CHECKING:
@@ -324,6 +326,7 @@ class JudgeConfig:
     output_cost_per_1k_tokens: float = 0.0
     backoff_base: float = 1.0
     backoff_max: float = 30.0
+    breaker_threshold: int = DEFAULT_THRESHOLD  # identical failures in a row that stop the calls (breaker.py)
 
     @classmethod
     def from_spec(cls, spec: Any, api_key: str | None, **overrides: Any) -> JudgeConfig:
@@ -362,6 +365,7 @@ class Judge:
         self.budget = budget or Budget(None)
         self.account = account or Account()
         self.usage = JudgeUsage(model=config.model, base_url=config.base_url)
+        self.breaker = Breaker(f"judge {config.model} at {config.base_url}", config.breaker_threshold)
         self._sleep = sleep
         self._client = client
 
@@ -415,6 +419,8 @@ class Judge:
         last_error = "no attempt"
         wait: float | None = None
         while attempts <= self.config.max_retries:
+            if self.breaker.is_open:  # the same failure again and again: no more calls
+                return self._missing(self.breaker.reason(), attempts)
             if attempts:  # a retry: counted by the transport (apart from calls), not taken from the budget
                 await self._sleep(min(self.config.backoff_max, max(self._backoff(attempts), wait or 0.0)))
                 wait = None
@@ -427,21 +433,26 @@ class Judge:
                 raise
             except _GaveUp as err:  # a 429 the transport could not wait out: no retry helps
                 self.usage.errors[err.kind] = self.usage.errors.get(err.kind, 0) + 1
+                self.breaker.failure(err.kind, str(err))
                 return self._missing(str(err), attempts)
             except _Retryable as err:
                 last_error = str(err)
                 wait = err.retry_after
                 self.usage.errors[err.kind] = self.usage.errors.get(err.kind, 0) + 1
+                self.breaker.failure(err.kind, str(err))
                 continue
             except Exception as err:  # 400/401/404...: retrying will not help
                 kind = type(err).__name__
                 self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
+                self.breaker.failure(kind, f"{kind}: {_short(err)}")
                 return self._missing(f"{kind}: {_short(err)}", attempts)
             rating = parse_rating(text)
             if rating is None:
                 last_error = f"unparseable reply: {_short(text)}"
                 self.usage.errors["unparseable"] = self.usage.errors.get("unparseable", 0) + 1
+                self.breaker.failure("unparseable", last_error)
                 continue
+            self.breaker.success()
             self.cache.put(key, {"model": self.config.model, "text": text, "rating": rating, "created": time.time()})
             return Judgment(rating, text, attempts=attempts)
         return self._missing(f"gave up after {attempts} attempts: {last_error}", attempts)
@@ -457,7 +468,7 @@ class Judge:
         import openai
 
         try:
-            response = await self.client().chat.completions.create(
+            raw = await self.client().chat.completions.with_raw_response.create(
                 model=self.config.model,
                 messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
                 temperature=self.config.temperature,
@@ -482,10 +493,19 @@ class Judge:
             if err.status_code in (408, 409) or err.status_code >= 500:
                 raise _Retryable(f"{err.status_code}", f"status {err.status_code}: {_short(err)}") from err
             raise
-        choices = getattr(response, "choices", None) or []
-        if not choices:
-            raise _Retryable("empty", "reply has no choices")
-        return choices[0].message.content or ""
+        try:
+            response = raw.parse()
+        except ValueError:  # a JSON content type that does not decode (an empty body)
+            response = raw.text
+        if isinstance(response, str) or not isinstance(getattr(response, "choices", None), list):
+            # Not a chat completion at all: the client hands back the text of a reply that is not JSON.
+            content_type = raw.headers.get("content-type")
+            body = response if isinstance(response, str) else raw.text
+            what = classify_reply(content_type, body) or NOT_COMPLETION
+            raise _Retryable(what, f"the reply is not a chat completion: {describe_reply(what, content_type, body)}")
+        if not response.choices:
+            raise _Retryable("no choices", "the chat completion has no choices")
+        return response.choices[0].message.content or ""
 
 
 def _retry_after(err: Any) -> float | None:

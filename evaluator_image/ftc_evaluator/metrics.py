@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftc_step.runtime import redact
+
+from .breaker import Breaker, CircuitOpen, failure_kind
+
 log = logging.getLogger(__name__)
 
 LLM = frozenset({"answer_correctness", "factual_correctness"})
@@ -207,11 +211,13 @@ async def score_items(
     cache: Any = None,
     scorer: str = "",
     order: Sequence[int] | None = None,
+    breaker: Breaker | None = None,
 ) -> MetricScores:
     """Every metric on every item, items in `order` (default: as given; a budget that runs out leaves the last
     ones missing); LLM metrics run `concurrency` items at a time. With a `cache`
     (get/put of JSON objects), LLM metric scores are looked up first and stored after, keyed by
-    `cache_key(metric, scorer, item)`: a restarted evaluation does not pay for them twice."""
+    `cache_key(metric, scorer, item)`: a restarted evaluation does not pay for them twice. With a `breaker`, LLM
+    metric calls stop once it opens (the same failure `threshold` times in a row): the items left are missing."""
     out = MetricScores()
     semaphore = asyncio.Semaphore(concurrency)
 
@@ -222,7 +228,11 @@ async def score_items(
             if hit is not None:
                 return float(hit["value"])
         async with semaphore:
+            if breaker is not None and breaker.is_open:
+                raise CircuitOpen(breaker.reason())
             value = await _score_one(name, metric, item)
+        if breaker is not None and item.answer.strip():
+            breaker.success()
         if cache is not None and item.answer.strip():
             cache.put(key, {"metric": name, "scorer": scorer, "value": value})
         return value
@@ -237,7 +247,16 @@ async def score_items(
             rejected = rejection(err)
             if rejected is not None:  # a refused key or model: no item can succeed, the step fails as bad input
                 raise rejected from err
-            out.errors.setdefault(name, Counter())[f"{type(err).__name__}: {str(err)[:120]}"] += 1
+            if isinstance(err, CircuitOpen):
+                what = str(err)
+            elif name in LLM:  # named by what failed: a broken reply by what it is, an HTTP error by its status
+                kind, what = failure_kind(err)
+                if breaker is not None:
+                    breaker.failure(kind, what)
+                what = f"{kind}: {what}" if not what.startswith(kind) else what
+            else:
+                what = f"{type(err).__name__}: {str(err)}"
+            out.errors.setdefault(name, Counter())[redact(" ".join(what.split()))[:160]] += 1
             log.warning("metric %s failed on item %d: %s", name, index, err)
             value = None
         out.values[name][index] = value

@@ -125,6 +125,7 @@ def decide(
         report_uri=inp.location.uri(names.REPORT_KEY),
         failed_models={name: why[:300] for name, why in failed.items()},
         judge_flagged={name: sorted(items) for name, items in flagged.items()},
+        judge_error=scored.dominant_error(),
     )
     return Outcome(result, decision.reason, pairwise_all, flagged, dict(failed), [*notes, *outcome_notes(failed, flagged)])
 
@@ -179,6 +180,7 @@ def scores_document(
         "judgeAgreement": [a.to_json() for a in scored.agreement],
         "judgeBudgetExhausted": result.judge_budget_exhausted,
         "metricErrors": scored.metric_errors,
+        "dominantError": result.judge_error,
         "notes": outcome.notes,
     }
 

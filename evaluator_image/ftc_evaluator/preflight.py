@@ -50,8 +50,9 @@ def recorded_mode(doc: Mapping[str, Any], judge: JudgeSpec) -> str | None:
     return None
 
 
-def ragas_mode(judge: JudgeSpec, store: Any, uri: Callable[..., str], env: Mapping[str, str]) -> str:
-    """The mode for `judge` (see the module docstring); raises StepError when it accepts none."""
+def ragas_mode(judge: JudgeSpec, store: Any, uri: Callable[..., str], env: Mapping[str, str]) -> tuple[str, int]:
+    """The mode for `judge` (see the module docstring) and the calls it took to learn it (0: prepare's record; the
+    caller counts them with the RAGAS calls); raises StepError when it accepts none."""
     from ftc_step.endpoints import check_endpoint
 
     try:
@@ -62,7 +63,7 @@ def ragas_mode(judge: JudgeSpec, store: Any, uri: Callable[..., str], env: Mappi
     mode = recorded_mode(doc, judge) if isinstance(doc, dict) else None
     if mode:
         log.info("RAGAS LLM metrics run in %s mode (prepare's preflight)", mode)
-        return mode
+        return mode, 0
     ref = EndpointRef(
         setting=JUDGE_SETTING, kind="chat", base_url=judge.base_url or "", model=judge.model,
         api_key_env=JUDGE_API_KEY_ENV, structured=True, timeout_seconds=judge.timeout_seconds,
@@ -71,4 +72,5 @@ def ragas_mode(judge: JudgeSpec, store: Any, uri: Callable[..., str], env: Mappi
     if not check.ok:
         raise StepError(check.error or f"{JUDGE_SETTING}: unusable", retryable=check.retryable)
     log.info("RAGAS LLM metrics run in %s mode (asked now)", check.mode or "json")
-    return check.mode or "json"  # a 429 left it unknown: JSON mode, as ragas does by itself
+    calls = len(check.refused) + (check.mode is not None)  # one call per mode tried
+    return check.mode or "json", calls  # a 429 left it unknown: JSON mode, as ragas does by itself

@@ -18,6 +18,7 @@ from ftc_api.spec import EvaluationSpec, Metric
 from ftc_api.steps import EMBEDDINGS_API_KEY_ENV, JUDGE_API_KEY_ENV
 
 from . import stats
+from .breaker import Breaker
 from .generate import Prediction, TestRow
 from .judge import JudgeItem, JudgeUsage, Judgment
 from .ratelimit import Account, CallBudget, RateLimiter
@@ -64,6 +65,13 @@ class Scored:
     """Calls, retries, tokens and cost of the RAGAS LLM metrics (None without them)."""
     judgments: dict[str, list[Judgment]] = field(default_factory=dict)
     """The main judge's judgments, per model, per test item ({} without the judge metric)."""
+    breakers: list[Breaker] = field(default_factory=list)
+    """The circuit breakers of the RAGAS LLM metrics and of each judge: what failed, how often, one example each."""
+
+    def dominant_error(self) -> str | None:
+        """The commonest failure over RAGAS and the judges, with one example (Breaker.dominant); None: none failed."""
+        failed = [b for b in self.breakers if b.counts]
+        return max(failed, key=lambda b: b.counts.most_common(1)[0][1]).dominant() if failed else None
 
 
 def judge_key(env: Mapping[str, str], index: int) -> str | None:
@@ -152,7 +160,8 @@ async def score_metrics(
         key = judge_key(env, 0)
         scored.ragas = JudgeUsage(model=judge.model, base_url=judge.base_url, kind="ragas")
         http = account.client(scored.ragas, take_budget=True)
-        mode = await asyncio.to_thread(ragas_mode, judge, store, uri, env)  # the one prepare found, or asked now
+        mode, asked = await asyncio.to_thread(ragas_mode, judge, store, uri, env)  # the one prepare found, or asked now
+        scored.ragas.calls += asked  # calls that asked the judge which mode it accepts count with the RAGAS calls
         llm = make_llm(
             judge.base_url,
             judge.model,
@@ -178,7 +187,11 @@ async def score_metrics(
     cache = StorageCache(store, uri(METRIC_CACHE_DIR), accept=is_cached_score)
     n = len(rows)
     order = [k * n + row for row in range(n) for k in range(len(answers))]  # item by item across models
-    result = await score_items(items, metrics, concurrency=judge.concurrency, cache=cache, scorer=scorer, order=order)
+    breaker = Breaker(f"RAGAS LLM metrics (judge {judge.model} at {judge.base_url})")
+    scored.breakers.append(breaker)
+    result = await score_items(
+        items, metrics, concurrency=judge.concurrency, cache=cache, scorer=scorer, order=order, breaker=breaker
+    )
     if scored.ragas is not None:
         scored.ragas.priced(judge.input_cost_per_1k_tokens, judge.output_cost_per_1k_tokens)
         scored.ragas.missing = sum(v is None for name, values in result.values.items() if name in LLM_METRICS for v in values)
@@ -229,6 +242,7 @@ async def score_judges(
     for name in answers:
         scored.values[name][JUDGE] = [j.rating for j in main[name]]
     scored.judges = [judge.usage for judge in judges]
+    scored.breakers.extend(judge.breaker for judge in judges)
     scored.judgments = main
     scored.budget_exhausted = endpoints[0].budget.exhausted
     for extra, ratings in zip(judges[1:], per_judge[1:], strict=True):

@@ -606,6 +606,9 @@ def _evaluated_message(evaluation: EvaluateResult, left_out: dict[str, str] | No
         )
     for name, items in sorted(evaluation.judge_flagged.items()):
         notes.append(f"{name}: {len(items)} answers addressed the judge and were graded without that text")
+    unscored = evaluation.judge_missing or any(s.missing for m in evaluation.models for s in m.scores)
+    if evaluation.judge_error and (unscored or evaluation.winner == INCONCLUSIVE):  # why items were left unscored
+        notes.append(f"most frequent error: {evaluation.judge_error}")
     return msg + ("; " + "; ".join(notes) if notes else "")
 
 
