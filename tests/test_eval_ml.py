@@ -19,7 +19,17 @@ from ftc_api.spec import (
     SplitSpec,
     TrainingSpec,
 )
-from ftc_api.steps import EvaluatedModel, EvaluateInput, EvaluateResult, Location, ModelRef, PrepareInput, TrainInput
+from ftc_api.steps import (
+    EvaluatedModel,
+    EvaluateInput,
+    EvaluateResult,
+    GenerateInput,
+    Location,
+    ModelRef,
+    PrepareInput,
+    ScoreInput,
+    TrainInput,
+)
 
 pytestmark = pytest.mark.ml
 
@@ -99,7 +109,10 @@ def spec(server, metrics: list[Metric], judge_model: str = "fake-judge") -> Eval
 
 
 def test_the_better_trained_model_wins_with_a_significant_p_value(trained, openai_server, tmp_path, monkeypatch):
-    from ftc_evaluator.run import evaluate
+    """As the operator runs it: one generate step per model, then the score step (which loads no model); the
+    one-step evaluation of the same input then gives the same scores, reusing those answers and judgments."""
+    from ftc_evaluator import generate as generation
+    from ftc_evaluator.run import evaluate, generate, score
     from ftc_step.storage import Storage
 
     location, refs, results = trained
@@ -111,9 +124,22 @@ def test_the_better_trained_model_wins_with_a_significant_p_value(trained, opena
         title="strong vs weak",
     )
     started = time.monotonic()
-    result = evaluate(inp, workdir=tmp_path)
-    print(f"evaluated in {time.monotonic() - started:.1f}s")
+    for model in inp.models:
+        gen = generate(GenerateInput(model=model, evaluation=inp.evaluation, location=location), workdir=tmp_path / "gen")
+        assert gen.ok and gen.model == model.model.name and gen.answers == TEST_ROWS, gen
+        assert gen.predictions_uri == location.uri("eval", gen.model, "predictions.jsonl")
+        assert gen.reused or gen.devices == "cpu"
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the score step loaded a model")
+
+    monkeypatch.setattr(generation, "load_model", no_model)
+    result = score(ScoreInput.model_validate(inp.model_dump(exclude={"step"})), workdir=tmp_path / "score")
+    print(f"generated and scored in {time.monotonic() - started:.1f}s")
     assert result.ok, result.error
+    one_step = evaluate(inp, workdir=tmp_path / "one-step")  # the answers exist: it loads no model either
+    assert one_step.models == result.models and one_step.pairwise == result.pairwise
+    assert (one_step.winner, one_step.p_value, one_step.judge_missing) == (result.winner, result.p_value, 0)
     assert result.winner == "strong"
     assert result.p_value is not None and result.p_value < 0.01
     by_model = {m.model: {s.metric: s for s in m.scores} for m in result.models}
