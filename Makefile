@@ -113,6 +113,7 @@ bench: prereqs
 	$(BIN)/python -m bench.prepare_bench
 	$(BIN)/python -m bench.staging_bench
 	$(BIN)/python -m bench.eval_bench
+	$(BIN)/python -m bench.ratelimit_bench
 	$(BIN)/python -m bench.operator_bench
 
 demo: prereqs

@@ -15,7 +15,8 @@ deadline. Each client sends through a `MeteredTransport` (an httpx transport und
   `x-should-retry: false`, so the `openai` client's own retries (which cap a server's wait at 60 s and never read
   `x-ratelimit-reset-*`) never add to it;
 - counts calls, retries (a resend after a 429, or the `openai` client's retry of a 5xx or a timeout, which it marks
-  `x-stainless-retry-count`), 429 replies, seconds waited and tokens, into a `Usage` of the caller's;
+  `x-stainless-retry-count`), 429 replies, seconds held back (each call's wait for the limiter, summed over calls,
+  so calls waiting together count several times) and tokens, into a `Usage` of the caller's;
 - takes one unit of the evaluation's call budget (`evaluation.maxJudgeCalls`) for a first attempt when asked to
   (RAGAS calls; the judge takes its own, once per judgment); with the budget spent the call is not sent, and the
   reply is a 429 `insufficient_quota` that names the budget.
@@ -272,21 +273,22 @@ class MeteredTransport(httpx.AsyncBaseTransport):
             body = {}
         estimate = estimate_tokens(body if isinstance(body, dict) else {})
         retried = request.headers.get("x-stainless-retry-count", "0") not in ("", "0")
-        if retried:
-            self.usage.retries += 1
-        else:
-            if self.take_budget and not self.account.budget.take():
-                limit = self.account.budget.limit
-                return _final(
-                    request, "budget", f"the evaluation's call budget (evaluation.maxJudgeCalls: {limit}) is spent; not sent"
-                )
-            self.usage.calls += 1
+        if not retried and self.take_budget and not self.account.budget.take():
+            limit = self.account.budget.limit
+            return _final(
+                request, "budget", f"the evaluation's call budget (evaluation.maxJudgeCalls: {limit}) is spent; not sent"
+            )
         limiter = self.account.limiter
         backoff = self.account.backoff
         while True:
-            before = limiter.waited
+            before = limiter.clock()
             grant = await limiter.acquire(estimate)
-            self.usage.waited_seconds += limiter.waited - before
+            self.usage.waited_seconds += limiter.clock() - before
+            if retried:  # counted once sent (a call cancelled while it waited is none)
+                self.usage.retries += 1
+            else:
+                self.usage.calls += 1
+            retried = True  # what follows a 429 is a retry
             try:
                 response = await self.inner.handle_async_request(request)
             finally:
@@ -310,7 +312,6 @@ class MeteredTransport(httpx.AsyncBaseTransport):
                 return response
             log.info("rate limited (429): waiting %.2f s as the server asks", wait)
             limiter.hold(wait)
-            self.usage.retries += 1
 
     async def _settled(self, response: httpx.Response, grant: Grant) -> httpx.Response:
         """Tokens from the reply's usage (JSON replies only), reconciled with the grant's estimate."""
