@@ -167,3 +167,17 @@ def test_the_evaluated_condition_carries_the_dominant_error():
     assert _evaluated_message(result) == f"2 models evaluated; 8 judgments missing (not scored); most frequent error: {error}"
     clean = result.model_copy(update={"judge_missing": 0, "models": [], "winner": "a"})
     assert "most frequent error" not in _evaluated_message(clean)  # retried and recovered: nothing to explain
+
+
+def test_the_result_names_the_commonest_failure_over_judges_and_ragas():
+    from ftc_evaluator.scoring import Scored
+
+    ragas, judge, quiet = Breaker("RAGAS LLM metrics", 8), Breaker("judge gpt-4", 8), Breaker("judge other", 8)
+    for _ in range(3):
+        ragas.failure("HTTP 500", "HTTP 500: injected failure")
+    for _ in range(5):
+        judge.failure("HTML page", "the reply is not a chat completion: HTML page (text/html: '<html>')")
+    assert Scored(values={}, breakers=[ragas, judge, quiet]).dominant_error() == (
+        "judge gpt-4: HTML page x5 (of 5 failures): the reply is not a chat completion: HTML page (text/html: '<html>')"
+    )
+    assert Scored(values={}, breakers=[quiet]).dominant_error() is None
