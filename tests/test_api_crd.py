@@ -55,7 +55,11 @@ def test_crd_shape() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["ftc"]
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Models", "Winner", "Age"]
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns] == ["Phase", "Models", "Winner", "Reason", "Message", "Age"]
+    # the first condition that is not True: what the comparison waits on (Unschedulable...) or why it failed
+    assert columns[3]["jsonPath"] == '.status.conditions[?(@.status!="True")].reason'
+    assert columns[4]["priority"] == 1  # the message with -o wide only
     rules = [r["rule"] for r in schema()["properties"]["spec"]["x-kubernetes-validations"]]
     assert any("exists_one" in r for r in rules)
     frozen = [r["fieldPath"] for r in schema()["x-kubernetes-validations"]]  # everything but spec.evaluation

@@ -16,7 +16,7 @@ from ftc_operator.observe import JobState, Unschedulable, observe_job, pod_unsch
 from ftc_operator.planning import plan
 from ftc_operator.rendering import pod_placement
 
-from tests.test_operator_planning import NOW, OWNER, PREP_OK, TRAIN_OK, conditions, evaluated, job, parse_spec, spec, trained
+from tests.test_operator_planning import NOW, OWNER, PREP_OK, TRAIN_OK, conditions, job, parse_spec, spec, trained
 from tests.test_operator_progress import FakeKube
 
 pytestmark = pytest.mark.unit
@@ -81,7 +81,9 @@ def condition(p, type_: str):
 
 PREP_STUCK = [stuck("prepare")]
 TRAIN_STUCK = [PREP_OK, job("train", "llama", result=trained("llama")), stuck("train", "mixtral")]
-EVAL_STUCK = [PREP_OK, *TRAIN_OK, stuck("evaluate")]
+GENERATED = [job("generate", "llama"), job("generate", "mixtral")]
+GEN_STUCK = [PREP_OK, *TRAIN_OK, job("generate", "llama"), stuck("generate", "mixtral")]
+SCORE_STUCK = [PREP_OK, *TRAIN_OK, *GENERATED, stuck("score")]
 
 
 @pytest.mark.parametrize(
@@ -89,7 +91,8 @@ EVAL_STUCK = [PREP_OK, *TRAIN_OK, stuck("evaluate")]
     [
         pytest.param(PREP_STUCK, "Prepared", Phase.PREPARING, id="prepare"),
         pytest.param(TRAIN_STUCK, "Trained", Phase.TRAINING, id="train"),
-        pytest.param(EVAL_STUCK, "Evaluated", Phase.EVALUATING, id="evaluate"),
+        pytest.param(GEN_STUCK, "Evaluated", Phase.EVALUATING, id="generate"),
+        pytest.param(SCORE_STUCK, "Evaluated", Phase.EVALUATING, id="score"),
     ],
 )
 def test_an_unschedulable_pod_is_reported_at_once_with_the_schedulers_message(observed, step, phase):
@@ -107,18 +110,21 @@ def test_an_unschedulable_pod_is_reported_at_once_with_the_schedulers_message(ob
 
 
 @pytest.mark.parametrize(
-    ("observed", "step", "deletes"),
+    ("observed", "step", "reason", "deletes"),
     [
-        pytest.param(PREP_STUCK, "Prepared", ["bake-prepare"], id="prepare"),
-        pytest.param(EVAL_STUCK, "Evaluated", ["bake-evaluate"], id="evaluate"),
+        pytest.param(PREP_STUCK, "Prepared", "Unschedulable", ["bake-prepare"], id="prepare"),
+        # a model whose answers could not be generated fails the evaluation (evaluation.excludeFailedModels unset)
+        pytest.param(GEN_STUCK, "Evaluated", "JobFailed", [GEN_STUCK[-1].name], id="generate"),
+        pytest.param(SCORE_STUCK, "Evaluated", "Unschedulable", [SCORE_STUCK[-1].name], id="score"),
     ],
 )
-def test_past_the_deadline_the_step_fails_with_the_message_and_its_job_goes(observed, step, deletes):
-    p = run([*observed[:-1], stuck(observed[-1].step, waited=DEADLINE)])
+def test_past_the_deadline_the_step_fails_with_the_message_and_its_job_goes(observed, step, reason, deletes):
+    last = observed[-1]
+    p = run([*observed[:-1], stuck(last.step, last.model, waited=DEADLINE)])
     cond = condition(p, step)
-    assert (p.status.phase, cond.status, cond.reason) == (Phase.FAILED, "False", "Unschedulable")
+    assert (p.status.phase, cond.status, cond.reason) == (Phase.FAILED, "False", reason)
     assert f"found no node in {DEADLINE}s" in cond.message and SCHEDULER in cond.message
-    assert conditions(p)["Succeeded"] == ("False", "Unschedulable")
+    assert conditions(p)["Succeeded"][0] == "False"
     assert list(p.deletes) == deletes  # its pod would take the GPUs whenever they came free
     assert any(e.type == "Warning" and e.reason == "PhaseFailed" for e in p.events)
 
@@ -186,11 +192,6 @@ def test_the_reconciler_looks_again_at_the_deadline():
     reconciler = reconcile.Reconciler(kube, OperatorConfig(unschedulable_deadline_seconds=600), clock=lambda: NOW)
     assert reconciler.reconcile("ns", "c") == pytest.approx(500)
     assert ("Warning", "Unschedulable") in [(t, r) for t, r, _ in kube.events]
-
-
-def test_evaluated_then_scheduled_needs_no_deadline():
-    p = run([PREP_OK, *TRAIN_OK, job("evaluate", result=evaluated())])
-    assert p.status.phase == Phase.SUCCEEDED and p.requeue_after is None
 
 
 # --------------------------------------------------------------------------------------------- GPU label presets

@@ -221,6 +221,20 @@ def build_crd() -> dict[str, Any]:
                             "jsonPath": ".status.winner",
                             "description": "Winning model, or tie.",
                         },
+                        {
+                            "name": "Reason",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.status!="True")].reason',
+                            "description": "Reason of the first condition that is not True: what the comparison waits "
+                            "on or why it failed (JobRunning, Unschedulable, JobFailed...).",
+                        },
+                        {
+                            "name": "Message",
+                            "type": "string",
+                            "priority": 1,
+                            "jsonPath": '.status.conditions[?(@.status!="True")].message',
+                            "description": "Message of that condition (for Unschedulable, the scheduler's).",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": root},
