@@ -337,7 +337,7 @@ def test_step_pods_rendered_from_the_charts_config_meet_restricted(helm, tmp_pat
         }
     )
     owner = Owner(name="c", namespace="ns", uid="u")
-    for step, model in (("prepare", None), ("train", spec.models[0]), ("evaluate", None)):
+    for step, model in (("prepare", None), ("train", spec.models[0]), ("generate", spec.models[0]), ("score", None)):
         pod = render_job(owner, spec, config, step, model)["spec"]["template"]["spec"]
         assert restricted_violations(pod) == [], step
         assert pod["volumes"][-1] == {"name": "ftc-test", "configMap": {"name": "ftc-test-steps"}}
@@ -350,6 +350,8 @@ def test_step_pods_rendered_from_the_charts_config_meet_restricted(helm, tmp_pat
         pytest.param("prepare", {"dataset": {"source": "s3://b/d"}, "models": [{"name": "a"}]}, id="prepare"),
         pytest.param("train", {"model": {"name": "a"}}, id="train"),
         pytest.param("evaluate", {"models": [{"model": {"name": "a"}}, {"model": {"name": "b"}}]}, id="evaluate"),
+        pytest.param("generate", {"model": {"model": {"name": "a"}}}, id="generate"),
+        pytest.param("score", {"models": [{"model": {"name": "a"}}, {"model": {"name": "b"}}]}, id="score"),
     ],
 )
 def test_the_stub_step_script_runs_alone_from_its_configmap(tmp_path, step, doc):
@@ -358,7 +360,7 @@ def test_the_stub_step_script_runs_alone_from_its_configmap(tmp_path, step, doc)
     import re
     import sys
 
-    from ftc_api.steps import EvaluateResult, PrepareResult, StepResult, TrainResult
+    from ftc_api.steps import EvaluateResult, GenerateResult, PrepareResult, StepResult, TrainResult
 
     cm = steps.step_scripts_configmap("team-a")
     assert (cm["metadata"]["name"], cm["metadata"]["namespace"]) == ("ftc-test-steps", "team-a")
@@ -372,7 +374,13 @@ def test_the_stub_step_script_runs_alone_from_its_configmap(tmp_path, step, doc)
     env = {"FTC_STEP_INPUT": str(tmp_path / "input.json"), "FTC_TERMINATION_LOG": str(tmp_path / "log"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(mount / "stub.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    result_types: dict[str, type[StepResult]] = {"prepare": PrepareResult, "train": TrainResult, "evaluate": EvaluateResult}
+    result_types: dict[str, type[StepResult]] = {
+        "prepare": PrepareResult,
+        "train": TrainResult,
+        "generate": GenerateResult,
+        "score": EvaluateResult,
+        "evaluate": EvaluateResult,
+    }
     result = result_types[step].model_validate_json((tmp_path / "log").read_text())
     assert result.ok
 

@@ -152,7 +152,7 @@ def main() -> int:
         if os.environ.get(JUDGE_API_KEY_ENV) == REJECTED_KEY:  # as the real evaluator: a refused key is bad input
             write_summary(EvaluateResult(ok=False, error="stub: the judge endpoint answered 401 Unauthorized to the key"))
             return EXIT_BAD_INPUT
-        judge_model = doc["evaluation"]["judge"]["model"]
+        judge_model = doc.get("evaluation", {}).get("judge", {}).get("model")
         if judge_model == UNKNOWN_JUDGE_MODEL:  # as OpenAI answers a model name it does not serve
             error = f"stub: the judge endpoint answered 404 to evaluation.judge.model {judge_model!r}: model not found"
             write_summary(EvaluateResult(ok=False, error=error))
