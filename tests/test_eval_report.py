@@ -71,7 +71,9 @@ def sample_data() -> ReportData:
         ],
         judges=[
             {"model": "gpt-4", "calls": 82, "cache_hits": 0, "retries": 2, "missing": 2, "prompt_tokens": 9000}
-            | {"completion_tokens": 3000, "cost": 0.45, "errors": {"unparseable": 6}}
+            | {"completion_tokens": 3000, "cost": 0.45, "errors": {"unparseable": 6}},
+            {"model": "gpt-4", "kind": "ragas", "calls": 560, "cache_hits": 0, "retries": 31, "rate_limited": 29}
+            | {"missing": 0, "prompt_tokens": 90000, "completion_tokens": 21000, "cost": 3.96, "errors": {}},
         ],
         samples=[
             {
@@ -107,6 +109,12 @@ def test_report_shows_scores_winner_training_and_failures():
     assert 'class="overfitting">overfitting' in html and "adapter-best" in html
     assert "CUDA out of memory" in html and "maxJudgeCalls" not in html
     assert "The capital is Lima." in html and "judge: missing" in html
+
+
+def test_judges_table_counts_ragas_calls_and_429s_apart():
+    table = re.search(r'<table id="judges">(.*?)</table>', render_report(sample_data()), re.S)
+    assert table and "<th>429s waited out</th>" in table.group(1)
+    assert "<td>gpt-4 (RAGAS LLM metrics)</td><td>560</td>" in table.group(1) and "<td>31</td><td>29</td>" in table.group(1)
 
 
 def test_training_table_shows_speed_per_pod_and_per_gpu():

@@ -225,7 +225,7 @@ def report_data(
         checkpoint=checkpoint,
         failed=outcome.failed,
         pairwise=[p.model_dump() for p in result.pairwise],
-        judges=[j.to_json() for j in scored.judges],
+        judges=[j.to_json() for j in [*scored.judges, *([scored.ragas] if scored.ragas is not None else [])]],
         agreement=[a.to_json() for a in scored.agreement],
         budget_exhausted=result.judge_budget_exhausted,
         samples=sample_answers(ok, rows, scored.judgments, inp.evaluation.seed),

@@ -218,14 +218,15 @@ tr.winner td { background: #d9f2d9; font-weight: bold; }
 
 {% if d.judges %}
 <h2>Judges</h2>
-<table id="judges"><tr><th>judge</th><th>calls</th><th>cache hits</th><th>retries</th><th>missing</th><th>prompt tokens</th>
-<th>completion tokens</th><th>estimated cost</th><th>errors</th></tr>
-{% for j in d.judges %}<tr><td>{{ j.model }}</td><td>{{ j.calls }}</td><td>{{ j.cache_hits }}</td><td>{{ j.retries }}</td>
+<table id="judges"><tr><th>judge</th><th>calls</th><th>cache hits</th><th>retries</th><th>429s waited out</th><th>missing</th>
+<th>prompt tokens</th><th>completion tokens</th><th>estimated cost</th><th>errors</th></tr>
+{% for j in d.judges %}<tr><td>{{ j.model }}{% if j.kind == "ragas" %} (RAGAS LLM metrics){% endif %}</td><td>{{ j.calls }}</td>
+<td>{{ j.cache_hits }}</td><td>{{ j.retries }}</td><td>{{ j.rate_limited or 0 }}</td>
 <td>{{ j.missing }}</td><td>{{ j.prompt_tokens }}</td><td>{{ j.completion_tokens }}</td><td>{{ "%.4f"|format(j.cost) }}</td>
 <td class="small">{% for k, v in j.errors.items() %}{{ k }}: {{ v }} {% endfor %}</td></tr>{% endfor %}
 </table>
-{% if d.budget_exhausted %}<p class="failed" id="budget">The judge budget (maxJudgeCalls) ran out:
-the remaining answers are unjudged and count as missing.</p>{% endif %}
+{% if d.budget_exhausted %}<p class="failed" id="budget">The call budget (maxJudgeCalls, judges and RAGAS LLM metrics
+together) ran out: the remaining answers are unscored and count as missing.</p>{% endif %}
 {% if d.agreement %}<table id="agreement">
 <tr><th>judge</th><th>items</th><th>Spearman</th><th>Cohen's kappa</th><th>exact</th></tr>
 {% for a in d.agreement %}<tr><td>{{ a.judge }} vs main</td><td>{{ a.n }}</td>
