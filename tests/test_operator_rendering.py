@@ -175,6 +175,15 @@ def test_credentials_only_through_secret_key_refs(step):
     assert not any("secret" in v for v in pod(job)["volumes"])
 
 
+@pytest.mark.parametrize("step", ["prepare", "train", "generate", "score", "evaluate"])
+def test_the_steps_deadline_reaches_its_pod(step):
+    """The score step ends its rate-limit waits before the Job's deadline (scoring.deadline_from)."""
+    spec = make_spec()
+    job = render_job(OWNER, spec, CONFIG, step, spec.models[0] if step in ("train", "generate") else None)
+    assert job["spec"]["activeDeadlineSeconds"] > 0
+    assert env(job)["FTC_STEP_DEADLINE_SECONDS"]["value"] == str(job["spec"]["activeDeadlineSeconds"])
+
+
 def test_no_credentials_secret_means_pod_identity():
     spec = make_spec(storage={"bucket": "ftc"})
     assert "AWS_ACCESS_KEY_ID" not in env(render_job(OWNER, spec, CONFIG, "prepare"))

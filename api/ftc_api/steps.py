@@ -51,6 +51,9 @@ PROGRESS_ANNOTATION = "ftc.dev/progress"
 RETRY_ANNOTATION = "ftc.dev/retry"
 JUDGE_API_KEY_ENV = "FTC_JUDGE_API_KEY"  # extra judges: FTC_JUDGE_API_KEY_1, _2, ...
 EMBEDDINGS_API_KEY_ENV = "FTC_EMBEDDINGS_API_KEY"
+# The step Job's activeDeadlineSeconds, for waits (a rate limit's) that must end before it: score gives up on
+# a 429 it cannot wait out in time instead of being killed with nothing written.
+STEP_DEADLINE_ENV = "FTC_STEP_DEADLINE_SECONDS"
 S3_ACCESS_KEY_ID_ENV = "AWS_ACCESS_KEY_ID"
 S3_SECRET_ACCESS_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 HUB_TOKEN_ENV = "HF_TOKEN"

@@ -15,7 +15,7 @@ from typing import Any
 
 from ftc_api import names
 from ftc_api.spec import EvaluationSpec, Metric
-from ftc_api.steps import EMBEDDINGS_API_KEY_ENV, JUDGE_API_KEY_ENV
+from ftc_api.steps import EMBEDDINGS_API_KEY_ENV, JUDGE_API_KEY_ENV, STEP_DEADLINE_ENV
 
 from . import stats
 from .breaker import Breaker
@@ -27,7 +27,7 @@ JUDGE = Metric.JUDGE.value
 METRIC_CACHE_DIR = "eval/metric-cache"  # LLM-metric scores (RAGAS), like eval/judge-cache/ for judgments
 BACKOFF_ENV = "FTC_JUDGE_BACKOFF_SECONDS"  # first retry's delay (doubling, with jitter); default 1 s
 WINDOW_ENV = "FTC_RATE_LIMIT_WINDOW_SECONDS"  # the limiter's "minute" (tests and benchmarks shrink it); default 60
-DEADLINE_ENV = "FTC_STEP_DEADLINE_SECONDS"  # the step's activeDeadlineSeconds: waits for rate limits end before it
+DEADLINE_ENV = STEP_DEADLINE_ENV  # the step Job's activeDeadlineSeconds (rendered): rate-limit waits end before it
 DEFAULT_DEADLINE_SECONDS = 20 * 3600  # without it: under the chart's 24 h evaluate deadline
 DEADLINE_MARGIN_SECONDS = 600  # left for the statistics, scores.json and the report
 LLM_METRICS = frozenset({"answer_correctness", "factual_correctness"})  # ask the judge's endpoint

@@ -28,6 +28,7 @@ from ftc_api.steps import (
     MODEL_CACHE_MAX_BYTES_ENV,
     S3_ACCESS_KEY_ID_ENV,
     S3_SECRET_ACCESS_KEY_ENV,
+    STEP_DEADLINE_ENV,
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
     StepKind,
@@ -357,6 +358,8 @@ def _pod_spec(
         volumes.append(cache)
         container["volumeMounts"].append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
         container["env"].extend(model_cache_env(config))
+    if place["activeDeadlineSeconds"]:  # the step ends its waits before the Job's deadline (score: rate limits)
+        container["env"].append({"name": STEP_DEADLINE_ENV, "value": str(place["activeDeadlineSeconds"])})
     if step == StepKind.TRAIN and gpus > 1:
         # One training process per GPU: NCCL passes data between them through /dev/shm, which a container
         # gets at 64 MiB unless a memory-backed volume replaces it (as Kubeflow Trainer's pods do).
