@@ -239,8 +239,9 @@ class Judgment:
 class JudgeUsage:
     """Calls, tokens and estimated cost of one judge (or of the RAGAS LLM metrics: `kind` "ragas"). `calls` are
     first attempts (what the budget counts); `retries` every resend (after a 429, a 5xx, a timeout or an
-    unparseable reply); `rate_limited` the 429 replies and `waited_seconds` the time its calls were held back by the
-    limiter or a server's wait (summed over calls in flight together). The counting is the transport's (ratelimit.MeteredTransport)."""
+    unparseable reply); `rate_limited` the 429 replies and `waited_seconds` the time its calls were held back by
+    the limiter or a server's wait (summed over calls in flight together). The counting is the transport's
+    (ratelimit.MeteredTransport)."""
 
     model: str
     base_url: str
