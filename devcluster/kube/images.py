@@ -6,6 +6,7 @@ and ``devcluster/scripts/load-images.sh`` imports them into a containerd's ``k8s
 there. Both print timestamped progress, which goes to the real stderr (past pytest's capture).
 
     images = build_images()                  # {tag: {"id": "sha256:...", "size": bytes, "build_seconds": s}}
+    images = built_images()                  # the same, as the last build wrote it (no build)
     load_images("/run/node-1/containerd.sock", [PAUSE_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE])
 """
 
@@ -95,6 +96,13 @@ def build_images(timeout: float = 5400) -> dict[str, dict]:
     if path is None or not path.is_file():
         raise ImageError(f"{BUILD_SCRIPT} did not print the path of images.json; last line: {lines[-1:]!r}")
     return json.loads(path.read_text())["images"]
+
+
+def built_images() -> dict[str, dict]:
+    """What the last :func:`build_images` built, without building: ``{tag: {"id", "size", "build_seconds"}}`` from
+    ``$FTC_CACHE/images/images.json`` (``id``: the image's config digest, ``sha256:...``)."""
+    cache = Path(os.environ.get("FTC_CACHE") or Path.home() / ".cache" / "ftc")
+    return json.loads((cache / "images" / "images.json").read_text())["images"]
 
 
 def load_images(addresses: str | list[str], tags: list[str], timeout: float = 1800) -> None:
