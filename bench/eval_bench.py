@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         doc["machine"] = machine
     if "gpu_seconds_in_evaluation" in doc and args.part != "generation":
         doc["gpu_seconds_in_evaluation"]["machine"] = machine
+    if out.exists() and "rate_limits" not in doc:  # bench.ratelimit_bench's figures in the same file: kept
+        doc["rate_limits"] = json.loads(out.read_text()).get("rate_limits")
+        if doc["rate_limits"] is None:
+            del doc["rate_limits"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"min speed-up x{doc.get('min_speedup')} (target x{TARGET_SPEEDUP}); wrote {out}")
