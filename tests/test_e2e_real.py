@@ -138,6 +138,10 @@ def test_tiny_comparison_with_real_steps(
     spec = tiny_spec(assets_in_s3.cluster_endpoint_url, openai_server.cluster_base_url)
     spec["models"][0]["baseModel"] = "ftc-test/tiny-llama"
     spec["hub"] = {"endpoint": hub_server.cluster_endpoint, "tokenSecretRef": {"name": "hf-token", "key": "token"}}
+    # Who must win: tiny-mixtral trains at a learning rate 50,000 times smaller (a per-model override, recorded as a
+    # deviation), so its adapter stays next to zero and it answers as its random base model; tiny-llama learns the
+    # templated answers, which the local judge rates by their overlap with the reference.
+    spec["models"][1]["training"] = {"learningRate": 1e-7}
     ftc = Comparisons(control_plane.api_client())
     ftc.create("tiny", namespace, spec)
     progress: list[dict[str, Any]] = []  # status.models[].progress
@@ -153,7 +157,8 @@ def test_tiny_comparison_with_real_steps(
     except TimeoutError:
         raise AssertionError(step_logs(control_plane, namespace)[-12000:]) from None
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1) + step_logs(control_plane, namespace)[-12000:]
-    assert st["winner"] in ("tiny-llama", "tiny-mixtral", "tie")
+    assert st["winner"] == "tiny-llama", json.dumps(st["models"], indent=1)
+    assert {(d["model"], d["field"]) for d in st["fairness"]["deviations"]} >= {("tiny-mixtral", "training.learningRate")}
     assert progress and progress[0]["totalSteps"] > 0
     for m in st["models"]:
         assert m["phase"] == "Trained"
