@@ -1,6 +1,7 @@
 """The flagship example runs as written: examples/llama2-vs-mixtral.yaml, loaded from the file with only its
 endpoints pointed at local servers (a local hub serving `meta-llama/Llama-2-7b-hf` gated, as the real one is,
-and a local S3 holding the example's bucket and dataset), gets past prepare.
+a local S3 holding the example's bucket and dataset, and a local OpenAI-compatible judge that, like OpenAI,
+refuses JSON mode for `gpt-4`), gets past prepare, its judge checked and RAGAS' mode chosen.
 
 The operator's own planner renders the prepare Job from the example; the Job's container runs as its pod
 would (the image's entry point as a process of its own, its env with every `secretKeyRef` filled from the
@@ -30,10 +31,12 @@ from ftc_api.steps import EXIT_BAD_INPUT
 
 from devcluster.models.tiny import TinyAssets
 from devcluster.servers.hub_server import FakeHub
+from devcluster.servers.openai_server import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "llama2-vs-mixtral.yaml"
 HF_TOKEN = "hf_flagship_canary_7c1d"  # the token of an account that accepted the Llama 2 licence
+OPENAI_KEY = "sk-flagship-canary-3e9a"  # the only key the local judge accepts
 
 
 def secrets_created_by(text: str) -> dict[str, dict[str, str]]:
@@ -109,16 +112,26 @@ def _run_pod(create: Any, secrets: dict[str, dict[str, str]], where: Path) -> tu
 
 @pytest.fixture
 def flagship(
-    hub_server: FakeHub, local_s3: Any, tiny_assets: TinyAssets, tmp_path: Path, request: pytest.FixtureRequest
+    hub_server: FakeHub,
+    local_s3: Any,
+    openai_server: FakeOpenAI,
+    tiny_assets: TinyAssets,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> dict[str, Any]:
-    """The example's spec with only its endpoints rewritten (hub and S3 on this host), its two models on the local
-    hub under their real names (Llama 2 gated by HF_TOKEN), its bucket and dataset in the local S3."""
+    """The example's spec with only its endpoints rewritten (hub, S3 and judge on this host), its two models on the
+    local hub under their real names (Llama 2 gated by HF_TOKEN), its bucket and dataset in the local S3, its judge
+    model the only one the local judge serves, with OPENAI_KEY the only key it accepts."""
     import boto3
 
     doc = yaml.safe_load(EXAMPLE.read_text())
     spec = doc["spec"]
     spec["hub"]["endpoint"] = hub_server.endpoint
     spec["storage"]["endpointUrl"] = local_s3.endpoint_url
+    assert spec["evaluation"]["judge"]["baseUrl"] == "https://api.openai.com/v1"
+    spec["evaluation"]["judge"]["baseUrl"] = openai_server.base_url
+    openai_server.known_models = {spec["evaluation"]["judge"]["model"]}
+    openai_server.api_keys = {OPENAI_KEY}
     llama, mixtral = (m["baseModel"] for m in spec["models"])
     assert llama == "meta-llama/Llama-2-7b-hf"
     # Each test's repos differ by a README naming the test: a copy staged by an earlier test (same commit sha)
@@ -151,7 +164,7 @@ def _secrets(local_s3: Any, token: str = HF_TOKEN) -> dict[str, dict[str, str]]:
     creds = local_s3.env()
     secrets = secrets_created_by(EXAMPLE.read_text())
     secrets["ftc-s3"] = {k: creds[k] for k in secrets["ftc-s3"]}
-    secrets["openai"] = {"api-key": "sk-unused-by-prepare"}
+    secrets["openai"] = {"api-key": OPENAI_KEY}
     secrets["hf-token"] = {"token": token}
     return secrets
 
@@ -184,6 +197,12 @@ def test_the_flagship_example_gets_past_prepare_with_its_gated_model(
     downloads = [r for r in hub_server.requests if "/meta-llama/Llama-2-7b-hf/resolve/" in r["path"]]
     assert downloads and all(r["token"] for r in downloads)
     assert HF_TOKEN not in json.dumps(summary) + logged
+    # The judge was checked before any weight moved: gpt-4 has no JSON mode (HTTP 400, as OpenAI answers), so
+    # RAGAS is driven with tool calls.
+    [judge] = summary["endpoints"]
+    assert (judge["setting"], judge["ok"], judge["mode"]) == ("evaluation.judge", True, "tools"), judge
+    assert "400" in judge["refused"].get("json", ""), judge
+    assert OPENAI_KEY not in json.dumps(summary) + logged
 
     # What the operator makes of it: prepare succeeded, both models go on to train.
     done = ObservedJob(name=prepare.name, step="prepare", model=None, state=JobState.SUCCEEDED, result=json.dumps(summary))
