@@ -198,9 +198,14 @@ def endpoints_to_check(evaluation: EvaluationSpec) -> list[EndpointRef]:
         key = JUDGE_API_KEY_ENV if judge.api_key_secret_ref is not None else None
         refs.append(
             EndpointRef(
-                setting="evaluation.judge", kind="chat", base_url=judge.base_url, model=judge.model,
-                api_key_env=key, structured=structured, timeout_seconds=judge.timeout_seconds,
-            )  # fmt: skip
+                setting="evaluation.judge",
+                kind="chat",
+                base_url=judge.base_url,
+                model=judge.model,
+                api_key_env=key,
+                structured=structured,
+                timeout_seconds=judge.timeout_seconds,
+            )
         )
     if judged:
         for i, extra in enumerate(evaluation.extra_judges):
@@ -210,9 +215,13 @@ def endpoints_to_check(evaluation: EvaluationSpec) -> list[EndpointRef]:
             key = f"{JUDGE_API_KEY_ENV}_{i + 1}" if extra.api_key_secret_ref is not None else main_key
             refs.append(
                 EndpointRef(
-                    setting=f"evaluation.extraJudges[{i}]", kind="chat", base_url=extra.base_url, model=extra.model,
-                    api_key_env=key, timeout_seconds=extra.timeout_seconds,
-                )  # fmt: skip
+                    setting=f"evaluation.extraJudges[{i}]",
+                    kind="chat",
+                    base_url=extra.base_url,
+                    model=extra.model,
+                    api_key_env=key,
+                    timeout_seconds=extra.timeout_seconds,
+                )
             )
     emb = evaluation.embeddings
     if emb.provider == "openai" and emb.base_url and EMBEDDING_METRICS & metrics:
