@@ -171,7 +171,7 @@ def test_preflight_names_setting_endpoint_and_status(openai_server, setup, statu
     for name, value in setup.items():
         setattr(openai_server, name, value)
     check = check_endpoint(judge_ref(openai_server, "gpt-5x", key_env="KEY"), {"KEY": "sk-wrong-0000"})
-    assert not check.ok and check.status == status
+    assert not check.ok and check.status == status and check.error is not None
     assert check.error.startswith(f"evaluation.judge (chat endpoint {openai_server.base_url}, model 'gpt-5x'): HTTP {status}: ")
     for word in words:
         assert word in check.error
@@ -182,7 +182,7 @@ def test_preflight_names_setting_endpoint_and_status(openai_server, setup, statu
 def test_preflight_unreachable_is_retryable():
     ref = EndpointRef(setting="evaluation.judge", kind="chat", base_url="http://127.0.0.1:9/v1", model="m")
     check = check_endpoint(ref, {})
-    assert not check.ok and check.retryable and check.status is None
+    assert not check.ok and check.retryable and check.status is None and check.error is not None
     assert "no HTTP reply" in check.error and "check evaluation.judge.baseUrl" in check.error
 
 
@@ -191,6 +191,7 @@ def test_preflight_of_embeddings(openai_server):
     assert check_endpoint(ref, {}).ok
     openai_server.embeddings_broken = "html"
     check = check_endpoint(ref, {})
+    assert check.error is not None
     assert not check.ok and "evaluation.embeddings" in check.error and "not an embeddings list: HTML page" in check.error
 
 
@@ -198,15 +199,19 @@ def test_endpoints_to_check_follow_the_metrics():
     judge = {"baseUrl": "http://j/v1", "model": "gpt-4", "apiKeySecretRef": {"name": "s", "key": "k"}}
     emb = {"provider": "openai", "baseUrl": "http://e/v1", "model": "text-embedding-3-small"}
     extra = [{"baseUrl": "http://x/v1", "model": "other"}]
-    full = endpoints_to_check(EvaluationSpec(judge=judge, extraJudges=extra, embeddings=emb))
+    full = endpoints_to_check(EvaluationSpec.model_validate({"judge": judge, "extraJudges": extra, "embeddings": emb}))
     assert [(r.setting, r.structured, r.api_key_env) for r in full] == [
         ("evaluation.judge", True, "FTC_JUDGE_API_KEY"),
         ("evaluation.extraJudges[0]", False, "FTC_JUDGE_API_KEY"),  # no key of its own: the main judge's
         ("evaluation.embeddings", False, None),
     ]
-    only_judge = endpoints_to_check(EvaluationSpec(judge=judge, metrics=["judge", "bleu"], embeddings=emb))
+    only_judge = endpoints_to_check(
+        EvaluationSpec.model_validate({"judge": judge, "metrics": ["judge", "bleu"], "embeddings": emb})
+    )
     assert [(r.setting, r.structured) for r in only_judge] == [("evaluation.judge", False)]
-    no_api = endpoints_to_check(EvaluationSpec(metrics=["bleu", "semantic_similarity"], primaryMetric="bleu"))
+    no_api = endpoints_to_check(
+        EvaluationSpec.model_validate({"metrics": ["bleu", "semantic_similarity"], "primaryMetric": "bleu"})
+    )
     assert no_api == []
 
 
