@@ -10,6 +10,7 @@ from typing import Any
 
 import ftc_operator.reconcile as reconcile
 import pytest
+from ftc_api.spec import FineTuneComparisonSpec
 from ftc_api.status import ModelPhase, Phase
 from ftc_operator.config import GPU_LABEL_PRESETS, OperatorConfig
 from ftc_operator.observe import JobState, Unschedulable, observe_job, pod_unschedulable
@@ -201,7 +202,9 @@ def test_the_reconciler_looks_again_at_the_deadline():
 def test_a_gpu_label_preset_selects_its_label_and_a100_value(preset):
     label, product = GPU_LABEL_PRESETS[preset]
     config = OperatorConfig.model_validate({"gpuLabelPreset": preset})
-    selector = pod_placement(config, parse_spec(spec()), "train", parse_spec(spec()).models[0])["nodeSelector"]
+    parsed = parse_spec(spec())
+    assert isinstance(parsed, FineTuneComparisonSpec)
+    selector = pod_placement(config, parsed, "train", parsed.models[0])["nodeSelector"]
     assert selector == {label: product}
 
 
@@ -209,7 +212,9 @@ def test_a_preset_fills_only_what_the_config_leaves_unset_and_the_spec_still_ove
     config = OperatorConfig.model_validate({"gpuLabelPreset": "gke", "placement": {"gpuCount": 1, "gpuProduct": "nvidia-l4"}})
     assert (config.placement.gpu_product_label, config.placement.gpu_product) == ("cloud.google.com/gke-accelerator", "nvidia-l4")
     doc = spec(placement={"gpuProductLabel": "example.com/gpu", "gpuProduct": "a100"})
-    selector = pod_placement(config, parse_spec(doc), "train", parse_spec(doc).models[0])["nodeSelector"]
+    parsed = parse_spec(doc)
+    assert isinstance(parsed, FineTuneComparisonSpec)
+    selector = pod_placement(config, parsed, "train", parsed.models[0])["nodeSelector"]
     assert selector == {"example.com/gpu": "a100"}
 
 
