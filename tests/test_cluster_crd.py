@@ -140,7 +140,19 @@ def test_kubectl_explain_documents_the_api(crd: Cluster) -> None:
 def test_printer_columns(crd: Cluster, namespace: str) -> None:
     assert apply(crd, namespace, comparison("columns")).returncode == 0
     header = crd.kubectl("-n", namespace, "get", "ftc").splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "MODELS", "WINNER", "AGE"]
+    assert header == ["NAME", "PHASE", "MODELS", "WINNER", "REASON", "AGE"]
+    wide = crd.kubectl("-n", namespace, "get", "ftc", "-o", "wide").splitlines()[0].split()
+    assert wide == ["NAME", "PHASE", "MODELS", "WINNER", "REASON", "MESSAGE", "AGE"]
+    # The Reason column is the first condition that is not True (the API server evaluates the filter).
+    conditions = [
+        {"type": "Ready", "status": "True", "reason": "Valid", "message": "ok", "lastTransitionTime": "2026-12-03T00:00:00Z"},
+        {"type": "Trained", "status": "Unknown", "reason": "Unschedulable", "message": "0/2 nodes are available",
+         "lastTransitionTime": "2026-12-03T00:00:00Z"},
+    ]  # fmt: skip
+    crd.kubectl("-n", namespace, "patch", "ftc", "columns", "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": {"phase": "Training", "conditions": conditions}}))  # fmt: skip
+    row = crd.kubectl("-n", namespace, "get", "ftc", "columns", "-o", "wide").splitlines()[1]
+    assert "Unschedulable" in row and "0/2 nodes are available" in row and "Valid" not in row, row
 
 
 def test_a_sample_of_fuzzed_specs_through_kubectl_apply(crd: Cluster, namespace: str) -> None:

@@ -291,7 +291,7 @@ def test_train_pod_deleted_mid_run_resumes_from_checkpoint_and_reads_no_base_wei
         spec["training"]["saveSteps"] = 4
         spec["models"][0]["baseModel"] = f"s3://{assets_in_s3.bucket}/{base_key}"
         ftc.create("resume", namespace, spec)
-        selector = "ftc.dev/comparison=resume,ftc.dev/model=tiny-llama"
+        selector = "ftc.dev/comparison=resume,ftc.dev/model=tiny-llama,ftc.dev/step=train"  # (its generate pod: same model)
 
         def past_a_checkpoint():
             st = ftc.status("resume", namespace)
