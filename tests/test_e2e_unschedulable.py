@@ -100,7 +100,7 @@ def describe(comparisons: Any, namespace: str) -> str:
 
 def test_pods_no_node_takes_are_reported_then_fail_at_the_deadline(
     control_plane,
-    ftc,
+    ftc,  # noqa: F811 - a fixture
     operator,
     namespace,
     s3_server,
