@@ -560,7 +560,7 @@ class EvaluationSpec(ApiModel):
         default=None, ge=2, description="testSampleSize: evaluate a seeded sample of this many test rows."
     )
     bootstrap_resamples: int = Field(default=2000, ge=100, le=100000, description="bootstrapResamples: resamples for intervals.")
-    significance_level: float = Field(default=0.05, gt=0, lt=0.5, description="significanceLevel: alpha of the paired tests.")
+    significance_level: float = Field(default=0.05, gt=0, lt=0.5, description="significanceLevel: the paired tests' alpha.")
     exclude_failed_models: bool = Field(
         default=False,
         description=(
@@ -571,7 +571,7 @@ class EvaluationSpec(ApiModel):
             "retried by the Job when the cause is transient): no model wins by forfeit unless you ask for it."
         ),
     )
-    seed: int = Field(default=42, ge=0, description="seed: seed of sampling, bootstrap and permutation tests.")
+    seed: int = Field(default=42, ge=0, description="seed: seed of the test-row sample, the bootstrap and the permutation test.")
 
     @model_validator(mode="after")
     def _primary_is_measured(self) -> EvaluationSpec:

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible server on loopback (aiohttp) for the evaluator's tests.
+"""An OpenAI-compatible server on loopback (aiohttp): the judge of the demo and of the evaluator's test suite.
 
 It serves what the real API serves, over real HTTP, so the real `openai` client and ragas talk to it:
 
