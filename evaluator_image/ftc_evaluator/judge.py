@@ -37,7 +37,7 @@ from ftc_step.endpoints import NOT_COMPLETION, classify_reply, describe_reply
 from ftc_step.errors import StepError
 
 from .breaker import DEFAULT_THRESHOLD, Breaker
-from .ratelimit import Account, CallBudget, final_reason
+from .ratelimit import Account, CallBudget, final_reason, wait_from_headers
 
 if TYPE_CHECKING:
     import openai
@@ -510,12 +510,10 @@ class Judge:
 
 
 def _retry_after(err: Any) -> float | None:
-    """Seconds the server asked us to wait (Retry-After), if it said."""
-    try:
-        value = err.response.headers.get("retry-after")
-        return max(0.0, float(value)) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None
+    """Seconds the 429's headers ask to wait, if they say (read as the transport reads them:
+    `ratelimit.wait_from_headers`, so `retry-after-ms` and `x-ratelimit-reset-*` count here too)."""
+    headers = getattr(getattr(err, "response", None), "headers", None)
+    return wait_from_headers(headers) if headers is not None else None
 
 
 def _short(value: object, limit: int = 200) -> str:
