@@ -169,6 +169,21 @@ class Placement(ApiModel):
         default=None, description="queueName: Kueue LocalQueue; sets the `kueue.x-k8s.io/queue-name` label."
     )
     priority_class_name: str | None = Field(default=None, description="priorityClassName: PriorityClass of the pods.")
+    workload_priority_class_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="workloadPriorityClassName: Kueue WorkloadPriorityClass of the Jobs (sets the "
+        "`kueue.x-k8s.io/priority-class` label); orders admission and preemption inside Kueue.",
+    )
+    nodes: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="nodes: pods (one per node) of each train step, each with gpuCount GPUs. Above 1 the train step is "
+        "a JobSet (JobSet must be installed) with a torchrun rendezvous on its leader pod; Kueue admits the group as one "
+        "workload. Default 1.",
+    )
     resources: Resources | None = Field(default=None, description="resources: CPU and memory requests and limits.")
     service_account_name: str | None = Field(
         default=None,

@@ -86,6 +86,65 @@ class Progress(ApiModel):
     train_loss: float | None = Field(default=None, description="trainLoss: latest train loss.")
     eval_loss: float | None = Field(default=None, description="evalLoss: latest eval loss.")
     updated_at: str | None = Field(default=None, description="updatedAt: when the pod reported this (RFC 3339).")
+    progress_percentage: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="progressPercentage: step over totalSteps in percent, as Kubeflow Trainer's trainerStatus reports it.",
+    )
+    estimated_remaining_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="estimatedRemainingSeconds: steps left times the measured seconds per step; unset until steps "
+        "have been timed.",
+    )
+    metrics: list[ProgressMetric] | None = Field(
+        default=None, description="metrics: the latest training metrics by name (train_loss, eval_loss, epoch)."
+    )
+    last_updated_time: str | None = Field(
+        default=None, description="lastUpdatedTime: when the operator last copied this progress (RFC 3339)."
+    )
+
+
+class ProgressMetric(ApiModel):
+    """One named training metric, as in Kubeflow Trainer's trainerStatus.metrics."""
+
+    name: str = Field(description="name: the metric's name, for example train_loss.")
+    value: str = Field(description="value: the metric's latest value, as a decimal string.")
+
+
+class QueueState(StrEnum):
+    """Where a model's train workload is in Kueue (only set when its Jobs name a queue)."""
+
+    QUEUED = "Queued"
+    ADMITTED = "Admitted"
+    RUNNING = "Running"
+    PREEMPTED = "Preempted"
+    FINISHED = "Finished"
+
+
+class QueueStatus(ApiModel):
+    """A model's train workload as Kueue sees it: read from its Workload object."""
+
+    state: QueueState = Field(description="state: Queued, Admitted, Running, Preempted or Finished.")
+    queue_name: str | None = Field(default=None, description="queueName: the LocalQueue the workload waits in.")
+    workload: str | None = Field(default=None, description="workload: name of Kueue's Workload object for the train Job.")
+    reason: str | None = Field(
+        default=None, description="reason: Kueue's reason for the current state (for example Pending, Preempted)."
+    )
+    message: str | None = Field(
+        default=None,
+        description="message: Kueue's own message, for example why the workload waits (insufficient unused quota, "
+        "how much more is needed).",
+    )
+    queued_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="queuedSeconds: time the model's train Job spent waiting for admission, summed over every wait "
+        "(reported apart from trainSeconds).",
+    )
+    preemptions: int = Field(default=0, ge=0, description="preemptions: times Kueue evicted the running workload.")
+    admitted_at: str | None = Field(default=None, description="admittedAt: when Kueue last admitted it (RFC 3339).")
 
 
 class TokenCounts(ApiModel):
@@ -113,6 +172,9 @@ class ModelStatus(ApiModel):
     )
     message: str | None = Field(default=None, description="message: why the model failed, if it did.")
     progress: Progress | None = Field(default=None, description="progress: live progress while training.")
+    queue: QueueStatus | None = Field(
+        default=None, description="queue: Kueue admission of the train workload (set only when a queue is named)."
+    )
     memory_estimate: MemoryEstimate | None = Field(default=None, description="memoryEstimate: pre-flight GPU memory estimate.")
     token_counts: TokenCounts | None = Field(
         default=None, description="tokenCounts: tokens per split under this model's tokenizer."
