@@ -1,0 +1,133 @@
+"""The pure analysis of a run under a Kueue quota (devcluster/queueing.py), by tables: GPU use over time from
+pod intervals, and whether admissions followed priority, then queue time."""
+
+from __future__ import annotations
+
+import pytest
+
+from devcluster.queueing import (
+    Admission,
+    Overuse,
+    Span,
+    gpu_seconds,
+    order_violations,
+    over_quota,
+    peak,
+    queue_waits,
+    timeline,
+    usage_steps,
+    utilisation,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def S(name: str, start: float, end: float, gpus: int = 4) -> Span:
+    return Span(name, start, end, gpus)
+
+
+@pytest.mark.parametrize(
+    ("spans", "steps", "top"),
+    [
+        pytest.param([], [], (0, None), id="nothing"),
+        pytest.param([S("a", 0, 10)], [(0, 4), (10, 0)], (4, 0), id="one"),
+        pytest.param([S("a", 0, 10), S("b", 5, 15)], [(0, 4), (5, 8), (10, 4), (15, 0)], (8, 5), id="overlap"),
+        # second-resolution timestamps: one stops at 10 and the next starts at 10; they never held GPUs together
+        pytest.param([S("a", 0, 10), S("b", 10, 20)], [(0, 4), (10, 4), (20, 0)], (4, 0), id="hand-over-at-one-instant"),
+        pytest.param([S("cpu", 0, 10, gpus=0), S("a", 2, 3, 1)], [(2, 1), (3, 0)], (1, 2), id="cpu-pods-hold-nothing"),
+        pytest.param([S("a", 5, 5)], [], (0, None), id="zero-length"),
+    ],
+)
+def test_usage_steps_and_peak(spans, steps, top):
+    assert usage_steps(spans) == steps
+    assert peak(spans) == top
+
+
+@pytest.mark.parametrize(
+    ("spans", "quota", "expected"),
+    [
+        pytest.param([S("a", 0, 10), S("b", 10, 20)], 4, [], id="serial-under-quota"),
+        pytest.param([S("a", 0, 10), S("b", 0, 10)], 8, [], id="exactly-the-quota"),
+        pytest.param(
+            [S("a", 0, 10), S("b", 0, 10), S("c", 9, 12, 1)], 8, [Overuse(9, 10, 9, ("a", "b", "c"))], id="one-second-over"
+        ),
+        pytest.param(
+            [S("a", 0, 10, 8), S("b", 2, 4, 1), S("c", 6, 8, 1)],
+            8,
+            [Overuse(2, 4, 9, ("a", "b")), Overuse(6, 8, 9, ("a", "c"))],
+            id="two-separate-overuses",
+        ),
+    ],
+)
+def test_over_quota(spans, quota, expected):
+    assert over_quota(spans, quota) == expected
+
+
+def test_gpu_seconds_utilisation_and_timeline():
+    spans = [S("a", 0, 10, 4), S("b", 0, 10, 4), S("c", 10, 15, 4)]
+    assert gpu_seconds(spans) == 100
+    assert gpu_seconds(spans, 5, 12) == 5 * 8 + 2 * 4
+    assert utilisation(spans, 8, 0, 20) == pytest.approx(100 / 160)
+    assert timeline(spans, 8, 0, 20, 4) == [
+        {"from": 0, "to": 5, "utilisation": 1.0},
+        {"from": 5, "to": 10, "utilisation": 1.0},
+        {"from": 10, "to": 15, "utilisation": 0.5},
+        {"from": 15, "to": 20, "utilisation": 0.0},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        pytest.param(lambda: Span("a", 5, 4, 1), "ends .* before it starts", id="backwards-span"),
+        pytest.param(lambda: Span("a", 0, 1, -1), "negative", id="negative-gpus"),
+        pytest.param(lambda: utilisation([], 0, 0, 1), "quota must be positive", id="no-quota"),
+        pytest.param(lambda: utilisation([], 8, 3, 3), "must have a length", id="empty-window"),
+        pytest.param(lambda: timeline([], 8, 0, 1, 0), "buckets must be positive", id="no-buckets"),
+    ],
+)
+def test_bad_input_is_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+HIGH, LOW = 1000, 100
+
+
+def A(name: str, priority: int, queued: float, admitted: float | None) -> Admission:
+    return Admission(name, priority, queued, admitted)
+
+
+@pytest.mark.parametrize(
+    ("admissions", "violations"),
+    [
+        pytest.param([A("a", LOW, 0, 10), A("b", LOW, 1, 20), A("c", LOW, 2, 30)], [], id="fifo"),
+        pytest.param([A("a", LOW, 0, 20), A("b", LOW, 1, 10)], [("b", "a", 10)], id="a-later-one-passes-an-earlier-one"),
+        pytest.param([A("low", LOW, 0, 20), A("high", HIGH, 5, 10)], [], id="high-priority-goes-first"),
+        pytest.param([A("low", LOW, 5, 10), A("high", HIGH, 0, 20)], [("low", "high", 10)], id="low-admitted-while-high-waits"),
+        # Kueue had not seen b yet (created 0.5 s before a's admission): not a violation
+        pytest.param([A("a", LOW, 5, 10), A("b", HIGH, 9.5, 20)], [], id="too-new-to-count"),
+        # admitted in the same scheduling cycle, recorded a moment apart
+        pytest.param([A("a", LOW, 1, 10.0), A("b", LOW, 0, 10.4)], [], id="same-cycle"),
+        pytest.param([A("a", LOW, 0, 10), A("b", HIGH, 2, None)], [("a", "b", 10)], id="never-admitted-high-waits"),
+        # a preempted workload requeues at its eviction time: behind those that were already waiting
+        pytest.param([A("x", LOW, 0, 5), A("y", LOW, 3, 12), A("x", LOW, 10, 20)], [], id="requeued-at-eviction-goes-behind"),
+        pytest.param([A("a", LOW, 0, 10), A("a", LOW, 0, 10)], [], id="itself"),
+    ],
+)
+def test_order_violations(admissions, violations):
+    assert [(v.admitted, v.waiting, v.at) for v in order_violations(admissions)] == violations
+
+
+def test_equal_timestamps_within_the_resolution_are_unordered():
+    # created in the same second: Kueue may take either first
+    same_second = [A("a", LOW, 0.0, 20), A("b", LOW, 0.9, 10)]
+    assert order_violations(same_second, resolution=1.0) == []
+    assert [str(v) for v in order_violations(same_second, resolution=0.0)] == [
+        "b admitted at 10.0 while a, ahead of it in the queue, kept waiting"
+    ]
+
+
+def test_queue_waits_sum_every_wait():
+    admissions = [A("x", LOW, 0, 5), A("y", LOW, 3, 12), A("x", LOW, 10, 20), A("z", HIGH, 15, None)]
+    assert queue_waits(admissions, until=30) == {"x": 15, "y": 9, "z": 15}
