@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Build the local cluster's Go add-ons from the Go module proxy, cache the binaries, and make their images:
+#   coredns  github.com/coredns/coredns@$COREDNS_VERSION     -> image registry.k8s.io/coredns/coredns:$COREDNS_VERSION
+#   kueue    sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION        -> image registry.k8s.io/kueue/kueue:$KUEUE_VERSION
+#   jobset   sigs.k8s.io/jobset@$JOBSET_VERSION (main.go at the module root)
+#                                                              -> image registry.k8s.io/jobset/jobset:$JOBSET_VERSION
+# Binaries go to ${FTC_CACHE:-~/.cache/ftc}/addons-<versions>/bin (with a .stamp); the images (FROM scratch: the static
+# binary, /tmp, /etc/passwd with nonroot 65532, the host's CA bundle; USER 65532:65532 and the upstream entrypoint,
+# /coredns or /manager, as the upstream distroless images have) go into the private dockerd of build-images.sh
+# (lib-docker.sh), from where devcluster/kube/node.py loads them into the nodes' containerds like the project's images.
+# Versions come from devcluster/scripts/versions.env.
+#
+# None of the three modules has replace directives, so a plain `go install module/pkg@version` builds each (no
+# wrapper module). CGO_ENABLED=0 (static), GOTOOLCHAIN=local (their go.mod asks for go 1.25/1.26; the local Go builds
+# them), the upstream version ldflags. One build at a time (flock). A warm call (binaries present, the stamp matches
+# versions.env, the images in the dockerd with the IDs recorded in images.json) returns at once without starting
+# dockerd: the image check reads dockerd's repositories.json.
+#
+# Usage: devcluster/scripts/build-addons.sh [--force]     prints the bin dir on the last line.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+# shellcheck source=lib-docker.sh
+source "$here/lib-docker.sh"   # sets FTC_CACHE, log, dk, ftc_docker_start
+
+want_stamp="COREDNS_VERSION=$COREDNS_VERSION KUEUE_VERSION=$KUEUE_VERSION JOBSET_VERSION=$JOBSET_VERSION"
+root="$FTC_CACHE/addons-coredns-$COREDNS_VERSION-kueue-$KUEUE_VERSION-jobset-$JOBSET_VERSION"
+bin="$root/bin"
+stamp="$bin/.stamp"
+images_json="$root/images.json"
+repositories="$FTC_DOCKER_DIR/data/image/overlay2/repositories.json"
+
+# name  go package@version  ldflags  image  entrypoint
+coredns_pkg="github.com/coredns/coredns@$COREDNS_VERSION"
+kueue_pkg="sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+jobset_pkg="sigs.k8s.io/jobset@$JOBSET_VERSION"
+declare -A pkg=([coredns]="$coredns_pkg" [kueue]="$kueue_pkg" [jobset]="$jobset_pkg")
+declare -A ldflags=(
+  [coredns]="-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
+  [kueue]="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+  [jobset]="-s -w -X sigs.k8s.io/jobset/pkg/version.GitVersion=$JOBSET_VERSION"
+)
+declare -A image=(
+  [coredns]="registry.k8s.io/coredns/coredns:$COREDNS_VERSION"
+  [kueue]="registry.k8s.io/kueue/kueue:$KUEUE_VERSION"
+  [jobset]="registry.k8s.io/jobset/jobset:$JOBSET_VERSION"
+)
+declare -A entry=([coredns]=/coredns [kueue]=/manager [jobset]=/manager)
+names=(coredns kueue jobset)
+
+binaries_ok() {
+  local n
+  for n in "${names[@]}"; do [[ -x "$bin/$n" ]] || return 1; done
+  [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]]
+}
+
+# Every image tagged in dockerd with the ID this script recorded (read from dockerd's own tag file: no dockerd needed).
+images_ok() {
+  [[ -f "$images_json" && -f "$repositories" ]] || return 1
+  python3 - "$images_json" "$repositories" "${image[@]}" <<'PY'
+import json, sys
+recorded = json.load(open(sys.argv[1]))["images"]
+tags = {t: i for repo in json.load(open(sys.argv[2])).get("Repositories", {}).values() for t, i in repo.items()}
+sys.exit(0 if all(recorded.get(t, {}).get("id") and tags.get(t) == recorded[t]["id"] for t in sys.argv[3:]) else 1)
+PY
+}
+
+up_to_date() { [[ "${1:-}" != "--force" ]] && binaries_ok && images_ok; }
+
+if up_to_date "${1:-}"; then
+  echo "add-ons up to date ($want_stamp)"
+  echo "$bin"
+  exit 0
+fi
+
+# One build at a time (a test session and `make addons-build` may race); re-check after waiting.
+mkdir -p "$root"
+exec 9>"$root/.lock"
+flock 9
+if up_to_date "${1:-}"; then
+  echo "add-ons up to date ($want_stamp)"
+  echo "$bin"
+  exit 0
+fi
+
+export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
+command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
+export GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOBIN="$bin"
+start=$SECONDS
+mkdir -p "$bin"
+
+# --- binaries --------------------------------------------------------------------------------------
+if [[ "${1:-}" == "--force" ]] || ! binaries_ok; then
+  rm -f "$stamp"
+  for n in "${names[@]}"; do
+    t=$SECONDS
+    log "go install ${pkg[$n]} (CGO_ENABLED=0)"
+    # The binary is named after the package's last element: coredns, kueue, jobset.
+    # A ticker: a cold build is minutes of silence otherwise.
+    ( exec 9>&-; s=""; trap 'kill "$s" 2>/dev/null; exit 0' TERM
+      while :; do sleep 60 & s=$!; wait "$s"; log "  still building $n ($((SECONDS - t)) s)"; done ) &
+    ticker=$!
+    if ! go install -ldflags "${ldflags[$n]}" "${pkg[$n]}" >"$root/build-$n.log" 2>&1; then
+      kill "$ticker" 2>/dev/null || true
+      tail -n 40 "$root/build-$n.log" >&2
+      echo "error: go install ${pkg[$n]} failed; full log: $root/build-$n.log" >&2
+      exit 1
+    fi
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    log "built $n in $((SECONDS - t)) s ($(($(stat -c %s "$bin/$n") / 1000000)) MB)"
+  done
+  "$bin/coredns" -version | head -1
+  echo "$want_stamp" >"$stamp"
+  rm -f "$images_json"   # new binaries: new images
+fi
+
+# --- images ----------------------------------------------------------------------------------------
+ftc_docker_start
+work="$(mktemp -d "$root/image.XXXXXX")"
+trap 'rm -rf "$work"; ftc_docker_stop' EXIT
+recorded() {
+  [[ -f "$images_json" ]] || return 1
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["images"][sys.argv[2]]["id"])' "$images_json" "$1" 2>/dev/null
+}
+declare -A ids=()
+for n in "${names[@]}"; do
+  tag="${image[$n]}"
+  have="$(dk image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
+  if [[ -n "$have" && "$have" == "$(recorded "$tag" || true)" ]]; then
+    log "$tag present ($have)"
+    ids[$tag]="$have"
+    continue
+  fi
+  r="$work/$n"
+  mkdir -p "$r/tmp" "$r/etc/ssl/certs"
+  chmod 1777 "$r/tmp"
+  cp "$bin/$n" "$r${entry[$n]}"
+  printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' >"$r/etc/passwd"
+  printf 'root:x:0:\nnonroot:x:65532:\n' >"$r/etc/group"
+  if [[ -f /etc/ssl/certs/ca-certificates.crt ]]; then cp /etc/ssl/certs/ca-certificates.crt "$r/etc/ssl/certs/"; fi
+  tar -C "$r" --numeric-owner --owner=0 --group=0 -cf "$work/$n.tar" .
+  ids[$tag]="$(dk import --change "ENTRYPOINT [\"${entry[$n]}\"]" --change 'USER 65532:65532' \
+    --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' "$work/$n.tar" "$tag")"
+  log "$tag imported (${ids[$tag]:0:19}, $(($(dk image inspect -f '{{.Size}}' "$tag") / 1000000)) MB)"
+done
+python3 - "$images_json.tmp" "${!ids[@]}" -- "${ids[@]}" <<'PY'
+import json, sys, time
+args = sys.argv[2:]
+sep = args.index("--")
+tags, ids = args[:sep], args[sep + 1:]
+json.dump({"images": {t: {"id": i} for t, i in zip(tags, ids)}, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+          open(sys.argv[1], "w"), indent=2)
+PY
+mv "$images_json.tmp" "$images_json"
+trap - EXIT
+rm -rf "$work"
+ftc_docker_stop
+log "add-ons ready in $((SECONDS - start)) s"
+echo "$bin"
