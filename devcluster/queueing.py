@@ -124,12 +124,16 @@ def timeline(spans: Sequence[Span], quota: int, start: float, end: float, bucket
 
 @dataclass(frozen=True)
 class Admission:
-    """One wait of a workload in the queue and its end: it joined the queue at `queued` (its creation, or its
-    eviction when it was preempted: Kueue orders a requeued workload by its eviction time) with `priority`, and was
-    admitted at `admitted` (None: never, within what was recorded). A workload evicted and readmitted has two."""
+    """One wait of a workload in the queue and how it ended. It joined the queue at `queued` (its creation, or its
+    eviction when it was preempted) and was admitted at `admitted` (None: not within what was recorded); a workload
+    evicted and readmitted has two. Kueue orders the queue by `priority` (higher first), then by `order`, the
+    workload's queue-order timestamp: its creationTimestamp, which a preemption within the ClusterQueue keeps
+    (Kueue v0.17 `workload.Ordering.GetQueueOrderTimestamp`; only a PodsReady timeout or an admission check moves
+    it to the eviction), then by UID (arbitrary: equal timestamps are unordered)."""
 
     workload: str
     priority: int
+    order: float
     queued: float
     admitted: float | None
 
@@ -137,7 +141,7 @@ class Admission:
 @dataclass(frozen=True)
 class OrderViolation:
     """`admitted` was admitted while `waiting`, which ranked ahead of it (higher priority, or the same priority
-    and in the queue earlier), stayed pending."""
+    and an earlier queue-order timestamp), stayed pending."""
 
     admitted: str
     waiting: str
@@ -147,12 +151,12 @@ class OrderViolation:
         return f"{self.admitted} admitted at {self.at:.1f} while {self.waiting}, ahead of it in the queue, kept waiting"
 
 
-def ranks_ahead(a: Admission, b: Admission, resolution: float) -> bool:
-    """Whether `a` is ahead of `b` in Kueue's order: higher priority, or equal priority and queued earlier by more
-    than the timestamps' resolution (ties are unordered)."""
+def ranks_ahead(a: Admission, b: Admission, resolution: float = 0.0) -> bool:
+    """Whether `a` is ahead of `b` in Kueue's order: higher priority, or equal priority and an order timestamp
+    earlier by more than `resolution` (Kubernetes' timestamps are whole seconds; equal ones are unordered)."""
     if a.priority != b.priority:
         return a.priority > b.priority
-    return a.queued < b.queued - resolution
+    return a.order < b.order - resolution
 
 
 def order_violations(
@@ -170,7 +174,7 @@ def order_violations(
             continue
         t = a.admitted
         for b in admissions:
-            if b is a or b.workload == a.workload:
+            if b.workload == a.workload:
                 continue
             pending = b.queued <= t - settle and (b.admitted is None or b.admitted > t + same_cycle)
             if pending and ranks_ahead(b, a, resolution):

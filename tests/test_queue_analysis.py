@@ -94,8 +94,9 @@ def test_bad_input_is_named(call, match):
 HIGH, LOW = 1000, 100
 
 
-def A(name: str, priority: int, queued: float, admitted: float | None) -> Admission:
-    return Admission(name, priority, queued, admitted)
+def A(name: str, priority: int, queued: float, admitted: float | None, order: float | None = None) -> Admission:
+    """A wait; its queue-order timestamp is when it joined the queue unless given (a requeue keeps its creation)."""
+    return Admission(name, priority, queued if order is None else order, queued, admitted)
 
 
 @pytest.mark.parametrize(
@@ -110,8 +111,11 @@ def A(name: str, priority: int, queued: float, admitted: float | None) -> Admiss
         # admitted in the same scheduling cycle, recorded a moment apart
         pytest.param([A("a", LOW, 1, 10.0), A("b", LOW, 0, 10.4)], [], id="same-cycle"),
         pytest.param([A("a", LOW, 0, 10), A("b", HIGH, 2, None)], [("a", "b", 10)], id="never-admitted-high-waits"),
-        # a preempted workload requeues at its eviction time: behind those that were already waiting
-        pytest.param([A("x", LOW, 0, 5), A("y", LOW, 3, 12), A("x", LOW, 10, 20)], [], id="requeued-at-eviction-goes-behind"),
+        # a workload preempted at 10 keeps its creation as its place in the queue: ahead of y, created later
+        pytest.param(
+            [A("x", LOW, 0, 5), A("y", LOW, 3, 12), A("x", LOW, 10, 20, order=0)], [("y", "x", 12)], id="requeued-keeps-its-place"
+        ),
+        pytest.param([A("x", LOW, 0, 5), A("x", LOW, 10, 12, order=0), A("y", LOW, 3, 20)], [], id="requeued-goes-first"),
         pytest.param([A("a", LOW, 0, 10), A("a", LOW, 0, 10)], [], id="itself"),
     ],
 )
@@ -121,7 +125,7 @@ def test_order_violations(admissions, violations):
 
 def test_equal_timestamps_within_the_resolution_are_unordered():
     # created in the same second: Kueue may take either first
-    same_second = [A("a", LOW, 0.0, 20), A("b", LOW, 0.9, 10)]
+    same_second = [A("a", LOW, 0.0, 20), A("b", LOW, 0.9, 10)]  # ordered by UID: either may go first
     assert order_violations(same_second, resolution=1.0) == []
     assert [str(v) for v in order_violations(same_second, resolution=0.0)] == [
         "b admitted at 10.0 while a, ahead of it in the queue, kept waiting"
