@@ -7,7 +7,8 @@ data is prepared, so the hash never changes after that. The evaluation settings 
 wrong judge model is fixed in place): they have their own hash, and every change is listed with when it was
 seen and what it reran (:func:`evaluation_changes`). Anything a model does
 differently is a :class:`Deviation`: asked for (per-model overrides, a different method, its own LoRA
-target modules or chat template) or forced by the trainer (``TrainResult.forced``).
+target modules or chat template), an effective batch (per-device batch x accumulation x GPUs x nodes) that
+differs from the other models', or forced by the trainer (``TrainResult.forced``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import ftc_api
-from ftc_api.spec import FineTuneComparisonSpec
+from ftc_api.spec import FineTuneComparisonSpec, TrainingSpec
 from ftc_api.status import Deviation, EvaluationChange, Fairness, ModelIdentity, Software
 from ftc_api.steps import StepKind
 
 from .config import OperatorConfig
 from .eval_settings import changed_fields, generation_settings, scoring_settings
-from .resolve import image_for
+from .resolve import effective_placement, effective_training, image_for
 
 EVALUATOR_STEPS = frozenset({StepKind.GENERATE.value, StepKind.SCORE.value, StepKind.EVALUATE.value})
 IMAGE_IDS = ("trainerImageIds", "evaluatorImageIds")  # recorded as pods start: not part of the hash
@@ -109,9 +110,50 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def deviations(spec: FineTuneComparisonSpec, forced: Mapping[str, Mapping[str, str]] | None = None) -> list[Deviation]:
-    """Every per-model deviation, in spec order: asked-for ones, then the forced ones of each model."""
+def effective_batch(training: TrainingSpec, gpus: int, nodes: int) -> tuple[int, str]:
+    """The sequences per optimizer step of a model trained with `training` on `gpus` GPUs on each of `nodes` nodes,
+    and how it comes about. The trainer divides the accumulation over its processes (gpus x nodes), keeping the batch
+    of one GPU, when it can (ftc_trainer.parallel.split_accumulation); when the processes do not divide it, each keeps
+    the whole accumulation and the batch grows with the processes."""
+    processes = max(1, gpus) * max(1, nodes)
+    accumulation = training.gradient_accumulation_steps
+    per_process = accumulation // processes if accumulation % processes == 0 else accumulation
+    batch = training.per_device_batch_size * per_process * processes
+    how = (
+        f"perDeviceBatchSize {training.per_device_batch_size} x {per_process} accumulation steps per process x "
+        f"{max(1, gpus)} GPUs x {max(1, nodes)} nodes"
+    )
+    return batch, how
+
+
+def batch_deviations(spec: FineTuneComparisonSpec, config: OperatorConfig) -> list[Deviation]:
+    """The models whose effective batch (effective_batch: per-device batch x accumulation x GPUs x nodes, as the
+    trainer runs it) differs from the shared one, as `effectiveBatch` deviations; none when every model trains with
+    the same. The shared batch is the one the shared settings ask for (perDeviceBatchSize x
+    gradientAccumulationSteps, the batch of one GPU) when any model trains with it, else the most frequent."""
+    batches = {}
+    for model in spec.models:
+        place = effective_placement(config, spec, model)
+        batches[model.name] = effective_batch(effective_training(spec, model), place.gpu_count or 1, place.nodes or 1)
+    counts = Counter(b for b, _ in batches.values())
+    if len(counts) <= 1:
+        return []
+    asked = spec.training.per_device_batch_size * spec.training.gradient_accumulation_steps
+    shared = asked if asked in counts else counts.most_common(1)[0][0]
+    return [
+        Deviation(model=name, field="effectiveBatch", value=f"{batch} ({how})", shared=str(shared))
+        for name, (batch, how) in batches.items()
+        if batch != shared
+    ]
+
+
+def deviations(
+    spec: FineTuneComparisonSpec, forced: Mapping[str, Mapping[str, str]] | None = None, config: OperatorConfig | None = None
+) -> list[Deviation]:
+    """Every per-model deviation, in spec order: asked-for ones, then the forced ones of each model; with the chart's
+    `config`, an effective batch that differs from the others' too (batch_deviations)."""
     forced = forced or {}
+    batch = {d.model: d for d in batch_deviations(spec, config)} if config is not None else {}
     out: list[Deviation] = []
     methods = Counter(m.method.value for m in spec.models)
     majority = None
@@ -141,6 +183,8 @@ def deviations(spec: FineTuneComparisonSpec, forced: Mapping[str, Mapping[str, s
             )
         if model.chat_template is not None:
             out.append(Deviation(model=model.name, field="chatTemplate", value="custom", shared="tokenizer default"))
+        if model.name in batch:
+            out.append(batch[model.name])
         for key, value in sorted((forced.get(model.name) or {}).items()):
             out.append(Deviation(model=model.name, field=key, value=str(value), forced=True))
     return out
@@ -153,16 +197,18 @@ def fairness_record(
     software: Software | None = None,
     revisions: Mapping[str, str | None] | None = None,
     changes: list[EvaluationChange] | None = None,
+    config: OperatorConfig | None = None,
 ) -> Fairness:
     """The complete record for status.fairness (`revisions`: the commit each staged hub model was taken at;
-    `changes`: the spec.evaluation changes so far, see :func:`evaluation_changes`)."""
+    `changes`: the spec.evaluation changes so far, see :func:`evaluation_changes`; `config`: the chart's, for each
+    model's placement: see batch_deviations)."""
     return Fairness(
         hash=fairness_hash(spec, dataset_sha256, software),
         evaluation_hash=evaluation_hash(spec),
         evaluation=spec.evaluation,
         evaluation_changes=changes or [],
         dataset_sha256=dataset_sha256,
-        deviations=deviations(spec, forced),
+        deviations=deviations(spec, forced, config),
         software=software,
         models=[
             ModelIdentity(name=m.name, base_model=m.base_model, revision=(revisions or {}).get(m.name), method=m.method.value)

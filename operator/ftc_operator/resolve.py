@@ -64,3 +64,27 @@ def refusals(config: OperatorConfig, spec: FineTuneComparisonSpec) -> list[str]:
                 "value config.allowedServiceAccounts"
             )
     return out
+
+
+JOBSET_INSTALL = (
+    "install JobSet v0.12.0 or newer (kubectl apply --server-side -f "
+    "https://github.com/kubernetes-sigs/jobset/releases/download/v0.12.0/manifests.yaml) and restart the operator"
+)
+
+
+def jobset_refusals(config: OperatorConfig, spec: FineTuneComparisonSpec, jobset_available: bool) -> list[str]:
+    """The models whose train step needs JobSet (placement.nodes > 1) when the cluster does not serve its API
+    (`jobset_available`: jobset.x-k8s.io/v1alpha2 JobSets are served), as `field: message` lines naming what to
+    install; empty otherwise."""
+    if jobset_available:
+        return []
+    out = []
+    for i, model in enumerate(spec.models):
+        nodes = effective_placement(config, spec, model).nodes or 1
+        if nodes > 1:
+            where = f"spec.models[{i}].placement.nodes" if model.placement and model.placement.nodes else "spec.placement.nodes"
+            out.append(
+                f"{where}: model {model.name} trains on {nodes} nodes, which needs JobSet (jobset.x-k8s.io/v1alpha2), "
+                f"and this cluster does not serve it: {JOBSET_INSTALL}; or set nodes: 1"
+            )
+    return out

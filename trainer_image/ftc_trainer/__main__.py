@@ -3,8 +3,8 @@
 The step's edges (input document, GPU or nothing, exit codes, the summary) are the step kernel's
 (:mod:`ftc_step.entry`): exit 0 when the step succeeded; 2 for bad input (an invalid input document, a
 missing dataset or base model, a model that cannot fit its GPU: the Job fails at once); 1 for any other
-failure (the Job retries it). The summary's `error` says why. A train step placed on several GPUs becomes
-the torchrun agent of one training process per GPU (`launch.py`). Heavy imports happen inside the steps.
+failure (the Job retries it). The summary's `error` says why. A train step placed on several GPUs, or on
+several nodes, becomes the torchrun agent of one training process per GPU (`launch.py`). Heavy imports happen inside the steps.
 """
 
 from __future__ import annotations
@@ -68,12 +68,18 @@ def train_step(workdir: Path | None, argv: list[str]) -> Step[TrainInput, TrainR
 
     def body(inp: TrainInput) -> TrainResult | HandedOver:
         from ftc_step.entry import HandedOver
+        from ftc_step.errors import StepError
 
         from .launch import launch, processes_for, under_launcher
+        from .parallel import rendezvous
 
         processes = processes_for()
-        if processes > 1 and not under_launcher():  # one process per GPU: this one becomes the torchrun agent
-            log.info("starting %d training processes (torchrun)", processes)
+        try:
+            nodes = rendezvous().nodes
+        except ValueError as err:
+            raise StepError(f"multi-node training: {err}") from err
+        if (processes > 1 or nodes > 1) and not under_launcher():  # one process per GPU: this one is torchrun's agent
+            log.info("starting %d training processes (torchrun)%s", processes, f" on each of {nodes} nodes" if nodes > 1 else "")
             return HandedOver(launch(argv, processes, inp, workdir))
         from .train import run_train
 

@@ -1,4 +1,5 @@
-"""Data-parallel training across the GPUs of one pod (one process per GPU, see ``launch.py``).
+"""Data-parallel training across the GPUs of one pod, or of several pods on several nodes (one process per GPU,
+see ``launch.py``).
 
 Pure decisions here; the train step applies them:
 
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
 def world_size(env: Mapping[str, str] = os.environ) -> int:
-    """Training processes of this pod (torchrun's WORLD_SIZE; 1 outside torchrun)."""
+    """Training processes of the step, on every node (torchrun's WORLD_SIZE; 1 outside torchrun)."""
     try:
         return max(1, int(env.get("WORLD_SIZE") or 1))
     except ValueError:
@@ -115,3 +117,45 @@ def gather_adapter(wrapped: Any, main: bool) -> tuple[bool, dict[str, Any]]:
                 for name, param in unit.named_parameters():
                     state[clean_name(f"{prefix}.{name}")] = param.detach().to("cpu", copy=True)
     return True, state
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this pod's torchrun agent meets the others: `nodes` pods (one per node), this one's `node_rank`, and
+    torch's rendezvous backend and endpoint (`static` on the leader's DNS name for several nodes, as `torchrun
+    --nnodes N --node-rank R --master-addr A --master-port P` does; a local `c10d` store for one)."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    backend: str = "c10d"
+    endpoint: str = "localhost:0"
+
+    @property
+    def configs(self) -> dict[str, Any]:
+        """torch's rdzv_configs: the static rendezvous takes the node rank from them."""
+        return {"rank": self.node_rank} if self.backend == "static" else {}
+
+
+def rendezvous(env: Mapping[str, str] = os.environ) -> Rendezvous:
+    """The rendezvous the operator set in the pod's env (`FTC_NODES`, `FTC_NODE_RANK`, `FTC_MASTER_ADDR`,
+    `FTC_MASTER_PORT`; rendering.render_jobset), or one node's. Raises ValueError naming the variable when it is
+    set wrongly (bad input: the pod's spec, not a transient fault)."""
+    from ftc_api.steps import MASTER_ADDR_ENV, MASTER_PORT_ENV, NODE_RANK_ENV, NODES_ENV
+
+    def integer(name: str, default: str | None = None) -> int:
+        raw = env.get(name, default)
+        try:
+            return int(raw or "")
+        except ValueError:
+            raise ValueError(f"${name} must be an integer, not {raw!r}") from None
+
+    nodes = integer(NODES_ENV, "1")
+    if nodes <= 1:
+        return Rendezvous()
+    rank, port = integer(NODE_RANK_ENV), integer(MASTER_PORT_ENV, "29500")
+    addr = (env.get(MASTER_ADDR_ENV) or "").strip()
+    if not 0 <= rank < nodes:
+        raise ValueError(f"${NODE_RANK_ENV} {rank} is not a node rank of {nodes} nodes (0 to {nodes - 1})")
+    if not addr:
+        raise ValueError(f"${MASTER_ADDR_ENV} (the leader pod's address) is not set for {nodes} nodes")
+    return Rendezvous(nodes=nodes, node_rank=rank, backend="static", endpoint=f"{addr}:{port}")
