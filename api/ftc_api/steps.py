@@ -36,6 +36,12 @@ RANK_SUMMARY_DIR_ENV = "FTC_RANK_SUMMARY_DIR"
 # CPU (a local cluster whose GPUs are fake; the chart's config.allowCpuExecution).
 GPUS_ENV = "FTC_GPUS"
 ALLOW_CPU_ENV = "FTC_ALLOW_CPU"
+# A train step on several nodes (placement.nodes > 1, a JobSet): how many pods train together, this pod's node
+# rank (its Indexed Job completion index) and the torchrun rendezvous on the leader pod (rank 0's DNS name, port).
+NODES_ENV = "FTC_NODES"
+NODE_RANK_ENV = "FTC_NODE_RANK"
+MASTER_ADDR_ENV = "FTC_MASTER_ADDR"
+MASTER_PORT_ENV = "FTC_MASTER_PORT"
 # The node-local model cache (ftc_step.model_cache): its directory (the operator mounts config.modelCache there)
 # and its size bound in bytes.
 MODEL_CACHE_DIR_ENV = "FTC_MODEL_CACHE_DIR"
