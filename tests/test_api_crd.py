@@ -56,10 +56,11 @@ def test_crd_shape() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = version["additionalPrinterColumns"]
-    assert [c["name"] for c in columns] == ["Phase", "Models", "Winner", "Reason", "Message", "Age"]
+    assert [c["name"] for c in columns] == ["Phase", "Models", "Progress", "Winner", "Reason", "Message", "Age"]
+    assert columns[2]["jsonPath"] == ".status.progress" and "priority" not in columns[2]  # where each model is
     # the first condition that is not True: what the comparison waits on (Unschedulable...) or why it failed
-    assert columns[3]["jsonPath"] == '.status.conditions[?(@.status!="True")].reason'
-    assert columns[4]["priority"] == 1  # the message with -o wide only
+    assert columns[4]["jsonPath"] == '.status.conditions[?(@.status!="True")].reason'
+    assert columns[5]["priority"] == 1  # the message with -o wide only
     rules = [r["rule"] for r in schema()["properties"]["spec"]["x-kubernetes-validations"]]
     assert any("exists_one" in r for r in rules)
     frozen = [r["fieldPath"] for r in schema()["x-kubernetes-validations"]]  # everything but spec.evaluation

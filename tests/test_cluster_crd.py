@@ -140,9 +140,9 @@ def test_kubectl_explain_documents_the_api(crd: Cluster) -> None:
 def test_printer_columns(crd: Cluster, namespace: str) -> None:
     assert apply(crd, namespace, comparison("columns")).returncode == 0
     header = crd.kubectl("-n", namespace, "get", "ftc").splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "MODELS", "WINNER", "REASON", "AGE"]
+    assert header == ["NAME", "PHASE", "MODELS", "PROGRESS", "WINNER", "REASON", "AGE"]
     wide = crd.kubectl("-n", namespace, "get", "ftc", "-o", "wide").splitlines()[0].split()
-    assert wide == ["NAME", "PHASE", "MODELS", "WINNER", "REASON", "MESSAGE", "AGE"]
+    assert wide == ["NAME", "PHASE", "MODELS", "PROGRESS", "WINNER", "REASON", "MESSAGE", "AGE"]
     # The Reason column is the first condition that is not True (the API server evaluates the filter).
     conditions = [
         {"type": "Ready", "status": "True", "reason": "Valid", "message": "ok", "lastTransitionTime": "2026-12-03T00:00:00Z"},

@@ -145,13 +145,16 @@ def test_tiny_comparison_with_real_steps(
     ftc = Comparisons(control_plane.api_client())
     ftc.create("tiny", namespace, spec)
     progress: list[dict[str, Any]] = []  # status.models[].progress
+    tables: list[str] = []  # `kubectl get ftc` while a model trains with a time left (the PROGRESS column)
 
-    def training_progress():
+    def training_progress():  # until a model has an estimated time left, or training is over
         st = ftc.status("tiny", namespace)
         progress.extend(m["progress"] for m in st.get("models", []) if m.get("progress"))
-        return progress or st.get("phase") in ("Evaluating", "Succeeded", "Failed")
+        if "%" in (st.get("progress") or "") and "~" in st["progress"] and not tables:
+            tables.append(control_plane.kubectl("get", "ftc", "tiny", "-n", namespace))
+        return tables or st.get("phase") in ("Evaluating", "Succeeded", "Failed")
 
-    wait_for(training_progress, 600, "live training progress", interval=1)
+    wait_for(training_progress, 600, "live training progress with a time left", interval=1)
     try:
         st = ftc.wait_phase("tiny", namespace, ("Succeeded", "Failed"), timeout=1500)
     except TimeoutError:
@@ -160,6 +163,15 @@ def test_tiny_comparison_with_real_steps(
     assert st["winner"] == "tiny-llama", json.dumps(st["models"], indent=1)
     assert {(d["model"], d["field"]) for d in st["fairness"]["deviations"]} >= {("tiny-mixtral", "training.learningRate")}
     assert progress and progress[0]["totalSteps"] > 0
+    # Trainer-style fields: percentage, time left from the measured step time, metrics by name, when copied
+    timed = [p for p in progress if p.get("estimatedRemainingSeconds") is not None]
+    assert timed and all(p["secondsPerStep"] > 0 and 0 <= p["progressPercentage"] <= 100 for p in timed), progress
+    names = {m["name"] for p in progress for m in p.get("metrics") or []}
+    assert {"train_loss", "epoch"} <= names and all(p["lastUpdatedTime"] for p in timed), progress
+    header, row = tables[0].splitlines()[:2]
+    print(tables[0])
+    assert header.split()[:4] == ["NAME", "PHASE", "MODELS", "PROGRESS"] and "%" in row and "~" in row, tables[0]
+    assert st["progress"] == "2/2 trained"
     for m in st["models"]:
         assert m["phase"] == "Trained"
         assert m["train"]["finalTrainLoss"] > 0 and m["train"]["bestEvalLoss"] > 0

@@ -146,7 +146,7 @@ def test_pods_no_node_takes_are_reported_then_fail_at_the_deadline(
     assert all(ftc.status(name, namespace)["phase"] == "Training" for name in CASES)
     table = control_plane.kubectl("get", "ftc", "-n", namespace, "-o", "wide")
     print(table)
-    assert table.splitlines()[0].split()[:6] == ["NAME", "PHASE", "MODELS", "WINNER", "REASON", "MESSAGE"]
+    assert table.splitlines()[0].split()[:7] == ["NAME", "PHASE", "MODELS", "PROGRESS", "WINNER", "REASON", "MESSAGE"]
     rows = {line.split()[0]: line for line in table.splitlines()[1:]}
     assert all("Unschedulable" in rows[name] and says in rows[name] for name, (_, says) in CASES.items()), table
 

@@ -375,11 +375,19 @@ def test_unparseable_termination_message_names_the_log_tail():
 
 
 def test_live_progress_copied_while_training_then_dropped():
-    prog = Progress(step=5, total_steps=10, train_loss=2.0)
+    prog = Progress(step=5, total_steps=10, train_loss=2.0, seconds_per_step=1.5, updated_at="2026-01-02T03:04:00Z")
     p = run([PREP_OK, job("train", "llama", JobState.ACTIVE, progress=prog), job("train", "mixtral", JobState.ACTIVE)])
-    assert p.status.models[0].progress == prog
+    live = p.status.models[0].progress
+    assert live is not None and live.model_copy(update={"progress_percentage": None, "estimated_remaining_seconds": None,
+                                                        "metrics": None, "last_updated_time": None}) == prog  # fmt: skip
+    assert (live.progress_percentage, live.estimated_remaining_seconds, live.last_updated_time) == (50, 8, "2026-01-02T03:04:05Z")
+    assert [(m.name, m.value) for m in live.metrics or []] == [("train_loss", "2"), ("epoch", "0")]
+    assert p.status.progress == "llama 50% ~8s · mixtral starting"  # the PROGRESS column
+    again = run([PREP_OK, job("train", "llama", JobState.ACTIVE, progress=prog), job("train", "mixtral", JobState.ACTIVE)],
+                status=p.status, now=LATER)  # fmt: skip
+    assert again.status == p.status  # the same report: lastUpdatedTime kept, nothing to write
     p2 = run([PREP_OK, *TRAIN_OK], status=p.status)
-    assert p2.status.models[0].progress is None
+    assert p2.status.models[0].progress is None and p2.status.progress == "2/2 trained"
 
 
 def test_missing_secret_is_reported_on_ready():

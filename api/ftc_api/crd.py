@@ -216,6 +216,13 @@ def build_crd() -> dict[str, Any]:
                             "description": "Trained models over total.",
                         },
                         {
+                            "name": "Progress",
+                            "type": "string",
+                            "jsonPath": ".status.progress",
+                            "description": "Where each model is: percentage and time left while it trains, its queue "
+                            "state (Queued, Admitted, Preempted), done or Failed; N/M trained after training.",
+                        },
+                        {
                             "name": "Winner",
                             "type": "string",
                             "jsonPath": ".status.winner",

@@ -86,6 +86,12 @@ class Progress(ApiModel):
     train_loss: float | None = Field(default=None, description="trainLoss: latest train loss.")
     eval_loss: float | None = Field(default=None, description="evalLoss: latest eval loss.")
     updated_at: str | None = Field(default=None, description="updatedAt: when the pod reported this (RFC 3339).")
+    seconds_per_step: float | None = Field(
+        default=None,
+        ge=0,
+        description="secondsPerStep: the train pod's mean seconds per optimizer step, measured from its second step on "
+        "(start-up, evaluation and checkpoint pauses excluded); unset until a step has been timed.",
+    )
     progress_percentage: int | None = Field(
         default=None,
         ge=0,
@@ -342,6 +348,13 @@ class FineTuneComparisonStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="observedGeneration: the spec generation last acted upon.")
     conditions: list[Condition] = Field(default_factory=list, description="conditions: standard conditions.")
     models_done: str | None = Field(default=None, description="modelsDone: trained models over total, for `kubectl get`.")
+    progress: str | None = Field(
+        default=None,
+        description="progress: where each model is, in one short line for the PROGRESS column of `kubectl get ftc`: "
+        "while training, each model's percentage and estimated time left (`llama 45% ~12m`) or its queue state "
+        "(Queued, Admitted, Preempted), done or Failed; a count when the line would be long; after training, "
+        "`N/M trained`.",
+    )
     run_prefix: str | None = Field(default=None, description="runPrefix: S3 URI under which this run's artefacts live.")
     retry: str | None = Field(
         default=None,

@@ -84,7 +84,9 @@ echo "    following: prepare (CPU) -> train smollm2 + tiny-llama in parallel (fa
 deadline=$(( $(date +%s) + TIMEOUT )); last=""
 while :; do
   phase=$(kubectl get ftc "$NAME" -n "$NS" -o jsonpath='{.status.phase}')
-  line=$(kubectl get ftc "$NAME" -n "$NS" -o jsonpath='{.status.phase} models={.status.modelsDone} {range .status.models[*]}[{.name} {.phase} {.progress.step}/{.progress.totalSteps} loss {.progress.trainLoss}{.train.finalTrainLoss} eval {.progress.evalLoss}{.train.bestEvalLoss} {.train.overfitting.verdict}] {end}')
+  # the PROGRESS column (status.progress: each model's percentage and time left, or its Kueue queue state), then
+  # per model: its phase and queue state, steps, losses
+  line=$(kubectl get ftc "$NAME" -n "$NS" -o jsonpath='{.status.phase} models={.status.modelsDone} progress: {.status.progress} | {range .status.models[*]}[{.name} {.phase} {.queue.state} {.progress.step}/{.progress.totalSteps} loss {.progress.trainLoss}{.train.finalTrainLoss} eval {.progress.evalLoss}{.train.bestEvalLoss} {.train.overfitting.verdict}] {end}')
   [[ $line != "$last" ]] && echo "    $(date +%T) $line" && last=$line
   [[ $phase == Succeeded || $phase == Failed ]] && break
   if (( $(date +%s) > deadline )); then echo "    timed out after ${TIMEOUT}s"; break; fi

@@ -50,6 +50,7 @@ from .decision import TERMINAL, CreateStep, EventNote, EventType, Plan, StatusBu
 from .eval_settings import generation_key, scoring_key
 from .fairness import evaluation_changes, fairness_record, software
 from .observe import JobState, ObservedJob, Unschedulable
+from .progress import live_progress, progress_line
 from .rendering import render_configmap, render_job
 from .rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested, superseded
 from .resolve import refusals
@@ -100,13 +101,15 @@ def settled(old: FineTuneComparisonStatus, generation: int) -> bool:
 
 
 def only_progress_changed(old: FineTuneComparisonStatus | None, new: FineTuneComparisonStatus) -> bool:
-    """Whether `new` differs from `old` in live training progress alone (models[].progress), so its write may
-    wait (config.progressWriteSeconds); a phase, a condition, a finished step or a result is written at once."""
+    """Whether `new` differs from `old` in live training progress alone (models[].progress and the PROGRESS line),
+    so its write may wait (config.progressWriteSeconds); a phase, a condition, a finished step, a queue state or a
+    result is written at once."""
     if old is None or old == new:
         return False
 
     def without_progress(st: FineTuneComparisonStatus) -> FineTuneComparisonStatus:
-        return st.model_copy(update={"models": [m.model_copy(update={"progress": None}) for m in st.models]})
+        models = [m.model_copy(update={"progress": None}) for m in st.models]
+        return st.model_copy(update={"progress": None, "models": models})
 
     return without_progress(old) == without_progress(new)
 
@@ -194,6 +197,7 @@ class Pass(StatusBuilder):
         if carried is not None and ConditionType.SUCCEEDED.value not in self.conditions:
             self.conditions[carried.type] = carried
         stale = superseded(self.observed, self.owner.name, self.spec)  # spec.evaluation changed while they ran
+        st.progress = progress_line(phase, st.models)  # the PROGRESS column
         return super().finish(phase, [*deletes, *self.deletes, *stale])
 
     def unschedulable_pod(self, job: ObservedJob) -> tuple[str, bool] | None:
@@ -376,7 +380,7 @@ def _train_model(p: Pass, model: ModelSpec) -> bool:
         return False
     if job.state == JobState.ACTIVE:
         ms.phase = ModelPhase.TRAINING
-        ms.progress = job.progress
+        ms.progress = live_progress(job.progress, prior.progress if prior else None, p.clock)
         if job.failed_pods:
             ms.message = _retry_note(job).replace("retry", "retrying", 1)
         if stuck is not None:

@@ -4,6 +4,11 @@ The pod is named by FTC_POD_NAME / FTC_POD_NAMESPACE (downward API). The Kuberne
 KUBECONFIG when set, else the in-cluster service account; without a pod name or any cluster
 config the reporter does nothing. Reports go out at most every FTC_PROGRESS_INTERVAL seconds
 (default 5) and once more at the end; a failed patch is logged and never stops training.
+
+Each report carries the pod's mean seconds per optimizer step (`secondsPerStep`), from which the operator
+estimates the time left. A step is timed from the end of the one before (its data loading included) to its own
+end; the pod's first step (start-up: model loading, first kernels) is not timed, and an evaluation or a
+checkpoint save between two steps is left out (the next step is timed from its end).
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ log = logging.getLogger("ftc.progress")
 Patch = Callable[[dict[str, Any]], None]
 
 
-def progress_doc(step: int, total: int, epoch: float, train_loss: float | None, eval_loss: float | None, now: datetime) -> dict:
+def progress_doc(
+    step: int,
+    total: int,
+    epoch: float,
+    train_loss: float | None,
+    eval_loss: float | None,
+    now: datetime,
+    seconds_per_step: float | None = None,
+) -> dict:
     """The annotation's value: ftc_api.status.Progress in its wire form."""
     return Progress(
         step=step,
@@ -34,6 +47,7 @@ def progress_doc(step: int, total: int, epoch: float, train_loss: float | None, 
         train_loss=None if train_loss is None else round(train_loss, 6),
         eval_loss=None if eval_loss is None else round(eval_loss, 6),
         updated_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        seconds_per_step=None if seconds_per_step is None else round(seconds_per_step, 4),
     ).to_wire()
 
 
@@ -64,7 +78,7 @@ def pod_patcher() -> Patch | None:
 
 
 class ProgressReporter(TrainerCallback):
-    """Trainer callback posting step/total, epoch and the latest losses, throttled."""
+    """Trainer callback posting step/total, epoch, the latest losses and the mean seconds per step, throttled."""
 
     def __init__(self, patch: Patch | None, interval: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.patch = patch
@@ -74,6 +88,14 @@ class ProgressReporter(TrainerCallback):
         self.train_loss: float | None = None
         self.eval_loss: float | None = None
         self.failures = 0
+        self.mark: float | None = None  # when the step now running began: the last step's end, or a pause's end
+        self.timed_steps = 0
+        self.timed_seconds = 0.0
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Mean seconds of the steps timed so far (None before the second step of this pod ends)."""
+        return self.timed_seconds / self.timed_steps if self.timed_steps else None
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
@@ -84,7 +106,23 @@ class ProgressReporter(TrainerCallback):
         self.maybe_send(state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = self.clock()
+        if self.mark is not None:  # the pod's first step is start-up: not timed
+            self.timed_steps += 1
+            self.timed_seconds += now - self.mark
+        self.mark = now
         self.maybe_send(state)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.pause_ended()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.pause_ended()
+
+    def pause_ended(self) -> None:
+        """An evaluation or a save just ended: the next step is timed from now, so the pause is not counted."""
+        if self.mark is not None:
+            self.mark = self.clock()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.maybe_send(state, force=True)
@@ -97,7 +135,13 @@ class ProgressReporter(TrainerCallback):
             return
         self.last_sent = now
         doc = progress_doc(
-            state.global_step, state.max_steps, state.epoch or 0.0, self.train_loss, self.eval_loss, datetime.now(UTC)
+            state.global_step,
+            state.max_steps,
+            state.epoch or 0.0,
+            self.train_loss,
+            self.eval_loss,
+            datetime.now(UTC),
+            self.seconds_per_step,
         )
         try:
             self.patch(doc)
