@@ -492,29 +492,71 @@ def test_a_retry_after_the_last_checkpoint_trains_no_further(tiny_s3: TinyS3, da
 
 @pytest.mark.ml
 @pytest.mark.timeout(600)
-def test_sigterm_stops_training_at_once_with_a_retryable_failure(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
-    """A deleted, preempted or evicted pod gets SIGTERM; the step runs as PID 1, which the kernel gives no
-    default action, so the trainer handles it: it stops, says why, and exits 1 (the Job retries and resumes)."""
-    training = LORA_TRAINING.model_copy(update={"max_steps": 200, "save_steps": 10, "eval_steps": 10})
+def test_sigterm_saves_the_step_in_flight_and_the_retry_trains_no_step_twice(
+    tiny_s3: TinyS3, data_prefix: str, tmp_path: Path
+) -> None:
+    """A preempted, evicted or deleted pod gets SIGTERM and its grace period. The trainer finishes the step in
+    flight, saves and uploads a full checkpoint of it (not only every saveSteps), exits 1 (retryable) with
+    preemptedAtStep; the retry resumes from exactly that step: steps lost 0 (only the step in flight runs on),
+    every step once in the history, and the same losses and adapter as a run that was never interrupted."""
+    from ftc_trainer.train import run_train
+
+    training = LORA_TRAINING.model_copy(update={"max_steps": 20, "save_steps": 10, "eval_steps": 10, "logging_steps": 1})
+    reference = run_train(
+        train_input(tiny_s3, new_run(tiny_s3, data_prefix, "sigterm-ref", tmp_path), "tiny-llama", Method.LORA, training),
+        tmp_path / "ref-work",
+    )
     loc = new_run(tiny_s3, data_prefix, "sigterm", tmp_path)
     input_path = tmp_path / "input.json"
     input_path.write_text(train_input(tiny_s3, loc, "tiny-llama", Method.LORA, training).to_json())
     store = Storage(endpoint_url=tiny_s3.endpoint_url)
-    env = _cli_env(tiny_s3, tmp_path, "run") | {"FTC_SLOW_STEP_DELAY": "0.3"}
+    checkpoints = loc.uri("models/tiny-llama/checkpoints")
+    counter = tmp_path / "steps-done"
+    env = _cli_env(tiny_s3, tmp_path, "run") | {
+        "FTC_SLOW_STEP_DELAY": "0.3",
+        "FTC_SLOW_STEP_COUNTER": str(counter),
+        "FTC_TERMINATION_GRACE_SECONDS": "60",
+    }
     run = _trainer_cli(input_path, env, tmp_path / "run.log", entry=(str(steps.script("slow_train.py")),))
     deadline = time.monotonic() + 300
-    while "step-10/manifest.json" not in store.list(loc.uri("models/tiny-llama/checkpoints")):
+    while not counter.exists() or int(counter.read_text() or 0) < 13:  # past checkpoint 10, before saveSteps 20
         assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint step-10 within 300 s"
-        time.sleep(0.1)
-
+        assert time.monotonic() < deadline, "13 steps not trained within 300 s"
+        time.sleep(0.02)
+    done_before = int(counter.read_text())
     t0 = time.monotonic()
     run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 1, (tmp_path / "run.log").read_text()[-3000:]
+    stop_seconds = time.monotonic() - t0
+    first = TrainResult.model_validate_json((tmp_path / "run.termination-log").read_text())
+    assert not first.ok and first.preempted_at_step is not None, first.error
+    stopped = first.preempted_at_step
+    assert done_before <= stopped <= done_before + 1  # nothing trained is lost; at most the step in flight ran on
+    assert f"step-{stopped}/manifest.json" in store.list(checkpoints)  # uploaded before the exit, manifest last
+    assert first.preemption_checkpoint_seconds is not None and first.preemption_seconds is not None
+    assert first.preemption_seconds <= stop_seconds and "uploaded in" in (first.error or "")
+    assert store.read_manifest(loc.uri("models/tiny-llama/adapter")) is None
 
-    assert run.wait(30) == 1, (tmp_path / "run.log").read_text()[-3000:]
-    assert time.monotonic() - t0 < 15
-    result = TrainResult.model_validate_json((tmp_path / "run.termination-log").read_text())
-    assert not result.ok and "received SIGTERM" in (result.error or "")
+    second = _trainer_cli(input_path, _cli_env(tiny_s3, tmp_path, "second"), tmp_path / "second.log")
+    assert second.wait(300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    result = TrainResult.model_validate_json((tmp_path / "second.termination-log").read_text())
+    assert result.ok and result.resumed_from_step == stopped and result.total_steps == 20
+    history = [LossPoint.model_validate(p) for p in json.loads(store.read_text(result.metrics_uri or ""))]
+    assert [p.step for p in history if p.train_loss is not None] == list(range(1, 21))  # each step exactly once
+    assert [p.step for p in history if p.eval_loss is not None] == [10, 20]  # no evaluation added at the stop
+    ref_history = [LossPoint.model_validate(p) for p in json.loads(store.read_text(reference.metrics_uri or ""))]
+    assert losses(history)[0] == pytest.approx(losses(ref_history)[0], rel=0.01)
+    assert result.final_eval_loss == pytest.approx(reference.final_eval_loss, rel=0.01)
+    ours = adapter_tensors(store, result.adapter_uri or "", tmp_path / "adapter")
+    theirs = adapter_tensors(store, reference.adapter_uri or "", tmp_path / "ref-adapter")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert float((tensor - theirs[name]).abs().max()) <= 0.01 * float(theirs[name].abs().max()) + 1e-6, name
+    print(
+        f"SIGTERM after {done_before} steps done: stopped after step {stopped} (steps lost 0), checkpoint saved and "
+        f"uploaded in {first.preemption_checkpoint_seconds:.2f}s, {first.preemption_seconds:.2f}s after SIGTERM, "
+        f"exit {stop_seconds:.2f}s after SIGTERM"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad input

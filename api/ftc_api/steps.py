@@ -60,6 +60,9 @@ EMBEDDINGS_API_KEY_ENV = "FTC_EMBEDDINGS_API_KEY"
 # The step Job's activeDeadlineSeconds, for waits (a rate limit's) that must end before it: score gives up on
 # a 429 it cannot wait out in time instead of being killed with nothing written.
 STEP_DEADLINE_ENV = "FTC_STEP_DEADLINE_SECONDS"
+# A train pod's terminationGracePeriodSeconds: how long a SIGTERM'd trainer has for its preemption checkpoint
+# (the torchrun agent waits that long for its workers to save and upload it before it kills them).
+GRACE_PERIOD_ENV = "FTC_TERMINATION_GRACE_SECONDS"
 S3_ACCESS_KEY_ID_ENV = "AWS_ACCESS_KEY_ID"
 S3_SECRET_ACCESS_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 HUB_TOKEN_ENV = "HF_TOKEN"
@@ -399,6 +402,21 @@ class TrainResult(ApiModel):
     final_eval_loss: float | None = Field(default=None, description="finalEvalLoss: last eval loss.")
     total_steps: int | None = Field(default=None, description="totalSteps: optimizer steps run.")
     resumed_from_step: int | None = Field(default=None, description="resumedFromStep: checkpoint step resumed from.")
+    preempted_at_step: int | None = Field(
+        default=None,
+        description="preemptedAtStep: set when SIGTERM (a preemption, eviction or deletion) stopped training: the "
+        "step it stopped after (the step in flight, finished), whose checkpoint step-N was saved and uploaded; the "
+        "retry resumes from it, so no step is trained twice.",
+    )
+    preemption_checkpoint_seconds: float | None = Field(
+        default=None,
+        description="preemptionCheckpointSeconds: saving and uploading the checkpoint of preemptedAtStep.",
+    )
+    preemption_seconds: float | None = Field(
+        default=None,
+        description="preemptionSeconds: from SIGTERM to that checkpoint uploaded (the step in flight, any evaluation "
+        "due at it, the save, the upload): what must fit the pod's terminationGracePeriodSeconds.",
+    )
     overfitting: OverfittingVerdict | None = Field(default=None, description="overfitting: the verdict.")
     adapter_uri: str | None = Field(default=None, description="adapterUri: final adapter.")
     best_adapter_uri: str | None = Field(default=None, description="bestAdapterUri: lowest-eval-loss adapter.")

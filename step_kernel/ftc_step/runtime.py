@@ -7,6 +7,10 @@ import json
 import os
 import signal
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -29,17 +33,58 @@ class Terminated(BaseException):
     KeyboardInterrupt, so that library code catching Exception (retry loops) cannot swallow it."""
 
 
+@dataclass
+class StopRequest:
+    """A SIGTERM taken as a request to stop at the next safe point (see :func:`graceful_sigterm`)."""
+
+    received: float | None = None  # time.monotonic() of the first SIGTERM
+    signal_name: str = ""
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def seconds_since(self) -> float:
+        """Seconds since the SIGTERM arrived (0 when none did)."""
+        return time.monotonic() - self.received if self.received is not None else 0.0
+
+
+_stop_request: StopRequest | None = None  # set while a block runs under graceful_sigterm()
+
+
+@contextmanager
+def graceful_sigterm(request: StopRequest | None = None) -> Iterator[StopRequest]:
+    """While the block runs, the first SIGTERM raises nothing: it marks `request` (a new one when None, returned), which
+    the block polls at its safe points (the train step: each optimizer step's end, where it saves and uploads a
+    checkpoint, then stops). A second SIGTERM raises :class:`Terminated` at once, as outside the block. Needs
+    :func:`stop_on_sigterm`'s handler (installed by the step's entry point)."""
+    global _stop_request
+    previous, request = _stop_request, request or StopRequest()
+    _stop_request = request
+    try:
+        yield request
+    finally:
+        _stop_request = previous
+
+
 def stop_on_sigterm() -> None:
-    """Turn SIGTERM into :class:`Terminated` in the main thread.
+    """Turn SIGTERM into :class:`Terminated` in the main thread (inside :func:`graceful_sigterm`: the first
+    SIGTERM into a stop request instead).
 
     A step runs as PID 1 of its container, and the kernel drops signals that PID 1 has no handler for:
     without this, deleting a step pod waits its whole grace period and ends in SIGKILL (or, when the step
     finishes within the grace period, reports a success whose pod is already gone). With it, the step
-    stops at once, writes a failure summary and exits with a retryable code; a retried train pod resumes
-    from its last checkpoint."""
+    stops at once, writes a failure summary and exits with a retryable code; a train step in its training
+    loop first finishes the step in flight and saves a checkpoint of it, so the retried pod resumes there."""
 
     def handler(signum: int, _frame: object) -> None:
-        raise Terminated(f"received {signal.Signals(signum).name}: the pod is being stopped")
+        name = signal.Signals(signum).name
+        request = _stop_request
+        if request is not None and request.received is None:
+            request.received, request.signal_name = time.monotonic(), name
+            print(f"received {name}: stopping at the end of the step in flight", file=sys.stderr, flush=True)
+            return
+        raise Terminated(f"received {name}: the pod is being stopped")
 
     signal.signal(signal.SIGTERM, handler)
 

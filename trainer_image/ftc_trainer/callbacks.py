@@ -1,5 +1,6 @@
 """The train step's callbacks into transformers' Trainer: when to evaluate, the best adapter so far, checkpoint
-uploads (in the background, manifest last), stopping a run resumed at its last step, and the run's clock.
+uploads (in the background, manifest last), stopping a run resumed at its last step, the run's clock, and the
+preemption checkpoint (SIGTERM: stop after the step in flight, all processes at the same step, and save it).
 
 The best adapter travels inside each checkpoint as flat files named ``ftc-best--*`` (a sub-directory holding
 adapter weights would be taken by Trainer for a second adapter and the main one would not be restored), with
@@ -250,3 +251,63 @@ class RunClock(TrainerCallback):
         self.cpu_seconds = time.process_time() - self.cpu_started
         self.tokens_at_end = int(state.num_input_tokens_seen or 0)
         RunClock.last = self
+
+
+def all_ranks_max(flag: int, device: Any) -> int:
+    """The largest `flag` over every training process (an all_reduce MAX: every process calls it at the same
+    step end, so none waits in a barrier for one that stopped)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([flag], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+class StopOnSigterm(TrainerCallback):
+    """The preemption checkpoint: after a SIGTERM (`request`, marked by the step kernel's handler inside
+    `graceful_sigterm`), stop at the end of the step in flight and save a checkpoint of it.
+
+    At each optimizer step's end every process contributes whether it got SIGTERM; with several processes they
+    agree through `reduce` (default `all_ranks_max`), so all stop after the same step even when the signal
+    reached them during different steps. Then the Trainer's own flow does the work (TrainerControl): the loss
+    is logged (no trained step is missing from the history), the evaluation due at that step runs, the
+    checkpoint is saved as the Trainer saves it for this parallelism (adapter, optimizer, scheduler, RNG states,
+    trainer_state.json) and `CheckpointUploader` takes it; training stops. An evaluation the end of a cut
+    epoch would add is dropped (the uninterrupted run has none there). The step then waits for the upload and
+    exits retryable (`train.run_train`)."""
+
+    def __init__(self, request: Any, reduce: Any = None) -> None:
+        self.request = request
+        self.reduce = reduce or all_ranks_max
+        self.stopped_at: int | None = None  # the step training stopped after
+        self.stop_started = 0.0  # time.monotonic() when the stop was decided
+        self.save_seconds: float | None = None  # the Trainer's save and the snapshot for the upload
+
+    def stop_requested(self, args: Any) -> bool:
+        flag = int(self.request.requested)
+        if args.world_size > 1:
+            flag = self.reduce(flag, args.device)
+        return bool(flag)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stopped_at is not None or not self.stop_requested(args):
+            return
+        self.stopped_at, self.stop_started = state.global_step, time.monotonic()
+        log.warning("SIGTERM: stopping after step %d, saving its checkpoint", state.global_step)
+        control.should_log = True
+        control.should_save = True
+        control.should_training_stop = True
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stopped_at is not None and state.epoch is not None and state.epoch != int(state.epoch):
+            control.should_evaluate = False  # a cut epoch: no end-of-epoch evaluation
+            control.should_save = False  # saved at the step end already
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stopped_at is not None and state.global_step == self.stopped_at and self.save_seconds is None:
+            self.stop_started = time.monotonic()  # the evaluation due at the step is not the checkpoint's time
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stopped_at is not None and state.global_step == self.stopped_at and self.save_seconds is None:
+            self.save_seconds = time.monotonic() - self.stop_started

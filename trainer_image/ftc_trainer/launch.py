@@ -13,6 +13,10 @@ scratch directory on the pod's disk and names it in ``$FTC_TRAIN_INPUTS`` (a sma
 read that and download nothing, then create the process group with the spec's processGroupTimeoutSeconds.
 A download that fails fails the step here, as one process would (bad input 2, unreachable storage 1).
 
+SIGTERM (a preemption): the agent passes it to the workers and waits up to the pod's grace period for them
+to stop after the step in flight and upload its checkpoint (`callbacks.StopOnSigterm`), then ends with rank
+0's summary (its `preemptedAtStep`) and exit 1.
+
 Every rank writes its summary to its own file; the agent hands the container's termination log the
 summary of the rank that failed first (or rank 0's when all succeeded) and exits with that rank's code,
 so bad input still fails the Job at once (2) and a transient failure is still retried (1).
@@ -65,6 +69,20 @@ def pick_outcome(failures: dict[int, int], first_failed: int | None, summaries: 
     return (2 if code == 2 else 1), summary
 
 
+DEFAULT_SHUTDOWN_SECONDS = 300  # a pod whose grace period ftc did not set: Kubernetes' SIGKILL comes first anyway
+
+
+def shutdown_timeout(env: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """How long the agent waits for its SIGTERM'd workers: the pod's grace period ($FTC_TERMINATION_GRACE_SECONDS),
+    else DEFAULT_SHUTDOWN_SECONDS."""
+    from ftc_api.steps import GRACE_PERIOD_ENV
+
+    try:
+        return max(1, int(float(env[GRACE_PERIOD_ENV])))
+    except (KeyError, ValueError):
+        return DEFAULT_SHUTDOWN_SECONDS
+
+
 def launch(argv: list[str], processes: int, inp: TrainInput, workdir: Path | None = None) -> int:
     """Fetch the inputs of `inp` into `workdir` (a new temporary directory when None), then run
     `python -m ftc_trainer ARGV` as `processes` torchrun workers reading them; returns the pod's exit code
@@ -92,6 +110,9 @@ def launch(argv: list[str], processes: int, inp: TrainInput, workdir: Path | Non
         max_restarts=0,
         monitor_interval=1.0,
         start_method="spawn",
+        # On SIGTERM the agent passes it to the workers, then waits this long before it kills them: the time they
+        # have to finish the step in flight and save and upload its checkpoint (torch's default is 30 s).
+        shutdown_timeout=shutdown_timeout(),
     )
     failures: dict[int, int] = {}
     first: int | None = None

@@ -28,6 +28,7 @@ import re
 import resource
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from ftc_api.overfitting import overfitting_verdict
 from ftc_api.spec import TrainingSpec
 from ftc_api.steps import LossPoint, TrainInput, TrainResult
 from ftc_step.errors import StepError, transient
+from ftc_step.runtime import StopRequest, graceful_sigterm
 from transformers import TrainingArguments
 
 from . import data
@@ -46,6 +48,7 @@ from .callbacks import (
     CheckpointUploader,
     EvalEveryEpochAndAtEnd,
     RunClock,
+    StopOnSigterm,
     StopWhenResumedAtTheEnd,
     TrainingAlreadyComplete,
 )
@@ -196,10 +199,16 @@ def run_train(inp: TrainInput, workdir: Path | None = None) -> TrainResult:
         bf16_supported=cuda and torch.cuda.is_bf16_supported(),
         moe=is_mixture_of_experts(built.model.config),  # DDP looks for idle experts' unused parameters
     )
-    trainer, clock = make_trainer(ws, built.model, FtcTrainingArguments(**kwargs), tokenizer, train_set, eval_set, cuda)
+    stop = StopRequest()
+    trainer, clock, preemption = make_trainer(
+        ws, built.model, FtcTrainingArguments(**kwargs), tokenizer, train_set, eval_set, cuda, stop
+    )
     final_dir, best_dir = ws.workdir / "adapter", ws.workdir / "adapter-best"
     try:
-        fit(ws, trainer, clock)
+        with graceful_sigterm(stop):  # SIGTERM now: finish the step in flight, save it, stop (StopOnSigterm)
+            fit(ws, trainer, clock)
+        if preemption.stopped_at is not None:
+            raise preempted(ws, built, preemption, stop, clock)
         history = loss_history(trainer.state.log_history)
         ws.best.save(final_dir)  # collective under FSDP: before rank 0 waits for its uploads
         result = results(ws, built, trainer.state.global_step, history, clock)
@@ -436,19 +445,23 @@ def make_trainer(
     train_set: list[dict[str, list[int]]],
     eval_set: list[dict[str, list[int]]],
     cuda: bool,
-) -> tuple[Any, RunClock]:
-    """The Trainer with ftc's callbacks (progress from rank 0 only), and the clock of this run."""
+    stop: StopRequest | None = None,
+) -> tuple[Any, RunClock, StopOnSigterm]:
+    """The Trainer with ftc's callbacks (progress from rank 0 only), the clock of this run, and the callback
+    that stops at the step end after a SIGTERM (`stop`, marked inside `graceful_sigterm`) with a checkpoint."""
     from .loss import ResponseLossTrainer
     from .progress import ProgressReporter, pod_patcher
 
     clock = RunClock()
     uploads = CheckpointUploader(ws.store, f"{ws.model_prefix}/checkpoints", ws.best, ws.workdir / UPLOAD_SPOOL_DIR)
     ws.uploads = uploads
+    preemption = StopOnSigterm(stop or StopRequest())
     callbacks = [
         StopWhenResumedAtTheEnd(),
         EvalEveryEpochAndAtEnd(bool(eval_set)),
         ws.best,
         uploads,
+        preemption,  # after EvalEveryEpochAndAtEnd (it drops a cut epoch's evaluation) and the uploader
         clock,
     ]
     if ws.main:  # progress comes from rank 0
@@ -462,7 +475,7 @@ def make_trainer(
         callbacks=callbacks,
     )
     ws.best.save = adapter_saver(trainer, ws.main)
-    return trainer, clock
+    return trainer, clock, preemption
 
 
 def fit(ws: Workspace, trainer: Any, clock: RunClock) -> None:
@@ -480,6 +493,67 @@ def fit(ws: Workspace, trainer: Any, clock: RunClock) -> None:
         raise StepError(out_of_memory_message(torch, ws.inp.model, ws.training, err)) from err
     except StorageError as err:  # a checkpoint upload failed after the client's own retries
         raise storage_failure(err, ws.inp.location.endpoint_url, "uploading a checkpoint") from err
+
+
+def grace_period_seconds(env: Mapping[str, str] = os.environ) -> float | None:
+    """The pod's terminationGracePeriodSeconds as the operator passes it ($FTC_TERMINATION_GRACE_SECONDS)."""
+    from ftc_api.steps import GRACE_PERIOD_ENV
+
+    try:
+        return float(env[GRACE_PERIOD_ENV])
+    except (KeyError, ValueError):
+        return None
+
+
+def preempted(ws: Workspace, built: BuiltModel, preemption: StopOnSigterm, stop: StopRequest, clock: RunClock) -> StepError:
+    """After training stopped on SIGTERM: rank 0 waits for the upload of the step's checkpoint (synchronously:
+    it must be complete before the pod's grace period ends) and logs how long each part took; every rank then
+    ends with a retryable failure whose result says where training stopped, so the retry (a Job retry, Kueue's
+    readmission) resumes from exactly that checkpoint."""
+    step = preemption.stopped_at
+    save = preemption.save_seconds or 0.0
+    upload = 0.0
+    if ws.main:
+        started = time.monotonic()
+        finish_uploads(ws)  # a failed upload raises the storage failure instead (retryable too)
+        upload = time.monotonic() - started
+    total = stop.seconds_since()
+    grace = grace_period_seconds()
+    within = f" of the {grace:.0f}s grace period" if grace else ""
+    if ws.main:
+        log.warning(
+            "preemption checkpoint step-%s saved in %.1fs and uploaded in %.1fs; %.1fs since SIGTERM%s",
+            step,
+            save,
+            upload,
+            total,
+            within,
+        )
+        if grace and total > 0.8 * grace:
+            log.warning(
+                "the preemption checkpoint took %.0f%% of the grace period: raise terminationGracePeriodSeconds",
+                100 * total / grace,
+            )
+    result = TrainResult(
+        ok=False,
+        model=ws.inp.model.name,
+        train_seconds=round(clock.seconds, 3),
+        total_steps=step,
+        resumed_from_step=ws.resumed_step,
+        preempted_at_step=step,
+        preemption_checkpoint_seconds=round(save + upload, 3) if ws.main else None,
+        preemption_seconds=round(total, 3) if ws.main else None,
+        forced=built.forced,
+        parallelism=built.parallelism,
+        processes=ws.processes,
+    )
+    return StepError(
+        f"preempted: {stop.signal_name or 'SIGTERM'} stopped training after step {step} (the step in flight, finished); "
+        f"its checkpoint step-{step} was saved in {save:.1f}s and uploaded in {upload:.1f}s, {total:.1f}s after the "
+        f"signal{within}; the retry resumes from step {step}",
+        retryable=True,
+        result=result,
+    )
 
 
 def finish_uploads(ws: Workspace) -> None:
