@@ -37,6 +37,8 @@ SLOW = (
     "tests/test_train.py::test_sigterm_saves_the_step_in_flight",
     "tests/test_train.py::test_packing_trains_padding_free",  # 18 s
     "tests/test_train.py::test_a_retry_after_the_last_checkpoint",  # 12 s
+    # a real HF Trainer (8 steps, four 1 s evaluations) checks the callbacks' order: 35 s on 2 busy cores
+    "tests/test_train_progress.py::test_a_real_trainer_reports_its_step_time_without_the_evaluations",
     "tests/test_real_model.py::test_lora_fine_tunes",  # 42 s + 37 s
     "tests/test_real_model.py::test_qlora_fine_tunes",
     "tests/test_real_model.py::test_the_evaluator_answers",  # 10 s
