@@ -85,6 +85,8 @@ OPERATOR_RULES = {
     ("", "events", "create"),
     ("", "events", "get"),
     ("", "events", "patch"),
+    ("kueue.x-k8s.io", "workloads", "list"),  # where Kueue is installed: why a queued step Job waits
+    ("kueue.x-k8s.io", "workloads", "watch"),
 }
 
 

@@ -64,6 +64,8 @@ class Reason(StrEnum):
     NAME_TAKEN = "NameTaken"
     EVALUATION_CHANGED = "EvaluationChanged"  # spec.evaluation changed after the start: what it invalidates reruns
     UNSCHEDULABLE = "Unschedulable"  # a step pod the scheduler cannot place (PodScheduled=False/Unschedulable)
+    QUEUED = "Queued"  # a step Job waits in its Kueue LocalQueue for admission (quota)
+    PREEMPTED = "Preempted"  # Kueue preempted a running step Job; it waits to be admitted again
 
 
 class Condition(ApiModel):
@@ -147,10 +149,15 @@ class QueueStatus(ApiModel):
         default=None,
         ge=0,
         description="queuedSeconds: time the model's train Job spent waiting for admission, summed over every wait "
-        "(reported apart from trainSeconds).",
+        "that ended in an admission (the one in progress began at waitingSince); reported apart from trainSeconds.",
     )
     preemptions: int = Field(default=0, ge=0, description="preemptions: times Kueue evicted the running workload.")
     admitted_at: str | None = Field(default=None, description="admittedAt: when Kueue last admitted it (RFC 3339).")
+    waiting_since: str | None = Field(
+        default=None,
+        description="waitingSince: when the wait in progress began (RFC 3339: the Job's creation, or its preemption); "
+        "unset once admitted, when the wait is added to queuedSeconds.",
+    )
 
 
 class TokenCounts(ApiModel):

@@ -86,11 +86,46 @@ class Store:
         with self._lock:
             return list(self._groups.get((namespace, label), {}).values())
 
+    def get(self, uid: str) -> dict[str, Any] | None:
+        """The object with this uid, if held."""
+        with self._lock:
+            key = self._where.get(uid)
+            return self._groups.get(key, {}).get(uid) if key is not None else None
+
+    def comparison(self, obj: dict[str, Any]) -> str | None:
+        """The full name of the comparison `obj` belongs to."""
+        return comparison_of(obj)
+
     def keys(self) -> list[Key]:
         """(namespace, comparison name) of every object held."""
         with self._lock:
-            out = {(o["metadata"]["namespace"], n) for g in self._groups.values() for o in g.values() if (n := comparison_of(o))}
-        return sorted(out)
+            objs = [o for g in self._groups.values() for o in g.values()]
+        return sorted({(o["metadata"]["namespace"], n) for o in objs if (n := self.comparison(o))})
+
+
+def owner_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the object's controller owner (else its first owner)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    ref = next((r for r in refs if r.get("controller")), None) or next(iter(refs), None)
+    return (ref or {}).get("uid")
+
+
+class WorkloadStore(Store):
+    """Kueue Workloads, grouped by (namespace, uid of the Job or JobSet that owns them): a Workload carries no ftc
+    label; its owner does. `comparison_of_owner` finds the comparison of an owner uid in the operator's other
+    stores."""
+
+    def __init__(self, comparison_of_owner: Callable[[str], str | None]) -> None:
+        super().__init__()
+        self.comparison_of_owner = comparison_of_owner
+
+    def group(self, obj: dict[str, Any]) -> Key | None:  # type: ignore[override]
+        uid = owner_uid(obj)
+        return ((obj.get("metadata") or {}).get("namespace", ""), uid) if uid else None
+
+    def comparison(self, obj: dict[str, Any]) -> str | None:
+        uid = owner_uid(obj)
+        return self.comparison_of_owner(uid) if uid else None
 
 
 class Informer:
@@ -103,13 +138,14 @@ class Informer:
         selector: str,
         on_change: Callable[[Key], None],
         watch_seconds: int = WATCH_SECONDS,
+        store: Store | None = None,
     ) -> None:
         self.kind = kind
         self.list_call = list_call
         self.selector = selector
         self.on_change = on_change
         self.watch_seconds = watch_seconds
-        self.store = Store()
+        self.store = store if store is not None else Store()
         self.synced = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ftc-informer-{kind}", daemon=True)
@@ -167,7 +203,7 @@ class Informer:
                 continue
             metrics.WATCH_EVENTS.labels(resource=self.kind).inc()
             self.store.apply(str(kind), raw)
-            name = comparison_of(raw)
+            name = self.store.comparison(raw)
             if name:
                 self.on_change((raw["metadata"].get("namespace", ""), name))
             if self._stop.is_set():
@@ -210,6 +246,7 @@ class Cache:
         self.comparisons = Comparisons()
         self.jobs = jobs or []
         self.pods = pods or []
+        self.workloads: list[Informer] = []  # Kueue's Workloads, once its API is found (watch_workloads)
 
     @property
     def synced(self) -> bool:
@@ -227,5 +264,27 @@ class Cache:
             informer.start()
 
     def stop(self) -> None:
+        for informer in self.workloads:
+            informer.stop()
         for informer in self.jobs + self.pods:
             informer.stop()
+
+    def watch_workloads(self, informers: list[Informer]) -> None:
+        """Start watching Kueue's Workloads (`informers`, made with a WorkloadStore over comparison_of_owner)."""
+        self.workloads = informers
+        for informer in informers:
+            informer.start()
+
+    def comparison_of_owner(self, uid: str) -> str | None:
+        """The comparison of the Job (or JobSet) with this uid, if the operator holds it."""
+        for informer in [*self.jobs, *getattr(self, "jobsets", [])]:
+            obj = informer.store.get(uid)
+            if obj is not None:
+                return comparison_of(obj)
+        return None
+
+    def owned_workloads(self, namespace: str, owner_uids: list[str]) -> list[dict[str, Any]] | None:
+        """The Workloads Kueue made for these Jobs; None while Workloads are not watched or not yet listed."""
+        if not self.workloads or not all(i.synced.is_set() for i in self.workloads):
+            return None
+        return [o for i in self.workloads for uid in owner_uids for o in i.store.objects(namespace, uid)]

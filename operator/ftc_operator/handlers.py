@@ -23,21 +23,52 @@ from ftc_api.base import API_GROUP, API_VERSION, PLURAL
 from ftc_api.status import Phase
 
 from . import metrics
-from .cache import Cache, Informer
+from .cache import Cache, Informer, WorkloadStore
 from .config import OperatorConfig
 from .kube import Kube, new_api_client
 from .observe import LABEL_MANAGED_BY, MANAGED_BY
 from .reconcile import Reconciler
+from .workloads import KUEUE_GROUP, WORKLOADS
 from .workqueue import WorkQueue
 
 log = logging.getLogger("ftc.operator")
 Key = tuple[str, str]
 
 
+async def watch_kueue(memo: kopf.Memo) -> None:
+    """Watch Kueue's Workloads once the API server serves them (checked at start and on every resync while not:
+    Kueue may be installed after the operator; without it everything works as before)."""
+    if memo.reconciler.kueue_version is not None:
+        return
+    try:
+        version = await asyncio.to_thread(memo.kube.workloads_version)
+    except Exception as e:  # discovery failed: look again at the next resync
+        log.warning("Kueue discovery failed: %s: %s", type(e).__name__, e)
+        return
+    if version is None:
+        return
+    loop = asyncio.get_running_loop()
+    on_change = partial(loop.call_soon_threadsafe, memo.queue.add)
+    memo.cache.watch_workloads(workload_informers(memo.kube, memo.namespaces, version, on_change, memo.cache))
+    memo.reconciler.kueue_version = version
+    log.info("Kueue's Workloads (%s/%s) served: watching them", KUEUE_GROUP, version)
+
+
+def workload_informers(kube: Kube, namespaces: list[str] | None, version: str, on_change: Any, cache: Cache) -> list[Informer]:
+    """Informers of Kueue's Workloads, per watched namespace or cluster-wide. Workloads carry no ftc label, so they
+    are listed whole (in a watched namespace, most are ftc's) and matched to a comparison through their owner Job."""
+    if namespaces:
+        calls = [partial(kube.custom.list_namespaced_custom_object, KUEUE_GROUP, version, ns, WORKLOADS) for ns in namespaces]
+    else:
+        calls = [partial(kube.custom.list_cluster_custom_object, KUEUE_GROUP, version, WORKLOADS)]
+    return [Informer(WORKLOADS, call, "", on_change, store=WorkloadStore(cache.comparison_of_owner)) for call in calls]
+
+
 async def _resync(memo: kopf.Memo) -> None:
     config: OperatorConfig = memo.config
     while True:
         try:
+            await watch_kueue(memo)
             items = await asyncio.to_thread(memo.kube.list_comparisons, memo.namespaces or None)
             counts = dict.fromkeys((p.value for p in Phase), 0)
             for obj in items:
@@ -75,6 +106,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         return await asyncio.get_running_loop().run_in_executor(memo.executor, reconciler.reconcile, *key)
 
     memo.queue = WorkQueue(process, config.workers)
+    memo.reconciler = reconciler
+    await watch_kueue(memo)
     memo.cache.start()
     metrics.serve(config.metrics_port)
 

@@ -125,6 +125,31 @@ class Kube:
         resp = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
         return self._raw(resp).get("items", [])
 
+    def workloads_version(self) -> str | None:
+        """The version of Kueue's API (kueue.x-k8s.io) whose Workloads the API server serves, newest first; None
+        without Kueue. Discovery is open to every authenticated client: no RBAC needed."""
+        from .workloads import KUEUE_GROUP, WORKLOAD_VERSIONS, WORKLOADS
+
+        for version in WORKLOAD_VERSIONS:
+            count("get", "apiresources")
+            try:
+                resources = self.custom.get_api_resources(KUEUE_GROUP, version)
+            except ApiException as e:
+                if e.status == 404:
+                    continue
+                raise
+            if any(r.name == WORKLOADS for r in (resources.resources if resources else None) or []):
+                return version
+        return None
+
+    def list_workloads(self, namespace: str, version: str) -> list[dict[str, Any]]:
+        """Kueue's Workloads in a namespace (they carry no ftc label: the caller matches their owners)."""
+        from .workloads import KUEUE_GROUP, WORKLOADS
+
+        count("list", WORKLOADS)
+        resp = self.custom.list_namespaced_custom_object(KUEUE_GROUP, version, namespace, WORKLOADS, _preload_content=False)
+        return self._raw(resp).get("items", [])
+
     # -------------------------------------------------------------------------------------- writes
 
     def create(self, obj: dict[str, Any]) -> Created:

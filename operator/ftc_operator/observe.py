@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftc_api.status import Progress
 from ftc_api.steps import PROGRESS_ANNOTATION
+
+if TYPE_CHECKING:
+    from .workloads import ObservedWorkload
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -73,6 +76,7 @@ class ObservedJob:
     deleting: bool = False  # metadata.deletionTimestamp is set (a retry deleted it)
     unschedulable: Unschedulable | None = None  # an active Job's pod the scheduler cannot place (the earliest)
     image_ids: tuple[str, ...] = ()  # the images its pods ran, as the runtime resolved them (see image_ids)
+    workload: ObservedWorkload | None = None  # its Kueue Workload, when it names a queue (workloads.attach_workloads)
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -151,7 +155,13 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
     conds = _conditions(job)
     pods = sorted(pods, key=_created)
     succeeded_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
-    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    # A failed pod being deleted was counted by the Job (status.failed) or removed on purpose, uncounted: Kueue's
+    # preemption suspends the Job, whose controller deletes the pods (a preempted pod consumes no retry).
+    failed_pods = [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Failed" and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
     running = [
         p
         for p in pods

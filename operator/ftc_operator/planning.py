@@ -36,6 +36,7 @@ from ftc_api.status import (
     ModelPhase,
     ModelStatus,
     Phase,
+    QueueState,
     Reason,
     Software,
     TokenCounts,
@@ -53,8 +54,9 @@ from .observe import JobState, ObservedJob, Unschedulable
 from .progress import live_progress, progress_line
 from .rendering import render_configmap, render_job
 from .rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested, superseded
-from .resolve import refusals
+from .resolve import effective_placement, refusals
 from .step_inputs import generate_input, location, prepare_input, result_from_status, score_input, train_input
+from .workloads import WAITING, queue_status, waiting_message
 
 # An active, unsuspended Job with no pod after this long is reported: the Job controller cannot create its
 # pods (a missing ServiceAccount, a quota, an admission webhook), which only the Job's Events say.
@@ -288,6 +290,9 @@ def _prepare(p: Pass) -> Phase | None:
         if stuck is not None:
             p.condition(ConditionType.PREPARED, "Unknown", Reason.UNSCHEDULABLE, f"prepare Job {job.name}: {stuck[0]}")
             return Phase.PREPARING
+        if (queued := waiting_message(job.workload, job.suspended)) is not None:
+            p.condition(ConditionType.PREPARED, "Unknown", Reason.QUEUED, f"prepare Job {job.name}: {queued}")
+            return Phase.PREPARING
         p.condition(ConditionType.PREPARED, "Unknown", Reason.JOB_RUNNING, "preparing the dataset" + _retrying(job))
         return Phase.PREPARING
     result: PrepareResult | None = None
@@ -342,14 +347,23 @@ def _keep_prepared(p: Pass) -> None:
 
 def _train(p: Pass) -> Phase | None:
     """One train Job per model: create what is missing, follow the running, take each result."""
-    running = sum(_train_model(p, model) for model in p.spec.models)
+    running = 0
+    for model in p.spec.models:
+        running += _train_model(p, model)
+        _queue(p, model)
     n, done = len(p.spec.models), len(p.results)
     p.status.models_done = f"{done}/{n}"
     if running:
         msg = f"{done}/{n} trained, {running} training"
+        queued = {m.name: m.queue for m in p.status.models if m.queue and m.phase == ModelPhase.PENDING}
         if p.unschedulable:
             waiting = "; ".join(f"{name}: {why}" for name, why in p.unschedulable.items())
             p.condition(ConditionType.TRAINED, "Unknown", Reason.UNSCHEDULABLE, f"{msg}; waiting for a node: {waiting}")
+        elif queued:  # the REASON column says Queued (or Preempted) while a model waits for Kueue's admission
+            preempted = any(q.state == QueueState.PREEMPTED for q in queued.values())
+            why = "; ".join(f"{name}: {q.state.value}" + (f" ({q.message})" if q.message else "") for name, q in queued.items())
+            reason = Reason.PREEMPTED if preempted else Reason.QUEUED
+            p.condition(ConditionType.TRAINED, "Unknown", reason, f"{msg}; waiting in Kueue: {why}")
         else:
             p.condition(ConditionType.TRAINED, "Unknown", Reason.JOB_RUNNING, msg)
         return Phase.TRAINING
@@ -363,6 +377,30 @@ def _train(p: Pass) -> Phase | None:
     msg = f"{done}/{n} models trained" + (f"; left out: {failed_text}" if failed_text else "")
     p.condition(ConditionType.TRAINED, "True", Reason.JOB_SUCCEEDED, msg)
     return None
+
+
+def _queue(p: Pass, model: ModelSpec) -> None:
+    """The model's queue status when its train step names a Kueue queue (status.models[].queue); while its train Job
+    waits for admission (queued, or preempted and waiting again), the model is Pending, with Kueue's message."""
+    queue = effective_placement(p.config, p.spec, model).queue_name
+    ms = p.by_name[model.name]
+    prior = p.old_models.get(model.name)
+    job = p.job(StepKind.TRAIN, model.name)
+    before = prior.queue if prior is not None else None
+    if not queue and before is None:
+        return
+    if job is None:  # created in this pass (suspended: it waits for Kueue), or gone after it ended
+        created = ms.phase == ModelPhase.TRAINING
+        ms.queue = queue_status(before, None, queue or "", suspended=created, done=not created)
+        return
+    ms.queue = queue_status(before, job.workload, queue or "", job.suspended, done=job.state != JobState.ACTIVE)
+    if ms.queue is None:
+        return
+    if job.state == JobState.ACTIVE and ms.phase == ModelPhase.TRAINING and ms.queue.state in WAITING:
+        ms.phase, ms.progress = ModelPhase.PENDING, None
+        ms.message = f"{ms.queue.state.value} in Kueue queue {ms.queue.queue_name}" + (
+            f": {ms.queue.message}" if ms.queue.message else ""
+        )
 
 
 def _train_model(p: Pass, model: ModelSpec) -> bool:
@@ -460,6 +498,9 @@ def _evaluate(p: Pass) -> Phase:
     if stuck is not None:
         p.condition(ConditionType.EVALUATED, "Unknown", Reason.UNSCHEDULABLE, f"score Job {job.name}: {stuck[0]}")
         return Phase.EVALUATING
+    if job.state == JobState.ACTIVE and (queued := waiting_message(job.workload, job.suspended)) is not None:
+        p.condition(ConditionType.EVALUATED, "Unknown", Reason.QUEUED, f"score Job {job.name}: {queued}")
+        return Phase.EVALUATING
     if job.state == JobState.ACTIVE:
         msg = "scoring the answers of " + ", ".join(p.results) + _retrying(job)
         p.condition(ConditionType.EVALUATED, "Unknown", Reason.JOB_RUNNING, msg)
@@ -486,6 +527,7 @@ def _generate(p: Pass, jobs: Mapping[str, ObservedJob]) -> Phase | tuple[list[st
     key = generation_key(p.spec)
     running: list[str] = []
     waiting: dict[str, str] = {}
+    waiting_queue: dict[str, str] = {}  # model -> why its generate Job waits in Kueue
     answered: list[str] = []
     failed: dict[str, str] = {}
     created: list[str] = []
@@ -505,6 +547,8 @@ def _generate(p: Pass, jobs: Mapping[str, ObservedJob]) -> Phase | tuple[list[st
             failed[model.name] = f"generate Job {job.name}: {stuck[0]}"
         elif job.state == JobState.ACTIVE:
             running.append(model.name + _retrying(job))
+            if (queued := waiting_message(job.workload, job.suspended)) is not None:
+                waiting_queue[model.name] = queued
             if stuck is not None:
                 waiting[model.name] = stuck[0]
         else:
@@ -520,7 +564,11 @@ def _generate(p: Pass, jobs: Mapping[str, ObservedJob]) -> Phase | tuple[list[st
         parts += [f"failed: {', '.join(failed)}"] if failed else []
         if waiting:
             parts.append("waiting for a node: " + "; ".join(f"{k}: {v}" for k, v in waiting.items()))
+        if waiting_queue:
+            parts.append("waiting in Kueue: " + "; ".join(f"{k}: {v}" for k, v in waiting_queue.items()))
         reason = Reason.UNSCHEDULABLE if waiting else (Reason.JOB_RUNNING if running else Reason.JOB_CREATED)
+        if waiting_queue and not waiting and len(waiting_queue) == len(running):
+            reason = Reason.QUEUED
         p.condition(ConditionType.EVALUATED, "Unknown", reason, "; ".join(parts))
         return Phase.EVALUATING
     if failed and not p.spec.evaluation.exclude_failed_models:

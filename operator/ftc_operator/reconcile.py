@@ -19,13 +19,14 @@ from ftc_api.names import fit
 from ftc_api.status import FineTuneComparisonStatus
 
 from . import metrics
-from .cache import Cache
+from .cache import Cache, owner_uid
 from .comparison import Comparison, read_comparison
 from .config import OperatorConfig
 from .kube import Conflict, Kube
 from .observe import ObservedJob, observe
 from .planning import Plan, only_progress_changed, plan, retry_requested, settled
-from .rendering import selector_labels
+from .rendering import KUEUE_QUEUE_LABEL, selector_labels
+from .workloads import attach_workloads
 
 log = logging.getLogger("ftc.operator")
 
@@ -46,6 +47,7 @@ class Reconciler:
         self.kube = kube
         self.config = config
         self.cache = cache
+        self.kueue_version: str | None = None  # the kueue.x-k8s.io version serving Workloads, once found (handlers)
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.monotonic = monotonic
         self.status_written: dict[tuple[str, str], float] = {}  # when each comparison's status was last written
@@ -83,7 +85,23 @@ class Reconciler:
         else:
             sel = _selector(owner.name)
             jobs, pods = self.kube.list_jobs(owner.namespace, sel), self.kube.list_pods(owner.namespace, sel)
-        return observe(jobs, pods, owner.uid)
+        owners = jobs
+        return attach_workloads(observe(jobs, pods, owner.uid), owners, pods, self._workloads(owner.namespace, owners))
+
+    def _workloads(self, namespace: str, owners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Kueue's Workloads of the comparison's Jobs that name a queue: from the informers once they listed, else
+        from the API server; none where Kueue's API is not served."""
+        queued = {
+            uid
+            for o in owners
+            if KUEUE_QUEUE_LABEL in ((o.get("metadata") or {}).get("labels") or {}) and (uid := o["metadata"].get("uid"))
+        }
+        if not queued or self.kueue_version is None:
+            return []
+        held = self.cache.owned_workloads(namespace, sorted(queued)) if self.cache is not None else None
+        if held is not None:
+            return held
+        return [w for w in self.kube.list_workloads(namespace, self.kueue_version) if owner_uid(w) in queued]
 
     def _reconcile(self, namespace: str, name: str) -> float | None:
         obj = self._comparison(namespace, name)

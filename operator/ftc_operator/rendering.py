@@ -52,6 +52,7 @@ from .resolve import effective_placement, image_for
 
 GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 INPUT_KEY = "input.json"
 CONTAINER = "step"
 ACCESS_KEY_ID = S3_ACCESS_KEY_ID_ENV
@@ -195,6 +196,7 @@ def pod_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, step: st
         "resources": resources,
         "priorityClassName": placement.priority_class_name,
         "queueName": placement.queue_name,
+        "workloadPriorityClassName": placement.workload_priority_class_name,
         "serviceAccountName": placement.service_account_name or config.step_service_account,
         "activeDeadlineSeconds": placement.active_deadline_seconds or step_cfg.active_deadline_seconds,
     }
@@ -225,6 +227,17 @@ def scratch_request(disk_gib: float) -> str:
     return f"{math.ceil(disk_gib * 1.2 + 1)}Gi"
 
 
+def kueue_labels(place: dict[str, Any]) -> dict[str, str]:
+    """The labels that hand a workload to Kueue (`place`: see pod_placement): its LocalQueue and, when named, its
+    WorkloadPriorityClass; empty without a queue (no Kueue label at all: the Job runs as it would without Kueue)."""
+    if not place["queueName"]:
+        return {}
+    out = {KUEUE_QUEUE_LABEL: place["queueName"]}
+    if place["workloadPriorityClassName"]:
+        out[KUEUE_PRIORITY_LABEL] = place["workloadPriorityClassName"]
+    return out
+
+
 def render_job(
     owner: Owner,
     spec: FineTuneComparisonSpec,
@@ -243,8 +256,7 @@ def render_job(
     model_name = model.name if model else None
     lbl = labels(owner.name, step, model_name)
     place = pod_placement(config, spec, step, model)
-    if place["queueName"]:
-        lbl = {**lbl, KUEUE_QUEUE_LABEL: place["queueName"]}
+    queue = kueue_labels(place)
     step_cfg = config.step(step)
     job_spec: dict[str, Any] = {
         "backoffLimit": step_cfg.backoff_limit,
@@ -264,13 +276,15 @@ def render_job(
     }
     if place["activeDeadlineSeconds"]:
         job_spec["activeDeadlineSeconds"] = place["activeDeadlineSeconds"]
+    if queue:  # created suspended: Kueue admits it by unsuspending (and suspends it again to preempt it)
+        job_spec["suspend"] = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": step_name(owner, step, model_name, key),
             "namespace": owner.namespace,
-            "labels": lbl,
+            "labels": {**lbl, **queue},
             "annotations": {ANNOTATION_COMPARISON: owner.name},
             "ownerReferences": [owner.reference()],
         },
