@@ -18,10 +18,14 @@ from ftc_operator.workqueue import WorkQueue
 pytestmark = pytest.mark.unit
 
 
-def status(phase: Phase = Phase.TRAINING, step: int | None = 10, model_phase: ModelPhase = ModelPhase.TRAINING):
+def status(
+    phase: Phase = Phase.TRAINING, step: int | None = 10, model_phase: ModelPhase = ModelPhase.TRAINING, line: str | None = None
+):
     progress = Progress(step=step, total_steps=100, train_loss=1.0) if step is not None else None
     return FineTuneComparisonStatus(
-        phase=phase, models=[ModelStatus(name="a", phase=model_phase, progress=progress), ModelStatus(name="b")]
+        phase=phase,
+        models=[ModelStatus(name="a", phase=model_phase, progress=progress), ModelStatus(name="b")],
+        progress=line,  # the PROGRESS column
     )
 
 
@@ -32,6 +36,7 @@ def status(phase: Phase = Phase.TRAINING, step: int | None = 10, model_phase: Mo
         pytest.param(status(), status(), False, id="unchanged"),
         pytest.param(status(step=10), status(step=20), True, id="progress-only"),
         pytest.param(status(step=None), status(step=5), True, id="first-progress"),
+        pytest.param(status(step=10), status(step=20, line="a 20% ~1m · b Pending"), True, id="the-progress-column-too"),
         pytest.param(status(step=10), status(Phase.EVALUATING, step=20), False, id="phase-too"),
         pytest.param(status(step=10), status(step=20, model_phase=ModelPhase.TRAINED), False, id="model-finished"),
     ],
