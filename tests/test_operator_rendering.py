@@ -184,6 +184,27 @@ def test_the_steps_deadline_reaches_its_pod(step):
     assert env(job)["FTC_STEP_DEADLINE_SECONDS"]["value"] == str(job["spec"]["activeDeadlineSeconds"])
 
 
+GRACE = [
+    pytest.param({}, None, "train", 300, id="train-default"),
+    pytest.param({"placement": {"terminationGracePeriodSeconds": 120}}, None, "train", 120, id="comparison"),
+    pytest.param({"placement": {"terminationGracePeriodSeconds": 120}}, 900, "train", 900, id="model-wins"),
+    pytest.param({"placement": {"terminationGracePeriodSeconds": 120}}, None, "generate", None, id="generate-unset"),
+    pytest.param({}, None, "prepare", None, id="prepare-unset"),
+]
+
+
+@pytest.mark.parametrize(("extra", "model_grace", "step", "grace"), GRACE)
+def test_a_train_pod_has_the_grace_period_of_its_preemption_checkpoint(extra, model_grace, step, grace):
+    """A SIGTERM'd trainer saves and uploads the step in flight's checkpoint within the pod's grace period, which
+    it reads from FTC_TERMINATION_GRACE_SECONDS (the torchrun agent waits that long for its workers)."""
+    spec = make_spec(**extra)
+    if model_grace is not None:
+        spec.models[0].placement = Placement(termination_grace_period_seconds=model_grace)
+    job = render_job(OWNER, spec, CONFIG, step, spec.models[0] if step in ("train", "generate") else None)
+    assert pod(job).get("terminationGracePeriodSeconds") == grace
+    assert env(job).get("FTC_TERMINATION_GRACE_SECONDS", {}).get("value") == (str(grace) if grace else None)
+
+
 def test_no_credentials_secret_means_pod_identity():
     spec = make_spec(storage={"bucket": "ftc"})
     assert "AWS_ACCESS_KEY_ID" not in env(render_job(OWNER, spec, CONFIG, "prepare"))

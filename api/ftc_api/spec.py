@@ -192,6 +192,15 @@ class Placement(ApiModel):
     active_deadline_seconds: int | None = Field(
         default=None, gt=0, description="activeDeadlineSeconds: a step Job is failed after running this long."
     )
+    termination_grace_period_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="terminationGracePeriodSeconds: how long a train pod has after SIGTERM (a preemption, eviction "
+        "or deletion) before it is killed: the trainer finishes the step in flight, then saves and uploads its "
+        "checkpoint in that time, so the retry loses no trained step. Allow at least the checkpoint's size over "
+        "the upload speed, plus one step and the save (docs/steps.md). Default 300 for train pods.",
+    )
 
 
 class ModelTrainingOverrides(ApiModel):

@@ -21,6 +21,7 @@ from ftc_api.steps import (
     EMBEDDINGS_API_KEY_ENV,
     EXIT_BAD_INPUT,
     GPUS_ENV,
+    GRACE_PERIOD_ENV,
     HUB_TOKEN_ENV,
     INPUT_PATH_ENV,
     JUDGE_API_KEY_ENV,
@@ -51,6 +52,7 @@ from .observe import (
 from .resolve import effective_placement, image_for
 
 GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_TRAIN_GRACE_SECONDS = 300  # a train pod's terminationGracePeriodSeconds: its preemption checkpoint's time
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 INPUT_KEY = "input.json"
@@ -199,6 +201,7 @@ def pod_placement(config: OperatorConfig, spec: FineTuneComparisonSpec, step: st
         "workloadPriorityClassName": placement.workload_priority_class_name,
         "serviceAccountName": placement.service_account_name or config.step_service_account,
         "activeDeadlineSeconds": placement.active_deadline_seconds or step_cfg.active_deadline_seconds,
+        "terminationGracePeriodSeconds": placement.termination_grace_period_seconds or DEFAULT_TRAIN_GRACE_SECONDS,
     }
 
 
@@ -374,6 +377,8 @@ def _pod_spec(
         container["env"].extend(model_cache_env(config))
     if place["activeDeadlineSeconds"]:  # the step ends its waits before the Job's deadline (score: rate limits)
         container["env"].append({"name": STEP_DEADLINE_ENV, "value": str(place["activeDeadlineSeconds"])})
+    if step == StepKind.TRAIN:  # the trainer saves and uploads the step in flight's checkpoint within it
+        container["env"].append({"name": GRACE_PERIOD_ENV, "value": str(place["terminationGracePeriodSeconds"])})
     if step == StepKind.TRAIN and gpus > 1:
         # One training process per GPU: NCCL passes data between them through /dev/shm, which a container
         # gets at 64 MiB unless a memory-backed volume replaces it (as Kubeflow Trainer's pods do).
@@ -391,4 +396,6 @@ def _pod_spec(
     for key in ("nodeSelector", "tolerations", "priorityClassName"):
         if place[key]:
             pod_spec[key] = place[key]
+    if step == StepKind.TRAIN:
+        pod_spec["terminationGracePeriodSeconds"] = place["terminationGracePeriodSeconds"]
     return pod_spec
