@@ -291,8 +291,9 @@ def test_deployment_probes_ports_and_metrics_service(helm, args, health, metrics
     assert f"--liveness=http://0.0.0.0:{health}/healthz" in c["args"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"health": health, "metrics": metrics}
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["startupProbe"]["periodSeconds"] == 1  # Ready within a second of kopf serving, not a readiness period
     assert c["image"] == "ghcr.io/ftc-project/ftc-operator:0.1.0"
     service = by_kind(docs, "Service")[0]
     assert service["spec"]["ports"] == [{"name": "metrics", "port": metrics, "targetPort": "metrics"}]
