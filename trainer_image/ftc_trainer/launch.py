@@ -1,5 +1,10 @@
 """Several GPUs in one pod: the train step starts one process per GPU with torchrun (data parallel).
 
+Several nodes (placement.nodes > 1: a JobSet of one pod per node, `rendering.render_jobset`): every pod's agent
+starts its GPUs' processes and joins the others in a static rendezvous on the leader pod (`FTC_MASTER_ADDR`, its
+DNS name; `FTC_NODE_RANK`, the pod's completion index), as `torchrun --nnodes N --node-rank R --master-addr A`
+does; each pod fetches its own inputs, and only global rank 0 (on the leader) uploads and reports progress.
+
 `ftc-trainer train` in a pod whose placement asked for N > 1 GPUs (``FTC_GPUS``, set by the operator)
 becomes the torchrun agent: it starts N copies of itself through torch's elastic launcher (what the
 ``torchrun --standalone --nproc-per-node=N`` command runs: a c10d rendezvous on a free local port, no
@@ -59,8 +64,8 @@ def pick_outcome(failures: dict[int, int], first_failed: int | None, summaries: 
     """The pod's exit code and summary from its workers' exit codes by rank ({} when all succeeded), the
     rank that failed first, and the summaries the workers wrote. A worker killed by a signal (a negative
     code) or one that died without a summary counts as a transient failure (1)."""
-    if not failures:
-        return 0, summaries.get(0)
+    if not failures:  # rank 0's; on another node than the leader's, the lowest rank this pod ran
+        return 0, summaries.get(min(summaries)) if summaries else None
     rank = first_failed if first_failed in failures else min(failures)
     code = failures[rank]
     summary = summaries.get(rank)
@@ -92,6 +97,7 @@ def launch(argv: list[str], processes: int, inp: TrainInput, workdir: Path | Non
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from .parallel import rendezvous
     from .train import INPUTS_ENV, fetch_inputs
 
     started = time.monotonic()
@@ -100,13 +106,15 @@ def launch(argv: list[str], processes: int, inp: TrainInput, workdir: Path | Non
     os.environ[INPUTS_ENV] = str(fetched.write())  # the workers inherit the agent's environment
     summaries_dir = Path(tempfile.mkdtemp(prefix="ftc-ranks-"))
     os.environ[RANK_SUMMARY_DIR_ENV] = str(summaries_dir)
+    rdzv = rendezvous()  # several nodes: a static rendezvous on the leader pod (FTC_MASTER_ADDR, FTC_NODE_RANK)
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=rdzv.nodes,
+        max_nodes=rdzv.nodes,
         nproc_per_node=processes,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
+        run_id=str(uuid.uuid4()) if rdzv.nodes == 1 else f"ftc-{rdzv.endpoint}",
+        rdzv_backend=rdzv.backend,
+        rdzv_endpoint=rdzv.endpoint,
+        rdzv_configs=rdzv.configs,
         max_restarts=0,
         monitor_interval=1.0,
         start_method="spawn",
