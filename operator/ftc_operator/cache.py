@@ -1,12 +1,12 @@
 """What the operator watches, kept in memory: the reconciler reads it instead of asking the API server.
 
 Two informers (LIST, then WATCH from that resourceVersion, relisting when the watch expires or fails) keep the
-Jobs and pods that ftc made, selected by the API server with the label `app.kubernetes.io/managed-by=
-ftc-operator`, so no other pod or Job in the cluster ever reaches the operator. Objects are grouped by
-namespace and comparison label; every change enqueues its comparison. Comparisons themselves are kept from
-kopf's watch (`Comparisons`), updated with what the operator's own status writes return. A reconcile then
-reads nothing from the API server and writes at most its status; the periodic resync and every relist
-correct any drift.
+Jobs and pods that ftc made (a third its JobSets, where the cluster serves them), selected by the API server
+with the label `app.kubernetes.io/managed-by=ftc-operator`, so no other pod or Job in the cluster ever reaches
+the operator. Objects are grouped by namespace and comparison label; every change enqueues its comparison.
+Comparisons themselves are kept from kopf's watch (`Comparisons`), updated with what the operator's own status
+writes return. A reconcile then reads nothing from the API server and writes at most its status; the periodic
+resync and every relist correct any drift.
 """
 
 from __future__ import annotations
@@ -242,15 +242,18 @@ class Cache:
     """The operator's view of the cluster: comparisons, and the Jobs and pods it made (one informer per kind
     and watched namespace, or per kind for the whole cluster)."""
 
-    def __init__(self, jobs: list[Informer] | None = None, pods: list[Informer] | None = None) -> None:
+    def __init__(
+        self, jobs: list[Informer] | None = None, pods: list[Informer] | None = None, jobsets: list[Informer] | None = None
+    ) -> None:
         self.comparisons = Comparisons()
         self.jobs = jobs or []
         self.pods = pods or []
         self.workloads: list[Informer] = []  # Kueue's Workloads, once its API is found (watch_workloads)
+        self.jobsets = jobsets or []  # only where the cluster serves JobSets
 
     @property
     def synced(self) -> bool:
-        informers = self.jobs + self.pods
+        informers = self.jobs + self.pods + self.jobsets
         return bool(informers) and all(i.synced.is_set() for i in informers)
 
     def owned(self, namespace: str, label: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -259,14 +262,18 @@ class Cache:
         pods = [o for i in self.pods for o in i.store.objects(namespace, label)]
         return jobs, pods
 
+    def owned_jobsets(self, namespace: str, label: str) -> list[dict[str, Any]]:
+        """The JobSets carrying one comparison's label (train steps on several nodes)."""
+        return [o for i in self.jobsets for o in i.store.objects(namespace, label)]
+
     def start(self) -> None:
-        for informer in self.jobs + self.pods:
+        for informer in self.jobs + self.pods + self.jobsets:
             informer.start()
 
     def stop(self) -> None:
         for informer in self.workloads:
             informer.stop()
-        for informer in self.jobs + self.pods:
+        for informer in self.jobs + self.pods + self.jobsets:
             informer.stop()
 
     def watch_workloads(self, informers: list[Informer]) -> None:

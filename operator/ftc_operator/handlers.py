@@ -25,7 +25,7 @@ from ftc_api.status import Phase
 from . import metrics
 from .cache import Cache, Informer, WorkloadStore
 from .config import OperatorConfig
-from .kube import Kube, new_api_client
+from .kube import JOBSET_GROUP, JOBSET_VERSION, JOBSETS, Kube, new_api_client
 from .observe import LABEL_MANAGED_BY, MANAGED_BY
 from .reconcile import Reconciler
 from .workloads import KUEUE_GROUP, WORKLOADS
@@ -97,8 +97,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.request_timeout = 60
     memo.kube = Kube(new_api_client(connections=config.workers + 4))  # + the informers' watches
     loop = asyncio.get_running_loop()
-    memo.cache = informers(memo.kube, memo.namespaces, lambda key: loop.call_soon_threadsafe(memo.queue.add, key))
-    reconciler = Reconciler(memo.kube, config, cache=memo.cache)
+    jobsets = await asyncio.to_thread(memo.kube.jobsets_served)  # train steps on several nodes need JobSet
+    log.info("JobSet (jobset.x-k8s.io/v1alpha2) %s", "served: multi-node training on" if jobsets else "not served")
+    on_change = lambda key: loop.call_soon_threadsafe(memo.queue.add, key)  # noqa: E731
+    memo.cache = informers(memo.kube, memo.namespaces, on_change, jobsets)
+    reconciler = Reconciler(memo.kube, config, cache=memo.cache, jobset_available=jobsets)
 
     memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="ftc-reconcile")
 
@@ -127,16 +130,27 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         elect(memo.kube.api, lease, lambda: loop.call_soon_threadsafe(lead))
 
 
-def informers(kube: Kube, namespaces: list[str] | None, on_change: Any) -> Cache:
-    """Job and pod informers selecting what ftc made (server side), per watched namespace or cluster-wide."""
+def informers(kube: Kube, namespaces: list[str] | None, on_change: Any, jobsets: bool = False) -> Cache:
+    """Job and pod informers selecting what ftc made (server side), per watched namespace or cluster-wide; and
+    JobSet informers when the cluster serves JobSets (`jobsets`)."""
     selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    custom = partial(kube.custom.list_namespaced_custom_object, JOBSET_GROUP, JOBSET_VERSION)
     if namespaces:
         jobs = [Informer("jobs", partial(kube.batch.list_namespaced_job, ns), selector, on_change) for ns in namespaces]
         pods = [Informer("pods", partial(kube.core.list_namespaced_pod, ns), selector, on_change) for ns in namespaces]
+        sets = [Informer(JOBSETS, partial(custom, ns, JOBSETS), selector, on_change) for ns in namespaces]
     else:
         jobs = [Informer("jobs", kube.batch.list_job_for_all_namespaces, selector, on_change)]
         pods = [Informer("pods", kube.core.list_pod_for_all_namespaces, selector, on_change)]
-    return Cache(jobs, pods)
+        sets = [
+            Informer(
+                JOBSETS,
+                partial(kube.custom.list_cluster_custom_object, JOBSET_GROUP, JOBSET_VERSION, JOBSETS),
+                selector,
+                on_change,
+            )
+        ]
+    return Cache(jobs, pods, sets if jobsets else [])
 
 
 @kopf.on.cleanup()

@@ -23,6 +23,7 @@ from . import metrics
 
 log = logging.getLogger("ftc.operator.kube")
 COMPONENT = "ftc-operator"
+JOBSET_GROUP, JOBSET_VERSION, JOBSETS = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 
 
 class Conflict(Exception):
@@ -120,6 +121,24 @@ class Kube:
         resp = self.batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False)
         return self._raw(resp).get("items", [])
 
+    def list_jobsets(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        count("list", JOBSETS)
+        resp = self.custom.list_namespaced_custom_object(
+            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSETS, label_selector=selector, _preload_content=False
+        )
+        return self._raw(resp).get("items", [])
+
+    def jobsets_served(self) -> bool:
+        """Whether the API server serves JobSets (jobset.x-k8s.io/v1alpha2: JobSet's CRD is installed)."""
+        count("get", "apiresources")
+        try:
+            resources = self.custom.get_api_resources(JOBSET_GROUP, JOBSET_VERSION)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return any(r.name == JOBSETS for r in (resources.resources if resources else None) or [])
+
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         count("list", "pods")
         resp = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
@@ -153,7 +172,7 @@ class Kube:
     # -------------------------------------------------------------------------------------- writes
 
     def create(self, obj: dict[str, Any]) -> Created:
-        """Create a ConfigMap or Job. On 409 the existing object is read: it is used only when its controller
+        """Create a ConfigMap, Job or JobSet. On 409 the existing object is read: it is used only when its controller
         owner is the same object (UID) as `obj`'s; otherwise the result names who holds the name."""
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
@@ -162,15 +181,25 @@ class Kube:
                 self.core.create_namespaced_config_map(ns, obj, _preload_content=False)  # type: ignore[arg-type]
             elif obj["kind"] == "Job":
                 self.batch.create_namespaced_job(ns, obj, _preload_content=False)  # type: ignore[arg-type]
+            elif obj["kind"] == "JobSet":
+                self.custom.create_namespaced_custom_object(
+                    JOBSET_GROUP, JOBSET_VERSION, ns, JOBSETS, obj, _preload_content=False
+                )
             else:
                 raise ValueError(f"cannot create {obj['kind']}")
         except ApiException as e:
             if e.status != 409:
                 raise
-            read = self.core.read_namespaced_config_map if obj["kind"] == "ConfigMap" else self.batch.read_namespaced_job
             count("get", obj["kind"].lower() + "s")
             try:
-                existing = self._raw(read(name, ns, _preload_content=False))
+                if obj["kind"] == "JobSet":
+                    resp = self.custom.get_namespaced_custom_object(
+                        JOBSET_GROUP, JOBSET_VERSION, ns, JOBSETS, name, _preload_content=False
+                    )
+                else:
+                    read = self.core.read_namespaced_config_map if obj["kind"] == "ConfigMap" else self.batch.read_namespaced_job
+                    resp = read(name, ns, _preload_content=False)
+                existing = self._raw(resp)
             except ApiException as gone:
                 if gone.status == 404:  # deleted meanwhile: the next pass creates it
                     return Created(False, f"{obj['kind']} {ns}/{name} was being deleted; retrying")
@@ -183,6 +212,17 @@ class Kube:
         count("delete", "jobs")
         try:
             self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background", _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def delete_jobset(self, namespace: str, name: str) -> None:
+        """Delete a JobSet and, in the background, its Jobs and pods (a retry); one already gone is fine."""
+        count("delete", JOBSETS)
+        try:
+            self.custom.delete_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSETS, name, propagation_policy="Background", _preload_content=False
+            )
         except ApiException as e:
             if e.status != 404:
                 raise

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from ftc_api.status import Progress
-from ftc_api.steps import PROGRESS_ANNOTATION
+from ftc_api.steps import EXIT_BAD_INPUT, PROGRESS_ANNOTATION
 
 if TYPE_CHECKING:
     from .workloads import ObservedWorkload
@@ -77,6 +77,8 @@ class ObservedJob:
     unschedulable: Unschedulable | None = None  # an active Job's pod the scheduler cannot place (the earliest)
     image_ids: tuple[str, ...] = ()  # the images its pods ran, as the runtime resolved them (see image_ids)
     workload: ObservedWorkload | None = None  # its Kueue Workload, when it names a queue (workloads.attach_workloads)
+    kind: str = "Job"  # or "JobSet": a train step on several nodes (see observe_jobset)
+    restarts: int = 0  # a JobSet's group restarts (status.restarts): each one recreated every pod of the group
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -217,6 +219,93 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
     )
 
 
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+JOBSET_RESTART_LABEL = "jobset.sigs.k8s.io/restart-attempt"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def _index(pod: dict[str, Any]) -> str | None:
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+
+
+def observe_jobset(jobset: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
+    """Distil a train JobSet (several nodes, rendering.render_jobset) and its pods as one step Job: Succeeded when
+    JobSet says Completed, with the leader pod's (node rank 0's) termination message, which carries the training
+    summary; Failed when JobSet says Failed (bad input, the deadline, or more group restarts than the step's
+    backoffLimit), with the message of the pod that failed last; else Active, with the leader pod's progress
+    annotation. `failed_pods` counts failed pods of every attempt; `restarts` is JobSet's group restart count."""
+    meta = jobset.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = jobset.get("status") or {}
+    conds = _conditions(jobset)
+    pods = sorted(pods, key=_created)
+    restarts = int(status.get("restarts") or 0)
+    failed_pods = [  # as observe_job: a failed pod being deleted (Kueue suspended the JobSet) is not counted
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Failed" and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    leaders = [p for p in pods if _index(p) == "0"]
+    current = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(JOBSET_RESTART_LABEL) == str(restarts)]
+    running = [
+        p
+        for p in current
+        if (p.get("status") or {}).get("phase") in ("Pending", "Running")
+        and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    waiting = [
+        Waiting(pod=p["metadata"]["name"], reason=w["reason"], message=w.get("message", ""))
+        for p in running
+        for cs in (p.get("status") or {}).get("containerStatuses") or []
+        if (w := (cs.get("state") or {}).get("waiting") or {}).get("reason")
+        in ("CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff")
+    ]
+    common = dict(
+        name=meta.get("name", ""),
+        step=labels.get(LABEL_STEP) or labels.get(LABEL_COMPONENT, ""),
+        model=labels.get(LABEL_MODEL) or None,
+        failed_pods=max(len(failed_pods), restarts),
+        created=meta.get("creationTimestamp"),
+        pods=len(current),
+        suspended=bool((jobset.get("spec") or {}).get("suspend")),
+        pod_failure=pod_failure(failed_pods[-1]) if failed_pods else None,
+        deleting=bool(meta.get("deletionTimestamp")),
+        image_ids=image_ids(pods),
+        kind="JobSet",
+        restarts=restarts,
+    )
+    if conds.get("Completed", {}).get("status") == "True":
+        done = [p for p in leaders if (p.get("status") or {}).get("phase") == "Succeeded"]
+        term = _terminated(done[-1]) if done else None
+        return ObservedJob(state=JobState.SUCCEEDED, result=(term or {}).get("message"), **common)
+    failed = conds.get("Failed", {})
+    if failed.get("status") == "True":
+        bad = [p for p in failed_pods if (_terminated(p) or {}).get("exitCode") == EXIT_BAD_INPUT]  # the cause, if any
+        deciding = bad or failed_pods
+        term = _terminated(deciding[-1]) if deciding else None
+        return ObservedJob(
+            state=JobState.FAILED,
+            result=(term or {}).get("message"),
+            reason=failed.get("reason"),
+            message=failed.get("message"),
+            **common,
+        )
+    progress = None
+    for p in sorted(running, key=lambda p: _index(p) != "0"):  # the leader (rank 0) reports it
+        progress = parse_progress(((p.get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION))
+        if progress:
+            break
+    last_failure = _terminated(failed_pods[-1]) if failed_pods else None
+    return ObservedJob(
+        state=JobState.ACTIVE,
+        progress=progress,
+        waiting=tuple(waiting),
+        unschedulable=next((u for p in running if (u := pod_unschedulable(p)) is not None), None),
+        result=(last_failure or {}).get("message"),
+        **common,
+    )
+
+
 def pods_by_job(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Group pods by the Job that owns them: by its uid (a retried step's Job has the name of the failed one it
     replaced, whose pods may linger), else by name."""
@@ -239,8 +328,11 @@ def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
-def observe(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], owner_uid: str) -> list[ObservedJob]:
-    """Every Job owned by `owner_uid`, observed with its pods, sorted by name."""
+def observe(
+    jobs: list[dict[str, Any]], pods: list[dict[str, Any]], owner_uid: str, jobsets: list[dict[str, Any]] | None = None
+) -> list[ObservedJob]:
+    """Every Job and JobSet owned by `owner_uid`, observed with its pods, sorted by name (a JobSet's child Jobs are
+    owned by the JobSet, not the comparison: they are seen through it)."""
     grouped = pods_by_job(pods)
     mine = [j for j in jobs if owned_by(j, owner_uid)]
 
@@ -248,4 +340,10 @@ def observe(jobs: list[dict[str, Any]], pods: list[dict[str, Any]], owner_uid: s
         meta = job["metadata"]
         return grouped.get(meta.get("uid", ""), []) or grouped.get(meta["name"], [])
 
-    return sorted((observe_job(j, pods_of(j)) for j in mine), key=lambda o: o.name)
+    out = [observe_job(j, pods_of(j)) for j in mine]
+    for js in jobsets or []:
+        if owned_by(js, owner_uid):
+            name = js["metadata"]["name"]
+            members = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(JOBSET_NAME_LABEL) == name]
+            out.append(observe_jobset(js, members))
+    return sorted(out, key=lambda o: o.name)

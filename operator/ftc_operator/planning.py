@@ -52,9 +52,9 @@ from .eval_settings import generation_key, scoring_key
 from .fairness import evaluation_changes, fairness_record, software
 from .observe import JobState, ObservedJob, Unschedulable
 from .progress import live_progress, progress_line
-from .rendering import render_configmap, render_job
+from .rendering import jobset_name, nodes_of, render_configmap, render_job, render_jobset
 from .rerun import carried_condition, invalid_spec_message, plan_retry, retry_requested, superseded
-from .resolve import effective_placement, refusals
+from .resolve import effective_placement, jobset_refusals, refusals
 from .step_inputs import generate_input, location, prepare_input, result_from_status, score_input, train_input
 from .workloads import WAITING, queue_status, waiting_message
 
@@ -73,16 +73,20 @@ def plan(
     config: OperatorConfig,
     retry: str | None = None,
     not_created: Mapping[str, str | None] | None = None,
+    jobset_available: bool = True,
 ) -> Plan:
     """The next actions and the status for a comparison (pure; see the module docstring). `status`: the one
     recorded (None: none, or unreadable); `retry`: the comparison's `ftc.dev/retry` annotation; `not_created`:
-    what the last apply of this pass's plan could not create (see decision.StatusBuilder)."""
+    what the last apply of this pass's plan could not create (see decision.StatusBuilder); `jobset_available`:
+    whether the cluster serves JobSets (a model on several nodes is refused without them)."""
     old = status if status is not None else FineTuneComparisonStatus()
     if retry_requested(old, retry) and not _invalid_spec(old):
         return plan_retry(old, observed, owner, now, retry or "")
     if settled(old, owner.generation) and not _invalid_spec(old):
         return Plan(status=old)
-    if not isinstance(spec, InvalidSpec) and (refused := refusals(config, spec)):
+    if not isinstance(spec, InvalidSpec) and (
+        refused := refusals(config, spec) + jobset_refusals(config, spec, jobset_available)
+    ):
         spec = InvalidSpec(tuple(refused))  # an image or ServiceAccount the chart's allowlists do not hold
     if isinstance(spec, InvalidSpec):
         b = StatusBuilder(old, owner, now)
@@ -171,14 +175,22 @@ class Pass(StatusBuilder):
         key in generate and score Job names)."""
         model_name = model.name if model else None
         input_json = doc.to_json()
+        if step == StepKind.TRAIN and model is not None and nodes_of(self.config, self.spec, model) > 1:  # a JobSet
+            name, job = (
+                jobset_name(self.owner.name, model.name),
+                render_jobset(self.owner, self.spec, self.config, model, scratch_gib),
+            )
+        else:
+            name = names.step_name(self.owner.name, step.value, model_name, key)
+            job = render_job(self.owner, self.spec, self.config, step.value, model, scratch_gib, key)
         self.creates.append(
             CreateStep(
                 step=step.value,
                 model=model_name,
-                name=names.step_name(self.owner.name, step.value, model_name, key),
+                name=name,
                 input_json=input_json,
                 configmap=render_configmap(self.owner, step.value, model_name, input_json, key),
-                job=render_job(self.owner, self.spec, self.config, step.value, model, scratch_gib, key),
+                job=job,
                 scratch_gib=scratch_gib,
             )
         )
@@ -194,7 +206,7 @@ class Pass(StatusBuilder):
         revisions = {m.name: m.base_model_revision for m in st.models}  # the commit each staged hub model was taken at
         started = self.was(ConditionType.TRAINED) or any(c.type == ConditionType.EVALUATED.value for c in self.old.conditions)
         changes = evaluation_changes(self.old.fairness, self.spec, self.owner.generation, self.now, started)
-        st.fairness = fairness_record(self.spec, self.dataset_sha256, forced, self.software(), revisions, changes)
+        st.fairness = fairness_record(self.spec, self.dataset_sha256, forced, self.software(), revisions, changes, self.config)
         carried = carried_condition(self.old, st, phase)  # a retry's or a changed evaluation's rerun says so
         if carried is not None and ConditionType.SUCCEEDED.value not in self.conditions:
             self.conditions[carried.type] = carried
@@ -406,7 +418,10 @@ def _queue(p: Pass, model: ModelSpec) -> None:
 def _train_model(p: Pass, model: ModelSpec) -> bool:
     """One model's train Job; True while it runs (or is created now)."""
     ms = p.by_name[model.name]
-    ms.job_name = names.step_name(p.owner.name, StepKind.TRAIN.value, model.name)
+    several = nodes_of(p.config, p.spec, model) > 1  # a JobSet on several nodes
+    ms.job_name = (
+        jobset_name(p.owner.name, model.name) if several else names.step_name(p.owner.name, StepKind.TRAIN.value, model.name)
+    )
     prior = p.old_models.get(model.name)
     job = p.job(StepKind.TRAIN, model.name)
     if job is None:

@@ -43,8 +43,10 @@ class Reconciler:
         clock: Callable[[], dt.datetime] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         cache: Cache | None = None,
+        jobset_available: bool = False,
     ):
         self.kube = kube
+        self.jobset_available = jobset_available  # the cluster serves JobSets (train steps on several nodes)
         self.config = config
         self.cache = cache
         self.kueue_version: str | None = None  # the kueue.x-k8s.io version serving Workloads, once found (handlers)
@@ -82,11 +84,13 @@ class Reconciler:
             return []
         if self.cache is not None and self.cache.synced:
             jobs, pods = self.cache.owned(owner.namespace, fit(owner.name))
+            jobsets = self.cache.owned_jobsets(owner.namespace, fit(owner.name))
         else:
             sel = _selector(owner.name)
             jobs, pods = self.kube.list_jobs(owner.namespace, sel), self.kube.list_pods(owner.namespace, sel)
-        owners = jobs
-        return attach_workloads(observe(jobs, pods, owner.uid), owners, pods, self._workloads(owner.namespace, owners))
+            jobsets = self.kube.list_jobsets(owner.namespace, sel) if self.jobset_available else []
+        owners = [*jobs, *jobsets]
+        return attach_workloads(observe(jobs, pods, owner.uid, jobsets), owners, pods, self._workloads(owner.namespace, owners))
 
     def _workloads(self, namespace: str, owners: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Kueue's Workloads of the comparison's Jobs that name a queue: from the informers once they listed, else
@@ -114,12 +118,24 @@ class Reconciler:
 
         def planned(not_created: dict[str, str | None] | None = None) -> Plan:
             return plan(
-                c.spec, c.status, observed, now, owner=c.owner, config=self.config, retry=c.retry, not_created=not_created
+                c.spec,
+                c.status,
+                observed,
+                now,
+                owner=c.owner,
+                config=self.config,
+                retry=c.retry,
+                not_created=not_created,
+                jobset_available=self.jobset_available,
             )
 
         p = planned()
+        jobsets = {o.name for o in observed if o.kind == "JobSet"}
         for job_name in p.deletes:  # a retry: the failed Jobs go (their pods with them) before their steps rerun
-            self.kube.delete_job(namespace, job_name)
+            if job_name in jobsets:
+                self.kube.delete_jobset(namespace, job_name)
+            else:
+                self.kube.delete_job(namespace, job_name)
             log.info("%s/%s: retry %r: deleted failed Job %s", namespace, name, c.retry, job_name)
         not_created = self._create(namespace, name, p)
         if not_created:  # what the apply met is an observation: plan again with it, and report that plan

@@ -25,8 +25,12 @@ from ftc_api.steps import (
     HUB_TOKEN_ENV,
     INPUT_PATH_ENV,
     JUDGE_API_KEY_ENV,
+    MASTER_ADDR_ENV,
+    MASTER_PORT_ENV,
     MODEL_CACHE_DIR_ENV,
     MODEL_CACHE_MAX_BYTES_ENV,
+    NODE_RANK_ENV,
+    NODES_ENV,
     S3_ACCESS_KEY_ID_ENV,
     S3_SECRET_ACCESS_KEY_ENV,
     STEP_DEADLINE_ENV,
@@ -399,3 +403,125 @@ def _pod_spec(
     if step == StepKind.TRAIN:
         pod_spec["terminationGracePeriodSeconds"] = place["terminationGracePeriodSeconds"]
     return pod_spec
+
+
+# --------------------------------------------------------------------------------------------- several nodes
+
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+JOBSET_KIND = "JobSet"
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet puts it on the child Jobs and their pods
+REPLICATED_JOB = "node"  # the one replicatedJob: its Indexed Job runs one pod per node
+MASTER_PORT = 29500  # the torchrun rendezvous (c10d TCPStore) on the leader pod
+# JobSet's webhook refuses a JobSet whose pod names (`NAME-node-0-INDEX-xxxxx`) exceed a 63-character DNS label:
+# with up to 64 nodes (a 2-digit index) the name gets at most 47.
+JOBSET_NAME_MAX = 47
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
+KUEUE_PREFIX = "kueue.x-k8s.io/"  # Kueue's labels (queue, priority) go on the JobSet only: Kueue admits it whole
+
+
+def nodes_of(config: OperatorConfig, spec: FineTuneComparisonSpec, model: ModelSpec) -> int:
+    """How many nodes (pods) a model's train step runs on: its effective placement.nodes (default 1)."""
+    return effective_placement(config, spec, model).nodes or 1
+
+
+def jobset_name(comparison: str, model: str) -> str:
+    """The train JobSet's name, COMPARISON-train-MODEL fitted to JOBSET_NAME_MAX characters, starting with a letter
+    (its child Jobs' names must be DNS-1035 labels)."""
+    head = f"{comparison}-train-{model}"
+    return names.fit(head if head[:1].isalpha() else f"ftc-{head}", JOBSET_NAME_MAX)
+
+
+def leader_address(name: str) -> str:
+    """The leader pod's DNS name: JobSet's headless Service (named as the JobSet, its `network.subdomain`) gives
+    each pod `JOBSET-REPLICATEDJOB-JOBINDEX-PODINDEX.SUBDOMAIN`; the leader is completion index 0."""
+    return f"{name}-{REPLICATED_JOB}-0-0.{name}"
+
+
+def render_jobset(
+    owner: Owner,
+    spec: FineTuneComparisonSpec,
+    config: OperatorConfig,
+    model: ModelSpec,
+    scratch_gib: float | None = None,
+) -> dict[str, Any]:
+    """A model's train step on `placement.nodes` > 1 nodes: a JobSet (jobset.x-k8s.io/v1alpha2) with one
+    replicatedJob whose Indexed Job runs one pod per node (parallelism = completions = nodes), each the train pod
+    `render_job` renders (gpuCount GPUs, the same input, env and placement), plus:
+
+    - the rendezvous: `FTC_NODES`, `FTC_NODE_RANK` (the pod's completion index) and the leader pod's DNS name and
+      port (`FTC_MASTER_ADDR`, `FTC_MASTER_PORT`); JobSet's headless Service gives every pod its DNS name;
+    - one pod per node: a required pod anti-affinity on `kubernetes.io/hostname` among the JobSet's pods (JobSet's
+      exclusive-topology annotation places each child *Job* on its own node, and here one Job holds every pod);
+    - Kueue's labels (queue, priority: whatever `render_job` sets) and `suspend` on the JobSet only, so Kueue admits
+      the group as one workload;
+    - the failure policy: any failed pod fails its Job (backoffLimit 0), and JobSet recreates the whole group
+      (`BlockingRecreate`: every old pod is gone before the new ones start) up to the step's backoffLimit times;
+      each new group resumes from the newest checkpoint in S3. Bad input (exit code 2, the Job's podFailurePolicy)
+      and the step's deadline fail the JobSet at once."""
+    nodes = nodes_of(config, spec, model)
+    job = render_job(owner, spec, config, StepKind.TRAIN, model, scratch_gib)
+    name = jobset_name(owner.name, model.name)
+    labels_all = job["metadata"]["labels"]
+    kueue = {k: v for k, v in labels_all.items() if k.startswith(KUEUE_PREFIX)}
+    child = {k: v for k, v in labels_all.items() if not k.startswith(KUEUE_PREFIX)}
+    job_spec = job["spec"]
+    suspend = job_spec.pop("suspend", None)
+    template = job_spec["template"]
+    template["metadata"]["labels"] = {k: v for k, v in template["metadata"]["labels"].items() if not k.startswith(KUEUE_PREFIX)}
+    rules = job_spec["podFailurePolicy"]["rules"]  # a disrupted pod fails its Job too: the group restarts at once
+    job_spec["podFailurePolicy"]["rules"] = [r for r in rules if r["action"] != "Ignore"]
+    job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes, backoffLimit=0)
+    pod_spec = template["spec"]
+    pod_spec["containers"][0]["env"].extend(
+        [
+            {"name": NODES_ENV, "value": str(nodes)},
+            {
+                "name": NODE_RANK_ENV,
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+            },
+            {"name": MASTER_ADDR_ENV, "value": leader_address(name)},
+            {"name": MASTER_PORT_ENV, "value": str(MASTER_PORT)},
+        ]
+    )
+    pod_spec["affinity"] = {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": {JOBSET_NAME_LABEL: name}}, "topologyKey": HOSTNAME_TOPOLOGY}
+            ]
+        }
+    }
+    job_template = {"metadata": {"labels": child, "annotations": dict(job["metadata"]["annotations"])}, "spec": job_spec}
+    jobset_spec: dict[str, Any] = {
+        "network": {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True},
+        "successPolicy": {"operator": "All"},
+        "failurePolicy": {
+            "maxRestarts": config.step(StepKind.TRAIN).backoff_limit,
+            "restartStrategy": "BlockingRecreate",
+            "rules": [
+                {"name": "BadInput", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
+                {"name": "Deadline", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
+            ],
+        },
+        "replicatedJobs": [
+            {
+                "name": REPLICATED_JOB,
+                "replicas": 1,
+                "template": job_template,
+            }
+        ],
+    }
+    if suspend is not None:
+        jobset_spec["suspend"] = suspend
+    return {
+        "apiVersion": JOBSET_API_VERSION,
+        "kind": JOBSET_KIND,
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": {**child, **kueue},
+            "annotations": {ANNOTATION_COMPARISON: owner.name},
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": jobset_spec,
+    }
