@@ -344,3 +344,30 @@ def test_workloads_are_held_by_their_owner_job_and_enqueue_its_comparison():
     assert cache.owned_workloads("ns", ["uid-other"]) == []
     informer.store.apply("DELETED", wl)
     assert cache.owned_workloads("ns", ["uid-train"]) == []
+
+
+@pytest.mark.parametrize(
+    ("served", "version"),
+    [
+        pytest.param({}, None, id="no-kueue"),
+        pytest.param({"v1beta1": ["workloads", "clusterqueues"]}, "v1beta1", id="old-kueue"),
+        pytest.param({"v1beta1": ["workloads"], "v1beta2": ["workloads", "localqueues"]}, "v1beta2", id="v0.17"),
+        pytest.param({"v1beta2": ["localqueues"]}, None, id="no-workloads-resource"),
+    ],
+)
+def test_the_operator_finds_kueues_workload_api_by_discovery(served, version):
+    from types import SimpleNamespace
+
+    from ftc_operator.kube import Kube
+    from kubernetes.client.rest import ApiException
+
+    class Discovery:
+        def get_api_resources(self, group, ver):
+            assert group == "kueue.x-k8s.io"
+            if ver not in served:
+                raise ApiException(status=404)
+            return SimpleNamespace(resources=[SimpleNamespace(name=n) for n in served[ver]])
+
+    kube = Kube.__new__(Kube)
+    kube.custom = Discovery()  # type: ignore[assignment]
+    assert kube.workloads_version() == version
