@@ -85,6 +85,11 @@ OPERATOR_RULES = {
     ("", "events", "create"),
     ("", "events", "get"),
     ("", "events", "patch"),
+    ("jobset.x-k8s.io", "jobsets", "get"),  # where JobSet is installed: train steps on several nodes
+    ("jobset.x-k8s.io", "jobsets", "list"),
+    ("jobset.x-k8s.io", "jobsets", "watch"),
+    ("jobset.x-k8s.io", "jobsets", "create"),
+    ("jobset.x-k8s.io", "jobsets", "delete"),
     ("kueue.x-k8s.io", "workloads", "list"),  # where Kueue is installed: why a queued step Job waits
     ("kueue.x-k8s.io", "workloads", "watch"),
 }
@@ -201,7 +206,13 @@ def job_policy(docs: list[dict]) -> dict[str, str]:
     spec = policy["spec"]
     assert spec["failurePolicy"] == "Fail"
     assert spec["matchConstraints"]["resourceRules"] == [
-        {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["jobs"]}
+        {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["jobs"]},
+        {
+            "apiGroups": ["jobset.x-k8s.io"],
+            "apiVersions": ["v1alpha2"],
+            "operations": ["CREATE", "UPDATE"],
+            "resources": ["jobsets"],
+        },
     ]
     out = {v["name"]: v["expression"] for v in spec["variables"]}
     out["user"] = spec["matchConditions"][0]["expression"]
