@@ -35,6 +35,7 @@ SLOW = (
     "tests/test_train.py::test_resume_after_sigkill",  # 136 s
     # SIGTERM mid-run, the retry and a reference run: 512 s on 2 cores busy with other tests (87 s before, no reference).
     "tests/test_train.py::test_sigterm_saves_the_step_in_flight",
+    "tests/test_train_preemption.py::test_two_gloo_processes",  # two spawned processes importing transformers: 54 s
     "tests/test_train.py::test_packing_trains_padding_free",  # 18 s
     "tests/test_train.py::test_a_retry_after_the_last_checkpoint",  # 12 s
     # a real HF Trainer (8 steps, four 1 s evaluations) checks the callbacks' order: 35 s on 2 busy cores
