@@ -23,6 +23,8 @@ SLOW = (
     "tests/test_train_parallel.py::test_fsdp",  # 111 s
     "tests/test_train_fsdp.py::test_fsdp_qlora",  # two torchrun processes, 4-bit bf16 on the CPU: 125 s
     "tests/test_train_parallel.py::test_bad_input_in_a_worker",  # 46 s
+    # two torchrun agents as two nodes (static rendezvous on 127.0.0.1) and a one-process reference: 187 s (busy)
+    "tests/test_train_multinode.py::test_two_nodes",
     # Two torchrun processes behind throttled storage plus a one-process reference; the throttles must outlast a
     # 5 s process-group timeout set above the workers' start-up skew: 190 s on 2 busy cores.
     "tests/test_train_parallel.py::test_no_process_waits_on_slow_storage",
