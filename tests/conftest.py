@@ -60,8 +60,9 @@ FIRST = "tests/test_cluster_lifecycle.py"  # brings up its own cluster: before t
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test belongs to exactly one level, so `make test` (-m "unit or ml or cluster") runs them all;
-    the cluster lifecycle test runs first."""
-    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
+    the cluster lifecycle test runs first, and the tests that install Kueue and JobSet into the session cluster (the
+    `kueue` fixture, which stays installed) run last: every other test sees a cluster without them, as before."""
+    items.sort(key=lambda item: (not item.nodeid.startswith(FIRST), "kueue" in getattr(item, "fixturenames", ())))
     for item in items:
         if item.nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)

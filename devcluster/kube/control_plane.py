@@ -175,6 +175,12 @@ class Pki:
         files["admin"] = _issue("ftc-admin", ["system:masters"], issuer=ca, client=True)
         files["controller-manager"] = _issue("system:kube-controller-manager", issuer=ca, client=True)
         files["scheduler"] = _issue("system:kube-scheduler", issuer=ca, client=True)
+        # The aggregation layer (as kubeadm sets it up): the API server proxies an APIService's requests (Kueue's
+        # visibility API) with this client certificate, which the extension server trusts through the
+        # front-proxy CA published in kube-system/extension-apiserver-authentication.
+        front_proxy_ca = _issue("front-proxy-ca", ca=True)
+        files["front-proxy-ca"] = front_proxy_ca
+        files["front-proxy-client"] = _issue("front-proxy-client", issuer=front_proxy_ca, client=True)
         for name, (cert, key) in files.items():
             pki.path(f"{name}.crt").write_bytes(_pem_cert(cert))
             pki.path(f"{name}.key").write_bytes(_pem_key(key))
@@ -471,6 +477,13 @@ def start_control_plane(root: Path, bin_dir: Path, timeout: float = 90, advertis
                 f"--kubelet-client-certificate={p('apiserver-kubelet-client.crt')}",
                 f"--kubelet-client-key={p('apiserver-kubelet-client.key')}",
                 "--kubelet-preferred-address-types=InternalIP,Hostname",
+                f"--requestheader-client-ca-file={p('front-proxy-ca.crt')}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={p('front-proxy-client.crt')}",
+                f"--proxy-client-key-file={p('front-proxy-client.key')}",
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
                 "--profiling=false",
