@@ -390,3 +390,31 @@ def test_a_worker_nodes_pod_reports_its_lowest_rank() -> None:
 
     assert pick_outcome({}, None, {3: "r3", 2: "r2"}) == (0, "r2")  # node 1 of 2, two GPUs each: ranks 2 and 3
     assert pick_outcome({}, None, {}) == (0, None)
+
+
+def test_the_operator_watches_jobsets_once_they_are_served() -> None:
+    """JobSet installed after the operator: found at a resync, its informers start, models on several nodes go."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ftc_operator import handlers
+
+    served = [False]
+    watched: list[Any] = []
+    kube = SimpleNamespace(jobsets_served=lambda: served[0], custom=SimpleNamespace(list_cluster_custom_object=print))
+    memo = SimpleNamespace(
+        kube=kube,
+        namespaces=None,
+        queue=SimpleNamespace(add=lambda key: None),
+        cache=SimpleNamespace(watch_jobsets=watched.extend),
+        reconciler=SimpleNamespace(jobset_available=False),
+    )
+    asyncio.run(handlers.watch_jobsets(memo))  # type: ignore[arg-type]
+    assert not memo.reconciler.jobset_available and not watched
+    served[0] = True
+    asyncio.run(handlers.watch_jobsets(memo))  # type: ignore[arg-type]
+    assert memo.reconciler.jobset_available and [(i.kind, i.selector) for i in watched] == [
+        ("jobsets", "app.kubernetes.io/managed-by=ftc-operator")
+    ]
+    asyncio.run(handlers.watch_jobsets(memo))  # type: ignore[arg-type]
+    assert len(watched) == 1  # once

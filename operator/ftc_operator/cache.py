@@ -262,6 +262,12 @@ class Cache:
         pods = [o for i in self.pods for o in i.store.objects(namespace, label)]
         return jobs, pods
 
+    def watch_jobsets(self, informers: list[Informer]) -> None:
+        """Start watching ftc's JobSets (`informers`), once JobSet's API is found."""
+        self.jobsets = informers
+        for informer in informers:
+            informer.start()
+
     def owned_jobsets(self, namespace: str, label: str) -> list[dict[str, Any]]:
         """The JobSets carrying one comparison's label (train steps on several nodes)."""
         return [o for i in self.jobsets for o in i.store.objects(namespace, label)]

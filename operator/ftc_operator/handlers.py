@@ -54,6 +54,37 @@ async def watch_kueue(memo: kopf.Memo) -> None:
     log.info("Kueue's Workloads (%s/%s) served: watching them", KUEUE_GROUP, version)
 
 
+async def watch_jobsets(memo: kopf.Memo) -> None:
+    """Watch ftc's JobSets once the API server serves them (checked at start and on every resync while not: JobSet
+    may be installed after the operator); until then a model on several nodes is refused (resolve.jobset_refusals)."""
+    if memo.reconciler.jobset_available:
+        return
+    try:
+        served = await asyncio.to_thread(memo.kube.jobsets_served)
+    except Exception as e:  # discovery failed: look again at the next resync
+        log.warning("JobSet discovery failed: %s: %s", type(e).__name__, e)
+        return
+    if not served:
+        return
+    loop = asyncio.get_running_loop()
+    on_change = partial(loop.call_soon_threadsafe, memo.queue.add)
+    memo.cache.watch_jobsets(jobset_informers(memo.kube, memo.namespaces, on_change))
+    memo.reconciler.jobset_available = True
+    log.info("JobSets (%s/%s) served: watching them; models may train on several nodes", JOBSET_GROUP, JOBSET_VERSION)
+
+
+def jobset_informers(kube: Kube, namespaces: list[str] | None, on_change: Any) -> list[Informer]:
+    """Informers of the JobSets ftc made (train steps on several nodes), per watched namespace or cluster-wide."""
+    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    if namespaces:
+        calls = [
+            partial(kube.custom.list_namespaced_custom_object, JOBSET_GROUP, JOBSET_VERSION, ns, JOBSETS) for ns in namespaces
+        ]
+    else:
+        calls = [partial(kube.custom.list_cluster_custom_object, JOBSET_GROUP, JOBSET_VERSION, JOBSETS)]
+    return [Informer(JOBSETS, call, selector, on_change) for call in calls]
+
+
 def workload_informers(kube: Kube, namespaces: list[str] | None, version: str, on_change: Any, cache: Cache) -> list[Informer]:
     """Informers of Kueue's Workloads, per watched namespace or cluster-wide. Workloads carry no ftc label, so they
     are listed whole (in a watched namespace, most are ftc's) and matched to a comparison through their owner Job."""
@@ -69,6 +100,7 @@ async def _resync(memo: kopf.Memo) -> None:
     while True:
         try:
             await watch_kueue(memo)
+            await watch_jobsets(memo)
             items = await asyncio.to_thread(memo.kube.list_comparisons, memo.namespaces or None)
             counts = dict.fromkeys((p.value for p in Phase), 0)
             for obj in items:
@@ -97,11 +129,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.request_timeout = 60
     memo.kube = Kube(new_api_client(connections=config.workers + 4))  # + the informers' watches
     loop = asyncio.get_running_loop()
-    jobsets = await asyncio.to_thread(memo.kube.jobsets_served)  # train steps on several nodes need JobSet
-    log.info("JobSet (jobset.x-k8s.io/v1alpha2) %s", "served: multi-node training on" if jobsets else "not served")
-    on_change = lambda key: loop.call_soon_threadsafe(memo.queue.add, key)  # noqa: E731
-    memo.cache = informers(memo.kube, memo.namespaces, on_change, jobsets)
-    reconciler = Reconciler(memo.kube, config, cache=memo.cache, jobset_available=jobsets)
+    memo.cache = informers(memo.kube, memo.namespaces, lambda key: loop.call_soon_threadsafe(memo.queue.add, key))
+    reconciler = Reconciler(memo.kube, config, cache=memo.cache)
 
     memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="ftc-reconcile")
 
@@ -112,6 +141,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.reconciler = reconciler
     await watch_kueue(memo)
     memo.cache.start()
+    await watch_jobsets(memo)
     metrics.serve(config.metrics_port)
 
     def lead() -> None:  # events queue up meanwhile; the resync enqueues every unfinished comparison
@@ -130,27 +160,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         elect(memo.kube.api, lease, lambda: loop.call_soon_threadsafe(lead))
 
 
-def informers(kube: Kube, namespaces: list[str] | None, on_change: Any, jobsets: bool = False) -> Cache:
-    """Job and pod informers selecting what ftc made (server side), per watched namespace or cluster-wide; and
-    JobSet informers when the cluster serves JobSets (`jobsets`)."""
+def informers(kube: Kube, namespaces: list[str] | None, on_change: Any) -> Cache:
+    """Job and pod informers selecting what ftc made (server side), per watched namespace or cluster-wide."""
     selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-    custom = partial(kube.custom.list_namespaced_custom_object, JOBSET_GROUP, JOBSET_VERSION)
     if namespaces:
         jobs = [Informer("jobs", partial(kube.batch.list_namespaced_job, ns), selector, on_change) for ns in namespaces]
         pods = [Informer("pods", partial(kube.core.list_namespaced_pod, ns), selector, on_change) for ns in namespaces]
-        sets = [Informer(JOBSETS, partial(custom, ns, JOBSETS), selector, on_change) for ns in namespaces]
     else:
         jobs = [Informer("jobs", kube.batch.list_job_for_all_namespaces, selector, on_change)]
         pods = [Informer("pods", kube.core.list_pod_for_all_namespaces, selector, on_change)]
-        sets = [
-            Informer(
-                JOBSETS,
-                partial(kube.custom.list_cluster_custom_object, JOBSET_GROUP, JOBSET_VERSION, JOBSETS),
-                selector,
-                on_change,
-            )
-        ]
-    return Cache(jobs, pods, sets if jobsets else [])
+    return Cache(jobs, pods)
 
 
 @kopf.on.cleanup()

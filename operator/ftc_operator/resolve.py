@@ -68,7 +68,8 @@ def refusals(config: OperatorConfig, spec: FineTuneComparisonSpec) -> list[str]:
 
 JOBSET_INSTALL = (
     "install JobSet v0.12.0 or newer (kubectl apply --server-side -f "
-    "https://github.com/kubernetes-sigs/jobset/releases/download/v0.12.0/manifests.yaml) and restart the operator"
+    "https://github.com/kubernetes-sigs/jobset/releases/download/v0.12.0/manifests.yaml; the operator finds it at "
+    "its next resync)"
 )
 
 
