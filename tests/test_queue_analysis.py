@@ -135,3 +135,78 @@ def test_equal_timestamps_within_the_resolution_are_unordered():
 def test_queue_waits_sum_every_wait():
     admissions = [A("x", LOW, 0, 5), A("y", LOW, 3, 12), A("x", LOW, 10, 20), A("z", HIGH, 15, None)]
     assert queue_waits(admissions, until=30) == {"x": 15, "y": 9, "z": 15}
+
+
+def _workload(reserved: str | None = None, finished: bool = False, priority: int = LOW, gpus: int = 2) -> dict:
+    conditions = []
+    if reserved is not None:
+        conditions.append({"type": "QuotaReserved", "status": reserved})
+    if finished:
+        conditions.append({"type": "Finished", "status": "True"})
+    container = {"name": "c", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"cpu": "1"}}}
+    return {
+        "metadata": {
+            "name": "job-c00-train-m-1a2b3",
+            "creationTimestamp": "2026-12-03T18:00:00Z",
+            "ownerReferences": [{"kind": "Job", "name": "c00-train-m"}],
+        },
+        "spec": {
+            "priority": priority,
+            "podSets": [{"name": "main", "count": 1, "template": {"spec": {"containers": [container]}}}],
+        },
+        "status": {"conditions": conditions},
+    }
+
+
+T0 = 1796320800.0  # 2026-12-03T18:00:00Z
+
+
+def test_the_recorder_folds_a_workloads_events_into_waits_and_holds():
+    from devcluster.queue_run import Recorder
+
+    rec = Recorder(api_client=None, namespace="ns")
+    events = [
+        ("ADDED", _workload(), T0 + 0.2),
+        ("MODIFIED", _workload("False"), T0 + 0.3),  # pending: insufficient quota
+        ("MODIFIED", _workload("True"), T0 + 5),  # admitted
+        ("MODIFIED", _workload("True"), T0 + 5.5),  # a replayed state changes nothing
+        ("MODIFIED", _workload("False"), T0 + 8),  # preempted: back in the queue
+        ("MODIFIED", _workload("True"), T0 + 12),
+        ("MODIFIED", _workload("True", finished=True), T0 + 15),
+        ("DELETED", _workload("True", finished=True), T0 + 20),
+    ]
+    for kind, obj, now in events:
+        rec.observe_workload(kind, obj, now)
+    [track] = rec.workloads.values()
+    assert (track.job, track.priority, track.gpus, track.created) == ("c00-train-m", LOW, 2, T0)
+    assert track.waits == [[T0, T0 + 5], [T0 + 8, T0 + 12]]
+    assert track.holds == [[T0 + 5, T0 + 8], [T0 + 12, T0 + 15]]
+    assert track.evictions == 1
+    assert rec.admissions() == [
+        Admission("job-c00-train-m-1a2b3", LOW, T0, T0, T0 + 5),
+        Admission("job-c00-train-m-1a2b3", LOW, T0, T0 + 8, T0 + 12),
+    ]
+    assert rec.quota_spans(until=T0 + 30) == [
+        Span("job-c00-train-m-1a2b3", T0 + 5, T0 + 8, 2),
+        Span("job-c00-train-m-1a2b3", T0 + 12, T0 + 15, 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pod_sets", "gpus"),
+    [
+        pytest.param([], 0, id="none"),
+        pytest.param(
+            [{"count": 1, "template": {"spec": {"containers": [{"resources": {"requests": {"cpu": "1"}}}]}}}], 0, id="cpu"
+        ),
+        pytest.param(
+            [{"count": 2, "template": {"spec": {"containers": [{"resources": {"limits": {"nvidia.com/gpu": "4"}}}]}}}],
+            8,
+            id="two-pods-of-four",
+        ),
+    ],
+)
+def test_requested_gpus(pod_sets, gpus):
+    from devcluster.queue_run import requested_gpus
+
+    assert requested_gpus(pod_sets) == gpus
