@@ -302,6 +302,8 @@ def test_observe_sees_jobsets_the_comparison_owns_with_their_pods() -> None:
     seen = observe([], [LEADER_OK, WORKER_OK], OWNER.uid, [mine, other])
     assert [(o.name, o.state, o.result) for o in seen] == [("bake-train-llama", JobState.SUCCEEDED, '{"ok": true, "leader": 1}')]
     assert observe_jobset(jobset_obj(suspend=True), []).suspended
+    # Between two attempts (the old pods gone, the new not yet made) a restarting group is not "a Job with no pod".
+    assert (observe_jobset(jobset_obj([], 1), []).pods, observe_jobset(jobset_obj([], 0), []).pods) == (1, 0)
 
 
 # --------------------------------------------------------------------------------------------- fairness

@@ -266,7 +266,8 @@ def observe_jobset(jobset: dict[str, Any], pods: list[dict[str, Any]]) -> Observ
         model=labels.get(LABEL_MODEL) or None,
         failed_pods=max(len(failed_pods), restarts),
         created=meta.get("creationTimestamp"),
-        pods=len(current),
+        # the current attempt's pods; a group JobSet is recreating (restarts > 0) had pods, none missing by mistake
+        pods=len(current) or int(restarts > 0),
         suspended=bool((jobset.get("spec") or {}).get("suspend")),
         pod_failure=pod_failure(failed_pods[-1]) if failed_pods else None,
         deleting=bool(meta.get("deletionTimestamp")),
