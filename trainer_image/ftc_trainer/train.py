@@ -17,6 +17,10 @@ Resume: on start the newest checkpoint with a valid manifest is downloaded and h
 `Trainer.train(resume_from_checkpoint=...)`, which restores adapter, optimizer, scheduler, RNG states
 and the data position; the loss history lives in the checkpoint's trainer_state.json, and the best
 adapter so far in its `ftc-best--*` files, so the history continues with no step repeated or missing.
+
+SIGTERM (a preemption, eviction or deletion) inside the training loop: the step in flight finishes, every
+process stops after the same step (`callbacks.StopOnSigterm`), that step's checkpoint is saved and uploaded
+before the exit (`preempted`), and the step exits retryable with `preemptedAtStep`; the retry resumes there.
 """
 
 from __future__ import annotations
