@@ -10,9 +10,12 @@
 # (lib-docker.sh), from where devcluster/kube/node.py loads them into the nodes' containerds like the project's images.
 # Versions come from devcluster/scripts/versions.env.
 #
-# None of the three modules has replace directives, so a plain `go install module/pkg@version` builds each (no
-# wrapper module). CGO_ENABLED=0 (static), GOTOOLCHAIN=local (their go.mod asks for go 1.25/1.26; the local Go builds
-# them), the upstream version ldflags. One build at a time (flock). A warm call (binaries present, the stamp matches
+# Each is built as upstream builds it: `go build` in the module's own tree (`go mod download -json` gives its
+# directory in the module cache), so its own go.mod and go.sum pin every dependency (none of the three has replace
+# directives). Not `go install module/pkg@version`: for a package at a module's root that looks the module's
+# deprecation up in its version list, which the proxy refuses for sigs.k8s.io/jobset (403).
+# CGO_ENABLED=0 (static), GOTOOLCHAIN=local (their go.mod asks for go 1.25/1.26; the local Go builds them), the
+# upstream version ldflags. One build at a time (flock). A warm call (binaries present, the stamp matches
 # versions.env, the images in the dockerd with the IDs recorded in images.json) returns at once without starting
 # dockerd: the image check reads dockerd's repositories.json.
 #
@@ -32,11 +35,13 @@ stamp="$bin/.stamp"
 images_json="$root/images.json"
 repositories="$FTC_DOCKER_DIR/data/image/overlay2/repositories.json"
 
-# name  go package@version  ldflags  image  entrypoint
-coredns_pkg="github.com/coredns/coredns@$COREDNS_VERSION"
-kueue_pkg="sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
-jobset_pkg="sigs.k8s.io/jobset@$JOBSET_VERSION"
-declare -A pkg=([coredns]="$coredns_pkg" [kueue]="$kueue_pkg" [jobset]="$jobset_pkg")
+# name -> module@version, the main package in it, ldflags, image, entrypoint
+declare -A module=(
+  [coredns]="github.com/coredns/coredns@$COREDNS_VERSION"
+  [kueue]="sigs.k8s.io/kueue@$KUEUE_VERSION"
+  [jobset]="sigs.k8s.io/jobset@$JOBSET_VERSION"
+)
+declare -A pkg=([coredns]=. [kueue]=./cmd/kueue [jobset]=.)
 declare -A ldflags=(
   [coredns]="-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
   [kueue]="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
@@ -87,7 +92,8 @@ fi
 
 export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
 command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
-export GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local GOBIN="$bin"
+export GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local
+unset GOFLAGS
 start=$SECONDS
 mkdir -p "$bin"
 
@@ -96,20 +102,25 @@ if [[ "${1:-}" == "--force" ]] || ! binaries_ok; then
   rm -f "$stamp"
   for n in "${names[@]}"; do
     t=$SECONDS
-    log "go install ${pkg[$n]} (CGO_ENABLED=0)"
-    # The binary is named after the package's last element: coredns, kueue, jobset.
+    log "fetching ${module[$n]}"
+    if ! dir="$(go mod download -json "${module[$n]}" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')" || [[ ! -d "$dir" ]]; then
+      echo "error: could not download ${module[$n]}" >&2
+      exit 1
+    fi
+    log "go build ${module[$n]%@*}${pkg[$n]#.} -> $bin/$n (CGO_ENABLED=0; in ${dir})"
     # A ticker: a cold build is minutes of silence otherwise.
     ( exec 9>&-; s=""; trap 'kill "$s" 2>/dev/null; exit 0' TERM
       while :; do sleep 60 & s=$!; wait "$s"; log "  still building $n ($((SECONDS - t)) s)"; done ) &
     ticker=$!
-    if ! go install -ldflags "${ldflags[$n]}" "${pkg[$n]}" >"$root/build-$n.log" 2>&1; then
+    if ! (cd "$dir" && go build -ldflags "${ldflags[$n]}" -o "$bin/$n.tmp" "${pkg[$n]}") >"$root/build-$n.log" 2>&1; then
       kill "$ticker" 2>/dev/null || true
       tail -n 40 "$root/build-$n.log" >&2
-      echo "error: go install ${pkg[$n]} failed; full log: $root/build-$n.log" >&2
+      echo "error: go build of ${module[$n]} ${pkg[$n]} failed; full log: $root/build-$n.log" >&2
       exit 1
     fi
     kill "$ticker" 2>/dev/null || true
     wait "$ticker" 2>/dev/null || true
+    mv "$bin/$n.tmp" "$bin/$n"
     log "built $n in $((SECONDS - t)) s ($(($(stat -c %s "$bin/$n") / 1000000)) MB)"
   done
   "$bin/coredns" -version | head -1
