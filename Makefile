@@ -10,7 +10,7 @@ PY_DIRS := api step_kernel operator trainer_image evaluator_image devcluster ben
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build minio-build images cluster-up cluster-down clean
+.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build addons-build minio-build images cluster-up cluster-down clean
 
 help:
 	@echo "make demo    - a local cluster (real nodes, the operator installed by Helm), S3 and tiny models; ends in 'kubectl get ftc' with a winner"
@@ -62,10 +62,10 @@ crds-check: install
 crds: install
 	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
-# The slow prerequisites side by side: the control plane and MinIO compile (CPU), the images mostly download
+# The slow prerequisites side by side: the control plane, MinIO and the add-ons compile (CPU), the images mostly download
 # and unpack (network, disk), the model dequantises; each prints its own timestamped progress.
 prereqs: install
-	$(MAKE) --no-print-directory -j4 --output-sync=none models cluster-build minio-build images
+	$(MAKE) --no-print-directory -j4 --output-sync=none models cluster-build minio-build images addons-build
 
 test: prereqs
 	$(BIN)/pytest -m "unit or ml or cluster" tests
@@ -80,11 +80,17 @@ test-unit: install minio-build
 test-ml: install models minio-build
 	$(BIN)/pytest -m ml tests
 
-test-cluster: install cluster-build minio-build images
+test-cluster: install cluster-build minio-build images addons-build
 	$(BIN)/pytest -m cluster tests
 
 cluster-build:
 	bash devcluster/scripts/build-control-plane.sh
+
+# The cluster's Go add-ons, CoreDNS (the cluster DNS), Kueue and JobSet, from their Go modules, and their images tagged
+# with the upstream names (FROM scratch, in the images' dockerd); cached under ~/.cache/ftc/addons-<versions>.
+# Its images go into the same private dockerd as `images` (one script at a time uses it). See docs/local-cluster.md.
+addons-build:
+	bash devcluster/scripts/build-addons.sh
 
 # The local S3 server, MinIO (AGPL-3.0, unmodified, run as its own process), from its Go module; cached under
 # ~/.cache/ftc/minio-<version>. See docs/local-cluster.md.
@@ -99,7 +105,7 @@ images: install
 
 # Local control plane + two real nodes (containerd, kubelet, kube-proxy, the images) + MinIO S3 in the
 # background; state, kubeconfig and logs in .cluster/. `make cluster-down` stops it and cleans the host.
-cluster-up: install cluster-build minio-build images
+cluster-up: install cluster-build minio-build images addons-build
 	$(BIN)/python -m devcluster up
 
 cluster-down:

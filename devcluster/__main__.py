@@ -1,13 +1,18 @@
-"""``python -m devcluster up|down|status``: the local cluster for ``make cluster-up`` / ``make cluster-down``.
+"""``python -m devcluster up|down|status|expose``: the local cluster for ``make cluster-up`` / ``make cluster-down``.
 
-``up`` builds the binaries and images if needed, starts etcd, kube-apiserver,
+``up`` builds the binaries, images and add-ons if needed, starts etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler, two real nodes (``gpu-node-0``, ``cpu-node-0``: containerd,
-CNI, kubelet; one kube-proxy) and the local S3 server (MinIO, data in ``s3-data/``) with bucket ``ftc`` as background processes,
+CNI, kubelet; one kube-proxy), CoreDNS (the cluster DNS) and the local S3 server (MinIO, data in ``s3-data/``) with
+bucket ``ftc`` as background processes, gives S3 the Service name ``s3.ftc-host.svc.cluster.local`` (what pods use),
 creates the Secret ``ftc-s3`` in ``--namespace`` and writes, under ``--dir`` (default ``.cluster``):
 ``kubeconfig``, ``env`` (``source .cluster/env``), ``state.json`` (ports, pids), ``logs/`` (one per
 component) and ``host-changes.json`` (what ``down`` undoes).
+``up --kueue`` also installs Kueue and JobSet with their own charts (once), the ftc queues (ClusterQueue ``ftc-cq``,
+8 ``nvidia.com/gpu``) and the LocalQueue ``ftc-queue`` in ``--namespace`` (devcluster/kube/kueue.py).
 ``down`` stops every pod (through the kubelets), every process recorded in ``state.json``, and undoes
 the host changes: mounts, network namespaces, bridges, iptables rules, cgroups, sysctls.
+``expose NAME PORT`` gives a server on this host (listening on every address) the Service name
+``NAME.ftc-host.svc.cluster.local`` in the running cluster and prints its URL (the demo's judge).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from devcluster.kube.addons import DNS_SERVICE_IP, build_addons, expose_host_service, start_dns
 from devcluster.kube.control_plane import (
     REPO,
     ControlPlane,
@@ -95,6 +101,7 @@ def up(root: Path, namespace: str) -> int:
         # The sources may have changed since it started: rebuild (incremental) and load what differs, so
         # pods never run stale images on a reused cluster (an unchanged image takes seconds).
         build_images()
+        build_addons()
         addresses = [str(socket_dir(root, node.name) / "containerd.sock") for node in DEFAULT_NODES]
         load_images(addresses, images_for_nodes(DEFAULT_NODES))
         _prepare_namespace(root / "kubeconfig", s3, namespace)
@@ -111,6 +118,7 @@ def up(root: Path, namespace: str) -> int:
     bin_dir = build_binaries()
     minio = minio_binary()
     build_images()
+    build_addons()  # after build_images: its images join the same dockerd
     t1 = time.monotonic()
     if root.exists():
         shutil.rmtree(root)
@@ -118,9 +126,10 @@ def up(root: Path, namespace: str) -> int:
     cp = start_control_plane(root, bin_dir, advertise_ip=ip)
     try:
         start_nodes(cp)
+        dns_s = start_dns(cp)
         s3_port = free_port()
         cp.spawn("s3", minio_command(minio, root / "s3-data", "0.0.0.0", s3_port), env=minio_env())
-        s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}", cluster_endpoint_url=f"http://{ip}:{s3_port}")
+        s3 = S3Server(endpoint_url=f"http://127.0.0.1:{s3_port}", cluster_endpoint_url=expose_host_service(cp, "s3", ip, s3_port))
         s3.wait_ready(30, root / "logs" / "s3.log")
         state = json.loads((root / "state.json").read_text())
         state.update(s3_endpoint_url=s3.endpoint_url, s3_cluster_endpoint_url=s3.cluster_endpoint_url)
@@ -134,6 +143,7 @@ def up(root: Path, namespace: str) -> int:
     print(f"  apiserver   {cp.server}")
     print(f"  kubeconfig  {cp.kubeconfig}")
     print(f"  nodes       {', '.join(n.name for n in DEFAULT_NODES)}")
+    print(f"  DNS         CoreDNS at {DNS_SERVICE_IP} (kube-system/kube-dns, cluster.local), answering after {dns_s:.1f}s")
     print(f"  S3          {s3.endpoint_url} (pods: {s3.cluster_endpoint_url}), bucket {s3.bucket}")
     print(f"  Secret      {namespace}/{s3.secret_name}")
     print(f"  logs        {root / 'logs'}/<component>.log; pods: kubectl logs")
@@ -168,6 +178,44 @@ def down(root: Path) -> int:
     return 0
 
 
+def expose(root: Path, name: str, port: int) -> int:
+    """Give a server on this host the Service name ``name.ftc-host.svc.cluster.local``; print the URL."""
+    if not _running(root):
+        print("no cluster running (make cluster-up)", file=sys.stderr)
+        return 1
+    data = json.loads((root / "state.json").read_text())
+    cp = ControlPlane(
+        root=root,
+        bin_dir=Path(data["bin_dir"]),
+        server=data["server"],
+        kubeconfig=root / "kubeconfig",
+        pki=Pki(root / "pki"),
+        ports=data["ports"],
+    )
+    print(expose_host_service(cp, name, host_ip(), port))
+    return 0
+
+
+def kueue_up(root: Path, namespace: str) -> int:
+    """Kueue, JobSet and the ftc queues in the running cluster (installed once; devcluster/kube/kueue.py), and the
+    LocalQueue ``ftc-queue`` in ``namespace``."""
+    from devcluster.kube.addons import JOBSET_IMAGE, KUEUE_IMAGE, build_addons
+    from devcluster.kube.kueue import CLUSTER_QUEUE, GPU_QUOTA, LOCAL_QUEUE, QUEUE_LABEL, Addons
+
+    data = json.loads((root / "state.json").read_text())
+    addons = Addons(Path(data["bin_dir"]), root / "kubeconfig")
+    if addons.installed():
+        print("Kueue and JobSet already installed")
+    else:
+        build_addons()
+        load_images([str(socket_dir(root, node.name) / "containerd.sock") for node in DEFAULT_NODES], [KUEUE_IMAGE, JOBSET_IMAGE])
+        addons.install()
+    addons.create_local_queue(namespace)
+    print(f"  Kueue       ClusterQueue {CLUSTER_QUEUE} ({GPU_QUOTA} nvidia.com/gpu), LocalQueue {namespace}/{LOCAL_QUEUE}")
+    print(f"              queue a Job with the label {QUEUE_LABEL}={LOCAL_QUEUE} (created suspended)")
+    return 0
+
+
 def status(root: Path) -> int:
     running = _running(root)
     print("running: " + (", ".join(f"{n}[{p}]" for n, p in running.items()) if running else "nothing"))
@@ -176,13 +224,23 @@ def status(root: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devcluster", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "expose"])
+    parser.add_argument("name", nargs="?", help="expose: the Service name (judge, hub, ...)")
+    parser.add_argument("port", nargs="?", type=int, help="expose: the server's port on this host")
     parser.add_argument("--dir", type=Path, default=REPO / ".cluster", help="state dir (default: .cluster)")
     parser.add_argument("--namespace", default="default", help="namespace that gets the ftc-s3 Secret")
+    parser.add_argument(
+        "--kueue", action="store_true", help="up: also install Kueue and JobSet, the ftc queues and a LocalQueue in --namespace"
+    )
     args = parser.parse_args(argv)
     root = args.dir.resolve()
     if args.command == "up":
-        return up(root, args.namespace)
+        code = up(root, args.namespace)
+        return kueue_up(root, args.namespace) if code == 0 and args.kueue else code
+    if args.command == "expose":
+        if not args.name or not args.port:
+            parser.error("expose needs NAME and PORT, e.g. `python -m devcluster expose judge 8765`")
+        return expose(root, args.name, args.port)
     return down(root) if args.command == "down" else status(root)
 
 

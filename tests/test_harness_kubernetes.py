@@ -378,3 +378,69 @@ def test_kubectl_exec_runs_in_the_container(control_plane: Cluster, namespace: s
     out = control_plane.kubectl("exec", "-n", namespace, "shell", "--", "sh", "-c", "id -u; cat /proc/sys/kernel/hostname")
 
     assert out.split() == ["65532", "shell"]
+
+
+def test_pods_resolve_services_by_name_and_reach_s3_through_its_service_name(
+    control_plane: Cluster, namespace: str, core, s3_server
+):
+    # CoreDNS (kube-system/kube-dns) is every kubelet's clusterDNS; S3 runs on the host and has the Service name
+    # s3.ftc-host (a Service without selector, an EndpointSlice to the host's address), which pods are handed.
+    assert s3_server.cluster_endpoint_url == "http://s3.ftc-host.svc.cluster.local"
+    s3_ip = core.read_namespaced_service("s3", "ftc-host").spec.cluster_ip
+    api_ip = core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+    probe = (
+        "import socket, urllib.request, urllib.error\n"
+        "print('resolv.conf:', ' | '.join(open('/etc/resolv.conf').read().splitlines()))\n"
+        "names = ['kubernetes.default.svc.cluster.local', 'kubernetes.default', 's3.ftc-host.svc.cluster.local', 's3.ftc-host']\n"
+        "for name in names:\n"
+        "    print('resolved', name, socket.gethostbyname(name))\n"
+        f"url = '{s3_server.cluster_endpoint_url}'\n"
+        "with urllib.request.urlopen(url + '/minio/health/live', timeout=10) as r:\n"
+        "    print('health', r.status, r.headers.get('Server'))\n"
+        "try:\n    urllib.request.urlopen(url + '/ftc?list-type=2', timeout=10)\n"
+        "except urllib.error.HTTPError as e:\n    print('unsigned list', e.code, 'AccessDenied' in e.read().decode())\n"
+    )
+    script = 'python3 -c "$PROBE"'
+    spec = pod_spec(shell(script, env=[{"name": "PROBE", "value": probe}]))
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "dns"}, "spec": spec})
+
+    wait_for(lambda: core.read_namespaced_pod("dns", namespace).status.phase in ("Succeeded", "Failed"), 60, "dns done")
+
+    out = control_plane.pod_log(namespace, "dns", "main")
+    assert core.read_namespaced_pod("dns", namespace).status.phase == "Succeeded", out
+    assert f"nameserver {control_plane.dns_ip}" in out and f"search {namespace}.svc.cluster.local" in out, out
+    for name, ip in [
+        ("kubernetes.default.svc.cluster.local", api_ip),
+        ("kubernetes.default", api_ip),  # through the search path
+        ("s3.ftc-host.svc.cluster.local", s3_ip),
+        ("s3.ftc-host", s3_ip),
+    ]:
+        assert f"resolved {name} {ip}\n" in out, out
+    # MinIO answers through the Service: healthy, and it refuses an unsigned listing as S3 does
+    assert "health 200 MinIO" in out, out
+    assert "unsigned list 403 True" in out, out
+
+
+def test_a_second_gpu_node_joins_like_the_first_its_pods_resolve_names_and_it_leaves(
+    control_plane: Cluster, namespace: str, core
+):
+    # gpu-node-1 (for multi-node training) is started on demand: its first start on a machine imports the step
+    # images into its own containerd (minutes); later starts, and a multi-node test after this one, take seconds.
+    took = control_plane.add_node("gpu-node-1")
+    try:
+        node = core.read_node("gpu-node-1")
+        assert node.status.allocatable["nvidia.com/gpu"] == "8", took
+        assert node.metadata.labels["nvidia.com/gpu.product"] == A100
+        assert any(t.key == "nvidia.com/gpu" and t.effect == "NoSchedule" for t in node.spec.taints)
+        # A GPU pod pinned there runs and resolves a Service through the cluster DNS (JobSet pods find their
+        # leader by name)
+        script = "python3 -c \"import socket; print('resolved', socket.gethostbyname('kubernetes.default'))\""
+        spec = pod_spec(shell(script), gpus=1, gpu_node=True)
+        spec["nodeSelector"]["kubernetes.io/hostname"] = "gpu-node-1"
+        core.create_namespaced_pod(namespace, {"metadata": {"name": "second"}, "spec": spec})
+        wait_for(lambda: core.read_namespaced_pod("second", namespace).status.phase == "Succeeded", 60, "second Succeeded")
+        api_ip = core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+        assert f"resolved {api_ip}" in control_plane.pod_log(namespace, "second", "main")
+    finally:
+        control_plane.remove_node("gpu-node-1")
+    assert "gpu-node-1" not in {n.metadata.name for n in core.list_node().items}

@@ -9,7 +9,11 @@ setting here):
   mount namespace per node (the kubelet's device-plugin socket path is hard-coded) and gives nothing
   the tests check besides an ``NVIDIA_VISIBLE_DEVICES`` value no CPU can use. What is lost: the
   kubelet's Allocate call, so a pod sees no device env var.
-* ``cpu-node-0``: no GPUs, no taint.
+* ``cpu-node-0``: no GPUs, no taint; the controllers (CoreDNS, Kueue, JobSet, the operator) run here.
+* ``gpu-node-1``, on demand (:func:`add_node` / :func:`remove_node`): a second node like ``gpu-node-0``, for
+  multi-node training (a JobSet's pods on two nodes).
+
+Every kubelet names CoreDNS (devcluster/kube/addons.py, started after the nodes) as its ``clusterDNS``.
 
 Each node has its own containerd (socket, state, runc root, CNI bridge and subnet), kubelet root dir,
 ports and cgroup root (``/ftc-<node>`` in every cgroup v1 hierarchy, created here: the kubelet does not
@@ -39,6 +43,8 @@ from pathlib import Path
 
 import yaml
 
+from devcluster.kube.addons import CLUSTER_DOMAIN, DNS_SERVICE_IP
+
 CGROUP_V1 = Path("/sys/fs/cgroup")
 CNI_BIN = Path("/usr/lib/cni")
 NETNS_DIR = Path("/var/run/netns")
@@ -61,12 +67,16 @@ def progress(message: str, since: float | None = None) -> None:
 
 def node_images(node: NodeSpec) -> tuple[str, ...]:
     """What a node needs besides the pause image: the base image (plain test pods) everywhere, the trainer
-    everywhere (prepare runs on CPU nodes, train on GPU nodes), the evaluator on the GPU node, the operator
-    (which does not tolerate the GPU taint) on the CPU node. The loaders give every node the union of these
-    from one `docker save` stream (the step images share the ~5.5 GB step base; ~7.9 GB in all)."""
+    everywhere (prepare runs on CPU nodes, train on GPU nodes), the evaluator on the GPU nodes, the operator and
+    the add-ons' controllers (CoreDNS, Kueue, JobSet; none tolerates the GPU taint) on the CPU node. The loaders
+    give every node the union of these from one `docker save` stream (the step images share the ~5.5 GB step base;
+    ~7.9 GB in all, the add-ons ~0.2 GB)."""
+    from devcluster.kube.addons import ADDON_IMAGES
     from devcluster.kube.images import BASE_IMAGE, EVALUATOR_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE
 
-    return (BASE_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE) if node.gpus else (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE)
+    if node.gpus:
+        return (BASE_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE)
+    return (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE, *ADDON_IMAGES)
 
 
 def images_for_nodes(specs: tuple[NodeSpec, ...], images=node_images) -> list[str]:
@@ -117,6 +127,11 @@ GPU_NODE = NodeSpec(
 )
 CPU_NODE = NodeSpec(name="cpu-node-0", index=1)
 DEFAULT_NODES = (GPU_NODE, CPU_NODE)
+# A second fake-A100 node, the same as the first, for multi-node training (a JobSet's pods on two nodes). Not
+# started with the others (tests count on one GPU node: where a GPU pod lands, 3 GPUs beside 6 held being
+# unschedulable): `add_node` starts it in a running cluster and `remove_node` takes it out again.
+GPU_NODE_1 = NodeSpec(name="gpu-node-1", index=2, labels=GPU_NODE.labels, taints=GPU_NODE.taints, gpus=GPU_NODE.gpus)
+ALL_NODES = (*DEFAULT_NODES, GPU_NODE_1)
 
 
 def host_ip() -> str:
@@ -211,9 +226,12 @@ def cni_config(node: NodeSpec, node_dir: Path) -> dict:
     }
 
 
-def kubelet_config(node: NodeSpec, node_dir: Path, ip: str, ports: dict[str, int], ca: Path, sockets: Path) -> dict:
+def kubelet_config(
+    node: NodeSpec, node_dir: Path, ip: str, ports: dict[str, int], ca: Path, sockets: Path, dns_ip: str = DNS_SERVICE_IP
+) -> dict:
     """KubeletConfiguration: cgroupfs under the node's own cgroup root, x509 client auth (the API server's
-    kubelet client certificate), no image GC of the locally imported images, low eviction thresholds."""
+    kubelet client certificate), no image GC of the locally imported images, low eviction thresholds, the
+    cluster DNS at ``dns_ip`` (domain cluster.local)."""
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -251,6 +269,9 @@ def kubelet_config(node: NodeSpec, node_dir: Path, ip: str, ports: dict[str, int
         "serializeImagePulls": False,
         "registerNode": True,
         "resolvConf": "",
+        # CoreDNS (devcluster/kube/addons.py): pods with dnsPolicy ClusterFirst resolve Services by name.
+        "clusterDNS": [dns_ip],
+        "clusterDomain": CLUSTER_DOMAIN,
         "protectKernelDefaults": False,
         "shutdownGracePeriod": "0s",
         "logging": {"verbosity": 1},
@@ -598,7 +619,7 @@ def stop_nodes(root: Path, kill: bool = True) -> list[str]:
         delete_link(b)
         if link_exists(b):
             problems.append(f"bridge {b}")
-    remove_cni_iptables([f"ftc-{n.name}" for n in DEFAULT_NODES])
+    remove_cni_iptables([f"ftc-{n.name}" for n in ALL_NODES])
     if ch.chains_before:  # recorded when the nodes started: what is newer than that is ours
         remove_kube_iptables(ch.chains_before)
     if CONTAINER_LOG_LINKS.is_dir():
@@ -631,6 +652,57 @@ def which(name: str) -> str:
 # --- start and stop ------------------------------------------------------------------------------
 
 
+def node_env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"}
+    env.pop("KUBECONFIG", None)
+    return env
+
+
+def start_containerd(cp, nodes: Nodes, node: NodeSpec, env: dict[str, str]) -> None:
+    """Write the node's files and credentials, start its containerd and wait until it answers."""
+    from devcluster.kube.control_plane import write_kubeconfig
+    from devcluster.kube.images import PAUSE_IMAGE
+
+    ca = cp.pki.path("ca.crt")
+    d = write_node_files(nodes, node, {"ca": ca}, PAUSE_IMAGE)
+    client_crt, client_key = cp.pki.sign(f"node-{node.name}", f"system:node:{node.name}", ("system:nodes",), client=True)
+    cp.pki.sign(f"node-{node.name}-serving", node.name, server=True, ips=(nodes.ip,), dns=(node.name,))
+    shutil.copy(cp.pki.path(f"node-{node.name}-serving.crt"), d / "pki" / "kubelet-serving.crt")
+    shutil.copy(cp.pki.path(f"node-{node.name}-serving.key"), d / "pki" / "kubelet-serving.key")
+    write_kubeconfig(
+        d / "kubelet.kubeconfig",
+        cp.server,
+        ca.read_bytes(),
+        user=f"system:node:{node.name}",
+        cert_pem=client_crt.read_bytes(),
+        key_pem=client_key.read_bytes(),
+    )
+    proc = cp.spawn(f"containerd-{node.name}", [which("containerd"), "--config", str(d / "containerd.toml")], env=env)
+
+    def alive() -> None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"containerd of {node.name} exited ({proc.returncode}):\n{cp.log_tail(f'containerd-{node.name}')}")
+
+    wait_socket(Path(nodes.containerd_address(node.name)), 30, alive)
+    wait_containerd(nodes.root, node.name, 30)
+    progress(f"{node.name}: containerd up at {nodes.containerd_address(node.name)}")
+    remove_stale_containers(nodes.containerd_address(node.name))
+
+
+def start_kubelet(cp, nodes: Nodes, node: NodeSpec, env: dict[str, str]) -> None:
+    """Start the node's kubelet; returns once it listens (its device-plugin socket is made)."""
+    d = nodes.node_dir(node.name)
+    started = time.time()
+    kubelet = cp.spawn(f"kubelet-{node.name}", kubelet_argv(cp.bin_dir, node, d, nodes.ip), env=env)
+
+    def kubelet_alive() -> None:
+        if kubelet.poll() is not None:
+            tail = cp.log_tail(f"kubelet-{node.name}")
+            raise RuntimeError(f"kubelet of {node.name} exited ({kubelet.returncode}):\n{tail}")
+
+    wait_socket(DEVICE_PLUGIN_SOCKET, 60, kubelet_alive, newer_than=started)
+
+
 def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_images, timeout: float = 120) -> Nodes:
     """Start containerd, load ``images(node)`` into it, start the kubelet for each node, and one kube-proxy.
 
@@ -638,7 +710,7 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
     ``advertise_ip``); processes are spawned through it, so its ``stop()`` ends them (call
     :func:`stop_cluster` for the orderly stop that also cleans the host)."""
     from devcluster.kube.control_plane import write_kubeconfig
-    from devcluster.kube.images import PAUSE_IMAGE, load_images
+    from devcluster.kube.images import load_images
     from devcluster.servers.ports import free_port
 
     ip = host_ip()
@@ -651,51 +723,16 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
     nodes = Nodes(root=cp.root, ip=ip, specs=specs, ports=ports, changes=HostChanges.load(changes_file))
     prepare_host(nodes)
     nodes.changes.save(changes_file)
-    ca = cp.pki.path("ca.crt")
-    ca_pem = ca.read_bytes()
-    env = {**os.environ, "PATH": f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"}
-    env.pop("KUBECONFIG", None)
+    ca_pem = cp.pki.path("ca.crt").read_bytes()
+    env = node_env()
     for node in specs:
-        d = write_node_files(nodes, node, {"ca": ca}, PAUSE_IMAGE)
-        client_crt, client_key = cp.pki.sign(f"node-{node.name}", f"system:node:{node.name}", ("system:nodes",), client=True)
-        cp.pki.sign(f"node-{node.name}-serving", node.name, server=True, ips=(ip,), dns=(node.name,))
-        shutil.copy(cp.pki.path(f"node-{node.name}-serving.crt"), d / "pki" / "kubelet-serving.crt")
-        shutil.copy(cp.pki.path(f"node-{node.name}-serving.key"), d / "pki" / "kubelet-serving.key")
-        write_kubeconfig(
-            d / "kubelet.kubeconfig",
-            cp.server,
-            ca_pem,
-            user=f"system:node:{node.name}",
-            cert_pem=client_crt.read_bytes(),
-            key_pem=client_key.read_bytes(),
-        )
-        proc = cp.spawn(f"containerd-{node.name}", [which("containerd"), "--config", str(d / "containerd.toml")], env=env)
-
-        def alive(proc=proc, node=node) -> None:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"containerd of {node.name} exited ({proc.returncode}):\n{cp.log_tail(f'containerd-{node.name}')}"
-                )
-
-        wait_socket(Path(nodes.containerd_address(node.name)), 30, alive)
-        wait_containerd(nodes.root, node.name, 30)
-        progress(f"{node.name}: containerd up at {nodes.containerd_address(node.name)}")
-        remove_stale_containers(nodes.containerd_address(node.name))
+        start_containerd(cp, nodes, node, env)
     # Every node gets the union of the nodes' images from one `docker save` stream, unpacked side by side.
     t = time.monotonic()
     load_images([nodes.containerd_address(node.name) for node in specs], images_for_nodes(specs, images))
     progress(f"{', '.join(node.name for node in specs)}: images in place", t)
     for node in specs:
-        d = nodes.node_dir(node.name)
-        started = time.time()
-        kubelet = cp.spawn(f"kubelet-{node.name}", kubelet_argv(cp.bin_dir, node, d, ip), env=env)
-
-        def kubelet_alive(kubelet=kubelet, node=node) -> None:
-            if kubelet.poll() is not None:
-                tail = cp.log_tail(f"kubelet-{node.name}")
-                raise RuntimeError(f"kubelet of {node.name} exited ({kubelet.returncode}):\n{tail}")
-
-        wait_socket(DEVICE_PLUGIN_SOCKET, 60, kubelet_alive, newer_than=started)
+        start_kubelet(cp, nodes, node, env)
     t = time.monotonic()
     # kube-proxy: one for the host's network namespace, identified as the first node.
     kp_crt, kp_key = cp.pki.path("kube-proxy.crt"), cp.pki.path("kube-proxy.key")
@@ -726,6 +763,76 @@ def start_nodes(cp, specs: tuple[NodeSpec, ...] = DEFAULT_NODES, images=node_ima
     finally:
         api.close()
     return nodes
+
+
+def add_node(cp, node: NodeSpec = GPU_NODE_1, images=node_images, timeout: float = 120) -> float:
+    """Start one more node (containerd with its images, kubelet) in a running cluster, wait until it is Ready and
+    advertises its GPUs; returns the seconds it took. Its host changes join the cluster's, undone at its stop."""
+    from kubernetes import client
+
+    from devcluster.kube.images import load_images
+    from devcluster.servers.ports import free_port
+
+    t0 = time.monotonic()
+    changes_file = cp.root / "host-changes.json"
+    changes = HostChanges.load(changes_file)
+    nodes = Nodes(
+        root=cp.root,
+        ip=host_ip(),
+        specs=(node,),
+        ports={node.name: {"kubelet": free_port(), "kubelet-healthz": free_port()}},
+        changes=changes,
+    )
+    create_cgroup_root(node.cgroup_root)
+    changes.cgroups = [*dict.fromkeys([*changes.cgroups, node.cgroup_root])]
+    changes.bridges = [*dict.fromkeys([*changes.bridges, node.bridge])]
+    changes.save(changes_file)
+    env = node_env()
+    start_containerd(cp, nodes, node, env)
+    t = time.monotonic()
+    load_images([nodes.containerd_address(node.name)], images_for_nodes((node,), images))
+    progress(f"{node.name}: images in place", t)
+    start_kubelet(cp, nodes, node, env)
+    api = cp.api_client()
+    try:
+        core = client.CoreV1Api(api)
+        wait_nodes_ready(core, cp, [node.name], timeout)
+        if node.gpus:
+            advertise_gpus(core, node.name, node.gpus)
+    finally:
+        api.close()
+    took = time.monotonic() - t0
+    progress(f"{node.name} added and Ready", t0)
+    return took
+
+
+def remove_node(cp, name: str, timeout: float = 60) -> None:
+    """Take a node added by :func:`add_node` out again: its pods stopped by its kubelet, the kubelet and its
+    containerd stopped, the Node deleted. Its host changes stay recorded and are undone when the cluster stops."""
+    from kubernetes import client
+
+    from devcluster.kube.control_plane import stop_pids, wait_for
+    from devcluster.kube.typed import present
+
+    api = cp.api_client()
+    try:
+        core = client.CoreV1Api(api)
+        selector = f"spec.nodeName={name}"
+        core.patch_node(name, {"spec": {"unschedulable": True}})
+        for pod in core.list_pod_for_all_namespaces(field_selector=selector).items:
+            meta = present(pod.metadata)
+            with contextlib.suppress(Exception):
+                core.delete_namespaced_pod(present(meta.name), present(meta.namespace), grace_period_seconds=1)
+        wait_for(
+            lambda: not core.list_pod_for_all_namespaces(field_selector=selector).items, timeout, f"the pods on {name} to stop"
+        )
+        for component in (f"kubelet-{name}", f"containerd-{name}"):  # the kubelet first, as stop_cluster does
+            if component in cp.pids:
+                stop_pids({component: cp.pids.pop(component)})
+        cp.save_state()
+        core.delete_node(name)
+    finally:
+        api.close()
 
 
 def advertise_gpus(core, node: str, count: int) -> None:

@@ -17,6 +17,9 @@ class ThreadedServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host, self.port = host, port
+        # The Service name pods use instead of the host's address, once a cluster gave it one
+        # (devcluster.kube.addons.expose_host_service), e.g. http://judge.ftc-host.svc.cluster.local
+        self.service_url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -53,9 +56,12 @@ class ThreadedServer:
         return self
 
     def cluster_url(self) -> str:
-        """http://HOST_IP:PORT, the address pods use (they cannot reach the host's loopback); needs 0.0.0.0."""
+        """The URL pods use: its Service name once one is set (``service_url``), else http://HOST_IP:PORT (pods
+        cannot reach the host's loopback); needs 0.0.0.0."""
         from devcluster.kube.node import host_ip
 
+        if self.service_url:
+            return self.service_url
         if self.host not in ("0.0.0.0", host_ip()):
             raise RuntimeError(f"the local {self.name} server listens on {self.host}: pods cannot reach it")
         return f"http://{host_ip()}:{self.port}"
