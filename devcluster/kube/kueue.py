@@ -335,7 +335,7 @@ class Addons:
 
     def wait_serving(self, timeout: float = 300) -> None:
         """Both controllers ready and their webhooks answering server-side dry runs (namespace default)."""
-        self.wait_deployment(JOBSET_NAMESPACE, "jobset-controller-manager", timeout)
+        self.wait_deployment(JOBSET_NAMESPACE, "jobset-controller", timeout)  # the chart names it RELEASE-controller
         self.wait_deployment(KUEUE_NAMESPACE, "kueue-controller-manager", timeout)
         wait_for(lambda: self._dry_run(_probe_jobset("default")), timeout, "JobSet's webhooks to serve", interval=1)
         wait_for(lambda: self._dry_run(_probe_job("default")), timeout, "Kueue's Job webhooks to serve", interval=1)
