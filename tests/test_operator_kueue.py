@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from ftc_api.status import ModelPhase, QueueState, QueueStatus
@@ -344,6 +345,13 @@ def test_workloads_are_held_by_their_owner_job_and_enqueue_its_comparison():
     assert cache.owned_workloads("ns", ["uid-other"]) == []
     informer.store.apply("DELETED", wl)
     assert cache.owned_workloads("ns", ["uid-train"]) == []
+
+    # a LIST (start, or a relist after the watch expired) enqueues the comparison of every Workload's owner Job
+    class Listed:
+        data = json.dumps({"metadata": {"resourceVersion": "7"}, "items": [wl]})
+
+    listing = Informer("workloads", lambda **_: Listed(), "", changed.append, store=WorkloadStore(cache.comparison_of_owner))
+    assert listing._list() == "7" and changed == [("ns", "bake")] and listing.synced.is_set()
 
 
 @pytest.mark.parametrize(
