@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -72,7 +73,16 @@ def _progress(step: int, total: int) -> None:
         print(f"stub: progress not reported: {e}", file=sys.stderr)
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (a preemption, an eviction, a deletion) ends the stub at once, as it ends a process with no handler:
+    the stub runs as PID 1 of its container, for which the kernel drops a signal without a handler, so without this a
+    preempted stub pod would hold its GPUs for the whole grace period."""
+    print(f"stub: {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
     doc = json.loads(input_path().read_text())
     seconds = float(os.environ.get("FTC_STUB_SECONDS", "0"))
     step = doc["step"]
