@@ -258,6 +258,7 @@ def test_models_waiting_for_quota_are_pending_with_kueues_message_and_the_reason
     assert (status, reason) == ("Unknown", "Queued")
     assert f"waiting in Kueue: llama: Queued ({QUOTA_MESSAGE})" in message
     assert p.status.phase == "Training" and not p.creates
+    assert p.status.progress == "llama Queued · mixtral starting"  # the PROGRESS column
 
 
 def test_a_preempted_train_job_is_preempted_not_failed_and_consumes_no_retry():
@@ -268,7 +269,7 @@ def test_a_preempted_train_job_is_preempted_not_failed_and_consumes_no_retry():
     assert llama.phase == ModelPhase.PENDING and llama.queue is not None
     assert llama.queue.state == QueueState.PREEMPTED and llama.queue.preemptions == 1
     assert "retry" not in (llama.message or "") and PREEMPT_MESSAGE in (llama.message or "")
-    assert _conds(p)["Trained"][:2] == ("Unknown", "Preempted")
+    assert _conds(p)["Trained"][:2] == ("Unknown", "Preempted") and p.status.progress == "llama Preempted · mixtral starting"
     assert p.status.phase == "Training" and not p.creates and not p.deletes
     back = _plan([PREP_OK, _train("llama", READMITTED, True, False), _train("mixtral", ADMITTED, True, False)], p.status)
     llama = next(m for m in back.status.models if m.name == "llama")
