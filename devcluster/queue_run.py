@@ -448,6 +448,7 @@ def summary(run: ManyRun) -> dict[str, Any]:
     gpu_pods = [s for s in ftc_pods if s.gpus > 0]
     all_gpu_pods = [s for s in pods if s.gpus > 0]  # with the blocker
     admissions = rec.admissions()
+    step_workloads = {w.name for w in rec.gpu_workloads() if "ftc.dev/comparison" in run.jobs.get(w.job or "", {})}
     waits = queue_waits(admissions, end)
     per_model = []
     for w in sorted(rec.gpu_workloads(), key=lambda w: w.name):
@@ -490,6 +491,8 @@ def summary(run: ManyRun) -> dict[str, Any]:
         "sumOfGpuStepSeconds": round(sum(s.end - s.start for s in gpu_pods), 1),
         "peakGpusHeld": top,
         "peakAtSeconds": round(at - origin, 1) if at is not None else None,
+        "peakGpusHeldBySteps": peak(gpu_pods)[0],
+        "peakGpusAdmittedToSteps": peak(s for s in rec.quota_spans(end) if s.name in step_workloads)[0],
         "overQuota": [vars(o) for o in over_quota(all_gpu_pods, run.quota)],
         "quotaHeldOverQuota": [vars(o) for o in over_quota(rec.quota_spans(end), run.quota)],
         "admissionsOutOfOrder": [str(v) for v in order_violations(admissions)],

@@ -3,6 +3,8 @@ pod intervals, and whether admissions followed priority, then queue time."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from devcluster.queueing import (
@@ -210,3 +212,53 @@ def test_requested_gpus(pod_sets, gpus):
     from devcluster.queue_run import requested_gpus
 
     assert requested_gpus(pod_sets) == gpus
+
+
+def _pod(name: str, job: str, step: str, gpus: int, started: float, finished: float | None):
+    from types import SimpleNamespace as N
+
+    iso = lambda t: dt.datetime.fromtimestamp(t, dt.UTC)  # noqa: E731
+    terminated = N(started_at=iso(started), finished_at=iso(finished)) if finished is not None else None
+    running = N(started_at=iso(started)) if finished is None else None
+    limits = {"nvidia.com/gpu": str(gpus)} if gpus else {}
+    return N(
+        metadata=N(name=name, labels={"batch.kubernetes.io/job-name": job, "ftc.dev/step": step}),
+        spec=N(containers=[N(resources=N(limits=limits, requests={}))]),
+        status=N(container_statuses=[N(state=N(running=running, terminated=terminated))]),
+    )
+
+
+def test_summary_of_a_recorded_run():
+    """Two train Workloads of 4 GPUs each under an 8-GPU quota, one after the other's release, and a CPU step."""
+    from devcluster.queue_run import ManyRun, Recorder, summary
+
+    rec = Recorder(api_client=None, namespace="ns")
+    for job, created, admitted, done in (("c00-train-m", 0, 1, 11), ("c01-train-m", 0, 1, 21)):
+        wl = _workload(gpus=4)
+        wl["metadata"].update(name=f"job-{job}", ownerReferences=[{"kind": "Job", "name": job}])
+        wl["metadata"]["creationTimestamp"] = dt.datetime.fromtimestamp(T0 + created, dt.UTC).isoformat()
+        rec.observe_workload("ADDED", wl, T0 + created)
+        rec.observe_workload(
+            "MODIFIED", {**wl, "status": {"conditions": [{"type": "QuotaReserved", "status": "True"}]}}, T0 + admitted
+        )
+        done_conditions = [{"type": "QuotaReserved", "status": "True"}, {"type": "Finished", "status": "True"}]
+        rec.observe_workload("MODIFIED", {**wl, "status": {"conditions": done_conditions}}, T0 + done)
+    rec.observe_pod("MODIFIED", _pod("a", "c00-train-m", "train", 4, T0 + 2, T0 + 10), T0 + 10)
+    rec.observe_pod("MODIFIED", _pod("b", "c01-train-m", "train", 4, T0 + 2, T0 + 20), T0 + 20)
+    rec.observe_pod("DELETED", _pod("p", "c00-prepare", "prepare", 0, T0, None), T0 + 3.7)
+    jobs = {
+        j: {"ftc.dev/comparison": j[:3], "ftc.dev/step": "train", "ftc.dev/model": "m"} for j in ("c00-train-m", "c01-train-m")
+    }
+    run = ManyRun(["c00", "c01"], {"c00": "ftc-high", "c01": "ftc-low"}, {}, {}, T0, None, T0 + 20, rec, jobs)
+    figures = summary(run)
+    assert figures["makespanSeconds"] == 20
+    assert figures["gpuSeconds"] == 8 * 4 + 18 * 4
+    assert figures["utilisation"] == round((8 * 4 + 18 * 4) / (8 * 20), 3)
+    assert figures["sumOfStepSeconds"] == {"prepare": 3.0, "train": 26.0}  # the deleted pod ends at the second it went
+    assert figures["peakGpusHeld"] == figures["peakGpusHeldBySteps"] == figures["peakGpusAdmittedToSteps"] == 8
+    assert figures["overQuota"] == [] and figures["admissionsOutOfOrder"] == []
+    assert [(m["comparison"], m["priorityClass"], m["queueWaitSeconds"]) for m in figures["models"]] == [
+        ("c00", "ftc-high", 1.0),
+        ("c01", "ftc-low", 1.0),
+    ]
+    assert len(figures["utilisationTimeline"]) == 2
