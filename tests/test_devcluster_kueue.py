@@ -101,6 +101,7 @@ def test_the_cluster_queue_holds_8_gpus_in_the_a100_flavor_and_preempts_lower_pr
     assert quotas == {
         (kq.CPU_FLAVOR, "cpu"): "64",
         (kq.CPU_FLAVOR, "memory"): "256Gi",
+        (kq.CPU_FLAVOR, "ephemeral-storage"): "10Ti",  # ftc's GPU steps request their scratch disk
         (kq.GPU_FLAVOR, "nvidia.com/gpu"): 8,
     }
     assert cq["preemption"]["withinClusterQueue"] == "LowerPriority"

@@ -20,10 +20,10 @@ Kueue's Job webhooks), of a LocalQueue and of a JobSet succeed.
 
 - ResourceFlavor ``default-flavor`` (no node labels: CPU steps) and ``fake-a100`` (the A100 nodes' product
   label, their ``nvidia.com/gpu=present:NoSchedule`` taint, and a toleration for it);
-- ClusterQueue ``ftc-cq``: two resource groups, cpu 64 and memory 256Gi in ``default-flavor`` (every step; the
-  CPU steps, prepare and score, carry the queue label too) and 8 ``nvidia.com/gpu`` in ``fake-a100`` (so Kueue's
-  message on a waiting Workload names the A100 flavor alone); ``BestEffortFIFO``; preemption
-  ``withinClusterQueue: LowerPriority``;
+- ClusterQueue ``ftc-cq``: two resource groups, cpu 64, memory 256Gi and ephemeral-storage 10Ti in
+  ``default-flavor`` (every step; the CPU steps, prepare and score, carry the queue label too; the GPU steps
+  request their scratch disk) and 8 ``nvidia.com/gpu`` in ``fake-a100`` (so Kueue's message on a waiting
+  Workload names the A100 flavor alone); ``BestEffortFIFO``; preemption ``withinClusterQueue: LowerPriority``;
 - WorkloadPriorityClasses ``ftc-low`` (100) and ``ftc-high`` (1000).
 
 :meth:`Addons.create_local_queue` puts the LocalQueue ``ftc-queue`` (pointing at ``ftc-cq``) into a namespace.
@@ -73,6 +73,9 @@ CPU_FLAVOR = "default-flavor"
 GPU_QUOTA = 8
 CPU_QUOTA = "64"
 MEMORY_QUOTA = "256Gi"
+# ftc's GPU steps request ephemeral-storage (the base models' size on disk): a resource the ClusterQueue does not
+# cover leaves a Workload pending ("resource ephemeral-storage unavailable in ClusterQueue").
+EPHEMERAL_STORAGE_QUOTA = "10Ti"
 PRIORITY_CLASSES = {"ftc-low": 100, "ftc-high": 1000}
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -179,13 +182,14 @@ def queue_manifests(gpu_quota: int = GPU_QUOTA, priority_classes: dict[str, int]
                 # flavors' node labels, a CPU pod (prepare, score) only the empty default-flavor's.
                 "resourceGroups": [
                     {
-                        "coveredResources": ["cpu", "memory"],
+                        "coveredResources": ["cpu", "memory", "ephemeral-storage"],
                         "flavors": [
                             {
                                 "name": CPU_FLAVOR,
                                 "resources": [
                                     {"name": "cpu", "nominalQuota": CPU_QUOTA},
                                     {"name": "memory", "nominalQuota": MEMORY_QUOTA},
+                                    {"name": "ephemeral-storage", "nominalQuota": EPHEMERAL_STORAGE_QUOTA},
                                 ],
                             }
                         ],
