@@ -121,6 +121,7 @@ bench: prereqs
 	$(BIN)/python -m bench.eval_bench
 	$(BIN)/python -m bench.ratelimit_bench
 	$(BIN)/python -m bench.operator_bench
+	$(BIN)/python -m bench.queue_bench
 
 demo: prereqs
 	bash devcluster/scripts/demo.sh
