@@ -114,9 +114,10 @@ def test_a_host_service_is_a_selectorless_service_and_an_endpointslice_to_the_ho
     assert service_url("judge", port=8080) == "http://judge.ftc-host.svc.cluster.local:8080"
 
 
-def test_every_kubelet_names_the_cluster_dns(tmp_path: Path) -> None:
+def test_every_kubelet_names_the_cluster_dns() -> None:
+    d = Path("/nonexistent/node")  # rendering only; no pytest tmp dir (its pruning can remove a running cluster's)
     for node in ALL_NODES:
-        config = kubelet_config(node, tmp_path, "192.168.1.5", {"kubelet": 1, "kubelet-healthz": 2}, tmp_path / "ca", tmp_path)
+        config = kubelet_config(node, d, "192.168.1.5", {"kubelet": 1, "kubelet-healthz": 2}, d / "ca", d)
         assert config["clusterDNS"] == [DNS_SERVICE_IP] and config["clusterDomain"] == "cluster.local"
 
 
