@@ -6,6 +6,7 @@ import datetime as dt
 import json
 
 import pytest
+from ftc_api.spec import FineTuneComparisonSpec
 from ftc_api.status import ModelPhase, QueueState, QueueStatus
 from ftc_operator.comparison import Owner, parse_spec
 from ftc_operator.config import OperatorConfig
@@ -34,6 +35,7 @@ def _render(step: str, spec_extra: dict | None = None, model_placement: dict | N
     if model_placement is not None:
         doc["models"][0]["placement"] = model_placement
     s = parse_spec(doc)
+    assert isinstance(s, FineTuneComparisonSpec)
     model = s.models[0] if step in ("train", "generate") else None
     return render_job(OWNER, s, config or OperatorConfig(), step, model)
 
