@@ -411,6 +411,11 @@ JUST_CREATED = (NOW - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
             job("prepare", state=JobState.ACTIVE, created=CREATED, suspended=True), ("True", "SpecValid"), id="queued-by-kueue"
         ),
         pytest.param(job("prepare", state=JobState.ACTIVE, created=CREATED, pods=1), ("True", "SpecValid"), id="has-a-pod"),
+        pytest.param(
+            job("prepare", state=JobState.ACTIVE, created=CREATED, started=JUST_CREATED),
+            ("True", "SpecValid"),
+            id="admitted-by-kueue-30s-ago-after-a-long-wait",
+        ),
     ],
 )
 def test_a_job_that_creates_no_pod_is_reported_on_ready(observed, ready):

@@ -70,6 +70,7 @@ class ObservedJob:
     progress: Progress | None = None
     waiting: tuple[Waiting, ...] = field(default_factory=tuple)
     created: str | None = None  # the Job's creationTimestamp (RFC 3339)
+    started: str | None = None  # status.startTime: when it last started (set again when Kueue unsuspends it)
     pods: int = 0  # pods of this Job seen, in any phase
     suspended: bool = False  # spec.suspend (for example queued by Kueue): no pods yet on purpose
     pod_failure: str | None = None  # how the last failed pod's container ended, when the kubelet says why (OOMKilled...)
@@ -182,6 +183,7 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedJob:
         model=labels.get(LABEL_MODEL) or None,
         failed_pods=max(len(failed_pods), int((job.get("status") or {}).get("failed") or 0)),
         created=meta.get("creationTimestamp"),
+        started=(job.get("status") or {}).get("startTime"),
         pods=len(pods),
         suspended=bool((job.get("spec") or {}).get("suspend")),
         pod_failure=pod_failure(failed_pods[-1]) if failed_pods else None,

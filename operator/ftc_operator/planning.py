@@ -257,13 +257,14 @@ def _missing_secret(observed: Sequence[ObservedJob]) -> str | None:
 
 def _no_pods(observed: Sequence[ObservedJob], now: dt.datetime) -> str | None:
     for job in observed:
-        if job.state != JobState.ACTIVE or job.pods or job.suspended or not job.created:
+        since = job.started or job.created  # a Job Kueue held suspended counts from its start (admission)
+        if job.state != JobState.ACTIVE or job.pods or job.suspended or not since:
             continue
         try:
-            created = dt.datetime.fromisoformat(job.created.replace("Z", "+00:00"))
+            started = dt.datetime.fromisoformat(since.replace("Z", "+00:00"))
         except ValueError:
             continue
-        waited = (now - created).total_seconds()
+        waited = (now - started).total_seconds()
         if waited >= NO_POD_GRACE_SECONDS:
             return (
                 f"Job {job.name} has created no pod in {waited:.0f}s: see `kubectl describe job {job.name}` "
