@@ -25,6 +25,7 @@ SLOW = (
     "tests/test_train_parallel.py::test_bad_input_in_a_worker",  # 46 s
     # two torchrun agents as two nodes (static rendezvous on 127.0.0.1) and a one-process reference: 187 s (busy)
     "tests/test_train_multinode.py::test_two_nodes",
+    "tests/test_train_multinode.py::test_a_killed_node",  # two attempts of a two-node group: 77 s
     # Two torchrun processes behind throttled storage plus a one-process reference; the throttles must outlast a
     # 5 s process-group timeout set above the workers' start-up skew: 190 s on 2 busy cores.
     "tests/test_train_parallel.py::test_no_process_waits_on_slow_storage",

@@ -78,3 +78,59 @@ def test_two_nodes_learn_what_one_process_learns_with_doubled_accumulation(
             if getattr(a, attr) is not None:
                 assert getattr(b, attr) == pytest.approx(getattr(a, attr), rel=tolerance), (a, b)
     assert leader.trained_tokens == single.trained_tokens  # both nodes' tokens are counted
+
+
+def start_nodes(tiny_s3: TinyS3, path: Path, tmp_path: Path, attempt: int) -> list[subprocess.Popen]:
+    """Both "pods" of one attempt of the group, started together (logs and summaries under `a{attempt}n{rank}`)."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        name = f"a{attempt}n{rank}"
+        env = _env(tiny_s3, tmp_path, name, 1) | {
+            "FTC_NODES": "2",
+            "FTC_NODE_RANK": str(rank),
+            "FTC_MASTER_ADDR": "127.0.0.1",
+            "FTC_MASTER_PORT": str(port),
+        }
+        log = (tmp_path / f"{name}.log").open("w")
+        cmd = [sys.executable, "-m", "ftc_trainer", "train", "--input", str(path)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    return procs
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(900)
+def test_a_killed_node_fails_the_other_and_the_new_group_resumes(tiny_s3: TinyS3, data_prefix: str, tmp_path: Path) -> None:
+    """What JobSet's failure policy relies on: a node's pod killed mid-run (SIGKILL: no time to save) makes the other
+    fail within seconds (gloo sees the peer gone, exit 1: retried), and the recreated group resumes from the newest
+    complete checkpoint with every step of the history once."""
+    import signal
+    import time
+
+    training = PARALLEL.model_copy(update={"max_steps": 120, "save_steps": 10, "eval_steps": 60, "logging_steps": 5})
+    loc = new_run(tiny_s3, data_prefix, "kill", tmp_path)
+    path = tmp_path / "kill.json"
+    path.write_text(TrainInput(model=ModelRef(name="tiny-llama", base_model=tiny_s3.llama, method=Method.LORA),
+                               training=training, location=loc).to_json())  # fmt: skip
+    store = Storage(endpoint_url=tiny_s3.endpoint_url)
+    procs = start_nodes(tiny_s3, path, tmp_path, 0)
+    deadline = time.monotonic() + 600
+    while len([k for k in store.list(loc.uri("models/tiny-llama/checkpoints")) if k.endswith("manifest.json")]) < 2:
+        assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "a0n0.log").read_text()[-3000:]
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    assert [p.wait(timeout=300) for p in procs] == [1, -signal.SIGKILL]
+    waited = time.monotonic() - killed
+    assert waited < 60, waited  # not the process-group timeout (1800 s): the peer's socket closed
+    failed = TrainResult.model_validate_json((tmp_path / "a0n0.termination-log").read_text())
+    assert not failed.ok and "remote worker crashing" in (failed.error or ""), failed
+
+    procs = start_nodes(tiny_s3, path, tmp_path, 1)
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], (tmp_path / "a1n0.log").read_text()[-3000:]
+    leader = TrainResult.model_validate_json((tmp_path / "a1n0.termination-log").read_text())
+    assert leader.ok and (leader.total_steps, leader.processes) == (120, 2)
+    assert leader.resumed_from_step is not None and leader.resumed_from_step >= 20
+    steps = [p.step for p in history_of(store, leader) if p.train_loss is not None]
+    assert steps == list(range(5, 121, 5)), steps
+    print(f"the leader failed {waited:.1f} s after its peer was killed; the new group resumed at {leader.resumed_from_step}")
