@@ -13,6 +13,9 @@ import base64
 import json
 import random
 import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -71,6 +74,53 @@ def judge_secret(api, namespace):
 @pytest.fixture
 def operator(control_plane, namespace, crd, tmp_path, request) -> Operator:
     return start_operator(control_plane, namespace, stub_values(**getattr(request, "param", {})), tmp_path)
+
+
+@dataclass
+class FaultRun:
+    """The fault tests' shared operator (stub steps of FAULT_SECONDS each, live progress) in their own namespace,
+    and the undisturbed reference run "calm" each faulted run must end exactly like (run once for all of them)."""
+
+    namespace: str
+    operator: Operator
+    calm: dict[str, Any]
+
+
+# Long enough steps for three control-plane restarts within one train step and ten operator kills in one run
+# (a replacement operator pod is Ready in ~4 s: the chart's startupProbe polls each second).
+FAULT_SECONDS = 25
+
+
+@pytest.fixture(scope="module")
+def fault_run(control_plane, s3_server, crd, tmp_path_factory) -> Iterator[FaultRun]:
+    """A namespace like the `namespace` fixture's, the judge's Secret, the operator, and the "calm" run."""
+    from kubernetes import client
+
+    from devcluster.kube.control_plane import wait_for_service_account
+
+    api = control_plane.api_client()
+    core = client.CoreV1Api(api)
+    name = f"faults-{uuid.uuid4().hex[:6]}"
+    labels = {"ftc.example.com/test": "true", "pod-security.kubernetes.io/enforce": "restricted"}
+    core.create_namespace(body(client.V1Namespace, {"metadata": {"name": name, "labels": labels}}))
+    try:
+        s3_server.create_secret(api, name)
+        wait_for_service_account(api, name)
+        key = base64.b64encode(CANARY.encode()).decode()
+        core.create_namespaced_secret(name, body(client.V1Secret, {"metadata": {"name": "ftc-judge"}, "data": {"api-key": key}}))
+        t0 = time.monotonic()
+        operator = start_operator(
+            control_plane, name, stub_values(seconds=FAULT_SECONDS, progress=True), tmp_path_factory.mktemp("faults")
+        )
+        t1 = time.monotonic()
+        ftc = Comparisons(api)
+        ftc.create("calm", name, tiny_spec(s3_server.cluster_endpoint_url))
+        calm = ftc.wait_phase("calm", name, ("Succeeded", "Failed"), timeout=300)
+        assert calm["phase"] == "Succeeded", calm
+        print(f"fault tests' operator Available in {t1 - t0:.1f}s, calm run {time.monotonic() - t1:.1f}s")
+        yield FaultRun(name, operator, calm)
+    finally:
+        core.delete_namespace(name)
 
 
 def metric_values(text: str) -> dict[str, float]:
@@ -149,35 +199,6 @@ def test_stubbed_comparison_succeeds_as_the_charts_service_account(ftc, operator
     operator.scale(0)
     ftc.delete("tiny", namespace)
     wait_for(lambda: not ftc.jobs(namespace) and not ftc.configmaps(namespace), 90, "garbage collection of Jobs and ConfigMaps")
-
-
-def test_a_failed_evaluation_is_retried_after_the_fix_without_retraining(control_plane, ftc, operator, namespace, s3_server):
-    """The judge refuses the key: evaluate fails as bad input and the comparison ends Failed. The user fixes the
-    Secret and runs `kubectl annotate ftc NAME ftc.dev/retry=...`: only evaluate reruns."""
-    from kubernetes import client
-
-    core = client.CoreV1Api(ftc.core.api_client)
-    rejected = {"metadata": {"name": "ftc-judge"}, "stringData": {"api-key": "rejected"}}  # the stub's refused key
-    secret = body(client.V1Secret, rejected)
-    core.create_namespaced_secret(namespace, secret)
-    ftc.create("retry", namespace, tiny_spec(s3_server.cluster_endpoint_url))
-    failed = ftc.wait_phase("retry", namespace, ("Succeeded", "Failed"), timeout=180)
-    assert failed["phase"] == "Failed", failed
-    evaluated = next(c for c in failed["conditions"] if c["type"] == "Evaluated")
-    assert evaluated["status"] == "False" and "401" in evaluated["message"]
-    uids = {j.metadata.name: j.metadata.uid for j in ftc.jobs(namespace, "retry")}
-
-    core.patch_namespaced_secret("ftc-judge", namespace, {"stringData": {"api-key": CANARY}})
-    control_plane.kubectl("annotate", "ftc", "retry", "-n", namespace, "ftc.dev/retry=fixed-the-key", "--overwrite")
-    done = ftc.wait_phase("retry", namespace, ("Succeeded",), timeout=180)
-    assert done["retry"] == "fixed-the-key" and done["winner"] == STUB_WINNER
-    assert done["fairness"] == failed["fairness"]  # same data, same models, same settings
-    after = {j.metadata.name: j.metadata.uid for j in ftc.jobs(namespace, "retry")}
-    assert sorted(after) == sorted(uids)
-    assert [n for n in after if after[n] != uids[n]] == [n for n in uids if "-score-" in n]  # prepare, train, generate ran once
-    assert [m["phase"] for m in done["models"]] == ["Trained", "Trained"]
-    reasons = ftc.event_reasons(namespace, "retry", lambda r: "PhaseSucceeded" in r)
-    assert "Retrying" in reasons
 
 
 @pytest.mark.parametrize("operator", [dict(fail=("b",))], indirect=True, ids=["stub"])
@@ -263,13 +284,12 @@ def test_no_secret_value_leaks_and_progress_is_live(ftc, api, operator, namespac
     assert not secret_leaks(api, namespace, st, secrets, operator_log=operator.log())
 
 
-@pytest.mark.parametrize("operator", [dict(seconds=40)], indirect=True, ids=["stub"])  # room for ten kills (~8 s each) on 2 cores
-def test_chaos_delete_the_operator_pod_at_random_points(ftc, operator, namespace, s3_server, judge_secret):
+def test_chaos_delete_the_operator_pod_at_random_points(ftc, fault_run, s3_server):
     """Delete the operator's pod (grace period 0) ≥10 times at random moments while the comparison runs; the
-    Deployment replaces it each time, and the comparison ends like an undisturbed one."""
+    Deployment replaces it each time, and the comparison ends like the undisturbed one ("calm", of fault_run)."""
+    namespace, operator, calm = fault_run.namespace, fault_run.operator, fault_run.calm
     spec = tiny_spec(s3_server.cluster_endpoint_url)
-    ftc.create("calm", namespace, spec)
-    calm = ftc.wait_phase("calm", namespace, ("Succeeded", "Failed"), timeout=240)
+    operator.wait_healthy()
     rng = random.Random(7)
     ftc.create("chaos", namespace, spec)
     phases_at_kill = []
@@ -453,11 +473,8 @@ def _running_train_pods(core, namespace: str, name: str):
     return wait_for(check, 120, f"{name}'s two train pods running", interval=0.2)
 
 
-@pytest.mark.parametrize("operator", [{"seconds": 25, "progress": True}], indirect=True)
-def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(
-    control_plane, ftc, api, operator, namespace, s3_server, judge_secret
-):
-    """Each run ends exactly like an undisturbed one ("calm"), with one Job per step:
+def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(control_plane, ftc, api, fault_run, s3_server):
+    """Each run ends exactly like the undisturbed one ("calm", of fault_run), with one Job per step:
     - "storm": etcd killed while it prepares; the API server, then the GPU node's containerd, then its kubelet
       killed while its train pods run (each started again, as a supervisor would): the train pods live on;
     - "lost": the GPU node's machine dies while its train pods run (kubelet, containerd and containers at
@@ -469,10 +486,9 @@ def test_control_plane_crashes_and_a_lost_node_mid_run_lose_nothing(
 
     core = client.CoreV1Api(api)
     gpu = control_plane.gpu_node
+    namespace, calm = fault_run.namespace, fault_run.calm
     spec = tiny_spec(s3_server.cluster_endpoint_url)
-    ftc.create("calm", namespace, spec)
-    calm = ftc.wait_phase("calm", namespace, ("Succeeded", "Failed"), timeout=300)
-    assert calm["phase"] == "Succeeded", calm
+    fault_run.operator.wait_healthy()
 
     ftc.create("storm", namespace, spec)
     out: dict[str, float] = {}
@@ -551,10 +567,12 @@ def test_a_wrong_judge_is_fixed_in_the_spec_and_an_inconclusive_run_is_retried_w
     fix `spec.evaluation.judge.model` in place (training's fields are refused, naming the field): only the scoring
     reruns, and the fairness record keeps training's hash and lists the change. Then the judge is down for every
     item (the stub's "judge-down" key): the evaluation is inconclusive; once it is back, `ftc.dev/retry` scores it.
-    No prepare, train or generate Job runs twice."""
+    Last, the judge refuses the key (401): scoring fails as bad input and the comparison ends Failed; the user fixes
+    the Secret and runs `kubectl annotate ftc NAME ftc.dev/retry=...`: only that scoring reruns.
+    No prepare, train or generate Job runs twice. (The 401 stage was its own test, with a comparison of its own.)"""
     from kubernetes import client
 
-    from devcluster.steps.stub import DOWN_KEY, UNKNOWN_JUDGE_MODEL
+    from devcluster.steps.stub import DOWN_KEY, REJECTED_KEY, UNKNOWN_JUDGE_MODEL
 
     core = client.CoreV1Api(ftc.core.api_client)
     kubectl = control_plane.kubectl
@@ -562,6 +580,7 @@ def test_a_wrong_judge_is_fixed_in_the_spec_and_an_inconclusive_run_is_retried_w
     def patch(name: str, spec_patch: dict[str, Any]) -> None:  # as a user would: kubectl patch --type=merge
         kubectl("patch", "ftc", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": spec_patch}))
 
+    t0 = time.monotonic()
     spec = tiny_spec(s3_server.cluster_endpoint_url)
     spec["evaluation"]["judge"]["model"] = UNKNOWN_JUDGE_MODEL
     ftc.create("fix", namespace, spec)
@@ -614,3 +633,35 @@ def test_a_wrong_judge_is_fixed_in_the_spec_and_an_inconclusive_run_is_retried_w
     assert done["fairness"]["hash"] == failed["fairness"]["hash"]
     reasons = ftc.event_reasons(namespace, "fix", lambda r: "Retrying" in r)
     assert "PhasePending" not in reasons  # a retry never sets the phase back to Pending (that would unfreeze the spec)
+
+    # The judge refuses the key (401) while another rescoring runs: it fails as bad input; the key fixed, a retry
+    # reruns that scoring only.
+    t401 = time.monotonic()
+    core.patch_namespaced_secret("ftc-judge", namespace, {"stringData": {"api-key": REJECTED_KEY}})
+    patch("fix", {"evaluation": {"judge": {"temperature": 0.7}}})
+    refused = _wait_generation(ftc, namespace, "fix", 4, ("Succeeded", "Failed"), 180)
+    assert refused["phase"] == "Failed", refused
+    evaluated = _condition(refused, "Evaluated")
+    assert evaluated["status"] == "False" and "401" in evaluated["message"], evaluated
+    uids = {n: uid for n, (_, uid) in jobs().items()}
+    core.patch_namespaced_secret("ftc-judge", namespace, {"stringData": {"api-key": CANARY}})
+    kubectl("annotate", "ftc", "fix", "-n", namespace, "ftc.dev/retry=fixed-the-key", "--overwrite")
+
+    def fixed_key():
+        st = ftc.status("fix", namespace)
+        return st if st.get("retry") == "fixed-the-key" and st.get("phase") in ("Succeeded", "Failed") else None
+
+    rescored = wait_for(fixed_key, 180, "the retry after the key was fixed", interval=0.5)
+    assert rescored["phase"] == "Succeeded" and rescored["winner"] == STUB_WINNER, rescored
+    assert rescored["fairness"] == refused["fairness"]  # same data, same models, same settings
+    after = {n: uid for n, (_, uid) in jobs().items()}
+    assert sorted(after) == sorted(uids)
+    score_now = f"fix-score-{scoring_key(FineTuneComparisonSpec.model_validate(ftc.get('fix', namespace)['spec']))}"
+    assert [n for n in after if after[n] != uids[n]] == [score_now]  # prepare, train, generate and older scorings ran once
+    assert [m["phase"] for m in rescored["models"]] == ["Trained", "Trained"]
+
+    def retrying_twice() -> bool:  # one Event per message, its count going up (see the repeated-event test)
+        return sum(e.count or 1 for e in ftc.events(namespace, "fix") if e.reason == "Retrying") >= 2
+
+    wait_for(retrying_twice, 30, "a Retrying Event for each retry")
+    print(f"wrong judge, judge down: {t401 - t0:.1f}s; the 401 stage: {time.monotonic() - t401:.1f}s")
