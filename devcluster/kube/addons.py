@@ -51,9 +51,11 @@ DNS_PORT = 1053  # inside the pod: unprivileged, so CoreDNS runs as nonroot with
 HOST_SERVICES_NAMESPACE = "ftc-host"
 
 
-def build_addons(timeout: float = 3600) -> Path:
-    """Build (or find cached) the add-on binaries and images; return the binaries' directory."""
-    return build_binaries(timeout, script=ADDONS_SCRIPT)
+def build_addons(names: tuple[str, ...] = (), timeout: float = 3600) -> Path:
+    """Build (or find cached) the add-on binaries and images, ``names`` of them (coredns, kueue, jobset; default
+    all); return the binaries' directory. A build of the same add-on already running (``make test`` starts Kueue's
+    and JobSet's in the background) is waited for on the script's lock."""
+    return build_binaries(timeout, script=ADDONS_SCRIPT, args=names)
 
 
 # --- CoreDNS (pure rendering) --------------------------------------------------------------------

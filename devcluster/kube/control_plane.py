@@ -57,13 +57,13 @@ class BuildError(RuntimeError):
     """A build script (control plane, MinIO) failed; the message carries the build's output."""
 
 
-def build_binaries(timeout: float = 3600, script: Path = BUILD_SCRIPT) -> Path:
-    """Run a build script (milliseconds when cached) and return the path on its last line: the directory of
-    the control plane's binaries by default; ``scripts/build-minio.sh`` gives the MinIO binary.
+def build_binaries(timeout: float = 3600, script: Path = BUILD_SCRIPT, args: tuple[str, ...] = ()) -> Path:
+    """Run a build script (milliseconds when cached) with ``args`` and return the path on its last line: the
+    directory of the control plane's binaries by default; ``scripts/build-minio.sh`` gives the MinIO binary.
 
     Its progress goes to the real stderr (past pytest's capture) so a cold build is visibly alive.
     """
-    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["bash", str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None

@@ -68,15 +68,16 @@ def progress(message: str, since: float | None = None) -> None:
 def node_images(node: NodeSpec) -> tuple[str, ...]:
     """What a node needs besides the pause image: the base image (plain test pods) everywhere, the trainer
     everywhere (prepare runs on CPU nodes, train on GPU nodes), the evaluator on the GPU nodes, the operator and
-    the add-ons' controllers (CoreDNS, Kueue, JobSet; none tolerates the GPU taint) on the CPU node. The loaders
-    give every node the union of these from one `docker save` stream (the step images share the ~5.5 GB step base;
-    ~7.9 GB in all, the add-ons ~0.2 GB)."""
-    from devcluster.kube.addons import ADDON_IMAGES
+    CoreDNS (it does not tolerate the GPU taint) on the CPU node. The loaders give every node the union of these
+    from one `docker save` stream (the step images share the ~5.5 GB step base; ~7.9 GB in all). Kueue's and
+    JobSet's images are loaded when they are installed (the tests' ``kueue`` fixture, ``devcluster kueue``): their
+    build may still be running in the background when the cluster starts."""
+    from devcluster.kube.addons import COREDNS_IMAGE
     from devcluster.kube.images import BASE_IMAGE, EVALUATOR_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE
 
     if node.gpus:
         return (BASE_IMAGE, TRAINER_IMAGE, EVALUATOR_IMAGE)
-    return (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE, *ADDON_IMAGES)
+    return (BASE_IMAGE, OPERATOR_IMAGE, TRAINER_IMAGE, COREDNS_IMAGE)
 
 
 def images_for_nodes(specs: tuple[NodeSpec, ...], images=node_images) -> list[str]:

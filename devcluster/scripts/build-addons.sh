@@ -19,7 +19,10 @@
 # versions.env, the images in the dockerd with the IDs recorded in images.json) returns at once without starting
 # dockerd: the image check reads dockerd's repositories.json.
 #
-# Usage: devcluster/scripts/build-addons.sh [--force]     prints the bin dir on the last line.
+# Usage: devcluster/scripts/build-addons.sh [--force] [coredns|kueue|jobset ...]   (default: all three)
+#        prints the bin dir on the last line. Naming some builds only those: `make prereqs` builds CoreDNS (every
+#        cluster needs it), and `make test` builds Kueue and JobSet in the background (nice 19) while the suite runs;
+#        the tests' Kueue fixture waits for that build on its lock.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -53,18 +56,33 @@ declare -A image=(
   [jobset]="registry.k8s.io/jobset/jobset:$JOBSET_VERSION"
 )
 declare -A entry=([coredns]=/coredns [kueue]=/manager [jobset]=/manager)
-names=(coredns kueue jobset)
+all_names=(coredns kueue jobset)
+force=""
+if [[ "${1:-}" == "--force" ]]; then force=1; shift; fi
+if (($#)); then names=("$@"); else names=("${all_names[@]}"); fi
+for n in "${names[@]}"; do
+  [[ -n "${module[$n]:-}" ]] || { echo "error: unknown add-on '$n' (one of: ${all_names[*]})" >&2; exit 2; }
+done
 
 binaries_ok() {
   local n
-  for n in "${names[@]}"; do [[ -x "$bin/$n" ]] || return 1; done
+  local n
+  for n in "${names[@]}"; do binary_ok "$n" || return 1; done
+}
+
+# One binary is current: built from the pinned module (its own stamp, or the whole set's stamp of an older cache).
+binary_ok() {
+  [[ -x "$bin/$1" ]] || return 1
+  [[ -f "$bin/$1.stamp" && "$(cat "$bin/$1.stamp")" == "${module[$1]}" ]] && return 0
   [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]]
 }
 
 # Every image tagged in dockerd with the ID this script recorded (read from dockerd's own tag file: no dockerd needed).
 images_ok() {
   [[ -f "$images_json" && -f "$repositories" ]] || return 1
-  python3 - "$images_json" "$repositories" "${image[@]}" <<'PY'
+  local n tags=()
+  for n in "${names[@]}"; do tags+=("${image[$n]}"); done
+  python3 - "$images_json" "$repositories" "${tags[@]}" <<'PY'
 import json, sys
 recorded = json.load(open(sys.argv[1]))["images"]
 tags = {t: i for repo in json.load(open(sys.argv[2])).get("Repositories", {}).values() for t, i in repo.items()}
@@ -72,10 +90,10 @@ sys.exit(0 if all(recorded.get(t, {}).get("id") and tags.get(t) == recorded[t]["
 PY
 }
 
-up_to_date() { [[ "${1:-}" != "--force" ]] && binaries_ok && images_ok; }
+up_to_date() { [[ -z "$force" ]] && binaries_ok && images_ok; }
 
-if up_to_date "${1:-}"; then
-  echo "add-ons up to date ($want_stamp)"
+if up_to_date; then
+  echo "add-ons up to date (${names[*]}: $want_stamp)"
   echo "$bin"
   exit 0
 fi
@@ -84,8 +102,8 @@ fi
 mkdir -p "$root"
 exec 9>"$root/.lock"
 flock 9
-if up_to_date "${1:-}"; then
-  echo "add-ons up to date ($want_stamp)"
+if up_to_date; then
+  echo "add-ons up to date (${names[*]}: $want_stamp)"
   echo "$bin"
   exit 0
 fi
@@ -98,9 +116,11 @@ start=$SECONDS
 mkdir -p "$bin"
 
 # --- binaries --------------------------------------------------------------------------------------
-if [[ "${1:-}" == "--force" ]] || ! binaries_ok; then
-  rm -f "$stamp"
+declare -A rebuilt=()
+if [[ -n "$force" ]] || ! binaries_ok; then
   for n in "${names[@]}"; do
+    if [[ -z "$force" ]] && binary_ok "$n"; then continue; fi
+    rm -f "$bin/$n.stamp"
     t=$SECONDS
     log "fetching ${module[$n]}"
     if ! dir="$(go mod download -json "${module[$n]}" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')" || [[ ! -d "$dir" ]]; then
@@ -121,11 +141,11 @@ if [[ "${1:-}" == "--force" ]] || ! binaries_ok; then
     kill "$ticker" 2>/dev/null || true
     wait "$ticker" 2>/dev/null || true
     mv "$bin/$n.tmp" "$bin/$n"
+    echo "${module[$n]}" >"$bin/$n.stamp"
+    rebuilt[$n]=1
     log "built $n in $((SECONDS - t)) s ($(($(stat -c %s "$bin/$n") / 1000000)) MB)"
   done
-  "$bin/coredns" -version | head -1
-  echo "$want_stamp" >"$stamp"
-  rm -f "$images_json"   # new binaries: new images
+  if [[ -n "${rebuilt[coredns]:-}" ]]; then "$bin/coredns" -version | head -1; fi
 fi
 
 # --- images ----------------------------------------------------------------------------------------
@@ -140,7 +160,7 @@ declare -A ids=()
 for n in "${names[@]}"; do
   tag="${image[$n]}"
   have="$(dk image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
-  if [[ -n "$have" && "$have" == "$(recorded "$tag" || true)" ]]; then
+  if [[ -z "${rebuilt[$n]:-}" && -n "$have" && "$have" == "$(recorded "$tag" || true)" ]]; then
     log "$tag present ($have)"
     ids[$tag]="$have"
     continue
@@ -157,13 +177,14 @@ for n in "${names[@]}"; do
     --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' "$work/$n.tar" "$tag")"
   log "$tag imported (${ids[$tag]:0:19}, $(($(dk image inspect -f '{{.Size}}' "$tag") / 1000000)) MB)"
 done
-python3 - "$images_json.tmp" "${!ids[@]}" -- "${ids[@]}" <<'PY'
-import json, sys, time
-args = sys.argv[2:]
+python3 - "$images_json" "${!ids[@]}" -- "${ids[@]}" <<'PY'
+import json, os, sys, time
+path, args = sys.argv[1], sys.argv[2:]
 sep = args.index("--")
 tags, ids = args[:sep], args[sep + 1:]
-json.dump({"images": {t: {"id": i} for t, i in zip(tags, ids)}, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-          open(sys.argv[1], "w"), indent=2)
+images = json.load(open(path))["images"] if os.path.exists(path) else {}  # the add-ons not built in this call
+images.update({t: {"id": i} for t, i in zip(tags, ids)})
+json.dump({"images": images, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, open(path + ".tmp", "w"), indent=2)
 PY
 mv "$images_json.tmp" "$images_json"
 trap - EXIT
