@@ -140,18 +140,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubernetes import client, config, watch
 
-    from devcluster.harness import Comparisons, apply_crd, start_operator, stub_values, tiny_spec
+    from devcluster.harness import Comparisons, apply_crd, start_bench_cluster, start_operator, stub_values, tiny_spec
     from devcluster.kube.typed import body, present
 
     work = Path(tempfile.mkdtemp(prefix="ftc-bench-"))
     root = work / "cluster"
     ns = "bench"
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(root), "--namespace", ns], check=True, cwd=REPO)
-    env = dict(line.removeprefix("export ").split("=", 1) for line in (root / "env").read_text().splitlines() if "=" in line)
-    kubeconfig = Path(env["KUBECONFIG"])
-    bin_dir = Path(env["PATH"].split(":", 1)[0])
-    print(f"cluster up in {time.monotonic() - t0:.1f}s", flush=True)
+    env = start_bench_cluster(work, ns)
+    kubeconfig, bin_dir = Path(env["KUBECONFIG"]), Path(env["PATH"].split(":", 1)[0])
     rounds = []
     try:
         api = config.new_client_from_config(config_file=str(kubeconfig))

@@ -30,7 +30,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubernetes import client
 
-    from devcluster.harness import apply_crd, start_operator, stub_values, tiny_spec
+    from devcluster.harness import apply_crd, start_bench_cluster, start_operator, stub_values, tiny_spec
     from devcluster.kube.kueue import KUEUE_VERSION, Addons
     from devcluster.kube.typed import body
     from devcluster.queue_run import run_many, summary
@@ -70,12 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ftc-queue-bench-"))
     root = work / "cluster"
     ns = "bench"
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(root), "--namespace", ns], check=True, cwd=REPO)
-    env = dict(line.removeprefix("export ").split("=", 1) for line in (root / "env").read_text().splitlines() if "=" in line)
-    kubeconfig = Path(env["KUBECONFIG"])
-    bin_dir = Path(env["PATH"].split(":", 1)[0])
-    print(f"cluster up in {time.monotonic() - t0:.1f}s", flush=True)
+    env = start_bench_cluster(work, ns)
+    kubeconfig, bin_dir = Path(env["KUBECONFIG"]), Path(env["PATH"].split(":", 1)[0])
     try:
         cluster = _Cluster(kubeconfig, bin_dir)
         api = cluster.api_client()

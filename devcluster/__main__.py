@@ -151,6 +151,19 @@ def up(root: Path, namespace: str) -> int:
     return 0
 
 
+def _recorded_control_plane(root: Path, data: dict, pids: dict | None = None) -> ControlPlane:
+    """The running cluster's control plane as ``state.json`` (``data``) records it."""
+    return ControlPlane(
+        root=root,
+        bin_dir=Path(data["bin_dir"]),
+        server=data["server"],
+        kubeconfig=root / "kubeconfig",
+        pki=Pki(root / "pki"),
+        ports=data["ports"],
+        pids=pids or {},
+    )
+
+
 def down(root: Path) -> int:
     running = _running(root)
     if not running and not (root / "host-changes.json").exists():
@@ -159,15 +172,7 @@ def down(root: Path) -> int:
     t0 = time.monotonic()
     state_file = root / "state.json"
     data = json.loads(state_file.read_text())
-    cp = ControlPlane(
-        root=root,
-        bin_dir=Path(data["bin_dir"]),
-        server=data["server"],
-        kubeconfig=root / "kubeconfig",
-        pki=Pki(root / "pki"),
-        ports=data["ports"],
-        pids=running,
-    )
+    cp = _recorded_control_plane(root, data, pids=running)
     left = stop_cluster(cp)
     data["pids"] = {}
     state_file.write_text(json.dumps(data, indent=2))
@@ -183,15 +188,7 @@ def expose(root: Path, name: str, port: int) -> int:
     if not _running(root):
         print("no cluster running (make cluster-up)", file=sys.stderr)
         return 1
-    data = json.loads((root / "state.json").read_text())
-    cp = ControlPlane(
-        root=root,
-        bin_dir=Path(data["bin_dir"]),
-        server=data["server"],
-        kubeconfig=root / "kubeconfig",
-        pki=Pki(root / "pki"),
-        ports=data["ports"],
-    )
+    cp = _recorded_control_plane(root, json.loads((root / "state.json").read_text()))
     print(expose_host_service(cp, name, host_ip(), port))
     return 0
 

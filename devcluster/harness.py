@@ -205,6 +205,20 @@ def start_operator(control_plane, namespace: str, values: dict[str, Any], workdi
     return Operator(api, namespace).wait_healthy()
 
 
+def start_bench_cluster(work: Path, namespace: str) -> dict[str, str]:
+    """Start a local cluster for a benchmark under ``work/cluster`` (``python -m devcluster up``) with ``namespace``
+    prepared; return the variables of its ``env`` file (KUBECONFIG, PATH with kubectl and helm first,
+    FTC_S3_CLUSTER_ENDPOINT_URL ...)."""
+    import sys
+
+    root = work / "cluster"
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(root), "--namespace", namespace], check=True, cwd=REPO)
+    env = dict(line.removeprefix("export ").split("=", 1) for line in (root / "env").read_text().splitlines() if "=" in line)
+    print(f"cluster up in {time.monotonic() - t0:.1f}s", flush=True)
+    return env
+
+
 def tiny_spec(
     s3_endpoint: str, judge_url: str = "http://127.0.0.1:9/v1", models: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
