@@ -131,8 +131,14 @@ def test_two_nodes_through_jobset_learn_what_one_process_learns_and_survive_a_ki
     s3 = assets_in_s3.client()
     one, two = history(s3, models["one"]["train"]["metricsUri"]), history(s3, train_two["metricsUri"])
     steps = [p.step for p in two if p.train_loss is not None]
-    assert steps == list(range(5, STEPS + 1, 5)), steps  # every step once: the history continues across the restart
-    for a, b in zip([p for p in one if p.train_loss is not None], [p for p in two if p.train_loss is not None], strict=True):
+    # Every step once: the history continues across the restart. The group's SIGTERM (JobSet recreating it) makes the
+    # leader log, save and stop after the step in flight (the preemption checkpoint): at most that one extra point.
+    logged = set(range(5, STEPS + 1, 5))
+    assert steps == sorted(set(steps)) and logged <= set(steps) and len(set(steps) - logged) <= 1, steps
+    one_at = {p.step: p for p in one if p.train_loss is not None}
+    assert sorted(one_at) == sorted(logged)
+    for b in (p for p in two if p.train_loss is not None and p.step in one_at):
+        a = one_at[b.step]
         # Before the restart: one process's losses to 1e-3. After it: to 1e-2 (the parallel tests' eval tolerance),
         # the worker's RNG state being on its own node's disk, not in the checkpoint (no dropout here: float noise).
         tolerance = TRAIN_LOSS_TOLERANCE if a.step <= resumed else EVAL_LOSS_TOLERANCE
