@@ -35,20 +35,30 @@ log = logging.getLogger("ftc.operator")
 Key = tuple[str, str]
 
 
+async def _discover(what: str, probe: Any) -> Any:
+    """Ask the API server (in a thread) whether an optional API is served; None when the call fails (logged): the
+    next resync asks again."""
+    try:
+        return await asyncio.to_thread(probe)
+    except Exception as e:  # discovery failed: look again at the next resync
+        log.warning("%s discovery failed: %s: %s", what, type(e).__name__, e)
+        return None
+
+
+def _enqueue_from_thread(memo: kopf.Memo) -> Any:
+    """An informer's change callback: enqueue the comparison on the operator's event loop."""
+    return partial(asyncio.get_running_loop().call_soon_threadsafe, memo.queue.add)
+
+
 async def watch_kueue(memo: kopf.Memo) -> None:
     """Watch Kueue's Workloads once the API server serves them (checked at start and on every resync while not:
     Kueue may be installed after the operator; without it everything works as before)."""
     if memo.reconciler.kueue_version is not None:
         return
-    try:
-        version = await asyncio.to_thread(memo.kube.workloads_version)
-    except Exception as e:  # discovery failed: look again at the next resync
-        log.warning("Kueue discovery failed: %s: %s", type(e).__name__, e)
-        return
+    version = await _discover("Kueue", memo.kube.workloads_version)
     if version is None:
         return
-    loop = asyncio.get_running_loop()
-    on_change = partial(loop.call_soon_threadsafe, memo.queue.add)
+    on_change = _enqueue_from_thread(memo)
     memo.cache.watch_workloads(workload_informers(memo.kube, memo.namespaces, version, on_change, memo.cache))
     memo.reconciler.kueue_version = version
     log.info("Kueue's Workloads (%s/%s) served: watching them", KUEUE_GROUP, version)
@@ -59,16 +69,9 @@ async def watch_jobsets(memo: kopf.Memo) -> None:
     may be installed after the operator); until then a model on several nodes is refused (resolve.jobset_refusals)."""
     if memo.reconciler.jobset_available:
         return
-    try:
-        served = await asyncio.to_thread(memo.kube.jobsets_served)
-    except Exception as e:  # discovery failed: look again at the next resync
-        log.warning("JobSet discovery failed: %s: %s", type(e).__name__, e)
+    if not await _discover("JobSet", memo.kube.jobsets_served):
         return
-    if not served:
-        return
-    loop = asyncio.get_running_loop()
-    on_change = partial(loop.call_soon_threadsafe, memo.queue.add)
-    memo.cache.watch_jobsets(jobset_informers(memo.kube, memo.namespaces, on_change))
+    memo.cache.watch_jobsets(jobset_informers(memo.kube, memo.namespaces, _enqueue_from_thread(memo)))
     memo.reconciler.jobset_available = True
     log.info("JobSets (%s/%s) served: watching them; models may train on several nodes", JOBSET_GROUP, JOBSET_VERSION)
 
