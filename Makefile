@@ -10,13 +10,14 @@ PY_DIRS := api step_kernel operator trainer_image evaluator_image devcluster ben
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build addons-build dns-build minio-build images cluster-up cluster-down clean
+.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build addons-build dns-build minio-build images images-cu128 cluster-up cluster-down clean
 
 help:
 	@echo "make demo    - a local cluster (real nodes, the operator installed by Helm), S3 and tiny models; ends in 'kubectl get ftc' with a winner"
 	@echo "make test    - every test (unit, ml, cluster); builds or reuses the control plane and the images"
 	@echo "make test-quick - the quick loop: unit tests and the fast ML tests (no cluster), about 3 minutes"
 	@echo "make images  - the operator, trainer and evaluator images from their Dockerfiles (local base)"
+	@echo "make images-cu128 - the step images on the CUDA 12.8 torch (NVIDIA drivers R525+) in their own cache, smoke-checked"
 	@echo "make cluster-up / cluster-down - the local cluster in the background / stop it and clean the host"
 	@echo "make install - .venv from pyproject.toml + constraints.txt, and Chromium for the report test"
 	@echo "make lint    - ruff, mypy, import-linter"
@@ -108,9 +109,16 @@ minio-build:
 
 # The operator, trainer and evaluator images from their Dockerfiles with a private dockerd and a local base
 # (no registry needed); incremental, cached under ~/.cache/ftc/docker. See docs/images.md.
-# `make images TORCH_CUDA=cu128` builds the step images for NVIDIA drivers older than R580 (CUDA 12.8 torch).
+# `make images-cu128` builds the step images for NVIDIA drivers older than R580 (CUDA 12.8 torch), below.
 images: install
 	bash devcluster/scripts/build-images.sh
+
+# The step images on the CUDA 12.8 torch (drivers R525+), built in a cache of their own (~18 GB; the same tags as
+# the default build, which they would otherwise replace), then a smoke check inside the trainer image.
+CU128_CACHE := $(HOME)/.cache/ftc-cu128
+images-cu128: install
+	FTC_CACHE=$(CU128_CACHE) TORCH_CUDA=cu128 bash devcluster/scripts/build-images.sh
+	FTC_CACHE=$(CU128_CACHE) bash devcluster/scripts/smoke-image.sh
 
 # Local control plane + two real nodes (containerd, kubelet, kube-proxy, the images) + MinIO S3 in the
 # background; state, kubeconfig and logs in .cluster/. `make cluster-down` stops it and cleans the host.

@@ -11,7 +11,7 @@
 # incremental through BuildKit's cache in the dockerd's data root ${FTC_CACHE:-~/.cache/ftc}/docker, which
 # stays when the script's dockerd is stopped at exit.
 #
-# TORCH_CUDA=cu128 (`make images TORCH_CUDA=cu128`) builds the step images on the CUDA 12.8 torch for NVIDIA drivers
+# TORCH_CUDA=cu128 (`make images-cu128`, in a cache of its own) builds the step images on the CUDA 12.8 torch for NVIDIA drivers
 # older than R580 (--build-arg TORCH_CUDA, see step_kernel/Dockerfile and docs/images.md); default cu130.
 #
 # Usage: devcluster/scripts/build-images.sh       prints $FTC_CACHE/images/images.json on the last line:
