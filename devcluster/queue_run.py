@@ -23,7 +23,16 @@ from typing import Any
 
 from devcluster.kube import kueue as kq
 from devcluster.kube.images import BASE_IMAGE
-from devcluster.queueing import Admission, Span, gpu_seconds, order_violations, over_quota, peak, queue_waits, timeline
+from devcluster.queueing import (
+    Admission,
+    Span,
+    gpu_seconds,
+    order_violations,
+    over_quota,
+    peak,
+    queue_waits,
+    timeline,
+)
 from devcluster.queueing import utilisation as quota_utilisation
 
 BLOCKER = "quota-blocker"
@@ -104,6 +113,8 @@ class Recorder:
         self.workloads: dict[str, WorkloadTrack] = {}
         self.pods: dict[str, PodTrack] = {}
         self.snapshots: list[tuple[float, str]] = []
+        # every Workload event as seen: (when, kind, name, generation, {condition type: status})
+        self.workload_events: list[tuple[float, str, str, int, dict[str, str]]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -184,6 +195,8 @@ class Recorder:
         name = meta["name"]
         spec = obj.get("spec") or {}
         with self._lock:
+            conditions = {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions", [])}
+            self.workload_events.append((now, kind, name, int(meta.get("generation") or 0), conditions))
             track = self.workloads.get(name)
             if track is None:
                 owner = next((o["name"] for o in meta.get("ownerReferences", []) if o.get("kind") == "Job"), None)
@@ -243,7 +256,12 @@ class Recorder:
         """Every wait of every Workload (of those requesting GPUs), in the analysis' terms."""
         with self._lock:
             tracks = [w for w in self.workloads.values() if w.gpus > 0 or not gpu_only]
-            return [Admission(w.name, w.priority, w.created, q, a) for w in tracks for q, a in w.waits if q is not None]
+            return [Admission(w.name, w.priority, w.created, q, a, w.gpus) for w in tracks for q, a in w.waits if q is not None]
+
+    def releases(self, gpu_only: bool = True) -> list[float]:
+        """When a Workload gave its quota back (finished, deleted or evicted): Kueue's cue to requeue the parked."""
+        with self._lock:
+            return sorted(r for w in self.workloads.values() if w.gpus > 0 or not gpu_only for _, r in w.holds if r is not None)
 
     def pod_spans(self, until: float) -> list[Span]:
         """Each pod's container run with the GPUs it requested (a pod still running ends at `until`)."""
@@ -279,9 +297,10 @@ class ManyRun:
     recorder: Recorder
     jobs: dict[str, dict[str, str]]  # Job name -> its labels (ftc.dev/comparison, ftc.dev/step, ftc.dev/model)
     quota: int = kq.GPU_QUOTA
+    strategy: str = kq.BEST_EFFORT_FIFO  # the ClusterQueue's queueingStrategy
 
 
-def blocker_job(gpus: int, priority_class: str) -> dict[str, Any]:
+def blocker_job(gpus: int, priority_class: str, queue: str = kq.LOCAL_QUEUE) -> dict[str, Any]:
     """A queued Job holding `gpus` GPUs until a file appears in its emptyDir (`kubectl exec ... touch`): Kueue counts
     its Workload against the quota until the Job completes, which happens only after its pod ended."""
     container = {
@@ -311,7 +330,7 @@ def blocker_job(gpus: int, priority_class: str) -> dict[str, Any]:
         "metadata": {
             "name": BLOCKER,
             "labels": {
-                kq.QUEUE_LABEL: kq.LOCAL_QUEUE,
+                kq.QUEUE_LABEL: queue,
                 kq.PRIORITY_LABEL: priority_class,
                 "app.kubernetes.io/part-of": "ftc-tests",
             },
@@ -343,11 +362,14 @@ def run_many(
     snapshot_every: float = 10.0,
     log: Callable[[str], None] = print,
     on_all_queued: Callable[[ManyRun], None] | None = None,
+    queue: str = kq.LOCAL_QUEUE,
+    strategy: str = kq.BEST_EFFORT_FIFO,
 ) -> ManyRun:
     """Apply `count` comparisons of `spec` at once in `namespace` (which has the LocalQueue), each of its models on
     `gpus` GPUs through the queue, priority class ``ftc-high`` where `high(i)` else ``ftc-low``, and wait until
     every one ended. With `blocker`, a Job of the ``ftc-high`` class holds the whole GPU quota until every
-    comparison's train Workloads exist and wait; `on_all_queued(run)` is called then, before the release."""
+    comparison's train Workloads exist and wait; `on_all_queued(run)` is called then, before the release. `queue`
+    is the LocalQueue, `strategy` its ClusterQueue's queueingStrategy (how :func:`summary` checks the order)."""
     import copy
 
     from kubernetes import client
@@ -361,10 +383,10 @@ def run_many(
     recorder = Recorder(
         api_client, namespace, snapshot=lambda: kubectl("get", "workloads", "-A"), every=snapshot_every, log=log
     ).start()
-    run = ManyRun([], {}, {}, {}, time.time(), None, 0.0, recorder, {})
+    run = ManyRun([], {}, {}, {}, time.time(), None, 0.0, recorder, {}, strategy=strategy)
     try:
         if blocker:
-            batch.create_namespaced_job(namespace, body(client.V1Job, blocker_job(kq.GPU_QUOTA, "ftc-high")))
+            batch.create_namespaced_job(namespace, body(client.V1Job, blocker_job(kq.GPU_QUOTA, "ftc-high", queue)))
 
             def blocker_running() -> bool:
                 pods = client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=f"job-name={BLOCKER}")
@@ -380,7 +402,7 @@ def run_many(
             s["placement"] = {
                 **s.get("placement", {}),
                 "gpuCount": gpus,
-                "queueName": kq.LOCAL_QUEUE,
+                "queueName": queue,
                 "workloadPriorityClassName": cls,
             }
             ftc.create(name, namespace, s)
@@ -471,6 +493,14 @@ def summary(run: ManyRun) -> dict[str, Any]:
     for s in ftc_pods:
         step_seconds[step_of[s.name]] = step_seconds.get(step_of[s.name], 0.0) + (s.end - s.start)
     makespan = end - origin
+    # StrictFIFO: every Workload (CPU and GPU steps, the blocker) in priority, then creation order. BestEffortFIFO:
+    # the GPU Workloads admitted past an earlier one that fitted the free GPUs (what happened, not a check).
+    strict = run.strategy == kq.STRICT_FIFO
+    out_of_order = (
+        order_violations(rec.admissions(gpu_only=False))
+        if strict
+        else order_violations(admissions, quota=run.quota, holds=rec.quota_spans(end))
+    )
     buckets = max(1, min(20, int(makespan // 10)))
     top, at = peak(all_gpu_pods)
     train_waits = sorted(
@@ -495,7 +525,9 @@ def summary(run: ManyRun) -> dict[str, Any]:
         "peakGpusAdmittedToSteps": peak(s for s in rec.quota_spans(end) if s.name in step_workloads)[0],
         "overQuota": [vars(o) for o in over_quota(all_gpu_pods, run.quota)],
         "quotaHeldOverQuota": [vars(o) for o in over_quota(rec.quota_spans(end), run.quota)],
-        "admissionsOutOfOrder": [str(v) for v in order_violations(admissions)],
+        "queueingStrategy": run.strategy,
+        "admissionsChecked": "every Workload" if strict else "the GPU Workloads, past heads that fitted",
+        "admissionsOutOfOrder": [str(v) for v in out_of_order],
         "evictions": sum(w.evictions for w in rec.gpu_workloads()),
         "trainQueueWaitSeconds": {
             "min": round(train_waits[0], 1) if train_waits else None,

@@ -129,13 +129,14 @@ class Admission:
     evicted and readmitted has two. Kueue orders the queue by `priority` (higher first), then by `order`, the
     workload's queue-order timestamp: its creationTimestamp, which a preemption within the ClusterQueue keeps
     (Kueue v0.17 `workload.Ordering.GetQueueOrderTimestamp`; only a PodsReady timeout or an admission check moves
-    it to the eviction), then by UID (arbitrary: equal timestamps are unordered)."""
+    it to the eviction), then by UID (arbitrary: equal timestamps are unordered). It requests `gpus` GPUs."""
 
     workload: str
     priority: int
     order: float
     queued: float
     admitted: float | None
+    gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,25 +160,42 @@ def ranks_ahead(a: Admission, b: Admission, resolution: float = 0.0) -> bool:
     return a.order < b.order - resolution
 
 
-def order_violations(
-    admissions: Sequence[Admission], settle: float = 1.5, same_cycle: float = 1.0, resolution: float = 0.0
-) -> list[OrderViolation]:
-    """Admissions that jumped the queue. For each admission of `a` at time t, every wait `b` that ranked ahead of
-    `a` and was pending then (in the queue for at least `settle` seconds, so Kueue had seen it; not admitted by
-    t + `same_cycle`, as one scheduling cycle admits several heads) is a violation.
+def held(holds: Iterable[Span], at: float, besides: str = "") -> int:
+    """GPUs the quota holds (admitted Workloads, `Span` per hold) had reserved just before `at`, leaving out
+    `besides`'s own (a hold released at `at` no longer counts)."""
+    return sum(h.gpus for h in holds if h.name != besides and h.start < at < h.end)
 
-    Meaningful when the waiting workloads are interchangeable for the quota (the same GPU request): Kueue's
-    BestEffortFIFO lets a smaller workload pass a head that does not fit."""
+
+def order_violations(
+    admissions: Sequence[Admission],
+    settle: float = 1.5,
+    same_cycle: float = 1.0,
+    resolution: float = 0.0,
+    quota: int | None = None,
+    holds: Sequence[Span] = (),
+) -> list[OrderViolation]:
+    """Admissions that jumped the queue: an admission of `a` at t while a wait `b` that ranked ahead of `a`
+    (:func:`ranks_ahead`) was pending (in the queue for at least `settle` s, so Kueue had seen it; not admitted by
+    t + `same_cycle`, as heads are admitted one scheduling cycle after another and the writes land a moment apart).
+
+    Without a `quota` this is the order of a StrictFIFO ClusterQueue: nothing passes a waiting head of higher or
+    equal rank. With a `quota` (GPUs) and the Workloads' `holds`, only a `b` that fitted the GPUs free just before
+    t counts, as BestEffortFIFO lets a workload pass a head that does not fit. Kueue v0.17's BestEffortFIFO does
+    not keep even that order strictly: a head that did not fit when it was tried is parked until 1 s after quota is
+    released (pkg/cache/queue ``requeueBatchPeriod``), and quota freed meanwhile goes to whichever workload is
+    tried next (a newcomer, or the next one in the same sweep), so for it the list is what happened, not a check."""
     out: list[OrderViolation] = []
     for a in admissions:
         if a.admitted is None:
             continue
         t = a.admitted
+        free = None if quota is None else quota - held(holds, t, besides=a.workload)
         for b in admissions:
             if b.workload == a.workload:
                 continue
             pending = b.queued <= t - settle and (b.admitted is None or b.admitted > t + same_cycle)
-            if pending and ranks_ahead(b, a, resolution):
+            fits = free is None or b.gpus <= free
+            if pending and fits and ranks_ahead(b, a, resolution):
                 out.append(OrderViolation(a.workload, b.workload, t))
     return out
 

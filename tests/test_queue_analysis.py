@@ -134,6 +134,39 @@ def test_equal_timestamps_within_the_resolution_are_unordered():
     ]
 
 
+def G(name: str, priority: int, queued: float, admitted: float | None, gpus: int = 2) -> Admission:
+    return Admission(name, priority, queued, queued, admitted, gpus)
+
+
+# Under an 8-GPU quota `run` holds 6 GPUs from 0 to 10, so 2 are free before then.
+RUN = [Span("run", 0, 10, 6)]
+
+
+@pytest.mark.parametrize(
+    ("admissions", "violations"),
+    [
+        # the 2-GPU train at the head fitted the 2 free GPUs: a later one passed it
+        pytest.param([G("old", LOW, 0, 20), G("new", LOW, 1, 5)], [("new", "old", 5)], id="a-fitting-head-is-passed"),
+        # the head needs 4 GPUs, 2 are free: BestEffortFIFO lets a 2-GPU workload behind it go
+        pytest.param([G("big", LOW, 0, 12, gpus=4), G("small", LOW, 1, 5)], [], id="a-head-that-does-not-fit"),
+        # after 10 the quota is free: a 4-GPU head fits again
+        pytest.param([G("big", LOW, 0, 20, gpus=4), G("small", LOW, 1, 12)], [("small", "big", 12)], id="fits-once-freed"),
+        # a CPU step (0 GPUs) behind no one of higher rank
+        pytest.param([G("cpu", LOW, 0, 3, gpus=0), G("gpu", LOW, 1, 12)], [], id="cpu-step-first"),
+    ],
+)
+def test_order_past_heads_that_fit(admissions, violations):
+    found = order_violations(admissions, quota=8, holds=RUN)
+    assert [(v.admitted, v.waiting, v.at) for v in found] == violations
+
+
+def test_strict_order_counts_every_waiting_head():
+    # StrictFIFO: no quota given, a head that does not fit still blocks the one behind it
+    assert [(v.admitted, v.waiting) for v in order_violations([G("big", LOW, 0, 12, gpus=4), G("small", LOW, 1, 5)])] == [
+        ("small", "big")
+    ]
+
+
 def test_queue_waits_sum_every_wait():
     admissions = [A("x", LOW, 0, 5), A("y", LOW, 3, 12), A("x", LOW, 10, 20), A("z", HIGH, 15, None)]
     assert queue_waits(admissions, until=30) == {"x": 15, "y": 9, "z": 15}
@@ -185,9 +218,10 @@ def test_the_recorder_folds_a_workloads_events_into_waits_and_holds():
     assert track.holds == [[T0 + 5, T0 + 8], [T0 + 12, T0 + 15]]
     assert track.evictions == 1
     assert rec.admissions() == [
-        Admission("job-c00-train-m-1a2b3", LOW, T0, T0, T0 + 5),
-        Admission("job-c00-train-m-1a2b3", LOW, T0, T0 + 8, T0 + 12),
+        Admission("job-c00-train-m-1a2b3", LOW, T0, T0, T0 + 5, 2),
+        Admission("job-c00-train-m-1a2b3", LOW, T0, T0 + 8, T0 + 12, 2),
     ]
+    assert rec.releases() == [T0 + 8, T0 + 15]
     assert rec.quota_spans(until=T0 + 30) == [
         Span("job-c00-train-m-1a2b3", T0 + 5, T0 + 8, 2),
         Span("job-c00-train-m-1a2b3", T0 + 12, T0 + 15, 2),

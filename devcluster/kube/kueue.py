@@ -24,9 +24,12 @@ Kueue's Job webhooks), of a LocalQueue and of a JobSet succeed.
   ``default-flavor`` (every step; the CPU steps, prepare and score, carry the queue label too; the GPU steps
   request their scratch disk) and 8 ``nvidia.com/gpu`` in ``fake-a100`` (so Kueue's message on a waiting
   Workload names the A100 flavor alone); ``BestEffortFIFO``; preemption ``withinClusterQueue: LowerPriority``;
+- ClusterQueue ``ftc-cq-strict``: the same quotas and preemption, ``StrictFIFO`` (a head that does not fit blocks
+  the workloads behind it), for runs that check admission order (priority, then creation);
 - WorkloadPriorityClasses ``ftc-low`` (100) and ``ftc-high`` (1000).
 
-:meth:`Addons.create_local_queue` puts the LocalQueue ``ftc-queue`` (pointing at ``ftc-cq``) into a namespace.
+:meth:`Addons.create_local_queue` puts the LocalQueue ``ftc-queue`` (pointing at ``ftc-cq``, or another name and
+ClusterQueue) into a namespace.
 
     addons = Addons(bin_dir, kubeconfig)
     if not addons.installed():
@@ -68,6 +71,11 @@ JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 
 CLUSTER_QUEUE = "ftc-cq"
 LOCAL_QUEUE = "ftc-queue"
+# The same quotas admitted in strict order (StrictFIFO: a head that does not fit blocks every workload behind it),
+# for runs whose admission order is checked against priority, then creation (the many-comparisons test).
+STRICT_CLUSTER_QUEUE = "ftc-cq-strict"
+STRICT_LOCAL_QUEUE = "ftc-queue-strict"
+BEST_EFFORT_FIFO, STRICT_FIFO = "BestEffortFIFO", "StrictFIFO"
 GPU_FLAVOR = "fake-a100"
 CPU_FLAVOR = "default-flavor"
 GPU_QUOTA = 8
@@ -158,8 +166,45 @@ def jobset_values(image: str = JOBSET_IMAGE, node: str = CONTROLLER_NODE) -> dic
     }
 
 
+def cluster_queue_manifest(name: str, strategy: str, gpu_quota: int = GPU_QUOTA) -> dict:
+    """A ClusterQueue of ftc's quotas (see the module docstring) with the queueing strategy `strategy`."""
+    if strategy not in (BEST_EFFORT_FIFO, STRICT_FIFO):
+        raise ValueError(f"strategy must be {BEST_EFFORT_FIFO} or {STRICT_FIFO}, got {strategy!r}")
+    return {
+        "apiVersion": KUEUE_API,
+        "kind": "ClusterQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "namespaceSelector": {},
+            "queueingStrategy": strategy,
+            # cpu and memory from one pool (every step), GPUs from the A100 flavor alone: a GPU pod gets both
+            # flavors' node labels, a CPU pod (prepare, score) only the empty default-flavor's.
+            "resourceGroups": [
+                {
+                    "coveredResources": ["cpu", "memory", "ephemeral-storage"],
+                    "flavors": [
+                        {
+                            "name": CPU_FLAVOR,
+                            "resources": [
+                                {"name": "cpu", "nominalQuota": CPU_QUOTA},
+                                {"name": "memory", "nominalQuota": MEMORY_QUOTA},
+                                {"name": "ephemeral-storage", "nominalQuota": EPHEMERAL_STORAGE_QUOTA},
+                            ],
+                        }
+                    ],
+                },
+                {
+                    "coveredResources": [GPU_RESOURCE],
+                    "flavors": [{"name": GPU_FLAVOR, "resources": [{"name": GPU_RESOURCE, "nominalQuota": gpu_quota}]}],
+                },
+            ],
+            "preemption": {"withinClusterQueue": "LowerPriority", "reclaimWithinCohort": "Never"},
+        },
+    }
+
+
 def queue_manifests(gpu_quota: int = GPU_QUOTA, priority_classes: dict[str, int] | None = None) -> list[dict]:
-    """ResourceFlavors, the ClusterQueue and the WorkloadPriorityClasses (see the module docstring)."""
+    """ResourceFlavors, the ClusterQueues and the WorkloadPriorityClasses (see the module docstring)."""
     classes = PRIORITY_CLASSES if priority_classes is None else priority_classes
 
     toleration = {"key": GPU_TAINT["key"], "operator": "Equal", "value": GPU_TAINT["value"], "effect": GPU_TAINT["effect"]}
@@ -171,37 +216,8 @@ def queue_manifests(gpu_quota: int = GPU_QUOTA, priority_classes: dict[str, int]
             "metadata": {"name": GPU_FLAVOR},
             "spec": {"nodeLabels": {GPU_PRODUCT_LABEL: GPU_PRODUCT}, "nodeTaints": [GPU_TAINT], "tolerations": [toleration]},
         },
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "ClusterQueue",
-            "metadata": {"name": CLUSTER_QUEUE},
-            "spec": {
-                "namespaceSelector": {},
-                "queueingStrategy": "BestEffortFIFO",
-                # cpu and memory from one pool (every step), GPUs from the A100 flavor alone: a GPU pod gets both
-                # flavors' node labels, a CPU pod (prepare, score) only the empty default-flavor's.
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["cpu", "memory", "ephemeral-storage"],
-                        "flavors": [
-                            {
-                                "name": CPU_FLAVOR,
-                                "resources": [
-                                    {"name": "cpu", "nominalQuota": CPU_QUOTA},
-                                    {"name": "memory", "nominalQuota": MEMORY_QUOTA},
-                                    {"name": "ephemeral-storage", "nominalQuota": EPHEMERAL_STORAGE_QUOTA},
-                                ],
-                            }
-                        ],
-                    },
-                    {
-                        "coveredResources": [GPU_RESOURCE],
-                        "flavors": [{"name": GPU_FLAVOR, "resources": [{"name": GPU_RESOURCE, "nominalQuota": gpu_quota}]}],
-                    },
-                ],
-                "preemption": {"withinClusterQueue": "LowerPriority", "reclaimWithinCohort": "Never"},
-            },
-        },
+        cluster_queue_manifest(CLUSTER_QUEUE, BEST_EFFORT_FIFO, gpu_quota),
+        cluster_queue_manifest(STRICT_CLUSTER_QUEUE, STRICT_FIFO, gpu_quota),
         *(
             {
                 "apiVersion": KUEUE_API,
@@ -355,12 +371,17 @@ class Addons:
         """The flavors, the ClusterQueue and the priority classes; waits until the ClusterQueue is Active."""
         self.apply(queue_manifests())
         wait_for(
-            lambda: self._active("clusterqueues", CLUSTER_QUEUE), timeout, f"ClusterQueue {CLUSTER_QUEUE} Active", interval=0.5
+            lambda: all(self._active("clusterqueues", cq) for cq in (CLUSTER_QUEUE, STRICT_CLUSTER_QUEUE)),
+            timeout,
+            f"ClusterQueues {CLUSTER_QUEUE} and {STRICT_CLUSTER_QUEUE} Active",
+            interval=0.5,
         )
 
-    def create_local_queue(self, namespace: str, name: str = LOCAL_QUEUE, timeout: float = 30) -> None:
-        """The LocalQueue ``name`` in ``namespace`` pointing at the ClusterQueue; waits until it is Active."""
-        self.apply([local_queue_manifest(namespace, name)])
+    def create_local_queue(
+        self, namespace: str, name: str = LOCAL_QUEUE, timeout: float = 30, cluster_queue: str = CLUSTER_QUEUE
+    ) -> None:
+        """The LocalQueue ``name`` in ``namespace`` pointing at ``cluster_queue``; waits until it is Active."""
+        self.apply([local_queue_manifest(namespace, name, cluster_queue)])
         wait_for(
             lambda: self._active("localqueues", name, namespace), timeout, f"LocalQueue {namespace}/{name} Active", interval=0.3
         )
