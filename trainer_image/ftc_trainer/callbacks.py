@@ -92,7 +92,8 @@ class BestAdapter(TrainerCallback):
 class CheckpointUploader(TrainerCallback):
     """After each local checkpoint, upload it to checkpoints/step-N/ (the manifest last) in the background.
 
-    Every process has written its part (its RNG state) when all have passed a barrier; then rank 0 adds the
+    Every process has written its part (its RNG state) when all have handed it to rank 0
+    (`gather_process_files`: a process on another node wrote it to that node's disk); then rank 0 adds the
     best adapter and ftc's state, takes a snapshot of the checkpoint (hard links: the Trainer may delete its
     own copy when it rotates checkpoints, `save_total_limit`) and hands it to one upload thread. No process
     waits on storage: at most one upload runs, and a checkpoint saved while it runs waits in a single slot,
@@ -119,14 +120,12 @@ class CheckpointUploader(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
         if args.world_size > 1:  # every process has written its part before rank 0 takes the snapshot
-            import torch.distributed as dist
-
-            dist.barrier()
+            gather_process_files(local, args.process_index, args.world_size, state.is_world_process_zero)
             if not state.is_world_process_zero:
                 return
         self.raise_failure()
-        local = Path(args.output_dir) / f"checkpoint-{step}"
         if not local.is_dir() or step in self.submitted:
             return
         self.best.store_in(local)
@@ -200,6 +199,30 @@ class CheckpointUploader(TrainerCallback):
                 with self._changed:
                     self._running = None
                     self._changed.notify_all()
+
+
+def process_file_name(process_index: int) -> str:
+    """The file of its own that each training process writes into a checkpoint: its RNG state (transformers'
+    Trainer, `_save_rng_state` with several processes; `_load_rng_state` reads it back by the same name)."""
+    return f"rng_state_{process_index}.pth"
+
+
+def gather_process_files(checkpoint: Path, process_index: int, world_size: int, main: bool) -> None:
+    """Every process's own checkpoint file into rank 0's copy of `checkpoint` (a collective: every process calls
+    it after the Trainer saved). Processes on other nodes wrote theirs to their own node's disk, which a restarted
+    group does not see; without them a resumed process restarts its RNG (dropout masks) from the seed instead of
+    where it stopped. Rank 0 adds the files its directory lacks; on its own node they are there already."""
+    import torch.distributed as dist
+
+    path = checkpoint / process_file_name(process_index)
+    mine = (path.name, path.read_bytes()) if path.is_file() else None
+    gathered: list[Any] | None = [None] * world_size if main else None
+    dist.gather_object(mine, gathered, dst=0)
+    if not main or not checkpoint.is_dir():
+        return
+    for item in gathered or []:
+        if item is not None and not (checkpoint / item[0]).exists():
+            (checkpoint / item[0]).write_bytes(item[1])
 
 
 def link_tree(source: Path, target: Path) -> None:
