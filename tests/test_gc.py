@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ftc_trainer.gc import Listing, Live, live_from_kubectl, main, plan_gc
+from ftc_trainer.gc import CONTENT, Listing, Live, live_from_kubectl, main, plan_gc
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 OLD = NOW - timedelta(days=2)
 A = "s3://b/ftc-cache/models/hf/org--a/" + "1" * 40
 A2 = "s3://b/ftc-cache/models/hf/org--a/" + "2" * 40
 B = "s3://b/ftc-cache/models/hf/org--b/" + "3" * 40
+C1 = "s3://b/ftc-cache/models/sha256/" + "c" * 64  # a base model given as an s3:// prefix or a path
+C2 = "s3://b/ftc-cache/models/sha256/" + "d" * 64
 CK = "s3://b/ftc/ns/run-12345678/models/m/checkpoints"
 
 
@@ -31,6 +33,9 @@ CK = "s3://b/ftc/ns/run-12345678/models/m/checkpoints"
         ({}, {CK: [10, 30, 20]}, Live(trained=frozenset({CK})), [f"{CK}/step-10", f"{CK}/step-20"]),
         ({}, {CK: [10, 30, 20]}, Live(), []),
         ({}, {CK: [30]}, Live(trained=frozenset({CK})), []),
+        ({C1: (CONTENT, OLD), C2: (CONTENT, OLD)}, {}, Live(staged=frozenset({C1})), [C2]),
+        ({C1: (CONTENT, OLD), C2: (CONTENT, OLD)}, {}, Live(staging=frozenset({CONTENT})), []),
+        ({C1: (CONTENT, OLD), A: ("org/a", OLD)}, {}, Live(staging=frozenset({"org/a"})), [C1]),
     ],
     ids=[
         "unreferenced-copy-goes",
@@ -41,6 +46,9 @@ CK = "s3://b/ftc/ns/run-12345678/models/m/checkpoints"
         "trained-model-keeps-newest-checkpoint",
         "model-not-trained-keeps-all",
         "one-checkpoint-stays",
+        "unreferenced-content-copy-goes",
+        "s3-or-path-base-being-staged-keeps-content-copies",
+        "hub-repo-being-staged-keeps-no-content-copy",
     ],
 )
 def test_plan_gc(copies: dict, checkpoints: dict, live: Live, doomed: list[str]) -> None:
@@ -74,7 +82,9 @@ def test_references_come_from_the_comparisons_status_and_spec() -> None:
     }
     live = live_from_kubectl(doc)
     assert (
-        live.staged == {A} and live.staging == {"org/b"} and live.trained == {"s3://b/ftc/ns/done-12345678/models/m/checkpoints"}
+        live.staged == {A}
+        and live.staging == {"org/b", CONTENT}
+        and live.trained == {"s3://b/ftc/ns/done-12345678/models/m/checkpoints"}
     )
 
 
@@ -85,8 +95,9 @@ def test_gc_deletes_what_no_comparison_references(local_s3: Any, tmp_path: Path,
     store = Storage(endpoint_url=local_s3.endpoint_url)
     cache = f"s3://{local_s3.bucket}/gc-test/ftc-cache"
     kept, gone = f"{cache}/models/hf/org--a/{'1' * 40}", f"{cache}/models/hf/org--a/{'2' * 40}"
+    kept_content, gone_content = f"{cache}/models/sha256/{'c' * 64}", f"{cache}/models/sha256/{'d' * 64}"
     run = f"s3://{local_s3.bucket}/ftc/ns/done-12345678/models/m/checkpoints"
-    for prefix in (kept, gone):
+    for prefix in (kept, gone, kept_content, gone_content):
         store.write_manifest(prefix, [], extra={"revision": prefix[-40:]})
         store.write_bytes(f"{prefix}/model.safetensors", b"w")
     for step in (10, 20):
@@ -96,8 +107,11 @@ def test_gc_deletes_what_no_comparison_references(local_s3: Any, tmp_path: Path,
             comparison(
                 "done",
                 "12345678-aaaa",
-                [{"name": "m", "baseModel": "org/a"}],
-                [{"name": "m", "phase": "Trained", "stagedBaseModel": kept}],
+                [{"name": "m", "baseModel": "org/a"}, {"name": "p", "baseModel": "/pvc/models/mid"}],
+                [
+                    {"name": "m", "phase": "Trained", "stagedBaseModel": kept},
+                    {"name": "p", "phase": "Trained", "stagedBaseModel": kept_content},
+                ],
                 local_s3.bucket,
             )
         ]
@@ -117,3 +131,4 @@ def test_gc_deletes_what_no_comparison_references(local_s3: Any, tmp_path: Path,
     assert f"would delete {gone}" in capsys.readouterr().out
     assert main(args) == 0
     assert store.list(kept) and not store.list(gone) and store.list(run) == ["step-20/adapter.safetensors"]
+    assert store.list(kept_content) and not store.list(gone_content)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ftc_api.spec import DatasetSpec, Method, SplitSpec
 from ftc_api.steps import EXIT_BAD_INPUT, Location, ModelRef, PrepareInput
-from ftc_step.storage import ObjectStat, Storage
+from ftc_step.storage import Entry, ObjectStat, Storage
 from ftc_trainer.staging import HubFile, files_to_move, is_hub_id, wanted_files
 
 from devcluster.models.tiny import TinyAssets, TinyS3
@@ -220,3 +220,40 @@ def test_a_bad_parallelism_setting_names_the_variable(monkeypatch: pytest.Monkey
     monkeypatch.setenv("FTC_STAGING_PARALLEL", "many")
     with pytest.raises(StepError, match="FTC_STAGING_PARALLEL='many': expected a positive number"):
         parallelism(1)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("index", "known"),
+    [
+        ({}, [None, None]),
+        ({"a.safetensors": {"identity": "e1", "size": 10, "sha256": "aa"}}, ["aa", None]),
+        ({"a.safetensors": {"identity": "e0", "size": 10, "sha256": "aa"}}, [None, None]),  # rewritten since
+        ({"a.safetensors": {"identity": "e1", "size": 9, "sha256": "aa"}}, [None, None]),  # other size
+        ({"a.safetensors": "junk", "config.json": {"identity": "e2", "size": 3}}, [None, None]),  # no sha256
+    ],
+    ids=["no-index", "unchanged-file-known", "new-etag-or-mtime", "other-size", "malformed-entries"],
+)
+def test_a_source_file_is_hashed_again_only_when_its_identity_changed(index: dict, known: list[str | None]) -> None:
+    from ftc_trainer.staging import SourceFile, known_hashes
+
+    files = [SourceFile("a.safetensors", 10, "e1"), SourceFile("config.json", 3, "e2")]
+    assert [f.sha256 for f in known_hashes(files, index)] == known
+
+
+@pytest.mark.unit
+def test_a_content_copy_is_named_by_its_manifests_content_hash_whatever_the_source(tmp_path: Path) -> None:
+    from ftc_api.names import content_model_dir
+    from ftc_trainer.staging import SourceFile, content_sha256
+
+    files = [SourceFile("config.json", 3, "etag-1", "aa" * 32), SourceFile("w.safetensors", 10, "1:2", "bb" * 32)]
+    other_source = [SourceFile(f.name, f.size, "mtime-elsewhere", f.sha256) for f in files]
+    sha = content_sha256(files)
+    assert content_sha256(other_source) == sha  # where it was read from does not count
+    written = Storage().write_manifest(str(tmp_path / "copy"), [Entry(f.name, f.sha256 or "", f.size) for f in files])
+    assert written.content_sha256 == sha  # the node cache's key (ftc_step.model_cache.cache_key) is the same
+    assert content_model_dir(sha) == f"models/sha256/{sha}"
+    with pytest.raises(ValueError, match="is not a sha256"):
+        content_model_dir("main")
+    with pytest.raises(ValueError, match=r"no sha256 yet for \['w.safetensors'\]"):
+        content_sha256([files[0], SourceFile("w.safetensors", 10, "x")])

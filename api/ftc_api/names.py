@@ -75,6 +75,26 @@ def shared_model_dir(repo: str, commit: str) -> str:
     return f"{SHARED_MODELS_DIR}/hf/{repo.replace('/', '--')}/{commit}"
 
 
+_CONTENT = re.compile(r"^[0-9a-f]{64}$")
+CONTENT_MODELS_DIR = f"{SHARED_MODELS_DIR}/sha256"
+SOURCE_INDEX_DIR = f"{SHARED_MODELS_DIR}/sources"
+
+
+def content_model_dir(content_sha256: str) -> str:
+    """models/sha256/SHA: the staged copy of a base model given as an s3:// prefix or a path, keyed by its
+    manifest's content hash (files, sizes, sha256s; the node cache's key too), so the same weights are copied
+    once for every comparison, wherever they were read from."""
+    if not _CONTENT.match(content_sha256):
+        raise ValueError(f"content_model_dir: {content_sha256!r} is not a sha256 (64 lowercase hex digits)")
+    return f"{CONTENT_MODELS_DIR}/{content_sha256}"
+
+
+def source_index_key(source: str) -> str:
+    """models/sources/H.json: what staging learned of an s3:// or path source (each file's identity, size and
+    sha256), so an unchanged file is not read again to be hashed; H hashes the source as written."""
+    return f"{SOURCE_INDEX_DIR}/{hashlib.sha256(source.rstrip('/').encode()).hexdigest()[:32]}.json"
+
+
 def checkpoints_dir(model: str) -> str:
     return f"models/{model}/checkpoints"
 

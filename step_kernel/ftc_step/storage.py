@@ -18,6 +18,9 @@ sha256 and size. Readers trust only what a manifest lists (`read_manifest`, `dow
     store.exists(uri) -> bool
     store.put_file_checked(path, uri, sha256)           # the server checks the bytes (S3 ChecksumSHA256)
     store.stat(uri) -> ObjectStat | None                # size and sha256 as the server keeps them, no read
+    store.sha256_of(uri) -> str                         # the object's sha256, its bytes streamed (not stored)
+    store.copy_checked(src_uri, uri, sha256)            # S3 to S3 inside the server (no byte through this pod)
+    store.list_stats(prefix) -> {name: (size, identity)}  # identity: S3's ETag, or a local file's size:mtime_ns
     store.list(prefix) -> list[str]                     # relative names of every object under prefix/
     store.upload_dir(local_dir, prefix) -> list[Entry]  # every file, no manifest
     store.download_prefix(prefix, local_dir) -> list[str]   # every object, unverified
@@ -41,6 +44,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -308,6 +312,90 @@ class Storage:
                 return None
             raise StorageError(f"cannot check {uri}: {_explain(err)}") from err
         return ObjectStat.from_head(head)
+
+    def sha256_of(self, uri: str) -> str:
+        """The sha256 (hex) of the object at `uri`, its body streamed through the hash (nothing stored, a few MB
+        of memory): what an object without a checksum is identified by."""
+        if not is_s3(uri):
+            local = _local(uri)
+            if not local.is_file():
+                raise StorageError(f"cannot read {uri}: no such file")
+            try:
+                return sha256_file(local)
+            except OSError as err:
+                raise StorageError(f"cannot read {uri}: {err}") from err
+        bucket, key = parse_s3_uri(uri)
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            digest = hashlib.sha256()
+            try:
+                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                for chunk in body.iter_chunks(_CHUNK):
+                    digest.update(chunk)
+                return digest.hexdigest()
+            except Exception as err:
+                if type(err).__name__ in _CUT_SHORT and attempt < BODY_ATTEMPTS:  # read again from the start
+                    time.sleep(min(8.0, 0.5 * 2**attempt))
+                    continue
+                raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
+        raise StorageError(f"cannot read {uri}: cut short {BODY_ATTEMPTS} times")  # pragma: no cover
+
+    def copy_checked(self, source: str, uri: str, sha256: str) -> None:
+        """Copy the object at `source` to `uri` stating its `sha256` (kept as metadata, as
+        :meth:`put_file_checked` does): S3 to S3 inside the server (multipart above 5 GiB; no byte passes
+        through this process), else through a local file. When the server keeps a full-object checksum of the
+        copy and it differs from `sha256` (the source changed since it was hashed) the copy is deleted and
+        StorageError raised."""
+        if not (is_s3(source) and is_s3(uri)):
+            if not is_s3(source):
+                self.put_file_checked(_local(source), uri, sha256)
+                return
+            tmp = Path(tempfile.mkdtemp(prefix="ftc-copy-")) / "object"
+            try:
+                self.put_file_checked(self.download_file(source, tmp), uri, sha256)
+            finally:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+            return
+        src_bucket, src_key = parse_s3_uri(source)
+        bucket, key = parse_s3_uri(uri)
+        meta = {SHA256_META: sha256}
+        try:
+            size = int(self.client.head_object(Bucket=src_bucket, Key=src_key)["ContentLength"])
+            if size <= SINGLE_PUT_LIMIT:  # one CopyObject: the server computes the copy's full-object sha256
+                self.client.copy_object(
+                    CopySource={"Bucket": src_bucket, "Key": src_key}, Bucket=bucket, Key=key,
+                    Metadata=meta, MetadataDirective="REPLACE", ChecksumAlgorithm="SHA256",
+                )  # fmt: skip
+            else:  # multipart copy (UploadPartCopy): the sha256 is kept as metadata only
+                extra = {"Metadata": meta, "MetadataDirective": "REPLACE"}
+                self.client.copy({"Bucket": src_bucket, "Key": src_key}, bucket, key, ExtraArgs=extra, Config=transfer_config())
+        except Exception as err:
+            raise StorageError(f"cannot copy {source} to {uri}: {_explain(err)}") from err
+        stat = self.stat(uri)
+        if stat is not None and stat.server_checked and stat.sha256 != sha256:
+            self.client.delete_object(Bucket=bucket, Key=key)
+            raise StorageError(f"cannot copy {source} to {uri}: its bytes differ from sha256 {sha256} (changed since?)")
+
+    def list_stats(self, prefix: str) -> dict[str, tuple[int, str]]:
+        """Every object below `prefix`/: name -> (size, identity), read from the listing alone. The identity
+        changes whenever the object is rewritten: S3's ETag, a local file's size and mtime in nanoseconds."""
+        if not is_s3(prefix):
+            root = _local(prefix)
+            out = {}
+            for name in _files_under(root) if root.is_dir() else []:
+                info = (root / name).stat()
+                out[name] = (info.st_size, f"{info.st_size}:{info.st_mtime_ns}")
+            return out
+        bucket, key = parse_s3_uri(prefix)
+        key = key.rstrip("/") + "/" if key.strip("/") else ""
+        found: dict[str, tuple[int, str]] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents", []):
+                    if obj["Key"][len(key) :]:
+                        found[obj["Key"][len(key) :]] = (int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+        except Exception as err:
+            raise StorageError(f"cannot list {prefix}: {_explain(err)}") from err
+        return dict(sorted(found.items()))
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         if is_s3(uri):

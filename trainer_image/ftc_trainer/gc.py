@@ -1,10 +1,11 @@
 """`python -m ftc_trainer.gc`: garbage collection of the shared model copies and of old checkpoints.
 
-Shared copies (CACHE_PREFIX/models/hf/ORG--NAME/COMMIT/, staged by prepare for every comparison of a bucket)
-are deleted when no FineTuneComparison that still exists references them: none has it as
-status.models[].stagedBaseModel, none names that repository while its prepare has not recorded a copy yet (a
-copy being made), and its newest object is older than --min-age-hours (a prepare that started after the
-listing of comparisons was taken). Checkpoints (RUN/models/MODEL/checkpoints/step-N/) of a model whose
+Shared copies (CACHE_PREFIX/models/hf/ORG--NAME/COMMIT/ for hub models, CACHE_PREFIX/models/sha256/SHA/ for
+base models given as an s3:// prefix or a path, staged by prepare for every comparison of a bucket) are deleted
+when no FineTuneComparison that still exists references them: none has it as status.models[].stagedBaseModel,
+none names that repository (for a content-addressed copy: any s3:// or path base) while its prepare has not
+recorded a copy yet (a copy being made), and its newest object is older than --min-age-hours (a prepare that
+started after the listing of comparisons was taken). Checkpoints (RUN/models/MODEL/checkpoints/step-N/) of a model whose
 training succeeded (phase Trained) are pruned to the newest --keep-checkpoints; the adapters are never touched.
 
 The live comparisons come from the cluster as `kubectl get ftc -A -o json` prints them (a file or `-` for
@@ -31,8 +32,13 @@ from typing import Any
 
 from ftc_api import names
 
+from .models import looks_like_path
+
 log = logging.getLogger("ftc.gc")
 TRAINED = "Trained"
+# The "repository" of every content-addressed copy (CACHE_PREFIX/models/sha256/SHA: a base model given as an s3://
+# prefix or a path): while any comparison names such a base with no copy recorded yet, none of them is deleted.
+CONTENT = "s3-or-path"
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class Live:
     """What the comparisons that exist still need."""
 
     staged: frozenset[str] = frozenset()  # shared copies (s3:// prefixes) recorded in a status
-    staging: frozenset[str] = frozenset()  # hub repos named by a comparison with no copy recorded yet
+    staging: frozenset[str] = frozenset()  # hub repos (or CONTENT) named by a comparison with no copy recorded yet
     trained: frozenset[str] = frozenset()  # checkpoints/ prefixes of models whose training succeeded
 
 
@@ -79,10 +85,13 @@ def live_from_kubectl(doc: Mapping[str, Any]) -> Live:
         recorded = {m.get("name"): m for m in status.get("models") or []}
         for model in spec.get("models", []):
             ms = recorded.get(model.get("name"), {})
+            base = str(model.get("baseModel", ""))
             if ms.get("stagedBaseModel"):
                 staged.add(str(ms["stagedBaseModel"]).rstrip("/"))
-            elif "://" not in model.get("baseModel", "") and not model.get("baseModel", "").startswith("/"):
-                staging.add(model.get("baseModel", ""))
+            elif base.startswith("s3://") or looks_like_path(base):
+                staging.add(CONTENT)  # its content (hence its copy's name) is known only once prepare hashed it
+            else:
+                staging.add(base)
             if ms.get("phase") == TRAINED:
                 trained.add(f"s3://{storage.get('bucket')}/{run}/{names.checkpoints_dir(model.get('name', ''))}")
     return Live(frozenset(staged), frozenset(staging), frozenset(trained))
@@ -94,17 +103,18 @@ def list_storage(store: Any, caches: Iterable[str], checkpoints: Iterable[str]) 
 
     copies: dict[str, tuple[str, datetime]] = {}
     for cache in caches:
-        root = f"{cache.rstrip('/')}/{names.SHARED_MODELS_DIR}/hf"
-        bucket, key = parse_s3_uri(root + "/")
-        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(key) :].split("/")
-                if len(parts) < 3:
-                    continue
-                prefix = f"{root}/{parts[0]}/{parts[1]}"
-                repo = parts[0].replace("--", "/", 1)
-                newest = copies.get(prefix, (repo, obj["LastModified"]))[1]
-                copies[prefix] = (repo, max(newest, obj["LastModified"]))
+        for sub, depth in ((f"{names.SHARED_MODELS_DIR}/hf", 2), (names.CONTENT_MODELS_DIR, 1)):
+            root = f"{cache.rstrip('/')}/{sub}"
+            bucket, key = parse_s3_uri(root + "/")
+            for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents", []):
+                    parts = obj["Key"][len(key) :].split("/")
+                    if len(parts) <= depth:
+                        continue
+                    prefix = "/".join([root, *parts[:depth]])
+                    repo = parts[0].replace("--", "/", 1) if depth == 2 else CONTENT
+                    newest = copies.get(prefix, (repo, obj["LastModified"]))[1]
+                    copies[prefix] = (repo, max(newest, obj["LastModified"]))
     steps: dict[str, list[int]] = {}
     for prefix in checkpoints:
         found = {n.split("/", 1)[0] for n in store.list(prefix)}

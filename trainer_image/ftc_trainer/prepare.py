@@ -59,7 +59,8 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
     # Check every model before any weight moves: a hub model is resolved to its commit and checked on its
     # config and tokenizer alone (or on the shared copy when one is complete); a model that cannot be read or
     # cannot fit fails the step (see memory_verdict) before its weights are copied. Then the weights of the
-    # models that go on are staged (once per commit, in the bucket's shared cache).
+    # models that go on are staged (once per commit, in the bucket's shared cache), and so are those given as an
+    # s3:// prefix or a path (once per content: staging.stage_content).
     hub = resolve_hub_models(inp, store, workdir)
     for ref in inp.models:
         source = hub.get((ref.base_model, ref.revision))
@@ -78,10 +79,13 @@ def run_prepare(inp: PrepareInput, workdir: Path | None = None) -> PrepareResult
             log.warning("%s", prepared.error)
     going_on = {ref.name for ref in inp.models} - set(verdict.left_out)  # a model left out is not copied
     stage_hub_models(inp, hub, going_on, store, workdir)
+    content = stage_content_models(inp, going_on, store)
     for ref, prepared in zip(inp.models, result.models, strict=True):
         source = hub.get((ref.base_model, ref.revision))
         if source is not None and source.staged is not None:
             prepared.staged_uri = source.staged.uri
+        elif ref.base_model in content:
+            prepared.staged_uri, prepared.revision = content[ref.base_model].uri, content[ref.base_model].revision
 
     out = workdir / "data"
     out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +242,27 @@ def stage_hub_models(
             "base model %s staged at %s (commit %s; %d files moved, %d already there)",
             ref.base_model, source.dest, source.model.sha, source.staged.moved, source.staged.skipped,
         )  # fmt: skip
+
+
+def stage_content_models(inp: PrepareInput, going_on: set[str], store: Any) -> dict[str, Any]:
+    """Stage every base model given as an s3:// prefix or a path that goes on (after the pre-flight), once per
+    source, content-addressed in the shared cache (staging.stage_content): base model -> staging.Staged."""
+    from ftc_step.storage import is_s3
+
+    from .models import looks_like_path
+    from .staging import stage_content
+
+    staged: dict[str, Any] = {}
+    for ref in inp.models:
+        source = ref.base_model
+        if source in staged or ref.name not in going_on or not (is_s3(source) or looks_like_path(source)):
+            continue
+        staged[source] = done = stage_content(source, store, inp.cache_uri)
+        log.info(
+            "base model %s staged at %s (%d files: %d copied, %d already there; %d bytes read to hash, %d copied)",
+            source, done.uri, done.files, done.moved, done.skipped, done.read_bytes, done.copied_bytes,
+        )  # fmt: skip
+    return staged
 
 
 def check_model(ref: ModelRef, inp: PrepareInput, store: Any, rows: data.Spool, order: dict[str, list[int]]) -> PreparedModel:

@@ -27,15 +27,17 @@ branch moving during the copy cannot mix two commits.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ftc_api import names
 from ftc_api.steps import HUB_TOKEN_ENV
 from ftc_step.errors import StepError, transient
 
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
     from ftc_step.storage import ObjectStat
 
 log = logging.getLogger("ftc.trainer.staging")
+T = TypeVar("T")
+R = TypeVar("R")
 
 # What a transformers model needs: config, tokenizer, weights. Other weight formats and extras are skipped.
 SKIPPED = ("*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.tflite", "*.ot", "*.mlmodel", "onnx/*", "original/*")
@@ -107,8 +111,9 @@ class HubModel:
 
 @dataclass(frozen=True)
 class Staged:
-    """A staged base model: where the copy is, the commit it was taken at, its files and their total size;
-    `moved`: files copied from the hub by this call, `skipped`: files already in place (a resumed copy)."""
+    """A staged base model: where the copy is, the commit it was taken at (hub) or its content sha256 (s3:// or
+    path source), its files and their total size; `moved`: files copied by this call, `skipped`: files already in
+    place (a resumed copy)."""
 
     uri: str
     revision: str
@@ -117,6 +122,8 @@ class Staged:
     reused: bool = False
     moved: int = 0
     skipped: int = 0
+    read_bytes: int = 0  # source bytes read to be hashed (an s3:// or path source whose sha256s were not known)
+    copied_bytes: int = 0  # bytes written into the shared copy by this call
 
 
 def files_to_move(files: Sequence[HubFile], present: Mapping[str, ObjectStat | None]) -> list[HubFile]:
@@ -128,6 +135,25 @@ def files_to_move(files: Sequence[HubFile], present: Mapping[str, ObjectStat | N
         if stat is None or f.size is None or not stat.holds(f.size, f.sha256):
             out.append(f)
     return out
+
+
+def in_parallel(work: Callable[[T], R], items: Sequence[T], parallel: int, done: Callable[[R], None] | None = None) -> list[R]:
+    """`work` on every item, `parallel` at a time, results in the items' order; `done` is called (in this
+    thread) as each finishes. On the first failure the items not started yet are cancelled (those in flight
+    finish: a retry finds them in place) and that error is raised."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ftc-stage") as pool:
+        futures = [pool.submit(work, item) for item in items]
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                break
+            if done is not None:
+                done(future.result())
+    errors = [fut.exception() for fut in futures if not fut.cancelled() and fut.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+    return [fut.result() for fut in futures]
 
 
 def parallelism(largest: int) -> int:
@@ -296,18 +322,7 @@ def stage(model: HubModel, dest: str, store: Any, workdir: Path, light: Path | N
         len(entries),
         parallel,
     )
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="ftc-stage") as pool:
-        futures = [pool.submit(move, f) for f in moving]
-        for future in as_completed(futures):
-            if future.exception() is not None:
-                for other in futures:
-                    other.cancel()  # files not started yet; those in flight finish and count on the retry
-                break
-    errors = [fut.exception() for fut in futures if not fut.cancelled() and fut.exception() is not None]
-    if errors:
-        raise errors[0]  # type: ignore[misc]
-    for fut in futures:
-        entry = fut.result()
+    for entry in in_parallel(move, moving, parallel):
         entries[entry.name] = entry
     extra = {"source": f"hf://{model.repo}", "revision": model.sha, "requestedRevision": model.requested or "main"}
     try:
@@ -315,4 +330,200 @@ def stage(model: HubModel, dest: str, store: Any, workdir: Path, light: Path | N
     except StorageError as err:
         raise StepError(f"cannot write the manifest of {model.repo}'s staged copy: {err}", retryable=True) from err
     size = sum(e.size for e in entries.values())
-    return Staged(dest, model.sha, len(entries), size, moved=len(moving), skipped=len(files) - len(moving))
+    copied = sum(f.size or 0 for f in moving)
+    return Staged(dest, model.sha, len(entries), size, moved=len(moving), skipped=len(files) - len(moving), copied_bytes=copied)
+
+
+# ---------------------------------------------------------------------------------- s3:// and path sources
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a base model given as an s3:// prefix or a path: its size, its identity at the source (S3's
+    ETag, a local file's size:mtime_ns: it changes whenever the file is rewritten) and its sha256 once known."""
+
+    name: str
+    size: int
+    identity: str
+    sha256: str | None = None
+
+
+def known_hashes(files: Sequence[SourceFile], index: Mapping[str, Any]) -> list[SourceFile]:
+    """Pure: `files`, each with the sha256 the source index recorded for the same identity and size (an
+    unchanged file is not read again to be hashed); a file whose identity changed keeps what it had."""
+    out = []
+    for f in files:
+        seen = index.get(f.name)
+        if (
+            f.sha256 is None
+            and isinstance(seen, Mapping)
+            and seen.get("identity") == f.identity
+            and seen.get("size") == f.size
+            and seen.get("sha256")
+        ):
+            f = replace(f, sha256=str(seen["sha256"]))
+        out.append(f)
+    return out
+
+
+def content_sha256(files: Sequence[SourceFile]) -> str:
+    """Pure: the content hash (:attr:`ftc_step.storage.Manifest.content_sha256`) of the manifest that lists
+    these files (names, sizes, sha256s) and nothing else: the staged copy's prefix
+    (:func:`ftc_api.names.content_model_dir`) and its node cache key, the same whichever source it was read from."""
+    from ftc_step.storage import Entry, Manifest
+
+    missing = [f.name for f in files if not f.sha256]
+    if missing:
+        raise ValueError(f"content_sha256: no sha256 yet for {missing}")
+    return Manifest("", {f.name: Entry(f.name, f.sha256 or "", f.size) for f in files}).content_sha256
+
+
+def source_location(source: str) -> str:
+    """Where staging reads `source`: the s3:// prefix, or the local path (file:// and ~ resolved)."""
+    from ftc_step.storage import is_s3
+
+    if is_s3(source):
+        return source.rstrip("/")
+    return str(Path(source.removeprefix("file://")).expanduser())
+
+
+def list_source(source: str, store: Any) -> list[SourceFile]:
+    """The files a transformers model needs under an s3:// prefix or a directory (:func:`wanted_files`, hidden
+    files left out), with the sha256s the source's own ftc manifest gives (same size only). Bad input
+    (nothing there, a file instead of a directory, no config.json) raises StepError naming the source."""
+    from ftc_step.storage import MANIFEST_NAME, StorageError, is_s3
+
+    where = source_location(source)
+    kind = "prefix" if is_s3(where) else "directory"
+    if not is_s3(where):
+        path = Path(where)
+        if not path.exists():
+            raise StepError(f"base model {source!r} not found: no such file or directory")
+        if not path.is_dir():
+            raise StepError(f"base model {source!r} is a file: give the directory that holds config.json and the weights")
+    try:
+        stats = store.list_stats(where)
+        manifest = store.read_manifest(where) if MANIFEST_NAME in stats else None
+    except StorageError as err:
+        raise StepError(f"cannot read base model {source}: {err}", retryable=transient(err)) from err
+    visible = [n for n in stats if n != MANIFEST_NAME and not any(part.startswith(".") for part in n.split("/"))]
+    wanted = wanted_files(visible)
+    if not wanted:
+        raise StepError(f"base model {source!r}: the {kind} is empty (no model files under it)")
+    if "config.json" not in wanted:
+        raise StepError(f"base model {source!r}: no config.json in the {kind} (not a transformers model directory?)")
+    listed = manifest.files if manifest is not None else {}
+    out = []
+    for name in wanted:
+        size, identity = stats[name]
+        entry = listed.get(name)
+        out.append(SourceFile(name, size, identity, entry.sha256 if entry is not None and entry.size == size else None))
+    return out
+
+
+def _read_index(store: Any, uri: str) -> dict[str, Any]:
+    from ftc_step.storage import StorageError
+
+    try:
+        doc = json.loads(store.read_bytes(uri)) if store.exists(uri) else {}
+    except (StorageError, ValueError) as err:
+        log.warning("source index %s unreadable (%s): every file is hashed again", uri, err)
+        return {}
+    files = doc.get("files") if isinstance(doc, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def _write_index(store: Any, uri: str, where: str, files: Sequence[SourceFile]) -> None:
+    from ftc_step.storage import StorageError
+
+    known = {f.name: {"identity": f.identity, "size": f.size, "sha256": f.sha256} for f in files if f.sha256}
+    try:
+        store.write_bytes(uri, json.dumps({"source": where, "files": known}, indent=1, sort_keys=True).encode())
+    except StorageError as err:  # only a shortcut for the next staging: the copy itself goes on
+        log.warning("cannot write the source index %s: %s", uri, err)
+
+
+def hash_source(source: str, files: Sequence[SourceFile], store: Any, index_uri: str) -> tuple[list[SourceFile], int]:
+    """Every file with its sha256, and the bytes read to get them: those the source index knows (same identity
+    and size) or the S3 server keeps (a full-object ChecksumSHA256, or ftc's sha256 metadata) are not read;
+    the rest are streamed through the hash, `FTC_STAGING_PARALLEL` at a time, the index rewritten after each
+    (an interrupted staging does not hash a finished file again)."""
+    from ftc_step.storage import StorageError, is_s3, join
+
+    where = source_location(source)
+    files = known_hashes(files, _read_index(store, index_uri))
+    try:
+        if is_s3(where):
+            stats = {f.name: store.stat(join(where, f.name)) for f in files if f.sha256 is None}
+            files = [
+                replace(f, sha256=stat.sha256) if (stat := stats.get(f.name)) and stat.sha256 and stat.size == f.size else f
+                for f in files
+            ]
+    except StorageError as err:
+        raise StepError(f"cannot read base model {source}: {err}", retryable=transient(err)) from err
+    by_name = {f.name: f for f in files}
+    todo = [f for f in files if f.sha256 is None]
+
+    def digest(f: SourceFile) -> SourceFile:
+        try:
+            return replace(f, sha256=store.sha256_of(join(where, f.name)))
+        except StorageError as err:
+            raise StepError(f"cannot read base model {source}: {err}", retryable=transient(err)) from err
+
+    def record(f: SourceFile) -> None:
+        by_name[f.name] = f
+        _write_index(store, index_uri, where, list(by_name.values()))
+        log.info("hashed %s/%s (%d bytes)", where, f.name, f.size)
+
+    if todo:
+        log.info("base model %s: hashing %d of %d files (%d bytes)", source, len(todo), len(files), sum(f.size for f in todo))
+    in_parallel(digest, todo, parallelism(0), done=record)
+    return [by_name[f.name] for f in files], sum(f.size for f in todo)
+
+
+def stage_content(source: str, store: Any, cache_uri: Callable[[str], str]) -> Staged:
+    """Stage a base model given as an s3:// prefix or a path into the shared cache, content-addressed
+    (`cache_uri(models/sha256/SHA)`, SHA: :func:`content_sha256`), with a manifest written last that lists the
+    files and nothing else (its content hash is SHA: the node cache's key). A copy of the same content that is
+    complete is reused as it is (0 bytes read or written); a partial one is resumed (objects already there with
+    the same size and sha256 are skipped). S3 to S3 copies stay inside the server; a path is uploaded with its
+    sha256 stated (the server checks the bytes). The source is only read."""
+    from ftc_step.storage import Entry, StorageError, join
+
+    where = source_location(source)
+    files, read = hash_source(source, list_source(source, store), store, cache_uri(names.source_index_key(where)))
+    sha = content_sha256(files)
+    dest = cache_uri(names.content_model_dir(sha))
+    size = sum(f.size for f in files)
+    try:
+        existing = store.read_manifest(dest)
+        if existing is not None and existing.content_sha256 == sha:
+            log.info("base model %s: its content %s is already staged at %s", source, sha, dest)
+            return Staged(dest, sha, len(files), size, reused=True, read_bytes=read)
+        present = {f.name: store.stat(join(dest, f.name)) for f in files}
+    except StorageError as err:
+        raise StepError(f"cannot read the staged copy of {source} at {dest}: {err}", retryable=True) from err
+    moving = files_to_move([HubFile(f.name, f.size, f.sha256) for f in files], present)
+    by_name = {f.name: f for f in files}
+
+    def copy(f: HubFile) -> str:
+        try:
+            store.copy_checked(join(where, f.name), join(dest, f.name), f.sha256 or "")
+        except StorageError as err:
+            raise StepError(f"cannot copy base model {source} to {dest}: {err}", retryable=transient(err)) from err
+        log.info("staged %s/%s (%d bytes)", where, f.name, f.size or 0)
+        return f.name
+
+    log.info("staging %s as %s: %d files to copy, %d already in place", source, dest, len(moving), len(files) - len(moving))
+    in_parallel(copy, moving, parallelism(0))
+    entries = [Entry(f.name, f.sha256 or "", f.size) for f in by_name.values()]
+    try:
+        manifest = store.write_manifest(dest, entries)  # last: the copy is complete
+    except StorageError as err:
+        raise StepError(f"cannot write the manifest of {source}'s staged copy: {err}", retryable=True) from err
+    if manifest.content_sha256 != sha:  # the prefix's name is the content of its manifest
+        raise StepError(f"staging {source}: the manifest at {dest} hashes to {manifest.content_sha256}, not {sha}")
+    copied = sum(f.size or 0 for f in moving)
+    return Staged(
+        dest, sha, len(files), size, moved=len(moving), skipped=len(files) - len(moving), read_bytes=read, copied_bytes=copied
+    )
