@@ -257,3 +257,40 @@ def test_a_content_copy_is_named_by_its_manifests_content_hash_whatever_the_sour
         content_model_dir("main")
     with pytest.raises(ValueError, match=r"no sha256 yet for \['w.safetensors'\]"):
         content_sha256([files[0], SourceFile("w.safetensors", 10, "x")])
+
+
+# The flagship example's weights: Llama-2-7b's two shards; Mixtral-8x7B's 19 shards of about 4.9 GB (93.4 GB).
+LLAMA_2_7B = [9_976_576_152, 3_500_296_424]
+MIXTRAL_8X7B = [4_920_000_000] * 18 + [4_840_000_000]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("sizes", "total"), [(LLAMA_2_7B, 13.5e9), (MIXTRAL_8X7B, 93.4e9)], ids=["llama-2-7b", "mixtral-8x7b"])
+@pytest.mark.parametrize(
+    ("indexed", "in_place", "hashed", "copied"),
+    [
+        (False, "none", "all", "all"),
+        (True, "all-but-the-last", "none", "the-last"),
+        (True, "all", "none", "none"),
+        (False, "all", "all", "none"),  # hashed once (a new source), copied never
+    ],
+    ids=["first-comparison", "retry-cut-before-the-last-shard", "second-comparison", "same-content-other-source"],
+)
+def test_bytes_moved_per_staging_of_the_flagship_bases(
+    sizes: list[int], total: float, indexed: bool, in_place: str, hashed: str, copied: str
+) -> None:
+    """The bytes a staging reads to hash and copies, by the same pure steps stage_content takes (known_hashes,
+    then files_to_move against the copy's objects), at the flagship example's sizes (docs/steps.md's table)."""
+    from ftc_trainer.staging import SourceFile, known_hashes
+
+    files = [SourceFile(f"model-{i:05d}.safetensors", size, f"etag-{i}") for i, size in enumerate(sizes, 1)]
+    shas = {f.name: f"{i:064x}" for i, f in enumerate(files, 1)}
+    index = {f.name: {"identity": f.identity, "size": f.size, "sha256": shas[f.name]} for f in files} if indexed else {}
+    known = known_hashes(files, index)
+    full = [HubFile(f.name, f.size, shas[f.name]) for f in files]
+    there = {"none": [], "all-but-the-last": full[:-1], "all": full}[in_place]
+    moving = files_to_move(full, {f.name: ObjectStat(f.size or 0, f.sha256) for f in there})
+    expect = {"all": sum(sizes), "the-last": sizes[-1], "none": 0}
+    assert sum(sizes) == pytest.approx(total, rel=0.002)
+    assert sum(f.size for f in known if f.sha256 is None) == expect[hashed]
+    assert sum(f.size or 0 for f in moving) == expect[copied]
