@@ -171,3 +171,28 @@ def _release_locks() -> Any:
     for handle in list(model_cache._held.values()):
         handle.close()
     model_cache._held.clear()
+
+
+@pytest.mark.parametrize(
+    ("where", "refused"),
+    [("content", False), ("renamed", True), ("not-content-addressed", False)],
+    ids=["named-by-its-content", "manifest-of-other-content", "hub-or-run-prefix-not-checked"],
+)
+def test_a_content_addressed_copy_must_hold_the_manifest_its_name_says(tmp_path: Path, where: str, refused: bool) -> None:
+    """A base model given as an s3:// prefix or a path is staged at models/sha256/SHA: its node cache entry is
+    SHA, and a manifest whose content is not SHA is refused before any byte is read."""
+    store = CountingStorage()
+    source = staged(tmp_path, "src-model")
+    manifest = store.read_manifest(source)
+    assert manifest is not None
+    key = cache_key(manifest)
+    name = {"content": key, "renamed": "0" * 64, "not-content-addressed": "run-a/base"}[where]
+    prefix = str(tmp_path / "bucket" / "ftc-cache" / "models" / ("sha256/" + name if where != "not-content-addressed" else name))
+    store.write_manifest(prefix, store.upload_dir(tmp_path / "src" / "src-model", prefix))
+    if refused:
+        with pytest.raises(StorageError, match=f"its manifest's content is {key}, not the {name} its name says"):
+            cached_tree(store, prefix, manifest, tmp_path / "cache")
+        assert not store.reads
+        return
+    got = cached_tree(store, prefix, manifest, tmp_path / "cache")
+    assert got.path.name == key and not got.hit

@@ -7,7 +7,10 @@ training on the same node read the weights from the cache, not from S3.
 - **Where**: ``$FTC_MODEL_CACHE_DIR`` (the operator mounts the chart's ``config.modelCache`` volume there and
   sets it); without it, the caller's default (the pod's own /tmp: nothing survives the pod).
 - **Key**: the staged copy's *content*: the manifest's ``content_sha256`` (the files and their sha256s, not
-  its path nor its upload time), so the same weights staged under another prefix are one entry.
+  its path nor its upload time), so the same weights staged under another prefix are one entry. A base model
+  given as an s3:// prefix or a path is staged by prepare into ``CACHE_PREFIX/models/sha256/KEY/`` (its
+  manifest lists only the files), so its entry bears the name of its copy, whichever source it came from; a
+  manifest under such a prefix whose content is not KEY is refused (:func:`check_content_prefix`).
 - **Verified**: every file is checked against the manifest's sha256 as it is downloaded; an entry becomes
   visible only complete (downloaded into ``.tmp-KEY-*`` then renamed to ``KEY``); a hit checks that the
   entry's recorded manifest is the one asked for and every file has the manifest's size.
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ftc_api.names import CONTENT_MODELS_DIR
 from ftc_api.steps import MODEL_CACHE_DIR_ENV, MODEL_CACHE_MAX_BYTES_ENV
 
 from .storage import Manifest, StorageError
@@ -45,6 +49,7 @@ __all__ = [
     "cache_key",
     "cache_root",
     "cached_tree",
+    "check_content_prefix",
     "plan_eviction",
 ]
 
@@ -76,6 +81,15 @@ class Entry:
 def cache_key(manifest: Manifest) -> str:
     """The cache key of a staged copy: its manifest's content hash (files and sha256s), not where it is."""
     return manifest.content_sha256
+
+
+def check_content_prefix(prefix: str, manifest: Manifest) -> None:
+    """A content-addressed copy (``.../models/sha256/SHA``, SHA 64 hex digits) must hold the manifest whose
+    content hash is SHA: anything else (a manifest rewritten in place) raises StorageError naming both."""
+    marker = f"/{CONTENT_MODELS_DIR}/"
+    head, found, name = prefix.rstrip("/").rpartition(marker)
+    if found and head and len(name) == 64 and set(name) <= set("0123456789abcdef") and name != cache_key(manifest):
+        raise StorageError(f"{prefix}: its manifest's content is {cache_key(manifest)}, not the {name} its name says")
 
 
 def cache_root(default: str | os.PathLike[str]) -> Path:
@@ -191,6 +205,7 @@ def cached_tree(store: Any, prefix: str, manifest: Manifest, root: str | os.Path
     """The local directory holding the staged copy at `prefix` (described by `manifest`) under the cache
     `root`: from the cache when a complete entry is there, else downloaded (each file verified against the
     manifest) into a temporary directory renamed into place under the entry's exclusive lock."""
+    check_content_prefix(prefix, manifest)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(manifest)
