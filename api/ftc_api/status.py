@@ -177,11 +177,13 @@ class ModelStatus(ApiModel):
     job_name: str | None = Field(default=None, description="jobName: the model's train Job.")
     staged_base_model: str | None = Field(
         default=None,
-        description="stagedBaseModel: for a hub id, the S3 copy (with a manifest) the prepare step staged; train and "
-        "evaluate read only it.",
+        description="stagedBaseModel: the S3 copy (with a manifest) the prepare step staged, by commit for a hub id "
+        "and by content sha256 for an s3:// or path base; train and evaluate read only it.",
     )
     base_model_revision: str | None = Field(
-        default=None, description="baseModelRevision: for a hub id, the commit sha the staged copy was taken at."
+        default=None,
+        description="baseModelRevision: for a hub id, the commit sha the staged copy was taken at; for an s3:// or path "
+        "base, the content sha256 of its manifest.",
     )
     message: str | None = Field(default=None, description="message: why the model failed, if it did.")
     progress: Progress | None = Field(default=None, description="progress: live progress while training.")
@@ -246,7 +248,11 @@ class ModelIdentity(ApiModel):
 
     name: str = Field(description="name: the model's name in the spec.")
     base_model: str = Field(description="baseModel: hub id, s3:// prefix or path, as given.")
-    revision: str | None = Field(default=None, description="revision: for a hub id, the commit sha the staged copy was taken at.")
+    revision: str | None = Field(
+        default=None,
+        description="revision: for a hub id, the commit sha the staged copy was taken at; for an s3:// or path base, "
+        "the content sha256 of its manifest.",
+    )
     method: str = Field(description="method: lora or qlora.")
 
 

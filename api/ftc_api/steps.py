@@ -129,8 +129,8 @@ class ModelRef(ApiModel):
         default=None,
         description=(
             "weightsUri: where train and evaluate read the base weights: the copy prepare staged (s3:// prefix, "
-            "with a manifest) for a hub model; unset in prepare and for a model that was not staged (then "
-            "baseModel is read)."
+            "with a manifest): by commit for a hub model, by content sha256 for an s3:// or path base; unset in "
+            "prepare and for a model that was not staged (then baseModel is read)."
         ),
     )
     method: Method = Field(description="method: lora or qlora.")
@@ -320,9 +320,15 @@ class PreparedModel(ApiModel):
         ),
     )
     staged_uri: str | None = Field(
-        default=None, description="stagedUri: the S3 copy of a hub model (with a manifest) that train and evaluate read."
+        default=None,
+        description="stagedUri: the S3 copy (with a manifest) that train and evaluate read: by commit for a hub model, "
+        "by content sha256 for an s3:// or path base.",
     )
-    revision: str | None = Field(default=None, description="revision: the hub commit sha the staged copy was taken at.")
+    revision: str | None = Field(
+        default=None,
+        description="revision: the hub commit sha the staged copy was taken at; for an s3:// or path base, the content "
+        "sha256 of its manifest.",
+    )
 
 
 class PrepareResult(ApiModel):
