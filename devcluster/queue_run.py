@@ -69,7 +69,8 @@ class WorkloadTrack:
     priority: int
     created: float
     gpus: int
-    waits: list[list[float | None]] = field(default_factory=list)  # [queued, admitted or None]
+    # [queued, admitted or None]; admitted: QuotaReserved's lastTransitionTime (whole seconds) when Kueue set one
+    waits: list[list[float | None]] = field(default_factory=list)
     holds: list[list[float | None]] = field(default_factory=list)  # [admitted, released or None]
     evictions: int = 0
 
@@ -213,7 +214,9 @@ class Recorder:
                 reserved = False
             if reserved and not track.reserved():
                 if track.waits and track.waits[-1][1] is None:
-                    track.waits[-1][1] = now
+                    # when Kueue decided: its scheduler stamps QuotaReserved before the write, which lands later
+                    # and, on a loaded machine, after writes of later decisions (1.9 s seen on 2 cores)
+                    track.waits[-1][1] = _ts((reserved_cond or {}).get("lastTransitionTime")) or now
                 track.holds.append([now, None])
             elif not reserved and track.reserved():
                 track.holds[-1][1] = now

@@ -228,6 +228,21 @@ def test_the_recorder_folds_a_workloads_events_into_waits_and_holds():
     ]
 
 
+def test_an_admission_is_dated_when_kueue_decided_it():
+    """QuotaReserved's lastTransitionTime is stamped by Kueue's scheduler before its write lands (which on a loaded
+    machine can come after the writes of later decisions); the watch's time counts only without one."""
+    from devcluster.queue_run import Recorder
+
+    rec = Recorder(api_client=None, namespace="ns")
+    rec.observe_workload("ADDED", _workload(), T0 + 0.2)
+    admitted = _workload("True")
+    admitted["status"]["conditions"][0]["lastTransitionTime"] = "2026-12-03T18:00:03Z"
+    rec.observe_workload("MODIFIED", admitted, T0 + 4.9)
+    [track] = rec.workloads.values()
+    assert track.waits == [[T0, T0 + 3]]  # Kueue's decision
+    assert track.holds == [[T0 + 4.9, None]]  # the quota held from when the watch saw it
+
+
 @pytest.mark.parametrize(
     ("pod_sets", "gpus"),
     [
