@@ -1,11 +1,13 @@
 """Queue benchmark: many comparisons applied at once under one 8-GPU Kueue quota, stubbed steps, on the local cluster.
 
-    python -m bench.queue_bench [--comparisons 20] [--gpus 2] [--stub-seconds 2] [--blocker] [--out bench/queue.json]
+    python -m bench.queue_bench [--comparisons 20] [--gpus 2] [--stub-seconds 2] [--blocker]
+                                [--strategy StrictFIFO|BestEffortFIFO] [--out bench/queue.json]
 
 Starts its own cluster (`python -m devcluster up` in a temp dir: control plane, two real nodes, CoreDNS, MinIO),
-installs Kueue v0.17.0 and JobSet with their own charts and ftc's queues (devcluster/kube/kueue.py: ClusterQueue
-``ftc-cq`` with 8 ``nvidia.com/gpu``, BestEffortFIFO, preemption within the queue of lower priorities;
-WorkloadPriorityClasses ``ftc-low`` and ``ftc-high``), the LocalQueue ``ftc-queue`` in the bench namespace and the
+installs Kueue v0.17.0 and JobSet with their own charts and ftc's queues (devcluster/kube/kueue.py: ClusterQueues
+``ftc-cq-strict`` (StrictFIFO, the default here) and ``ftc-cq`` (BestEffortFIFO, ``--strategy BestEffortFIFO``),
+each with 8 ``nvidia.com/gpu`` and preemption within the queue of lower priorities; WorkloadPriorityClasses
+``ftc-low`` and ``ftc-high``), a LocalQueue to the chosen ClusterQueue in the bench namespace and the
 operator with the stub step (devcluster/steps/stub.py), then creates N one-model comparisons at once, each model on
 --gpus GPUs through the queue, every third one ``ftc-high`` (devcluster/queue_run.py). Watches record every
 Workload's waits and every pod's run; it writes:
@@ -13,7 +15,8 @@ Workload's waits and every pod's run; it writes:
 - queue wait per model (each train and generate Workload: creation to admission, summed over its waits);
 - quota utilisation: GPU-seconds of the GPU pods / (8 x makespan), and the same in ~10-second windows;
 - makespan (first create to every comparison ended) against the sum of the step pods' run times;
-- the checks of the cluster test: peak GPUs held, intervals over the quota, admissions out of Kueue's order.
+- the checks of the cluster test: peak GPUs held, intervals over the quota, admissions out of order (under
+  StrictFIFO every Workload in priority, then creation order; under BestEffortFIFO what passed a head that fitted).
 
 With --blocker a Job holds the whole quota until every train Workload waits (as the cluster test does); the
 makespan is then counted from its release.
@@ -54,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=2, help="GPUs per model (the quota is 8)")
     p.add_argument("--stub-seconds", type=float, default=2.0, help="each stub step's sleep")
     p.add_argument("--blocker", action="store_true", help="hold the quota until every train Workload waits")
+    p.add_argument(
+        "--strategy",
+        choices=("StrictFIFO", "BestEffortFIFO"),
+        default="StrictFIFO",
+        help="the ClusterQueue's queueingStrategy: ftc-cq-strict (admission order checked) or ftc-cq",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for every comparison to end")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "queue.json")
     p.add_argument("--keep", action="store_true", help="leave the cluster running")
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import client
 
     from devcluster.harness import apply_crd, start_bench_cluster, start_operator, stub_values, tiny_spec
+    from devcluster.kube import kueue as kq
     from devcluster.kube.kueue import KUEUE_VERSION, Addons
     from devcluster.kube.typed import body
     from devcluster.queue_run import run_many, summary
@@ -83,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         addons = Addons(bin_dir, kubeconfig)
         if not addons.installed():
             addons.install()
-        addons.create_local_queue(ns)
+        strict = args.strategy == kq.STRICT_FIFO
+        queue = kq.STRICT_LOCAL_QUEUE if strict else kq.LOCAL_QUEUE
+        addons.create_local_queue(ns, queue, cluster_queue=kq.STRICT_CLUSTER_QUEUE if strict else kq.CLUSTER_QUEUE)
         apply_crd(kubectl, work)
         key = base64.b64encode(b"judge-key").decode()
         client.CoreV1Api(api).create_namespaced_secret(
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             gpus=args.gpus,
             blocker=args.blocker,
             timeout=args.timeout,
+            queue=queue,
+            strategy=args.strategy,
         )
         figures = summary(run)
         result = {
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 "stubSeconds": args.stub_seconds,
                 "priorityClasses": {"ftc-high": "every third comparison (c02, c05, ...)", "ftc-low": "the others"},
                 "blocker": args.blocker,
+                "clusterQueue": kq.STRICT_CLUSTER_QUEUE if strict else kq.CLUSTER_QUEUE,
+                "queueingStrategy": args.strategy,
             },
             "method": (
                 "stub steps (devcluster/steps/stub.py) on the local cluster's real nodes; every step Job is queued "
