@@ -13,7 +13,8 @@ operator with the stub step (devcluster/steps/stub.py), then creates N one-model
 Workload's waits and every pod's run; it writes:
 
 - queue wait per model (each train and generate Workload: creation to admission, summed over its waits);
-- quota utilisation: GPU-seconds of the GPU pods / (8 x makespan), and the same in ~10-second windows;
+- quota utilisation: GPU-seconds of the GPU pods / (8 x makespan), and the same in ~10-second windows; the same
+  for the GPUs Kueue admitted to the steps' Workloads (a starting pod already holds its quota);
 - makespan (first create to every comparison ended) against the sum of the step pods' run times;
 - the checks of the cluster test: peak GPUs held, intervals over the quota, admissions out of order (under
   StrictFIFO every Workload in priority, then creation order; under BestEffortFIFO what passed a head that fitted).
@@ -135,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             "method": (
                 "stub steps (devcluster/steps/stub.py) on the local cluster's real nodes; every step Job is queued "
                 "(prepare and score on the CPU flavor, train and generate on the 8-GPU fake-a100 flavor); pod run "
-                "times are the containers' startedAt/finishedAt (whole seconds), Workload admissions the times a "
-                "watch saw QuotaReserved change. GPU-seconds count the train and generate pods only."
+                "times are the containers' startedAt/finishedAt (whole seconds); a Workload's queue wait ends at its "
+                "QuotaReserved condition's lastTransitionTime (Kueue's decision, whole seconds) and it holds quota "
+                "from when a watch saw QuotaReserved True to when it saw it released. GPU-seconds count the train and "
+                "generate pods only; utilisation is theirs while their containers ran, quotaAdmittedUtilisation the "
+                "GPUs Kueue admitted to those steps' Workloads (pod start and end included)."
             ),
             **figures,
         }

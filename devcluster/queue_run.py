@@ -474,6 +474,7 @@ def summary(run: ManyRun) -> dict[str, Any]:
     all_gpu_pods = [s for s in pods if s.gpus > 0]  # with the blocker
     admissions = rec.admissions()
     step_workloads = {w.name for w in rec.gpu_workloads() if "ftc.dev/comparison" in run.jobs.get(w.job or "", {})}
+    step_holds = [h for h in rec.quota_spans(end) if h.name in step_workloads]
     waits = queue_waits(admissions, end)
     per_model = []
     for w in sorted(rec.gpu_workloads(), key=lambda w: w.name):
@@ -519,13 +520,16 @@ def summary(run: ManyRun) -> dict[str, Any]:
         "gpuSeconds": round(gpu_seconds(gpu_pods, origin, end), 1),
         "utilisation": round(quota_utilisation(gpu_pods, run.quota, origin, end), 3) if makespan > 0 else None,
         "utilisationTimeline": timeline(gpu_pods, run.quota, origin, end, buckets) if makespan > 0 else [],
+        # the same from Kueue's side: the GPUs admitted to the steps' Workloads (a pod starting holds its quota)
+        "quotaAdmittedUtilisation": round(quota_utilisation(step_holds, run.quota, origin, end), 3) if makespan > 0 else None,
+        "quotaAdmittedTimeline": timeline(step_holds, run.quota, origin, end, buckets) if makespan > 0 else [],
         "sumOfStepSeconds": {k: round(v, 1) for k, v in sorted(step_seconds.items())},
         "sumOfAllStepSeconds": round(sum(step_seconds.values()), 1),
         "sumOfGpuStepSeconds": round(sum(s.end - s.start for s in gpu_pods), 1),
         "peakGpusHeld": top,
         "peakAtSeconds": round(at - origin, 1) if at is not None else None,
         "peakGpusHeldBySteps": peak(gpu_pods)[0],
-        "peakGpusAdmittedToSteps": peak(s for s in rec.quota_spans(end) if s.name in step_workloads)[0],
+        "peakGpusAdmittedToSteps": peak(step_holds)[0],
         "overQuota": [vars(o) for o in over_quota(all_gpu_pods, run.quota)],
         "quotaHeldOverQuota": [vars(o) for o in over_quota(rec.quota_spans(end), run.quota)],
         "queueingStrategy": run.strategy,

@@ -311,3 +311,4 @@ def test_summary_of_a_recorded_run():
         ("c01", "ftc-low", 1.0),
     ]
     assert len(figures["utilisationTimeline"]) == 2
+    assert figures["quotaAdmittedUtilisation"] == round((10 * 4 + 19 * 4) / (8 * 20), 3)  # holds from 1 to 11 and 1 to 20
