@@ -146,6 +146,7 @@ def run_group(tiny_s3: TinyS3, inp: TrainInput, tmp_path: Path, attempt: int) ->
 
 
 @pytest.mark.ml
+@pytest.mark.slow  # two two-node runs (process start-up dominates): 96 s, 222 s beside a cluster test
 @pytest.mark.timeout(600)
 def test_a_group_resumed_from_the_uploaded_checkpoint_trains_on_as_if_uninterrupted(
     tiny_s3: TinyS3, data_prefix: str, tmp_path: Path
