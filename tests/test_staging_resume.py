@@ -49,16 +49,24 @@ def sharded(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _prepare(tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub, run: str, repo: str):
-    from ftc_trainer.__main__ import main
     from huggingface_hub.utils import reset_sessions
 
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # see test_staging._prepare
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     reset_sessions()
+    return _run_prepare(tiny_s3, tmp_path, monkeypatch, run, ModelRef(name="big", base_model=repo, method=Method.LORA))
+
+
+def _run_prepare(
+    tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: str, model: ModelRef, cache: str | None = None
+) -> tuple[int, Any]:
+    """`python -m ftc_trainer prepare` of one model in this process; its exit code and termination message."""
+    from ftc_trainer.__main__ import main
+
     loc = Location(bucket=tiny_s3.bucket, prefix=f"runs/{run}", endpoint_url=tiny_s3.endpoint_url)
-    models = [ModelRef(name="big", base_model=repo, method=Method.LORA)]
-    doc = PrepareInput(dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec()), location=loc, models=models)
+    dataset = DatasetSpec(source=tiny_s3.dataset, split=SplitSpec())
+    doc = PrepareInput(dataset=dataset, location=loc, models=[model], **({"cache_prefix": cache} if cache else {}))
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "input.json").write_text(doc.to_json())
     log = tmp_path / "termination-log"
@@ -184,19 +192,8 @@ def _cache(tiny_s3: TinyS3, name: str) -> Any:
 
 
 def _source_prepare(tiny_s3: TinyS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: str, base: str, cache: str):
-    from ftc_trainer.__main__ import main
-
-    loc = Location(bucket=tiny_s3.bucket, prefix=f"runs/{run}", endpoint_url=tiny_s3.endpoint_url)
-    models = [ModelRef(name="mid", base_model=base, method=Method.LORA)]
-    doc = PrepareInput(
-        dataset=DatasetSpec(source=tiny_s3.dataset, split=SplitSpec()), location=loc, models=models, cache_prefix=cache
-    )
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "input.json").write_text(doc.to_json())
-    log = tmp_path / "termination-log"
-    monkeypatch.setenv("FTC_TERMINATION_LOG", str(log))
-    code = main(["prepare", "--input", str(tmp_path / "input.json"), "--workdir", str(tmp_path / "work")])
-    return code, json.loads(log.read_text())
+    model = ModelRef(name="mid", base_model=base, method=Method.LORA)
+    return _run_prepare(tiny_s3, tmp_path, monkeypatch, run, model, cache)
 
 
 @pytest.mark.ml
