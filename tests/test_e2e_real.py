@@ -282,7 +282,8 @@ def test_train_pod_deleted_mid_run_resumes_from_checkpoint_and_reads_no_base_wei
     values = real_values()
     values["config"]["modelCache"] = {"claimName": "ftc-model-cache"}
     start_operator(control_plane, namespace, values, tmp_path)
-    # The base model staged with a manifest (as prepare stages hub models), the key the cache goes by.
+    # An s3:// base (uploaded with a manifest): prepare stages it by content into the shared cache
+    # (models/sha256/SHA, the key the node cache goes by) and train and evaluate read only that copy.
     for key, value in assets_in_s3.env().items():
         monkeypatch.setenv(key, value)
     store = Storage(endpoint_url=assets_in_s3.endpoint_url)
@@ -292,8 +293,11 @@ def test_train_pod_deleted_mid_run_resumes_from_checkpoint_and_reads_no_base_wei
     assert weights
     proxy = FaultyS3(upstream=assets_in_s3.endpoint_url, listen="0.0.0.0")  # counts what pods ask S3 for
 
+    staged: list[str] = []  # the content-addressed copy's key, once prepare recorded it
+
     def weight_gets() -> int:
-        return sum(proxy.gets(f"/{assets_in_s3.bucket}/{base_key}/{name}") for name in weights)
+        keys = [base_key, *staged]
+        return sum(proxy.gets(f"/{assets_in_s3.bucket}/{key}/{name}") for key in keys for name in weights)
 
     try:
         api = control_plane.api_client()
@@ -311,6 +315,10 @@ def test_train_pod_deleted_mid_run_resumes_from_checkpoint_and_reads_no_base_wei
             return (llama.get("progress") or {}).get("step", 0) >= 6
 
         wait_for(past_a_checkpoint, 900, "tiny-llama past its first checkpoint", interval=0.5)
+        st = ftc.status("resume", namespace)
+        uri = next(m for m in st["models"] if m["name"] == "tiny-llama").get("stagedBaseModel") or ""
+        assert uri.startswith(f"s3://{assets_in_s3.bucket}/ftc-cache/models/sha256/"), uri
+        staged.append(uri.removeprefix(f"s3://{assets_in_s3.bucket}/").rstrip("/"))
         pods = core.list_namespaced_pod(namespace, label_selector=selector).items
         running = [p for p in pods if present(p.status).phase == "Running"]
         assert running, [present(p.status).phase for p in pods]
