@@ -46,15 +46,16 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
+T = TypeVar("T")
 
 __all__ = [
     "MANIFEST_NAME",
@@ -324,16 +325,24 @@ class Storage:
                 return sha256_file(local)
             except OSError as err:
                 raise StorageError(f"cannot read {uri}: {err}") from err
+
+        def hash_body(body: Any) -> str:
+            digest = hashlib.sha256()  # a new one per attempt: a body cut short is read again from the start
+            for chunk in body.iter_chunks(_CHUNK):
+                digest.update(chunk)
+            return digest.hexdigest()
+
+        return self._with_body(uri, hash_body)
+
+    def _with_body(self, uri: str, use: Callable[[Any], T]) -> T:
+        """`use` applied to the body of the S3 object at `uri`. botocore retries the request, not the body: a
+        transfer cut short is read again here, from the start, up to BODY_ATTEMPTS times."""
         bucket, key = parse_s3_uri(uri)
         for attempt in range(1, BODY_ATTEMPTS + 1):
-            digest = hashlib.sha256()
             try:
-                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-                for chunk in body.iter_chunks(_CHUNK):
-                    digest.update(chunk)
-                return digest.hexdigest()
+                return use(self.client.get_object(Bucket=bucket, Key=key)["Body"])
             except Exception as err:
-                if type(err).__name__ in _CUT_SHORT and attempt < BODY_ATTEMPTS:  # read again from the start
+                if type(err).__name__ in _CUT_SHORT and attempt < BODY_ATTEMPTS:
                     time.sleep(min(8.0, 0.5 * 2**attempt))
                     continue
                 raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
@@ -413,16 +422,7 @@ class Storage:
 
     def read_bytes(self, uri: str) -> bytes:
         if is_s3(uri):
-            bucket, key = parse_s3_uri(uri)
-            for attempt in range(1, BODY_ATTEMPTS + 1):
-                try:
-                    return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-                except Exception as err:
-                    # botocore retries the request, not the body: a transfer cut short is read again here.
-                    if type(err).__name__ in _CUT_SHORT and attempt < BODY_ATTEMPTS:
-                        time.sleep(min(8.0, 0.5 * 2**attempt))
-                        continue
-                    raise StorageError(f"cannot read {uri}: {_explain(err)}") from err
+            return self._with_body(uri, lambda body: body.read())
         source = _local(uri)
         if not source.is_file():
             raise StorageError(f"cannot read {uri}: no such file")
