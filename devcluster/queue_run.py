@@ -1,5 +1,5 @@
 """Many comparisons under one Kueue quota: run them on the local cluster and record what Kueue and the kubelets
-did, for the many-comparisons cluster test (tests/test_e2e_many_comparisons.py) and `bench/queue_bench.py`.
+did, for the many-comparisons cluster test and `bench/queue_bench.py`.
 
 - :class:`Recorder` watches a namespace's Workloads and pods while the comparisons run: every admission and
   release of each Workload (its waits in the queue), every pod's container start and end with the GPUs it

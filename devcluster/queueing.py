@@ -1,7 +1,7 @@
 """Pure analysis of a run under a Kueue quota: GPU use over time from pod intervals, and whether admissions
 followed the queue's order (priority, then the time the workload joined the queue). No I/O, no clock: the
 many-comparisons cluster test and `bench/queue_bench.py` record the intervals and admissions
-(`devcluster/queue_run.py`) and call these; `tests/test_queue_analysis.py` tests them by tables.
+(`devcluster/queue_run.py`) and call these; pure functions, table-tested.
 
 Times are seconds (epoch or any common origin). Kubernetes timestamps have one-second resolution, so the
 functions take tolerances rather than trusting sub-second order.
