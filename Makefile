@@ -10,7 +10,7 @@ PY_DIRS := api step_kernel operator trainer_image evaluator_image devcluster ben
 export UV_CACHE_DIR ?= $(HOME)/.cache/ftc/uv
 export UV_LINK_MODE ?= hardlink
 
-.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build addons-build dns-build minio-build images images-cu128 cluster-up cluster-down clean
+.PHONY: help install models lock system-deps lint crds crds-check prereqs test test-quick test-unit test-ml test-cluster bench demo cluster-build addons-build dns-build minio-build images node-images images-cu128 cluster-up cluster-down clean
 
 help:
 	@echo "make demo    - a local cluster (real nodes, the operator installed by Helm), S3 and tiny models; ends in 'kubectl get ftc' with a winner"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-quick - the quick loop: unit tests and the fast ML tests (no cluster), about 3 minutes"
 	@echo "make images  - the operator, trainer and evaluator images from their Dockerfiles (local base)"
 	@echo "make images-cu128 - the step images on the CUDA 12.8 torch (NVIDIA drivers R525+) in their own cache, smoke-checked"
+	@echo "make node-images - the images into the local nodes' containerd roots (before the cluster exists)"
 	@echo "make cluster-up / cluster-down - the local cluster in the background / stop it and clean the host"
 	@echo "make install - .venv from pyproject.toml + constraints.txt, and Chromium for the report test"
 	@echo "make lint    - ruff, mypy, import-linter"
@@ -64,9 +65,15 @@ crds: install
 	$(BIN)/python -m ftc_api.crd --write crds/ftc.dev_finetunecomparisons.yaml helm/ftc/crds/ftc.dev_finetunecomparisons.yaml
 
 # The slow prerequisites side by side: the control plane, MinIO and CoreDNS compile (CPU), the images mostly download
-# and unpack (network, disk), the model dequantises; each prints its own timestamped progress.
+# and unpack (network, disk) and then go into the nodes' containerd roots (disk) while the compiles go on, the model
+# dequantises; each prints its own timestamped progress.
 prereqs: install
-	$(MAKE) --no-print-directory -j4 --output-sync=none models cluster-build minio-build images dns-build
+	$(MAKE) --no-print-directory -j4 --output-sync=none models cluster-build minio-build node-images dns-build
+
+# The images into the nodes' persistent containerd roots (~/.cache/ftc/nodes/<node>) before any cluster starts, so a
+# cluster's start imports nothing; a node a running cluster holds is skipped. See devcluster/kube/preload.py.
+node-images: images
+	$(BIN)/python -m devcluster preload
 
 # Kueue and JobSet (two cold Go builds of about 10 minutes each on 2 cores) compile in the background at the lowest
 # priority while the suite runs, on the CPU its cluster tests leave idle; their tests run last (tests/conftest.py LAST)

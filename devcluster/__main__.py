@@ -11,6 +11,8 @@ component) and ``host-changes.json`` (what ``down`` undoes).
 8 ``nvidia.com/gpu``) and the LocalQueue ``ftc-queue`` in ``--namespace`` (devcluster/kube/kueue.py).
 ``down`` stops every pod (through the kubelets), every process recorded in ``state.json``, and undoes
 the host changes: mounts, network namespaces, bridges, iptables rules, cgroups, sysctls.
+``preload [--nodes A,B]`` imports the images into the nodes' persistent containerd roots before any cluster exists
+(devcluster/kube/preload.py; ``make prereqs`` runs it while the control plane compiles).
 ``expose NAME PORT`` gives a server on this host (listening on every address) the Service name
 ``NAME.ftc-host.svc.cluster.local`` in the running cluster and prints its URL (the demo's judge).
 """
@@ -219,13 +221,32 @@ def status(root: Path) -> int:
     return 0 if running else 1
 
 
+def preload_nodes(names: str) -> int:
+    """Import the images into the named nodes' containerd roots (devcluster/kube/preload.py)."""
+    from devcluster.kube.preload import nodes_named, preload
+
+    try:
+        specs = nodes_named([n for n in names.split(",") if n])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    loaded = preload(specs)
+    print(f"images preloaded into {', '.join(loaded) or 'no node (all in use by a running cluster)'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devcluster", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("command", choices=["up", "down", "status", "expose"])
+    parser.add_argument("command", choices=["up", "down", "status", "expose", "preload"])
     parser.add_argument("name", nargs="?", help="expose: the Service name (judge, hub, ...)")
     parser.add_argument("port", nargs="?", type=int, help="expose: the server's port on this host")
     parser.add_argument("--dir", type=Path, default=REPO / ".cluster", help="state dir (default: .cluster)")
     parser.add_argument("--namespace", default="default", help="namespace that gets the ftc-s3 Secret")
+    parser.add_argument(
+        "--nodes",
+        default=",".join(node.name for node in DEFAULT_NODES),
+        help="preload: the nodes, comma-separated (default: the cluster's two, gpu-node-0,cpu-node-0)",
+    )
     parser.add_argument(
         "--kueue", action="store_true", help="up: also install Kueue and JobSet, the ftc queues and a LocalQueue in --namespace"
     )
@@ -234,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         code = up(root, args.namespace)
         return kueue_up(root, args.namespace) if code == 0 and args.kueue else code
+    if args.command == "preload":
+        return preload_nodes(args.nodes)
     if args.command == "expose":
         if not args.name or not args.port:
             parser.error("expose needs NAME and PORT, e.g. `python -m devcluster expose judge 8765`")

@@ -528,7 +528,8 @@ def wait_socket(path: Path, timeout: float, proc_check, newer_than: float | None
     while time.monotonic() < deadline:
         proc_check()
         with contextlib.suppress(FileNotFoundError):
-            if newer_than is None or path.stat().st_mtime > newer_than:
+            made = path.stat().st_mtime
+            if newer_than is None or made > newer_than:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout}s waiting for {path}")

@@ -1,0 +1,136 @@
+"""Put the step images into the nodes' persistent containerd roots before the cluster exists.
+
+A node's containerd root (image content and overlayfs snapshots) lives under ``~/.cache/ftc/nodes/<node>`` and
+outlives the cluster (devcluster/kube/node.py). Importing the ~7.9 GB of images into it is disk-bound work that
+needs only containerd (a Debian package), not the control plane: ``make prereqs`` runs this as soon as the images
+are built, while the control plane, MinIO and CoreDNS still compile (CPU-bound), so the first ``make demo`` no
+longer waits for an import after the cluster starts (``start_nodes`` then finds every image in place and imports
+nothing).
+
+For each node: a containerd on that root with its own short-lived state and socket (no CRI plugin, no network,
+no mounts left behind), one ``docker save`` stream into all of them (devcluster/scripts/load-images.sh: the same
+import, checks and progress lines as ``start_nodes``), then the containerds stop. A node whose root a running
+cluster's containerd holds is skipped (its images are loaded by that cluster), never opened twice.
+
+    python -m devcluster preload                       # the default nodes, gpu-node-0 and cpu-node-0
+    python -m devcluster preload --nodes gpu-node-1    # the on-demand second GPU node
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from devcluster.kube.node import ALL_NODES, SOCKET_ROOT, NodeSpec, images_for_nodes, node_cache_root, progress, wait_socket, which
+
+
+def preload_config(root: Path, state: Path, socket: Path) -> str:
+    """A containerd config for importing only: the node's persistent ``root``, a throw-away ``state``, ``socket``;
+    the CRI plugin off (it would want CNI and a streaming port), the snapshotters the nodes do not use off."""
+    return f"""version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{state / "opt"}"
+"""
+
+
+def root_in_use(root: Path) -> bool:
+    """A containerd holds ``root``: its metadata database is locked (bbolt takes an exclusive flock on it)."""
+    db = root / "io.containerd.metadata.v1.bolt" / "meta.db"
+    if not db.exists():
+        return False
+    with open(db, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def preload(specs: tuple[NodeSpec, ...], timeout: float = 1800) -> list[str]:
+    """Import the images ``specs`` need (those the image build makes; add-on images are loaded at start) into each
+    node's persistent containerd root; return the names of the nodes loaded (those in use are skipped)."""
+    from devcluster.kube.addons import ADDON_IMAGES
+    from devcluster.kube.images import load_images
+
+    free = [node for node in specs if not root_in_use(node_cache_root() / node.name)]
+    for node in specs:
+        if node not in free:
+            progress(f"{node.name}: its containerd root is in use by a running cluster; not preloaded")
+    if not free:
+        return []
+    tags = [tag for tag in images_for_nodes(tuple(free)) if tag not in ADDON_IMAGES]
+    containerd = which("containerd")
+    SOCKET_ROOT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="preload-", dir=SOCKET_ROOT))
+    procs: list[subprocess.Popen] = []
+    t = time.monotonic()
+    try:
+        addresses = []
+        for node in free:
+            root, state = node_cache_root() / node.name, work / node.name
+            root.mkdir(parents=True, exist_ok=True)
+            state.mkdir(parents=True)
+            socket = state / "containerd.sock"
+            (state / "containerd.toml").write_text(preload_config(root, state, socket))
+            log = open(state / "containerd.log", "wb")  # noqa: SIM115 - closed once containerd has it
+            proc = subprocess.Popen(
+                [containerd, "--config", str(state / "containerd.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
+            procs.append(proc)
+
+            def alive(proc: subprocess.Popen = proc, node: NodeSpec = node, state: Path = state) -> None:
+                if proc.poll() is not None:
+                    tail = (state / "containerd.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the preload containerd of {node.name} exited ({proc.returncode}):\n{tail}")
+
+            wait_socket(socket, 30, alive)
+            addresses.append(str(socket))
+        progress(f"preloading {', '.join(tags)} into {', '.join(node.name for node in free)}")
+        load_images(addresses, tags, timeout=timeout)
+        progress(f"{', '.join(node.name for node in free)}: images preloaded", t)
+    finally:
+        for proc in procs:
+            _stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+    return [node.name for node in free]
+
+
+def nodes_named(names: list[str]) -> tuple[NodeSpec, ...]:
+    """The node specs for ``names`` (``ValueError`` naming the known ones for an unknown name)."""
+    known = {node.name: node for node in ALL_NODES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown node(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return tuple(known[n] for n in names)
