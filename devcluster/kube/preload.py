@@ -28,7 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from devcluster.kube.node import ALL_NODES, SOCKET_ROOT, NodeSpec, images_for_nodes, node_cache_root, progress, wait_socket, which
+from devcluster.kube.node import (
+    ALL_NODES,
+    SOCKET_ROOT,
+    NodeSpec,
+    images_for_nodes,
+    node_cache_root,
+    node_images,
+    progress,
+    wait_socket,
+    which,
+)
 
 
 def preload_config(root: Path, state: Path, socket: Path) -> str:
@@ -74,19 +84,21 @@ def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
         proc.wait()
 
 
-def preload(specs: tuple[NodeSpec, ...], timeout: float = 1800) -> list[str]:
-    """Import the images ``specs`` need (those the image build makes; add-on images are loaded at start) into each
-    node's persistent containerd root; return the names of the nodes loaded (those in use are skipped)."""
+def preload(specs: tuple[NodeSpec, ...], images=node_images, roots: Path | None = None, timeout: float = 1800) -> list[str]:
+    """Import what ``images(node)`` names (the pause image too; not the add-on images, which are built beside this and
+    loaded when the cluster starts) into each node's persistent containerd root, ``roots/<node>`` (default
+    ``~/.cache/ftc/nodes``); return the names of the nodes loaded (those in use are skipped)."""
     from devcluster.kube.addons import ADDON_IMAGES
     from devcluster.kube.images import load_images
 
-    free = [node for node in specs if not root_in_use(node_cache_root() / node.name)]
+    roots = roots or node_cache_root()
+    free = [node for node in specs if not root_in_use(roots / node.name)]
     for node in specs:
         if node not in free:
             progress(f"{node.name}: its containerd root is in use by a running cluster; not preloaded")
     if not free:
         return []
-    tags = [tag for tag in images_for_nodes(tuple(free)) if tag not in ADDON_IMAGES]
+    tags = [tag for tag in images_for_nodes(tuple(free), images) if tag not in ADDON_IMAGES]
     containerd = which("containerd")
     SOCKET_ROOT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="preload-", dir=SOCKET_ROOT))
@@ -95,7 +107,7 @@ def preload(specs: tuple[NodeSpec, ...], timeout: float = 1800) -> list[str]:
     try:
         addresses = []
         for node in free:
-            root, state = node_cache_root() / node.name, work / node.name
+            root, state = roots / node.name, work / node.name
             root.mkdir(parents=True, exist_ok=True)
             state.mkdir(parents=True)
             socket = state / "containerd.sock"

@@ -166,18 +166,13 @@ if [[ -n "$force" ]] || ! binaries_ok; then
       tags=grpcnotrace  # upstream's Makefile default
     fi
     log "go build ${module[$n]%@*}${pkg[$n]#.} -> $bin/$n (CGO_ENABLED=0; in ${dir})"
-    # A ticker: a cold build is minutes of silence otherwise.
-    ( exec 9>&-; s=""; trap 'kill "$s" 2>/dev/null; exit 0' TERM
-      while :; do sleep 60 & s=$!; wait "$s"; log "  still building $n ($((SECONDS - t)) s)"; done ) &
-    ticker=$!
-    if ! (cd "$dir" && go build -trimpath -tags "$tags" -ldflags "${ldflags[$n]}" -o "$bin/$n.tmp" "${pkg[$n]}") >"$root/build-$n.log" 2>&1; then
-      kill "$ticker" 2>/dev/null || true
+    # The build's output to its log, the ticker's lines to the console.
+    if ! ticking "building $n" bash -c 'cd "$1" && log="$2" && shift 2 && exec "$@" >"$log" 2>&1' _ "$dir" "$root/build-$n.log" \
+        go build -trimpath -tags "$tags" -ldflags "${ldflags[$n]}" -o "$bin/$n.tmp" "${pkg[$n]}"; then
       tail -n 40 "$root/build-$n.log" >&2
       echo "error: go build of ${module[$n]} ${pkg[$n]} failed; full log: $root/build-$n.log" >&2
       exit 1
     fi
-    kill "$ticker" 2>/dev/null || true
-    wait "$ticker" 2>/dev/null || true
     mv "$bin/$n.tmp" "$bin/$n"
     binary_stamp "$n" >"$bin/$n.stamp"
     rebuilt[$n]=1

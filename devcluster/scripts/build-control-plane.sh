@@ -51,7 +51,8 @@ export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
 command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
 export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 start=$SECONDS
-log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - start))" "$*"; }
+# shellcheck source=lib-progress.sh
+source "$here/lib-progress.sh"   # log, ticking
 # Run a command quietly in a dir; on failure show its output and stop.
 quiet() {
   local dir="$1"; shift
@@ -107,7 +108,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
 done
 log "go build ${k8s_cmds[*]##*/} (one invocation; the slow part)"
-(cd "$kw" && go build -trimpath -tags selinux,notest -ldflags "$ldflags" -o "$bin/" "${k8s_cmds[@]}")
+(cd "$kw" && ticking "building kubernetes" go build -trimpath -tags selinux,notest -ldflags "$ldflags" -o "$bin/" "${k8s_cmds[@]}")
 log "kubernetes commands built"
 
 # --- etcd ------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ printf 'module ftc.local/etcd-wrapper\n\ngo %s\n' "$go_directive" >"$ew/go.mod"
 log "fetching go.etcd.io/etcd/server/v3@$ETCD_VERSION"
 quiet "$ew" go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
 log "go build etcd"
-(cd "$ew" && go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
+(cd "$ew" && ticking "building etcd" go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
 
 # --- helm ------------------------------------------------------------------------------------
 hw="$work/helm"
@@ -126,7 +127,7 @@ printf 'module ftc.local/helm-wrapper\n\ngo %s\n' "$go_directive" >"$hw/go.mod"
 log "fetching helm.sh/helm/v3@$HELM_VERSION"
 quiet "$hw" go get "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 log "go build helm"
-(cd "$hw" && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+(cd "$hw" && ticking "building helm" go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
   -o "$bin/helm" helm.sh/helm/v3/cmd/helm)
 
 "$bin/kube-apiserver" --version

@@ -44,7 +44,8 @@ command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
 # GOTOOLCHAIN=local: MinIO's go.mod asks for go1.24.x; the local (newer) Go builds it without downloading one.
 export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local GOBIN="$bin"
 start=$SECONDS
-log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - start))" "$*"; }
+# shellcheck source=lib-progress.sh
+source "$here/lib-progress.sh"   # log, ticking
 
 mkdir -p "$bin"
 rm -f "$stamp"
@@ -61,7 +62,7 @@ ldflags+=" -X $pkg.ShortCommitID=$commit -X $pkg.CopyrightYear=${ts:0:4}"
 log "fetching github.com/minio/minio@$MINIO_VERSION and its module graph"
 go mod download "github.com/minio/minio@$MINIO_VERSION"
 log "go install github.com/minio/minio (the slow part, about 5 CPU-minutes cold)"
-go install -trimpath -tags kqueue -ldflags "$ldflags" "github.com/minio/minio@$MINIO_VERSION"
+ticking "building minio" go install -trimpath -tags kqueue -ldflags "$ldflags" "github.com/minio/minio@$MINIO_VERSION"
 "$bin/minio" --version | head -1
 echo "$want_stamp" >"$stamp"
 log "minio built in $((SECONDS - start))s"

@@ -16,10 +16,8 @@ FTC_DOCKER_SOCK="$FTC_DOCKER_DIR/docker.sock"
 FTC_DOCKER_BIN=/usr/bin/docker
 FTC_DOCKERD_BIN=/usr/sbin/dockerd
 _ftc_dockerd_pid=""
-_ftc_t0=$SECONDS
-
-# Timestamped progress line: [HH:MM:SS +  12s] message
-log() { printf '[%s +%4ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - _ftc_t0))" "$*"; }
+# shellcheck source=lib-progress.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-progress.sh"   # log, ticking
 
 dk() { DOCKER_BUILDKIT=1 "$FTC_DOCKER_BIN" -H "unix://$FTC_DOCKER_SOCK" "$@"; }
 
