@@ -68,7 +68,7 @@ crds: install
 # and unpack (network, disk) and then go into the nodes' containerd roots (disk) while the compiles go on, the model
 # dequantises; each prints its own timestamped progress.
 prereqs: install
-	$(MAKE) --no-print-directory -j4 --output-sync=none models cluster-build minio-build node-images dns-build
+	$(MAKE) --no-print-directory -j5 --output-sync=none models cluster-build minio-build node-images dns-build
 
 # The images into the nodes' persistent containerd roots (~/.cache/ftc/nodes/<node>) before any cluster starts, so a
 # cluster's start imports nothing; a node a running cluster holds is skipped. See devcluster/kube/preload.py.
@@ -129,7 +129,7 @@ images-cu128: install
 
 # Local control plane + two real nodes (containerd, kubelet, kube-proxy, the images) + MinIO S3 in the
 # background; state, kubeconfig and logs in .cluster/. `make cluster-down` stops it and cleans the host.
-cluster-up: install cluster-build minio-build images addons-build
+cluster-up: install cluster-build minio-build node-images dns-build
 	$(BIN)/python -m devcluster up
 
 cluster-down:

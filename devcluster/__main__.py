@@ -103,7 +103,7 @@ def up(root: Path, namespace: str) -> int:
         # The sources may have changed since it started: rebuild (incremental) and load what differs, so
         # pods never run stale images on a reused cluster (an unchanged image takes seconds).
         build_images()
-        build_addons()
+        build_addons(("coredns",))  # Kueue's and JobSet's only with --kueue (kueue_up), as at a first start
         addresses = [str(socket_dir(root, node.name) / "containerd.sock") for node in DEFAULT_NODES]
         load_images(addresses, images_for_nodes(DEFAULT_NODES))
         _prepare_namespace(root / "kubeconfig", s3, namespace)
@@ -120,7 +120,9 @@ def up(root: Path, namespace: str) -> int:
     bin_dir = build_binaries()
     minio = minio_binary()
     build_images()
-    build_addons()  # after build_images: its images join the same dockerd
+    # CoreDNS only, after build_images (its image joins the same dockerd); Kueue and JobSet, two more cold Go builds
+    # of about 10 minutes each, only with --kueue (kueue_up builds them then).
+    build_addons(("coredns",))
     t1 = time.monotonic()
     if root.exists():
         shutil.rmtree(root)
@@ -206,7 +208,7 @@ def kueue_up(root: Path, namespace: str) -> int:
     if addons.installed():
         print("Kueue and JobSet already installed")
     else:
-        build_addons()
+        build_addons(("kueue", "jobset"))
         load_images([str(socket_dir(root, node.name) / "containerd.sock") for node in DEFAULT_NODES], [KUEUE_IMAGE, JOBSET_IMAGE])
         addons.install()
     addons.create_local_queue(namespace)

@@ -140,9 +140,8 @@ if up_to_date; then
   exit 0
 fi
 
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
-export GOWORK=off CGO_ENABLED=0 GOTOOLCHAIN=local
+# shellcheck source=lib-go.sh
+source "$here/lib-go.sh"
 unset GOFLAGS
 start=$SECONDS
 mkdir -p "$bin"

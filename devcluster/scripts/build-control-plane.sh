@@ -46,10 +46,9 @@ if [[ "${1:-}" != "--force" ]] && all_present; then
   exit 0
 fi
 
-# Go lives in /usr/local/go/bin on these machines; a non-login shell may not have it on PATH.
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
-export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+# shellcheck source=lib-go.sh
+source "$here/lib-go.sh"
+export GOFLAGS=-mod=mod
 start=$SECONDS
 # shellcheck source=lib-progress.sh
 source "$here/lib-progress.sh"   # log, ticking
@@ -107,28 +106,36 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor_only"
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
 done
-log "go build ${k8s_cmds[*]##*/} (one invocation; the slow part)"
-(cd "$kw" && ticking "building kubernetes" go build -trimpath -tags selinux,notest -ldflags "$ldflags" -o "$bin/" "${k8s_cmds[@]}")
-log "kubernetes commands built"
-
-# --- etcd ------------------------------------------------------------------------------------
+# --- etcd and helm: their own wrapper modules, their module graphs fetched first ------------------
 ew="$work/etcd"
 rm -rf "$ew" && mkdir -p "$ew"
 printf 'module ftc.local/etcd-wrapper\n\ngo %s\n' "$go_directive" >"$ew/go.mod"
 log "fetching go.etcd.io/etcd/server/v3@$ETCD_VERSION"
 quiet "$ew" go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
-log "go build etcd"
-(cd "$ew" && ticking "building etcd" go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
-
-# --- helm ------------------------------------------------------------------------------------
 hw="$work/helm"
 rm -rf "$hw" && mkdir -p "$hw"
 printf 'module ftc.local/helm-wrapper\n\ngo %s\n' "$go_directive" >"$hw/go.mod"
 log "fetching helm.sh/helm/v3@$HELM_VERSION"
 quiet "$hw" go get "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-log "go build helm"
+
+# --- the three builds side by side: etcd and helm fill the cores the Kubernetes build leaves idle (its links) --
+log "go build ${k8s_cmds[*]##*/} (one invocation; the slow part), etcd and helm beside it"
+(cd "$ew" && ticking "building etcd" go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3 \
+  && log "etcd built") &
+etcd_build=$!
 (cd "$hw" && ticking "building helm" go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-  -o "$bin/helm" helm.sh/helm/v3/cmd/helm)
+  -o "$bin/helm" helm.sh/helm/v3/cmd/helm && log "helm built") &
+helm_build=$!
+k8s_ok=0
+(cd "$kw" && ticking "building kubernetes" go build -trimpath -tags selinux,notest -ldflags "$ldflags" -o "$bin/" "${k8s_cmds[@]}") \
+  || k8s_ok=$?
+etcd_ok=0; wait "$etcd_build" || etcd_ok=$?
+helm_ok=0; wait "$helm_build" || helm_ok=$?
+if ((k8s_ok || etcd_ok || helm_ok)); then
+  echo "error: go build failed (kubernetes: exit $k8s_ok, etcd: exit $etcd_ok, helm: exit $helm_ok); output above" >&2
+  exit 1
+fi
+log "kubernetes commands built"
 
 "$bin/kube-apiserver" --version
 "$bin/etcd" --version | head -1

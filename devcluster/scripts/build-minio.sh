@@ -39,10 +39,10 @@ if [[ "${1:-}" != "--force" ]] && up_to_date; then
   exit 0
 fi
 
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "error: go is not on PATH" >&2; exit 1; }
-# GOTOOLCHAIN=local: MinIO's go.mod asks for go1.24.x; the local (newer) Go builds it without downloading one.
-export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local GOBIN="$bin"
+# shellcheck source=lib-go.sh
+source "$here/lib-go.sh"
+# (GOTOOLCHAIN=local there: MinIO's go.mod asks for go1.24.x; the local, newer Go builds it.)
+export GOFLAGS=-mod=mod GOBIN="$bin"
 start=$SECONDS
 # shellcheck source=lib-progress.sh
 source "$here/lib-progress.sh"   # log, ticking
