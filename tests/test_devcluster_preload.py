@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from devcluster.kube.images import PAUSE_IMAGE
-from devcluster.kube.node import CPU_NODE, GPU_NODE, SOCKET_ROOT, wait_socket, which
+from devcluster.kube.node import CPU_NODE, GPU_NODE, SOCKET_ROOT, containerd_root, wait_socket, which
 from devcluster.kube.preload import nodes_named, preload, preload_config, root_in_use
 
 
@@ -85,12 +85,13 @@ def test_preloaded_images_are_in_the_node_root_unpacked_and_a_held_root_is_skipp
     assert preload((CPU_NODE,), images=lambda node: (), roots=roots) == ["cpu-node-0"]
     work = Path(SOCKET_ROOT) / f"test-{tmp_path.name[-8:]}"
     try:
-        images, snapshots = _images_in(roots / "cpu-node-0", work)
+        images, snapshots = _images_in(containerd_root("cpu-node-0", roots), work)
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
     assert PAUSE_IMAGE in images.split()
     assert "Committed" in snapshots  # unpacked for overlayfs: a pod starts from it without an import
 
-    with open(roots / "cpu-node-0" / "io.containerd.metadata.v1.bolt" / "meta.db", "rb") as held:
+    assert containerd_root("cpu-node-0", roots) == roots / "cpu-node-0" / "containerd"
+    with open(containerd_root("cpu-node-0", roots) / "io.containerd.metadata.v1.bolt" / "meta.db", "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert preload((CPU_NODE,), images=lambda node: (), roots=roots) == []

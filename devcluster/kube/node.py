@@ -92,6 +92,12 @@ def node_cache_root() -> Path:
     return Path(os.environ.get("FTC_CACHE", Path.home() / ".cache" / "ftc")) / "nodes"
 
 
+def containerd_root(node: str, roots: Path | None = None) -> Path:
+    """A node's persistent containerd root (image content and snapshots): ``roots/<node>/containerd``, by default
+    under ``~/.cache/ftc/nodes``; the cluster's containerd and the preload (devcluster/kube/preload.py) share it."""
+    return (roots or node_cache_root()) / node / "containerd"
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """A node of the local cluster: name, labels, taints, fake GPUs, its pod subnet and bridge."""
@@ -567,7 +573,7 @@ def write_node_files(nodes: Nodes, node: NodeSpec, pki_files: dict[str, Path], s
     for sub in ("cni", "pod-logs", "runc", "opt", "pki"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     kubelet_root(nodes.root, node.name).mkdir(parents=True, exist_ok=True)
-    croot = node_cache_root() / node.name / "containerd"
+    croot = containerd_root(node.name)
     croot.mkdir(parents=True, exist_ok=True)
     sockets = socket_dir(nodes.root, node.name)
     sockets.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,8 @@ from devcluster.kube.node import (
     ALL_NODES,
     SOCKET_ROOT,
     NodeSpec,
+    containerd_root,
     images_for_nodes,
-    node_cache_root,
     node_images,
     progress,
     wait_socket,
@@ -85,14 +85,14 @@ def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def preload(specs: tuple[NodeSpec, ...], images=node_images, roots: Path | None = None, timeout: float = 1800) -> list[str]:
-    """Import what ``images(node)`` names (the pause image too; not the add-on images, which are built beside this and
-    loaded when the cluster starts) into each node's persistent containerd root, ``roots/<node>`` (default
-    ``~/.cache/ftc/nodes``); return the names of the nodes loaded (those in use are skipped)."""
+    """Import what ``images(node)`` names (the pause image too; not the add-on images, which are built beside this
+    and loaded when the cluster starts) into each node's persistent containerd root (``containerd_root``: under
+    ``roots``, by default ``~/.cache/ftc/nodes``, where the cluster's containerd finds it); return the names of the
+    nodes loaded (those in use are skipped)."""
     from devcluster.kube.addons import ADDON_IMAGES
     from devcluster.kube.images import load_images
 
-    roots = roots or node_cache_root()
-    free = [node for node in specs if not root_in_use(roots / node.name)]
+    free = [node for node in specs if not root_in_use(containerd_root(node.name, roots))]
     for node in specs:
         if node not in free:
             progress(f"{node.name}: its containerd root is in use by a running cluster; not preloaded")
@@ -107,7 +107,7 @@ def preload(specs: tuple[NodeSpec, ...], images=node_images, roots: Path | None 
     try:
         addresses = []
         for node in free:
-            root, state = roots / node.name, work / node.name
+            root, state = containerd_root(node.name, roots), work / node.name
             root.mkdir(parents=True, exist_ok=True)
             state.mkdir(parents=True)
             socket = state / "containerd.sock"
