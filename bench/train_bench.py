@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "notes": "ftc_padding_free is training.packing: true (rows of a micro-batch concatenated, position ids "
-        "restarting per row; transformers 4.57 masks each row apart under SDPA, checked in tests/test_train.py). "
+        "restarting per row; transformers 4.57 masks each row apart under SDPA, checked by the ML tests). "
         "trl_packing runs --packed-steps steps of 8 x 1024 packed tokens.",
         "results": results,
     }

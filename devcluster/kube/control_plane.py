@@ -9,7 +9,7 @@ one log file per component, and ``kubeconfig`` (admin, client certificate in ``s
     ...                       # cp.kubeconfig, cp.server, cp.api_client()
     cp.stop()
 
-The same code backs the pytest fixtures (tests/fixtures/cluster.py) and ``make cluster-up``
+The same code backs the test suite's cluster fixtures and ``make cluster-up``
 (``python -m devcluster up``), where the processes outlive the command and are stopped later
 from their pid file (``python -m devcluster down``).
 """

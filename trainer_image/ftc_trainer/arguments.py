@@ -1,7 +1,7 @@
 """The train step's `TrainingArguments`, as a pure mapping from the spec and how the pod trains.
 
 No I/O and no heavy import: `training_arguments(...)` returns the keyword arguments the train step hands
-to transformers' `TrainingArguments` (tests/test_train_arguments.py holds the table of cases). What it maps:
+to transformers' `TrainingArguments` (its table of cases lives with the unit tests). What it maps:
 
 - the schedule: epochs, maxSteps (-1: none), learning rate, scheduler, warmup, weight decay, seed (also
   the data order's);
