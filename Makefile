@@ -70,13 +70,13 @@ crds: install
 prereqs: install
 	$(MAKE) --no-print-directory -j5 --output-sync=none models cluster-build minio-build node-images dns-build
 
-# The images into the nodes' persistent containerd roots (~/.cache/ftc/nodes/<node>) before any cluster starts, so a
+# The images into the nodes' persistent containerd roots (~/.cache/ftc/nodes/<node>/containerd) before any cluster starts, so a
 # cluster's start imports nothing; a node a running cluster holds is skipped. See devcluster/kube/preload.py.
 node-images: images
 	$(BIN)/python -m devcluster preload
 
 # Kueue and JobSet (two cold Go builds of about 10 minutes each on 2 cores) compile in the background at the lowest
-# priority while the suite runs, on the CPU its cluster tests leave idle; their tests run last (tests/conftest.py LAST)
+# priority while the suite runs, on the CPU its cluster tests leave idle; their tests run last (the suite orders them so)
 # and their fixture waits for the build on its lock. A warm call returns at once.
 ADDONS_LOG := $(or $(FTC_CACHE),$(HOME)/.cache/ftc)/addons-background.log
 test: prereqs

@@ -175,19 +175,37 @@ def kubelet_root(cluster_root: Path, node: str) -> Path:
     return node_cache_root().parent / "run" / hashlib.sha256(str(cluster_root).encode()).hexdigest()[:8] / node
 
 
+# Plugins no containerd here needs: the snapshotters besides overlayfs, and tracing.
+UNUSED_CONTAINERD_PLUGINS = (
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.tracing.processor.v1.otlp",
+)
+
+
+def containerd_head(root: Path, state: Path, socket: Path, disabled: tuple[str, ...] = ()) -> str:
+    """What every containerd 1.6 config here starts with: its root, state, gRPC and ttrpc sockets, and the plugins
+    it leaves off (``disabled`` and the unused ones); the caller appends its ``[plugins]`` table."""
+    plugins = ", ".join(f'"{plugin}"' for plugin in (*disabled, *UNUSED_CONTAINERD_PLUGINS))
+    return f"""version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [{plugins}]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+"""
+
+
 def containerd_config(node_dir: Path, root: Path, sandbox_image: str, sockets: Path) -> str:
     """containerd 1.6 config: own root/state/socket/runc root; CRI with our CNI dir and pause image."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
-    return f"""version = 2
-root = "{root}"
-state = "{node_dir / "containerd-state"}"
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{sockets / "containerd.sock"}"
-[ttrpc]
-  address = "{sockets / "containerd.sock.ttrpc"}"
-[plugins]
+    return (
+        containerd_head(root, node_dir / "containerd-state", sockets / "containerd.sock")
+        + f"""[plugins]
   [{cri}]
     sandbox_image = "{sandbox_image}"
     # The VM lacks CAP_SYS_RESOURCE: without this every sandbox fails setting a negative oom_score_adj.
@@ -207,6 +225,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   [plugins."io.containerd.internal.v1.opt"]
     path = "{node_dir / "opt"}"
 """
+    )
 
 
 def cni_config(node: NodeSpec, node_dir: Path) -> dict:

@@ -18,20 +18,19 @@ cluster's containerd holds is skipped (its images are loaded by that cluster), n
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from devcluster.kube.control_plane import stop_pids
 from devcluster.kube.node import (
     ALL_NODES,
     SOCKET_ROOT,
     NodeSpec,
+    containerd_head,
     containerd_root,
     images_for_nodes,
     node_images,
@@ -43,20 +42,14 @@ from devcluster.kube.node import (
 
 def preload_config(root: Path, state: Path, socket: Path) -> str:
     """A containerd config for importing only: the node's persistent ``root``, a throw-away ``state``, ``socket``;
-    the CRI plugin off (it would want CNI and a streaming port), the snapshotters the nodes do not use off."""
-    return f"""version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[plugins]
+    the CRI plugin off (it would want CNI and a streaming port)."""
+    return (
+        containerd_head(root, state, socket, disabled=("io.containerd.grpc.v1.cri",))
+        + f"""[plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = "{state / "opt"}"
 """
+    )
 
 
 def root_in_use(root: Path) -> bool:
@@ -71,17 +64,6 @@ def root_in_use(root: Path) -> bool:
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
     return False
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def preload(specs: tuple[NodeSpec, ...], images=node_images, roots: Path | None = None, timeout: float = 1800) -> list[str]:
@@ -112,14 +94,13 @@ def preload(specs: tuple[NodeSpec, ...], images=node_images, roots: Path | None 
             state.mkdir(parents=True)
             socket = state / "containerd.sock"
             (state / "containerd.toml").write_text(preload_config(root, state, socket))
-            log = open(state / "containerd.log", "wb")  # noqa: SIM115 - closed once containerd has it
-            proc = subprocess.Popen(
-                [containerd, "--config", str(state / "containerd.toml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
+            with open(state / "containerd.log", "wb") as log:
+                proc = subprocess.Popen(
+                    [containerd, "--config", str(state / "containerd.toml")],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             procs.append(proc)
 
             def alive(proc: subprocess.Popen = proc, node: NodeSpec = node, state: Path = state) -> None:
@@ -133,8 +114,9 @@ def preload(specs: tuple[NodeSpec, ...], images=node_images, roots: Path | None 
         load_images(addresses, tags, timeout=timeout)
         progress(f"{', '.join(node.name for node in free)}: images preloaded", t)
     finally:
+        stop_pids({str(proc.pid): proc.pid for proc in procs}, timeout=30)
         for proc in procs:
-            _stop(proc)
+            proc.wait()
         shutil.rmtree(work, ignore_errors=True)
     return [node.name for node in free]
 

@@ -77,7 +77,7 @@ binaries_ok() {
   for n in "${names[@]}"; do binary_ok "$n" || return 1; done
 }
 
-# One binary is current: built from the pinned module (its own stamp, or the whole set's stamp of an older cache).
+# One binary is current: its stamp names what it was built from (binary_stamp).
 binary_ok() {
   [[ -x "$bin/$1" && -f "$bin/$1.stamp" && "$(cat "$bin/$1.stamp")" == "$(binary_stamp "$1")" ]]
 }
